@@ -1,0 +1,503 @@
+"""
+enrich.py: fill the `summary` and `lyrics` columns of data/<DATASET>/items.csv.
+
+    python enrich.py DATASET [--what both|summary|lyrics] [--model M] [--workers N] ...
+
+summary  A 25-word description of the song's meaning, asked of a Groq chat model with the
+         study's prompt (the important meaning of the song by the artist in 25 words without
+         naming the song or the artist), temperature 0. Answers are cleaned (quotes,
+         "Here is a summary:" preambles, cut to 25 words); an answer that names the song or
+         the artist is asked again once with a stricter prompt, then the title is kept.
+         --summary-from lyrics asks about the 25-word lyrics excerpt instead (the study's
+         future work).
+lyrics   The first 25 words of the lyrics from lyrics.ovh, without section markers ([Chorus]),
+         blank lines and the site's boilerplate. Full lyrics are never stored, not even in
+         the cache. Not found -> the title is kept.
+
+Model: the study used `llama3-8b-8192`, which Groq has retired. The default here is
+`llama-3.1-8b-instant`: the same Llama 3 family and size (8B), Groq's current small and
+cheapest chat model, so it is the closest stand-in. Any other model: --model.
+
+Every answer (also "not found") is cached in data/<DATASET>/.enrich-cache.sqlite under
+(kind, artist, track, model, prompt version) the moment it arrives, so a killed run resumes
+without repeating a successful request, and items.csv is a pure function of the cache.
+429 (honouring retry-after), 5xx, timeouts and malformed bodies are retried with exponential
+backoff and jitter (--attempts, --backoff); other 4xx keep the title and are counted. A request
+that still fails after all attempts keeps the title, is NOT cached (a rerun asks again) and
+makes the exit code 1. items.csv is replaced atomically; other columns and the row order are
+kept as they are.
+
+Environment: GROQ_API_KEY (or a line GROQ_API_KEY=... in the git-ignored .env next to this
+file), GROQ_BASE_URL, LYRICS_BASE_URL (default https://api.lyrics.ovh).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+import requests
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# settings
+
+DEFAULT_MODEL = "llama-3.1-8b-instant"
+DEFAULT_LYRICS_BASE_URL = "https://api.lyrics.ovh"
+PROMPT_VERSION = "p1"   # bump when the prompts below change: old cache entries are then ignored
+LYRICS_VERSION = "l1"   # bump when lyrics_excerpt() changes (only excerpts are cached)
+MAX_WORDS = 25
+MAX_DELAY = 60.0        # never sleep longer than this between two attempts
+REQUIRED_COLUMNS = ("item", "artist", "track", "title")
+
+PROMPT = ('Describe the important meaning of the song "{track}" by {artist} in {n} words '
+          'without naming the song or the artist.')
+PROMPT_LYRICS = ('These are the first words of the song "{track}" by {artist}: "{excerpt}"\n'
+                 'Describe the important meaning of the song in {n} words '
+                 'without naming the song or the artist.')
+STRICT = (' Do not use the words "{track}" or "{artist}" anywhere. '
+          'Reply with the description only.')
+
+
+class UserError(Exception):
+    """Something the user can fix: one line on stderr, exit code 2, nothing written."""
+
+
+class Transient(Exception):
+    """A failure worth retrying (429, 5xx, timeout, malformed body)."""
+    def __init__(self, reason, retry_after=None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class Permanent(Exception):
+    """A 4xx answer other than 429: not retried, the title is kept."""
+    def __init__(self, status):
+        super().__init__(f"http {status}")
+        self.status = status
+
+# -----------------------------------------------------------------------------
+# text post-processing (pure functions)
+
+_VERSIONISH = r"(?:feat|ft|featuring|with|remaster|remastered|live|version|edit|mix|remix|mono|stereo|demo|acoustic|radio|bonus|deluxe)"
+_PAREN_VERSION = re.compile(rf"\s*[(\[][^)\]]*\b{_VERSIONISH}\b[^)\]]*[)\]]", re.I)
+_DASH_VERSION = re.compile(rf"\s+-\s+[^-]*\b{_VERSIONISH}\b.*$", re.I)
+_PREAMBLE = re.compile(r"^(?:(?:sure|okay|ok|certainly|of course)\b[,.!]*\s*)?"
+                       r"(?:here(?:'s| is| are)\b[^:\n]*:|(?:the |a )?(?:summary|description|answer)\b[^:\n]{0,30}:)\s*", re.I)
+_CHATTY_LINE = re.compile(r"^(?:sure|okay|ok|certainly|of course)\b[^\n]{0,60}[.!:]?$", re.I)
+_WORD_COUNT = re.compile(r"\s*\(?\b\d+ words\)?\.?$", re.I)
+_SECTION_INLINE = re.compile(r"\[[^\]\n]*\]")
+_SECTION_LINE = re.compile(r"^\(?(?:verse|chorus|pre-chorus|post-chorus|bridge|intro|outro|hook|refrain|interlude)"
+                           r"(?:\s*\d+)?\)?:?$", re.I)
+_BOILERPLATE = re.compile(r"^(?:paroles de la chanson\b.*\bpar\b.*|.*\blyrics\.ovh\b.*|\*+.*not for commercial use.*"
+                          r"|(?:source|writer\(s\)|songwriters?)\s*:.*)$", re.I)
+
+
+def clean_track(track):
+    """Song name without '(feat. X)', '(2011 Remaster)', ' - Live' decorations (for lookups and name checks)."""
+    cleaned = _DASH_VERSION.sub("", _PAREN_VERSION.sub("", track)).strip()
+    return cleaned or track.strip()
+
+
+def normalize(text):
+    """Lower case, accents and punctuation removed, single spaces: for comparing names."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+def names_song(text, artist, track):
+    """True when the text contains the artist or the song name as whole words."""
+    padded = f" {normalize(text)} "
+    names = {normalize(artist), normalize(clean_track(track))}
+    names |= {n[4:] for n in names if n.startswith("the ")}   # "The Beatles" -> also "beatles"
+    return any(n and f" {n} " in padded for n in names)
+
+
+def truncate_words(text, n=MAX_WORDS):
+    words = text.split()
+    return " ".join(words) if len(words) <= n else " ".join(words[:n]).rstrip(",;:-")
+
+
+def clean_summary(raw):
+    """Model answer -> one line of at most 25 words, without preambles, quotes or markdown."""
+    lines = [l.strip().strip("*#>- ").strip() for l in raw.replace("\r", "\n").split("\n")]
+    lines = [l for l in lines if l]
+    while lines and (lines[0].endswith(":") or _CHATTY_LINE.match(lines[0])) and len(lines) > 1:
+        lines.pop(0)   # "Sure!" / "Here is a 25-word summary:" on a line of its own
+    text = _PREAMBLE.sub("", " ".join(lines)).strip()
+    text = re.sub(r'["\u201c\u201d\u00ab\u00bb*]', "", text).strip()
+    if len(text) > 1 and text[0] in "'\u2018" and text[-1] in "'\u2019":
+        text = text[1:-1].strip()
+    text = _WORD_COUNT.sub("", text).strip()
+    return truncate_words(text)
+
+
+def lyrics_excerpt(raw, n=MAX_WORDS):
+    """Full lyrics -> their first n words, without section markers, blank lines and boilerplate."""
+    kept = []
+    for line in raw.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        line = _SECTION_INLINE.sub(" ", line).strip()
+        if line and not _SECTION_LINE.match(line) and not _BOILERPLATE.match(line):
+            kept.append(line)
+    return truncate_words(" ".join(kept), n)
+
+
+def summary_prompt(artist, track, excerpt=None, strict=False):
+    track = clean_track(track)
+    base = PROMPT_LYRICS if excerpt else PROMPT
+    prompt = base.format(track=track, artist=artist, excerpt=excerpt, n=MAX_WORDS)
+    return prompt + (STRICT.format(track=track, artist=artist) if strict else "")
+
+# -----------------------------------------------------------------------------
+# API key: the environment, else a .env file next to this script (never printed)
+
+def read_dotenv(path):
+    values = {}
+    if not Path(path).is_file():
+        return values
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.removeprefix("export ").split("=", 1)
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def find_api_key(dotenv=Path(__file__).resolve().parent / ".env"):
+    key = os.environ.get("GROQ_API_KEY") or read_dotenv(dotenv).get("GROQ_API_KEY")
+    if not key:
+        raise UserError("GROQ_API_KEY is not set; summaries need it. Run `export GROQ_API_KEY=...` or put a line "
+                        f"GROQ_API_KEY=... in {dotenv} (git-ignored), or use --what lyrics.")
+    return key
+
+# -----------------------------------------------------------------------------
+# cache (SQLite, one committed row per answer) and counters shared by the workers
+
+class Stats:
+    def __init__(self):
+        self.counts, self.lock = Counter(), threading.Lock()
+
+    def add(self, name, n=1):
+        with self.lock:
+            self.counts[name] += n
+
+
+class Cache:
+    def __init__(self, path):
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)  # autocommit
+        self.db.execute("PRAGMA journal_mode=WAL")       # a committed row survives a killed process
+        self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            row = self.db.execute("SELECT value FROM answers WHERE key = ?", (json.dumps(key),)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key, value):
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (json.dumps(key), json.dumps(value)))
+
+    def close(self):
+        self.db.close()
+
+
+def cached(cache, stats, key, call):
+    """The cached answer for key, or call() -> {"status": "ok", "text": ...}, stored at once.
+    Permanent errors are stored too; Transient ones (retries exhausted) propagate, uncached."""
+    value = cache.get(key)
+    if value is not None:
+        stats.add(f"{key[0].split('-')[0]} cached")
+        return value
+    try:
+        value = {"status": "ok", "text": call()}
+    except Permanent as e:
+        value = {"status": f"http {e.status}"}
+    cache.put(key, value)
+    stats.add(f"{key[0].split('-')[0]} requests")
+    return value
+
+# -----------------------------------------------------------------------------
+# HTTP: retries, lyrics.ovh, Groq
+
+def parse_retry_after(headers):
+    """Seconds to wait from retry-after-ms / retry-after (seconds or HTTP date), or None."""
+    try:
+        return float(headers.get("retry-after-ms")) / 1000
+    except (TypeError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def with_retries(call, attempts, backoff, stats, sleep=time.sleep, rand=random.random):
+    """call() until it does not raise Transient, at most `attempts` times: retry-after when the
+    server gives one, else backoff * 2**k with jitter (x0.5..1). The last Transient propagates."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Transient as e:
+            stats.add(f"transient {e.reason}")
+            if attempt == attempts - 1:
+                raise
+            delay = e.retry_after if e.retry_after is not None else backoff * 2 ** attempt * (0.5 + rand() / 2)
+            sleep(min(delay, MAX_DELAY))
+
+
+def fetch_lyrics(base_url, artist, track, timeout):
+    """lyrics.ovh -> the 25-word excerpt ('' when not found). The full text never leaves here."""
+    url = f"{base_url.rstrip('/')}/v1/{quote(artist, safe='')}/{quote(clean_track(track), safe='')}"
+    try:
+        r = requests.get(url, timeout=timeout)
+    except requests.Timeout:
+        raise Transient("timeout")
+    except requests.RequestException:
+        raise Transient("connection")
+    if r.status_code == 404:
+        return ""
+    if r.status_code == 429:
+        raise Transient("429", parse_retry_after(r.headers))
+    if r.status_code >= 500:
+        raise Transient("5xx")
+    if r.status_code >= 400:
+        raise Permanent(r.status_code)
+    try:
+        lyrics = r.json()["lyrics"]
+        if not isinstance(lyrics, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise Transient("malformed")
+    return lyrics_excerpt(lyrics)
+
+
+def groq_asker(api_key, model, timeout):
+    """prompt -> the model's raw answer. The client never retries by itself (max_retries=0):
+    with_retries() does, so that the behaviour is explicit and tested."""
+    import groq
+    client = groq.Groq(api_key=api_key, base_url=os.environ.get("GROQ_BASE_URL") or None,
+                       max_retries=0, timeout=timeout)
+
+    def ask(prompt):
+        try:
+            r = client.chat.completions.create(model=model, temperature=0, max_tokens=100,
+                                               messages=[{"role": "user", "content": prompt}])
+            text = r.choices[0].message.content
+        except groq.APIStatusError as e:   # never show e itself: keep messages short and key-free
+            s = e.status_code
+            if s == 429:
+                raise Transient("429", parse_retry_after(e.response.headers))
+            if s >= 500:
+                raise Transient("5xx")
+            if s in (401, 403):
+                raise UserError(f"Groq refused the API key (HTTP {s}); check GROQ_API_KEY.")
+            if s == 404:
+                raise UserError(f"Groq answered 404 for model {model!r}: unknown model (see --model) or wrong GROQ_BASE_URL.")
+            raise Permanent(s)
+        except groq.APITimeoutError:
+            raise Transient("timeout")
+        except groq.APIConnectionError:
+            raise Transient("connection")
+        except (groq.APIResponseValidationError, ValueError, TypeError, AttributeError, IndexError, KeyError):
+            raise Transient("malformed")
+        if not isinstance(text, str):
+            raise Transient("malformed")
+        return text
+    return ask
+
+# -----------------------------------------------------------------------------
+# one (artist, track) -> (text or None, status)
+
+def lyrics_job(artist, track, fetch, cache, stats, retry):
+    key = ("lyrics", artist, track, "lyrics.ovh", LYRICS_VERSION)
+    value = cached(cache, stats, key, lambda: retry(lambda: fetch(artist, track)))
+    if value["status"] != "ok":
+        return None, value["status"]
+    return (value["text"], "ok") if value["text"] else (None, "not found")
+
+
+def summary_job(artist, track, ask, model, cache, stats, retry, excerpt=None):
+    kind = "summary-from-lyrics" if excerpt else "summary"
+    version = PROMPT_VERSION + (f"+{hashlib.sha1(excerpt.encode()).hexdigest()[:12]}" if excerpt else "")
+    status = "empty"
+    for strict in (False, True):   # one retry with a stricter prompt when the answer is unusable
+        prompt = summary_prompt(artist, track, excerpt, strict)
+        key = (kind + ("-strict" if strict else ""), artist, track, model, version)
+        value = cached(cache, stats, key, lambda: retry(lambda: ask(prompt)))
+        if value["status"] != "ok":
+            return None, value["status"]
+        text = clean_summary(value["text"])
+        if text and not names_song(text, artist, track):
+            return text, "ok"
+        status = "names song/artist" if text else "empty"
+    return None, status
+
+# -----------------------------------------------------------------------------
+# dataset in and out
+
+def load_items(folder):
+    path = Path(folder) / "items.csv"
+    if not Path(folder).is_dir():
+        raise UserError(f"no dataset folder {folder} (collect.py makes one; `make train` makes data/demo).")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist.")
+    try:   # everything as text, empty stays empty: untouched columns come back unchanged
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}).")
+    for column in ("summary", "lyrics"):
+        if column not in df.columns:
+            df[column] = ""
+    return df, path
+
+
+def write_atomic(df, path):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".items.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            df.to_csv(f, index=False, lineterminator="\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+# -----------------------------------------------------------------------------
+# running the jobs and reporting
+
+def run_jobs(name, pairs, job, workers):
+    """{(artist, track): (text, status)} with a progress bar; retries exhausted -> 'failed'."""
+    results = {}
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(job, a, t): (a, t) for a, t in pairs}
+        for f in tqdm(as_completed(futures), total=len(futures), desc=name, unit="track", file=sys.stderr):
+            try:
+                results[futures[f]] = f.result()
+            except Transient:
+                results[futures[f]] = (None, "failed")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def fill(df, rows, column, results):
+    """Write texts into df[column] for rows; the title (else the track) where there is none."""
+    statuses = Counter()
+    for i in rows:
+        artist, track = df.at[i, "artist"].strip(), df.at[i, "track"].strip()
+        text, status = results.get((artist, track), (None, "no artist/track"))
+        df.at[i, column] = text if text else (df.at[i, "title"] or df.at[i, "track"])
+        statuses[status] += 1
+    return statuses
+
+
+def report_line(name, kind, statuses, stats):
+    real = statuses.pop("ok", 0)
+    why = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) or "-"
+    return (f"  {name:9s}: {real} real, {sum(statuses.values())} title fallback ({why}); "
+            f"{stats.counts[kind + ' requests']} new answers, {stats.counts[kind + ' cached']} from cache")
+
+# -----------------------------------------------------------------------------
+# main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0].split(": ", 1)[1],
+                                epilog="Environment: GROQ_API_KEY (or .env), GROQ_BASE_URL, LYRICS_BASE_URL. "
+                                       "Exit codes: 0 done, 1 some requests still failing (rerun), 2 usage error.")
+    p.add_argument("dataset", help="name of the folder data/<DATASET>/ holding items.csv")
+    p.add_argument("--data-dir", default="data", help="folder holding the datasets (default: data)")
+    p.add_argument("--what", choices=("both", "summary", "lyrics"), default="both", help="columns to fill (default: both)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Groq chat model (default: {DEFAULT_MODEL})")
+    p.add_argument("--summary-from", choices=("title", "lyrics"), default="title",
+                   help="ask about artist and title (the study) or about the lyrics excerpt (default: title)")
+    p.add_argument("--workers", type=int, default=4, help="requests in flight at once (default: 4)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of items.csv")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: 30)")
+    p.add_argument("--attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts (default: 6)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first backoff delay in seconds, doubled each retry (default: 1)")
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.attempts < 1 or (args.limit is not None and args.limit < 0) or args.timeout <= 0:
+        p.error("--workers, --attempts and --timeout must be positive, --limit not negative")
+    return args
+
+
+def run(args):
+    folder = Path(args.data_dir) / args.dataset
+    df, path = load_items(folder)
+    want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
+    api_key = find_api_key() if want_summary else None
+    rows = list(df.index[: args.limit]) if args.limit is not None else list(df.index)
+    pairs = list(dict.fromkeys((df.at[i, "artist"].strip(), df.at[i, "track"].strip()) for i in rows))
+    pairs = [(a, t) for a, t in pairs if a and t]
+
+    cache, stats = Cache(folder / ".enrich-cache.sqlite"), Stats()
+    retry = lambda call: with_retries(call, args.attempts, args.backoff, stats)
+    try:
+        lyrics = {}
+        if want_lyrics or (want_summary and args.summary_from == "lyrics"):
+            base = os.environ.get("LYRICS_BASE_URL") or DEFAULT_LYRICS_BASE_URL
+            fetch = lambda a, t: fetch_lyrics(base, a, t, args.timeout)
+            lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, cache, stats, retry), args.workers)
+        summaries = {}
+        if want_summary:
+            ask = groq_asker(api_key, args.model, args.timeout)
+            def job(a, t):
+                excerpt = lyrics[(a, t)][0] if args.summary_from == "lyrics" else None
+                return summary_job(a, t, ask, args.model, cache, stats, retry, excerpt)
+            summaries = run_jobs("summaries", pairs, job, args.workers)
+    finally:
+        cache.close()
+
+    lines = [f"coverage of {len(rows)} rows in {path}:"]
+    for column, results, wanted in (("summary", summaries, want_summary), ("lyrics", lyrics, want_lyrics)):
+        if wanted:
+            lines.append(report_line(column, column, fill(df, rows, column, results), stats))
+    write_atomic(df, path)
+    retries = ", ".join(f"{k.split(' ', 1)[1]} {v}" for k, v in sorted(stats.counts.items()) if k.startswith("transient"))
+    lines.append(f"  transient errors retried: {retries or 'none'}")
+    failed = sum(s == "failed" for r in (summaries, lyrics) for _, s in r.values())
+    if failed:
+        lines.append(f"  {failed} request(s) still failing after {args.attempts} attempts kept the title; rerun to retry them")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"enrich: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
