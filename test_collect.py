@@ -1,0 +1,410 @@
+"""Tests for collect.py: importers on real data, matching on real catalogs, and a fake Last.fm server
+(loopback only) that injects faults, for the crawl, its resume after SIGKILL and the key's secrecy."""
+import collections
+import hashlib
+import http.server
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pandas as pd
+import pytest
+
+import collect
+
+ROOT = Path(__file__).parent
+SHARED = ROOT.parent / "shared" / "data"
+HETREC = SHARED / "hetrec2011-lastfm-2k"
+LFM1K = SHARED / "lastfm-1k-sample"
+APPLE = SHARED / "apple-music-10k" / "apple_music_dataset.csv"
+SPOTIFY = SHARED / "spotify-songs-tidytuesday" / "spotify_songs.csv"
+KEY = "TESTKEY-0123456789abcdef-SECRET"
+needs = lambda *paths: pytest.mark.skipif(not all(p.exists() for p in paths), reason="../shared/data not available")
+
+
+def read(d, name):
+    return pd.read_csv(Path(d) / name, dtype=str, keep_default_na=False)
+
+
+def cli(*args, env=None, cwd=ROOT, timeout=120):
+    e = {k: v for k, v in os.environ.items() if k not in ("LASTFM_API_KEY", "LASTFM_BASE_URL")}
+    e.update(env or {})
+    return subprocess.run([sys.executable, str(ROOT / "collect.py"), *map(str, args)], env=e, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+# -----------------------------------------------------------------------------
+# importers on real data
+
+
+@needs(HETREC)
+def test_hetrec_folder_zip_and_url(tmp_path):
+    collect.import_hetrec(HETREC, tmp_path / "a", tmp_path / "cache")
+    users, items, inter = (read(tmp_path / "a", f) for f in ("users.csv", "items.csv", "interactions.csv"))
+    assert (len(inter), len(users), len(items)) == (92834, 1892, 17632)
+    assert list(items.columns) == collect.ITEM_COLS + ["tags"] and (inter.timestamp == "").all() and (users.country == "").all()
+    mm = items.set_index("item").loc["1"]                 # MALICE MIZER
+    assert mm.artist == mm.track == mm.title == "MALICE MIZER" and mm.tag == "j-rock" and mm.tags.startswith("j-rock, ")
+    collect.import_hetrec(HETREC, tmp_path / "all", tmp_path / "cache", top_tags=10_000)
+    every = read(tmp_path / "all", "items.csv").tags
+    assert every.str.contains("tropicália").any()   # Latin-1 tags.dat
+    assert not every.str.contains("Ã").any()
+    # the same from a .zip and from a URL (downloaded once, published md5 of user_artists.dat verified)
+    z = tmp_path / "hetrec2011-lastfm-2k.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in HETREC.iterdir():
+            zf.write(f, f.name)
+    collect.import_hetrec(z, tmp_path / "b", tmp_path / "cache")
+    srv, hits = serve_dir(tmp_path)
+    try:
+        for _ in range(2):
+            collect.import_hetrec(f"{srv}/hetrec2011-lastfm-2k.zip", tmp_path / "c", tmp_path / "cache")
+    finally:
+        srv.shutdown()
+    assert hits["/hetrec2011-lastfm-2k.zip"] == 1
+    for f in ("users.csv", "items.csv", "interactions.csv"):
+        a = (tmp_path / "a" / f).read_bytes()
+        assert a == (tmp_path / "b" / f).read_bytes() == (tmp_path / "c" / f).read_bytes()
+
+
+def serve_dir(folder):
+    hits = collections.Counter()
+
+    class H(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(folder), **k)
+
+        def do_GET(self):
+            hits[self.path] += 1
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    class S(str):
+        shutdown = srv.shutdown
+    return S(f"http://127.0.0.1:{srv.server_address[1]}"), hits
+
+
+@needs(LFM1K)
+def test_lastfm1k_folder_and_tar(tmp_path):
+    collect.import_lastfm1k(LFM1K, tmp_path / "a", tmp_path / "cache", min_plays=3)
+    users, items, inter = (read(tmp_path / "a", f) for f in ("users.csv", "items.csv", "interactions.csv"))
+    # oracle straight from the TSV with pandas
+    ev = pd.read_csv(LFM1K / collect.EVENTS_TSV, sep="\t", header=None, quoting=3, dtype=str, keep_default_na=False)
+    ev["key"] = [collect.item_id(collect.norm_artist(a), collect.norm_track(t)) for a, t in zip(ev[3], ev[5])]
+    g = ev.groupby([0, "key"]).agg(n=(1, "size"), first=(1, "min")).reset_index()
+    g = g[g.n >= 3]
+    assert len(inter) == len(g) == len(items) and set(inter.item) == set(g.key)
+    first = g.set_index("key")["first"].map(collect._iso_to_unix).astype(str)
+    assert (inter.set_index("item").timestamp == first.loc[inter.item].values).all()
+    assert users.set_index("user").country.to_dict() == {"user_000001": "Japan"}   # user_000002: < 3 plays each
+    tgz = tmp_path / "lastfm-dataset-1K.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for f in (collect.EVENTS_TSV, collect.PROFILE_TSV):   # events first: order must not matter
+            tar.add(LFM1K / f, f"lastfm-dataset-1K/{f}")
+    collect.import_lastfm1k(tgz, tmp_path / "b", tmp_path / "cache", min_plays=3)
+    for f in ("users.csv", "items.csv", "interactions.csv"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_user_errors_exit_2_and_write_nothing(tmp_path):
+    bad = tmp_path / "weird.csv"
+    bad.write_text("foo,bar\n1,2\n")
+    for args, words in [(["hetrec", tmp_path / "nope"], "no such file"),
+                        (["lastfm1k", bad], "expected"),
+                        (["match", bad, "--name", "x", "--no-tags"], "columns found: foo, bar"),
+                        (["crawl"], "last.fm/api/account/create")]:
+        r = cli("--data-dir", tmp_path / "data", *args, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert "SOURCE=hetrec" in r.stderr and not (tmp_path / "data").exists()
+    (tmp_path / ".env").write_text("LASTFM_API_KEY=abc\n")
+    assert collect.load_key(tmp_path / ".env") == "abc"
+
+# -----------------------------------------------------------------------------
+# catalogs and matching on the real Apple and Spotify (TidyTuesday) catalogs
+
+
+def lookup(index, artist, track):
+    rows, ids = collect.match_loved(pd.DataFrame({"artist": [artist], "track": [track]}), index)
+    return ids[0] if ids else None
+
+
+@needs(APPLE, SPOTIFY)
+def test_matching_real_catalogs(tmp_path):
+    apple = collect.load_catalog(APPLE)
+    assert not (apple.track == "Music").any()
+    items, index = collect.catalog_index(apple)
+    title = items.set_index("item").track
+    hit = lookup(index, "Journey", "Don\u2019t Stop Believin\u2019")          # curly apostrophes vs "(2024 Remaster)"
+    assert title[hit] == "Don't Stop Believin' (2024 Remaster)"
+    assert lookup(index, "journey", "Separate Ways (Worlds Apart) - Remastered 2011") is not None
+    assert title[lookup(index, "Shakira feat. Wyclef Jean", "Hips Don't Lie")] == "Hips Don't Lie (feat. Wyclef Jean)"
+    assert lookup(index, "Shakira", "Hips Dont Lie") == lookup(index, "SHAKIRA", "hips don't lie (Live)")
+    assert lookup(index, "Journey", "Hips Don't Lie") is None                 # never title alone
+    spot = collect.load_catalog(SPOTIFY)
+    items, index = collect.catalog_index(spot)
+    title = items.set_index("item").track
+    # TidyTuesday "I Don't Care (with Justin Bieber) - Loud Luxury Remix" by Ed Sheeran; Last.fm lists both artists
+    assert "I Don't Care" in title[lookup(index, "Ed Sheeran & Justin Bieber", "I Don't Care")]
+    assert lookup(index, "Ed Sheeran", "I Don't Care (feat. Justin Bieber)") is not None
+    # same title by two artists stays two items
+    dup = spot.assign(nt=spot.track.map(collect.norm_track)).groupby("nt").artist.nunique()
+    t = dup[dup > 1].index[0]
+    two = spot[spot.track.map(collect.norm_track) == t].drop_duplicates("artist").head(2)
+    a, b = (lookup(index, r.artist, r.track) for r in two.itertuples())
+    assert a and b and a != b
+    # Kaggle "Spotify Tracks" schema: ';' between artists, any listed artist matches
+    k = tmp_path / "kaggle.csv"
+    pd.DataFrame({"track_id": ["1", "2", "2", "3"], "artists": ["Daft Punk;Pharrell Williams", "Music", "Music", "Adele"],
+                  "track_name": ["Get Lucky - Radio Edit", "x", "x", "Music"], "track_genre": ["dance", "pop", "pop", "pop"]}
+                 ).to_csv(k, index=False)
+    kc = collect.load_catalog(k)
+    assert len(kc) == 2                                   # duplicate row and the "Music" title dropped
+    items, index = collect.catalog_index(kc)
+    g = lookup(index, "Pharrell Williams", "Get Lucky")
+    assert g and g == lookup(index, "Daft Punk feat. Pharrell Williams", "Get Lucky (Radio Edit)")
+    # any CSV with explicit columns; unknown schema lists the columns found
+    o = tmp_path / "other.csv"
+    pd.DataFrame({"who": ["Björk"], "what": ["Jóga"], "kind": ["art pop"]}).to_csv(o, index=False)
+    items, index = collect.catalog_index(collect.load_catalog(o, "who", "what", "kind"))
+    assert lookup(index, "bjork", "Joga") and items.tag[0] == "art pop"
+    with pytest.raises(collect.UserError, match="columns found: who, what, kind"):
+        collect.load_catalog(o)
+
+# -----------------------------------------------------------------------------
+# a fake Last.fm: real JSON shapes, @attr pagination, error bodies, injected faults, success counts
+
+
+def fake_world(seed=0, n_users=80):
+    """Users (1K-dataset ids and countries), friends and loved tracks (artist, track from 1K events)."""
+    rng = random.Random(seed)
+    prof = pd.read_csv(LFM1K / collect.PROFILE_TSV, sep="\t", dtype=str, keep_default_na=False)
+    ev = pd.read_csv(LFM1K / collect.EVENTS_TSV, sep="\t", header=None, quoting=3, dtype=str, keep_default_na=False)
+    pairs = sorted(set(zip(ev[3], ev[5])))
+    people = {"RJ": "United Kingdom", "Zoë & Co #1+/x": "Brazil", "private_one": "Peru"}
+    people.update(zip(prof["#id"][:n_users], prof.country[:n_users]))
+    names = list(people)
+    world = {}
+    for n in names:
+        k = rng.choice([0, 3, 20, 60, 130, 260])          # several pages at 50 per page
+        world[n] = {"country": people[n], "friends": rng.sample([m for m in names if m != n], rng.randint(1, 5)),
+                    "loved": [(a, t, 1_100_000_000 + rng.randrange(200_000_000)) for a, t in rng.sample(pairs, k)]}
+    world["RJ"]["friends"] = ["Zoë & Co #1+/x", "private_one"] + world["RJ"]["friends"]
+    return world
+
+
+class FakeLastfm:
+    def __init__(self, world, fault_rate=0.0, seed=0, slow_s=1.2, page_cap=50):
+        self.world, self.fault_rate, self.rng, self.slow_s, self.page_cap = world, fault_rate, random.Random(seed), slow_s, page_cap
+        self.served, self.faults, self.lock = collections.Counter(), collections.Counter(), threading.Lock()
+        self.freeze_after, self.blocked, self.release = None, threading.Event(), threading.Event()
+        self.keys_seen = set()
+        fake = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                try:
+                    fake.handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *a):
+                pass
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.srv.daemon_threads = True
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}/2.0/"
+
+    def stop(self):
+        self.release.set()
+        self.srv.shutdown()
+
+    def handle(self, h):
+        q = {k: v[0] for k, v in parse_qs(urlparse(h.path).query, keep_blank_values=True).items()}
+        self.keys_seen.add(q.pop("api_key", None))
+        key = json.dumps(sorted(q.items()))
+        with self.lock:
+            if self.freeze_after is not None and sum(self.served.values()) >= self.freeze_after:
+                frozen = True
+            else:
+                frozen = False
+                fault = self.rng.choice(["429", "500", "e29", "json", "slow"]) if self.rng.random() < self.fault_rate else None
+                status, body = self.answer(q)
+                if fault:
+                    self.faults[fault] += 1
+                else:
+                    self.served[key] += 1
+        if frozen:                                   # hold the request: the client is idle, its cache committed
+            self.blocked.set()
+            self.release.wait(30)
+            h.close_connection = True
+            return
+        if fault == "429":
+            status, body = 429, {"error": 29, "message": "Rate Limit Exceeded"}
+        elif fault == "500":
+            status, body = 500, "<html>Internal Server Error</html>"
+        elif fault == "e29":
+            status, body = 200, {"error": 29, "message": "Rate Limit Exceeded - Your IP has made too many requests"}
+        elif fault == "json":
+            body = json.dumps(body)[: 20]
+        elif fault == "slow":
+            time.sleep(self.slow_s)
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def page(self, entries, q, attr):
+        limit, page = min(int(q.get("limit", 50)), self.page_cap), int(q.get("page", 1))
+        pages = (len(entries) + limit - 1) // limit
+        return entries[(page - 1) * limit: page * limit], {**attr, "page": str(page), "perPage": str(limit),
+                                                          "totalPages": str(pages), "total": str(len(entries))}
+
+    def answer(self, q):
+        m, u = q.get("method"), self.world.get(q.get("user", ""))
+        if m.startswith("user.") and u is None:
+            return 404, {"error": 6, "message": "User not found", "links": []}
+        if m == "user.getInfo":
+            return 200, {"user": {"name": q["user"], "realname": "", "country": u["country"] or "None", "playcount": "0",
+                                  "url": "https://www.last.fm/user/" + q["user"], "type": "user"}}
+        if m == "user.getFriends":
+            friends = [{"name": f, "country": self.world[f]["country"], "realname": ""} for f in u["friends"]]
+            entries, attr = self.page(friends, q, {"for": q["user"]})
+            return 200, {"friends": {"user": entries, "@attr": attr}}
+        if m == "user.getLovedTracks":
+            if q["user"] == "private_one":
+                return 403, {"error": 17, "message": "Login: User required to be logged in"}
+            tracks = [{"name": t, "mbid": "", "url": "", "artist": {"name": a, "mbid": "", "url": ""},
+                       "date": {"uts": str(ts), "#text": "01 Jan 2010, 00:00"}, "streamable": {"fulltrack": "0", "#text": "0"}}
+                      for a, t, ts in sorted(u["loved"], key=lambda x: -x[2])]
+            entries, attr = self.page(tracks, q, {"user": q["user"]})
+            return 200, {"lovedtracks": {"track": entries, "@attr": attr}}
+        if m == "track.getTopTags":
+            h = int(hashlib.md5(f"{q['artist']}|{q['track']}".encode()).hexdigest(), 16)
+            if h % 4 == 0:
+                return 200, {"error": 6, "message": "Track not found", "links": []}
+            tags = [] if h % 4 == 1 else [{"count": 100 - i, "name": f"tag{(h >> i) % 7}", "url": ""} for i in range(3)]
+            return 200, {"toptags": {"tag": tags, "@attr": {"artist": q["artist"], "track": q["track"]}}}
+        return 400, {"error": 3, "message": "Invalid Method"}
+
+
+API_OPTS = ["--rate", "0", "--backoff", "0.01", "--max-backoff", "0.05", "--timeout", "0.5", "--retries", "12"]
+
+
+def crawl_args(data, extra=()):
+    return ["--data-dir", data, "all", "--catalog", f"apple={APPLE}", "--catalog", f"spotify={SPOTIFY}",
+            "--max-users", "30", *API_OPTS, *extra]
+
+
+def run_inproc(monkeypatch, fake, args):
+    monkeypatch.setenv("LASTFM_API_KEY", KEY)
+    monkeypatch.setenv("LASTFM_BASE_URL", fake.url)
+    collect.main([str(a) for a in args])
+
+
+def tree_bytes(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*.csv"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted, fault-free crawl + match of both catalogs."""
+    if not (LFM1K.exists() and APPLE.exists() and SPOTIFY.exists()):
+        pytest.skip("../shared/data not available")
+    d = tmp_path_factory.mktemp("ref")
+    fake = FakeLastfm(fake_world())
+    mp = pytest.MonkeyPatch()
+    try:
+        run_inproc(mp, fake, crawl_args(d))
+    finally:
+        mp.undo()
+        fake.stop()
+    return d, fake
+
+
+def test_crawl_is_complete_and_matches(reference, capsys):
+    d, fake = reference
+    world = fake.world
+    users, loved = read(d / "lastfm", "users.csv"), read(d / "lastfm", "loved.csv")
+    assert len(users) == 30 and "RJ" in set(users.user) and "Zoë & Co #1+/x" in set(users.user)
+    assert "private_one" not in set(users.user) and all(world[u]["country"] for u in users.user)
+    for u in users.user:                                           # every page of every user's loved tracks
+        want = sorted((a, t, str(ts)) for a, t, ts in world[u]["loved"])
+        got = sorted(map(tuple, loved[loved.user == u][["artist", "track", "timestamp"]].values))
+        assert got == want and len(want) >= 5
+    assert max(fake.served.values()) == 1 and KEY in fake.keys_seen
+    for name in ("apple", "spotify"):
+        inter, items = read(d / name, "interactions.csv"), read(d / name, "items.csv")
+        assert len(inter) > 0 and set(inter.item) <= set(items.item) and (items.tag != "").all()
+        print(f"fake crawl match rate {name}: {len(inter)}/{len(loved)} = {100 * len(inter) / len(loved):.1f}%")
+
+
+@needs(LFM1K, APPLE, SPOTIFY)
+def test_crawl_survives_20pct_faults(reference, tmp_path, monkeypatch):
+    fake = FakeLastfm(fake_world(), fault_rate=0.2, seed=1)
+    try:
+        run_inproc(monkeypatch, fake, crawl_args(tmp_path))
+    finally:
+        fake.stop()
+    assert sum(fake.faults.values()) > 20 and set(fake.faults) == {"429", "500", "e29", "json", "slow"}
+    assert tree_bytes(tmp_path) == tree_bytes(reference[0])        # nothing lost, nothing changed
+    assert max(fake.served.values()) == 1
+
+
+@needs(LFM1K, APPLE, SPOTIFY)
+def test_kill_and_resume_byte_identical(reference, tmp_path):
+    fake = FakeLastfm(fake_world(), fault_rate=0.2, seed=2)
+    env = {"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": fake.url}
+    outs = []
+    try:
+        for kill_at in (3, 40, 120, 185):                         # crawl early, mid, late; tags phase
+            fake.freeze_after = kill_at
+            p = subprocess.Popen([sys.executable, str(ROOT / "collect.py"), *map(str, crawl_args(tmp_path))],
+                                 env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            while not fake.blocked.wait(0.05) and p.poll() is None:
+                pass
+            assert p.poll() is None, p.stdout.read().decode()     # still mid-run when killed
+            p.send_signal(signal.SIGKILL)
+            outs.append(p.communicate()[0])
+            fake.freeze_after = None
+            fake.release.set()
+            time.sleep(0.05)
+            fake.blocked.clear()
+            fake.release.clear()
+        assert (tmp_path / "lastfm" / "loved.csv").exists()        # the last kill came in the tags phase
+        r = cli(*crawl_args(tmp_path), env=env)
+        outs.append((r.stdout + r.stderr).encode())
+        assert r.returncode == 0, r.stderr
+    finally:
+        fake.stop()
+    assert tree_bytes(tmp_path) == tree_bytes(reference[0])
+    assert max(fake.served.values()) == 1                          # no successful request repeated
+    assert sum(fake.served.values()) == sum(reference[1].served.values())
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()) + b"".join(outs)
+    assert KEY.encode() not in written and b"TESTKEY" not in written
+
+
+def test_key_scrubbed_from_connection_errors(tmp_path):
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retries=1,
+                         backoff=0.01, timeout=0.5)
+    with pytest.raises(collect.LastfmError) as e:
+        api.call("user.getInfo", user="RJ")
+    assert KEY not in str(e.value) and "rerun" in str(e.value)
+    r = cli("--data-dir", tmp_path, "crawl", "--retries", "0", "--rate", "0",
+            env={"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": "http://127.0.0.1:9/2.0/"})
+    assert r.returncode == 1 and KEY not in r.stdout + r.stderr and "Traceback" not in r.stderr
