@@ -23,5 +23,17 @@ train: venv
 test: venv
 	$(PY) -m pytest -q
 
+# Real data (collect.py): `make data` crawls Last.fm (needs LASTFM_API_KEY) and matches both catalogs;
+# `make data SOURCE=hetrec|lastfm1k FROM=PATH_OR_URL` imports a public dump (no key; FROM empty = official URL).
+SOURCE          ?= lastfm
+FROM            ?=
+APPLE_CATALOG   ?= ../shared/data/apple-music-10k/apple_music_dataset.csv
+SPOTIFY_CATALOG ?= ../shared/data/spotify-songs-tidytuesday/spotify_songs.csv
+.PHONY: data data-key
+data: $(if $(filter lastfm,$(SOURCE)),data-key) venv
+	$(PY) collect.py $(if $(filter lastfm,$(SOURCE)),all --catalog apple=$(APPLE_CATALOG) --catalog spotify=$(SPOTIFY_CATALOG),$(SOURCE) $(FROM)) $(ARGS)
+data-key:
+	@test -n "$$LASTFM_API_KEY" || grep -qsE '^\s*(export\s+)?LASTFM_API_KEY=.' .env || { echo "make data: no LASTFM_API_KEY (environment or .env). Get a free key at https://www.last.fm/api/account/create, or use real data offline: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (or SOURCE=lastfm1k FROM=PATH_OR_URL)" >&2; exit 2; }
+
 clean:
 	rm -rf runs data/demo
