@@ -19,7 +19,9 @@ Model: the study used `llama3-8b-8192`, which Groq has retired. The default here
 cheapest chat model, so it is the closest stand-in. Any other model: --model.
 
 Every answer (also "not found") is cached in data/<DATASET>/.enrich-cache.sqlite under
-(kind, artist, track, model, prompt version) the moment it arrives, so a killed run resumes
+(kind, artist, track, model, prompt version) the moment it arrives (answers from a non-default
+GROQ_BASE_URL / LYRICS_BASE_URL, e.g. the test fakes, are kept apart by adding that URL to the
+model), so a killed run resumes
 without repeating a successful request, and items.csv is a pure function of the cache.
 429 (honouring retry-after), 5xx, timeouts and malformed bodies are retried with exponential
 backoff and jitter (--attempts, --backoff); other 4xx keep the title and are counted. A request
@@ -179,11 +181,14 @@ def read_dotenv(path):
     return values
 
 
-def find_api_key(dotenv=Path(__file__).resolve().parent / ".env"):
-    key = os.environ.get("GROQ_API_KEY") or read_dotenv(dotenv).get("GROQ_API_KEY")
+DOTENV = Path(__file__).resolve().parent / ".env"
+
+
+def find_api_key():
+    key = os.environ.get("GROQ_API_KEY") or read_dotenv(DOTENV).get("GROQ_API_KEY")
     if not key:
         raise UserError("GROQ_API_KEY is not set; summaries need it. Run `export GROQ_API_KEY=...` or put a line "
-                        f"GROQ_API_KEY=... in {dotenv} (git-ignored), or use --what lyrics.")
+                        f"GROQ_API_KEY=... in {DOTENV} (git-ignored), or use --what lyrics.")
     return key
 
 # -----------------------------------------------------------------------------
@@ -331,21 +336,21 @@ def groq_asker(api_key, model, timeout):
 # -----------------------------------------------------------------------------
 # one (artist, track) -> (text or None, status)
 
-def lyrics_job(artist, track, fetch, cache, stats, retry):
-    key = ("lyrics", artist, track, "lyrics.ovh", LYRICS_VERSION)
+def lyrics_job(artist, track, fetch, source, cache, stats, retry):
+    key = ("lyrics", artist, track, source, LYRICS_VERSION)
     value = cached(cache, stats, key, lambda: retry(lambda: fetch(artist, track)))
     if value["status"] != "ok":
         return None, value["status"]
     return (value["text"], "ok") if value["text"] else (None, "not found")
 
 
-def summary_job(artist, track, ask, model, cache, stats, retry, excerpt=None):
+def summary_job(artist, track, ask, source, cache, stats, retry, excerpt=None):
     kind = "summary-from-lyrics" if excerpt else "summary"
     version = PROMPT_VERSION + (f"+{hashlib.sha1(excerpt.encode()).hexdigest()[:12]}" if excerpt else "")
     status = "empty"
     for strict in (False, True):   # one retry with a stricter prompt when the answer is unusable
         prompt = summary_prompt(artist, track, excerpt, strict)
-        key = (kind + ("-strict" if strict else ""), artist, track, model, version)
+        key = (kind + ("-strict" if strict else ""), artist, track, source, version)
         value = cached(cache, stats, key, lambda: retry(lambda: ask(prompt)))
         if value["status"] != "ok":
             return None, value["status"]
@@ -465,13 +470,16 @@ def run(args):
         if want_lyrics or (want_summary and args.summary_from == "lyrics"):
             base = os.environ.get("LYRICS_BASE_URL") or DEFAULT_LYRICS_BASE_URL
             fetch = lambda a, t: fetch_lyrics(base, a, t, args.timeout)
-            lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, cache, stats, retry), args.workers)
+            source = "lyrics.ovh" if base == DEFAULT_LYRICS_BASE_URL else base
+            lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, source, cache, stats, retry),
+                              args.workers)
         summaries = {}
         if want_summary:
             ask = groq_asker(api_key, args.model, args.timeout)
+            source = args.model + (f"@{os.environ['GROQ_BASE_URL']}" if os.environ.get("GROQ_BASE_URL") else "")
             def job(a, t):
                 excerpt = lyrics[(a, t)][0] if args.summary_from == "lyrics" else None
-                return summary_job(a, t, ask, args.model, cache, stats, retry, excerpt)
+                return summary_job(a, t, ask, source, cache, stats, retry, excerpt)
             summaries = run_jobs("summaries", pairs, job, args.workers)
     finally:
         cache.close()

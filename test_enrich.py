@@ -1,0 +1,547 @@
+"""
+Tests for enrich.py against local fake Groq and lyrics.ovh servers (127.0.0.1, no internet).
+
+The fakes inject 429 (retry-after: 0), 500, slow answers (client timeouts) and malformed bodies
+at a chosen rate; whether a request is faulty depends only on (seed, request key, attempt number),
+so a run is reproducible whatever the thread timing. They count the successful answers per key,
+which is how "no successful request is ever repeated" is checked.
+
+Run enrich.py itself against the fakes (what `make enrich FAKE=1` does):
+    python test_enrich.py fake DATASET [enrich.py options]      (FAKE_FAULT_RATE=0.2 by default)
+"""
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+import enrich
+
+HERE = Path(__file__).resolve().parent
+KEY = "gsk_FAKE_7f3c9e_never_leak_0451"
+VOCAB = ("love loss night city road fire river heart dream summer rain freedom youth war home light "
+         "dance storm memory faith ocean shadow morning silence hope").split()
+NOT_FOUND = "Nobody Knows"      # artist without lyrics: 404
+NAMES_ONCE = "Narcissus"        # the fake model names this artist unless told strictly not to
+NAMES_ALWAYS = "Echo Chamber"   # ... and this one always: the title is kept
+
+# (item, artist, track, tag); titles are the track names
+TRACKS = [
+    ("i01", "The Beatles", "Hey Jude - Remastered 2015", "rock"),
+    ("i02", "AC/DC", "Back In Black", "rock"),               # '/' must be URL-encoded
+    ("i03", "Beyoncé", "Halo", "pop"),
+    ("i04", "Sigur Rós", "Hoppípolla", "post-rock"),
+    ("i05", "Guns N' Roses", "Sweet Child O' Mine", "rock"),
+    ("i06", "Simon & Garfunkel", "The Sound of Silence", "folk"),
+    ("i07", "Erick Sermon", "Music (feat. Marvin Gaye)", "hip-hop"),
+    ("i08", NOT_FOUND, "Lost Tapes #1?", "indie"),           # '#' and '?' too
+    ("i09", NAMES_ONCE, "Mirror Song", "pop"),
+    ("i10", NAMES_ALWAYS, "Reverb 50%", "electronic"),
+    ("i11", "The Beatles", "Hey Jude - Remastered 2015", "rock"),   # same song: one request for both rows
+    ("i12", "Journey", "Don't Stop Believin' (2024 Remaster)", "rock"),
+    ("i13", "", "Untitled", "misc"),                          # no artist: no request, title kept
+]
+
+# -----------------------------------------------------------------------------
+# fake servers
+
+
+def fake_words(text, n):
+    digest = hashlib.sha256(text.encode()).digest() * 4
+    return [VOCAB[b % len(VOCAB)] for b in digest[:n]]
+
+
+def fake_lyrics(artist, track):
+    """Site boilerplate, section markers and blank lines around 60 words; the excerpt is words[:25]."""
+    words = fake_words(f"{artist}/{track}", 60)
+    lines = [" ".join(words[i:i + 6]) for i in range(0, 60, 6)]
+    return (f"Paroles de la chanson {track} par {artist}\r\n[Verse 1]\r\n" + "\r\n".join(lines[:2])
+            + "\r\n\r\n[Chorus: Someone]\r\n" + "\n".join(lines[2:5]) + "\n\n\nVerse 2:\n" + "\n".join(lines[5:]))
+
+
+def fake_answer(prompt):
+    """A chatty model: preamble, quotes, 30 words (too many), and sometimes the artist's name."""
+    words = fake_words(prompt, 30)
+    if NAMES_ALWAYS in prompt or (NAMES_ONCE in prompt and "Do not use" not in prompt):
+        words[3] = NAMES_ALWAYS if NAMES_ALWAYS in prompt else NAMES_ONCE
+    return 'Here is a 25-word summary:\n\n"' + " ".join(words).capitalize() + '."'
+
+
+def completion(model, content):
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 40, "total_tokens": 80}}
+
+
+class Fakes:
+    def __init__(self, fault_rate=0.0, seed=0, slow=1.0, key=KEY):
+        self.fault_rate, self.seed, self.slow, self.key = fault_rate, seed, slow, key
+        self.lock = threading.Lock()
+        self.tries, self.successes, self.faults = Counter(), Counter(), Counter()
+        self.prompts = []
+        self.hang_after = None   # after this many successes, hold new requests until released
+        self.hung, self.released = threading.Event(), threading.Event()
+
+    def start(self):
+        self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (GroqHandler, LyricsHandler)]
+        for server in self.servers:
+            server.fakes, server.daemon_threads = self, True
+            server.handle_error = lambda *a: None   # clients that timed out: broken pipes are expected
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        self.groq_url, self.lyrics_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in self.servers)
+        return self
+
+    def stop(self):
+        self.released.set()
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+    def env(self):
+        return {"GROQ_API_KEY": self.key, "GROQ_BASE_URL": self.groq_url, "LYRICS_BASE_URL": self.lyrics_url}
+
+    def fault(self, key):
+        with self.lock:
+            attempt = self.tries[key]
+            self.tries[key] += 1
+            hang = self.hang_after is not None and sum(self.successes.values()) >= self.hang_after
+        if hang:
+            self.hung.set()
+            self.released.wait()
+            return "dropped"
+        rng = random.Random(f"{self.seed}/{key}/{attempt}")
+        if rng.random() >= self.fault_rate:
+            return None
+        kind = rng.choice(["429", "500", "slow", "malformed"])
+        with self.lock:
+            self.faults[kind] += 1
+        return kind
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send(self, status, body, headers=()):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def answer(self, key, status, body, malformed):
+        fakes = self.server.fakes
+        fault = fakes.fault(key)
+        if fault == "dropped":
+            return self.send(503, {"error": "dropped"})
+        if fault == "429":
+            return self.send(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, [("retry-after", "0")])
+        if fault == "500":
+            return self.send(500, {"error": {"message": "Internal Server Error"}})
+        if fault == "slow":   # longer than the client's timeout, then no usable answer anyway
+            time.sleep(fakes.slow)
+            return self.send(504, {"error": "gateway timeout"})
+        if fault == "malformed":
+            return self.send(200, random.Random(str(key)).choice(malformed))
+        with fakes.lock:
+            fakes.successes[key] += 1
+        self.send(status, body)
+
+
+class GroqHandler(Handler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path != "/openai/v1/chat/completions":
+            return self.send(404, {"error": {"message": f"Unknown request URL: {self.path}"}})
+        if self.headers.get("authorization") != f"Bearer {self.server.fakes.key}":
+            return self.send(401, {"error": {"message": "Invalid API Key", "type": "invalid_request_error",
+                                             "code": "invalid_api_key"}})
+        prompt = body["messages"][-1]["content"]
+        with self.server.fakes.lock:
+            self.server.fakes.prompts.append(prompt)
+        self.answer(("chat", body["model"], prompt), 200, completion(body["model"], fake_answer(prompt)),
+                    [b'{"id": "chatcmpl-fake", "choices": [{"ind', b'{"id": "chatcmpl-fake", "object": "chat.completion"}',
+                     b"<html>Bad gateway</html>"])
+
+
+class LyricsHandler(Handler):
+    def do_GET(self):
+        parts = self.path.split("/")
+        if len(parts) != 4 or parts[1] != "v1":   # an unencoded '/' or '?' breaks the path
+            return self.send(400, {"error": "bad path"})
+        artist, track = unquote(parts[2]), unquote(parts[3])
+        if artist == NOT_FOUND:
+            return self.answer(("lyrics", artist, track), 404, {"error": "No lyrics found"}, [b"{}"])
+        self.answer(("lyrics", artist, track), 200, {"lyrics": fake_lyrics(artist, track)},
+                    [b'{"lyrics": "Paroles', b'{"lyric": "typo"}', b'{"lyrics": null}'])
+
+
+@pytest.fixture
+def fakes():
+    fakes = Fakes().start()
+    yield fakes
+    fakes.stop()
+
+# -----------------------------------------------------------------------------
+# helpers
+
+COLUMNS = ["item", "artist", "track", "tag", "title", "summary", "lyrics", "year"]
+FAST = ["--backoff", "0.001", "--timeout", "0.5", "--workers", "4"]
+
+
+def make_dataset(root, name="demo", tracks=TRACKS):
+    folder = Path(root) / name
+    folder.mkdir(parents=True)
+    with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(COLUMNS)   # odd values that pandas would mangle if read carelessly: NA, 007, ""
+        for n, (item, artist, track, tag) in enumerate(tracks):
+            w.writerow([item, artist, track, tag, track, "", "old, text" if n == 0 else "", ["NA", "007", ""][n % 3]])
+    (folder / "users.csv").write_text("user,country\nalice,FR\n")
+    (folder / "interactions.csv").write_text("user,item,timestamp\nalice,i01,1700000000\n")
+    return folder / "items.csv"
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def run_inprocess(monkeypatch, fakes, root, *args):
+    for name, value in fakes.env().items():
+        monkeypatch.setenv(name, value)
+    return enrich.main(["demo", "--data-dir", str(root), *FAST, *args])
+
+
+def run_subprocess(fakes, root, *args, key=KEY):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROQ")} | fakes.env() | {"GROQ_API_KEY": key}
+    return subprocess.run([sys.executable, str(HERE / "enrich.py"), "demo", "--data-dir", str(root), *FAST, *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+# -----------------------------------------------------------------------------
+# post-processing
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ('Here is a summary: "A lonely soul searches for meaning."', "A lonely soul searches for meaning."),
+    ('Sure! Here is a 25-word summary:\n\n"Love lost and found again."', "Love lost and found again."),
+    ("Summary: **Hope after a long night.** (6 words)", "Hope after a long night."),
+    ("\u201cYouth, freedom and the open road.\u201d", "Youth, freedom and the open road."),
+    ("'Quiet hope in hard times.'", "Quiet hope in hard times."),
+    ("Don't give up, keep rockin'", "Don't give up, keep rockin'"),
+    (" ".join(f"w{i}" for i in range(40)) + ".", " ".join(f"w{i}" for i in range(25))),
+    ("", ""),
+])
+def test_clean_summary(raw, expected):
+    assert enrich.clean_summary(raw) == expected
+    assert len(enrich.clean_summary(raw).split()) <= 25
+
+
+def test_names_song():
+    assert enrich.names_song("The Beatles sing about healing", "The Beatles", "Hey Jude")
+    assert enrich.names_song("what the beatles meant", "The Beatles", "Hey Jude")   # without "The"
+    assert enrich.names_song("hey, jude! a ballad of comfort", "The Beatles", "Hey Jude - Remastered 2015")
+    assert enrich.names_song("Beyonce finds her halo", "Beyoncé", "Halo")          # accents ignored
+    assert not enrich.names_song("A ballad of comfort for a friend", "The Beatles", "Hey Jude")
+    assert not enrich.names_song("a haloed saint", "Beyoncé", "Halo")              # whole words only
+
+
+def test_clean_track():
+    assert enrich.clean_track("Music (feat. Marvin Gaye)") == "Music"
+    assert enrich.clean_track("Don't Stop Believin' (2024 Remaster)") == "Don't Stop Believin'"
+    assert enrich.clean_track("Hey Jude - Remastered 2015") == "Hey Jude"
+    assert enrich.clean_track("Reverb 50%") == "Reverb 50%"
+    assert enrich.clean_track("(Live)") == "(Live)"   # nothing left: keep as is
+
+
+def test_lyrics_excerpt():
+    raw = ("Paroles de la chanson Hey Jude par The Beatles\r\n[Verse 1]\r\nHey Jude, don't make it bad\r\n\r\n\r\n"
+           "[Chorus: Paul]\nTake a sad song and make it better\nChorus:\n(Verse 2)\nRemember to [x2] let her into your heart\n"
+           + "na " * 50)
+    excerpt = enrich.lyrics_excerpt(raw)
+    assert excerpt.startswith("Hey Jude, don't make it bad Take a sad song and make it better Remember to let her")
+    assert len(excerpt.split()) == 25 and "[" not in excerpt and "Paroles" not in excerpt
+    assert enrich.lyrics_excerpt("\n\n[Instrumental]\n\n") == ""
+    assert enrich.lyrics_excerpt(fake_lyrics("A", "B")) == " ".join(fake_words("A/B", 60)[:25])
+
+
+def test_read_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("# secrets\nexport GROQ_API_KEY='abc'\nOTHER = x=y\n\nnonsense\n")
+    assert enrich.read_dotenv(tmp_path / ".env") == {"GROQ_API_KEY": "abc", "OTHER": "x=y"}
+    assert enrich.read_dotenv(tmp_path / "missing") == {}
+
+
+def test_retries_backoff_and_retry_after():
+    stats, sleeps, calls = enrich.Stats(), [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise enrich.Transient("429", retry_after=0.25)
+        if len(calls) < 4:
+            raise enrich.Transient("5xx")
+        return "ok"
+    assert enrich.with_retries(flaky, 5, 0.1, stats, sleep=sleeps.append, rand=lambda: 1.0) == "ok"
+    assert sleeps == [0.25, 0.2, 0.4]   # retry-after honoured, then 0.1 * 2**k (jitter factor 1.0)
+    assert stats.counts == {"transient 429": 1, "transient 5xx": 2}
+    with pytest.raises(enrich.Transient):   # bounded
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 3, 0.1, stats, sleep=sleeps.append)
+    assert stats.counts["transient timeout"] == 3
+    with pytest.raises(enrich.Permanent):   # other 4xx: not retried
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 3, 0.1, stats, sleep=sleeps.append)
+    assert enrich.parse_retry_after({"retry-after": "2"}) == 2.0
+    assert enrich.parse_retry_after({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
+    assert enrich.parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0   # in the past
+    assert enrich.parse_retry_after({}) is None
+
+
+def test_summary_retries_once_then_falls_back(tmp_path):
+    cache, stats = enrich.Cache(tmp_path / "c.sqlite"), enrich.Stats()
+    retry = lambda call: enrich.with_retries(call, 2, 0, stats)
+    asked = []
+
+    def model(answers):
+        return lambda prompt: asked.append(prompt) or answers[len(asked) - 1]
+    ask = model(["Here is one: Prince sings of purple rain.", "A storm that washes old love away."])
+    assert enrich.summary_job("Prince", "Purple Rain", ask, "m", cache, stats, retry) == \
+        ("A storm that washes old love away.", "ok")
+    assert "Do not use" in asked[1] and "Do not use" not in asked[0]
+    asked.clear()
+    ask = model(["Prince wrote this about loss.", "A song by prince."])
+    assert enrich.summary_job("Prince", "Purple Rain 2", ask, "m", cache, stats, retry) == (None, "names song/artist")
+    assert len(asked) == 2
+    asked.clear()   # both answers are cached: asking again costs nothing
+    assert enrich.summary_job("Prince", "Purple Rain 2", ask, "m", cache, stats, retry) == (None, "names song/artist")
+    assert asked == []
+    ask = lambda prompt: (_ for _ in ()).throw(enrich.Permanent(400))
+    assert enrich.summary_job("X", "Y", ask, "m", cache, stats, retry) == (None, "http 400")
+    cache.close()
+
+# -----------------------------------------------------------------------------
+# end to end against the fakes
+
+
+def test_end_to_end(tmp_path, fakes, monkeypatch, capsys):
+    items = make_dataset(tmp_path)
+    before = read_rows(items)
+    assert run_inprocess(monkeypatch, fakes, tmp_path) == 0
+    out = capsys.readouterr().out
+    after = read_rows(items)
+    assert [r["item"] for r in after] == [r["item"] for r in before]
+    for b, a in zip(before, after):   # nothing but summary and lyrics changes
+        assert {k: v for k, v in a.items() if k not in ("summary", "lyrics")} == \
+               {k: v for k, v in b.items() if k not in ("summary", "lyrics")}
+    rows = {r["item"]: r for r in after}
+    for item, artist, track, _ in TRACKS:
+        row = rows[item]
+        assert row["summary"] and len(row["summary"].split()) <= 25 and '"' not in row["summary"]
+        assert not row["summary"].startswith("Here")
+        if artist and artist not in (NOT_FOUND,):
+            assert row["lyrics"] == " ".join(fake_words(f"{artist}/{enrich.clean_track(track)}", 60)[:25]), item
+    assert rows["i08"]["lyrics"] == "Lost Tapes #1?"           # 404 -> title
+    assert rows["i10"]["summary"] == "Reverb 50%"              # names the artist twice -> title
+    assert NAMES_ONCE not in rows["i09"]["summary"]            # named once, the strict retry was clean
+    assert rows["i13"]["summary"] == rows["i13"]["lyrics"] == "Untitled"
+    assert rows["i01"] == rows["i11"] | {"item": "i01", "year": rows["i01"]["year"]}
+    assert "summary  : 11 real, 2 title fallback (names song/artist 1, no artist/track 1)" in out
+    assert "lyrics   : 11 real, 2 title fallback (no artist/track 1, not found 1)" in out
+    # the two songs named by the model were asked twice; the duplicate song once; the artist-less row never
+    assert len(fakes.prompts) == 11 + 2 and max(fakes.successes.values()) == 1
+
+    first = items.read_bytes()   # a rerun: everything from the cache, same bytes
+    tries = sum(fakes.tries.values())
+    assert run_inprocess(monkeypatch, fakes, tmp_path) == 0
+    assert items.read_bytes() == first and sum(fakes.tries.values()) == tries
+    assert "0 new answers, 13 from cache" in capsys.readouterr().out
+
+
+def test_twenty_percent_faults_lose_nothing(tmp_path, monkeypatch, capsys):
+    tracks = TRACKS + [(f"x{n:02d}", f"Artist {n}", f"Song {n}", "pop") for n in range(20)]
+    clean, faulty = Fakes().start(), Fakes(fault_rate=0.2, seed=7).start()
+    try:
+        make_dataset(tmp_path / "a", tracks=tracks)
+        make_dataset(tmp_path / "b", tracks=tracks)
+        assert run_inprocess(monkeypatch, clean, tmp_path / "a") == 0
+        t0 = time.time()
+        assert run_inprocess(monkeypatch, faulty, tmp_path / "b") == 0
+        out = capsys.readouterr().out.split("coverage of")[-1]   # the faulty run
+    finally:
+        clean.stop(), faulty.stop()
+    assert (tmp_path / "a/demo/items.csv").read_bytes() == (tmp_path / "b/demo/items.csv").read_bytes()
+    assert set(faulty.faults) == {"429", "500", "slow", "malformed"}, faulty.faults
+    assert sum(faulty.faults.values()) >= 10
+    assert max(faulty.successes.values()) == 1 and set(faulty.successes) == set(clean.successes)
+    assert "still failing" not in out and "transient errors retried: none" not in out
+    print(f"faults injected {dict(faulty.faults)}; {time.time() - t0:.1f}s\n{out}")
+
+
+def test_exhausted_retries_are_not_cached(tmp_path, monkeypatch, capsys):
+    items = make_dataset(tmp_path)
+    down = Fakes(fault_rate=1.0).start()   # everything fails
+    try:
+        assert run_inprocess(monkeypatch, down, tmp_path, "--what", "lyrics", "--attempts", "2") == 1
+    finally:
+        down.stop()
+    assert "still failing after 2 attempts" in capsys.readouterr().out
+    assert {r["lyrics"] for r in read_rows(items)} <= {t[2] for t in TRACKS}   # titles kept
+    up = Fakes().start()
+    try:
+        assert run_inprocess(monkeypatch, up, tmp_path, "--what", "lyrics") == 0
+    finally:
+        up.stop()
+    assert read_rows(items)[1]["lyrics"] == " ".join(fake_words("AC/DC/Back In Black", 60)[:25])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.7])
+def test_kill_and_resume(tmp_path, fraction, monkeypatch, capsys):
+    reference = Fakes(fault_rate=0.2, seed=3, slow=0.3).start()   # an uninterrupted run
+    try:
+        make_dataset(tmp_path / "ref")
+        assert run_inprocess(monkeypatch, reference, tmp_path / "ref") == 0
+    finally:
+        reference.stop()
+    expected = (tmp_path / "ref/demo/items.csv").read_bytes()
+    total = sum(reference.successes.values())
+
+    fakes = Fakes(fault_rate=0.2, seed=3, slow=0.3).start()
+    try:
+        items = make_dataset(tmp_path / "run")
+        original = items.read_bytes()
+        fakes.hang_after = int(total * fraction)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GROQ")} | fakes.env()
+        cmd = [sys.executable, str(HERE / "enrich.py"), "demo", "--data-dir", str(tmp_path / "run"),
+               "--backoff", "0.001", "--timeout", "2", "--workers", "4"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert fakes.hung.wait(30), "the run never reached the kill point"
+        time.sleep(0.5)   # answers already sent reach the cache
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert items.read_bytes() == original   # killed before the end: items.csv untouched
+        done = sum(fakes.successes.values())
+        assert 0 < done < total
+        fakes.hang_after = None
+        fakes.released.set()
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+    finally:
+        fakes.stop()
+    assert items.read_bytes() == expected
+    assert max(fakes.successes.values()) == 1, "a successful request was repeated after the kill"
+    assert set(fakes.successes) == set(reference.successes)
+    cached = sum(int(n) for n in re.findall(r"(\d+) from cache", second.stdout))
+    fresh = sum(int(n) for n in re.findall(r"(\d+) new answers", second.stdout))
+    assert (cached, fresh) == (done, total - done)   # the rerun asked only for what the killed run lacked
+
+
+def test_api_key_never_leaks(tmp_path, fakes):
+    fakes.fault_rate = 0.2
+    make_dataset(tmp_path)
+    result = run_subprocess(fakes, tmp_path)
+    assert result.returncode == 0, result.stderr
+    wrong = run_subprocess(fakes, tmp_path, "--what", "summary", "--model", "other", key=KEY[::-1])
+    assert wrong.returncode == 2 and "refused the API key" in wrong.stderr and "Traceback" not in wrong.stderr
+    for text in (result.stdout, result.stderr, wrong.stdout, wrong.stderr):
+        assert KEY not in text and KEY[::-1] not in text
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == ".enrich-cache.sqlite" for p in files)
+    for path in files:
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_user_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GROQ_API_KEY", raising=False)
+    monkeypatch.setattr(enrich, "DOTENV", tmp_path / "no.env")
+    assert enrich.main(["nope", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no dataset folder" in err
+
+    items = make_dataset(tmp_path)
+    original = items.read_bytes()
+    assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "GROQ_API_KEY is not set" in err and "export GROQ_API_KEY=" in err and err.count("\n") == 1
+    assert items.read_bytes() == original and not (items.parent / ".enrich-cache.sqlite").exists()
+
+    (items.parent / "items.csv").write_text("item,artist\ni1,x\n")
+    assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics"]) == 2
+    assert "lacks column(s) track, title" in capsys.readouterr().err
+    assert not (items.parent / ".enrich-cache.sqlite").exists()
+
+    with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well
+        enrich.main(["demo", "--workers", "0"])
+    assert e.value.code == 2
+
+
+def test_lyrics_only_needs_no_key_and_limit(tmp_path, fakes, monkeypatch, capsys):
+    items = make_dataset(tmp_path)
+    monkeypatch.setattr(enrich, "DOTENV", tmp_path / "no.env")
+    fakes.key = "unused"
+    monkeypatch.delenv("GROQ_API_KEY", raising=False)
+    monkeypatch.setenv("LYRICS_BASE_URL", fakes.lyrics_url)
+    assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics", "--limit", "3", *FAST]) == 0
+    before, after = read_rows(make_dataset(tmp_path / "fresh")), read_rows(items)
+    assert [r["lyrics"] != "" for r in after] == [True] * 3 + [False] * (len(TRACKS) - 3)
+    assert [r["summary"] for r in after] == [r["summary"] for r in before]
+    assert "coverage of 3 rows" in capsys.readouterr().out
+
+
+def test_summary_from_lyrics(tmp_path, fakes, monkeypatch):
+    items = make_dataset(tmp_path)
+    assert run_inprocess(monkeypatch, fakes, tmp_path, "--what", "summary", "--summary-from", "lyrics") == 0
+    excerpt = " ".join(fake_words("Journey/Don't Stop Believin'", 60)[:25])
+    assert any(excerpt in p and "first words" in p for p in fakes.prompts)
+    assert not any("first words" in p and NOT_FOUND in p for p in fakes.prompts)   # no lyrics: asked from the title
+    assert [r["lyrics"] for r in read_rows(items)][:2] == ["old, text", ""]        # lyrics column left alone
+
+
+def test_real_catalog_names(tmp_path, fakes, monkeypatch):
+    """Artist and track names from the Apple Music sample survive URL-encoding and the CSV round trip."""
+    source = HERE.parent / "shared/data/apple-music-10k/apple_music_dataset.csv"
+    if not source.is_file():
+        pytest.skip("../shared/data/apple-music-10k not present")
+    with open(source, newline="", encoding="utf-8") as f:
+        rows = [r for _, r in zip(range(12), csv.DictReader(f))]
+    tracks = [(f"a{n}", r["artistName"], r["trackName"], r["primaryGenreName"]) for n, r in enumerate(rows)]
+    items = make_dataset(tmp_path, tracks=tracks)
+    assert run_inprocess(monkeypatch, fakes, tmp_path, "--what", "lyrics") == 0
+    for (_, artist, track, _), row in zip(tracks, read_rows(items)):
+        assert row["lyrics"] == " ".join(fake_words(f"{artist}/{enrich.clean_track(track)}", 60)[:25])
+
+# -----------------------------------------------------------------------------
+# python test_enrich.py fake DATASET [options]: enrich.py against the fakes
+
+
+def fake_main(argv):
+    fakes = Fakes(fault_rate=float(os.environ.get("FAKE_FAULT_RATE", "0.2")), seed=0, slow=1.0).start()
+    os.environ.update(fakes.env())   # always the fake key: a real one is never sent anywhere
+    print(f"fake Groq at {fakes.groq_url}, fake lyrics.ovh at {fakes.lyrics_url}, "
+          f"fault rate {fakes.fault_rate:.0%}", file=sys.stderr)
+    try:
+        return enrich.main(["--backoff", "0.01", "--timeout", "0.5", *argv])
+    finally:
+        print(f"faults injected: {dict(fakes.faults) or 'none'}", file=sys.stderr)
+        fakes.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["fake"]:
+        sys.exit("usage: python test_enrich.py fake DATASET [enrich.py options]   (tests: pytest test_enrich.py)")
+    sys.exit(fake_main(sys.argv[2:]))
