@@ -408,3 +408,18 @@ def test_key_scrubbed_from_connection_errors(tmp_path):
     r = cli("--data-dir", tmp_path, "crawl", "--retries", "0", "--rate", "0",
             env={"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": "http://127.0.0.1:9/2.0/"})
     assert r.returncode == 1 and KEY not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+@needs(LFM1K)
+def test_rate_limit_and_special_names(tmp_path):
+    fake = FakeLastfm(fake_world())
+    try:
+        api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url=fake.url, rate=20, backoff=0.01)
+        t = time.monotonic()
+        for u in ["RJ", "Zoë & Co #1+/x", "user_000001", "user_000002", "user_000003", "user_000004"]:
+            assert api.call("user.getInfo", user=u)["user"]["name"] == u     # &, #, +, /, non-ASCII survive
+        assert time.monotonic() - t >= 5 / 20 - 0.01                         # 6 requests at <= 20/s
+        assert api.call("user.getInfo", user="nobody") is None and api.stats["skipped"] == 1
+        assert api.call("user.getInfo", user="RJ") and api.stats["cached"] == 1 and api.stats["requests"] == 7
+    finally:
+        fake.stop()
