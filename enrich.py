@@ -40,6 +40,7 @@ import os
 import random
 import re
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -389,6 +390,7 @@ def write_atomic(df, path):
             df.to_csv(f, index=False, lineterminator="\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))   # mkstemp makes 0600: keep the original mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
