@@ -35,5 +35,12 @@ data: $(if $(filter lastfm,$(SOURCE)),data-key) venv
 data-key:
 	@test -n "$$LASTFM_API_KEY" || grep -qsE '^\s*(export\s+)?LASTFM_API_KEY=.' .env || { echo "make data: no LASTFM_API_KEY (environment or .env). Get a free key at https://www.last.fm/api/account/create, or use real data offline: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (or SOURCE=lastfm1k FROM=PATH_OR_URL)" >&2; exit 2; }
 
+# Track texts (enrich.py): `make enrich DATASET=apple` fills summaries (Groq, needs GROQ_API_KEY) and lyrics;
+# WHAT=summary|lyrics does one. FAKE=1 uses the local fake servers of test_enrich.py instead (no network, no key).
+WHAT ?= both
+.PHONY: enrich
+enrich: venv
+	$(PY) $(if $(FAKE),test_enrich.py fake,enrich.py) $(DATASET) --what $(WHAT) $(ARGS)
+
 clean:
 	rm -rf runs data/demo
