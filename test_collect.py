@@ -361,6 +361,7 @@ def test_crawl_survives_20pct_faults(reference, tmp_path, monkeypatch):
         run_inproc(monkeypatch, fake, crawl_args(tmp_path))
     finally:
         fake.stop()
+    print(f"20% faults: {dict(fake.faults)} injected, {sum(fake.served.values())} successful responses")
     assert sum(fake.faults.values()) > 20 and set(fake.faults) == {"429", "500", "e29", "json", "slow"}
     assert tree_bytes(tmp_path) == tree_bytes(reference[0])        # nothing lost, nothing changed
     assert max(fake.served.values()) == 1
@@ -392,6 +393,7 @@ def test_kill_and_resume_byte_identical(reference, tmp_path):
         assert r.returncode == 0, r.stderr
     finally:
         fake.stop()
+    print(f"kill/resume: 4 SIGKILLs, {dict(fake.faults)} faults, {sum(fake.served.values())} successful responses")
     assert tree_bytes(tmp_path) == tree_bytes(reference[0])
     assert max(fake.served.values()) == 1                          # no successful request repeated
     assert sum(fake.served.values()) == sum(reference[1].served.values())
