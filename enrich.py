@@ -19,10 +19,10 @@ Model: the study used `llama3-8b-8192`, which Groq has retired. The default here
 cheapest chat model, so it is the closest stand-in. Any other model: --model.
 
 Every answer (also "not found") is cached in data/<DATASET>/.enrich-cache.sqlite under
-(kind, artist, track, model, prompt version) the moment it arrives (answers from a non-default
-GROQ_BASE_URL / LYRICS_BASE_URL, e.g. the test fakes, are kept apart by adding that URL to the
-model), so a killed run resumes
-without repeating a successful request, and items.csv is a pure function of the cache.
+(kind, artist, track, model, prompt version) the moment it arrives, so a killed run resumes
+without repeating a successful request, and items.csv is a pure function of the cache. Answers
+from a non-default GROQ_BASE_URL / LYRICS_BASE_URL (e.g. the test fakes) are kept apart: that
+URL becomes part of the model field of the key.
 429 (honouring retry-after), 5xx, timeouts and malformed bodies are retried with exponential
 backoff and jitter (--attempts, --backoff); other 4xx keep the title and are counted. A request
 that still fails after all attempts keeps the title, is NOT cached (a rerun asks again) and
@@ -274,11 +274,16 @@ def with_retries(call, attempts, backoff, stats, sleep=time.sleep, rand=random.r
             sleep(min(delay, MAX_DELAY))
 
 
+_local = threading.local()   # one requests.Session per worker thread (sessions are not thread-safe)
+
+
 def fetch_lyrics(base_url, artist, track, timeout):
     """lyrics.ovh -> the 25-word excerpt ('' when not found). The full text never leaves here."""
     url = f"{base_url.rstrip('/')}/v1/{quote(artist, safe='')}/{quote(clean_track(track), safe='')}"
+    if not hasattr(_local, "session"):
+        _local.session = requests.Session()
     try:
-        r = requests.get(url, timeout=timeout)
+        r = _local.session.get(url, timeout=timeout)
     except requests.Timeout:
         raise Transient("timeout")
     except requests.RequestException:
