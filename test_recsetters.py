@@ -1,0 +1,311 @@
+"""Tests for recsetters.py. Run with `make test` (or `.venv/bin/python -m pytest -q`)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import recsetters as R
+
+HERE = Path(__file__).parent
+SHARED = HERE.parent / "shared" / "data"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def write_dataset(folder, users, items, inter):
+    folder.mkdir(parents=True, exist_ok=True)
+    users.to_csv(folder / "users.csv", index=False)
+    items.to_csv(folder / "items.csv", index=False)
+    inter.to_csv(folder / "interactions.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """A small synthetic dataset from the demo generator (module-scoped: generated once)."""
+    root = tmp_path_factory.mktemp("data")
+    users, items, inter = R.make_demo(seed=1, n_users=800, n_items=400, n_artists=80, n_countries=10)
+    write_dataset(root / "small", users, items, inter)
+    return root
+
+
+def random_interactions(n_users=60, n_items=40, n=700, seed=0, timestamps=True):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"user": [f"u{x}" for x in rng.integers(0, n_users, n)],
+                       "item": [f"i{x}" for x in (rng.zipf(1.5, n) % n_items)],
+                       "timestamp": rng.integers(1, 50, n).astype(float) if timestamps else np.nan})
+    users = pd.DataFrame({"user": sorted(df.user.unique()), "country": ""})
+    items = pd.DataFrame({"item": sorted(df.item.unique())})
+    for c in ["artist", "track", "tag", "title", "summary", "lyrics"]:
+        items[c] = items.item + "-" + c
+    return users, items, df
+
+
+def dataset_from(users, items, inter):
+    return R.Dataset("t", users, items, inter.assign(timestamp=inter.timestamp.astype(float)))
+
+
+# ---------------------------------------------------------------------------------------------- filtering
+
+def test_kcore_reaches_fixed_point():
+    _, _, inter = random_interactions(n_users=200, n_items=100, n=1500)
+    inter = inter.drop_duplicates(["user", "item"])
+    out, rounds = R.kcore(inter, 5)
+    assert rounds >= 2 and len(out) > 0
+    assert out.user.value_counts().min() >= 5 and out.item.value_counts().min() >= 5
+    again, r2 = R.kcore(out, 5)
+    assert r2 == 1 and len(again) == len(out)
+
+
+def test_duplicates_keep_latest_and_zero_timestamps_are_unknown():
+    inter = pd.DataFrame({"user": ["a", "a", "a", "b"], "item": ["x", "x", "y", "y"],
+                          "timestamp": [10.0, 30.0, 0.0, np.nan]})
+    users = pd.DataFrame({"user": ["a", "b"], "country": ["", ""]})
+    items = pd.DataFrame({"item": ["x", "y"], "artist": "A", "track": "T", "tag": "", "title": "T"})
+    ds = R.filter_dataset(R.Dataset("t", users, items, inter), min_interactions=1)
+    got = ds.inter.set_index(["user", "item"]).timestamp
+    assert got[("a", "x")] == 30.0
+    assert np.isnan(got[("a", "y")]) and np.isnan(got[("b", "y")])
+    assert any("no timestamp" in line for line in ds.report)
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+def test_leave_last_out_holds_out_latest_items():
+    users, items, inter = random_interactions(n=1500)
+    ds = R.filter_dataset(dataset_from(users, items, inter), min_interactions=3)
+    s = R.split_interactions(ds, "last")
+    assert s.kind == "last"
+    uidx, iidx = pd.Index(ds.users.user), pd.Index(ds.items.item)
+    df = ds.inter.assign(u=uidx.get_indexer(ds.inter.user), i=iidx.get_indexer(ds.inter.item))
+    eligible = df.groupby("u").size() >= 3
+    # exactly one validation and one test item per eligible user
+    assert sorted(s.val_u) == sorted(eligible.index[eligible]) == sorted(s.test_u)
+    assert len(np.unique(s.val_u)) == len(s.val_u) and len(np.unique(s.test_u)) == len(s.test_u)
+    # every interaction lands in exactly one part
+    assert len(s.train_u) + len(s.val_u) + len(s.test_u) == len(df)
+    t = df.set_index(["u", "i"]).timestamp
+    train_max = pd.Series(t[list(zip(s.train_u, s.train_i))].values, index=s.train_u).groupby(level=0).max()
+    test_of = dict(zip(s.test_u, s.test_i))
+    for u, vi in zip(s.val_u, s.val_i):
+        tv, tt = t[(u, vi)], t[(u, test_of[u])]
+        assert tv <= tt  # validation before test
+        if u in train_max.index:
+            assert train_max[u] <= tv  # train before validation
+    # deterministic: the same split again
+    s2 = R.split_interactions(ds, "last")
+    assert np.array_equal(s.test_i, s2.test_i) and np.array_equal(s.val_i, s2.val_i)
+
+
+def test_random_leave_one_out_without_timestamps_is_seeded():
+    users, items, inter = random_interactions(n=1500, timestamps=False)
+    ds = R.filter_dataset(dataset_from(users, items, inter), min_interactions=3)
+    a, b, c = (R.split_interactions(ds, "auto", seed=s) for s in (0, 0, 1))
+    assert a.kind == "random"
+    assert np.array_equal(a.test_i, b.test_i) and not np.array_equal(a.test_i, c.test_i)
+    assert len(np.unique(a.test_u)) == len(a.test_u) == len(a.val_u)
+    with pytest.raises(R.UserError):
+        R.split_interactions(ds, "last")
+
+
+def test_cold_warm_partition_complete_disjoint_deterministic():
+    degree = np.array([5, 3, 3, 3, 0, 9, 1, 3, 2, 0])
+    warm = R.warm_items(degree, 0.3)
+    assert warm.sum() == 3
+    assert list(np.flatnonzero(warm)) == [0, 1, 5]        # ties at degree 3: lowest index first
+    cold = ~warm
+    assert not (warm & cold).any() and (warm | cold).all()
+    assert degree[warm].min() >= degree[cold].max()
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def test_sampler_never_returns_a_known_positive(small_demo):
+    ds = R.filter_dataset(R.load_dataset(small_demo, "small"), 5)
+    s = R.split_interactions(ds, "last")
+    sampler = R.NegativeSampler(s, seed=3)
+    pos = R.positives_matrix(s).toarray() > 0
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        users = rng.integers(0, s.n_users, 256)
+        neg = sampler.sample(users, 20)
+        assert neg.shape == (256, 20)
+        assert not pos[users[:, None], neg].any()
+    # the held-out items really are in the excluded set
+    assert pos[s.test_u, s.test_i].all() and pos[s.val_u, s.val_i].all()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_metrics_hand_computed():
+    m = R.metrics(np.array([0]), 10)
+    assert m["hr@10"] == 100 and m["ndcg@10"] == pytest.approx(100)
+    m = R.metrics(np.array([9]), 10)
+    assert m["hr@10"] == 100 and m["ndcg@10"] == pytest.approx(100 / np.log2(11))
+    m = R.metrics(np.array([10]), 10)
+    assert m["hr@10"] == 0 and m["ndcg@10"] == 0
+    m = R.metrics(np.array([0, 9, 10, 500]), 10)
+    assert m["hr@10"] == 50 and m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(11)) / 4 * 100)
+    assert m["mrr"] == pytest.approx((1 + 1 / 10 + 1 / 11 + 1 / 501) / 4 * 100)
+
+
+def test_ranking_masks_exclusions_and_breaks_ties_by_index():
+    scores = torch.tensor([[5.0, 9.0, 1.0, 5.0, 7.0],
+                           [1.0, 1.0, 1.0, 1.0, 1.0]])
+    exclude = sp.csr_matrix(np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.float32))
+    r = R.rank_of_targets(lambda u: scores[u], np.array([0, 1]), np.array([3, 2]), exclude, "cpu")
+    # user 0: item 1 excluded; above item 3: item 4 (7), and item 0 (tie, lower index) -> rank 2
+    # user 1: all tied; items 0 and 1 come first -> rank 2
+    assert list(r) == [2, 2]
+
+
+def test_evaluator_matches_a_naive_loop_and_masks_validation_at_test_time():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 50, 30
+    S = rng.normal(size=(n_users, n_items)).astype(np.float32)
+    train = (rng.random((n_users, n_items)) < 0.2)
+    val_i, test_i = np.zeros(n_users, int), np.zeros(n_users, int)
+    for u in range(n_users):
+        free = np.flatnonzero(~train[u])
+        val_i[u], test_i[u] = rng.choice(free, 2, replace=False)
+    tu, ti = np.nonzero(train)
+    s = R.Split(n_users, n_items, tu, ti, np.arange(n_users), val_i, np.arange(n_users), test_i)
+    s.train = sp.csr_matrix(train.astype(np.float32))
+    s.degree = train.sum(0)
+    s.warm = R.warm_items(s.degree, 0.2)
+    fn = lambda users: torch.as_tensor(S[users])
+    fn.bytes_per_pair = 4 * n_items  # forces many small chunks
+    _, ranks = R.evaluate_split(fn, s, "test", 10, "cpu", memory_mb=0.01, return_ranks=True)
+    for u in range(n_users):
+        cand = [j for j in range(n_items) if not train[u, j] and j != val_i[u]]
+        order = sorted(cand, key=lambda j: (-S[u, j], j))
+        assert ranks[u] == order.index(test_i[u])
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_dotcompress_five_number_identity_equals_literal_formula():
+    torch.manual_seed(0)
+    head = R.DotCompress(192).double()
+    with torch.no_grad():                       # make the bias non-zero so every term is exercised
+        head.b.normal_()
+    u, v = torch.randn(64, 192, dtype=torch.float64), torch.randn(64, 192, dtype=torch.float64)
+    lit = head.literal(u, v)
+    assert torch.allclose(head.pairs(u, v), lit, atol=1e-9, rtol=1e-9)
+    full = head.all_pairs(u, v)                 # every user against every item
+    lit_full = torch.stack([head.literal(u[i].expand(64, -1), v) for i in range(64)])
+    assert torch.allclose(full, lit_full, atol=1e-9, rtol=1e-9)
+    # float32 too, within float tolerance
+    h32 = head.float()
+    assert torch.allclose(h32.pairs(u.float(), v.float()), h32.literal(u.float(), v.float()), atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_short_training_run_beats_popularity_on_validation(small_demo):
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dot", epochs=6, seed=0,
+                   patience=6, device="cpu")
+    ds, split = R.prepare(cfg, quiet=True)
+    feats = R.build_features(ds, "none")
+    model, history, timings = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
+    val = R.evaluate_split(R.model_scores(model, "cpu"), split, "validation", 10, "cpu")
+    pop = R.evaluate_split(R.popularity_scores(split), split, "validation", 10, "cpu")
+    assert val["overall"]["ndcg@10"] > pop["overall"]["ndcg@10"]
+    # the best checkpoint is the one restored
+    best = max(h["validation"]["overall"]["ndcg@10"] for h in history)
+    assert val["overall"]["ndcg@10"] == pytest.approx(best)
+    # reproducible under the seed
+    model2, history2, _ = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
+    assert [h["loss"] for h in history2] == pytest.approx([h["loss"] for h in history])
+
+
+def test_cli_train_writes_results_and_recommends(small_demo, tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "recsetters.py", "train", "--dataset", "small", "--data-dir", str(small_demo),
+           "--text", "title", "--epochs", "2", "--runs-dir", str(runs), "--run-name", "r", "--device", "cpu"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert "EASE" in p.stdout and "two-tower" in p.stdout
+    res = __import__("json").loads((runs / "r" / "results.json").read_text())
+    for part in ("overall", "cold", "warm"):
+        assert set(res["test"][part]) >= {"hr@10", "ndcg@10"}
+        assert set(res["baselines"]["EASE"]["test"][part]) >= {"hr@10", "ndcg@10"}
+    assert len(res["history"]) == 2
+    # a second run encodes nothing (cached embeddings)
+    p2 = subprocess.run(cmd + ["--run-name", "r2", "--no-baselines"], cwd=HERE, capture_output=True, text=True)
+    assert p2.returncode == 0 and "encoding" not in p2.stderr
+    user = pd.read_csv(small_demo / "small" / "interactions.csv").user.iloc[0]
+    p3 = subprocess.run([sys.executable, "recsetters.py", "recommend", str(runs / "r"), "--user", user, "-k", "5"],
+                        cwd=HERE, capture_output=True, text=True)
+    assert p3.returncode == 0, p3.stderr
+    assert len([line for line in p3.stdout.splitlines() if " — " in line]) == 5
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "recsetters.py"), *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_file", "missing file"),
+    ("missing_column", "missing column"),
+    ("bad_timestamp", "non-numeric timestamp"),
+    ("empty_after_kcore", "empty after"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, breakage, message):
+    users, items, inter = random_interactions(n=400)
+    folder = write_dataset(tmp_path / "data" / "bad", users, items, inter)
+    extra = []
+    if breakage == "missing_file":
+        (folder / "items.csv").unlink()
+    elif breakage == "missing_column":
+        items.drop(columns="artist").to_csv(folder / "items.csv", index=False)
+    elif breakage == "bad_timestamp":
+        inter.astype({"timestamp": object}).assign(timestamp=lambda d: d.timestamp.where(d.index != 7, "yesterday")
+                                                   ).to_csv(folder / "interactions.csv", index=False)
+    elif breakage == "empty_after_kcore":
+        extra = ["--min-interactions", "500"]
+    p = run_cli("train", "--dataset", "bad", "--data-dir", str(tmp_path / "data"), "--text", "none",
+                "--runs-dir", str(tmp_path / "runs"), *extra)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    err = p.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_dataset_and_text_column(tmp_path, small_demo):
+    p = run_cli("stats", "--dataset", "nope", "--data-dir", str(tmp_path))
+    assert p.returncode == 2 and "no dataset folder" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("train", "--dataset", "small", "--data-dir", str(small_demo), "--text", "nosuch",
+                "--runs-dir", str(tmp_path / "runs"))
+    assert p.returncode == 2 and "no such column" in p.stderr and not (tmp_path / "runs").exists()
+
+
+def test_help_lists_subcommands():
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for cmd in ("train", "evaluate", "baselines", "recommend", "stats"):
+        assert cmd in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+
+def test_demo_is_deterministic_and_study_scale():
+    a = R.make_demo(seed=0)
+    b = R.make_demo(seed=0)
+    for x, y in zip(a, b):
+        pd.testing.assert_frame_equal(x, y)
+    users, items, inter = a
+    assert 2500 <= inter.user.nunique() <= 3000 and users.country.nunique() == 40
+    assert 25_000 <= len(inter) <= 40_000 and items.artist.nunique() >= 250
+    years = pd.to_datetime(inter.timestamp, unit="s").dt.year
+    assert years.max() - years.min() >= 5
