@@ -820,7 +820,7 @@ def model_scores(model, device):
 
     def score(users):
         with torch.no_grad():
-            return model.scorer.all_pairs(U[torch.as_tensor(users, device=device)], V)
+            return model.scorer.all_pairs(U[torch.as_tensor(np.array(users), device=device)], V)
 
     score.bytes_per_pair = bytes_per_pair
     return score
