@@ -23,6 +23,10 @@ train: venv
 test: venv
 	$(PY) -m pytest -q
 
+# Speed and scale (bench.py): prints a table, writes runs/bench/bench.json. E.g. ARGS="--sets demo --threads 1".
+bench: venv
+	$(PY) bench.py $(ARGS)
+
 # Real data (collect.py): `make data` crawls Last.fm (needs LASTFM_API_KEY) and matches both catalogs;
 # `make data SOURCE=hetrec|lastfm1k FROM=PATH_OR_URL` imports a public dump (no key; FROM empty = official URL).
 SOURCE          ?= lastfm
