@@ -178,12 +178,17 @@ def run_set(args):
     for scorer in args.scorers.split(","):
         cfg = R.Config(dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size,
                        amp=args.amp, compile=args.compile)
-        model, tr = time_epochs(cfg, split, feats, device, reps)
-        tr["reps"] = reps
+        if args.no_train:          # evaluation speed does not depend on the weights: an untrained model
+            R.seed_everything(cfg.seed)
+            model, tr = R.TwoTower(feats, cfg.dim, cfg.out_dim, scorer).to(device), {"reps": 0}
+        else:
+            model, tr = time_epochs(cfg, split, feats, device, reps)
+            tr["reps"] = reps
         ev = time_eval(model, split, device, args.eval_memory_mb,
                        args.max_eval_pairs if scorer == "dotcompress" else float("inf"))
         out["scorers"][scorer] = {**tr, **ev}
-        R.log(f"{args.one} {scorer}: epoch {tr['epoch_seconds']:.1f}s, eval {ev['eval_seconds']:.1f}s "
+        R.log(f"{args.one} {scorer}: epoch {tr.get('epoch_seconds', float('nan')):.1f}s, "
+              f"eval {ev['eval_seconds']:.1f}s "
               f"({ev['ratio_to_floor']:.1f}x floor)")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -202,8 +207,9 @@ def table(results):
             continue
         for sc, m in r["scorers"].items():
             star = "*" if m["sampled"] else ""
-            lines.append(f"{r['set']:<8}{sc:<12}{m['epoch_seconds']:>9.1f}{m['positives_per_s']:>10,.0f}"
-                         f"{m['prep_share']:>6.0%}{m['eval_seconds']:>8.1f}{star:1}{m['pairs_per_s']:>10.2e}"
+            tr = (f"{m['epoch_seconds']:>9.1f}{m['positives_per_s']:>10,.0f}{m['prep_share']:>6.0%}"
+                  if m["reps"] else f"{'(not trained)':>25}")
+            lines.append(f"{r['set']:<8}{sc:<12}{tr}{m['eval_seconds']:>8.1f}{star:1}{m['pairs_per_s']:>10.2e}"
                          f"{m['floor_seconds']:>9.2f}{m['ratio_to_floor']:>6.1f}x{r['peak_rss_mb'] / 1024:>8.1f}GB")
     lines.append("* evaluated on an evenly spaced sample of the test users (--max-eval-pairs); pairs/s and the "
                  "ratio are for that sample")
@@ -225,6 +231,7 @@ def main(argv=None):
                     "above this many (user, item) pairs (the dot scorer always evaluates all users)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast in training")
     ap.add_argument("--compile", action="store_true", help="torch.compile towers and scorer")
+    ap.add_argument("--no-train", action="store_true", help="evaluation only (untrained model; same speed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/bench.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)           # internal: run one set in this process
@@ -246,7 +253,8 @@ def main(argv=None):
     passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", str(args.threads),
                    "--reps", str(args.reps), "--batch-size", str(args.batch_size), "--text", args.text,
                    "--eval-memory-mb", str(args.eval_memory_mb), "--max-eval-pairs", str(args.max_eval_pairs),
-                   "--seed", str(args.seed)] + ["--amp"] * args.amp + ["--compile"] * args.compile
+                   "--seed", str(args.seed)] + ["--amp"] * args.amp + ["--compile"] * args.compile \
+        + ["--no-train"] * args.no_train
     for name in args.sets.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             tmp = f.name
