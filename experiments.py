@@ -276,7 +276,8 @@ def plots(out, df, fair):
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation NDCG@10 (mean over seeds)")
         ax.set_title(dataset, fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(save(fig, out / "validation_curves.png"))
     # exposure share vs interaction share per artist
@@ -313,6 +314,26 @@ def pm(m, s):
     return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
 
 
+def quality_lines(df, d, out, dataset):
+    """The quality target: the two-tower variant chosen on validation against the best baseline on test."""
+    o = d[d.group == "overall"].set_index("model")
+    tt = o[o.index.str.startswith("two-tower")]
+    base = o[o.index.isin(BASELINES)]
+    if tt.empty or base.empty:
+        return []
+    best, ref = tt["val_ndcg@10_mean"].idxmax(), base["val_ndcg@10_mean"].idxmax()
+    run = df[(df.dataset == dataset) & (df.model == best)].run.iloc[0]
+    c = json.loads((out / "runs" / run / "results.json").read_text())["config"]
+    flags = ", ".join(f"{k} {c[k]}" for k in ("scorer", "loss", "history", "user_ids", "normalize", "temperature",
+                                              "dropout", "lr", "epochs", "patience") if k in c)
+    met = all(o.loc[best, f"{m}_mean"] >= o.loc[ref, f"{m}_mean"] for m in ("hr@10", "ndcg@10"))
+    return ["", f"Two-tower configuration: {flags}. Chosen on validation: **{best}**, test HR@10 "
+            f"{o.loc[best, 'hr@10_mean']:.2f} / NDCG@10 {o.loc[best, 'ndcg@10_mean']:.2f} against {ref} "
+            f"{o.loc[ref, 'hr@10_mean']:.2f} / {o.loc[ref, 'ndcg@10_mean']:.2f} (means over "
+            f"{int(o.loc[best, 'seeds'])} and {int(o.loc[ref, 'seeds'])} seeds): quality target "
+            f"**{'met' if met else 'not met'}**."]
+
+
 def report(out, data_dir, notes=(), do_fairness=True):
     df, ranks = collect(out)
     if df.empty:
@@ -342,6 +363,7 @@ def report(out, data_dir, notes=(), do_fairness=True):
             L.append(f"| {model} | {r['overall'].seeds} | {pm(r['overall']['val_ndcg@10_mean'], r['overall']['val_ndcg@10_std'])} | "
                      + " | ".join(pm(r[g][f'{m}_mean'], r[g][f'{m}_std']) for g in ("overall", "cold", "warm")
                                   for m in ("hr@10", "ndcg@10")) + " |")
+        L += quality_lines(df, d, out, dataset)
         t = sig[sig.dataset == dataset] if len(sig) else sig
         if len(t):
             L += ["", "Paired tests on the same test users, pooled over seeds (difference in points, 95% bootstrap CI, "
