@@ -176,8 +176,9 @@ def run_set(args):
            "load_seconds": time.perf_counter() - t0, "scorers": {}}
     reps = args.reps if args.reps else (1 if args.one == "large" else 3)
     for scorer in args.scorers.split(","):
-        cfg = R.Config(dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size,
-                       amp=args.amp, compile=args.compile)
+        # pinned to the study's training setup (train's defaults may change): margin loss, 20 negatives
+        cfg = R.Config(dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size, loss="margin",
+                       negatives=20, lr=1e-3, amp=args.amp, compile=args.compile)
         if args.no_train:          # evaluation speed does not depend on the weights: an untrained model
             R.seed_everything(cfg.seed)
             model, tr = R.TwoTower(feats, cfg.dim, cfg.out_dim, scorer).to(device), {"reps": 0}
@@ -247,7 +248,7 @@ def main(argv=None):
                      "cpu") if Path("/proc/cpuinfo").exists() else "cpu",
            "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
-           "batch_size": args.batch_size, "negatives": R.Config.negatives, "loss": "margin",
+           "batch_size": args.batch_size, "negatives": 20, "loss": "margin",
            "load_average_at_start": os.getloadavg(), "gpu_measured": device.type == "cuda"}
     results = []
     passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", str(args.threads),
