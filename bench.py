@@ -102,7 +102,7 @@ def time_epochs(cfg, split, feats, device, reps):
             m.compile(dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda") or None)
     sampler = R.NegativeSampler(split, cfg.seed)
-    all_pos = R.positives_matrix(split)
+    all_pos = split.train          # as train_model: training knows only train positives
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)
     step = R.LossStep(model)

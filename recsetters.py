@@ -334,12 +334,6 @@ class Split:
     kind: str = ""
     report: list = field(default_factory=list)
 
-    def positives_keys(self):
-        """Sorted int64 keys user*n_items+item of every known positive (train, validation, test)."""
-        u = np.concatenate([self.train_u, self.val_u, self.test_u]).astype(np.int64)
-        i = np.concatenate([self.train_i, self.val_i, self.test_i]).astype(np.int64)
-        return np.unique(u * self.n_items + i)
-
 
 def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9)):
     """Map to indices and split. kind: auto (leave-last-out if there are timestamps, else random),
