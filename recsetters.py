@@ -611,8 +611,14 @@ class TwoTower(nn.Module):
 
     def __init__(self, feats, dim=96, out_dim=192, scorer="dotcompress", final_gelu=False, tower_act=True,
                  history=None, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                 user_ids=True, hidden=(128, 64)):
+                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False):
         super().__init__()
+        self.history_dropout = history_dropout
+        # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
+        # one more coordinate (item: its bias, user: 1), so the score stays a plain dot product
+        self.bias = nn.Embedding(feats.sizes["items"], 1) if item_bias else None
+        if item_bias:
+            nn.init.zeros_(self.bias.weight)
         s = feats.sizes
         text_dim = 0 if feats.text is None or id_only else feats.text.shape[1]
         # id_only: user id and item id embeddings alone (with a dot scorer: matrix factorization, BPR-MF-like);
@@ -640,22 +646,32 @@ class TwoTower(nn.Module):
                              persistent=False)
 
     def history(self, idx, drop=None):
-        """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
+        """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out.
+        In training each history item is also left out with probability `history_dropout` (denoising, as
+        in Mult-DAE), so the user vector cannot lean on any single item."""
         start, counts = self.h_ptr[idx], self.h_ptr[idx + 1] - self.h_ptr[idx]
         offsets = torch.cumsum(counts, 0) - counts
         flat = torch.repeat_interleave(start - offsets, counts) + torch.arange(int(counts.sum()), device=idx.device)
-        bag, n = self.hist_emb(self.h_idx[flat], offsets), counts.float()
+        items = self.h_idx[flat]
+        keep = torch.ones(len(items), device=idx.device)
         if drop is not None:
-            bag, n = bag - self.hist_emb.weight[drop], n - 1
+            keep = keep * (items != torch.repeat_interleave(drop, counts))
+        if self.training and self.history_dropout:
+            keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
+        bag = self.hist_emb(items, offsets, per_sample_weights=keep)
+        n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
+            torch.arange(len(idx), device=idx.device), counts), keep)
         return bag / n.clamp(min=1)[:, None]
 
     def users(self, idx, drop=None):
         extra = () if self.hist_emb is None else (self.history(idx, drop),)
-        return self._out(self.user_tower(list(self.u_feats[self.u_rows][:, idx]), extra=extra))
+        u = self._out(self.user_tower(list(self.u_feats[self.u_rows][:, idx]), extra=extra))
+        return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
 
     def items(self, idx):
-        return self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
-                                         None if self.i_text is None else self.i_text[idx]))
+        v = self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
+                                      None if self.i_text is None else self.i_text[idx]))
+        return v if self.bias is None else torch.cat([v, self.bias(idx)], -1)
 
     def _out(self, h):
         return h if self.scale is None else F.normalize(h, dim=-1) * self.scale
@@ -679,7 +695,7 @@ class Config:
     weight_decay: float = 0.0
     negatives: int = 20
     margin: float = 1.0
-    dim: int = 96
+    dim: int = 192               # embedding size (the study's: 96)
     out_dim: int = 192
     final_gelu: bool = False
     tower_act: bool = False
@@ -688,9 +704,12 @@ class Config:
     temperature: float = 0.1
     dropout: float = 0.3         # on the towers' concatenated inputs
     id_dropout: float = 0.0      # share of training rows whose item-id embedding is zeroed
+    history_dropout: float = 0.0  # each item of a user's pooled history is left out with this chance in training
+    item_bias: bool = False      # + a learned per-item score offset (dot scorer)
+    schedule: str = "constant"   # learning rate: constant, or cosine decay to 0 over --epochs
     id_only: bool = False        # towers see only the user / item id (matrix factorization)
     user_ids: bool = False       # user tower embeds the user id and username (both free per-user vectors)
-    hidden: str = "128,64"       # the towers' hidden layer sizes (the study's: 128,64)
+    hidden: str = ""             # the towers' hidden layer sizes ("": linear towers; the study's: 128,64)
     preset: str = ""
     seed: int = 0
     device: str = "auto"
@@ -709,7 +728,8 @@ class Config:
 def build_model(cfg, feats, split):
     return TwoTower(feats, cfg.dim, cfg.out_dim, cfg.scorer, cfg.final_gelu, cfg.tower_act,
                     split.train if cfg.history else None, cfg.normalize, cfg.temperature, cfg.dropout, cfg.id_dropout,
-                    cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h))
+                    cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h),
+                    cfg.history_dropout, cfg.item_bias)
 
 
 class NegativeSampler:
@@ -858,6 +878,8 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop."""
     if cfg.loss == "full" and cfg.scorer != "dot":
         raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
+    if cfg.item_bias and cfg.scorer != "dot":
+        raise UserError("--item-bias needs --scorer dot")
     if cfg.loss not in ("margin", "softmax", "full"):
         raise UserError(f"--loss {cfg.loss!r}: use margin, softmax or full")
     seed_everything(cfg.seed)
@@ -880,6 +902,9 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     t_train = t_prep = 0.0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        if cfg.schedule == "cosine":             # per epoch, from lr at epoch 1 towards 0 after --epochs
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
         total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, f"epoch {epoch}",
                                      quiet, rank, world)
@@ -893,8 +918,8 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
         if rank == 0:
             val = evaluate_split(model_scores(model, device), split, "validation", cfg.k, device, cfg.eval_memory_mb)
             ndcg = val["overall"][f"ndcg@{cfg.k}"]
-            history.append({"epoch": epoch, "loss": total / max(n, 1), "validation": val,
-                            "seconds": time.perf_counter() - t0})
+            history.append({"epoch": epoch, "loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"],
+                            "validation": val, "seconds": time.perf_counter() - t0})
             improved = ndcg > best
             if not quiet:
                 log(f"epoch {epoch:3d}  loss {total / max(n, 1):.4f}  val HR@{cfg.k} "
@@ -1389,6 +1414,7 @@ PRESETS = {
     "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
                      tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
                      history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False,
                      user_ids=True, hidden="128,64"),
 }
 
@@ -1409,9 +1435,12 @@ def parser(preset=""):
     for name, typ in [("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
                       ("negatives", int), ("margin", float), ("dim", int), ("out-dim", int), ("patience", int)]:
         t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
-    for name, typ in [("temperature", float), ("dropout", float), ("id-dropout", float), ("hidden", str)]:
+    for name, typ in [("temperature", float), ("dropout", float), ("id-dropout", float), ("hidden", str),
+                      ("history-dropout", float)]:
         t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
     boolean = argparse.BooleanOptionalAction
+    t.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
+                   help="learning rate schedule: constant, or cosine decay to 0 over --epochs")
     t.add_argument("--final-gelu", action=boolean, default=d.final_gelu, help="the seed's GELU on the final score")
     t.add_argument("--tower-act", action=boolean, default=d.tower_act, help="GELU on tower outputs (the study's)")
     t.add_argument("--history", action=boolean, default=d.history,
@@ -1420,6 +1449,8 @@ def parser(preset=""):
                    help="towers see only the user and item ids (with --scorer dot: matrix factorization)")
     t.add_argument("--user-ids", action=boolean, default=d.user_ids,
                    help="embed the user id and username (--no-user-ids: a user is its country and --history)")
+    t.add_argument("--item-bias", action=boolean, default=d.item_bias,
+                   help="add a learned per-item score offset (an extra coordinate, so still a dot product)")
     t.add_argument("--normalize", action=boolean, default=d.normalize,
                    help="L2-normalize tower outputs (dot = cosine / --temperature)")
     t.add_argument("--preset", default=preset, choices=["", *PRESETS],

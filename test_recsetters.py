@@ -216,6 +216,20 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
     assert torch.allclose(model.history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
     drop = torch.as_tensor([r[0] for r in rows])
     assert torch.allclose(model.history(users, drop), torch.stack([E[r[1:]].mean(0) for r in rows]), atol=1e-5)
+    # history dropout: only in training; leaving out everything leaves an empty mean (zeros)
+    model.history_dropout = 1.0
+    assert torch.allclose(model.eval().history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
+    assert model.train().history(users).abs().max() == 0
+    # item bias: one more coordinate (item: its bias, user: 1), so the dot product is cosine / T + bias
+    cfg.item_bias = True
+    model = R.build_model(cfg, R.build_features(ds, "none"), split).eval()
+    with torch.no_grad():
+        model.bias.weight.normal_()
+    items = torch.arange(5)
+    U, V = model.users(users), model.items(items)
+    assert U.shape[1] == V.shape[1] == cfg.out_dim + 1 and bool((U[:, -1] == 1).all())
+    assert torch.allclose(model.scorer.all_pairs(U, V), U[:, :-1] @ V[:, :-1].T + model.bias.weight[:5, 0],
+                          atol=1e-5)
     c = R.config_from(R.parser("original").parse_args(["train", "--preset", "original"]))
     assert (c.scorer, c.loss, c.negatives, c.tower_act, c.final_gelu, c.lr, c.batch_size, c.dim, c.out_dim,
             c.history, c.normalize, c.user_ids, c.dropout) == ("dotcompress", "margin", 20, True, True, 2e-4, 512,
@@ -241,6 +255,11 @@ def test_short_training_run_beats_popularity_on_validation(small_demo):
     cfg.epochs = 2
     model2, history2, _ = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
     assert [h["loss"] for h in history2] == pytest.approx([h["loss"] for h in history[:2]])
+    assert [h["lr"] for h in history2] == [cfg.lr, cfg.lr]
+    # the cosine schedule: lr at epoch 1, then half-way to 0 at the middle of --epochs
+    cfg.schedule = "cosine"
+    _, history3, _ = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
+    assert [h["lr"] for h in history3] == pytest.approx([cfg.lr, cfg.lr / 2])
 
 
 def test_cli_train_writes_results_and_recommends(small_demo, tmp_path):
