@@ -32,9 +32,10 @@ bench: venv
 DATASETS ?= demo hetrec
 TEXTS    ?= none title summary lyrics tags
 SEEDS    ?= 0 1 2
+JOBS     ?= 2
 .PHONY: ablation
 ablation: venv
-	$(PY) experiments.py ablation --datasets $(DATASETS) --texts $(TEXTS) --seeds $(SEEDS) $(ARGS)
+	$(PY) experiments.py ablation --datasets $(DATASETS) --texts $(TEXTS) --seeds $(SEEDS) --jobs $(JOBS) $(ARGS)
 
 # Real data (collect.py): `make data` crawls Last.fm (needs LASTFM_API_KEY) and matches both catalogs;
 # `make data SOURCE=hetrec|lastfm1k FROM=PATH_OR_URL` imports a public dump (no key; FROM empty = official URL).

@@ -3,6 +3,7 @@ experiments.py: the experiments that settle the study's question (issue 5).
 
   python experiments.py ablation --datasets demo hetrec --texts none title summary lyrics tags --seeds 0 1 2
   python experiments.py report        # rebuild report.md, results.csv and plots from the finished cells
+  python experiments.py tune          # the tuning log (TUNING below) on hetrec: runs/ablation/tuning.md
 
 Every (dataset, text, seed) two-tower run goes through `recsetters.py train` (model selection on validation,
 test evaluated once on the best-validation checkpoint), beside Popularity, ItemKNN, EASE and an ID-only
@@ -16,10 +17,13 @@ Read top to bottom:
   4. fairness and exposure (the metric functions live in recsetters.py, section 11)
   5. plots
   6. report.md
-  7. command line
+  7. the tuning log: how the default `train` configuration was found (validation only)
+  8. command line
 """
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -80,6 +84,22 @@ def cell_done(run_dir):
     return (run_dir / "results.json").exists() and (run_dir / "ranks.npz").exists()
 
 
+def train_config(dataset, seed, data_dir, flags):
+    """The configuration `recsetters.py train` resolves these flags to, today's defaults included."""
+    args = R.parser().parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
+    skip = ("run_name", "runs_dir", "threads", "baselines")
+    return {k: v for k, v in R.asdict(R.config_from(args)).items() if k not in skip}
+
+
+def ran_with(run_dir, want):
+    """True when run_dir holds a finished run of exactly this configuration (a run made under older defaults
+    is not reused)."""
+    if not (run_dir / "results.json").exists():
+        return False
+    have = json.loads((run_dir / "results.json").read_text())["config"]
+    return {k: have.get(k) for k in want} == want
+
+
 def run_baselines_cell(dataset, seed, data_dir, run_dir):
     """Popularity, ItemKNN and EASE on the (dataset, seed) split; also stores which test items are cold."""
     cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed)
@@ -93,20 +113,20 @@ def run_baselines_cell(dataset, seed, data_dir, run_dir):
              **{n.lower(): r for n, r in ranks.items()})
 
 
-def run_cell(cell, out, data_dir, extra, log):
+def run_cell(cell, out, data_dir, extra):
     dataset, kind, text, seed = cell
     name = cell_name(*cell)
     run_dir = out / "runs" / name
-    if cell_done(run_dir):
+    flags = [*extra, *(MF_FLAGS if kind == "mf" else ["--text", str(text)])]
+    if cell_done(run_dir) and (kind == "baselines" or ran_with(run_dir, train_config(dataset, seed, data_dir, flags))):
         return "skipped (done)"
     t0 = time.time()
     if kind == "baselines":
         run_baselines_cell(dataset, seed, data_dir, run_dir)
     else:
-        flags = MF_FLAGS if kind == "mf" else ["--text", text]
         cmd = [sys.executable, str(HERE / "recsetters.py"), "train", "--dataset", dataset, "--data-dir", data_dir,
                "--seed", str(seed), "--runs-dir", str(out / "runs"), "--run-name", name, "--no-baselines",
-               *extra, *flags]
+               *flags]
         with open(out / "logs" / f"{name}.log", "w") as f:
             p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
                                env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -404,12 +424,86 @@ def report(out, data_dir, notes=(), do_fairness=True):
                          f"{ci(m['cold_share'], 'gap')} | {g.max():.1f} ({int(g.argmax()) + 1}) |")
             L.append("")
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    if (out / "tuning.md").exists():
+        L += [(out / "tuning.md").read_text()]
     R.atomic_write_text(out / "report.md", "\n".join(L))
     return out / "report.md"
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. command line
+# 7. the tuning log: what was tried for the default `train` configuration, one change at a time, on hetrec.
+# Each row is `recsetters.py train --text none` plus its flags (against the current defaults, so every row says
+# exactly what it ran); the choice between rows is made on validation NDCG@10 alone, test is shown for the record.
+
+TUNING = [
+    ("previous default: towers with hidden layers 128,64, dim 96", ["--hidden", "128,64", "--dim", "96"]),
+    ("+ history dropout 0.3", ["--hidden", "128,64", "--dim", "96", "--history-dropout", "0.3"]),
+    ("+ history dropout 0.5", ["--hidden", "128,64", "--dim", "96", "--history-dropout", "0.5"]),
+    ("+ cosine lr schedule over 60 epochs", ["--hidden", "128,64", "--dim", "96", "--schedule", "cosine",
+                                             "--epochs", "60"]),
+    ("+ temperature 0.05", ["--hidden", "128,64", "--dim", "96", "--temperature", "0.05"]),
+    ("one hidden layer of 256", ["--hidden", "256", "--dim", "96"]),
+    ("linear towers (no hidden layer)", ["--hidden", "", "--dim", "96"]),
+    ("linear + item bias", ["--hidden", "", "--dim", "96", "--item-bias"]),
+    ("linear + temperature 0.05", ["--hidden", "", "--dim", "96", "--temperature", "0.05"]),
+    ("linear + lr 6e-3", ["--hidden", "", "--dim", "96", "--lr", "6e-3"]),
+    ("linear + dropout 0.5", ["--hidden", "", "--dim", "96", "--dropout", "0.5"]),
+    ("linear + embedding dim 192 (the default)", ["--hidden", "", "--dim", "192"]),
+    ("linear, dim 192, out dim 384", ["--hidden", "", "--dim", "192", "--out-dim", "384"]),
+    ("linear, dim 192, patience 10, 80 epochs", ["--hidden", "", "--dim", "192", "--patience", "10",
+                                                 "--epochs", "80"]),
+]
+TUNE_FIXED = ["--text", "none", "--no-baselines"]
+
+
+def tune_cell(label, flags, dataset, seed, data_dir, out, threads):
+    """Runs one tuning row unless a finished run with the identical resolved configuration is there."""
+    name = re.sub("[^a-z0-9]+", "-", label.lower()).strip("-")[:60] + f"-s{seed}"
+    run = out / "tune" / name
+    if ran_with(run, train_config(dataset, seed, data_dir, [*TUNE_FIXED, *flags])):
+        return json.loads((run / "results.json").read_text())
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(HERE / "recsetters.py"), "train", "--dataset", dataset, "--data-dir", data_dir,
+           "--seed", str(seed), "--runs-dir", str(out / "tune"), "--run-name", name, "--threads", str(threads),
+           *TUNE_FIXED, *flags]
+    with open(out / "logs" / f"tune-{name}.log", "w") as f:
+        p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if p.returncode != 0:
+        print(f"tune {name}: FAILED (exit {p.returncode}, see {out / 'logs' / f'tune-{name}.log'})", flush=True)
+        return None
+    return json.loads((run / "results.json").read_text())
+
+
+def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING):
+    """Every (row, seed) of the tuning log, `jobs` at a time; writes out/tuning.md and returns its path."""
+    from concurrent.futures import ThreadPoolExecutor
+    work = [(label, flags, s) for label, flags in rows for s in seeds]
+    threads = 1 if jobs > 1 else 0
+    with ThreadPoolExecutor(jobs) as ex:
+        results = list(ex.map(lambda w: tune_cell(w[0], w[1], dataset, w[2], data_dir, out, threads), work))
+    L = [f"## Tuning log ({dataset}, text none; chosen on validation only)", "",
+         "One change at a time, each row `recsetters.py train --text none` plus its flags against the current "
+         f"defaults; mean over seeds {', '.join(map(str, seeds))}. HR@10 / NDCG@10 ×100.", "",
+         "| configuration | flags | best epoch | validation | test | test cold HR@10 | train s |",
+         "|---|---|---|---|---|---|---|"]
+    for label, flags in rows:
+        rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
+        if not rs:
+            L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | | |")
+            continue
+        m = lambda part, g, k: np.mean([r[part][g][k] for r in rs])
+        L.append(f"| {label} | `{shlex.join(flags) or '(defaults)'}` | {np.mean([r['best_epoch'] for r in rs]):.0f} | "
+                 f"{m('validation', 'overall', 'hr@10'):.2f} / {m('validation', 'overall', 'ndcg@10'):.2f} | "
+                 f"{m('test', 'overall', 'hr@10'):.2f} / {m('test', 'overall', 'ndcg@10'):.2f} | "
+                 f"{m('test', 'cold', 'hr@10'):.2f} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    R.atomic_write_text(out / "tuning.md", "\n".join(L) + "\n")
+    return out / "tuning.md"
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. command line
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments.py", description="RecSetters ablation grid and report")
@@ -419,9 +513,14 @@ def main(argv=None):
     a.add_argument("--texts", nargs="+", default=["none", "title", "summary", "lyrics", "tags"])
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
+    a.add_argument("--jobs", type=int, default=1, help="training runs at a time (each with --threads 1 when > 1)")
     a.add_argument("--hetrec-from", default=None, help="where collect.py imports hetrec from when data/hetrec "
                    "is missing (default: ../shared/data/hetrec2011-lastfm-2k if present, else the official URL)")
-    for p in (a, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
+    t = sub.add_parser("tune", help="run the tuning log (TUNING in experiments.py) and write tuning.md")
+    t.add_argument("--seeds", nargs="+", type=int, default=[0])
+    t.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads 1 when > 1)")
+    t.add_argument("--dataset", default="hetrec")
+    for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
         p.add_argument("--data-dir", default="data")
         p.add_argument("--no-fairness", dest="fairness", action="store_false")
@@ -435,11 +534,21 @@ def main(argv=None):
         grid, notes = cells(args.datasets, args.texts, args.seeds, args.data_dir)
         for n in notes:
             print("note: " + n, flush=True)
-        for i, cell in enumerate(grid, 1):
-            print(f"[{i}/{len(grid)}] {cell_name(*cell)}: {run_cell(cell, out, args.data_dir, args.train_args.split(), print)}",
-                  flush=True)
+        # baselines first (in this process), then the training runs, --jobs at a time
+        extra = args.train_args.split() + (["--threads", "1"] if args.jobs > 1 else [])
+        order = [c for c in grid if c[1] == "baselines"] + [c for c in grid if c[1] != "baselines"]
+        run = lambda c: f"{cell_name(*c)}: {run_cell(c, out, args.data_dir, extra)}"
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as ex:
+            for i, line in enumerate(ex.map(run, order), 1):
+                print(f"[{i}/{len(order)}] {line}", flush=True)
         R.atomic_write_text(out / "notes.json", json.dumps(notes))
-    elif (out / "notes.json").exists():
+    elif args.cmd == "tune":
+        ensure_dataset(args.dataset, args.data_dir, None)
+        print(f"wrote {tune(out, args.data_dir, args.seeds, args.jobs, args.dataset)}")
+        if not (out / "runs").exists():
+            return
+    if args.cmd != "ablation" and (out / "notes.json").exists():
         notes = json.loads((out / "notes.json").read_text())
     print(f"wrote {report(out, args.data_dir, notes, args.fairness)}")
 
