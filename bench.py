@@ -176,9 +176,10 @@ def run_set(args):
            "load_seconds": time.perf_counter() - t0, "scorers": {}}
     reps = args.reps if args.reps else (1 if args.one == "large" else 3)
     for scorer in args.scorers.split(","):
-        # pinned to the study's training setup (train's defaults may change): margin loss, 20 negatives
+        # pinned to the study's model and training setup (train's defaults may change): its tower sizes
+        # (TwoTower's own defaults, 96-dim embeddings), margin loss, 20 negatives
         cfg = R.Config(dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size, loss="margin",
-                       negatives=20, lr=1e-3, amp=args.amp, compile=args.compile)
+                       negatives=20, lr=1e-3, dim=96, out_dim=192, amp=args.amp, compile=args.compile)
         if args.no_train:          # evaluation speed does not depend on the weights: an untrained model
             R.seed_everything(cfg.seed)
             model, tr = R.TwoTower(feats, cfg.dim, cfg.out_dim, scorer).to(device), {"reps": 0}
