@@ -344,8 +344,9 @@ def quality_lines(df, d, out, dataset):
     best, ref = tt["val_ndcg@10_mean"].idxmax(), base["val_ndcg@10_mean"].idxmax()
     run = df[(df.dataset == dataset) & (df.model == best)].run.iloc[0]
     c = json.loads((out / "runs" / run / "results.json").read_text())["config"]
-    flags = ", ".join(f"{k} {c[k]}" for k in ("scorer", "loss", "history", "user_ids", "normalize", "temperature",
-                                              "dropout", "lr", "epochs", "patience") if k in c)
+    flags = ", ".join(f"{k} {c[k]!r}" if k == "hidden" else f"{k} {c[k]}" for k in (
+        "scorer", "loss", "history", "user_ids", "hidden", "dim", "out_dim", "normalize", "temperature", "dropout",
+        "lr", "epochs", "patience") if k in c)
     met = all(o.loc[best, f"{m}_mean"] >= o.loc[ref, f"{m}_mean"] for m in ("hr@10", "ndcg@10"))
     return ["", f"Two-tower configuration: {flags}. Chosen on validation: **{best}**, test HR@10 "
             f"{o.loc[best, 'hr@10_mean']:.2f} / NDCG@10 {o.loc[best, 'ndcg@10_mean']:.2f} against {ref} "

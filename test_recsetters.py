@@ -378,3 +378,21 @@ def test_ddp_two_gloo_processes_match_one_process(small_demo, tmp_path):
         for m in ("hr@10", "ndcg@10"):
             assert y["validation"]["overall"][m] == pytest.approx(x["validation"]["overall"][m], abs=0.5)
     assert b["test"]["overall"]["ndcg@10"] == pytest.approx(a["test"]["overall"]["ndcg@10"], abs=0.5)
+
+
+def test_experiments_reuse_a_run_only_under_the_same_resolved_config(tmp_path):
+    """experiments.py skips a finished cell only when its stored config is what the flags resolve to today."""
+    import json
+    import experiments as E
+    want = E.train_config("hetrec", 0, "data", ["--text", "none"])
+    assert want["text"] == "none" and want["dim"] == R.Config().dim and "threads" not in want
+    run = tmp_path / "run"
+    assert not E.ran_with(run, want)
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"config": {**want, "threads": 1, "run_name": "x"}}))
+    assert E.ran_with(run, want)
+    assert not E.ran_with(run, E.train_config("hetrec", 0, "data", ["--text", "none", "--dim", "96"]))
+    assert not E.ran_with(run, E.train_config("hetrec", 1, "data", ["--text", "none"]))
+    older = {k: v for k, v in want.items() if k != "history_dropout"}      # made before the option existed
+    (run / "results.json").write_text(json.dumps({"config": older}))
+    assert not E.ran_with(run, want)
