@@ -878,6 +878,9 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop."""
     if cfg.loss == "full" and cfg.scorer != "dot":
         raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
+    for name in ("dropout", "id_dropout", "history_dropout"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: a probability, between 0 and 1")
     if cfg.item_bias and cfg.scorer != "dot":
         raise UserError("--item-bias needs --scorer dot")
     if cfg.loss not in ("margin", "softmax", "full"):

@@ -220,6 +220,8 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
     model.history_dropout = 1.0
     assert torch.allclose(model.eval().history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
     assert model.train().history(users).abs().max() == 0
+    with pytest.raises(R.UserError, match="between 0 and 1"):
+        R.train_model(R.Config(history_dropout=1.5), split, R.build_features(ds, "none"), torch.device("cpu"))
     # item bias: one more coordinate (item: its bias, user: 1), so the dot product is cosine / T + bias
     cfg.item_bias = True
     model = R.build_model(cfg, R.build_features(ds, "none"), split).eval()
