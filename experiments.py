@@ -22,11 +22,13 @@ Read top to bottom:
 """
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +126,21 @@ def run_cell(cell, out, data_dir, extra):
     if kind == "baselines":
         run_baselines_cell(dataset, seed, data_dir, run_dir)
     else:
-        cmd = [sys.executable, str(HERE / "recsetters.py"), "train", "--dataset", dataset, "--data-dir", data_dir,
-               "--seed", str(seed), "--runs-dir", str(out / "runs"), "--run-name", name, "--no-baselines",
-               *flags]
-        with open(out / "logs" / f"{name}.log", "w") as f:
-            p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
-                               env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        if p.returncode != 0:
-            return f"FAILED (exit {p.returncode}, see {out / 'logs' / (name + '.log')})"
+        failed = train_run(dataset, seed, data_dir, run_dir, [*flags, "--no-baselines"], out / "logs" / f"{name}.log")
+        if failed:
+            return failed
     return f"done in {time.time() - t0:.0f}s"
+
+
+def train_run(dataset, seed, data_dir, run_dir, flags, log_path):
+    """`recsetters.py train` into run_dir as a subprocess, output to log_path; returns None, or why it failed."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(HERE / "recsetters.py"), "train", "--dataset", dataset, "--data-dir", data_dir,
+           "--seed", str(seed), "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name, *flags]
+    with open(log_path, "w") as f:
+        p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    return f"FAILED (exit {p.returncode}, see {log_path})" if p.returncode else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,24 +469,17 @@ def tune_cell(label, flags, dataset, seed, data_dir, out, threads):
     """Runs one tuning row unless a finished run with the identical resolved configuration is there."""
     name = re.sub("[^a-z0-9]+", "-", label.lower()).strip("-")[:60] + f"-s{seed}"
     run = out / "tune" / name
-    if ran_with(run, train_config(dataset, seed, data_dir, [*TUNE_FIXED, *flags])):
-        return json.loads((run / "results.json").read_text())
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(HERE / "recsetters.py"), "train", "--dataset", dataset, "--data-dir", data_dir,
-           "--seed", str(seed), "--runs-dir", str(out / "tune"), "--run-name", name, "--threads", str(threads),
-           *TUNE_FIXED, *flags]
-    with open(out / "logs" / f"tune-{name}.log", "w") as f:
-        p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
-                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    if p.returncode != 0:
-        print(f"tune {name}: FAILED (exit {p.returncode}, see {out / 'logs' / f'tune-{name}.log'})", flush=True)
-        return None
+    flags = [*TUNE_FIXED, *flags, "--threads", str(threads)]
+    if not ran_with(run, train_config(dataset, seed, data_dir, flags)):
+        failed = train_run(dataset, seed, data_dir, run, flags, out / "logs" / f"tune-{name}.log")
+        if failed:
+            print(f"tune {name}: {failed}", flush=True)
+            return None
     return json.loads((run / "results.json").read_text())
 
 
 def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING):
     """Every (row, seed) of the tuning log, `jobs` at a time; writes out/tuning.md and returns its path."""
-    from concurrent.futures import ThreadPoolExecutor
     work = [(label, flags, s) for label, flags in rows for s in seeds]
     threads = 1 if jobs > 1 else 0
     with ThreadPoolExecutor(jobs) as ex:
@@ -539,7 +540,6 @@ def main(argv=None):
         extra = args.train_args.split() + (["--threads", "1"] if args.jobs > 1 else [])
         order = [c for c in grid if c[1] == "baselines"] + [c for c in grid if c[1] != "baselines"]
         run = lambda c: f"{cell_name(*c)}: {run_cell(c, out, args.data_dir, extra)}"
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(args.jobs) as ex:
             for i, line in enumerate(ex.map(run, order), 1):
                 print(f"[{i}/{len(order)}] {line}", flush=True)
