@@ -652,16 +652,16 @@ class TwoTower(nn.Module):
         start, counts = self.h_ptr[idx], self.h_ptr[idx + 1] - self.h_ptr[idx]
         offsets = torch.cumsum(counts, 0) - counts
         flat = torch.repeat_interleave(start - offsets, counts) + torch.arange(int(counts.sum()), device=idx.device)
-        items = self.h_idx[flat]
-        keep = torch.ones(len(items), device=idx.device)
-        if drop is not None:
-            keep = keep * (items != torch.repeat_interleave(drop, counts))
-        if self.training and self.history_dropout:
-            keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
-        bag = self.hist_emb(items, offsets, per_sample_weights=keep)
-        n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
-            torch.arange(len(idx), device=idx.device), counts), keep)
-        return bag / n.clamp(min=1)[:, None]
+        items, keep, n = self.h_idx[flat], None, counts.float()
+        if drop is not None or (self.training and self.history_dropout):      # weights 0/1 per history item
+            keep = torch.ones(len(items), device=idx.device)
+            if drop is not None:
+                keep = keep * (items != torch.repeat_interleave(drop, counts))
+            if self.training and self.history_dropout:
+                keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
+            n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
+                torch.arange(len(idx), device=idx.device), counts), keep)
+        return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
 
     def users(self, idx, drop=None):
         extra = () if self.hist_emb is None else (self.history(idx, drop),)
