@@ -24,15 +24,22 @@ import os
 import random
 import re
 import sqlite3
+import stat
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import unicodedata
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
+
+try:
+    import fcntl                                     # file locks (POSIX); elsewhere: threads only
+except ImportError:
+    fcntl = None
 
 API_URL = "https://ws.audioscrobbler.com/2.0/"
 HETREC_URL = "https://files.grouplens.org/datasets/hetrec2011/hetrec2011-lastfm-2k.zip"
@@ -45,8 +52,6 @@ KNOWN_MD5 = {
     PROFILE_TSV: "c53608b6b445db201098c1489ea497df",
     EVENTS_TSV: "64747b21563e3d2aa95751e0ddc46b68",
 }
-RETRY_CODES = {8, 11, 16, 29}   # operation failed, service offline, temporarily unavailable, rate limit
-SKIP_CODES = {6, 17}            # not found, private (login required)
 ITEM_COLS = ["item", "artist", "track", "tag", "title", "summary", "lyrics"]
 NO_KEY_HELP = ("no Last.fm API key: set LASTFM_API_KEY (or put LASTFM_API_KEY=... in .env); get a free key at "
                "https://www.last.fm/api/account/create. Offline alternatives: "
@@ -62,20 +67,71 @@ def log(msg):
     tqdm.write(str(msg), file=sys.stderr)
 
 # -----------------------------------------------------------------------------
+# small helpers, kept identical in collect.py and enrich.py (test_enrich.py checks that they agree)
+
+DOTENV = Path(__file__).resolve().parent / ".env"   # the one .env: next to the scripts, git-ignored
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")                                # -> a space
+_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]+")   # zero-width, bidi: removed
+
+
+def read_dotenv(path=DOTENV):
+    """NAME=value lines (optionally `export `, quotes stripped); {} when the file does not exist."""
+    values = {}
+    if not Path(path).is_file():
+        return values
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.removeprefix("export ").split("=", 1)
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def atomic_write(path, data: bytes):
+    """Replace path with data all at once: temp file in the same folder, fsync, the old file's mode kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)                                # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def clean_text(s):
+    """Text from the network: NFC, control characters a space, zero-width and bidi-override ones removed."""
+    return _CONTROL.sub(" ", _INVISIBLE.sub("", unicodedata.normalize("NFC", s))).strip()
+
+
+def norm_name(s):
+    """For comparing names: NFKC, case and accents folded, & = and, apostrophes dropped, other punctuation a space."""
+    s = unicodedata.normalize("NFKC", s).casefold()
+    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    s = s.replace("&", " and ")
+    s = re.sub(r"['\u2019\u2018`\u00b4]", "", s)            # don't == dont (apostrophes vanish)
+    s = re.sub(r"[^\w\s]|_", " ", s)
+    return " ".join(s.split())
+
+# -----------------------------------------------------------------------------
 # writing datasets: sorted, utf-8, atomic per file
 
 
 def write_csv(df, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, df.to_csv(index=False, lineterminator="\n").encode("utf-8"))
 
 
 def write_dataset(out_dir, users, items, inter):
@@ -98,13 +154,7 @@ _FEAT = re.compile(r"\s+(feat\.?|ft\.?|featuring)\s.*$", re.I)
 _ARTIST_SPLIT = re.compile(r"\s*(?:;|,|&|\+|/|\band\b|\bx\b|\u00d7|\bvs\.?|\bfeat\.?|\bft\.?|\bfeaturing\b|\bwith\b)\s*", re.I)
 
 
-def _norm(s):
-    s = unicodedata.normalize("NFKC", s).casefold()
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    s = s.replace("&", " and ")
-    s = re.sub(r"['\u2019\u2018`\u00b4]", "", s)            # don't == dont (apostrophes vanish)
-    s = re.sub(r"[^\w\s]|_", " ", s)
-    return " ".join(s.split())
+_norm = norm_name
 
 
 @lru_cache(maxsize=1 << 20)
@@ -344,159 +394,357 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
     write_dataset(out_dir, users, items, inter)
 
 # -----------------------------------------------------------------------------
-# Last.fm client: params=, rate limit, retries with backoff + jitter, SQLite response cache
+# rate limiting shared by threads and processes (kept identical in collect.py and enrich.py)
 
 
-def load_key(env_file=".env"):
-    key = os.environ.get("LASTFM_API_KEY", "").strip()
-    if not key and Path(env_file).is_file():
-        for line in Path(env_file).read_text().splitlines():
-            k, _, v = line.partition("=")
-            if k.strip().removeprefix("export ").strip() == "LASTFM_API_KEY":
-                key = v.strip().strip("'\"")
+class RateLimiter:
+    """At most `rate` request starts in any 1-second window for every thread and process that uses the same
+    state file (a JSON file under an exclusive flock), and a Retry-After (`hold`) holds all of them back."""
+    WINDOW = 1.05          # a little over a second: scheduling and network jitter never squeeze in one more
+
+    def __init__(self, path, rate, stop=None):
+        self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
+        self.lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _update(self, change):
+        with self.lock, open(self.path, "a+", encoding="utf-8") as f:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX)              # released when the file is closed
+            f.seek(0)
+            try:
+                state = json.loads(f.read() or "{}")
+            except ValueError:
+                state = {}
+            result = change(state)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(state))
+            return result
+
+    def _sleep_until(self, t):
+        while (left := t - time.time()) > 0:
+            if self.stop.wait(min(left, 0.2)):
+                raise KeyboardInterrupt
+
+    def hold(self, seconds):
+        """Nobody starts a request for `seconds` (a server's Retry-After)."""
+        until = time.time() + seconds
+        self._update(lambda s: s.update(until=max(s.get("until", 0.0), until)))
+
+    def wait(self):
+        """Block until this thread may start one request."""
+        if self.rate <= 0:
+            return
+        n = max(1, int(self.rate))
+
+        def reserve(state):
+            times, now = state.get("times", []), time.time()
+            t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
+                    times[-n] + self.WINDOW if len(times) >= n else 0.0)
+            state["times"] = (times + [t])[-n:]
+            return t
+        while True:
+            self._sleep_until(self._update(reserve))
+            until = self._update(lambda s: s.get("until", 0.0))
+            if until <= time.time():                       # no Retry-After arrived while this one waited
+                return
+
+
+def lock_folder(path, what):
+    """Hold an exclusive lock on path for the life of the process, or stop with one line if another run has it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    if fcntl:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"another run is using {what} ({path} is locked); wait for it to finish") from None
+    return f                                               # keep a reference: closing it releases the lock
+
+# -----------------------------------------------------------------------------
+# Last.fm client: params=, shared rate limit, retries with backoff + jitter, SQLite cache of answers and failures
+#
+# Last.fm error codes: temporary ones are retried with backoff; 10 and 26 (bad or suspended key) stop the run;
+# every other code (6 not found, 7 invalid resource, 17 private, unknown codes) is a permanent failure of that
+# one resource (user, page, track): recorded with its reason, skipped on reruns unless --retry-failed.
+
+TEMPORARY_CODES = {8, 11, 16, 29}  # operation failed, service offline, temporarily unavailable, rate limit
+FATAL_CODES = {10, 26}             # invalid API key, suspended API key
+MALFORMED_TRIES = 3                # a body that cannot be understood this often is a permanent failure
+
+
+def load_key(env_file=DOTENV):
+    key = os.environ.get("LASTFM_API_KEY", "").strip() or read_dotenv(env_file).get("LASTFM_API_KEY", "")
     if not key:
         raise UserError(NO_KEY_HELP)
     return key
 
 
+def check_base_url(url, name):
+    p = urlparse(url)
+    if p.scheme not in ("http", "https") or not p.netloc:
+        raise UserError(f"{name} {url!r} is not an http(s) URL")
+    return url
+
+
 class LastfmError(Exception):
-    pass
+    """Temporary failures that outlasted every retry: the run stops, a rerun resumes (exit code 1)."""
+
+
+class Malformed(Exception):
+    """A response whose shape cannot be understood."""
+
+
+def as_int(x):
+    if isinstance(x, bool):
+        return None
+    try:
+        return int(str(x).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def as_text(x):
+    """A name from a response: strings cleaned, numbers as digits (a tag named 1980), anything else None."""
+    if isinstance(x, str):
+        return clean_text(x) or None
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf"):
+        return str(int(x)) if float(x).is_integer() else str(x)
+    return None
+
+
+def as_list(x):
+    """Last.fm sends a single object instead of a one-element list, and "" or nothing for none."""
+    return x if isinstance(x, list) else [] if x in (None, "", {}) else [x]
+
+
+def parse_country(data):
+    user = data.get("user")
+    if not isinstance(user, dict):
+        raise Malformed("user.getInfo without a user object")
+    c = user.get("country")
+    c = clean_text(c) if isinstance(c, str) else ""
+    return "" if c in ("", "None") else c
+
+
+def parse_loved(t):
+    """-> (artist, track, uts or '') or None for an entry that is not a loved track."""
+    if not isinstance(t, dict):
+        return None
+    a = t.get("artist")
+    artist = as_text(a.get("name") or a.get("#text")) if isinstance(a, dict) else as_text(a)
+    d = t.get("date")
+    uts = as_int(d.get("uts")) if isinstance(d, dict) else as_int(d)
+    track = as_text(t.get("name"))
+    return (artist, track, str(uts) if uts and 0 < uts < 1 << 32 else "") if artist and track else None
+
+
+def parse_friend(f):
+    return as_text(f.get("name")) if isinstance(f, dict) else as_text(f)
+
+
+def parse_page(data, root, item, entry):
+    """-> (parsed entries, number of raw entries, claimed total pages, claimed total items); numbers may be None."""
+    body = data.get(root)
+    if isinstance(body, str) and not body.strip():
+        body = {}
+    if not isinstance(body, dict):
+        raise Malformed(f"no {root} object")
+    raw = as_list(body.get(item))
+    attr = body.get("@attr") if isinstance(body.get("@attr"), dict) else {}
+    return [e for e in map(entry, raw) if e], len(raw), as_int(attr.get("totalPages")), as_int(attr.get("total"))
+
+
+def parse_top_tag(data):
+    body = data.get("toptags")
+    if isinstance(body, str) and not body.strip():
+        return ""
+    if not isinstance(body, dict):
+        raise Malformed("no toptags object")
+    for t in as_list(body.get("tag")):
+        name = as_text(t.get("name")) if isinstance(t, dict) else as_text(t)
+        if name:
+            return name.lower().lstrip("=+-@ ")
+    return ""
 
 
 class Lastfm:
     def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=60.0,
-                 timeout=30.0):
+                 timeout=30.0, retry_failed=False, max_pages=200):
         import requests
-        self.key, self.base_url = key, base_url or os.environ.get("LASTFM_BASE_URL") or API_URL
-        self.rate, self.retries, self.backoff, self.max_backoff, self.timeout = rate, retries, backoff, max_backoff, timeout
+        self.key = key
+        self.base_url = check_base_url(base_url or os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
+        self.retries, self.backoff, self.max_backoff, self.timeout = retries, backoff, max_backoff, timeout
+        self.max_pages = max_pages
         self.http = requests.Session()
-        self.next_t, self.jitter = 0.0, random.Random()
-        self.stats = collections.Counter()
+        self.jitter = random.Random()
+        self.stats, self.failures = collections.Counter(), collections.Counter()
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        self.limiter = RateLimiter(Path(cache_path).with_name(Path(cache_path).name + ".rate"), rate)
         self.db = sqlite3.connect(cache_path)
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
+        if retry_failed:
+            self.stats["retried failures"] = self.db.execute("DELETE FROM failed").rowcount
         self.db.commit()
 
     def scrub(self, text):
         text = str(text).replace(self.key, "***")
         return re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
 
-    def _wait(self):
-        if self.rate > 0:
-            now = time.monotonic()
-            if self.next_t > now:
-                time.sleep(self.next_t - now)
-            self.next_t = max(now, self.next_t) + 1.0 / self.rate
-
     def _get(self, method, params):
-        """One HTTP request -> (parsed JSON or None, fault description or None)."""
+        """One HTTP request -> (kind, data or reason, retry-after seconds or None); kind is ok, temporary,
+        malformed, permanent or fatal."""
         import requests
-        self._wait()
+        self.limiter.wait()
         self.stats["requests"] += 1
         try:
             r = self.http.get(self.base_url, timeout=self.timeout,
                               params={"method": method, **params, "api_key": self.key, "format": "json"})
         except requests.RequestException as e:
-            return None, type(e).__name__
-        if r.status_code == 429 or r.status_code >= 500:
-            return None, f"HTTP {r.status_code}"
+            return "temporary", type(e).__name__, None
+        retry_after = as_int(r.headers.get("Retry-After"))
         try:
             data = r.json()
         except ValueError:
-            return None, f"malformed JSON (HTTP {r.status_code})"
+            data = None
+        code = as_int(data.get("error")) if isinstance(data, dict) and "error" in data else None
+        if code is not None or isinstance(data, dict) and "error" in data:
+            msg = data.get("message") if isinstance(data.get("message"), str) else ""
+            reason = clean_text(self.scrub(f"Last.fm error {data.get('error')}: {msg}"))[:200]
+            kind = ("temporary" if code in TEMPORARY_CODES or r.status_code == 429 or r.status_code >= 500
+                    else "fatal" if code in FATAL_CODES else "permanent")
+            return kind, reason, retry_after
+        if r.status_code == 429 or r.status_code >= 500:
+            return "temporary", f"HTTP {r.status_code}", retry_after
+        if r.status_code != 200:
+            return "permanent", f"HTTP {r.status_code}", None
         if not isinstance(data, dict):
-            return None, "malformed JSON"
-        if "error" in data:
-            code = data.get("error")
-            if code in RETRY_CODES:
-                return None, f"Last.fm error {code}"
-            if code not in SKIP_CODES:
-                raise LastfmError(self.scrub(f"{method}: Last.fm error {code}: {data.get('message', '')}"))
-        elif r.status_code != 200:
-            return None, f"HTTP {r.status_code}"
-        return data, None
+            return "malformed", "not a JSON object", None
+        return "ok", data, None
 
-    def call(self, method, **params):
-        """Cached API call: the response dict, or None for not found/private (6/17)."""
+    def _fail(self, key, reason):
+        self.db.execute("DELETE FROM responses WHERE key = ?", (key,))
+        self.db.execute("INSERT OR REPLACE INTO failed VALUES (?, ?)", (key, reason))
+        self.db.commit()
+        self.failures[reason.split(":")[0]] += 1
+        return None, reason
+
+    def call(self, method, parse, **params):
+        """Cached API call -> (parse(response), None), or (None, reason) for a permanent failure of this resource
+        (recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError when temporary
+        failures outlast every retry, UserError when Last.fm refuses the key."""
         params = {k: str(v) for k, v in params.items()}
         key = json.dumps([method, sorted(params.items())], ensure_ascii=False)
+        row = self.db.execute("SELECT reason FROM failed WHERE key = ?", (key,)).fetchone()
+        if row:
+            self.stats["cached"] += 1
+            self.failures[row[0].split(":")[0]] += 1
+            return None, row[0]
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
         if row:
             self.stats["cached"] += 1
-            data = json.loads(row[0])
-        else:
-            for attempt in range(self.retries + 1):
-                data, fault = self._get(method, params)
-                if fault is None:
-                    break
-                self.stats["faults"] += 1
-                if attempt == self.retries:
-                    raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {fault}); "
-                                                 "rerun the same command to resume"))
-                delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
-                time.sleep(delay)
-            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(data, ensure_ascii=False)))
-            self.db.commit()                               # persisted before anything else happens
-        if "error" in data:
-            self.stats["skipped"] += 1
-            log(f"skipped {method} {params}: Last.fm error {data['error']} ({data.get('message', '')})")
-            return None
-        return data
+            try:
+                data = json.loads(row[0])
+                if isinstance(data, dict) and "error" in data:       # a cache from before failures were kept apart
+                    raise Malformed(f"Last.fm error {data.get('error')}: {data.get('message', '')}")
+                return parse(data), None
+            except (Malformed, ValueError, TypeError, AttributeError) as e:
+                return self._fail(key, self.scrub(clean_text(str(e)))[:200] or "unexpected response")
+        malformed = 0
+        for attempt in range(self.retries + 1):
+            kind, data, retry_after = self._get(method, params)
+            if kind == "fatal":
+                raise UserError(f"Last.fm refused the API key ({data}); check LASTFM_API_KEY")
+            if kind == "permanent":
+                return self._fail(key, data)
+            if kind == "ok":
+                try:
+                    value = parse(data)
+                except (Malformed, ValueError, TypeError, AttributeError) as e:
+                    return self._fail(key, f"unexpected response: {self.scrub(clean_text(str(e)))[:150]}")
+                body = self.scrub(json.dumps(data, ensure_ascii=False))
+                self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
+                self.db.commit()                               # persisted before anything else happens
+                return value, None
+            self.stats["faults"] += 1
+            if kind == "malformed":
+                malformed += 1
+                if malformed >= MALFORMED_TRIES:
+                    return self._fail(key, f"unexpected response: {data} ({malformed} times)")
+            if attempt == self.retries:
+                break
+            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
+            if retry_after is not None:
+                self.limiter.hold(min(max(retry_after, 0), 3600))   # everybody waits, not only this request
+                delay = 0
+            self.limiter._sleep_until(time.time() + delay)
+        raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {data}); "
+                                     "rerun the same command to resume"))
 
-    def pages(self, method, root, item, limit, **params):
-        """All pages of a paginated method -> list of entries (None if not found/private)."""
-        out, page, total_pages = [], 1, 1
-        while page <= total_pages:
-            data = self.call(method, **params, limit=limit, page=page)
-            if data is None:
-                return None if page == 1 else out
-            body = data.get(root) or {}
-            entries = body.get(item) or []
-            out += [entries] if isinstance(entries, dict) else entries
-            total_pages = int((body.get("@attr") or {}).get("totalPages") or 1)
-            page += 1
-        return out
+    def pages(self, method, root, item, limit, entry, **params):
+        """Every page of a paginated method -> (entries, None), or (None, reason) when page 1 failed for good.
+        Stops at the first empty page, at a page repeating the previous one, at the claimed page count, at the
+        count the claimed total and the first page's size make plausible, and at max_pages."""
+        out, page, last, prev = [], 1, self.max_pages, None
+        parse = lambda d: parse_page(d, root, item, entry)
+        while page <= last:
+            value, why = self.call(method, parse, **params, limit=limit, page=page)
+            if why:
+                return (None, why) if page == 1 else (out, None)
+            entries, n, total_pages, total = value
+            if n == 0 or entries == prev:
+                break
+            if page == 1:
+                plausible = [p for p in (total_pages, -(-total // n) if total else None) if p and p > 0]
+                last = min([self.max_pages] + plausible)
+                if len(plausible) < 2:
+                    self.stats["pages without totals"] += 1
+            out += entries
+            prev, page = entries, page + 1
+        return out, None
 
 # -----------------------------------------------------------------------------
 # snowball crawl: breadth-first over friends, users with a country and >= min_loved loved tracks
+# (Last.fm user names are case-insensitive: "h" and "H" are one user, kept as first seen)
 
 
 def crawl(api, out_dir, seeds=("RJ",), max_users=1000, min_loved=5):
     import pandas as pd
     from tqdm import tqdm
-    queue, seen = collections.deque(seeds), set(seeds)
+    queue, seen = collections.deque(), set()
+    for s in seeds:
+        if s.casefold() not in seen:
+            seen.add(s.casefold())
+            queue.append(s)
     users, loved, stats = [], [], collections.Counter()
     bar = tqdm(total=max_users, unit=" users", desc="crawl", disable=None, file=sys.stderr)
     while queue and len(users) < max_users:
         name = queue.popleft()
-        info = api.call("user.getInfo", user=name)
-        country = ((info or {}).get("user") or {}).get("country") or ""
-        if info is None:
-            stats["missing"] += 1
+        country, why = api.call("user.getInfo", parse_country, user=name)
+        if why:
+            stats["failed"] += 1
             continue
-        if country.strip() in ("", "None"):
+        if not country:
             stats["no_country"] += 1
             continue
-        tracks = api.pages("user.getLovedTracks", "lovedtracks", "track", 1000, user=name) or []
-        rows = []
-        for t in tracks:
-            artist = t.get("artist") or {}
-            artist = (artist.get("name") or artist.get("#text") or "") if isinstance(artist, dict) else str(artist)
-            uts = (t.get("date") or {}).get("uts", "")
-            if artist and t.get("name"):
-                rows.append((name, artist, t["name"], str(uts)))
+        tracks, why = api.pages("user.getLovedTracks", "lovedtracks", "track", 1000, parse_loved, user=name)
+        rows = [(name, a, t, uts) for a, t, uts in tracks or []]
         if len(rows) >= min_loved:
-            users.append((name, country.strip()))
+            users.append((name, country))
             loved += rows
             bar.update(1)
         else:
             stats["few_loved"] += 1
-        for f in api.pages("user.getFriends", "friends", "user", 200, user=name) or []:
-            fname = f.get("name") if isinstance(f, dict) else None
-            if fname and fname not in seen:
-                seen.add(fname)
-                queue.append(fname)
-        bar.set_postfix(loved=len(loved), faults=api.stats["faults"], skipped=api.stats["skipped"])
+        friends, why = api.pages("user.getFriends", "friends", "user", 200, parse_friend, user=name)
+        for f in friends or []:
+            if f.casefold() not in seen:
+                seen.add(f.casefold())
+                queue.append(f)
+        bar.set_postfix(loved=len(loved), faults=api.stats["faults"], failed=sum(api.failures.values()))
     bar.close()
     users = pd.DataFrame(users, columns=["user", "country"]).sort_values("user")
     loved = pd.DataFrame(loved, columns=["user", "artist", "track", "timestamp"])
@@ -505,9 +753,18 @@ def crawl(api, out_dir, seeds=("RJ",), max_users=1000, min_loved=5):
     write_csv(loved, Path(out_dir) / "loved.csv")
     print(f"crawl: {len(users):,} users, {len(loved):,} loved tracks -> {out_dir}; skipped: "
           f"{stats['no_country']} without country, {stats['few_loved']} with < {min_loved} loved, "
-          f"{stats['missing']} not found/private; requests {api.stats['requests']}, cached {api.stats['cached']}, "
+          f"{stats['failed']} failed for good; requests {api.stats['requests']}, cached {api.stats['cached']}, "
           f"faults retried {api.stats['faults']}")
     return users, loved
+
+
+def failure_report(api):
+    """One line: the permanent failures of this run by reason (skipped on reruns unless --retry-failed)."""
+    if not api.failures:
+        return "permanent failures: none"
+    why = ", ".join(f"{r} {n}" for r, n in api.failures.most_common(8))
+    return (f"permanent failures: {sum(api.failures.values())} resources ({why}); cached, skipped on reruns "
+            "(--retry-failed asks again)")
 
 # -----------------------------------------------------------------------------
 # catalogs: schema auto-detection, then one item per normalized (artist, track)
@@ -599,10 +856,7 @@ def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None
     for i, (artist, track, genre) in enumerate(zip(items.artist, items.track, items.tag)):
         tag = ""
         if api is not None:
-            data = api.call("track.getTopTags", artist=artist, track=track, autocorrect=1)
-            tags = ((data or {}).get("toptags") or {}).get("tag") or []
-            tags = [tags] if isinstance(tags, dict) else tags
-            tag = (tags[0].get("name") or "").strip().lower() if tags else ""
+            tag = api.call("track.getTopTags", parse_top_tag, artist=artist, track=track, autocorrect=1)[0] or ""
         if not tag:
             fallback += 1
             tag = genre.strip().lower()
@@ -632,6 +886,9 @@ def main(argv=None):
     api_opts.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
     api_opts.add_argument("--max-backoff", type=float, default=60.0)
     api_opts.add_argument("--timeout", type=float, default=30.0)
+    api_opts.add_argument("--retry-failed", action="store_true",
+                          help="ask again for what failed for good before (not found, private, malformed answers)")
+    api_opts.add_argument("--max-pages", type=int, default=200, help="at most this many pages of one list")
     crawl_opts = argparse.ArgumentParser(add_help=False)
     crawl_opts.add_argument("--seed-users", nargs="+", default=["RJ"])
     crawl_opts.add_argument("--max-users", type=int, default=1000)
@@ -650,8 +907,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
     cache = Path(args.cache_dir) if args.cache_dir else data / "cache"
-    api = None
+    api = lock = None
     try:
+        for name in ("rate", "retries", "backoff", "max_backoff", "timeout", "max_pages", "max_users", "min_loved"):
+            v = getattr(args, name, None)
+            if v is not None and (not 0 <= v < float("inf") or name in ("timeout", "max_pages") and v == 0):
+                raise UserError(f"--{name.replace('_', '-')} {v}: a finite number, >= 0 (> 0 for --timeout, --max-pages)")
         if args.cmd == "hetrec":
             import_hetrec(args.src, data / "hetrec", cache)
         elif args.cmd == "lastfm1k":
@@ -671,22 +932,30 @@ def main(argv=None):
             if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():
                 raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
             if args.cmd != "match" or not args.no_tags:
-                api = Lastfm(load_key(), cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
-                             backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout)
+                key = load_key()
+                lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
+                api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
+                             backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
+                             retry_failed=args.retry_failed, max_pages=args.max_pages)
             if args.cmd in ("crawl", "all"):
                 crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
             for name, path in catalogs:
                 match(data / "lastfm", path, data / name, None if args.no_tags else api,
                       args.artist_col, args.track_col, args.genre_col)
+            if api is not None:
+                print(failure_report(api))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except LastfmError as e:
+    except LastfmError as e:                      # something is still retryable: exit 1
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if lock:
+            lock.close()
 
 
 if __name__ == "__main__":

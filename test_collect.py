@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -405,7 +406,7 @@ def test_key_scrubbed_from_connection_errors(tmp_path):
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retries=1,
                          backoff=0.01, timeout=0.5)
     with pytest.raises(collect.LastfmError) as e:
-        api.call("user.getInfo", user="RJ")
+        api.call("user.getInfo", collect.parse_country, user="RJ")
     assert KEY not in str(e.value) and "rerun" in str(e.value)
     r = cli("--data-dir", tmp_path, "crawl", "--retries", "0", "--rate", "0",
             env={"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": "http://127.0.0.1:9/2.0/"})
@@ -418,10 +419,134 @@ def test_rate_limit_and_special_names(tmp_path):
     try:
         api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url=fake.url, rate=20, backoff=0.01)
         t = time.monotonic()
+        name = lambda d: d["user"]["name"]
         for u in ["RJ", "Zoë & Co #1+/x", "user_000001", "user_000002", "user_000003", "user_000004"]:
-            assert api.call("user.getInfo", user=u)["user"]["name"] == u     # &, #, +, /, non-ASCII survive
+            assert api.call("user.getInfo", name, user=u) == (u, None)          # &, #, +, /, non-ASCII survive
         assert time.monotonic() - t >= 5 / 20 - 0.01                         # 6 requests at <= 20/s
-        assert api.call("user.getInfo", user="nobody") is None and api.stats["skipped"] == 1
-        assert api.call("user.getInfo", user="RJ") and api.stats["cached"] == 1 and api.stats["requests"] == 7
+        assert api.call("user.getInfo", name, user="nobody") == (None, "Last.fm error 6: User not found")
+        assert api.call("user.getInfo", name, user="RJ")[0] and api.stats["cached"] == 1 and api.stats["requests"] == 7
     finally:
         fake.stop()
+
+# -----------------------------------------------------------------------------
+# hostile answers: every field of the wrong type, error codes of every class, pages that never end, a key echo
+
+
+class HostileLastfm(FakeLastfm):
+    """The fake Last.fm, with some users (and tracks) answering in every broken way seen in the wild."""
+    USERS = ["track_str", "date_str", "user_str", "country_num", "pages_many", "html404", "err7", "err6str",
+             "empty_pages", "echo_key", "html200", "Hcase", "hcase", "err99", "single_friend", "."]
+
+    def __init__(self, world, **kw):
+        super().__init__(world, **kw)
+        self.hits = collections.Counter()
+
+    def answer(self, q):
+        m, user = q.get("method"), q.get("user", "")
+        self.hits[(m, user)] += 1
+        status, body = super().answer(q)
+        if m == "track.getTopTags" and status == 200 and "toptags" in body:
+            h = int(hashlib.md5(q["track"].encode()).hexdigest(), 16) % 5
+            body = [body, {"toptags": {"tag": {"name": "Solo", "count": 1}}}, {"toptags": {"tag": [{"name": 1980}]}},
+                    {"toptags": "oops"}, {"toptags": {"tag": "=HYPERLINK(x)"}}][h]
+        if user not in self.USERS or status != 200:
+            return status, body
+        if user in ("user_str", "country_num", "html404", "err6str", "err99") and m == "user.getInfo":
+            return {"user_str": (200, {"user": "oops"}), "country_num": (200, {"user": {"country": 42}}),
+                    "html404": (404, "<html><body>Not Found</body></html>"),
+                    "err6str": (200, {"error": "6", "message": "User not found"}),
+                    "err99": (200, {"error": 99, "message": "Something new"})}[user]
+        if m == "user.getLovedTracks":
+            lt = body["lovedtracks"]
+            if user == "track_str":
+                lt["track"] = ["just a string", 7, None] + lt["track"]
+            elif user == "date_str":
+                for t in lt["track"]:
+                    t["date"] = "01 Jan 2010, 00:00"
+            elif user == "pages_many":
+                lt["@attr"].update(totalPages="many", total="lots")
+            elif user == "empty_pages":
+                lt["@attr"].update(totalPages="1000", total="50000")
+                if q.get("page") != "1":
+                    lt["track"] = []
+        if m == "user.getFriends":
+            if user == "err7":
+                return 200, {"error": 7, "message": "Invalid resource specified"}
+            if user == "echo_key":
+                return 400, {"error": 7, "message": f"Invalid resource for api_key={KEY} ({KEY})"}
+            if user == "html200":
+                return 200, "<html>Hello</html>"
+            if user == "single_friend":
+                body["friends"]["user"] = {"name": "Hcase", "country": "x"}
+        return status, body
+
+
+def hostile_world():
+    world = fake_world(n_users=20)
+    extra = HostileLastfm.USERS
+    pool = sorted(t for u in world.values() for t in u["loved"])
+    for i, name in enumerate(extra):
+        world[name] = {"country": "Chile", "friends": ["RJ"], "loved": pool[60 * i: 60 * i + 60]}
+    world["RJ"]["friends"] = extra + world["RJ"]["friends"]
+    return world
+
+
+@needs(LFM1K, APPLE)
+def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monkeypatch, capsys):
+    world = hostile_world()
+    loved = world["track_str"]["loved"] + world["date_str"]["loved"]
+    cat = tmp_path / "cat.csv"
+    pd.DataFrame({"a": [a for a, t, _ in loved], "t": [t for a, t, _ in loved], "g": "Rock"}).to_csv(cat, index=False)
+    args = ["--data-dir", tmp_path / "data", "all", "--catalog", f"x={cat}", "--artist-col", "a", "--track-col", "t",
+            "--genre-col", "g", "--max-users", "40", *API_OPTS]
+    fake = HostileLastfm(world)
+    try:
+        run_inproc(monkeypatch, fake, args)                       # no exception: every failure stays local
+        first = capsys.readouterr()
+        out = tree_bytes(tmp_path / "data")
+        hits, after_first = sum(fake.hits.values()), collections.Counter(fake.hits)
+        run_inproc(monkeypatch, fake, args)                       # rerun: everything from the cache
+        second = capsys.readouterr()
+        assert sum(fake.hits.values()) == hits and tree_bytes(tmp_path / "data") == out
+        run_inproc(monkeypatch, fake, args + ["--retry-failed"])  # asks the failures again, nothing else
+        third = capsys.readouterr()
+        assert tree_bytes(tmp_path / "data") == out
+        again = {k for k, n in fake.hits.items() if n > after_first[k]}
+    finally:
+        fake.stop()
+    db = sqlite3.connect(tmp_path / "data" / "cache" / "lastfm.sqlite")
+    failed = dict(db.execute("SELECT key, reason FROM failed").fetchall())
+    by_user = {json.loads(k)[1][-1][1] if json.loads(k)[0].startswith("user.") else "": r for k, r in failed.items()}
+    assert by_user["user_str"].startswith("unexpected response") and by_user["html404"] == "HTTP 404"
+    assert by_user["err7"].startswith("Last.fm error 7") and by_user["err6str"].startswith("Last.fm error 6")
+    assert by_user["err99"].startswith("Last.fm error 99") and "***" in by_user["echo_key"]
+    assert by_user["html200"].startswith("unexpected response") and by_user["private_one"].startswith("Last.fm error 17")
+    assert after_first[("user.getFriends", "html200")] == 3                 # malformed 3 times -> permanent
+    assert after_first[("user.getLovedTracks", "empty_pages")] == 2         # not 1000 pages
+    assert {("user.getInfo", "html404"), ("user.getFriends", "err7")} <= again and len(again) <= len(failed)
+    assert after_first[("user.getInfo", "Hcase")] + after_first[("user.getInfo", "hcase")] == 1   # one user
+    users = read(tmp_path / "data" / "lastfm", "users.csv")
+    lv = read(tmp_path / "data" / "lastfm", "loved.csv")
+    assert {"track_str", "date_str", "pages_many", "err7", "echo_key", "html200", "."} <= set(users.user)
+    assert not {"user_str", "country_num", "html404", "err6str", "err99"} & set(users.user)
+    assert (lv[lv.user == "date_str"].timestamp == "").all() and (lv[lv.user == "track_str"].track != "").all()
+    tags = set(read(tmp_path / "data" / "x", "items.csv").tag)
+    assert {"solo", "1980", "hyperlink(x)"} & tags and not any(t.startswith("=") for t in tags)
+    for o in (first, second, third):
+        assert "Traceback" not in o.err and KEY not in o.out + o.err
+        assert "permanent failures:" in o.out
+    assert KEY.encode() not in (tmp_path / "data" / "cache" / "lastfm.sqlite").read_bytes()
+
+
+@needs(LFM1K)
+def test_bad_key_is_one_line(tmp_path):
+    fake = FakeLastfm(fake_world(n_users=5))
+    fake.answer = lambda q: (403, {"error": 10, "message": f"Invalid API key {KEY} - You must be granted a valid key"})
+    try:
+        r = cli("--data-dir", tmp_path, "crawl", *API_OPTS, env={"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": fake.url})
+    finally:
+        fake.stop()
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "refused the API key" in r.stderr
+    assert KEY not in r.stderr + r.stdout
+    r = cli("--data-dir", tmp_path, "crawl", env={"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": "localhost:1/x"})
+    assert r.returncode == 2 and "not an http(s) URL" in r.stderr and "Traceback" not in r.stderr
