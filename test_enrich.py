@@ -694,6 +694,32 @@ def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypatch):
+    """What collect.write_dataset writes, and what an enrich pass makes of it, is read back by
+    recsetters.load_dataset as written: no value mangled (NA, 007, empty), texts filled."""
+    import pandas as pd
+    import collect
+    import recsetters
+    names = [("u1", "NA"), ("007", ""), ("Zoë", "Chile"), ("None", "Peru")]
+    tracks = [(item, artist, track, tag) for item, artist, track, tag in TRACKS if artist] + [("NA", "Nan", "null", "")]
+    users = pd.DataFrame(names, columns=["user", "country"])
+    items = pd.DataFrame([(i, a, t, g, t, "", "") for i, a, t, g in tracks], columns=collect.ITEM_COLS)
+    inter = pd.DataFrame([(u, i, str(1_600_000_000 + k) if k % 3 else "") for k, ((u, _), (i, *_)) in
+                          enumerate((n, t) for n in names for t in tracks)], columns=["user", "item", "timestamp"])
+    collect.write_dataset(tmp_path / "rt", users, items, inter)
+    ds = recsetters.load_dataset(tmp_path, "rt")
+    assert sorted(ds.users.user) == sorted(users.user) and list(ds.users.set_index("user").country.loc[["u1", "007"]]) == ["NA", ""]
+    assert sorted(ds.items.item) == sorted(items.item) and ds.items.set_index("item").track["NA"] == "null"
+    assert len(ds.inter) == len(inter) and ds.inter.timestamp.isna().sum() == sum(inter.timestamp == "")
+    for name, value in fakes.env().items():
+        monkeypatch.setenv(name, value)
+    assert enrich.main(["rt", "--data-dir", str(tmp_path), *FAST]) == 0
+    ds2 = recsetters.load_dataset(tmp_path, "rt")
+    assert (ds2.items.summary != "").all() and (ds2.items.lyrics != "").all()
+    assert ds2.items.drop(columns=["summary", "lyrics"]).equals(ds.items.drop(columns=["summary", "lyrics"]))
+    assert ds2.inter.equals(ds.inter) and ds2.users.equals(ds.users)
+
+
 # -----------------------------------------------------------------------------
 # python test_enrich.py fake DATASET [options]: enrich.py against the fakes
 
