@@ -146,12 +146,45 @@ def write_dataset(out_dir, users, items, inter):
     print(f"wrote {out_dir}: {len(users):,} users, {len(items):,} items, {len(inter):,} interactions")
 
 # -----------------------------------------------------------------------------
-# normalization: items are keyed by normalized (artist, track), never by title alone
+# normalization: items are keyed by normalized (artist, title), never by title alone
+#
+# One item per recording. Decorations of a title that name the same recording are dropped: featuring credits,
+# remaster / year / mono / stereo / single / album / radio-edit / explicit / "from <film>" / bonus-track notes.
+# Decorations that name a different recording stay part of the key, so these never merge with the original:
+# live, remix (and named mixes and edits), reprise, acoustic, instrumental, demo, karaoke, unplugged, extended and club
+# versions, other languages, and "Part N" (a part is its own song). Any other bracket ("Sweet Dreams (Are Made
+# of This)") is kept in the first key and dropped in the second, tried only when the first finds nothing; items are
+# keyed by the second.
+# Artists are compared in a spelling-free form: P!nk = Pink, Ke$ha = Kesha, AC/DC = ACDC, The Beatles = Beatles,
+# Röyksopp = Royksopp, Dan + Shay = Dan and Shay; a row with several artists (or "feat. X" in its title) is found
+# under each of them.
 
-_BRACKETS = re.compile(r"\s*(\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\})")
-_DASH_SUFFIX = re.compile(r"\s+[-\u2013\u2014]\s+.*$")
+_BRACKET = re.compile(r"\s*(\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\})")
+_DASH = re.compile(r"\s+[-\u2013\u2014]\s+")
 _FEAT = re.compile(r"\s+(feat\.?|ft\.?|featuring)\s.*$", re.I)
 _ARTIST_SPLIT = re.compile(r"\s*(?:;|,|&|\+|/|\band\b|\bx\b|\u00d7|\bvs\.?|\bfeat\.?|\bft\.?|\bfeaturing\b|\bwith\b)\s*", re.I)
+_PART = re.compile(r"(?:^|[\s,(\[])(?:part|pt)\.?\s*(\d+|[ivx]+)\b[)\]]?", re.I)
+_CREDIT = re.compile(r"^(?:feat\.?|ft\.?|featuring|with)\s+(.*)$", re.I)
+_DIFFERENT = re.compile(r"\b(?:live|ao vivo|en vivo|en directo|unplugged|session|sessions|remix|rmx|reprise|acoustic|"
+                        r"acustico|instrumental|demo|karaoke|a ?cappella|acapella|extended|club|dub|bootleg|mashup|cover|"
+                        r"sped up|slowed|orchestral|rework|remake|spanish|english|french|german|italian|portuguese)\b", re.I)
+_SAME = re.compile(r"^(?:from|prod)\b|\b(?:feat|ft)\.|\b(?:remaster|remastered|remasterizado|mono|stereo|single|album|"
+                   r"explicit|clean|radio|edit|original|bonus|deluxe|version|edition|anniversary|digital|soundtrack|"
+                   r"taylor s version|\d{4})\b", re.I)
+_PLAIN_MIX = re.compile(r"(?:\d{4} |original |radio |album |single |stereo |mono )?mix(?: version)?|\d{4} (?:stereo |mono )?mix")
+_PLAIN_EDIT = re.compile(r"(?:(?:radio|single|video|album|clean|explicit|short|original) )?edit(?: version)?")
+_SAME_WORDS = re.compile(r"\b(?:radio edit|single edit|edit|version|remaster(?:ed)?|\d{4})\b")
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8, "ix": 9, "x": 10}
+_LETTERS = str.maketrans({"ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ß": "ss", "đ": "d", "ł": "l",
+                          "Ł": "L", "ı": "i"})
+
+
+def _spell(s):
+    """Spellings that mean the same name: T.N.T. = TNT, Ke$ha = Kesha, P!nk = Pink, + = and, ø = o."""
+    s = re.sub(r"\b\w(?:\.\w)+\b\.?", lambda m: m.group(0).replace(".", ""), s.translate(_LETTERS))
+    s = re.sub(r"(?<=\w)\$|\$(?=\w)", "s", s)
+    s = re.sub(r"(?<=\w)!(?=\w)", "i", s)
+    return s.replace("+", " and ")
 
 
 _norm = norm_name
@@ -159,25 +192,77 @@ _norm = norm_name
 
 @lru_cache(maxsize=1 << 20)
 def norm_artist(a):
-    return _norm(_FEAT.sub("", a)) or _norm(a)
+    """Compact artist key: spelling, case, accents, punctuation, spaces and a leading 'the' do not count."""
+    n = _norm(_spell(_FEAT.sub("", a))) or _norm(_spell(a)) or a.strip().casefold()
+    return (n[4:] if n.startswith("the ") and len(n) > 4 else n).replace(" ", "")
+
+
+@lru_cache(maxsize=1 << 20)
+def title_parts(t):
+    """-> (base, kept decorations, tags that make another recording, featured artists) of a title."""
+    base, decorations = t, []
+    for _ in range(3):                                       # nested brackets, innermost first
+        decorations += [m[1:-1] for m in _BRACKET.findall(base) for m in [m.strip()]]
+        base = _BRACKET.sub("", base)
+    base, *dashed = _DASH.split(base)
+    decorations += [p for d in dashed for p in re.split(r"\s+/\s+", d)]
+    tags, kept, featured = set(), [], []
+    base = _FEAT.sub(lambda m: featured.append(m.group(0).split(None, 1)[1]) or "", base)
+
+    def part(m):
+        tags.add(f"part {_ROMAN.get(m.group(1).lower(), m.group(1).lower())}")
+        return " "
+    base = _PART.sub(part, base)
+    for d in decorations:
+        if credit := _CREDIT.match(d.strip()):
+            featured.append(credit.group(1))
+            continue
+        d = _PART.sub(part, " " + d).strip()
+        n = _norm(_spell(d))
+        if not n:
+            continue
+        words = n.split()
+        if (_DIFFERENT.search(n) or "mix" in words and not _PLAIN_MIX.fullmatch(n)
+                or "edit" in words and not _PLAIN_EDIT.fullmatch(n)):   # "Kygo Remix", "Club Mix", "Blasterjaxx Edit"
+            tags.add(" ".join(_SAME_WORDS.sub(" ", n).split()) or n)
+        elif not _SAME.search(n):
+            kept.append(n)
+    return _norm(_spell(base)) or _norm(_spell(t)), tuple(kept), tuple(sorted(tags)), tuple(featured)
 
 
 @lru_cache(maxsize=1 << 20)
 def norm_track(t):
-    s = t
-    for _ in range(3):                                       # nested brackets, innermost first
-        s = _BRACKETS.sub("", s)
-    s = _FEAT.sub("", _DASH_SUFFIX.sub("", s))
-    return _norm(s) or _norm(t)
+    """The title key of one recording: base, unknown decorations and recording tags."""
+    base, kept, tags, _ = title_parts(t)
+    return " | ".join([" ".join((base,) + kept)] + list(tags))
+
+
+@lru_cache(maxsize=1 << 20)
+def title_base(t):
+    """The looser title key: without the unknown decorations, still with the recording tags."""
+    base, _, tags, _ = title_parts(t)
+    return " | ".join([base] + list(tags))
 
 
 def artist_parts(a):
-    """Each listed artist of 'A & B', 'A feat. B', 'A, B', 'A x B' (normalized, in order)."""
-    return [p for p in (_norm(x) for x in _ARTIST_SPLIT.split(a)) if p]
+    """Each listed artist of 'A & B', 'A feat. B', 'A, B', 'A x B' (compact keys, in order)."""
+    return [p for p in (norm_artist(x) for x in _ARTIST_SPLIT.split(a) if _norm(x)) if p]
 
 
 def item_id(nartist, ntrack):
     return hashlib.sha1(f"{nartist}\t{ntrack}".encode()).hexdigest()[:16]
+
+
+def unrepeat(artist):
+    """Apple writes some names twice: "Macklemore & Ryan Lewis, Macklemore & Ryan Lewis" -> once."""
+    parts = artist.split(", ")
+    return parts[0] if len(parts) > 1 and len(set(parts)) == 1 else artist
+
+
+def catalog_item(artist, track):
+    """The item id of a catalog row (artist: its first listed artist). Unknown brackets do not count: "You Make My
+    Dreams (Come True)" and "You Make My Dreams" by one artist are one item."""
+    return item_id(norm_artist(unrepeat(artist)), title_base(track))
 
 # -----------------------------------------------------------------------------
 # sources: local path (file, folder, .zip, .tar.gz) or URL downloaded once into a cache
@@ -434,12 +519,12 @@ class RateLimiter:
 
     def wait(self):
         """Block until this thread may start one request."""
-        if self.rate <= 0:
-            return
         n = max(1, int(self.rate))
 
         def reserve(state):
             times, now = state.get("times", []), time.time()
+            if self.rate <= 0:                             # no limit: only a Retry-After holds it back
+                return max(now, state.get("until", 0.0))
             t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
                     times[-n] + self.WINDOW if len(times) >= n else 0.0)
             state["times"] = (times + [t])[-n:]
@@ -777,7 +862,9 @@ SCHEMAS = {  # name: (artist column, track column, genre column, artist separato
 
 
 def load_catalog(path, artist_col=None, track_col=None, genre_col=None):
-    """-> DataFrame(artist, track, genre, artists: list of names), 'Music' rows and duplicates dropped."""
+    """-> DataFrame(artist, track, genre, artists: list of names), without duplicates and rows that are not songs.
+    Only a `kind` column says what is not a song (Apple: one music video among 9,999 songs); a title proves nothing:
+    the Apple catalog's 11 rows titled "Music" are real songs (Madonna, Erick Sermon, Leela James...)."""
     import pandas as pd
     if not Path(path).is_file():
         raise UserError(f"{path}: catalog file not found")
@@ -797,41 +884,55 @@ def load_catalog(path, artist_col=None, track_col=None, genre_col=None):
         raise UserError(f"{path}: no column {', '.join(missing)}; columns found: {', '.join(df.columns)}")
     a, t, g = schema
     cat = pd.DataFrame({"artist": df[a].str.strip(), "track": df[t].str.strip(), "genre": df[g].str.strip() if g else ""})
-    cat = cat[(cat.artist != "") & (cat.track != "") & (cat.track.str.casefold() != "music")].drop_duplicates()
+    song = df.kind.str.strip().isin(["song", ""]) if "kind" in df.columns and not artist_col else True   # iTunes kind
+    cat = cat[(cat.artist != "") & (cat.track != "") & song].drop_duplicates()
     cat["artists"] = [[x.strip() for x in s.split(sep) if x.strip()] if sep else [s] for s in cat.artist]
+    cat["artists"] = [list(dict.fromkeys(a)) if sep else [unrepeat(s)] for s, a in zip(cat.artist, cat.artists)]
     cat["artist"] = [x[0] for x in cat.artists]
     return cat.reset_index(drop=True)
 
 
+MATCH_RULES = ("same names", "artist spelling", "one of the artists", "title without extra words")
+
+
 def catalog_index(cat):
-    """-> (items DataFrame, {(norm artist, norm track): item id}). Full-name keys win over artist-part keys."""
+    """-> (items DataFrame, {rule: {(artist key, title key): item id}}), one dict per rule of MATCH_RULES, tried in
+    that order: the full artist name as written; its spelling-free form; any one artist of the row (listed, part
+    of 'A & B', or featured in the title); and any of those with the title's unknown brackets dropped."""
     import pandas as pd
-    items, index, extra = {}, {}, []
+    items, index = {}, {rule: {} for rule in MATCH_RULES}
     for artist, track, genre, names in cat[["artist", "track", "genre", "artists"]].itertuples(index=False):
-        nt = norm_track(track)
-        iid = item_id(norm_artist(artist), nt)
+        nt, base = norm_track(track), title_base(track)
+        iid = catalog_item(artist, track)
         if iid not in items:
             items[iid] = (iid, artist, track, genre, track, "", "")
+        everyone = list(names) + list(title_parts(track)[3])
+        keys = {norm_artist(n) for n in names} | {p for n in everyone for p in [norm_artist(n)] + artist_parts(n)}
+        index["same names"].setdefault((_norm(artist), nt), iid)
         for n in names:
-            index.setdefault((norm_artist(n), nt), iid)
-            extra += [((p, nt), iid) for p in artist_parts(n)]
-    for k, iid in extra:
-        index.setdefault(k, iid)
+            index["artist spelling"].setdefault((norm_artist(n), nt), iid)
+        for k in sorted(keys):
+            index["one of the artists"].setdefault((k, nt), iid)
+            index["title without extra words"].setdefault((k, base), iid)
     return pd.DataFrame(list(items.values()), columns=ITEM_COLS), index
 
 
 def match_loved(loved, index):
-    """-> (loved row positions, item ids) of the matched rows."""
-    rows, ids = [], []
+    """-> (loved row positions, item ids, rule that matched) of the matched rows."""
+    rows, ids, rules = [], [], []
     for i, (artist, track) in enumerate(zip(loved.artist, loved.track)):
-        nt = norm_track(track)
-        for na in [norm_artist(artist)] + artist_parts(artist):
-            iid = index.get((na, nt))
+        nt, base = norm_track(track), title_base(track)
+        names = [norm_artist(artist)] + artist_parts(artist) + [p for f in title_parts(track)[3] for p in artist_parts(f)]
+        tries = [("same names", (_norm(_FEAT.sub("", artist)), nt)), ("artist spelling", (names[0], nt))]
+        tries += [("one of the artists", (n, nt)) for n in names] + [("title without extra words", (n, base)) for n in names]
+        for rule, key in tries:
+            iid = index[rule].get(key)
             if iid:
                 rows.append(i)
                 ids.append(iid)
+                rules.append(rule)
                 break
-    return rows, ids
+    return rows, ids, rules
 
 
 def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None, genre_col=None, top=10):
@@ -840,10 +941,12 @@ def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None
     loved = pd.read_csv(Path(crawl_dir) / "loved.csv", dtype=str, keep_default_na=False)
     cat = load_catalog(catalog, artist_col, track_col, genre_col)
     items, index = catalog_index(cat)
-    rows, ids = match_loved(loved, index)
+    rows, ids, rules = match_loved(loved, index)
     rate = len(rows) / max(len(loved), 1)
     print(f"match {Path(catalog).name}: {len(cat):,} catalog rows -> {len(items):,} items; "
           f"matched {len(rows):,} / {len(loved):,} loved rows ({100 * rate:.1f}%)")
+    by_rule = collections.Counter(rules)
+    print("matched by rule: " + "; ".join(f"{r} {by_rule[r]:,}" for r in MATCH_RULES))
     unmatched = loved.drop(index=loved.index[rows]).artist.value_counts().head(top)
     if len(unmatched):
         print("top unmatched artists: " + "; ".join(f"{a} ({n})" for a, n in unmatched.items()))

@@ -311,12 +311,12 @@ class RateLimiter:
 
     def wait(self):
         """Block until this thread may start one request."""
-        if self.rate <= 0:
-            return
         n = max(1, int(self.rate))
 
         def reserve(state):
             times, now = state.get("times", []), time.time()
+            if self.rate <= 0:                             # no limit: only a Retry-After holds it back
+                return max(now, state.get("until", 0.0))
             t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
                     times[-n] + self.WINDOW if len(times) >= n else 0.0)
             state["times"] = (times + [t])[-n:]
