@@ -529,10 +529,17 @@ class RateLimiter:
                     times[-n] + self.WINDOW if len(times) >= n else 0.0)
             state["times"] = (times + [t])[-n:]
             return t
+        def start(state, t):
+            now = time.time()
+            if state.get("until", 0.0) > now:              # a Retry-After arrived while this one waited
+                return False
+            times = state.get("times", [])                 # the slot becomes the real start time (>= slot)
+            state["times"] = sorted(times[:times.index(t)] + [now] + times[times.index(t) + 1:] if t in times else times)
+            return True
         while True:
-            self._sleep_until(self._update(reserve))
-            until = self._update(lambda s: s.get("until", 0.0))
-            if until <= time.time():                       # no Retry-After arrived while this one waited
+            t = self._update(reserve)
+            self._sleep_until(t)
+            if self._update(lambda s: start(s, t)):
                 return
 
 

@@ -668,7 +668,7 @@ def test_rate_limit_and_special_names(tmp_path):
 class HostileLastfm(FakeLastfm):
     """The fake Last.fm, with some users (and tracks) answering in every broken way seen in the wild."""
     USERS = ["track_str", "date_str", "user_str", "country_num", "pages_many", "html404", "err7", "err6str",
-             "empty_pages", "echo_key", "html200", "Hcase", "hcase", "err99", "single_friend", "."]
+             "empty_pages", "echo_key", "html200", "Hcase", "hcase", "err99", "single_friend", ".", "echo6"]
 
     def __init__(self, world, **kw):
         super().__init__(world, **kw)
@@ -684,8 +684,9 @@ class HostileLastfm(FakeLastfm):
                     {"toptags": "oops"}, {"toptags": {"tag": "=HYPERLINK(x)"}}][h]
         if user not in self.USERS or status != 200:
             return status, body
-        if user in ("user_str", "country_num", "html404", "err6str", "err99") and m == "user.getInfo":
+        if user in ("user_str", "country_num", "html404", "err6str", "err99", "echo6") and m == "user.getInfo":
             return {"user_str": (200, {"user": "oops"}), "country_num": (200, {"user": {"country": 42}}),
+                    "echo6": (200, {"error": 6, "message": f"User not found (api_key={KEY})"}),
                     "html404": (404, "<html><body>Not Found</body></html>"),
                     "err6str": (200, {"error": "6", "message": "User not found"}),
                     "err99": (200, {"error": 99, "message": "Something new"})}[user]
@@ -752,7 +753,7 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
     by_user = {json.loads(k)[1][-1][1] if json.loads(k)[0].startswith("user.") else "": r for k, r in failed.items()}
     assert by_user["user_str"].startswith("unexpected response") and by_user["html404"] == "HTTP 404"
     assert by_user["err7"].startswith("Last.fm error 7") and by_user["err6str"].startswith("Last.fm error 6")
-    assert by_user["err99"].startswith("Last.fm error 99") and "***" in by_user["echo_key"]
+    assert by_user["err99"].startswith("Last.fm error 99") and "***" in by_user["echo_key"] and "***" in by_user["echo6"]
     assert by_user["html200"].startswith("unexpected response") and by_user["private_one"].startswith("Last.fm error 17")
     assert after_first[("user.getFriends", "html200")] == 3                 # malformed 3 times -> permanent
     assert after_first[("user.getLovedTracks", "empty_pages")] == 2         # not 1000 pages

@@ -567,7 +567,7 @@ HOSTILE_TRACKS = [(f"h{n:02d}", artist, "Zyx", "x") for n, artist in enumerate(l
 
 
 def clean_cell(text):
-    return (len(text) <= enrich.MAX_CHARS and len(text.split()) <= enrich.MAX_WORDS and text[:1] not in "=+-@"
+    return (len(text) <= enrich.MAX_CHARS and len(text.split()) <= enrich.MAX_WORDS and (not text or text[0] not in "=+-@")
             and not re.search("[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]", text))
 
 
