@@ -590,6 +590,9 @@ class Malformed(Exception):
     """A response whose shape cannot be understood."""
 
 
+PARSE_ERRORS = (Malformed, ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
 def as_int(x):
     if isinstance(x, bool):
         return None
@@ -744,7 +747,7 @@ class Lastfm:
                 if isinstance(data, dict) and "error" in data:       # a cache from before failures were kept apart
                     raise Malformed(f"Last.fm error {data.get('error')}: {data.get('message', '')}")
                 return parse(data), None
-            except (Malformed, ValueError, TypeError, AttributeError) as e:
+            except PARSE_ERRORS as e:
                 return self._fail(key, self.scrub(clean_text(str(e)))[:200] or "unexpected response")
         malformed = 0
         for attempt in range(self.retries + 1):
@@ -754,11 +757,11 @@ class Lastfm:
             if kind == "permanent":
                 return self._fail(key, data)
             if kind == "ok":
-                try:
-                    value = parse(data)
-                except (Malformed, ValueError, TypeError, AttributeError) as e:
-                    return self._fail(key, f"unexpected response: {self.scrub(clean_text(str(e)))[:150]}")
                 body = self.scrub(json.dumps(data, ensure_ascii=False))
+                try:
+                    value = parse(json.loads(body))                # what a rerun reads from the cache
+                except PARSE_ERRORS as e:
+                    return self._fail(key, f"unexpected response: {self.scrub(clean_text(str(e)))[:150]}")
                 self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
                 self.db.commit()                               # persisted before anything else happens
                 return value, None

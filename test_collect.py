@@ -784,3 +784,15 @@ def test_bad_key_is_one_line(tmp_path):
     assert KEY not in r.stderr + r.stdout
     r = cli("--data-dir", tmp_path, "crawl", env={"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": "localhost:1/x"})
     assert r.returncode == 2 and "not an http(s) URL" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_second_crawl_on_the_same_cache_refuses(tmp_path, monkeypatch, capsys):
+    lock = collect.lock_folder(tmp_path / "cache" / "lastfm.sqlite.lock", "x")     # as if a crawl were running
+    monkeypatch.setenv("LASTFM_API_KEY", KEY)
+    try:
+        with pytest.raises(SystemExit) as e:
+            collect.main(["--data-dir", str(tmp_path), "crawl"])
+    finally:
+        lock.close()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "another run is using the Last.fm cache" in err
