@@ -515,3 +515,37 @@ def test_model_is_built_from_config_alone(small_demo):
     assert list(inspect.signature(R.TwoTower).parameters) == ["feats", "cfg", "history"]
     assert all(p.default is inspect.Parameter.empty for p in inspect.signature(R.TwoTower).parameters.values())
 
+
+def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(small_demo, tmp_path, monkeypatch):
+    """BASELINES is the one list: run_baselines runs a new entry (tuned on its grid), and experiments.py treats it
+    as a baseline (never as a model in the paired tests), with K read from the runs (here 5, not 10)."""
+    import json
+    import experiments as E
+
+    def noise_scores(split, seed):
+        g = torch.Generator().manual_seed(seed)
+        S = torch.rand(split.n_users, split.n_items, generator=g)
+        return lambda users: S[torch.as_tensor(np.array(users))]
+
+    monkeypatch.setitem(R.BASELINES, "Noise", R.Baseline(noise_scores, [1, 2]))
+    out = tmp_path / "ablation"
+    E.run_baselines_cell("small", 0, str(small_demo), out / "runs" / "small-baselines-s0", 5)
+    res = json.loads((out / "runs" / "small-baselines-s0" / "results.json").read_text())
+    assert set(res["baselines"]) == set(R.BASELINES) and res["baselines"]["Noise"]["params"] in (1, 2)
+    assert "hr@5" in res["baselines"]["Noise"]["test"]["overall"]
+    # a two-tower cell, made up from EASE's numbers and ranks (no training needed to test the bookkeeping)
+    tt = out / "runs" / "small-none-s0"
+    tt.mkdir()
+    ease = res["baselines"]["EASE"]
+    (tt / "results.json").write_text(json.dumps({"dataset": res["dataset"], "best_epoch": 1, "history": [],
+                                                 "config": {"dataset": "small", "seed": 0, "k": 5, "text": "none"},
+                                                 "test": ease["test"], "validation": ease["validation"]}))
+    z = np.load(out / "runs" / "small-baselines-s0" / "ranks.npz")
+    np.savez(tt / "ranks.npz", users=z["users"], items=z["items"], two_tower=z["ease"])
+    df, ranks = E.collect(out)
+    assert set(df[df.kind == "baseline"].model) == set(R.BASELINES) and set(df.k) == {5}
+    sig = E.significance(df, ranks)
+    assert set(sig.model) == {"two-tower, text none"} and set(sig.metric) == {"hr", "ndcg"}
+    assert "Noise" not in set(sig.model)
+    lines = E.quality_lines(df, E.summary(df)[lambda s: s.dataset == "small"], out, "small")
+    assert "HR@5" in lines[1]
