@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import stat
 import sys
@@ -287,9 +288,12 @@ def is_missing(col):
 
 def load_dataset(data_dir, name):
     folder, explicit = dataset_folder(data_dir, name)
-    name = folder.name if explicit else name
+    name_as_given, name = name, folder.name if explicit else name
     if name == "demo" and not explicit:
         ensure_demo(folder)
+    if not folder.is_dir() and explicit:
+        raise UserError(f"no dataset folder {folder} (--dataset {name_as_given}: a path is taken from the current "
+                        f"folder, a plain name from --data-dir {data_dir})")
     if not folder.is_dir():
         how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
         raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
@@ -298,7 +302,7 @@ def load_dataset(data_dir, name):
     inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
     if len(inter) == 0:
         raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
-    rep = [f"dataset folder {folder} (--dataset {name})"] if explicit else []
+    rep = [f"dataset folder {folder} (--dataset {name_as_given})"] if explicit else []
     ts = inter["timestamp"].str.strip()
     num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
     bad = ~is_missing(ts) & num.isna()
@@ -1441,7 +1445,8 @@ def load_run(run, runs_dir="runs"):
         assert isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict)
         assert all(isinstance(v, torch.Tensor) for v in ck["state_dict"].values())
     except Exception as e:             # truncated, random bytes, a pickle with code, another program's file
-        why = str(e).splitlines()[0][:120] if str(e) and not isinstance(e, AssertionError) else "not a model state"
+        why = ("it holds more than tensors, or is no checkpoint at all" if isinstance(e, pickle.UnpicklingError) else
+               "no model state in it" if isinstance(e, AssertionError) else "truncated or damaged")
         raise UserError(f"{ck_path}: not a readable RecSetters checkpoint ({why}); {redo}, or copy the run "
                         f"folder again")
     return run_dir, info, ck["state_dict"]

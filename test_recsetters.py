@@ -550,3 +550,140 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
     assert "Noise" not in set(sig.model)
     lines = E.quality_lines(df, E.summary(df)[lambda s: s.dataset == "small"], out, "small")
     assert "HR@5" in lines[1]
+
+
+# ---------------------------------------------------------------------------------------------- paths, run folders
+
+def one_error_line(capsys, argv):
+    """Run the command line in-process: it must exit 2 with exactly one `error:` line; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        R.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+TINY = ["--text", "none", "--epochs", "1", "--no-baselines", "--device", "cpu"]
+
+
+def test_runs_are_written_under_runs_dir_and_found_by_name_or_path(tmp_path, monkeypatch, capsys):
+    """A dataset given as a path (relative with ../, or absolute) is resolved and reported, and its run goes under
+    --runs-dir with a sanitized name, never inside data/; evaluate takes a run name or a run path, never doubled."""
+    write_dataset(tmp_path / "data" / "x", *random_interactions(n=1500))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    R.main(["train", "--dataset", "../data/x", *TINY])
+    assert f"dataset folder {tmp_path / 'data' / 'x'}" in capsys.readouterr().err
+    R.main(["train", "--dataset", str(tmp_path / "data" / "x"), "--run-name", "../../escape/..", *TINY])
+    R.main(["train", "--dataset", "x", "--data-dir", "../data", "--run-name", "a/b", "--seed", "1", *TINY])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "work"]
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["a-b", "escape", "x-none-dot-full-s0"]
+    assert {p.name for p in (work / "runs" / "escape").iterdir()} == {"best.pt", "run.json", "results.json",
+                                                                      "ranks.npz"}
+    capsys.readouterr()
+    for run in ("x-none-dot-full-s0", "runs/x-none-dot-full-s0", str(work / "runs" / "x-none-dot-full-s0")):
+        R.main(["evaluate", run, "--device", "cpu"])
+        assert "x-none-dot-full-s0 on x" in capsys.readouterr().out
+    line = one_error_line(capsys, ["evaluate", "runs/missing"])
+    assert "no run 'runs/missing'" in line and "runs/runs" not in line and "a-b" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One trained run (1 epoch, no text) of a small dataset of its own: (data dir, run folder)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_dataset(root / "data" / "x", *random_interactions(n=1500))
+    R.main(["train", "--dataset", "x", "--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"),
+            "--run-name", "r", *TINY])
+    return root / "data", root / "runs" / "r"
+
+
+def damaged_copy(run, tmp_path, name, damage):
+    copy = tmp_path / "runs" / name
+    import shutil
+    shutil.copytree(run, copy)
+    damage(copy)
+    return copy
+
+
+class Payload:
+    """A pickle that runs code when loaded with weights_only=False."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_damaged_foreign_or_old_run_is_one_line_naming_the_file(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    good = (run / "best.pt").read_bytes()
+    info = __import__("json").loads((run / "run.json").read_text())
+    marker = tmp_path / "payload-ran"
+    other = {k: v[:2] for k, v in torch.load(run / "best.pt", weights_only=True)["state_dict"].items()}
+    cases = {
+        "truncated": (lambda d: (d / "best.pt").write_bytes(good[:len(good) // 2]), "best.pt: not a readable"),
+        "cut-short": (lambda d: (d / "best.pt").write_bytes(good[:100]), "best.pt: not a readable"),
+        "random": (lambda d: (d / "best.pt").write_bytes(np.random.default_rng(0).bytes(4096)), "best.pt: not a"),
+        "pickle": (lambda d: torch.save({"state_dict": {}, "x": Payload(marker)}, d / "best.pt"), "best.pt: not a"),
+        "foreign": (lambda d: torch.save({"state_dict": other, "epoch": 1}, d / "best.pt"), "does not fit the model"),
+        "old": (lambda d: (d / "run.json").unlink(), "an older recsetters.py"),
+        "no-json": (lambda d: (d / "run.json").write_text("{not json"), "run.json: not a recsetters-run"),
+        "unknown-key": (lambda d: (d / "run.json").write_text(__import__("json").dumps(
+            {**info, "config": {**info["config"], "wobble": 3}})), "unknown setting(s) wobble"),
+        "bad-value": (lambda d: (d / "run.json").write_text(__import__("json").dumps(
+            {**info, "config": {**info["config"], "lr": -1}})), "run.json: --lr -1: a positive finite number"),
+        "no-checkpoint": (lambda d: (d / "best.pt").unlink(), "no checkpoint"),
+    }
+    for name, (damage, message) in cases.items():
+        d = damaged_copy(run, tmp_path, name, damage)
+        line = one_error_line(capsys, ["fairness", str(d), "--device", "cpu"])
+        assert message in line and str(d) in line and "retrain" in line, (name, line)
+        assert not (d / "fairness.json").exists()
+    assert not marker.exists()                  # the pickle's code never ran
+
+
+def test_a_run_refuses_a_dataset_changed_after_training(tiny_run, tmp_path, capsys):
+    import shutil
+    data, run = tiny_run
+    shutil.copytree(data, tmp_path / "data")
+    run = damaged_copy(run, tmp_path, "r", lambda d: None)
+    info = __import__("json").loads((run / "run.json").read_text())
+    info["config"]["data_dir"] = str(tmp_path / "data")
+    (run / "run.json").write_text(__import__("json").dumps(info))
+    R.main(["evaluate", str(run), "--device", "cpu"])         # unchanged: fine
+    capsys.readouterr()
+    inter = tmp_path / "data" / "x" / "interactions.csv"
+    inter.write_text(inter.read_text() + "u1,i1,7\n")
+    line = one_error_line(capsys, ["recommend", str(run), "--user", "u1", "--device", "cpu"])
+    assert "dataset x has changed since run" in line and str(run) in line and "retrain" in line
+
+
+# ---------------------------------------------------------------------------------------------- data checks
+
+def test_missing_value_countries_and_header_only_files(tmp_path, capsys):
+    users, items, inter = random_interactions(n=400)
+    users["country"] = ["NaN", "None", "nan", "null", "", "NULL"] + ["Chile"] * (len(users) - 6)
+    write_dataset(tmp_path / "c", users, items, inter)
+    ds = R.load_dataset(tmp_path, "c")
+    assert set(ds.users.country) == {"", "Chile"}
+    assert any(line.startswith("5 users have country 'NULL', 'NaN', 'None', 'nan', 'null': unknown") for line in ds.report)
+    write_dataset(tmp_path / "h", users, items, inter.iloc[:0])
+    line = one_error_line(capsys, ["stats", "--dataset", "h", "--data-dir", str(tmp_path)])
+    assert line == f"error: no interactions in {tmp_path / 'h' / 'interactions.csv'} (only its header)"
+    line = one_error_line(capsys, ["stats", "--dataset", "apple", "--data-dir", str(tmp_path)])
+    assert "LASTFM_API_KEY" in line and R.LASTFM_KEY_URL in line and "SOURCE=hetrec" in line
+
+
+def test_atomic_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path):
+    f = tmp_path / "a.json"
+    R.atomic_write_text(f, "1")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (f.stat().st_mode & 0o777) == 0o666 & ~mask
+    f.chmod(0o640)
+    R.atomic_write_text(f, "2")
+    assert f.read_text() == "2" and (f.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
