@@ -6,8 +6,8 @@ experiments.py: the experiments that settle the study's question (issue 5).
   python experiments.py tune          # the tuning log (TUNING below) on hetrec: runs/ablation/tuning.md
 
 Every (dataset, text, seed) two-tower run goes through `recsetters.py train` (model selection on validation,
-test evaluated once on the best-validation checkpoint), beside Popularity, ItemKNN, EASE and an ID-only
-dot-product two-tower (matrix factorization) on the same seeded split. Finished cells are skipped, so an
+test evaluated once on the best-validation checkpoint), beside the baselines (Popularity, ItemKNN, EASE,
+RP3beta, iALS) and an ID-only dot-product two-tower (matrix factorization) on the same seeded split. Finished cells are skipped, so an
 interrupted grid resumes where it stopped. Everything lands in runs/ablation/.
 
 Read top to bottom:
@@ -39,7 +39,7 @@ import recsetters as R
 HERE = Path(__file__).resolve().parent
 K = 10
 MF_FLAGS = ["--text", "none", "--id-only", "--no-history", "--scorer", "dot"]   # the ID-only two-tower
-BASELINES = ["Popularity", "ItemKNN", "EASE"]
+BASELINES = R.BASELINE_NAMES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def ran_with(run_dir, want):
 
 
 def run_baselines_cell(dataset, seed, data_dir, run_dir):
-    """Popularity, ItemKNN and EASE on the (dataset, seed) split; also stores which test items are cold."""
+    """Every baseline (R.BASELINE_NAMES) on the (dataset, seed) split; also stores which test items are cold."""
     cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed)
     ds, split = R.prepare(cfg, quiet=True)
     res, ranks = R.run_baselines(split, K, "cpu", cfg.eval_memory_mb, quiet=True)

@@ -10,7 +10,7 @@ Read top to bottom:
   6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers
   7. training: vectorized negative sampling, margin / sampled-softmax / full-softmax losses
   8. evaluation: full ranking over all items, chunked, HR@K / NDCG@K / MRR
-  9. baselines: Popularity, ItemKNN, EASE
+  9. baselines: Popularity, ItemKNN, EASE, RP3beta, iALS (grids chosen on validation)
  10. runs: results.json, checkpoints, tables
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -719,7 +720,7 @@ class Config:
     split: str = "auto"
     warm_fraction: float = 0.2
     eval_memory_mb: int = 512
-    baselines: bool = True
+    baselines: str = "all"        # comma-separated BASELINE_NAMES run beside the model, "all", or "" (none)
     amp: bool = False            # bf16 autocast in training (GPU)
     compile: bool = False        # torch.compile the towers and the scorer
     threads: int = 0             # torch CPU threads (0 = torch's default)
@@ -1086,30 +1087,134 @@ def ease_scores(split, lam=100.0):
     return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
 
 
-def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
-    """Returns {name: {"params", "validation", "test"}} and per-user test ranks."""
+def rp3beta_scores(split, alpha=1.0, beta=0.5, neighbours=200):
+    """RP3beta (Paudel et al. 2016; as in Dacrema et al. 2019): a three-step random walk item -> user -> item,
+    W[i, j] = sum_u P(i -> u)^alpha P(u -> j)^alpha / degree(j)^beta, with P row-normalized train interactions;
+    beta > 0 penalizes popular destinations. Each item keeps its `neighbours` largest outgoing weights
+    (None = all); a user's score for j is sum over their train items i of W[i, j]."""
+    X = split.train.astype(np.float64).tocsr()
+    p_ui = sp.diags(1 / np.maximum(np.asarray(X.sum(1)).ravel(), 1)) @ X              # user -> item
+    p_iu = sp.diags(1 / np.maximum(np.asarray(X.sum(0)).ravel(), 1)) @ X.T.tocsr()    # item -> user
+    p_ui.data **= alpha
+    p_iu.data **= alpha
+    W = (p_iu @ p_ui).toarray() * np.maximum(split.degree, 1).astype(np.float64)[None, :] ** -beta
+    np.fill_diagonal(W, 0)
+    if neighbours and neighbours < W.shape[1]:
+        weakest = np.argpartition(-W, neighbours, axis=1)[:, neighbours:]
+        np.put_along_axis(W, weakest, 0, axis=1)
+    W = torch.as_tensor(W, dtype=torch.float32)
+    return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ W
+
+
+def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
+    """One half of an ALS sweep: improves the factors X (rows x f) of every row of R (a CSR of interaction
+    strengths r, rows x cols) given the column factors Y (cols x f). Row u's exact solution solves the normal
+    equations of sum_i c_ui (p_ui - x_u . y_i)^2 + reg |x_u|^2 (c_ui = 1 + alpha r_ui, p_ui = [r_ui > 0]):
+        (Y^T Y + reg I + alpha Y^T diag(r_u) Y) x_u = Y^T (1 + alpha r_u) p_u.
+    Like the `implicit` library, it takes `cg_steps` conjugate-gradient steps from the current X instead of
+    a Cholesky solve per row: O(nnz f + rows f^2) per step for all rows at once, not O(rows f^3)."""
+    R = R.tocsr()
+    crow, col = torch.as_tensor(R.indptr, dtype=torch.long), torch.as_tensor(R.indices, dtype=torch.long)
+    r = torch.as_tensor(R.data, dtype=Y.dtype)
+    gram = Y.T @ Y + reg * torch.eye(Y.shape[1], dtype=Y.dtype)
+    with warnings.catch_warnings():        # "sparse CSR support is in beta": only its sampled product is used
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, col, r, size=R.shape)
+
+    def spmm(values, M):        # sparse (rows x cols, pattern of R, given values) @ M
+        return F.embedding_bag(col, M, crow[:-1], mode="sum", per_sample_weights=values)
+
+    def A(P):                   # the left-hand side of every row's normal equations, applied to P
+        return P @ gram + spmm(alpha * r * torch.sparse.sampled_addmm(pattern, P, Y.T, beta=0.0).values(), Y)
+
+    X = X.clone()
+    res = spmm(1 + alpha * r, Y) - A(X)
+    P, rs = res.clone(), (res * res).sum(1)
+    for _ in range(cg_steps):
+        AP = A(P)
+        pap = (P * AP).sum(1)
+        step = torch.where(pap > 0, rs / pap.clamp(min=1e-30), torch.zeros_like(pap))
+        X += step[:, None] * P
+        res -= step[:, None] * AP
+        rs_new = (res * res).sum(1)
+        P = res + torch.where(rs > 0, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))[:, None] * P
+        rs = rs_new
+    return X
+
+
+def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
+    """Implicit ALS (Hu, Koren and Volinsky 2008) on R (users x items CSR, r > 0 for an interaction), from
+    small seeded random factors. Returns (user factors, item factors)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(R.shape[0], factors, generator=g) * 0.01
+    V = torch.randn(R.shape[1], factors, generator=g) * 0.01
+    R = R.astype(np.float32).tocsr()
+    Rt = R.T.tocsr()
+    for _ in range(iterations):
+        U = ials_half_step(R, V, U, reg, alpha, cg_steps)
+        V = ials_half_step(Rt, U, V, reg, alpha, cg_steps)
+    return U, V
+
+
+def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
+    U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
+    return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
+
+
+# validation grids of the two graph/factor baselines (hetrec seed 0 validation picked the ranges; README,
+# Experiments): RP3beta's walk exponent, popularity penalty and neighbourhood; iALS's factors, L2 penalty and
+# confidence slope, 15 sweeps of 3 conjugate-gradient steps each
+RP3BETA_GRID = [dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7)
+                for k in (200, None)]
+IALS_GRID = [dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]
+BASELINE_NAMES = ["Popularity", "ItemKNN", "EASE", "RP3beta", "iALS"]
+
+
+def baseline_names(spec):
+    """--baselines: "all", "" (none) or comma-separated names of BASELINE_NAMES (any case)."""
+    if spec.strip().lower() == "all":
+        return list(BASELINE_NAMES)
+    known = {n.lower(): n for n in BASELINE_NAMES}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n.lower() not in known]
+    if bad:
+        raise UserError(f"--baselines {spec}: unknown {', '.join(bad)} (choose from {', '.join(BASELINE_NAMES)}, or all)")
+    return [known[n.lower()] for n in names]
+
+
+def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False, names=None):
+    """Returns {name: {"params", "validation", "test", "fit_seconds", "seconds"}} and per-user test ranks.
+    names: which of BASELINE_NAMES (None: all; see baseline_names)."""
     out, ranks = {}, {}
     dense_ok = split.n_items <= 20000
     grids = [("Popularity", lambda p: popularity_scores(split), [None])]
     if dense_ok:
         grids += [("ItemKNN", lambda p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None]),
-                  ("EASE", lambda p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000])]
+                  ("EASE", lambda p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000]),
+                  ("RP3beta", lambda p: rp3beta_scores(split, **p), RP3BETA_GRID)]
     elif not quiet:
-        log(f"ItemKNN and EASE skipped: {split.n_items:,} items is too many for dense item-item matrices")
+        log(f"ItemKNN, EASE and RP3beta skipped: {split.n_items:,} items is too many for dense item-item matrices")
+    grids += [("iALS", lambda p: ials_scores(split, **p), IALS_GRID)]
     for name, make, grid in grids:
+        if names is not None and name not in names:
+            continue
         t0 = time.perf_counter()
         best = None
         for p in grid:
+            t1 = time.perf_counter()
             fn = make(p)
+            fit = time.perf_counter() - t1
             val = evaluate_split(fn, split, "validation", k, "cpu", memory_mb)
             if best is None or val["overall"][f"ndcg@{k}"] > best[1]["overall"][f"ndcg@{k}"]:
-                best = (p, val, fn)
-        p, val, fn = best
+                best = (p, val, fn, fit)
+        p, val, fn, fit = best
         test, r = evaluate_split(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
-        out[name] = {"params": p, "validation": val, "test": test, "seconds": time.perf_counter() - t0}
+        out[name] = {"params": p, "validation": val, "test": test, "fit_seconds": fit,
+                     "seconds": time.perf_counter() - t0, "grid_size": len(grid)}
         ranks[name] = r
         if not quiet:
-            log(f"baseline {name:<10} chosen {p!s:>5} on validation  val NDCG@{k} {val['overall'][f'ndcg@{k}']:6.2f}")
+            log(f"baseline {name:<10} chosen {p!s} of {len(grid)} on validation  val NDCG@{k} "
+                f"{val['overall'][f'ndcg@{k}']:6.2f}  fit {fit:.1f}s, search {out[name]['seconds']:.1f}s")
     return out, ranks
 
 
@@ -1140,10 +1245,11 @@ def run_name(cfg):
 
 def fmt_table(rows, k, title):
     groups = ["overall", "cold", "warm"]
-    head = f"{'model':<40}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
+    w = max([40] + [len(name) + 2 for name, _ in rows])
+    head = f"{'model':<{w}}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
     lines = [title, head, "-" * len(head)]
     for name, res in rows:
-        lines.append(f"{name:<40}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
+        lines.append(f"{name:<{w}}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
                                             for g in groups))
     return "\n".join(lines)
 
@@ -1168,6 +1274,7 @@ def cmd_train(cfg):
 
 
 def train_and_report(cfg, device, rank=0, world=1):
+    names = baseline_names(cfg.baselines)          # a bad name fails before any work
     ds, split = prepare(cfg, quiet=rank > 0)
     if rank == 0:
         log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -1191,7 +1298,7 @@ def train_and_report(cfg, device, rank=0, world=1):
     test, ranks = evaluate_split(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
                                  return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
-    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb) if cfg.baselines else ({}, {})
+    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb, names=names) if names else ({}, {})
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
                "config": asdict(cfg), "device": str(device), "world_size": world, "split": split_stats(split),
@@ -1254,8 +1361,14 @@ def cmd_recommend(args):
 
 
 def cmd_baselines(cfg):
+    names = baseline_names(cfg.baselines)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ds, split = prepare(cfg)
-    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
+    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, names=names)
+    print(f"\n{'baseline':<12}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
+    for n, r in res.items():
+        print(f"{n:<12}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
     print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
                     f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
 
@@ -1461,13 +1574,18 @@ def parser(preset=""):
     t.add_argument("--device", default=d.device, help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     t.add_argument("--run-name", default="", help="default: DATASET-TEXT-SCORER-LOSS-sSEED")
     t.add_argument("--runs-dir", default=d.runs_dir)
-    t.add_argument("--no-baselines", dest="baselines", action="store_false")
+    t.add_argument("--baselines", default=d.baselines, help=f"baselines beside the model: all, or a comma-"
+                   f"separated subset of {', '.join(BASELINE_NAMES)}")
+    t.add_argument("--no-baselines", dest="baselines", action="store_const", const="", help="no baselines")
     t.add_argument("--amp", action="store_true", help="bf16 autocast in training (GPU; see README, Speed and scale)")
     t.add_argument("--compile", action="store_true", help="torch.compile the towers and the scorer")
     t.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default); "
                    "1 is much faster on a CPU shared with other jobs")
-    b = sub.add_parser("baselines", help="Popularity, ItemKNN and EASE under the same split and evaluator")
+    b = sub.add_parser("baselines", help=f"{', '.join(BASELINE_NAMES)}: hyperparameters chosen on validation, "
+                       "tested under the same split and evaluator")
     add_data_args(b)
+    b.add_argument("--baselines", default="all", help=f"all, or a comma-separated subset of {', '.join(BASELINE_NAMES)}")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     s = sub.add_parser("stats", help="dataset, filtering and split statistics")
     add_data_args(s)
     for name, hlp in [("evaluate", "re-evaluate a saved run on validation and test"),
