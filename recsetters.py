@@ -612,7 +612,7 @@ class TwoTower(nn.Module):
 
     def __init__(self, feats, dim=96, out_dim=192, scorer="dotcompress", final_gelu=False, tower_act=True,
                  history=None, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False):
+                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False, pool="mean"):
         super().__init__()
         self.history_dropout = history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
@@ -636,6 +636,9 @@ class TwoTower(nn.Module):
         self.hist_emb = None
         if history is not None:
             self.hist_emb = nn.EmbeddingBag(s["items"], dim, mode="sum")
+            # pool "attention": history items weighted by softmax(q . e_i) with a learned query q (zero at
+            # the start: the plain mean), so the user vector can lean on the items that say most about taste
+            self.query = nn.Parameter(torch.zeros(dim)) if pool == "attention" else None
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
@@ -662,7 +665,23 @@ class TwoTower(nn.Module):
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
                 torch.arange(len(idx), device=idx.device), counts), keep)
+        if self.query is not None:
+            return self.attention_pool(items, counts, keep)
         return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+
+    def attention_pool(self, items, counts, keep=None):
+        """sum_i a_i e_i over each user's history (flat `items`, `counts` per user), a = softmax(q . e) over
+        the items kept (keep > 0); a user with none kept gets zeros, as the mean does."""
+        user = torch.repeat_interleave(torch.arange(len(counts), device=items.device), counts)
+        e = self.hist_emb.weight[items]
+        logit = e @ self.query
+        if keep is not None:
+            logit = logit.masked_fill(keep == 0, float("-inf"))
+        top = torch.full((len(counts),), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
+        w = torch.exp(logit - top.detach().clamp(min=-1e30)[user])             # 0 for left-out items
+        z = torch.zeros(len(counts), device=items.device).index_add_(0, user, w)
+        return torch.zeros(len(counts), e.shape[1], device=items.device).index_add_(
+            0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
     def users(self, idx, drop=None):
         extra = () if self.hist_emb is None else (self.history(idx, drop),)
@@ -706,6 +725,7 @@ class Config:
     dropout: float = 0.3         # on the towers' concatenated inputs
     id_dropout: float = 0.0      # share of training rows whose item-id embedding is zeroed
     history_dropout: float = 0.0  # each item of a user's pooled history is left out with this chance in training
+    pool: str = "mean"           # history pooling: mean, or attention (softmax of a learned query . item embedding)
     item_bias: bool = False      # + a learned per-item score offset (dot scorer)
     schedule: str = "constant"   # learning rate: constant, or cosine decay to 0 over --epochs
     id_only: bool = False        # towers see only the user / item id (matrix factorization)
@@ -730,7 +750,7 @@ def build_model(cfg, feats, split):
     return TwoTower(feats, cfg.dim, cfg.out_dim, cfg.scorer, cfg.final_gelu, cfg.tower_act,
                     split.train if cfg.history else None, cfg.normalize, cfg.temperature, cfg.dropout, cfg.id_dropout,
                     cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h),
-                    cfg.history_dropout, cfg.item_bias)
+                    cfg.history_dropout, cfg.item_bias, cfg.pool)
 
 
 class NegativeSampler:
@@ -1530,7 +1550,7 @@ PRESETS = {
     "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
                      tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
                      history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
                      user_ids=True, hidden="128,64"),
 }
 
@@ -1557,6 +1577,8 @@ def parser(preset=""):
     boolean = argparse.BooleanOptionalAction
     t.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
                    help="learning rate schedule: constant, or cosine decay to 0 over --epochs")
+    t.add_argument("--pool", default=d.pool, choices=["mean", "attention"],
+                   help="--history pooling: mean, or attention (softmax weights of a learned query)")
     t.add_argument("--final-gelu", action=boolean, default=d.final_gelu, help="the seed's GELU on the final score")
     t.add_argument("--tower-act", action=boolean, default=d.tower_act, help="GELU on tower outputs (the study's)")
     t.add_argument("--history", action=boolean, default=d.history,

@@ -296,6 +296,25 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+def test_attention_pooling_is_a_softmax_over_the_history_and_starts_as_the_mean(small_demo):
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", history=True, pool="attention")
+    ds, split = R.prepare(cfg, quiet=True)
+    model = R.build_model(cfg, R.build_features(ds, "none"), split).eval()
+    users = torch.arange(6)
+    rows = [split.train[u].indices for u in range(6)]
+    E = model.hist_emb.weight.detach()
+    assert torch.allclose(model.history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
+    with torch.no_grad():
+        model.query.normal_()
+    q = model.query.detach()
+    naive = lambda r: (torch.softmax(E[r] @ q, 0)[:, None] * E[r]).sum(0)
+    assert torch.allclose(model.history(users), torch.stack([naive(r) for r in rows]), atol=1e-5)
+    drop = torch.as_tensor([r[0] for r in rows])          # the target is left out, as in training
+    assert torch.allclose(model.history(users, drop), torch.stack([naive(r[1:]) for r in rows]), atol=1e-5)
+    model.history_dropout = 1.0                            # everything left out: zeros, as the mean gives
+    assert model.train().history(users).abs().max() == 0
+
+
 def test_short_training_run_beats_popularity_on_validation(small_demo):
     cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dot", epochs=5, seed=0,
                    patience=5, device="cpu")
