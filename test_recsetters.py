@@ -215,6 +215,15 @@ def test_rp3beta_matches_the_naive_random_walk(alpha, beta, k):
     assert np.allclose(got, X @ W, atol=1e-5)
 
 
+def test_baselines_option_selects_a_subset_and_rejects_unknown_names():
+    assert R.baseline_names("all") == list(R.BASELINES) and R.baseline_names("none") == []
+    assert R.baseline_names("ials, EASE") == ["iALS", "EASE"]
+    with pytest.raises(R.UserError, match="--baselines 'EASE,SLIM': all, none, or comma-separated names"):
+        R.Config(baselines="EASE,SLIM").validate()
+    args = R.parser().parse_args(["train", "--no-baselines"])
+    assert R.config_from(args).baselines == "none" and R.parser().parse_args(["train"]).baselines == "all"
+
+
 def ials_loss(X, U, V, reg, alpha):
     C = 1 + alpha * X
     return float((C * ((X > 0) - U @ V.T) ** 2).sum() + reg * ((U ** 2).sum() + (V ** 2).sum()))
