@@ -850,7 +850,7 @@ class Config:
     id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
     history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
                                      "training", PROBABILITY)
-    pool: str = setting("mean", "--history pooling: mean, or attention (softmax weights q . e_i of a learned "
+    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
                         "query q)", choices=("mean", "attention"))
     # training
     loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
