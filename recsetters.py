@@ -10,7 +10,7 @@ Read top to bottom:
   6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers
   7. training: vectorized negative sampling, margin / sampled-softmax / full-softmax losses
   8. evaluation: full ranking over all items, chunked, HR@K / NDCG@K / MRR
-  9. baselines: Popularity, ItemKNN, EASE
+  9. baselines: Popularity, ItemKNN, EASE, RP3beta, iALS (grids chosen on validation)
  10. runs: results.json, checkpoints, tables
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
@@ -31,6 +31,7 @@ import stat
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -719,6 +720,9 @@ class TwoTower(nn.Module):
         self.hist_emb = None
         if history is not None:
             self.hist_emb = nn.EmbeddingBag(s["items"], cfg.dim, mode="sum")
+            # pool "attention": history items weighted by softmax(q . e_i) with a learned query q (zero at
+            # the start: the plain mean), so the user vector can lean on the items that say most about taste
+            self.query = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "attention" else None
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
@@ -745,7 +749,23 @@ class TwoTower(nn.Module):
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
                 torch.arange(len(idx), device=idx.device), counts), keep)
+        if self.query is not None:
+            return self.attention_pool(items, counts, keep)
         return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+
+    def attention_pool(self, items, counts, keep=None):
+        """sum_i a_i e_i over each user's history (flat `items`, `counts` per user), a = softmax(q . e) over
+        the items kept (keep > 0); a user with none kept gets zeros, as the mean does."""
+        user = torch.repeat_interleave(torch.arange(len(counts), device=items.device), counts)
+        e = self.hist_emb.weight[items]
+        logit = e @ self.query
+        if keep is not None:
+            logit = logit.masked_fill(keep == 0, float("-inf"))
+        top = torch.full((len(counts),), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
+        w = torch.exp(logit - top.detach().clamp(min=-1e30)[user])             # 0 for left-out items
+        z = torch.zeros(len(counts), device=items.device).index_add_(0, user, w)
+        return torch.zeros(len(counts), e.shape[1], device=items.device).index_add_(
+            0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
     def users(self, idx, drop=None):
         extra = () if self.hist_emb is None else (self.history(idx, drop),)
@@ -781,6 +801,9 @@ PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
 FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
+
+BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
+                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
 
 TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
 
@@ -831,6 +854,8 @@ class Config:
     id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
     history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
                                      "training", PROBABILITY)
+    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
+                        "query q)", choices=("mean", "attention"))
     # training
     loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
                         "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
@@ -850,12 +875,13 @@ class Config:
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
                           choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
     threads: int = setting(0, "torch CPU threads (0: torch's default); 1 is much faster on a CPU shared with other "
-                           "jobs", COUNT0)
+                           "jobs", COUNT0, cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
     runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
     run_name: str = setting("", "run folder name ('': DATASET-TEXT-SCORER-LOSS-sSEED)")
-    baselines: bool = setting(True, "also fit and evaluate the baselines (BASELINES) on the same split")
+    baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
+                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
     # fairness
     min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
     bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
@@ -899,7 +925,7 @@ PRESETS = {
     "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
                      tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
                      history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
                      user_ids=True, hidden="128,64"),
 }
 
@@ -1245,6 +1271,80 @@ def ease_scores(split, lam=100.0):
     return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
 
 
+def rp3beta_scores(split, alpha=1.0, beta=0.5, neighbours=200):
+    """RP3beta (Paudel et al. 2016; as in Dacrema et al. 2019): a three-step random walk item -> user -> item,
+    W[i, j] = sum_u P(i -> u)^alpha P(u -> j)^alpha / degree(j)^beta, with P row-normalized train interactions;
+    beta > 0 penalizes popular destinations. Each item keeps its `neighbours` largest outgoing weights
+    (None = all); a user's score for j is sum over their train items i of W[i, j]."""
+    X = split.train.astype(np.float64).tocsr()
+    p_ui = sp.diags(1 / np.maximum(np.asarray(X.sum(1)).ravel(), 1)) @ X              # user -> item
+    p_iu = sp.diags(1 / np.maximum(np.asarray(X.sum(0)).ravel(), 1)) @ X.T.tocsr()    # item -> user
+    p_ui.data **= alpha
+    p_iu.data **= alpha
+    W = (p_iu @ p_ui).toarray() * np.maximum(split.degree, 1).astype(np.float64)[None, :] ** -beta
+    np.fill_diagonal(W, 0)
+    if neighbours and neighbours < W.shape[1]:
+        weakest = np.argpartition(-W, neighbours, axis=1)[:, neighbours:]
+        np.put_along_axis(W, weakest, 0, axis=1)
+    W = torch.as_tensor(W, dtype=torch.float32)
+    return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ W
+
+
+def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
+    """One half of an ALS sweep: improves the factors X (rows x f) of every row of R (a CSR of interaction
+    strengths r, rows x cols) given the column factors Y (cols x f). Row u's exact solution solves the normal
+    equations of sum_i c_ui (p_ui - x_u . y_i)^2 + reg |x_u|^2 (c_ui = 1 + alpha r_ui, p_ui = [r_ui > 0]):
+        (Y^T Y + reg I + alpha Y^T diag(r_u) Y) x_u = Y^T (1 + alpha r_u) p_u.
+    Like the `implicit` library, it takes `cg_steps` conjugate-gradient steps from the current X instead of
+    a Cholesky solve per row: O(nnz f + rows f^2) per step for all rows at once, not O(rows f^3)."""
+    R = R.tocsr()
+    crow, col = torch.as_tensor(R.indptr, dtype=torch.long), torch.as_tensor(R.indices, dtype=torch.long)
+    r = torch.as_tensor(R.data, dtype=Y.dtype)
+    gram = Y.T @ Y + reg * torch.eye(Y.shape[1], dtype=Y.dtype)
+    with warnings.catch_warnings():        # "sparse CSR support is in beta": only its sampled product is used
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, col, r, size=R.shape)
+
+    def spmm(values, M):        # sparse (rows x cols, pattern of R, given values) @ M
+        return F.embedding_bag(col, M, crow[:-1], mode="sum", per_sample_weights=values)
+
+    def A(P):                   # the left-hand side of every row's normal equations, applied to P
+        return P @ gram + spmm(alpha * r * torch.sparse.sampled_addmm(pattern, P, Y.T, beta=0.0).values(), Y)
+
+    X = X.clone()
+    res = spmm(1 + alpha * r, Y) - A(X)
+    P, rs = res.clone(), (res * res).sum(1)
+    for _ in range(cg_steps):
+        AP = A(P)
+        pap = (P * AP).sum(1)
+        step = torch.where(pap > 0, rs / pap.clamp(min=1e-30), torch.zeros_like(pap))
+        X += step[:, None] * P
+        res -= step[:, None] * AP
+        rs_new = (res * res).sum(1)
+        P = res + torch.where(rs > 0, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))[:, None] * P
+        rs = rs_new
+    return X
+
+
+def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
+    """Implicit ALS (Hu, Koren and Volinsky 2008) on R (users x items CSR, r > 0 for an interaction), from
+    small seeded random factors. Returns (user factors, item factors)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(R.shape[0], factors, generator=g) * 0.01
+    V = torch.randn(R.shape[1], factors, generator=g) * 0.01
+    R = R.astype(np.float32).tocsr()
+    Rt = R.T.tocsr()
+    for _ in range(iterations):
+        U = ials_half_step(R, V, U, reg, alpha, cg_steps)
+        V = ials_half_step(Rt, U, V, reg, alpha, cg_steps)
+    return U, V
+
+
+def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
+    U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
+    return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
+
+
 class Baseline(NamedTuple):
     make: object             # (split, hyperparameter) -> score function users -> (len(users), n_items)
     grid: list               # hyperparameter values tried; the best on validation NDCG@K is kept
@@ -1256,33 +1356,55 @@ BASELINES = {
     "Popularity": Baseline(lambda split, p: popularity_scores(split), [None]),
     "ItemKNN": Baseline(itemknn_scores, [10, 20, 50, 100, 200, None], dense=True),
     "EASE": Baseline(ease_scores, [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True),
+    # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
+    # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured
+    "RP3beta": Baseline(lambda split, p: rp3beta_scores(split, **p), [
+        dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
+        dense=True),
+    "iALS": Baseline(lambda split, p: ials_scores(split, **p), [
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
 }
 DENSE_MAX_ITEMS = 20000
 
 
-def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
-    """Every baseline of BASELINES, tuned on validation. Returns {name: {"params", "validation", "test"}} and
+def baseline_names(spec):
+    """--baselines: all, none, or comma-separated names of BASELINES (any case); None if a name is unknown."""
+    if spec.strip().lower() in ("all", "none", ""):
+        return list(BASELINES) if spec.strip().lower() == "all" else []
+    known = {n.lower(): n for n in BASELINES}
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    return [known[n] for n in names] if all(n in known for n in names) else None
+
+
+def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False, names=None):
+    """The baselines of BASELINES named in `names` (None: all), each tuned on validation. Returns
+    {name: {"params", "validation", "test", "fit_seconds" (the chosen one), "seconds" (the search)}} and
     per-user test ranks."""
     out, ranks = {}, {}
-    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS]
+    names = list(BASELINES) if names is None else names
+    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS and n in names]
     if skipped and not quiet:
         log(f"{' and '.join(skipped)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
     for name, (make, grid, _) in BASELINES.items():
-        if name in skipped:
+        if name in skipped or name not in names:
             continue
         t0 = time.perf_counter()
         best = None
         for p in grid:
+            t1 = time.perf_counter()
             fn = make(split, p)
+            fit = time.perf_counter() - t1
             val = evaluate_split(fn, split, "validation", k, "cpu", memory_mb)
             if best is None or val["overall"][f"ndcg@{k}"] > best[1]["overall"][f"ndcg@{k}"]:
-                best = (p, val, fn)
-        p, val, fn = best
+                best = (p, val, fn, fit)
+        p, val, fn, fit = best
         test, r = evaluate_split(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
-        out[name] = {"params": p, "validation": val, "test": test, "seconds": time.perf_counter() - t0}
+        out[name] = {"params": p, "validation": val, "test": test, "fit_seconds": fit,
+                     "seconds": time.perf_counter() - t0, "grid_size": len(grid)}
         ranks[name] = r
         if not quiet:
-            log(f"baseline {name:<10} chosen {p!s:>5} on validation  val NDCG@{k} {val['overall'][f'ndcg@{k}']:6.2f}")
+            log(f"baseline {name:<10} chosen {p!s} of {len(grid)} on validation  val NDCG@{k} "
+                f"{val['overall'][f'ndcg@{k}']:6.2f}  fit {fit:.1f}s, search {out[name]['seconds']:.1f}s")
     return out, ranks
 
 
@@ -1340,10 +1462,11 @@ def run_folder(run, runs_dir="runs"):
 
 def fmt_table(rows, k, title):
     groups = ["overall", "cold", "warm"]
-    head = f"{'model':<40}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
+    w = max([40] + [len(name) + 2 for name, _ in rows])
+    head = f"{'model':<{w}}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
     lines = [title, head, "-" * len(head)]
     for name, res in rows:
-        lines.append(f"{name:<40}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
+        lines.append(f"{name:<{w}}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
                                             for g in groups))
     return "\n".join(lines)
 
@@ -1406,7 +1529,8 @@ def train_and_report(cfg, device, rank=0, world=1):
     test, ranks = evaluate_split(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
                                  return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
-    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb) if cfg.baselines else ({}, {})
+    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb,
+                                          names=baseline_names(cfg.baselines))
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
                "config": asdict(cfg), "device": str(device), "world_size": world, "split": split_stats(split),
@@ -1614,6 +1738,9 @@ def add_settings(p, cmd, d):
             p.add_argument(flag(f.name), type=f.type, default=default, choices=choices,
                            help=f"{text} (default: {default!r})" if isinstance(default, str) else
                            f"{text} (default: {default})")
+        if f.name == "baselines":
+            p.add_argument("--no-baselines", dest="baselines", action="store_const", const="none", default=default,
+                           help="no baselines (--baselines none)")
 
 
 def parser(preset=""):
@@ -1686,8 +1813,13 @@ def cmd_recommend(args):
 
 
 def cmd_baselines(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ds, split = prepare(cfg)
-    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
+    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, names=baseline_names(cfg.baselines))
+    print(f"\n{'baseline':<12}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
+    for n, r in res.items():
+        print(f"{n:<12}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
     print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
                     f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
 
