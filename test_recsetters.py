@@ -132,13 +132,42 @@ def test_sampler_never_returns_a_train_positive_and_knows_no_held_out_item(small
     sampler = R.NegativeSampler(s, seed=3)
     pos = s.train.toarray() > 0
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(50):
         users = rng.integers(0, s.n_users, 256)
-        neg = sampler.sample(users, 20)
-        assert neg.shape == (256, 20)
+        neg = sampler.sample(torch.as_tensor(users), 20).numpy()
+        assert neg.shape == (256, 20) and neg.min() >= 0 and neg.max() < s.n_items
         assert not pos[users[:, None], neg].any()
+    # seeded: the same negatives again from a sampler with the same seed
+    a, b = R.NegativeSampler(s, seed=3), R.NegativeSampler(s, seed=3)
+    users = torch.as_tensor(rng.integers(0, s.n_users, 64))
+    assert torch.equal(a.sample(users, 5), b.sample(users, 5))
     # held-out items are ordinary negatives in training: excluding them would leak them (see NegativeSampler)
-    assert not sampler.is_positive(s.test_u, s.test_i).any() and not sampler.is_positive(s.val_u, s.val_i).any()
+    t = lambda x: torch.tensor(x)
+    assert not sampler.is_positive(t(s.test_u), t(s.test_i)).any()
+    assert not sampler.is_positive(t(s.val_u), t(s.val_i)).any()
+    assert sampler.is_positive(t(s.train_u), t(s.train_i)).all()
+    # the train positives of a batch, straight from the CSR on the device
+    users = rng.integers(0, s.n_users, 100)
+    rows, cols = sampler.positives(torch.as_tensor(users), int(sampler.degree[users].sum()))
+    got = np.zeros((100, s.n_items), bool)
+    got[rows.numpy(), cols.numpy()] = True
+    assert (got == pos[users]).all()
+
+
+def test_sampler_is_uniform_over_the_users_non_positives():
+    """Negatives are uniform over a user's non-positives, validation and test items included: chi-square over
+    100,000 draws for a user with many positives (a redraw-free sampler could easily get this wrong)."""
+    n_items = 50
+    train_i = np.array([0, 1, 2, 7, 8, 20, 21, 22, 23, 49, 3, 30])
+    train_u = np.array([1] * 10 + [0, 2])
+    s = R.Split(3, n_items, train_u, train_i, np.array([1]), np.array([5]), np.array([1]), np.array([6]))
+    neg = R.NegativeSampler(s, seed=0).sample(torch.ones(100_000, dtype=torch.long), 1).numpy().ravel()
+    counts = np.bincount(neg, minlength=n_items)
+    allowed = np.setdiff1d(np.arange(n_items), train_i[:10])
+    assert counts[train_i[:10]].sum() == 0 and counts[5] > 0 and counts[6] > 0
+    expected = len(neg) / len(allowed)
+    chi2 = ((counts[allowed] - expected) ** 2 / expected).sum()
+    assert chi2 < 80          # 39 degrees of freedom: P(chi2 > 80) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- metrics
