@@ -541,9 +541,17 @@ class Tower(nn.Module):
         return F.gelu(h) if self.out_act else h
 
 
+def gather_rows(V, inv):
+    """V[inv] for a long tensor `inv` of any shape (index_select: its backward is a fast index_add)."""
+    return V.index_select(0, inv.ravel()).view(*inv.shape, V.shape[-1])
+
+
 class DotScorer(nn.Module):
     def pairs(self, u, v):          # broadcastable (..., D) x (..., D) -> (...)
         return (u * v).sum(-1)
+
+    def pairs_of(self, U, V, inv):  # (B, D), (M, D), (B, K) indices into V -> (B, K): user b with item inv[b, k]
+        return torch.bmm(gather_rows(V, inv), U[:, :, None]).squeeze(-1)
 
     def all_pairs(self, U, V):      # (B, D) x (N, D) -> (B, N)
         return U @ V.T
@@ -573,9 +581,18 @@ class DotCompress(nn.Module):
         s = self.rest(h1).squeeze(-1)
         return F.gelu(s) if self.final_gelu else s
 
+    def head(self, uu, uv, vv, su, sv):
+        """The score from the five numbers (broadcastable tensors): the folded first Linear is one small matmul."""
+        five = torch.stack(torch.broadcast_tensors(uu, uv, vv, su, sv), -1)
+        return self.finish(F.linear(five, self.coefs().T, self.l1.bias))
+
     def pairs(self, u, v):
-        five = torch.broadcast_tensors((u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1), u.sum(-1), v.sum(-1))
-        return self.finish(F.linear(torch.stack(five, -1), self.coefs().T, self.l1.bias))   # one small matmul
+        return self.head((u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1), u.sum(-1), v.sum(-1))
+
+    def pairs_of(self, U, V, inv):
+        """As DotScorer.pairs_of; the items' own numbers are computed once per item, then gathered."""
+        uv = torch.bmm(gather_rows(V, inv), U[:, :, None]).squeeze(-1)
+        return self.head((U * U).sum(-1)[:, None], uv, (V * V).sum(-1)[inv], U.sum(-1)[:, None], V.sum(-1)[inv])
 
     def all_pairs(self, U, V, tile=None):
         c = self.coefs()
@@ -894,7 +911,7 @@ def batch_loss(model, cfg, batch):
     U = model.users(users, drop=pos)
     V = model.items(items)
     if cfg.loss == "margin":
-        s = model.scorer.pairs(U[:, None, :], V.index_select(0, inv.ravel()).view(*inv.shape, -1))
+        s = model.scorer.pairs_of(U, V, inv)
         return F.relu(cfg.margin - s[:, :1] + s[:, 1:]).mean()
     logits = model.scorer.all_pairs(U, V) - batch["correction"]
     return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), inv[:, 0])
