@@ -34,8 +34,14 @@ import torch
 import recsetters as R
 
 SETS = ("demo", "hetrec", "large")
-SCORERS = ("dot", "dotcompress")
+SCORERS = tuple(R.SCORERS)
 PHASES = ("sampling", "forward", "backward", "optimizer")
+# the model and training setup every set is timed with, pinned (train's defaults may change): the study's towers
+# (hidden layers 128,64, 96-dim embeddings, GELU on the outputs, no history, no normalization) and margin loss
+# with 20 negatives, at lr 1e-3; --scorer, --batch-size, --negatives, --amp and --compile come from the command
+# line
+BENCH_MODEL = dict(loss="margin", negatives=20, lr=1e-3, dim=96, out_dim=192, hidden="128,64", tower_act=True,
+                   final_gelu=False, history=False, normalize=False, temperature=1.0, dropout=0.0, user_ids=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +112,7 @@ def epoch_runner(M, cfg, split, feats, device):
     """(model, run) for module M (this recsetters.py, or an older one): run(desc) trains one real epoch with
     M.train_epoch, the code train_model runs, and returns (mean loss, {phase: seconds})."""
     M.seed_everything(cfg.seed)
-    model = M.build_model(cfg, feats, split).to(device)
+    model = (M.TwoTower(feats, cfg, split.train) if hasattr(M, "SCORERS") else M.build_model(cfg, feats, split)).to(device)
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
@@ -217,12 +223,10 @@ def run_set(args):
     reps = args.reps if args.reps else (1 if args.one == "large" else 3)
     modules = [("now", R)] + ([(args.against, module_at(args.against))] if args.against else [])
     for scorer in args.scorers.split(","):
-        # pinned to the study's exact model and training setup (--preset original: its towers, 96-dim
-        # embeddings, DotCompress with GELU on the score, margin loss, 20 negatives, batch 512), whatever
-        # train's defaults are; --scorer dot swaps only the head
-        settings = {**R.PRESETS["original"], "dataset": args.one, "scorer": scorer, "seed": args.seed,
+        settings = {**BENCH_MODEL, "dataset": args.one, "scorer": scorer, "seed": args.seed,
                     "batch_size": args.batch_size, "negatives": args.negatives, "amp": args.amp,
                     "compile": args.compile}
+        R.Config(**settings).validate()
         runs, evals = [], []
         for name, M in modules:
             cfg = M.Config(**{k: v for k, v in settings.items() if k in M.Config.__dataclass_fields__})
@@ -291,7 +295,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=0, help="epochs timed per scorer (default: 3, large: 1)")
     ap.add_argument("--batch-size", type=int, default=R.PRESETS["original"]["batch_size"],
                     help="default: the study's 512")
-    ap.add_argument("--negatives", type=int, default=R.PRESETS["original"]["negatives"],
+    ap.add_argument("--negatives", type=int, default=BENCH_MODEL["negatives"],
                     help="negatives per positive (the study's 20; 40 gives its 41 scored pairs per positive)")
     ap.add_argument("--against", metavar="REV", help="also time recsetters.py as of git revision REV (e.g. "
                     "ca6ae59), side by side in the same process, interleaved rounds")
@@ -318,7 +322,7 @@ def main(argv=None):
                      "cpu") if Path("/proc/cpuinfo").exists() else "cpu",
            "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
-           "batch_size": args.batch_size, "negatives": args.negatives, "loss": "margin",
+           "batch_size": args.batch_size, "negatives": args.negatives, "loss": BENCH_MODEL["loss"],
            "against": args.against,
            "load_average_at_start": os.getloadavg(), "gpu_measured": device.type == "cuda"}
     results = []
