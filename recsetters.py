@@ -964,10 +964,12 @@ class Phases:
         self.t = t
 
 
-def make_batch(cfg, sampler, users, pos, neg, logq, n_pos):
+def make_batch(cfg, sampler, users, pos, neg, logq, n_pos, every_item=None):
     """What one batch's loss needs besides the model, built on the device without waiting for it. users, pos:
     long tensors; neg: (B, negatives) or None; logq: log popularity per item (float tensor); n_pos: the
-    number of train positives of `users` in all (a host int: it sizes the mask without a device sync)."""
+    number of train positives of `users` in all (a host int: it sizes the mask without a device sync).
+    every_item: score every item instead of the de-duplicated candidates (None: when there are at least as
+    many candidates as items); both give the same loss."""
     B, n_items, dev = len(users), sampler.n_items, users.device
     batch = {"users": users, "pos": pos}
     mask = None
@@ -981,7 +983,7 @@ def make_batch(cfg, sampler, users, pos, neg, logq, n_pos):
     if cfg.loss == "full":
         return {**batch, "mask": mask}
     cand = torch.cat([pos[:, None], neg], 1)
-    if cand.numel() >= n_items:
+    if cand.numel() >= n_items if every_item is None else every_item:
         # about every item is a candidate: score all items once (no de-duplication, no sync); in the sampled
         # softmax the items that are no candidate are masked out
         items, inv = torch.arange(n_items, device=dev), cand
