@@ -803,8 +803,9 @@ class Config:
     # where and how it runs
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
                           choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
-    threads: int = setting(0, "torch CPU threads (0: torch's default); 1 is much faster on a CPU shared with other "
-                           "jobs", COUNT0)
+    threads: int = setting(0, "torch CPU threads (0: torch's default, one per core). With OMP_WAIT_POLICY=PASSIVE "
+                           "(make sets it) that is never much slower than 1 on a CPU shared with other jobs; without "
+                           "it, use 1 there", COUNT0)
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
     runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
@@ -1603,6 +1604,9 @@ def cmd_train(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cpu" and torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        log(f"note: {torch.get_num_threads()} torch threads spin while they wait: beside other jobs that can be 5-10x "
+            "slower; set OMP_WAIT_POLICY=PASSIVE (make does) or use --threads 1 (README, Speed and scale)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return train_and_report(cfg, device)
