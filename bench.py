@@ -321,6 +321,7 @@ def main(argv=None):
            else next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                      "cpu") if Path("/proc/cpuinfo").exists() else "cpu",
            "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
            "batch_size": args.batch_size, "negatives": args.negatives, "loss": BENCH_MODEL["loss"],
            "against": args.against,
@@ -346,7 +347,8 @@ def main(argv=None):
     env["load_average_at_end"] = os.getloadavg()
     R.atomic_write_text(args.out, json.dumps({"environment": env, "results": results}, indent=1))
     print(f"\nbench on {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads, "
-          f"load average {env['load_average_at_start'][0]:.1f} at start")
+          f"OMP_WAIT_POLICY={env['omp_wait_policy'] or '(unset)'}, load average "
+          f"{env['load_average_at_start'][0]:.1f} at start, {env['load_average_at_end'][0]:.1f} at the end")
     print(table(results))
     print(f"\nwrote {args.out}")
 

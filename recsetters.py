@@ -1604,7 +1604,8 @@ def cmd_train(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    if device.type == "cpu" and torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if device.type == "cpu" and torch.get_num_threads() > 1 and spinning:
         log(f"note: {torch.get_num_threads()} torch threads spin while they wait: beside other jobs that can be 5-10x "
             "slower; set OMP_WAIT_POLICY=PASSIVE (make does) or use --threads 1 (README, Speed and scale)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
