@@ -286,6 +286,37 @@ def table(results):
     return "\n".join(lines)
 
 
+THREAD_SETTINGS = {"torch default (OMP_WAIT_POLICY unset)": ("0", None), "1 thread": ("1", None),
+                   "torch default, OMP_WAIT_POLICY=PASSIVE": ("0", "PASSIVE")}
+
+
+def threads_table(args, passthrough):
+    """--threads-sweep: one `demo` epoch and evaluation (dot scorer) per thread setting, in a fresh process each,
+    as the machine is and beside one busy process (a `while True: pass` started and stopped here)."""
+    rows = []
+    for condition in ("as it is", "beside one busy process"):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition != "as it is" else None
+        try:
+            for rep in range(args.reps or 1):
+                for name, (threads, policy) in THREAD_SETTINGS.items():
+                    load = os.getloadavg()[0]
+                    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                        subprocess.run([sys.executable, __file__, *passthrough, "--threads", threads, "--sets", "demo",
+                                        "--scorers", "dot", "--reps", "1", "--one", "demo", "--one-out", f.name],
+                                       env={**{k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+                                            **({"OMP_WAIT_POLICY": policy} if policy else {})}, check=True)
+                        m = json.loads(Path(f.name).read_text())["scorers"]["dot"]["now"]
+                    rows.append({"condition": condition, "setting": name, "load_average": load,
+                                 "epoch_seconds": m["epoch_seconds"], "eval_seconds": m["eval_seconds"]})
+                    R.log(f"{condition}, {name}: epoch {m['epoch_seconds']:.2f}s, eval {m['eval_seconds']:.2f}s "
+                          f"(load {load:.1f})")
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sets", default=",".join(SETS), help="comma-separated: demo, hetrec, large")
@@ -307,6 +338,9 @@ def main(argv=None):
     ap.add_argument("--amp", action="store_true", help="bf16 autocast in training")
     ap.add_argument("--compile", action="store_true", help="torch.compile towers and scorer")
     ap.add_argument("--no-train", action="store_true", help="evaluation only (untrained model; same speed)")
+    ap.add_argument("--threads-sweep", action="store_true", help="instead: a demo epoch and evaluation per thread "
+                    "setting (torch's default spinning, 1, torch's default with OMP_WAIT_POLICY=PASSIVE), as the "
+                    "machine is and beside one busy process; --reps rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/bench.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)           # internal: run one set in this process
@@ -333,6 +367,14 @@ def main(argv=None):
                    "--eval-memory-mb", str(args.eval_memory_mb), "--max-eval-pairs", str(args.max_eval_pairs),
                    "--seed", str(args.seed)] + ["--amp"] * args.amp + ["--compile"] * args.compile \
         + ["--no-train"] * args.no_train
+    if args.threads_sweep:
+        rows = threads_table(args, [a for a in passthrough if a not in ("--against", args.against)])
+        R.atomic_write_text(args.out, json.dumps({"environment": env, "threads": rows}, indent=1))
+        print(f"{'condition':<26}{'setting':<42}{'load':>6}{'epoch s':>9}{'eval s':>8}")
+        for r in rows:
+            print(f"{r['condition']:<26}{r['setting']:<42}{r['load_average']:>6.1f}{r['epoch_seconds']:>9.2f}"
+                  f"{r['eval_seconds']:>8.2f}")
+        return
     for name in args.sets.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             tmp = f.name
