@@ -133,13 +133,42 @@ def test_sampler_never_returns_a_train_positive_and_knows_no_held_out_item(small
     sampler = R.NegativeSampler(s, seed=3)
     pos = s.train.toarray() > 0
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(50):
         users = rng.integers(0, s.n_users, 256)
-        neg = sampler.sample(users, 20)
-        assert neg.shape == (256, 20)
+        neg = sampler.sample(torch.as_tensor(users), 20).numpy()
+        assert neg.shape == (256, 20) and neg.min() >= 0 and neg.max() < s.n_items
         assert not pos[users[:, None], neg].any()
+    # seeded: the same negatives again from a sampler with the same seed
+    a, b = R.NegativeSampler(s, seed=3), R.NegativeSampler(s, seed=3)
+    users = torch.as_tensor(rng.integers(0, s.n_users, 64))
+    assert torch.equal(a.sample(users, 5), b.sample(users, 5))
     # held-out items are ordinary negatives in training: excluding them would leak them (see NegativeSampler)
-    assert not sampler.is_positive(s.test_u, s.test_i).any() and not sampler.is_positive(s.val_u, s.val_i).any()
+    t = lambda x: torch.tensor(x)
+    assert not sampler.is_positive(t(s.test_u), t(s.test_i)).any()
+    assert not sampler.is_positive(t(s.val_u), t(s.val_i)).any()
+    assert sampler.is_positive(t(s.train_u), t(s.train_i)).all()
+    # the train positives of a batch, straight from the CSR on the device
+    users = rng.integers(0, s.n_users, 100)
+    rows, cols = sampler.positives(torch.as_tensor(users), int(sampler.degree[users].sum()))
+    got = np.zeros((100, s.n_items), bool)
+    got[rows.numpy(), cols.numpy()] = True
+    assert (got == pos[users]).all()
+
+
+def test_sampler_is_uniform_over_the_users_non_positives():
+    """Negatives are uniform over a user's non-positives, validation and test items included: chi-square over
+    100,000 draws for a user with many positives (a redraw-free sampler could easily get this wrong)."""
+    n_items = 50
+    train_i = np.array([0, 1, 2, 7, 8, 20, 21, 22, 23, 49, 3, 30])
+    train_u = np.array([1] * 10 + [0, 2])
+    s = R.Split(3, n_items, train_u, train_i, np.array([1]), np.array([5]), np.array([1]), np.array([6]))
+    neg = R.NegativeSampler(s, seed=0).sample(torch.ones(100_000, dtype=torch.long), 1).numpy().ravel()
+    counts = np.bincount(neg, minlength=n_items)
+    allowed = np.setdiff1d(np.arange(n_items), train_i[:10])
+    assert counts[train_i[:10]].sum() == 0 and counts[5] > 0 and counts[6] > 0
+    expected = len(neg) / len(allowed)
+    chi2 = ((counts[allowed] - expected) ** 2 / expected).sum()
+    assert chi2 < 80          # 39 degrees of freedom: P(chi2 > 80) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -266,9 +295,57 @@ def test_dotcompress_five_number_identity_equals_literal_formula():
     full = head.all_pairs(u, v)                 # every user against every item
     lit_full = torch.stack([head.literal(u[i].expand(64, -1), v) for i in range(64)])
     assert torch.allclose(full, lit_full, atol=1e-9, rtol=1e-9)
+    # each user against its own candidate rows (the margin loss)
+    inv = torch.randint(0, 64, (64, 7))
+    assert torch.allclose(head.pairs_of(u, v, inv), head.pairs(u[:, None], v[inv]), atol=1e-9, rtol=1e-9)
     # float32 too, within float tolerance
     h32 = head.float()
     assert torch.allclose(h32.pairs(u.float(), v.float()), h32.literal(u.float(), v.float()), atol=1e-3, rtol=1e-4)
+
+
+def test_dotcompress_evaluation_tiles_give_the_float32_reference_ranks():
+    """Evaluation scores DotCompress in tiles: CPU-sized (4,096 pairs), GPU-sized (millions; here 50,000, so
+    several users per tile and a ragged last tile, on the CPU) or in one piece (the float32 reference). The
+    ranks of held-out items are the same whatever the tiling."""
+    torch.manual_seed(1)
+    head = R.DotCompress(192, final_gelu=True)
+    U, V = torch.randn(333, 192), torch.randn(700, 192)
+    assert R.eval_tile("cpu") == 4096
+    targets = np.random.default_rng(0).integers(0, 700, 333)
+    exclude = sp.random(333, 700, density=0.05, format="lil", random_state=0, dtype=np.float32)
+    exclude[np.arange(333), targets] = 0
+    exclude = exclude.tocsr()
+    exclude.eliminate_zeros()
+    ranks = {}
+    with torch.inference_mode():
+        ref = head.all_pairs(U, V, tile=U.shape[0] * V.shape[0])      # one piece: no tiling at all
+        for tile in (None, 50_000, 10**9):
+            S = head.all_pairs(U, V, tile=tile)
+            assert torch.allclose(S, ref, atol=1e-5, rtol=1e-5)
+            ranks[tile] = R.rank_of_targets(lambda u: S[u], np.arange(333), targets, exclude, "cpu")
+    assert (ranks[None] == ranks[50_000]).all() and (ranks[None] == ranks[10**9]).all()
+
+
+def test_scoring_every_item_or_the_unique_candidates_gives_the_same_loss(small_demo):
+    """A batch's margin and sampled-softmax losses are the same whether the item tower scores every item (large
+    batches, no sync) or only the de-duplicated candidates (small batches over a large catalog)."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dotcompress", dropout=0.0,
+                   history=False, normalize=False)
+    ds, split = R.prepare(cfg, quiet=True)
+    feats = R.build_features(ds, "none")
+    torch.manual_seed(0)
+    model = R.TwoTower(feats, cfg, split.train).eval()
+    sampler = R.NegativeSampler(split, seed=0)
+    logq = torch.as_tensor(np.log(np.maximum(split.degree, 1) / len(split.train_u)), dtype=torch.float32)
+    idx = np.random.default_rng(0).choice(len(split.train_u), 8, replace=False)
+    users, pos = torch.as_tensor(split.train_u[idx]), torch.as_tensor(split.train_i[idx])
+    neg = sampler.sample(users, 5)
+    n_pos = int(sampler.degree[split.train_u[idx]].sum())
+    for loss in ("margin", "softmax"):
+        cfg.loss, cfg.negatives = loss, 5
+        a, b = (R.batch_loss(model, cfg, R.make_batch(cfg, sampler, users, pos, neg, logq, n_pos, every_item=e))
+                for e in (True, False))
+        assert torch.isfinite(a) and a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
 def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(small_demo):
