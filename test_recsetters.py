@@ -63,16 +63,17 @@ def test_kcore_reaches_fixed_point():
     assert r2 == 1 and len(again) == len(out)
 
 
-def test_duplicates_keep_latest_and_zero_timestamps_are_unknown():
-    inter = pd.DataFrame({"user": ["a", "a", "a", "b"], "item": ["x", "x", "y", "y"],
-                          "timestamp": [10.0, 30.0, 0.0, np.nan]})
-    users = pd.DataFrame({"user": ["a", "b"], "country": ["", ""]})
-    items = pd.DataFrame({"item": ["x", "y"], "artist": "A", "track": "T", "tag": "", "title": "T"})
+def test_duplicates_keep_latest_and_impossible_timestamps_are_unknown_with_counts():
+    inter = pd.DataFrame({"user": ["a", "a", "a", "b", "b", "b", "b", "c"], "item": ["x", "x", "y", "y", "x", "z", "w", "x"],
+                          "timestamp": [10.0, 30.0, 0.0, np.nan, -5.0, np.inf, 1e26, -np.inf]})
+    users = pd.DataFrame({"user": ["a", "b", "c"], "country": ""})
+    items = pd.DataFrame({"item": ["x", "y", "z", "w"], "artist": "A", "track": "T", "tag": "", "title": "T"})
     ds = R.filter_dataset(R.Dataset("t", users, items, inter), min_interactions=1)
     got = ds.inter.set_index(["user", "item"]).timestamp
     assert got[("a", "x")] == 30.0
-    assert np.isnan(got[("a", "y")]) and np.isnan(got[("b", "y")])
-    assert any("no timestamp" in line for line in ds.report)
+    assert got.drop(("a", "x")).isna().all()          # 0, empty, negative, infinite, after tomorrow: unknown time
+    line = next(line for line in ds.report if "no usable timestamp" in line)
+    assert line.strip().startswith("6 interactions") and "2 empty or 0, 1 negative, 2 infinite, 1 after " in line
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -132,13 +133,42 @@ def test_sampler_never_returns_a_train_positive_and_knows_no_held_out_item(small
     sampler = R.NegativeSampler(s, seed=3)
     pos = s.train.toarray() > 0
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(50):
         users = rng.integers(0, s.n_users, 256)
-        neg = sampler.sample(users, 20)
-        assert neg.shape == (256, 20)
+        neg = sampler.sample(torch.as_tensor(users), 20).numpy()
+        assert neg.shape == (256, 20) and neg.min() >= 0 and neg.max() < s.n_items
         assert not pos[users[:, None], neg].any()
+    # seeded: the same negatives again from a sampler with the same seed
+    a, b = R.NegativeSampler(s, seed=3), R.NegativeSampler(s, seed=3)
+    users = torch.as_tensor(rng.integers(0, s.n_users, 64))
+    assert torch.equal(a.sample(users, 5), b.sample(users, 5))
     # held-out items are ordinary negatives in training: excluding them would leak them (see NegativeSampler)
-    assert not sampler.is_positive(s.test_u, s.test_i).any() and not sampler.is_positive(s.val_u, s.val_i).any()
+    t = lambda x: torch.tensor(x)
+    assert not sampler.is_positive(t(s.test_u), t(s.test_i)).any()
+    assert not sampler.is_positive(t(s.val_u), t(s.val_i)).any()
+    assert sampler.is_positive(t(s.train_u), t(s.train_i)).all()
+    # the train positives of a batch, straight from the CSR on the device
+    users = rng.integers(0, s.n_users, 100)
+    rows, cols = sampler.positives(torch.as_tensor(users), int(sampler.degree[users].sum()))
+    got = np.zeros((100, s.n_items), bool)
+    got[rows.numpy(), cols.numpy()] = True
+    assert (got == pos[users]).all()
+
+
+def test_sampler_is_uniform_over_the_users_non_positives():
+    """Negatives are uniform over a user's non-positives, validation and test items included: chi-square over
+    100,000 draws for a user with many positives (a redraw-free sampler could easily get this wrong)."""
+    n_items = 50
+    train_i = np.array([0, 1, 2, 7, 8, 20, 21, 22, 23, 49, 3, 30])
+    train_u = np.array([1] * 10 + [0, 2])
+    s = R.Split(3, n_items, train_u, train_i, np.array([1]), np.array([5]), np.array([1]), np.array([6]))
+    neg = R.NegativeSampler(s, seed=0).sample(torch.ones(100_000, dtype=torch.long), 1).numpy().ravel()
+    counts = np.bincount(neg, minlength=n_items)
+    allowed = np.setdiff1d(np.arange(n_items), train_i[:10])
+    assert counts[train_i[:10]].sum() == 0 and counts[5] > 0 and counts[6] > 0
+    expected = len(neg) / len(allowed)
+    chi2 = ((counts[allowed] - expected) ** 2 / expected).sum()
+    assert chi2 < 80          # 39 degrees of freedom: P(chi2 > 80) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -188,11 +218,75 @@ def test_evaluator_matches_a_naive_loop_and_masks_validation_at_test_time():
         assert ranks[u] == order.index(test_i[u])
 
 
+# ---------------------------------------------------------------------------------------------- baselines
+
+def toy_split(n_users=30, n_items=20, density=0.25, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.random((n_users, n_items)) < density).astype(np.float32)
+    u, i = np.nonzero(X)
+    s = R.Split(n_users, n_items, u, i, u[:0], i[:0], u[:0], i[:0])
+    s.train, s.degree = sp.csr_matrix(X), X.sum(0).astype(np.int64)
+    return s, X.astype(np.float64)
+
+
+@pytest.mark.parametrize("alpha,beta,k", [(1.0, 0.0, None), (0.6, 0.4, None), (0.8, 0.5, 4)])
+def test_rp3beta_matches_the_naive_random_walk(alpha, beta, k):
+    s, X = toy_split()
+    n_users, n_items = X.shape
+    W = np.zeros((n_items, n_items))
+    for i in range(n_items):                   # item i -> user u -> item j, each step uniform over neighbours
+        for j in range(n_items):
+            if i != j:
+                W[i, j] = sum((X[u, i] / max(X[:, i].sum(), 1)) ** alpha * (X[u, j] / max(X[u].sum(), 1)) ** alpha
+                              for u in range(n_users) if X[u, i] and X[u, j]) / max(X[:, j].sum(), 1) ** beta
+        if k:                                  # keep the k largest outgoing weights of item i
+            W[i, np.argsort(-W[i], kind="stable")[k:]] = 0
+    got = R.rp3beta_scores(s, alpha, beta, k)(np.arange(n_users)).numpy()
+    assert np.allclose(got, X @ W, atol=1e-5)
+
+
+def test_baselines_option_selects_a_subset_and_rejects_unknown_names():
+    assert R.baseline_names("all") == list(R.BASELINES) and R.baseline_names("none") == []
+    assert R.baseline_names("ials, EASE") == ["iALS", "EASE"]
+    with pytest.raises(R.UserError, match="--baselines 'EASE,SLIM': all, none, or comma-separated names"):
+        R.Config(baselines="EASE,SLIM").validate()
+    args = R.parser().parse_args(["train", "--no-baselines"])
+    assert R.config_from(args).baselines == "none" and R.parser().parse_args(["train"]).baselines == "all"
+
+
+def ials_loss(X, U, V, reg, alpha):
+    C = 1 + alpha * X
+    return float((C * ((X > 0) - U @ V.T) ** 2).sum() + reg * ((U ** 2).sum() + (V ** 2).sum()))
+
+
+def test_ials_half_step_solves_each_row_exactly_and_the_loss_decreases():
+    s, X = toy_split(density=0.3)
+    X[X > 0] = np.random.default_rng(1).integers(1, 5, int((X > 0).sum()))     # interaction strengths
+    Rm, f, reg, alpha = sp.csr_matrix(X), 6, 0.5, 3.0
+    V = torch.randn(X.shape[1], f, dtype=torch.float64)
+    U = R.ials_half_step(Rm, V, torch.zeros(X.shape[0], f, dtype=torch.float64), reg, alpha, cg_steps=3 * f)
+    Vn = V.numpy()
+    for u in range(X.shape[0]):                # dense closed form: (V^T C_u V + reg I) x_u = V^T C_u p_u
+        Cu = np.diag(1 + alpha * X[u])
+        exact = np.linalg.solve(Vn.T @ Cu @ Vn + reg * np.eye(f), Vn.T @ Cu @ (X[u] > 0))
+        assert np.allclose(U[u].numpy(), exact, atol=1e-6)
+    losses = [ials_loss(X, *(M.double().numpy() for M in R.ials_fit(Rm, f, reg, alpha, it, seed=0)), reg, alpha)
+              for it in (1, 2, 4, 8)]
+    assert all(a >= b - 1e-6 for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0]
+
+
+def test_ials_and_rp3beta_beat_popularity_on_validation(small_demo):
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0), quiet=True)
+    pop = R.evaluate_split(R.popularity_scores(split), split, "validation", 10, "cpu")["overall"]["ndcg@10"]
+    for fn in (R.ials_scores(split, 16, 10.0, 1.0, 8), R.rp3beta_scores(split, 0.8, 0.3, 50)):
+        assert R.evaluate_split(fn, split, "validation", 10, "cpu")["overall"]["ndcg@10"] > pop
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 def test_dotcompress_five_number_identity_equals_literal_formula():
     torch.manual_seed(0)
-    head = R.DotCompress(192).double()
+    head = R.DotCompress(192, final_gelu=False).double()
     with torch.no_grad():                       # make the bias non-zero so every term is exercised
         head.b.normal_()
     u, v = torch.randn(64, 192, dtype=torch.float64), torch.randn(64, 192, dtype=torch.float64)
@@ -201,15 +295,63 @@ def test_dotcompress_five_number_identity_equals_literal_formula():
     full = head.all_pairs(u, v)                 # every user against every item
     lit_full = torch.stack([head.literal(u[i].expand(64, -1), v) for i in range(64)])
     assert torch.allclose(full, lit_full, atol=1e-9, rtol=1e-9)
+    # each user against its own candidate rows (the margin loss)
+    inv = torch.randint(0, 64, (64, 7))
+    assert torch.allclose(head.pairs_of(u, v, inv), head.pairs(u[:, None], v[inv]), atol=1e-9, rtol=1e-9)
     # float32 too, within float tolerance
     h32 = head.float()
     assert torch.allclose(h32.pairs(u.float(), v.float()), h32.literal(u.float(), v.float()), atol=1e-3, rtol=1e-4)
 
 
+def test_dotcompress_evaluation_tiles_give_the_float32_reference_ranks():
+    """Evaluation scores DotCompress in tiles: CPU-sized (4,096 pairs), GPU-sized (millions; here 50,000, so
+    several users per tile and a ragged last tile, on the CPU) or in one piece (the float32 reference). The
+    ranks of held-out items are the same whatever the tiling."""
+    torch.manual_seed(1)
+    head = R.DotCompress(192, final_gelu=True)
+    U, V = torch.randn(333, 192), torch.randn(700, 192)
+    assert R.eval_tile("cpu") == 4096
+    targets = np.random.default_rng(0).integers(0, 700, 333)
+    exclude = sp.random(333, 700, density=0.05, format="lil", random_state=0, dtype=np.float32)
+    exclude[np.arange(333), targets] = 0
+    exclude = exclude.tocsr()
+    exclude.eliminate_zeros()
+    ranks = {}
+    with torch.inference_mode():
+        ref = head.all_pairs(U, V, tile=U.shape[0] * V.shape[0])      # one piece: no tiling at all
+        for tile in (None, 50_000, 10**9):
+            S = head.all_pairs(U, V, tile=tile)
+            assert torch.allclose(S, ref, atol=1e-5, rtol=1e-5)
+            ranks[tile] = R.rank_of_targets(lambda u: S[u], np.arange(333), targets, exclude, "cpu")
+    assert (ranks[None] == ranks[50_000]).all() and (ranks[None] == ranks[10**9]).all()
+
+
+def test_scoring_every_item_or_the_unique_candidates_gives_the_same_loss(small_demo):
+    """A batch's margin and sampled-softmax losses are the same whether the item tower scores every item (large
+    batches, no sync) or only the de-duplicated candidates (small batches over a large catalog)."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dotcompress", dropout=0.0,
+                   history=False, normalize=False)
+    ds, split = R.prepare(cfg, quiet=True)
+    feats = R.build_features(ds, "none")
+    torch.manual_seed(0)
+    model = R.TwoTower(feats, cfg, split.train).eval()
+    sampler = R.NegativeSampler(split, seed=0)
+    logq = torch.as_tensor(np.log(np.maximum(split.degree, 1) / len(split.train_u)), dtype=torch.float32)
+    idx = np.random.default_rng(0).choice(len(split.train_u), 8, replace=False)
+    users, pos = torch.as_tensor(split.train_u[idx]), torch.as_tensor(split.train_i[idx])
+    neg = sampler.sample(users, 5)
+    n_pos = int(sampler.degree[split.train_u[idx]].sum())
+    for loss in ("margin", "softmax"):
+        cfg.loss, cfg.negatives = loss, 5
+        a, b = (R.batch_loss(model, cfg, R.make_batch(cfg, sampler, users, pos, neg, logq, n_pos, every_item=e))
+                for e in (True, False))
+        assert torch.isfinite(a) and a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
 def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(small_demo):
     cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", history=True)
     ds, split = R.prepare(cfg, quiet=True)
-    model = R.build_model(cfg, R.build_features(ds, "none"), split)
+    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train)
     users = torch.arange(6)
     rows = [split.train[u].indices for u in range(6)]
     E = model.hist_emb.weight.detach()
@@ -224,7 +366,7 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
         R.train_model(R.Config(history_dropout=1.5), split, R.build_features(ds, "none"), torch.device("cpu"))
     # item bias: one more coordinate (item: its bias, user: 1), so the dot product is cosine / T + bias
     cfg.item_bias = True
-    model = R.build_model(cfg, R.build_features(ds, "none"), split).eval()
+    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
     with torch.no_grad():
         model.bias.weight.normal_()
     items = torch.arange(5)
@@ -240,6 +382,25 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+
+def test_attention_pooling_is_a_softmax_over_the_history_and_starts_as_the_mean(small_demo):
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", history=True, pool="attention")
+    ds, split = R.prepare(cfg, quiet=True)
+    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
+    users = torch.arange(6)
+    rows = [split.train[u].indices for u in range(6)]
+    E = model.hist_emb.weight.detach()
+    assert torch.allclose(model.history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
+    with torch.no_grad():
+        model.query.normal_()
+    q = model.query.detach()
+    naive = lambda r: (torch.softmax(E[r] @ q, 0)[:, None] * E[r]).sum(0)
+    assert torch.allclose(model.history(users), torch.stack([naive(r) for r in rows]), atol=1e-5)
+    drop = torch.as_tensor([r[0] for r in rows])          # the target is left out, as in training
+    assert torch.allclose(model.history(users, drop), torch.stack([naive(r[1:]) for r in rows]), atol=1e-5)
+    model.history_dropout = 1.0                            # everything left out: zeros, as the mean gives
+    assert model.train().history(users).abs().max() == 0
+
 
 def test_short_training_run_beats_popularity_on_validation(small_demo):
     cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dot", epochs=5, seed=0,
@@ -398,3 +559,291 @@ def test_experiments_reuse_a_run_only_under_the_same_resolved_config(tmp_path):
     older = {k: v for k, v in want.items() if k != "history_dropout"}      # made before the option existed
     (run / "results.json").write_text(json.dumps({"config": older}))
     assert not E.ran_with(run, want)
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+BAD_SETTINGS = [            # (command line, what the one error line must say)
+    (["train", "--epochs", "0"], "--epochs 0: an integer >= 1"),
+    (["train", "--epochs", "-1"], "--epochs -1: an integer >= 1"),
+    (["train", "--lr", "nan"], "--lr nan: a positive finite number"),
+    (["train", "--lr", "-1"], "--lr -1.0: a positive finite number"),
+    (["train", "--lr", "inf"], "--lr inf: a positive finite number"),
+    (["train", "--batch-size", "0"], "--batch-size 0: an integer >= 1"),
+    (["train", "--dim", "0"], "--dim 0: an integer >= 1"),
+    (["train", "--out-dim", "0"], "--out-dim 0: an integer >= 1"),
+    (["train", "-k", "0"], "-k 0: an integer >= 1"),
+    (["train", "--warm-fraction", "2"], "--warm-fraction 2.0: a fraction, between 0 and 1"),
+    (["train", "--min-interactions", "0"], "--min-interactions 0: an integer >= 1"),
+    (["train", "--dropout", "1.5"], "--dropout 1.5: a probability, between 0 and 1"),
+    (["train", "--id-dropout", "nan"], "--id-dropout nan: a probability, between 0 and 1"),
+    (["train", "--history-dropout", "-0.1"], "--history-dropout -0.1: a probability, between 0 and 1"),
+    (["train", "--temperature", "0"], "--temperature 0.0: a positive finite number"),
+    (["train", "--margin", "nan"], "--margin nan: a finite number >= 0"),
+    (["train", "--weight-decay", "-1"], "--weight-decay -1.0: a finite number >= 0"),
+    (["train", "--negatives", "-1"], "--negatives -1: an integer >= 0"),
+    (["train", "--patience", "0"], "--patience 0: an integer >= 1"),
+    (["train", "--seed", "-1"], "--seed -1: an integer between 0 and 2**32 - 1"),
+    (["train", "--eval-memory-mb", "0"], "--eval-memory-mb 0: an integer >= 1"),
+    (["train", "--threads", "-2"], "--threads -2: an integer >= 0"),
+    (["train", "--hidden", "64,x"], "--hidden '64,x': comma-separated layer sizes"),
+    (["train", "--scorer", "dotcompress"], "--loss full needs --scorer dot"),
+    (["train", "--scorer", "dotcompress", "--loss", "margin", "--out-dim", "191"], "needs an even size"),
+    (["train", "--loss", "margin", "--negatives", "0"], "needs at least one negative"),
+    (["train", "--scorer", "dotcompress", "--loss", "margin", "--item-bias"], "--item-bias needs --scorer dot"),
+    (["baselines", "-k", "0"], "-k 0: an integer >= 1"),
+    (["stats", "--warm-fraction", "nan"], "--warm-fraction nan: a fraction, between 0 and 1"),
+    (["recommend", "somerun", "--user", "u", "-k", "0"], "-k 0: an integer >= 1"),
+    (["fairness", "somerun", "--min-users", "0"], "--min-users 0: an integer >= 1"),
+    (["fairness", "somerun", "--bootstrap", "0"], "--bootstrap 0: an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_bad_settings_are_one_error_line_before_anything_is_read_or_written(argv, message, tmp_path, capsys):
+    where = ["--data-dir", str(tmp_path / "data")] if argv[0] in ("train", "baselines", "stats") else []
+    where += ["--runs-dir", str(tmp_path / "runs")] if argv[0] not in ("baselines", "stats") else []
+    with pytest.raises(SystemExit) as e:
+        R.main([*argv, *where])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_bad_setting_on_the_real_command_line_has_no_traceback(tmp_path):
+    p = run_cli("train", "--lr", "nan", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
+    assert p.returncode == 2 and p.stderr.strip() == "error: --lr nan: a positive finite number"
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_where_every_hit_is_certain_is_refused(tmp_path):
+    """One user and a dozen items at --min-interactions 1: every held-out item is in the top 10 by construction."""
+    items = pd.DataFrame({"item": [f"i{j}" for j in range(12)], "artist": "A", "track": "T", "tag": "", "title": "T"})
+    write_dataset(tmp_path / "one", pd.DataFrame({"user": ["u"], "country": [""]}), items,
+                  pd.DataFrame({"user": "u", "item": items.item, "timestamp": np.arange(1, 13)}))
+    with pytest.raises(R.UserError, match="whatever the model"):
+        R.prepare(R.Config(dataset="one", data_dir=str(tmp_path), min_interactions=1), quiet=True)
+
+
+def test_the_parser_is_generated_from_config(monkeypatch, capsys):
+    """Every Config field is a flag of the commands it names, with Config's default, shown in --help; a preset is
+    an overlay of Config and --help says what it sets."""
+    monkeypatch.setenv("COLUMNS", "1000")             # one line per option in --help
+    fixed = {"evaluate": ["r"], "recommend": ["r", "--user", "u"], "fairness": ["r"]}
+    default = R.Config()
+    seen = set()
+    for cmd in ("train", "baselines", "stats", "evaluate", "recommend", "fairness"):
+        args = vars(R.parser().parse_args([cmd, *fixed.get(cmd, [])]))
+        with pytest.raises(SystemExit):
+            R.parser().parse_args([cmd, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        for f in R.fields(R.Config):
+            if cmd not in f.metadata["cmds"]:
+                assert f.name not in args
+                continue
+            seen.add(f.name)
+            value = getattr(default, f.name)
+            assert args[f.name] == value
+            shown = (R.flag(f.name) if value else "--no-" + f.name.replace("_", "-")) if isinstance(value, bool) \
+                else repr(value) if isinstance(value, str) else str(value)
+            start = [n for n, ln in enumerate(lines) if ln.strip().startswith((R.flag(f.name) + " ", R.flag(f.name) + ","))]
+            assert len(start) == 1, (cmd, f.name)
+            end = next((n for n in range(start[0] + 1, len(lines)) if lines[n].lstrip().startswith("-")), len(lines))
+            entry = " ".join(lines[start[0]:end])        # the option and its help (on the next line when long)
+            assert f"(default: {shown})" in entry and f.metadata["help"][:20] in entry, (cmd, f.name, entry)
+    assert seen == {f.name for f in R.fields(R.Config)}
+    original = R.config_from(R.parser("original").parse_args(["train", "--preset", "original"]))
+    assert original == R.Config(**R.PRESETS["original"], preset="original")
+    with pytest.raises(SystemExit):
+        R.parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "original sets --scorer dotcompress --loss margin" in help_text and "--hidden 128,64" in help_text
+
+
+def test_model_is_built_from_config_alone(small_demo):
+    """TwoTower has no defaults of its own: every setting comes from the Config it is given."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", hidden="32", dim=16, out_dim=8)
+    ds, split = R.prepare(cfg, quiet=True)
+    feats = R.build_features(ds, "none")
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}
+    model = R.TwoTower(feats, cfg, split.train)
+    assert shapes(model)["item_tower.embs.0.weight"] == (split.n_items, 16)
+    assert shapes(model)["item_tower.mlp.1.weight"][0] == 32 and isinstance(model.scorer, R.SCORERS["dot"])
+    study = R.TwoTower(feats, R.Config(**R.PRESETS["original"]), split.train)
+    assert isinstance(study.scorer, R.SCORERS["dotcompress"]) and study.hist_emb is None and study.scale is None
+    import inspect
+    assert list(inspect.signature(R.TwoTower).parameters) == ["feats", "cfg", "history"]
+    assert all(p.default is inspect.Parameter.empty for p in inspect.signature(R.TwoTower).parameters.values())
+
+
+def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(small_demo, tmp_path, monkeypatch):
+    """BASELINES is the one list: run_baselines runs a new entry (tuned on its grid), and experiments.py treats it
+    as a baseline (never as a model in the paired tests), with K read from the runs (here 5, not 10)."""
+    import json
+    import experiments as E
+
+    def noise_scores(split, seed):
+        g = torch.Generator().manual_seed(seed)
+        S = torch.rand(split.n_users, split.n_items, generator=g)
+        return lambda users: S[torch.as_tensor(np.array(users))]
+
+    monkeypatch.setitem(R.BASELINES, "Noise", R.Baseline(noise_scores, [1, 2]))
+    out = tmp_path / "ablation"
+    E.run_baselines_cell("small", 0, str(small_demo), out / "runs" / "small-baselines-s0", 5)
+    res = json.loads((out / "runs" / "small-baselines-s0" / "results.json").read_text())
+    assert set(res["baselines"]) == set(R.BASELINES) and res["baselines"]["Noise"]["params"] in (1, 2)
+    assert "hr@5" in res["baselines"]["Noise"]["test"]["overall"]
+    # a two-tower cell, made up from EASE's numbers and ranks (no training needed to test the bookkeeping)
+    tt = out / "runs" / "small-none-s0"
+    tt.mkdir()
+    ease = res["baselines"]["EASE"]
+    (tt / "results.json").write_text(json.dumps({"dataset": res["dataset"], "best_epoch": 1, "history": [],
+                                                 "config": {"dataset": "small", "seed": 0, "k": 5, "text": "none"},
+                                                 "test": ease["test"], "validation": ease["validation"]}))
+    z = np.load(out / "runs" / "small-baselines-s0" / "ranks.npz")
+    np.savez(tt / "ranks.npz", users=z["users"], items=z["items"], two_tower=z["ease"])
+    df, ranks = E.collect(out)
+    assert set(df[df.kind == "baseline"].model) == set(R.BASELINES) and set(df.k) == {5}
+    sig = E.significance(df, ranks)
+    assert set(sig.model) == {"two-tower, text none"} and set(sig.metric) == {"hr", "ndcg"}
+    assert "Noise" not in set(sig.model)
+    lines = E.quality_lines(df, E.summary(df)[lambda s: s.dataset == "small"], out, "small")
+    assert "HR@5" in lines[1]
+
+
+# ---------------------------------------------------------------------------------------------- paths, run folders
+
+def one_error_line(capsys, argv):
+    """Run the command line in-process: it must exit 2 with exactly one `error:` line; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        R.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+TINY = ["--text", "none", "--epochs", "1", "--no-baselines", "--device", "cpu"]
+
+
+def test_runs_are_written_under_runs_dir_and_found_by_name_or_path(tmp_path, monkeypatch, capsys):
+    """A dataset given as a path (relative with ../, or absolute) is resolved and reported, and its run goes under
+    --runs-dir with a sanitized name, never inside data/; evaluate takes a run name or a run path, never doubled."""
+    write_dataset(tmp_path / "data" / "x", *random_interactions(n=1500))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    R.main(["train", "--dataset", "../data/x", *TINY])
+    assert f"dataset folder {tmp_path / 'data' / 'x'}" in capsys.readouterr().err
+    R.main(["train", "--dataset", str(tmp_path / "data" / "x"), "--run-name", "../../escape/..", *TINY])
+    R.main(["train", "--dataset", "x", "--data-dir", "../data", "--run-name", "a/b", "--seed", "1", *TINY])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "work"]
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["a-b", "escape", "x-none-dot-full-s0"]
+    assert {p.name for p in (work / "runs" / "escape").iterdir()} == {"best.pt", "run.json", "results.json",
+                                                                      "ranks.npz"}
+    capsys.readouterr()
+    for run in ("x-none-dot-full-s0", "runs/x-none-dot-full-s0", str(work / "runs" / "x-none-dot-full-s0")):
+        R.main(["evaluate", run, "--device", "cpu"])
+        assert "x-none-dot-full-s0 on x" in capsys.readouterr().out
+    line = one_error_line(capsys, ["evaluate", "runs/missing"])
+    assert "no run 'runs/missing'" in line and "runs/runs" not in line and "a-b" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One trained run (1 epoch, no text) of a small dataset of its own: (data dir, run folder)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_dataset(root / "data" / "x", *random_interactions(n=1500))
+    R.main(["train", "--dataset", "x", "--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"),
+            "--run-name", "r", *TINY])
+    return root / "data", root / "runs" / "r"
+
+
+def damaged_copy(run, tmp_path, name, damage):
+    copy = tmp_path / "runs" / name
+    import shutil
+    shutil.copytree(run, copy)
+    damage(copy)
+    return copy
+
+
+class Payload:
+    """A pickle that runs code when loaded with weights_only=False."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_damaged_foreign_or_old_run_is_one_line_naming_the_file(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    good = (run / "best.pt").read_bytes()
+    info = __import__("json").loads((run / "run.json").read_text())
+    marker = tmp_path / "payload-ran"
+    other = {k: v[:2] for k, v in torch.load(run / "best.pt", weights_only=True)["state_dict"].items()}
+    cases = {
+        "truncated": (lambda d: (d / "best.pt").write_bytes(good[:len(good) // 2]), "best.pt: not a readable"),
+        "cut-short": (lambda d: (d / "best.pt").write_bytes(good[:100]), "best.pt: not a readable"),
+        "random": (lambda d: (d / "best.pt").write_bytes(np.random.default_rng(0).bytes(4096)), "best.pt: not a"),
+        "pickle": (lambda d: torch.save({"state_dict": {}, "x": Payload(marker)}, d / "best.pt"), "best.pt: not a"),
+        "foreign": (lambda d: torch.save({"state_dict": other, "epoch": 1}, d / "best.pt"), "does not fit the model"),
+        "old": (lambda d: (d / "run.json").unlink(), "an older recsetters.py"),
+        "no-json": (lambda d: (d / "run.json").write_text("{not json"), "run.json: not a recsetters-run"),
+        "unknown-key": (lambda d: (d / "run.json").write_text(__import__("json").dumps(
+            {**info, "config": {**info["config"], "wobble": 3}})), "unknown setting(s) wobble"),
+        "bad-value": (lambda d: (d / "run.json").write_text(__import__("json").dumps(
+            {**info, "config": {**info["config"], "lr": -1}})), "run.json: --lr -1: a positive finite number"),
+        "no-checkpoint": (lambda d: (d / "best.pt").unlink(), "no checkpoint"),
+    }
+    for name, (damage, message) in cases.items():
+        d = damaged_copy(run, tmp_path, name, damage)
+        line = one_error_line(capsys, ["fairness", str(d), "--device", "cpu"])
+        assert message in line and str(d) in line and "retrain" in line, (name, line)
+        assert not (d / "fairness.json").exists()
+    assert not marker.exists()                  # the pickle's code never ran
+
+
+def test_a_run_refuses_a_dataset_changed_after_training(tiny_run, tmp_path, capsys):
+    import shutil
+    data, run = tiny_run
+    shutil.copytree(data, tmp_path / "data")
+    run = damaged_copy(run, tmp_path, "r", lambda d: None)
+    info = __import__("json").loads((run / "run.json").read_text())
+    info["config"]["data_dir"] = str(tmp_path / "data")
+    (run / "run.json").write_text(__import__("json").dumps(info))
+    R.main(["evaluate", str(run), "--device", "cpu"])         # unchanged: fine
+    capsys.readouterr()
+    inter = tmp_path / "data" / "x" / "interactions.csv"
+    inter.write_text(inter.read_text() + "u1,i1,7\n")
+    line = one_error_line(capsys, ["recommend", str(run), "--user", "u1", "--device", "cpu"])
+    assert "dataset x has changed since run" in line and str(run) in line and "retrain" in line
+
+
+# ---------------------------------------------------------------------------------------------- data checks
+
+def test_missing_value_countries_and_header_only_files(tmp_path, capsys):
+    users, items, inter = random_interactions(n=400)
+    users["country"] = ["NaN", "None", "nan", "null", "", "NULL"] + ["Chile"] * (len(users) - 6)
+    write_dataset(tmp_path / "c", users, items, inter)
+    ds = R.load_dataset(tmp_path, "c")
+    assert set(ds.users.country) == {"", "Chile"}
+    assert any(line.startswith("5 users have country 'NULL', 'NaN', 'None', 'nan', 'null': unknown") for line in ds.report)
+    write_dataset(tmp_path / "h", users, items, inter.iloc[:0])
+    line = one_error_line(capsys, ["stats", "--dataset", "h", "--data-dir", str(tmp_path)])
+    assert line == f"error: no interactions in {tmp_path / 'h' / 'interactions.csv'} (only its header)"
+    line = one_error_line(capsys, ["stats", "--dataset", "apple", "--data-dir", str(tmp_path)])
+    assert "LASTFM_API_KEY" in line and R.LASTFM_KEY_URL in line and "SOURCE=hetrec" in line
+
+
+def test_atomic_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path):
+    f = tmp_path / "a.json"
+    R.atomic_write_text(f, "1")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (f.stat().st_mode & 0o777) == 0o666 & ~mask
+    f.chmod(0o640)
+    R.atomic_write_text(f, "2")
+    assert f.read_text() == "2" and (f.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
