@@ -666,6 +666,11 @@ def parse_top_tag(data):
     return ""
 
 
+def cache_key(method, params):
+    """The cache's key of one API call: its method and parameters as strings (no api_key, no format)."""
+    return json.dumps([method, sorted((k, str(v)) for k, v in params.items())], ensure_ascii=False)
+
+
 class Lastfm:
     def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=60.0,
                  timeout=30.0, retry_failed=False, max_pages=200):
@@ -733,7 +738,7 @@ class Lastfm:
         (recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError when temporary
         failures outlast every retry, UserError when Last.fm refuses the key."""
         params = {k: str(v) for k, v in params.items()}
-        key = json.dumps([method, sorted(params.items())], ensure_ascii=False)
+        key = cache_key(method, params)
         row = self.db.execute("SELECT reason FROM failed WHERE key = ?", (key,)).fetchone()
         if row:
             self.stats["cached"] += 1
