@@ -227,6 +227,7 @@ class Dataset:
     synthetic: bool = False
     digest: str = ""
     report: list = field(default_factory=list)
+    tag_assignments: pd.DataFrame = None   # user, item, tag: who applied which tag (tag_assignments.csv, optional)
 
     @property
     def label(self):
@@ -266,7 +267,9 @@ def load_dataset(data_dir, name):
         if df[col].duplicated().any():
             raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
     digest = file_digest([folder / f for f in REQUIRED])
-    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest)
+    ta = folder / "tag_assignments.csv"
+    ta = read_csv_checked(ta, ["user", "item", "tag"]) if ta.exists() else None
+    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, tag_assignments=ta)
 
 
 def kcore(inter, k):
@@ -312,7 +315,7 @@ def filter_dataset(ds, min_interactions=5):
     users = ds.users[ds.users.user.isin(inter.user)].sort_values("user").reset_index(drop=True)
     items = ds.items[ds.items.item.isin(inter.item)].sort_values("item").reset_index(drop=True)
     inter = inter.reset_index(drop=True)
-    return Dataset(ds.name, users, items, inter, ds.synthetic, ds.digest, rep)
+    return Dataset(ds.name, users, items, inter, ds.synthetic, ds.digest, rep, ds.tag_assignments)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,11 +336,14 @@ class Split:
     warm: np.ndarray = None      # bool per item
     kind: str = ""
     report: list = field(default_factory=list)
+    val_items: np.ndarray = None   # cold-items: the validation-cold and test-cold items (sorted indices)
+    test_items: np.ndarray = None
 
 
-def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9)):
+def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2):
     """Map to indices and split. kind: auto (leave-last-out if there are timestamps, else random),
-    last (per-user leave-last-out by time), random (seeded leave-one-out), global (temporal cutoffs)."""
+    last (per-user leave-last-out by time), random (seeded leave-one-out), global (temporal cutoffs),
+    cold-items (a seeded share of the items held out with all their interactions: see cold_items_parts)."""
     uidx = pd.Index(ds.users.user)
     iidx = pd.Index(ds.items.item)
     u = uidx.get_indexer(ds.inter.user)
@@ -363,6 +369,8 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
         val, test = val[in_train[val.u]], test[in_train[test.u]]
         rep.append(f"global temporal split at {pd.Timestamp(tq_val, unit='s').date()} / "
                    f"{pd.Timestamp(tq_test, unit='s').date()}; later interactions beyond the first per user dropped")
+    elif kind == "cold-items":
+        train, val, test, cold_parts = cold_items_parts(u, i, n_items, rng, cold_fraction)
     else:
         if kind == "last":
             # unknown times sort before all known ones (so they stay in train), in seeded random order;
@@ -374,7 +382,7 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
         elif kind == "random":
             order = np.lexsort((noise, u))
         else:
-            raise UserError(f"unknown --split {kind!r} (auto, last, random, global)")
+            raise UserError(f"unknown --split {kind!r} (auto, last, random, global, cold-items)")
         df = pd.DataFrame({"u": u[order], "i": i[order]})
         size = df.groupby("u").u.transform("size").to_numpy()
         from_end = size - 1 - df.groupby("u").cumcount().to_numpy()
@@ -392,7 +400,32 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
                             shape=(n_users, n_items))
     s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
     s.warm = warm_items(s.degree, warm_fraction)
+    if kind == "cold-items":
+        s.val_items, s.test_items = cold_parts
+        no_train = int((np.bincount(s.train_u, minlength=n_users) == 0).sum())
+        if no_train:
+            rep.append(f"{no_train:,} users have no train interaction left (all their items are cold); "
+                       f"they are still evaluated, from their (empty) profile")
     return s
+
+
+def cold_items_parts(u, i, n_items, rng, cold_fraction=0.2):
+    """Item cold start: a seeded random `cold_fraction` of the items is held out with all its interactions;
+    half of those items (by item) are validation-cold, the rest test-cold. Train keeps every interaction with the
+    other items. Returns the train/validation/test (u, i) frames and the (validation, test) item indices."""
+    if not 0 < cold_fraction < 1:
+        raise UserError(f"--cold-fraction {cold_fraction}: a share of the items, strictly between 0 and 1")
+    n_cold = int(round(cold_fraction * n_items))
+    if n_cold < 2:
+        raise UserError(f"--cold-fraction {cold_fraction} holds out {n_cold} of {n_items:,} items; "
+                        f"validation and test need at least one each")
+    perm = rng.permutation(n_items)
+    val_items, test_items = np.sort(perm[:n_cold // 2]), np.sort(perm[n_cold // 2:n_cold])
+    part = np.zeros(n_items, np.int8)
+    part[val_items], part[test_items] = 1, 2
+    df = pd.DataFrame({"u": u, "i": i}).sort_values(["u", "i"], kind="stable")
+    p = part[df.i.to_numpy()]
+    return df[p == 0], df[p == 1], df[p == 2], (val_items, test_items)
 
 
 def warm_items(degree, warm_fraction):
@@ -422,7 +455,20 @@ def split_stats(s):
         "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
         "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
     }
+    if s.kind == "cold-items":
+        st["cold_items_protocol"] = cold_split_stats(s)
     return st
+
+
+def cold_split_stats(s):
+    """Users, items and interactions of each part of a cold-items split (users: those with at least one
+    interaction in that part, i.e. the users evaluated on it)."""
+    part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
+                                  "interactions": int(len(uu))}
+    return {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
+            "validation_cold": part(s.val_u, s.val_i, s.val_items),
+            "test_cold": part(s.test_u, s.test_i, s.test_items),
+            "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +510,61 @@ def build_features(ds, text="lyrics", cache_dir=None, device="cpu"):
     f.sizes = dict(users=len(users), countries=int(f.user_country.max()) + 1, names=int(f.user_name.max()) + 1,
                    items=len(items), artists=int(f.item_artist.max()) + 1, tags=int(f.item_tag.max()) + 1)
     return f
+
+
+def top_tags(assignments, top=5):
+    """Per item, its `top` most applied tags, ties by tag name (as collect.py's hetrec import builds `tags`)."""
+    n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
+    n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
+    return n.groupby("item").head(top).groupby("item", sort=False).tag.agg(list)
+
+
+def cold_item_tags(ds, split, source="non-listeners"):
+    """Leak-free tags for the cold-items protocol. Tags (hetrec: user_taggedartists) are applied by users, often
+    by the very users whose interactions with a cold item are held out: a cold item's `tags` and `tag` would carry
+    its test users' own behaviour. With source non-listeners, every cold item's `tags` (top 5) and `tag` (the top
+    one) are rebuilt from the tag assignments of users who have no interaction with it (every listener of a cold
+    item is evaluated on it, so this removes each evaluated user's own tagging). Warm items keep theirs (train
+    information). Returns (dataset with new items, report lines)."""
+    if source not in ("non-listeners", "all"):
+        raise UserError(f"--tag-source {source!r}: use non-listeners or all")
+    if split.kind != "cold-items" or source == "all":
+        return ds, []
+    if ds.tag_assignments is None:
+        return ds, ["no tag_assignments.csv: the tags of cold items cannot be rebuilt without their held-out "
+                    "listeners' own tagging (re-import hetrec with collect.py); text columns built from user tags "
+                    "may leak"]
+    cold, ta, own = cold_tag_assignments(ds, split)
+    items = with_tags(ds.items, cold, ta[~own])
+    had = int(ds.items.tag.iloc[cold].ne("").sum())
+    rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
+           f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
+           f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+
+
+def cold_tag_assignments(ds, split):
+    """(cold item indices, tag assignments on cold items, bool: the assignment's user interacted with the item)."""
+    cold = np.concatenate([split.val_items, split.test_items])
+    ta = ds.tag_assignments[ds.tag_assignments.item.isin(ds.items.item.to_numpy()[cold])]
+    own = pd.MultiIndex.from_frame(ta[["user", "item"]]).isin(pd.MultiIndex.from_frame(ds.inter[["user", "item"]]))
+    return cold, ta, np.asarray(own)
+
+
+def with_tags(items, rows, assignments):
+    """items with `tag` and `tags` of the given rows rebuilt from these tag assignments."""
+    top = items.item.iloc[rows].map(top_tags(assignments)).to_numpy()
+    items = items.copy()
+    items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
+    if "tags" in items.columns:
+        items.loc[rows, "tags"] = [", ".join(t) if isinstance(t, list) else "" for t in top]
+    return items
+
+
+def text_columns(items):
+    """The text columns of items.csv that carry any text (an all-empty column counts as missing)."""
+    return [c for c in items.columns if c not in ("item", "artist", "track", "tag")
+            and items[c].fillna("").str.strip().ne("").any()]
 
 
 def embed_texts(texts, cache_dir, device="cpu"):
@@ -518,9 +619,11 @@ class Tower(nn.Module):
     too: that is what a cold item, whose id embedding saw few updates, has to rely on."""
 
     def __init__(self, cardinalities, dim=96, dense_dim=0, out_dim=192, hidden=(128, 64), out_act=True,
-                 n_extra=0, dropout=0.0, id_dropout=0.0):
+                 n_extra=0, dropout=0.0, id_dropout=0.0, learned_unknown=False):
         super().__init__()
         self.embs = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
+        # the vector a categorical value without train interactions gets (see TwoTower.items): zero, or learned
+        self.unknown = nn.Parameter(torch.zeros(len(cardinalities), dim)) if learned_unknown else None
         self.dense = nn.Linear(dense_dim, dim) if dense_dim else None
         d_in = dim * (len(cardinalities) + (1 if dense_dim else 0) + n_extra)
         dims = [d_in, *hidden]
@@ -531,10 +634,13 @@ class Tower(nn.Module):
         self.out_act = out_act
         self.id_dropout = id_dropout
 
-    def forward(self, cats, dense=None, extra=()):
+    def forward(self, cats, dense=None, extra=(), unknown=None):
         x = [emb(c) for emb, c in zip(self.embs, cats)]
         if self.training and self.id_dropout:
             x[0] = x[0] * (torch.rand(len(x[0]), 1, device=x[0].device) >= self.id_dropout)
+        for j, m in enumerate(() if unknown is None else unknown):    # m: (B,) bool, True = unknown value
+            fill = torch.zeros_like(x[j][0]) if self.unknown is None else self.unknown[j]
+            x[j] = torch.where(m[:, None], fill, x[j])
         if self.dense is not None:
             x.append(F.gelu(self.dense(dense)))
         h = self.mlp(torch.cat(x + list(extra), -1))
@@ -611,7 +717,8 @@ class TwoTower(nn.Module):
 
     def __init__(self, feats, dim=96, out_dim=192, scorer="dotcompress", final_gelu=False, tower_act=True,
                  history=None, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False):
+                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False, unseen=None,
+                 unseen_ids="zero", cold_dropout=0.0, train_items_only=False):
         super().__init__()
         self.history_dropout = history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
@@ -629,7 +736,8 @@ class TwoTower(nn.Module):
         self.user_tower = Tower([user_cards[r] for r in self.u_rows], dim, 0, out_dim, hidden,
                                 out_act=tower_act, n_extra=history is not None, dropout=dropout)
         self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], dim, text_dim, out_dim, hidden,
-                                out_act=tower_act, dropout=dropout, id_dropout=id_dropout)
+                                out_act=tower_act, dropout=dropout, id_dropout=id_dropout,
+                                learned_unknown=unseen_ids == "learned")
         self.scorer = DotCompress(out_dim, final_gelu=final_gelu) if scorer == "dotcompress" else DotScorer()
         self.scale = temperature ** -0.5 if normalize else None
         self.hist_emb = None
@@ -644,6 +752,12 @@ class TwoTower(nn.Module):
                                                      long(feats.item_tag)]), persistent=False)
         self.register_buffer("i_text", None if not text_dim else torch.as_tensor(feats.text),
                              persistent=False)
+        self.unseen_ids, self.cold_dropout = unseen_ids, cold_dropout
+        self.register_buffer("i_unknown", None if unseen is None else torch.as_tensor(
+            unknown_values(unseen, feats, unseen_ids)), persistent=False)
+        # cold-items: the training catalog is the train items; the held-out new items are not negatives either
+        self.register_buffer("i_unseen", torch.as_tensor(unseen) if train_items_only and unseen is not None
+                             and unseen.any() else None, persistent=False)
 
     def history(self, idx, drop=None):
         """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out.
@@ -669,12 +783,32 @@ class TwoTower(nn.Module):
         return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
 
     def items(self, idx):
+        unknown = None
+        if self.i_unknown is not None:
+            unknown = self.i_unknown[:self.n_cats, idx]
+            if self.training and self.cold_dropout:       # a share of train rows looks like a new item
+                drop = torch.rand(len(idx), device=idx.device) < self.cold_dropout
+                unknown = unknown | torch.stack([drop, drop, torch.zeros_like(drop)])[:self.n_cats]
+            unknown = list(unknown)
         v = self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
-                                      None if self.i_text is None else self.i_text[idx]))
+                                      None if self.i_text is None else self.i_text[idx], unknown=unknown))
         return v if self.bias is None else torch.cat([v, self.bias(idx)], -1)
 
     def _out(self, h):
         return h if self.scale is None else F.normalize(h, dim=-1) * self.scale
+
+
+def unknown_values(unseen, feats, mode="zero"):
+    """(3, items) bool: which of an item's id, artist and tag have no train interactions (`unseen`: items without
+    any). Those embeddings were never trained: at inference they are replaced by zero (mode zero) or a learned
+    "unknown" vector (learned), or kept as initialized (random: noise, for comparison)."""
+    if mode not in ("zero", "learned", "random"):
+        raise UserError(f"--unseen-ids {mode!r}: use zero, learned or random")
+    if mode == "random":
+        return np.zeros((3, len(unseen)), bool)
+    seen = ~np.asarray(unseen, bool)
+    known = lambda codes: np.isin(codes, codes[seen])
+    return np.stack([~seen, ~known(feats.item_artist), ~known(feats.item_tag)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -704,6 +838,10 @@ class Config:
     temperature: float = 0.1
     dropout: float = 0.3         # on the towers' concatenated inputs
     id_dropout: float = 0.0      # share of training rows whose item-id embedding is zeroed
+    unseen_ids: str = "zero"     # id/artist/tag embedding of a value without train interactions: zero, learned, random
+    cold_dropout: float = 0.0    # share of training rows whose item looks new (id and artist unknown), DropoutNet-style
+    cold_fraction: float = 0.2   # --split cold-items: share of the items held out with all their interactions
+    tag_source: str = "non-listeners"  # cold-items: whose tag assignments make a cold item's tags (or all)
     history_dropout: float = 0.0  # each item of a user's pooled history is left out with this chance in training
     item_bias: bool = False      # + a learned per-item score offset (dot scorer)
     schedule: str = "constant"   # learning rate: constant, or cosine decay to 0 over --epochs
@@ -729,7 +867,8 @@ def build_model(cfg, feats, split):
     return TwoTower(feats, cfg.dim, cfg.out_dim, cfg.scorer, cfg.final_gelu, cfg.tower_act,
                     split.train if cfg.history else None, cfg.normalize, cfg.temperature, cfg.dropout, cfg.id_dropout,
                     cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h),
-                    cfg.history_dropout, cfg.item_bias)
+                    cfg.history_dropout, cfg.item_bias, split.degree == 0, cfg.unseen_ids, cfg.cold_dropout,
+                    split.kind == "cold-items")
 
 
 class NegativeSampler:
@@ -742,20 +881,27 @@ class NegativeSampler:
         self.keys = np.unique(split.train_u.astype(np.int64) * split.n_items + split.train_i)
         self.n_items = split.n_items
         self.rng = np.random.default_rng(seed)
+        # cold-items: negatives come from the train items only (the held-out new items did not exist yet)
+        self.pool = np.flatnonzero(split.degree > 0) if split.kind == "cold-items" else None
 
     def is_positive(self, users, items):
         key = users.astype(np.int64) * self.n_items + items
         pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
         return self.keys[pos] == key
 
+    def draw(self, size):
+        if self.pool is None:
+            return self.rng.integers(0, self.n_items, size=size)
+        return self.pool[self.rng.integers(0, len(self.pool), size=size)]
+
     def sample(self, users, k):
-        items = self.rng.integers(0, self.n_items, size=(len(users), k))
+        items = self.draw((len(users), k))
         users = np.broadcast_to(users[:, None], items.shape)
         for _ in range(1000):
             bad = self.is_positive(users, items)
             if not bad.any():
                 return items
-            items[bad] = self.rng.integers(0, self.n_items, size=int(bad.sum()))
+            items[bad] = self.draw(int(bad.sum()))
         raise UserError("cannot draw negatives: some user has (almost) every item as a positive")
 
 
@@ -789,6 +935,8 @@ def batch_loss(model, cfg, users, pos, sampler, logq, all_pos, device, neg=None)
     if cfg.loss == "full":
         mask = torch.as_tensor(all_pos[users].toarray() > 0, device=device)
         mask[torch.arange(B, device=device), torch.as_tensor(pos, device=device)] = False
+        if model.i_unseen is not None:                  # cold-items: held-out new items are not in the catalog
+            mask |= model.i_unseen[None, :]
         users_t, pos_t = (torch.as_tensor(a, device=device) for a in (users, pos))
         prep = time.perf_counter() - t0
         logits = model.scorer.all_pairs(model.users(users_t, drop=pos_t),
@@ -878,7 +1026,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop."""
     if cfg.loss == "full" and cfg.scorer != "dot":
         raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
-    for name in ("dropout", "id_dropout", "history_dropout"):
+    for name in ("dropout", "id_dropout", "history_dropout", "cold_dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: a probability, between 0 and 1")
     if cfg.item_bias and cfg.scorer != "dot":
@@ -919,14 +1067,14 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
         t_train += time.perf_counter() - t0
         stop = False
         if rank == 0:
-            val = evaluate_split(model_scores(model, device), split, "validation", cfg.k, device, cfg.eval_memory_mb)
-            ndcg = val["overall"][f"ndcg@{cfg.k}"]
+            val = evaluate(model_scores(model, device), split, "validation", cfg.k, device, cfg.eval_memory_mb)
+            ndcg = selection_score(val, split, cfg.k)
             history.append({"epoch": epoch, "loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"],
                             "validation": val, "seconds": time.perf_counter() - t0})
             improved = ndcg > best
             if not quiet:
-                log(f"epoch {epoch:3d}  loss {total / max(n, 1):.4f}  val HR@{cfg.k} "
-                    f"{val['overall'][f'hr@{cfg.k}']:6.2f}  NDCG@{cfg.k} {ndcg:6.2f}  {'*' if improved else ''}")
+                log(f"epoch {epoch:3d}  loss {total / max(n, 1):.4f}  val {result_line(val, split, cfg.k)}  "
+                    f"{'*' if improved else ''}")
             if improved:
                 best, bad_epochs = ndcg, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -947,7 +1095,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     if rank > 0:
         return model, history, timings
     model.load_state_dict(best_state)
-    timings["best_epoch"] = max(history, key=lambda h: h["validation"]["overall"][f"ndcg@{cfg.k}"])["epoch"]
+    timings["best_epoch"] = max(history, key=lambda h: selection_score(h["validation"], split, cfg.k))["epoch"]
     return model, history, timings
 
 
@@ -1052,6 +1200,104 @@ def evaluate_split(score_fn, split, which, k, device, memory_mb=512, return_rank
     return (res, ranks) if return_ranks else res
 
 
+# The cold-items protocol: every interaction of an evaluated user with the split's cold items is a target.
+# Two views: "cold" ranks only that split's cold items (recommending new items), "all" ranks them among every
+# item not in the user's train set (at test time, nor among their validation-cold items). Recall@K = hits / targets,
+# NDCG@K = DCG / ideal DCG over min(targets, K), HR@K = any hit; K = 10 and 20; all x100, means over users.
+# Model selection (early stopping, baseline grids) uses validation-cold NDCG@20 of the "cold" view.
+
+COLD_KS = (10, 20)
+COLD_SELECT = ("cold", "ndcg@20")
+
+
+def cold_targets(split, which):
+    """(evaluated users, CSR of their targets with rows aligned to them, candidate items) of one part."""
+    u, i = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
+    users = np.unique(u)
+    T = sp.csr_matrix((np.ones(len(u), np.float32), (np.searchsorted(users, u), i)), shape=(len(users), split.n_items))
+    T.sort_indices()
+    return users, T, split.val_items if which == "validation" else split.test_items
+
+
+def target_ranks(score_fn, users, targets, candidates, exclude, device, memory_mb=512):
+    """0-based rank of every target (targets.indices, row by row) in two views: among `candidates` only, and
+    among all items that `exclude` (users x items CSR) does not mask. Ties are broken by item index."""
+    n_items = targets.shape[1]
+    chunk = max(1, int(memory_mb * 2**20 // (n_items * max(getattr(score_fn, "bytes_per_pair", 16), 24))))
+    cand = torch.zeros(n_items, dtype=torch.bool, device=device)
+    cand[torch.as_tensor(candidates, device=device)] = True
+    out = np.empty((2, targets.nnz), np.int64)
+    with torch.inference_mode():
+        for a in range(0, len(users), chunk):
+            u = users[a:a + chunk]
+            S = torch.as_tensor(score_fn(u), device=device, dtype=torch.float32)
+            t = targets[a:a + chunk].tocoo()
+            rows, cols = (torch.as_tensor(x, device=device, dtype=torch.long) for x in (t.row, t.col))
+            ex = exclude[u].tocoo()
+            S_all = S.clone()
+            S_all[torch.as_tensor(ex.row, device=device, dtype=torch.long),
+                  torch.as_tensor(ex.col, device=device, dtype=torch.long)] = float("-inf")
+            for v, M in enumerate((S.masked_fill(~cand, float("-inf")), S_all)):
+                order = torch.sort(M, dim=1, descending=True, stable=True).indices   # ties: lower index first
+                pos = torch.empty_like(order)
+                pos.scatter_(1, order, torch.arange(n_items, device=device).expand_as(order))
+                out[v, targets.indptr[a]:targets.indptr[min(a + chunk, len(users))]] = pos[rows, cols].cpu().numpy()
+    return out
+
+
+def multi_target_metrics(ranks, counts, ks=COLD_KS):
+    """Per-user Recall@K, NDCG@K and HR@K (x100) from the ranks of each user's targets (grouped by user,
+    `counts` per user, in that order)."""
+    counts = np.asarray(counts)
+    row = np.repeat(np.arange(len(counts)), counts)
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        hits = np.bincount(row, weights=hit, minlength=len(counts))
+        dcg = np.bincount(row, weights=np.where(hit, 1 / np.log2(ranks + 2.0), 0), minlength=len(counts))
+        ideal = np.cumsum(1 / np.log2(np.arange(k) + 2.0))[np.minimum(counts, k) - 1]
+        out[f"recall@{k}"] = hits / counts * 100
+        out[f"ndcg@{k}"] = dcg / ideal * 100
+        out[f"hr@{k}"] = (hits > 0) * 100.0
+    return out
+
+
+def mean_metrics(per_user, n_targets):
+    return {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
+            "n": int(len(next(iter(per_user.values())))), "targets": int(n_targets)}
+
+
+def evaluate_cold(score_fn, split, which, device, memory_mb=512, return_ranks=False):
+    """The cold-items protocol's evaluator: {"cold": ..., "all": ...} metric means (see above)."""
+    users, T, cand = cold_targets(split, which)
+    ranks = target_ranks(score_fn, users, T, cand, exclusion(split, which), device, memory_mb)
+    counts = np.diff(T.indptr)
+    res = {view: mean_metrics(multi_target_metrics(r, counts), T.nnz) for view, r in zip(("cold", "all"), ranks)}
+    res["cold"]["items"] = int(len(cand))
+    return (res, {"users": users, "counts": counts, "items": T.indices, "cold": ranks[0], "all": ranks[1]}) \
+        if return_ranks else res
+
+
+def evaluate(score_fn, split, which, k, device, memory_mb=512, return_ranks=False):
+    """The split's own evaluator: leave-one-out (evaluate_split) or cold-items (evaluate_cold)."""
+    if split.kind == "cold-items":
+        return evaluate_cold(score_fn, split, which, device, memory_mb, return_ranks)
+    return evaluate_split(score_fn, split, which, k, device, memory_mb, return_ranks)
+
+
+def selection_score(res, split, k):
+    """What model selection maximizes: validation NDCG@K (leave-one-out), validation-cold NDCG@20 (cold-items)."""
+    view, metric = COLD_SELECT if split.kind == "cold-items" else ("overall", f"ndcg@{k}")
+    return res[view][metric]
+
+
+def result_line(res, split, k):
+    if split.kind == "cold-items":
+        c = res["cold"]
+        return f"cold Recall@20 {c['recall@20']:6.2f}  NDCG@20 {c['ndcg@20']:6.2f}  NDCG@10 {c['ndcg@10']:6.2f}"
+    return f"HR@{k} {res['overall'][f'hr@{k}']:6.2f}  NDCG@{k} {res['overall'][f'ndcg@{k}']:6.2f}"
+
+
 # ----------------------------------------------------------------------------------------------
 # 9. baselines, fitted on the train split and evaluated by the same evaluator; hyperparameters are
 # chosen on validation NDCG@K only.
@@ -1113,24 +1359,186 @@ def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
     return out, ranks
 
 
+# Content baselines for the cold-items protocol: items without train interactions can only be scored from
+# their content. Popularity, ItemKNN and EASE cannot score them at all: their rows say "n/a", not 0.
+
+COLD_NA = ("Popularity", "ItemKNN", "EASE")
+
+
+def random_scores(n_items, seed=0):
+    """Uniform random scores, the same for a user however the users are chunked."""
+    return lambda users: torch.as_tensor(np.stack([np.random.default_rng([seed, int(u)]).random(n_items)
+                                                   for u in users]), dtype=torch.float32)
+
+
+def unit_rows(V):
+    """Rows scaled to unit L2 norm (zero rows stay zero); dense or sparse."""
+    if sp.issparse(V):
+        n = np.sqrt(np.asarray(V.multiply(V).sum(1)).ravel())
+        return sp.diags(1 / np.where(n > 0, n, 1)) @ V
+    n = np.linalg.norm(V, axis=1, keepdims=True)
+    return V / np.where(n > 0, n, 1)
+
+
+def profile_scores(split, V):
+    """Content KNN: a user's profile is the mean of the unit content vectors (rows of V) of their train items;
+    an item's score is the cosine between the profile and its vector."""
+    V = unit_rows(V)
+    P = unit_rows(split.train @ V)
+    if sp.issparse(V):
+        return lambda users: torch.as_tensor((P[users] @ V.T).toarray(), dtype=torch.float32)
+    return lambda users: torch.as_tensor(P[users] @ V.T, dtype=torch.float32)
+
+
+def tag_tfidf(tags, idf=True):
+    """items x tags sparse TF-IDF of comma-separated tag lists, binary term frequency (a tag is there or not)."""
+    lists = [[t.strip().lower() for t in s.split(",") if t.strip()] for s in tags]
+    vocab = {t: n for n, t in enumerate(sorted({t for l in lists for t in l}))}
+    rows = np.repeat(np.arange(len(lists)), [len(set(l)) for l in lists])
+    cols = np.array([vocab[t] for l in lists for t in sorted(set(l))], dtype=np.int64)
+    X = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(lists), max(len(vocab), 1)))
+    if idf:
+        df = np.asarray((X > 0).sum(0)).ravel()
+        X = X @ sp.diags(np.log(len(lists) / np.maximum(df, 1)))
+    return X.tocsr()
+
+
+def cb2cf_scores(split, C, target, lam=10.0):
+    """CB2CF: a ridge regression maps an item's content vector (rows of C) to its collaborative vector, learned
+    on the train items; items without train interactions get the mapped vector. target: (user factors P over
+    train items, item factors Q of the train items), from collaborative_factors."""
+    seen = np.flatnonzero(split.degree > 0)
+    P, Q = target
+    C = unit_rows(C)
+    Cs = C[seen]
+    W = np.linalg.solve(Cs.T @ Cs + lam * np.eye(C.shape[1]), Cs.T @ Q)
+    Qa = C @ W
+    Qa[seen] = Q
+    Qa = torch.as_tensor(Qa, dtype=torch.float32)
+    dense = (lambda a: a.toarray()) if sp.issparse(P) else np.asarray
+    return lambda users: torch.as_tensor(dense(P[users]), dtype=torch.float32) @ Qa.T
+
+
+def collaborative_factors(split, kind):
+    """(user vectors, train-item vectors) whose dot product scores an item: ("svd", d): PureSVD, the top d right
+    singular vectors of the train matrix; ("ease", lam): the columns of EASE's item-item matrix."""
+    seen = np.flatnonzero(split.degree > 0)
+    X = split.train[:, seen].astype(np.float64)
+    if kind[0] == "svd":
+        from scipy.sparse.linalg import svds
+        _, _, Vt = svds(X, k=min(kind[1], min(X.shape) - 1), random_state=0)
+        return np.asarray(X @ Vt.T), Vt.T
+    G = (X.T @ X).toarray()
+    G[np.diag_indices_from(G)] += kind[1]
+    Pinv = np.linalg.inv(G)
+    B = -Pinv / np.diag(Pinv)[None, :]
+    np.fill_diagonal(B, 0)
+    return X, B.T
+
+
+def tune_and_test(name, make, grid, split, memory_mb=512, quiet=False):
+    """Pick the grid point with the best validation-cold NDCG@20, then evaluate it on test once."""
+    t0, best = time.perf_counter(), None
+    for p in grid:
+        fn = make(p)
+        val = evaluate_cold(fn, split, "validation", "cpu", memory_mb)
+        if best is None or selection_score(val, split, 0) > selection_score(best[1], split, 0):
+            best = (p, val, fn)
+    p, val, fn = best
+    test, r = evaluate_cold(fn, split, "test", "cpu", memory_mb, return_ranks=True)
+    if not quiet:
+        log(f"baseline {name:<18} chosen {p!s:>14} on validation-cold  NDCG@20 {selection_score(val, split, 0):6.2f}")
+    return {"params": p if p is None or isinstance(p, (int, float, str)) else list(p), "validation": val,
+            "test": test, "seconds": time.perf_counter() - t0}, r
+
+
+def run_cold_baselines(ds, split, cache_dir=None, memory_mb=512, quiet=False, seed=0):
+    """Random, content-KNN per text column, tag TF-IDF KNN and CB2CF per text column, each tuned on
+    validation-cold; Popularity, ItemKNN and EASE are n/a. Returns ({name: result}, {name: test ranks})."""
+    out, ranks = {}, {}
+    cols = text_columns(ds.items)
+    vecs = {c: build_features(ds, c, cache_dir).text for c in cols}
+    grids = [("Random", lambda p: random_scores(split.n_items, seed), [None])]
+    grids += [(f"ContentKNN {c}", lambda p, V=vecs[c]: profile_scores(split, V - V.mean(0) if p == "centered" else V),
+               ["plain", "centered"]) for c in cols]
+    if "tags" in ds.items.columns:
+        grids.append(("TagTFIDF", lambda p: profile_scores(split, tag_tfidf(ds.items.tags, p == "idf")), ["idf", "binary"]))
+    targets = {}
+
+    def cb2cf(c, p):
+        if p[0] not in targets:
+            targets[p[0]] = collaborative_factors(split, p[0])
+        return cb2cf_scores(split, vecs[c], targets[p[0]], p[1])
+    grids += [(f"CB2CF {c}", lambda p, c=c: cb2cf(c, p),
+               [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)])
+              for c in cols]
+    for name, make, grid in grids:
+        out[name], ranks[name] = tune_and_test(name, make, grid, split, memory_mb, quiet)
+    for name in COLD_NA:
+        out[name] = {"na": "cannot score items without train interactions"}
+    return out, ranks
+
+
+def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
+    """How much the user-applied tags of cold items reveal their held-out listeners. `ds` carries the leak-free
+    tags; the leaky ones (every user's assignments, as imported) are rebuilt here for comparison. `baselines`:
+    run_cold_baselines' results (for the leak-free rows and their chosen parameters)."""
+    cold, ta, own = cold_tag_assignments(ds, split)
+    ids_u, ids_i = ds.users.user.to_numpy(), ds.items.item.to_numpy()
+    tagged = pd.MultiIndex.from_frame(ds.tag_assignments[["user", "item"]].drop_duplicates())
+    share = lambda u, i: float(pd.MultiIndex.from_arrays([ids_u[u], ids_i[i]]).isin(tagged).mean() * 100)
+    out = {"test_pairs_tagged_by_their_user_pct": share(split.test_u, split.test_i),
+           "validation_pairs_tagged_by_their_user_pct": share(split.val_u, split.val_i),
+           "cold_tag_assignments": int(len(ta)), "by_listeners_pct": float(own.mean() * 100) if len(ta) else 0.0,
+           "cold_items_with_tags_leaky": int(pd.Series(ids_i[cold]).isin(ta.item).sum()),
+           "cold_items_with_tags_leak_free": int(pd.Series(ids_i[cold]).isin(ta.item[~own]).sum()),
+           "cold_items": int(len(cold)), "test": {}}
+    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta), ds.inter, ds.synthetic)
+    counts = lambda a: torch.as_tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(),
+                                       dtype=torch.float32)
+    scorers = {"tag count, all users (leaky)": counts(ds.tag_assignments),
+               "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
+                                                             ta[~own]]))}
+    for name, c in scorers.items():
+        out["test"][name] = evaluate_cold(lambda users, c=c: c.repeat(len(users), 1), split, "test", "cpu", memory_mb)
+    out["test"]["Random"] = baselines["Random"]["test"]
+    for name, make in [("ContentKNN tags", lambda d, p: profile_scores(
+                            split, (lambda V: V - V.mean(0) if p == "centered" else V)(build_features(d, "tags", cache_dir).text))),
+                       ("TagTFIDF", lambda d, p: profile_scores(split, tag_tfidf(d.items.tags, p == "idf")))]:
+        if name in baselines and "tags" in ds.items.columns:
+            p = baselines[name]["params"]
+            out["test"][f"{name} (leak-free tags)"] = baselines[name]["test"]
+            out["test"][f"{name} (leaky tags)"] = evaluate_cold(make(leaky, p), split, "test", "cpu", memory_mb)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 10. runs: data preparation shared by every command, results.json, tables
 
 def prepare(cfg, quiet=False):
     ds = load_dataset(cfg.data_dir, cfg.dataset)
     ds = filter_dataset(ds, cfg.min_interactions)
-    split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction)
+    split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction, cold_fraction=cfg.cold_fraction)
     if len(split.val_u) == 0 or len(split.test_u) == 0:
         raise UserError(f"dataset {ds.name}: no user has enough interactions to hold out validation and test items")
+    ds, lines = cold_item_tags(ds, split, cfg.tag_source)
+    split.report += lines
     if not quiet:
         log(f"dataset {ds.label}")
         for line in ds.report + split.report:
             log("  " + line)
         st = split_stats(split)
-        log(f"  split {st['split']}: {st['train_interactions']:,} train interactions; items in train/val/test "
-            f"{st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; warm/cold items "
-            f"{st['warm_items']:,}/{st['cold_items']:,}; cold cases val/test {st['cold_validation_cases']:,}/"
-            f"{st['cold_test_cases']:,}; avg degree item {st['avg_item_degree']:.2f}, user {st['avg_user_degree']:.2f}")
+        if split.kind == "cold-items":
+            c = st["cold_items_protocol"]
+            log("  split cold-items (--cold-fraction {}): ".format(cfg.cold_fraction) + "; ".join(
+                f"{part} {c[part]['users']:,} users, {c[part]['items']:,} items, {c[part]['interactions']:,} "
+                f"interactions" for part in ("train", "validation_cold", "test_cold")))
+        else:
+            log(f"  split {st['split']}: {st['train_interactions']:,} train interactions; items in train/val/test "
+                f"{st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; warm/cold items "
+                f"{st['warm_items']:,}/{st['cold_items']:,}; cold cases val/test {st['cold_validation_cases']:,}/"
+                f"{st['cold_test_cases']:,}; avg degree item {st['avg_item_degree']:.2f}, "
+                f"user {st['avg_user_degree']:.2f}")
     return ds, split
 
 
@@ -1146,6 +1554,37 @@ def fmt_table(rows, k, title):
         lines.append(f"{name:<40}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
                                             for g in groups))
     return "\n".join(lines)
+
+
+def fmt_cold_table(rows, title):
+    """The cold-items table: the "cold" view at K = 10 and 20, and the "all" view at 20; n/a rows stay n/a.
+    rows: (name, metrics) or (name, baseline result with "params"/"test", or "na")."""
+    cols = [("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")]
+    cols += [("all", "recall@20"), ("all", "ndcg@20")]
+    short = {"recall": "Rec", "ndcg": "NDCG", "hr": "HR"}
+    head = f"{'model':<40}" + "".join(f"{short[m.split('@')[0]] + '@' + m.split('@')[1] + (' all' if v == 'all' else ''):>13}"
+                                      for v, m in cols)
+    lines = [title, head, "-" * len(head)]
+    for name, res in rows:
+        if "na" in res:
+            lines.append(f"{name:<40}" + f"{'n/a':>13}" * len(cols))
+            continue
+        if res.get("params") is not None:
+            name = f"{name} ({res['params']})"
+        r = res.get("test", res)
+        lines.append(f"{name:<40}" + "".join(f"{r[v][m]:>13.2f}" for v, m in cols))
+    return "\n".join(lines)
+
+
+def save_cold_ranks(path, ranks):
+    """ranks.npz of a cold-items run: the test users, their target counts and items, and per model the rank of
+    every target in both views (per-user metrics: multi_target_metrics)."""
+    first = next(iter(ranks.values()))
+    arrays = {"users": first["users"], "counts": first["counts"], "items": first["items"]}
+    for name, r in ranks.items():
+        key = name.lower().replace(" ", "_")
+        arrays[f"{key}__cold"], arrays[f"{key}__all"] = r["cold"], r["all"]
+    np.savez(path, **arrays)
 
 
 def cmd_train(cfg):
@@ -1188,16 +1627,35 @@ def train_and_report(cfg, device, rank=0, world=1):
     best_epoch = timings["best_epoch"]
     val = history[best_epoch - 1]["validation"]
     t0 = time.perf_counter()
-    test, ranks = evaluate_split(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
-                                 return_ranks=True)
+    test, ranks = evaluate(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
+                           return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
-    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb) if cfg.baselines else ({}, {})
+    cold = split.kind == "cold-items"
+    baselines, base_ranks, audit = {}, {}, None
+    if cfg.baselines and cold:
+        baselines, base_ranks = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb,
+                                                   seed=cfg.seed)
+        if ds.tag_assignments is not None:
+            audit = tag_leak_audit(ds, split, baselines, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb)
+    elif cfg.baselines:
+        baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb)
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
+               "protocol": "cold-items" if cold else "leave-one-out",
                "config": asdict(cfg), "device": str(device), "world_size": world, "split": split_stats(split),
                "history": history, "best_epoch": best_epoch, "validation": val, "test": test,
                "baselines": baselines, "timings": timings}
+    if audit:
+        results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+    if cold:
+        save_cold_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
+        print(fmt_cold_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()],
+                             f"\nTest-cold, {ds.label}: {test['cold']['n']:,} users, {test['cold']['targets']:,} "
+                             f"targets among {test['cold']['items']:,} new items; model selected on validation-cold "
+                             f"NDCG@20 (best epoch {best_epoch})"))
+        print(f"\nwrote {run_dir}/results.json")
+        return results
     np.savez(run_dir / "ranks.npz", users=split.test_u, items=split.test_i, two_tower=ranks,
              **{n.lower(): r for n, r in base_ranks.items()})
     rows = [(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test)]
@@ -1232,6 +1690,10 @@ def restore(run, runs_dir="runs", device_name="auto"):
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
     fn = model_scores(model, device)
+    if split.kind == "cold-items":
+        print(fmt_cold_table([(f"{part}-cold", evaluate_cold(fn, split, part, device, cfg.eval_memory_mb))
+                              for part in ("validation", "test")], f"{run_dir.name} on {ds.label}"))
+        return
     val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
     test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
     print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
@@ -1255,6 +1717,11 @@ def cmd_recommend(args):
 
 def cmd_baselines(cfg):
     ds, split = prepare(cfg)
+    if split.kind == "cold-items":
+        res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
+        print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "
+                                                f"{len(split.test_items):,} new items"))
+        return
     res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
     print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
                     f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
@@ -1365,6 +1832,8 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
 
 def cmd_fairness(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    if split.kind == "cold-items":
+        raise UserError(f"fairness reports leave-one-out runs; {run_dir.name} is a cold-items run")
     fn = model_scores(model, device)
     excl = exclusion(split, "test")
     ranks = rank_of_targets(fn, split.test_u, split.test_i, excl, device, cfg.eval_memory_mb)
@@ -1401,9 +1870,15 @@ def add_data_args(p):
     p.add_argument("--dataset", default=d.dataset, help="folder name under --data-dir (default: demo, synthetic)")
     p.add_argument("--data-dir", default=d.data_dir)
     p.add_argument("--min-interactions", type=int, default=d.min_interactions, help="k of the iterative k-core")
-    p.add_argument("--split", default=d.split, choices=["auto", "last", "random", "global"],
-                   help="auto: leave-last-out by time if there are timestamps, else seeded random leave-one-out")
+    p.add_argument("--split", default=d.split, choices=["auto", "last", "random", "global", "cold-items"],
+                   help="auto: leave-last-out by time if there are timestamps, else seeded random leave-one-out; "
+                        "cold-items: a share of the items held out with all their interactions (new items)")
     p.add_argument("--warm-fraction", type=float, default=d.warm_fraction)
+    p.add_argument("--cold-fraction", type=float, default=d.cold_fraction,
+                   help="--split cold-items: share of the items held out, half for validation, half for test")
+    p.add_argument("--tag-source", default=d.tag_source, choices=["non-listeners", "all"],
+                   help="--split cold-items: a cold item's tags from the tag assignments of users who did not "
+                        "interact with it (leak-free), or from everyone (leaks the held-out listeners)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("-k", type=int, default=d.k, help="cut-off of HR@K and NDCG@K")
     p.add_argument("--eval-memory-mb", type=int, default=d.eval_memory_mb, help="memory budget of one eval chunk")
@@ -1442,6 +1917,11 @@ def parser(preset=""):
                       ("history-dropout", float)]:
         t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
     boolean = argparse.BooleanOptionalAction
+    t.add_argument("--unseen-ids", default=d.unseen_ids, choices=["zero", "learned", "random"],
+                   help="embedding of an item id, artist or tag without train interactions: zero, a learned "
+                        "'unknown' vector, or left as initialized (noise)")
+    t.add_argument("--cold-dropout", type=float, default=d.cold_dropout,
+                   help="share of training rows whose item looks new (id and artist unknown), DropoutNet-style")
     t.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
                    help="learning rate schedule: constant, or cosine decay to 0 over --epochs")
     t.add_argument("--final-gelu", action=boolean, default=d.final_gelu, help="the seed's GELU on the final score")
