@@ -92,7 +92,7 @@ def cell_done(run_dir):
 
 def train_config(dataset, seed, data_dir, flags):
     """The configuration `recsetters.py train` resolves these flags to, today's defaults included."""
-    args = R.parser().parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
+    args = R.parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
     skip = ("run_name", "runs_dir", "threads", "baselines")
     return {k: v for k, v in R.asdict(R.config_from(args)).items() if k not in skip}
 

@@ -718,7 +718,7 @@ class TwoTower(nn.Module):
     def __init__(self, feats, dim=96, out_dim=192, scorer="dotcompress", final_gelu=False, tower_act=True,
                  history=None, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
                  user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False, unseen=None,
-                 unseen_ids="zero", cold_dropout=0.0, train_items_only=False):
+                 unseen_ids="zero", cold_dropout=0.0, train_items_only=False, history_text=False):
         super().__init__()
         self.history_dropout = history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
@@ -733,8 +733,11 @@ class TwoTower(nn.Module):
         self.n_cats = 1 if id_only else 3
         self.u_rows = [0] if id_only else [0, 1, 2] if user_ids else [1]
         user_cards = [s["users"], s["countries"], s["names"]]
-        self.user_tower = Tower([user_cards[r] for r in self.u_rows], dim, 0, out_dim, hidden,
-                                out_act=tower_act, n_extra=history is not None, dropout=dropout)
+        # history_text: the user tower also gets the mean text vector of the user's train items (projected), so a
+        # new item's text meets the user's in one learned bilinear form (what content-KNN does with a fixed one)
+        self.hist_text = nn.Linear(text_dim, dim) if history is not None and history_text and text_dim else None
+        self.user_tower = Tower([user_cards[r] for r in self.u_rows], dim, 0, out_dim, hidden, out_act=tower_act,
+                                n_extra=(history is not None) + (self.hist_text is not None), dropout=dropout)
         self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], dim, text_dim, out_dim, hidden,
                                 out_act=tower_act, dropout=dropout, id_dropout=id_dropout,
                                 learned_unknown=unseen_ids == "learned")
@@ -759,8 +762,19 @@ class TwoTower(nn.Module):
         self.register_buffer("i_unseen", torch.as_tensor(unseen) if train_items_only and unseen is not None
                              and unseen.any() else None, persistent=False)
 
-    def history(self, idx, drop=None):
-        """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out.
+    def history(self, idx, drop=None, bag=None):
+        """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
+        items, offsets, keep, n = self.history_bag(idx, drop) if bag is None else bag
+        return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+
+    def history_text_vector(self, bag):
+        """--history-text: the projected mean text vector of the users' train items (the same bag as history)."""
+        items, offsets, keep, n = bag
+        t = F.embedding_bag(items, self.i_text, offsets, mode="sum", per_sample_weights=keep)
+        return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
+
+    def history_bag(self, idx, drop=None):
+        """(items, offsets, 0/1 weights or None, counts) of the users' train items; `drop`: one item per user left out.
         In training each history item is also left out with probability `history_dropout` (denoising, as
         in Mult-DAE), so the user vector cannot lean on any single item."""
         start, counts = self.h_ptr[idx], self.h_ptr[idx + 1] - self.h_ptr[idx]
@@ -775,10 +789,13 @@ class TwoTower(nn.Module):
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
                 torch.arange(len(idx), device=idx.device), counts), keep)
-        return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+        return items, offsets, keep, n
 
     def users(self, idx, drop=None):
-        extra = () if self.hist_emb is None else (self.history(idx, drop),)
+        extra = ()
+        if self.hist_emb is not None:
+            bag = self.history_bag(idx, drop)
+            extra = (self.history(idx, bag=bag),) + (() if self.hist_text is None else (self.history_text_vector(bag),))
         u = self._out(self.user_tower(list(self.u_feats[self.u_rows][:, idx]), extra=extra))
         return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
 
@@ -843,6 +860,7 @@ class Config:
     cold_fraction: float = 0.2   # --split cold-items: share of the items held out with all their interactions
     tag_source: str = "non-listeners"  # cold-items: whose tag assignments make a cold item's tags (or all)
     history_dropout: float = 0.0  # each item of a user's pooled history is left out with this chance in training
+    history_text: bool = False   # user tower: + the projected mean text vector of the user's train items
     item_bias: bool = False      # + a learned per-item score offset (dot scorer)
     schedule: str = "constant"   # learning rate: constant, or cosine decay to 0 over --epochs
     id_only: bool = False        # towers see only the user / item id (matrix factorization)
@@ -868,7 +886,7 @@ def build_model(cfg, feats, split):
                     split.train if cfg.history else None, cfg.normalize, cfg.temperature, cfg.dropout, cfg.id_dropout,
                     cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h),
                     cfg.history_dropout, cfg.item_bias, split.degree == 0, cfg.unseen_ids, cfg.cold_dropout,
-                    split.kind == "cold-items")
+                    split.kind == "cold-items", cfg.history_text)
 
 
 class NegativeSampler:
@@ -1897,8 +1915,15 @@ PRESETS = {
 }
 
 
-def parser(preset=""):
-    d = Config(**PRESETS.get(preset, {}))
+# --split cold-items: the two-tower defaults chosen for new items on hetrec validation-cold (README, Experiments);
+# a preset and explicitly given flags still win.
+PROTOCOL_DEFAULTS = {
+    "cold-items": dict(history_text=True, cold_dropout=0.5, unseen_ids="zero"),
+}
+
+
+def parser(preset="", split=""):
+    d = Config(**{**PROTOCOL_DEFAULTS.get(split, {}), **PRESETS.get(preset, {})})
     ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
                                  "with honest full-ranking evaluation.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1928,6 +1953,8 @@ def parser(preset=""):
     t.add_argument("--tower-act", action=boolean, default=d.tower_act, help="GELU on tower outputs (the study's)")
     t.add_argument("--history", action=boolean, default=d.history,
                    help="user tower also pools embeddings of the user's train items")
+    t.add_argument("--history-text", action=boolean, default=d.history_text,
+                   help="user tower also pools the text vectors of the user's train items (with --history)")
     t.add_argument("--id-only", action=boolean, default=d.id_only,
                    help="towers see only the user and item ids (with --scorer dot: matrix factorization)")
     t.add_argument("--user-ids", action=boolean, default=d.user_ids,
@@ -1972,10 +1999,17 @@ def config_from(args):
     return Config(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, with the defaults of its --preset and of its --split's protocol."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="", choices=["", *PRESETS])
-    args = parser(pre.parse_known_args(argv)[0].preset).parse_args(argv)
+    pre.add_argument("--split", default="")
+    known = pre.parse_known_args(argv)[0]
+    return parser(known.preset, known.split).parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         if args.cmd == "train":
             cmd_train(config_from(args))

@@ -584,3 +584,10 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
     assert "### titles, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
     assert "| two-tower, text none | CB2CF title |" in md or "| two-tower, text none | ContentKNN title |" in md
     assert (tmp_path / "cold_items.png").exists()
+
+
+def test_cold_items_protocol_defaults_and_explicit_flags_win():
+    cold = R.config_from(R.parse_args(["train", "--split", "cold-items"]))
+    assert all(getattr(cold, k) == v for k, v in R.PROTOCOL_DEFAULTS["cold-items"].items())
+    assert R.config_from(R.parse_args(["train"])) == R.Config()
+    assert not R.config_from(R.parse_args(["train", "--split", "cold-items", "--no-history-text"])).history_text
