@@ -34,7 +34,12 @@ import torch
 import recsetters as R
 
 SETS = ("demo", "hetrec", "large")
-SCORERS = ("dot", "dotcompress")
+SCORERS = tuple(R.SCORERS)
+# the model and training setup every set is timed with, pinned (train's defaults may change): the study's towers
+# (hidden layers 128,64, 96-dim embeddings, GELU on the outputs, no history, no normalization) and margin loss
+# with 20 negatives, at lr 1e-3; --scorer, --batch-size, --amp and --compile come from the command line
+BENCH_MODEL = dict(loss="margin", negatives=20, lr=1e-3, dim=96, out_dim=192, hidden="128,64", tower_act=True,
+                   final_gelu=False, history=False, normalize=False, temperature=1.0, dropout=0.0, user_ids=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +101,7 @@ def sync(device):
 def time_epochs(cfg, split, feats, device, reps):
     """`reps` real training epochs with recsetters.train_epoch (the code train_model runs)."""
     R.seed_everything(cfg.seed)
-    model = R.TwoTower(feats, cfg.dim, cfg.out_dim, cfg.scorer).to(device)
+    model = R.TwoTower(feats, cfg, split.train).to(device)
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
@@ -176,13 +181,11 @@ def run_set(args):
            "load_seconds": time.perf_counter() - t0, "scorers": {}}
     reps = args.reps if args.reps else (1 if args.one == "large" else 3)
     for scorer in args.scorers.split(","):
-        # pinned to the study's model and training setup (train's defaults may change): its tower sizes
-        # (TwoTower's own defaults, 96-dim embeddings), margin loss, 20 negatives
-        cfg = R.Config(dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size, loss="margin",
-                       negatives=20, lr=1e-3, dim=96, out_dim=192, amp=args.amp, compile=args.compile)
+        cfg = R.Config(**BENCH_MODEL, dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size,
+                       amp=args.amp, compile=args.compile).validate()
         if args.no_train:          # evaluation speed does not depend on the weights: an untrained model
             R.seed_everything(cfg.seed)
-            model, tr = R.TwoTower(feats, cfg.dim, cfg.out_dim, scorer).to(device), {"reps": 0}
+            model, tr = R.TwoTower(feats, cfg, split.train).to(device), {"reps": 0}
         else:
             model, tr = time_epochs(cfg, split, feats, device, reps)
             tr["reps"] = reps
@@ -249,7 +252,7 @@ def main(argv=None):
                      "cpu") if Path("/proc/cpuinfo").exists() else "cpu",
            "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
-           "batch_size": args.batch_size, "negatives": 20, "loss": "margin",
+           "batch_size": args.batch_size, "negatives": BENCH_MODEL["negatives"], "loss": BENCH_MODEL["loss"],
            "load_average_at_start": os.getloadavg(), "gpu_measured": device.type == "cuda"}
     results = []
     passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", str(args.threads),

@@ -39,9 +39,8 @@ import pandas as pd
 import recsetters as R
 
 HERE = Path(__file__).resolve().parent
-K = 10
 MF_FLAGS = ["--text", "none", "--id-only", "--no-history", "--scorer", "dot"]   # the ID-only two-tower
-BASELINES = ["Popularity", "ItemKNN", "EASE"]
+# The baselines are R.BASELINES, the metrics R.per_user_metrics, and the cut-off K is each run's own (its config).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,9 +90,11 @@ def cell_done(run_dir):
 
 
 def train_config(dataset, seed, data_dir, flags):
-    """The configuration `recsetters.py train` resolves these flags to, today's defaults included."""
-    args = R.parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
-    skip = ("run_name", "runs_dir", "threads", "baselines")
+    """The configuration `recsetters.py train` resolves these flags to, today's defaults included (without the
+    settings that do not change a run's results, and those of other commands)."""
+    args = R.parser().parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
+    skip = {"run_name", "runs_dir", "threads", "baselines"} | {
+        f.name for f in R.fields(R.Config) if "train" not in f.metadata["cmds"]}
     return {k: v for k, v in R.asdict(R.config_from(args)).items() if k not in skip}
 
 
@@ -103,17 +104,18 @@ def ran_with(run_dir, want):
     if not (run_dir / "results.json").exists():
         return False
     have = json.loads((run_dir / "results.json").read_text())["config"]
+    have.setdefault("k", 10)                  # cells made before K was stored were evaluated at 10
     return {k: have.get(k) for k in want} == want
 
 
-def run_baselines_cell(dataset, seed, data_dir, run_dir):
-    """Popularity, ItemKNN and EASE on the (dataset, seed) split; also stores which test items are cold."""
-    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed)
+def run_baselines_cell(dataset, seed, data_dir, run_dir, k):
+    """Every baseline of R.BASELINES on the (dataset, seed) split; also stores which test items are cold."""
+    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed, k=k).validate()
     ds, split = R.prepare(cfg, quiet=True)
-    res, ranks = R.run_baselines(split, K, "cpu", cfg.eval_memory_mb, quiet=True)
+    res, ranks = R.run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, quiet=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(run_dir / "results.json", json.dumps(
-        {"dataset": {"name": ds.name, "synthetic": ds.synthetic}, "config": {"dataset": dataset, "seed": seed},
+        {"dataset": {"name": ds.name, "synthetic": ds.synthetic}, "config": {"dataset": dataset, "seed": seed, "k": k},
          "split": R.split_stats(split), "baselines": res}, indent=1))
     np.savez(run_dir / "ranks.npz", users=split.test_u, items=split.test_i, cold=~split.warm[split.test_i],
              **{n.lower(): r for n, r in ranks.items()})
@@ -125,11 +127,12 @@ def run_cell(cell, out, data_dir, extra):
     run_dir = out / "runs" / name
     flags = [*extra, *(COLD_FLAGS if kind.startswith("cold") else []),
              *(MF_FLAGS if kind == "mf" else ["--text", str(text)])]
-    if cell_done(run_dir) and (kind.endswith("baselines") or ran_with(run_dir, train_config(dataset, seed, data_dir, flags))):
+    want = train_config(dataset, seed, data_dir, flags)
+    if cell_done(run_dir) and ran_with(run_dir, {"k": want["k"]} if kind.endswith("baselines") else want):
         return "skipped (done)"
     t0 = time.time()
     if kind == "baselines":
-        run_baselines_cell(dataset, seed, data_dir, run_dir)
+        run_baselines_cell(dataset, seed, data_dir, run_dir, want["k"])
     elif kind == "cold-baselines":
         run_cold_baselines_cell(dataset, seed, data_dir, run_dir)
     else:
@@ -167,7 +170,7 @@ def collect(out):
         if res.get("protocol") == "cold-items":      # collected by collect_cold
             continue
         z = np.load(d / "ranks.npz")
-        dataset, seed = res["config"]["dataset"], res["config"]["seed"]
+        dataset, seed, k = res["config"]["dataset"], res["config"]["seed"], res["config"].get("k", 10)
         if "baselines" in res and "test" not in res:       # a baselines cell
             models = [(b, "baseline", res["baselines"][b], z[b.lower()]) for b in res["baselines"]]
             ranks[(dataset, "cold", seed)] = z["cold"]
@@ -179,19 +182,29 @@ def collect(out):
             ranks[(dataset, model, seed)] = rk
             for group in ("overall", "cold", "warm"):
                 rows.append({"dataset": dataset, "synthetic": res["dataset"]["synthetic"], "model": model,
-                             "kind": kind, "seed": seed, "group": group,
-                             "hr@10": r["test"][group]["hr@10"], "ndcg@10": r["test"][group]["ndcg@10"],
+                             "kind": kind, "seed": seed, "group": group, "k": k,
+                             "hr": r["test"][group][f"hr@{k}"], "ndcg": r["test"][group][f"ndcg@{k}"],
                              "n": r["test"][group]["n"],
-                             "val_hr@10": r["validation"][group]["hr@10"],
-                             "val_ndcg@10": r["validation"][group]["ndcg@10"],
+                             "val_hr": r["validation"][group][f"hr@{k}"],
+                             "val_ndcg": r["validation"][group][f"ndcg@{k}"],
                              "best_epoch": r.get("best_epoch"), "run": d.name})
-    return pd.DataFrame(rows), ranks
+    df = pd.DataFrame(rows)
+    for dataset, g in df.groupby("dataset") if len(df) else []:
+        if g.k.nunique() > 1:
+            raise SystemExit(f"the finished cells of {dataset} were evaluated at different K ({sorted(g.k.unique())}): "
+                             f"remove the stale ones from {out / 'runs'}")
+    return df, ranks
+
+
+def cut_off(df, dataset):
+    """The K of a dataset's runs (one per dataset, checked by collect)."""
+    return int(df[df.dataset == dataset].k.iloc[0])
 
 
 def summary(df):
     """Mean and std over seeds per (dataset, model, group)."""
     g = df.groupby(["dataset", "model", "group"], sort=False)
-    s = g[["hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10"]].agg(["mean", "std"])
+    s = g[["hr", "ndcg", "val_hr", "val_ndcg"]].agg(["mean", "std"])
     s.columns = [f"{a}_{b}" for a, b in s.columns]
     s["seeds"] = g.seed.nunique()
     return s.reset_index()
@@ -199,10 +212,6 @@ def summary(df):
 
 # ----------------------------------------------------------------------------------------------
 # 3. paired significance tests: per-user differences on the same test users, pooled over seeds
-
-def per_user(ranks, k=K):
-    return (ranks < k).astype(float) * 100, np.where(ranks < k, 1 / np.log2(ranks + 2), 0) * 100
-
 
 def paired_test(a, b, n_boot=2000, seed=0):
     """a, b: per-(seed, user) values. Mean difference a - b, 95% bootstrap CI, two-sided sign-flip p-value."""
@@ -221,21 +230,23 @@ def significance(df, ranks):
     rows = []
     for dataset in df.dataset.unique():
         o = s[(s.dataset == dataset) & (s.group == "overall")]
-        base = o[o.model.isin(BASELINES)]
+        base = o[o.model.isin(list(R.BASELINES))]
         if base.empty:
             continue
-        best = base.sort_values("val_ndcg@10_mean", ascending=False).model.iloc[0]
+        best = base.sort_values("val_ndcg_mean", ascending=False).model.iloc[0]
         seeds = sorted(df[df.dataset == dataset].seed.unique())
+        k = cut_off(df, dataset)
         for model in o.model:
-            if model in BASELINES:
+            if model in R.BASELINES:
                 continue
             for ref in ["two-tower, text none", best]:
                 if ref == model or not all((dataset, m, sd) in ranks for m in (model, ref) for sd in seeds):
                     continue
-                pa = [per_user(ranks[(dataset, model, sd)]) for sd in seeds]
-                pb = [per_user(ranks[(dataset, ref, sd)]) for sd in seeds]
-                for i, metric in enumerate(["hr@10", "ndcg@10"]):
-                    t = paired_test(np.concatenate([x[i] for x in pa]), np.concatenate([x[i] for x in pb]))
+                pa = [R.per_user_metrics(ranks[(dataset, model, sd)], k) for sd in seeds]
+                pb = [R.per_user_metrics(ranks[(dataset, ref, sd)], k) for sd in seeds]
+                for metric in ("hr", "ndcg"):
+                    t = paired_test(np.concatenate([x[f"{metric}@{k}"] * 100 for x in pa]),
+                                    np.concatenate([x[f"{metric}@{k}"] * 100 for x in pb]))
                     rows.append({"dataset": dataset, "model": model, "vs": ref, "metric": metric, **t})
     return pd.DataFrame(rows)
 
@@ -249,7 +260,7 @@ def fairness(out, df, data_dir, n_boot=500):
         tt = df[(df.dataset == dataset) & (df.kind == "two-tower") & (df.group == "overall")]
         if tt.empty:
             continue
-        best = tt.groupby("model")["val_ndcg@10"].mean().idxmax()
+        best = tt.groupby("model")["val_ndcg"].mean().idxmax()
         seed = int(sorted(tt.seed.unique())[0])
         run = tt[(tt.model == best) & (tt.seed == seed)].run.iloc[0]
         cfg, ds, split, model, device, _ = R.restore(str(out / "runs" / run), device_name="cpu")
@@ -257,13 +268,14 @@ def fairness(out, df, data_dir, n_boot=500):
         scorers = {best: R.model_scores(model, device)}
         lam = json.loads((out / "runs" / cell_name(dataset, "baselines", None, seed) / "results.json")
                          .read_text())["baselines"]["EASE"]["params"]
-        scorers[f"EASE ({lam})"] = R.ease_scores(split, lam)
-        res[dataset] = {"seed": seed, "label": ds.label, "models": {}}
+        scorers[f"EASE ({lam})"] = R.BASELINES["EASE"].make(split, lam)
+        res[dataset] = {"seed": seed, "label": ds.label, "k": cfg.k, "models": {}}
         for name, fn in scorers.items():
-            ranks = R.rank_of_targets(fn, split.test_u, split.test_i, excl, "cpu")
-            top = R.top_k_lists(fn, split.test_u, excl, K)
+            ranks = R.rank_of_targets(fn, split.test_u, split.test_i, excl, "cpu", cfg.eval_memory_mb)
+            top = R.top_k_lists(fn, split.test_u, excl, cfg.k, "cpu", cfg.eval_memory_mb)
             res[dataset]["models"][name] = R.fairness_metrics(ranks, top, split, ds.users.country.to_numpy(),
-                                                              R.codes(ds.items.artist), K, 20, n_boot, seed)
+                                                              R.codes(ds.items.artist), cfg.k, cfg.min_users,
+                                                              n_boot, seed)
     return res
 
 
@@ -277,10 +289,11 @@ def plots(out, df, fair):
     files = []
     s = summary(df)
     datasets = list(df.dataset.unique())
-    # ablation bars: HR@10 and NDCG@10, overall and cold, mean +- std over seeds
+    # ablation bars: HR@K and NDCG@K, overall and cold, mean +- std over seeds
     fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.6 * len(datasets)), squeeze=False)
     for row, dataset in zip(axes, datasets):
-        for ax, metric in zip(row, ["hr@10", "ndcg@10"]):
+        k = cut_off(df, dataset)
+        for ax, metric in zip(row, ["hr", "ndcg"]):
             o = s[(s.dataset == dataset)]
             models = list(o[o.group == "overall"].model)
             x = np.arange(len(models))
@@ -291,27 +304,28 @@ def plots(out, df, fair):
             ax.set_xticks(x, [m.replace("two-tower, text ", "TT ").replace(" (ID-only two-tower)", "")
                               for m in models], rotation=30, ha="right", fontsize=8)
             synthetic = " (SYNTHETIC)" if df[df.dataset == dataset].synthetic.iloc[0] else ""
-            ax.set_title(f"{dataset}{synthetic}: test {metric.upper()} (mean ± std over seeds)", fontsize=9)
+            ax.set_title(f"{dataset}{synthetic}: test {metric.upper()}@{k} (mean ± std over seeds)", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(save(fig, out / "ablation.png"))
     # validation curves per epoch (mean over seeds) for every two-tower variant
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
+        k = cut_off(df, dataset)
         runs = df[(df.dataset == dataset) & (df.kind != "baseline") & (df.group == "overall")]
         for model, g in runs.groupby("model"):
-            curves = [[h["validation"]["overall"]["ndcg@10"] for h in
+            curves = [[h["validation"]["overall"][f"ndcg@{k}"] for h in
                        json.loads((out / "runs" / r / "results.json").read_text())["history"]] for r in g.run]
             n = max(len(c) for c in curves)
             m = np.nanmean([c + [np.nan] * (n - len(c)) for c in curves], 0)
             ax.plot(np.arange(1, n + 1), m, marker=".", label=model.replace("two-tower, text ", "TT "))
-        for b in BASELINES[1:]:
-            v = s[(s.dataset == dataset) & (s.model == b) & (s.group == "overall")]["val_ndcg@10_mean"]
+        for b in list(R.BASELINES)[1:]:
+            v = s[(s.dataset == dataset) & (s.model == b) & (s.group == "overall")]["val_ndcg_mean"]
             if len(v):
                 ax.axhline(float(v.iloc[0]), ls="--", lw=0.8, color="gray")
                 ax.text(1, float(v.iloc[0]), b, fontsize=7, va="bottom", color="gray")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("validation NDCG@10 (mean over seeds)")
+        ax.set_ylabel(f"validation NDCG@{k} (mean over seeds)")
         ax.set_title(dataset, fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -330,7 +344,7 @@ def plots(out, df, fair):
             ax.set_xscale("symlog", linthresh=0.01)
             ax.set_yscale("symlog", linthresh=0.01)
             ax.set_xlabel("artist share of train interactions (%)")
-            ax.set_ylabel("artist share of top-10 slots (%)")
+            ax.set_ylabel(f"artist share of top-{f['k']} slots (%)")
             ax.set_title(f"{f['label']}, seed {f['seed']}", fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -351,13 +365,12 @@ def pm(m, s):
     return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
 
 
-def paired_lines(t, metrics, intro):
+def paired_lines(t, metrics, labels, intro):
     """The markdown table of paired tests `t` (rows: model, vs, metric, diff, lo, hi, p) for two metrics."""
     if not len(t):
         return []
-    name = lambda m: m.upper().replace("RECALL", "Recall").replace("NDCG", "NDCG")
     L = ["", f"{intro} (difference in points, 95% bootstrap CI, two-sided sign-flip p-value):", "",
-         f"| model | vs | Δ{name(metrics[0])} [CI] | p | Δ{name(metrics[1])} [CI] | p |", "|---|---|---|---|---|---|"]
+         f"| model | vs | Δ{labels[0]} [CI] | p | Δ{labels[1]} [CI] | p |", "|---|---|---|---|---|---|"]
     for (model, ref), g in t.groupby(["model", "vs"], sort=False):
         cells = [g[g.metric == m].iloc[0] for m in metrics]
         L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | {c['p']:.3f}"
@@ -369,19 +382,20 @@ def quality_lines(df, d, out, dataset):
     """The quality target: the two-tower variant chosen on validation against the best baseline on test."""
     o = d[d.group == "overall"].set_index("model")
     tt = o[o.index.str.startswith("two-tower")]
-    base = o[o.index.isin(BASELINES)]
+    base = o[o.index.isin(list(R.BASELINES))]
     if tt.empty or base.empty:
         return []
-    best, ref = tt["val_ndcg@10_mean"].idxmax(), base["val_ndcg@10_mean"].idxmax()
+    k = cut_off(df, dataset)
+    best, ref = tt["val_ndcg_mean"].idxmax(), base["val_ndcg_mean"].idxmax()
     run = df[(df.dataset == dataset) & (df.model == best)].run.iloc[0]
     c = json.loads((out / "runs" / run / "results.json").read_text())["config"]
-    flags = ", ".join(f"{k} {c[k]!r}" if k == "hidden" else f"{k} {c[k]}" for k in (
+    flags = ", ".join(f"{key} {c[key]!r}" if key == "hidden" else f"{key} {c[key]}" for key in (
         "scorer", "loss", "history", "user_ids", "hidden", "dim", "out_dim", "normalize", "temperature", "dropout",
-        "lr", "epochs", "patience") if k in c)
-    met = all(o.loc[best, f"{m}_mean"] >= o.loc[ref, f"{m}_mean"] for m in ("hr@10", "ndcg@10"))
-    return ["", f"Two-tower configuration: {flags}. Chosen on validation: **{best}**, test HR@10 "
-            f"{o.loc[best, 'hr@10_mean']:.2f} / NDCG@10 {o.loc[best, 'ndcg@10_mean']:.2f} against {ref} "
-            f"{o.loc[ref, 'hr@10_mean']:.2f} / {o.loc[ref, 'ndcg@10_mean']:.2f} (means over "
+        "lr", "epochs", "patience") if key in c)
+    met = all(o.loc[best, f"{m}_mean"] >= o.loc[ref, f"{m}_mean"] for m in ("hr", "ndcg"))
+    return ["", f"Two-tower configuration: {flags}. Chosen on validation: **{best}**, test HR@{k} "
+            f"{o.loc[best, 'hr_mean']:.2f} / NDCG@{k} {o.loc[best, 'ndcg_mean']:.2f} against {ref} "
+            f"{o.loc[ref, 'hr_mean']:.2f} / {o.loc[ref, 'ndcg_mean']:.2f} (means over "
             f"{int(o.loc[best, 'seeds'])} and {int(o.loc[ref, 'seeds'])} seeds): quality target "
             f"**{'met' if met else 'not met'}**."]
 
@@ -400,7 +414,8 @@ def report(out, data_dir, notes=(), do_fairness=True):
     fair = fairness(out, df, data_dir) if do_fairness else {}
     pngs = plots(out, df, fair)
     L = ["# RecSetters ablation: which item text helps, against strong baselines", "",
-         f"HR@{K} and NDCG@{K} (×100) on the test split, full ranking over the whole catalog, mean ± std over "
+         f"HR@K and NDCG@K (×100; K = {', '.join(map(str, sorted(df.k.unique())))}) on the test split, full "
+         "ranking over the whole catalog, mean ± std over "
          "seeds; every model is selected on validation only and its test split evaluated once. "
          "Two-tower runs use `recsetters.py train` defaults plus `--text`; MF is the same two-tower with only "
          "user and item ids and a dot product. Synthetic datasets are marked: no finding is claimed from them.", ""]
@@ -409,27 +424,30 @@ def report(out, data_dir, notes=(), do_fairness=True):
         d = s[s.dataset == dataset]
         syn = bool(df[df.dataset == dataset].synthetic.iloc[0])
         st = json.loads(next((out / "runs").glob(f"{dataset}-baselines-s*/results.json")).read_text())["split"]
+        k = cut_off(df, dataset)
         L += [f"## {dataset}{' (SYNTHETIC)' if syn else ''}", "",
               f"{st['users']:,} users × {st['items']:,} items, {st['train_interactions']:,} train interactions, "
               f"{st['split']} split, {st['cold_test_cases']:,} of {st['test_users']:,} test cases cold.", "",
-              "| model | seeds | val NDCG@10 | HR@10 | NDCG@10 | HR@10 cold | NDCG@10 cold | HR@10 warm | NDCG@10 warm |",
+              f"| model | seeds | val NDCG@{k} | HR@{k} | NDCG@{k} | HR@{k} cold | NDCG@{k} cold | HR@{k} warm | "
+              f"NDCG@{k} warm |",
               "|---|---|---|---|---|---|---|---|---|"]
         for model in d[d.group == "overall"].model:
             r = {g: d[(d.model == model) & (d.group == g)].iloc[0] for g in ("overall", "cold", "warm")}
-            L.append(f"| {model} | {r['overall'].seeds} | {pm(r['overall']['val_ndcg@10_mean'], r['overall']['val_ndcg@10_std'])} | "
+            L.append(f"| {model} | {r['overall'].seeds} | {pm(r['overall']['val_ndcg_mean'], r['overall']['val_ndcg_std'])} | "
                      + " | ".join(pm(r[g][f'{m}_mean'], r[g][f'{m}_std']) for g in ("overall", "cold", "warm")
-                                  for m in ("hr@10", "ndcg@10")) + " |")
+                                  for m in ("hr", "ndcg")) + " |")
         L += quality_lines(df, d, out, dataset)
-        L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("hr@10", "ndcg@10"),
+        L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("hr", "ndcg"), (f"HR@{k}", f"NDCG@{k}"),
                           "Paired tests on the same test users, pooled over seeds")
         L.append("")
     if fair:
         L += ["## Fairness and exposure", "",
-              "Test split, top-10 lists of every test user, for the best two-tower variant (by validation) and EASE. "
+              "Test split, top-K lists of every test user, for the best two-tower variant (by validation) and EASE. "
               "Intervals are bootstrap percentile intervals (users resampled within each country); a max − min gap "
               "over many small groups is biased upward by noise, so compare models rather than read it absolutely.", ""]
         for dataset, f in fair.items():
-            L += [f"### {f['label']}, seed {f['seed']}", "",
+            k = f["k"]
+            L += [f"### {f['label']}, seed {f['seed']}, top {k}", "",
                   "| model | artist exposure Gini | (interactions Gini) | item coverage % | artist coverage % | "
                   "avg rec. popularity | cold share of slots % (of catalog) |", "|---|---|---|---|---|---|---|"]
             for name, m in f["models"].items():
@@ -444,10 +462,10 @@ def report(out, data_dir, notes=(), do_fairness=True):
                 L += [f"Per-country metrics: {first['note']}.", ""]
                 continue
             L += [f"Per country ({len(first['countries'])} countries with ≥ {first['min_users']} test users):", "",
-                  "| model | HR@10 gap max−min [CI] | HR@10 std [CI] | NDCG@10 gap [CI] | cold-slot share gap [CI] | "
+                  f"| model | HR@{k} gap max−min [CI] | HR@{k} std [CI] | NDCG@{k} gap [CI] | cold-slot share gap [CI] | "
                   "largest artist-decile share gap (decile) |", "|---|---|---|---|---|---|"]
             for name, m in f["models"].items():
-                ci = lambda r, k: f"{r[k]:.2f} [{r[k + '_ci'][0]:.2f}, {r[k + '_ci'][1]:.2f}]"
+                ci = lambda r, key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
                 g = np.array(m["decile_share_gap"])
                 L.append(f"| {name} | {ci(m['hr'], 'gap')} | {ci(m['hr'], 'std')} | {ci(m['ndcg'], 'gap')} | "
                          f"{ci(m['cold_share'], 'gap')} | {g.max():.1f} ({int(g.argmax()) + 1}) |")
@@ -463,7 +481,7 @@ def report(out, data_dir, notes=(), do_fairness=True):
 # ----------------------------------------------------------------------------------------------
 # 7. the tuning log: what was tried for the default `train` configuration, one change at a time, on hetrec.
 # Each row is `recsetters.py train --text none` plus its flags (against the current defaults, so every row says
-# exactly what it ran); the choice between rows is made on validation NDCG@10 alone, test is shown for the record.
+# exactly what it ran); the choice between rows is made on validation NDCG@K alone, test is shown for the record.
 
 TUNING = [
     ("previous default: towers with hidden layers 128,64, dim 96", ["--hidden", "128,64", "--dim", "96"]),
@@ -505,21 +523,22 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING):
     threads = 1 if jobs > 1 else 0
     with ThreadPoolExecutor(jobs) as ex:
         results = list(ex.map(lambda w: tune_cell(w[0], w[1], dataset, w[2], data_dir, out, threads), work))
+    k = next((r["config"].get("k", 10) for r in results if r is not None), R.Config.k)
     L = [f"## Tuning log ({dataset}, text none; chosen on validation only)", "",
          "One change at a time, each row `recsetters.py train --text none` plus its flags against the current "
-         f"defaults; mean over seeds {', '.join(map(str, seeds))}. HR@10 / NDCG@10 ×100.", "",
-         "| configuration | flags | best epoch | validation | test | test cold HR@10 | train s |",
+         f"defaults; mean over seeds {', '.join(map(str, seeds))}. HR@{k} / NDCG@{k} ×100.", "",
+         f"| configuration | flags | best epoch | validation | test | test cold HR@{k} | train s |",
          "|---|---|---|---|---|---|---|"]
     for label, flags in rows:
         rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
         if not rs:
             L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | | |")
             continue
-        m = lambda part, g, k: np.mean([r[part][g][k] for r in rs])
+        m = lambda part, g, metric: np.mean([r[part][g][f"{metric}@{k}"] for r in rs])
         L.append(f"| {label} | `{shlex.join(flags) or '(defaults)'}` | {np.mean([r['best_epoch'] for r in rs]):.0f} | "
-                 f"{m('validation', 'overall', 'hr@10'):.2f} / {m('validation', 'overall', 'ndcg@10'):.2f} | "
-                 f"{m('test', 'overall', 'hr@10'):.2f} / {m('test', 'overall', 'ndcg@10'):.2f} | "
-                 f"{m('test', 'cold', 'hr@10'):.2f} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
+                 f"{m('validation', 'overall', 'hr'):.2f} / {m('validation', 'overall', 'ndcg'):.2f} | "
+                 f"{m('test', 'overall', 'hr'):.2f} / {m('test', 'overall', 'ndcg'):.2f} | "
+                 f"{m('test', 'cold', 'hr'):.2f} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
     out.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(out / "tuning.md", "\n".join(L) + "\n")
     return out / "tuning.md"
@@ -669,7 +688,8 @@ def cold_report(out):
             L.append(f"| {model} | {g.seed.nunique()} | {pm(g['val cold ndcg@20'].mean(), g['val cold ndcg@20'].std())} | "
                      + " | ".join(pm(g[f'{v} {m}'].mean(), g[f'{v} {m}'].std()) for v, m in COLD_METRICS) + " |")
         L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("recall@20", "ndcg@20"),
-                          "Paired tests on per-user test-cold metrics, same users, pooled over seeds")
+                          ("Recall@20", "NDCG@20"), "Paired tests on per-user test-cold metrics, same users, pooled "
+                          "over seeds")
         aud = [(s, a) for (ds_, s), a in sorted(audits.items()) if ds_ == dataset and a]
         if aud:
             L += ["", "Tag leak audit (test-cold, NDCG@20 / Recall@20 of the cold view; per seed):", "",

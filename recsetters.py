@@ -28,8 +28,9 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -618,8 +619,8 @@ class Tower(nn.Module):
     embedding (the id) of a random share of rows in training, so the other features must carry the signal
     too: that is what a cold item, whose id embedding saw few updates, has to rely on."""
 
-    def __init__(self, cardinalities, dim=96, dense_dim=0, out_dim=192, hidden=(128, 64), out_act=True,
-                 n_extra=0, dropout=0.0, id_dropout=0.0, learned_unknown=False):
+    def __init__(self, cardinalities, dim, out_dim, hidden, out_act, dropout, dense_dim=0, n_extra=0, id_dropout=0.0,
+                 learned_unknown=False):
         super().__init__()
         self.embs = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
         # the vector a categorical value without train interactions gets (see TwoTower.items): zero, or learned
@@ -648,6 +649,10 @@ class Tower(nn.Module):
 
 
 class DotScorer(nn.Module):
+    @classmethod
+    def from_config(cls, cfg):
+        return cls()
+
     def pairs(self, u, v):          # broadcastable (..., D) x (..., D) -> (...)
         return (u * v).sum(-1)
 
@@ -656,7 +661,8 @@ class DotScorer(nn.Module):
 
 
 class DotCompress(nn.Module):
-    def __init__(self, d=192, hidden=(128, 64), final_gelu=False):
+    def __init__(self, d, final_gelu, hidden=(128, 64)):
+        """d: size of the tower outputs (even); hidden: the study's scoring MLP after the first layer."""
         super().__init__()
         self.W = nn.Parameter(torch.empty(2, d // 2))
         nn.init.xavier_normal_(self.W)
@@ -667,6 +673,10 @@ class DotCompress(nn.Module):
             rest += [nn.LayerNorm(a), nn.GELU(), nn.Linear(a, b)]
         self.rest = nn.Sequential(*rest)
         self.final_gelu = final_gelu
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.out_dim, cfg.final_gelu)
 
     def coefs(self):
         """The first Linear folded onto the five numbers: rows for u.u, u.v, v.v, sum u, sum v."""
@@ -710,42 +720,47 @@ class DotCompress(nn.Module):
         return self.finish(self.l1(out))
 
 
-class TwoTower(nn.Module):
-    """history (a users x items CSR of train interactions, or None): the user tower also gets the mean of
-    learned embeddings of the user's train items (in training without the target item, so it cannot copy).
-    normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature."""
+SCORERS = {"dot": DotScorer, "dotcompress": DotCompress}      # --scorer NAME: the scoring head, built from Config
 
-    def __init__(self, feats, dim=96, out_dim=192, scorer="dotcompress", final_gelu=False, tower_act=True,
-                 history=None, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                 user_ids=True, hidden=(128, 64), history_dropout=0.0, item_bias=False, unseen=None,
-                 unseen_ids="zero", cold_dropout=0.0, train_items_only=False, history_text=False):
+
+class TwoTower(nn.Module):
+    """Built from the configuration whole (cfg: a Config; every model setting is documented there).
+    history: the users x items CSR of train interactions; with cfg.history the user tower also gets the mean of
+    learned embeddings of the user's train items (in training without the target item, so it cannot copy).
+    cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature.
+    unseen: bool per item, no train interactions (their id/artist/tag embeddings are handled per cfg.unseen_ids);
+    train_items_only: the training catalog is the items with train interactions (the cold-items protocol)."""
+
+    def __init__(self, feats, cfg, history, unseen=None, train_items_only=False):
         super().__init__()
-        self.history_dropout = history_dropout
+        history = history if cfg.history else None
+        self.history_dropout = cfg.history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
         # one more coordinate (item: its bias, user: 1), so the score stays a plain dot product
-        self.bias = nn.Embedding(feats.sizes["items"], 1) if item_bias else None
-        if item_bias:
+        self.bias = nn.Embedding(feats.sizes["items"], 1) if cfg.item_bias else None
+        if cfg.item_bias:
             nn.init.zeros_(self.bias.weight)
         s = feats.sizes
-        text_dim = 0 if feats.text is None or id_only else feats.text.shape[1]
+        text_dim = 0 if feats.text is None or cfg.id_only else feats.text.shape[1]
         # id_only: user id and item id embeddings alone (with a dot scorer: matrix factorization, BPR-MF-like);
         # user_ids=False: no per-user free embeddings (id, username), the user is its country and history
-        self.n_cats = 1 if id_only else 3
-        self.u_rows = [0] if id_only else [0, 1, 2] if user_ids else [1]
+        self.n_cats = 1 if cfg.id_only else 3
+        self.u_rows = [0] if cfg.id_only else [0, 1, 2] if cfg.user_ids else [1]
         user_cards = [s["users"], s["countries"], s["names"]]
+        hidden = cfg.hidden_sizes()
         # history_text: the user tower also gets the mean text vector of the user's train items (projected), so a
         # new item's text meets the user's in one learned bilinear form (what content-KNN does with a fixed one)
-        self.hist_text = nn.Linear(text_dim, dim) if history is not None and history_text and text_dim else None
-        self.user_tower = Tower([user_cards[r] for r in self.u_rows], dim, 0, out_dim, hidden, out_act=tower_act,
-                                n_extra=(history is not None) + (self.hist_text is not None), dropout=dropout)
-        self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], dim, text_dim, out_dim, hidden,
-                                out_act=tower_act, dropout=dropout, id_dropout=id_dropout,
-                                learned_unknown=unseen_ids == "learned")
-        self.scorer = DotCompress(out_dim, final_gelu=final_gelu) if scorer == "dotcompress" else DotScorer()
-        self.scale = temperature ** -0.5 if normalize else None
+        self.hist_text = nn.Linear(text_dim, cfg.dim) if history is not None and cfg.history_text and text_dim else None
+        self.user_tower = Tower([user_cards[r] for r in self.u_rows], cfg.dim, cfg.out_dim, hidden, cfg.tower_act,
+                                cfg.dropout, n_extra=(history is not None) + (self.hist_text is not None))
+        self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], cfg.dim, cfg.out_dim, hidden,
+                                cfg.tower_act, cfg.dropout, dense_dim=text_dim, id_dropout=cfg.id_dropout,
+                                learned_unknown=cfg.unseen_ids == "learned")
+        self.scorer = SCORERS[cfg.scorer].from_config(cfg)
+        self.scale = cfg.temperature ** -0.5 if cfg.normalize else None
         self.hist_emb = None
         if history is not None:
-            self.hist_emb = nn.EmbeddingBag(s["items"], dim, mode="sum")
+            self.hist_emb = nn.EmbeddingBag(s["items"], cfg.dim, mode="sum")
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
@@ -755,9 +770,9 @@ class TwoTower(nn.Module):
                                                      long(feats.item_tag)]), persistent=False)
         self.register_buffer("i_text", None if not text_dim else torch.as_tensor(feats.text),
                              persistent=False)
-        self.unseen_ids, self.cold_dropout = unseen_ids, cold_dropout
+        self.cold_dropout = cfg.cold_dropout
         self.register_buffer("i_unknown", None if unseen is None else torch.as_tensor(
-            unknown_values(unseen, feats, unseen_ids)), persistent=False)
+            unknown_values(unseen, feats, cfg.unseen_ids)), persistent=False)
         # cold-items: the training catalog is the train items; the held-out new items are not negatives either
         self.register_buffer("i_unseen", torch.as_tensor(unseen) if train_items_only and unseen is not None
                              and unseen.any() else None, persistent=False)
@@ -819,8 +834,6 @@ def unknown_values(unseen, feats, mode="zero"):
     """(3, items) bool: which of an item's id, artist and tag have no train interactions (`unseen`: items without
     any). Those embeddings were never trained: at inference they are replaced by zero (mode zero) or a learned
     "unknown" vector (learned), or kept as initialized (random: noise, for comparison)."""
-    if mode not in ("zero", "learned", "random"):
-        raise UserError(f"--unseen-ids {mode!r}: use zero, learned or random")
     if mode == "random":
         return np.zeros((3, len(unseen)), bool)
     seen = ~np.asarray(unseen, bool)
@@ -830,63 +843,164 @@ def unknown_values(unseen, feats, mode="zero"):
 
 # ----------------------------------------------------------------------------------------------
 # 7. training
+# Config is the one place for a setting: its default, its help and its valid range. The command line is generated
+# from it (parser, section 12), presets are overlays of it (PRESETS), the model is built from it whole
+# (TwoTower(feats, cfg, history)), and Config.validate() checks every value before anything is read or written.
+
+class Range(NamedTuple):
+    ok: object               # value -> bool
+    says: str                # what a valid value is, in words: "error: --lr nan: a positive finite number"
+
+
+COUNT = Range(lambda v: v >= 1, "an integer >= 1")
+COUNT0 = Range(lambda v: v >= 0, "an integer >= 0")
+SEED = Range(lambda v: 0 <= v < 2**32, "an integer between 0 and 2**32 - 1")
+POSITIVE = Range(lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
+FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
+SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
+LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
+               "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
+
+TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
+
+
+def setting(default, help, check=None, choices=None, cmds=TRAIN):
+    """A Config field: its default, help text, valid range (`check`, a Range) or `choices`, and the subcommands
+    whose command line has it."""
+    return field(default=default, metadata=dict(help=help, check=check, choices=choices, cmds=cmds))
+
 
 @dataclass
 class Config:
-    dataset: str = "demo"
-    data_dir: str = "data"
-    runs_dir: str = "runs"
-    run_name: str = ""
-    text: str = "lyrics"
-    scorer: str = "dot"           # defaults: the best configuration on hetrec validation (README, Experiments)
-    loss: str = "full"
-    epochs: int = 40
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    negatives: int = 20
-    margin: float = 1.0
-    dim: int = 192               # embedding size (the study's: 96)
-    out_dim: int = 192
-    final_gelu: bool = False
-    tower_act: bool = False
-    history: bool = True         # user tower: + mean embedding of the user's train items
-    normalize: bool = True       # L2-normalized tower outputs, dot = cosine / temperature
-    temperature: float = 0.1
-    dropout: float = 0.3         # on the towers' concatenated inputs
-    id_dropout: float = 0.0      # share of training rows whose item-id embedding is zeroed
-    unseen_ids: str = "zero"     # id/artist/tag embedding of a value without train interactions: zero, learned, random
-    cold_dropout: float = 0.0    # share of training rows whose item looks new (id and artist unknown), DropoutNet-style
-    cold_fraction: float = 0.2   # --split cold-items: share of the items held out with all their interactions
-    tag_source: str = "non-listeners"  # cold-items: whose tag assignments make a cold item's tags (or all)
-    history_dropout: float = 0.0  # each item of a user's pooled history is left out with this chance in training
-    history_text: bool = False   # user tower: + the projected mean text vector of the user's train items
-    item_bias: bool = False      # + a learned per-item score offset (dot scorer)
-    schedule: str = "constant"   # learning rate: constant, or cosine decay to 0 over --epochs
-    id_only: bool = False        # towers see only the user / item id (matrix factorization)
-    user_ids: bool = False       # user tower embeds the user id and username (both free per-user vectors)
-    hidden: str = ""             # the towers' hidden layer sizes ("": linear towers; the study's: 128,64)
-    preset: str = ""
-    seed: int = 0
-    device: str = "auto"
-    patience: int = 5
-    k: int = 10
-    min_interactions: int = 5
-    split: str = "auto"
-    warm_fraction: float = 0.2
-    eval_memory_mb: int = 512
-    baselines: bool = True
-    amp: bool = False            # bf16 autocast in training (GPU)
-    compile: bool = False        # torch.compile the towers and the scorer
-    threads: int = 0             # torch CPU threads (0 = torch's default)
+    # data, split and evaluation (also the options of `baselines` and `stats`)
+    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)",
+                           cmds=DATA)
+    data_dir: str = setting("data", "folder of the datasets", cmds=DATA)
+    min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
+                                    "dropped", COUNT, cmds=DATA)
+    split: str = setting("auto", "auto: leave-last-out by time if there are timestamps, else seeded random "
+                         "leave-one-out; global: temporal cut-offs; cold-items: a share of the items held out with "
+                         "all their interactions (new items)",
+                         choices=("auto", "last", "random", "global", "cold-items"), cmds=DATA)
+    cold_fraction: float = setting(0.2, "share of the items that split cold-items holds out, half for validation, "
+                                   "half for test", SHARE, cmds=DATA)
+    tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
+                              "users who did not interact with it (leak-free), or from everyone (all: leaks the "
+                              "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
+    warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
+                                   FRACTION, cmds=DATA)
+    seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
+    k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
+                     cmds=DATA + ("recommend", "fairness"))
+    eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
+    # the model; defaults: the best configuration on hetrec validation (README, Experiments)
+    text: str = setting("lyrics", "items.csv text column for the item tower (title, summary, lyrics, tags, ...) "
+                        "or none")
+    scorer: str = setting("dot", "dot: dot product of the tower outputs; dotcompress: the study's scoring head",
+                          choices=tuple(SCORERS))
+    dim: int = setting(192, "embedding size of every categorical feature (the study's: 96)", COUNT)
+    out_dim: int = setting(192, "tower output size", COUNT)
+    hidden: str = setting("", "the towers' hidden layer sizes ('': linear towers; the study's: 128,64)", LAYERS)
+    tower_act: bool = setting(False, "GELU on tower outputs (the study's)")
+    final_gelu: bool = setting(False, "GELU on the final score (the study's DotCompress)")
+    history: bool = setting(True, "user tower also pools embeddings of the user's train items")
+    user_ids: bool = setting(False, "embed the user id and username (--no-user-ids: a user is its country and "
+                             "--history)")
+    id_only: bool = setting(False, "towers see only the user and item ids (with --scorer dot: matrix "
+                            "factorization)")
+    item_bias: bool = setting(False, "add a learned per-item score offset (an extra coordinate, so still a dot "
+                              "product; --scorer dot)")
+    normalize: bool = setting(True, "L2-normalize tower outputs (dot = cosine / --temperature)")
+    temperature: float = setting(0.1, "softmax temperature of normalized scores", POSITIVE)
+    dropout: float = setting(0.3, "dropout on the towers' concatenated inputs", PROBABILITY)
+    id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
+    history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
+                                     "training", PROBABILITY)
+    history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
+                                 "--history)")
+    unseen_ids: str = setting("zero", "embedding of an item id, artist or tag without train interactions: zero, a "
+                              "learned 'unknown' vector, or random (left as initialized: noise)",
+                              choices=("zero", "learned", "random"))
+    cold_dropout: float = setting(0.0, "share of training rows whose item looks new (id and artist unknown), "
+                                  "DropoutNet-style", PROBABILITY)
+    # training
+    loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
+                        "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
+                        choices=("margin", "softmax", "full"))
+    negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
+    margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
+    epochs: int = setting(40, "most training epochs", COUNT)
+    patience: int = setting(5, "stop after this many epochs without a better validation NDCG@K", COUNT)
+    batch_size: int = setting(512, "train positives per batch", COUNT)
+    lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
+    schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
+                            choices=("constant", "cosine"))
+    preset: str = setting("", "another set of train defaults; flags given explicitly still win. original: the "
+                          "study's exact model and optimizer")
+    # where and how it runs
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
+                          choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
+    threads: int = setting(0, "torch CPU threads (0: torch's default); 1 is much faster on a CPU shared with other "
+                           "jobs", COUNT0)
+    amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
+    compile: bool = setting(False, "torch.compile the towers and the scorer")
+    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
+    run_name: str = setting("", "run folder name ('': DATASET-TEXT-SCORER-LOSS-sSEED)")
+    baselines: bool = setting(True, "also fit and evaluate the baselines (BASELINES) on the same split")
+    # fairness
+    min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
+    bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
+                             cmds=("fairness",))
+
+    def hidden_sizes(self):
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def validate(self):
+        """Every value in its range, every combination meaningful; else UserError naming the flag (exit 2)."""
+        for f in fields(self):
+            value, check, choices = getattr(self, f.name), f.metadata["check"], f.metadata["choices"]
+            if f.name == "preset":
+                choices = ("", *PRESETS)
+            if choices and value not in choices:
+                raise UserError(f"{flag(f.name)} {value!r}: one of {', '.join(map(repr, choices))}")
+            if check and not check.ok(value):
+                raise UserError(f"{flag(f.name)} {value!r}: {check.says}" if isinstance(value, str) else
+                                f"{flag(f.name)} {value}: {check.says}")
+        if self.loss == "full" and self.scorer != "dot":
+            raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
+        if self.item_bias and self.scorer != "dot":
+            raise UserError("--item-bias needs --scorer dot")
+        if self.scorer == "dotcompress" and self.out_dim % 2:
+            raise UserError(f"--out-dim {self.out_dim}: --scorer dotcompress needs an even size")
+        if self.loss == "margin" and self.negatives < 1:
+            raise UserError("--negatives 0: the margin loss needs at least one negative")
+        return self
 
 
-def build_model(cfg, feats, split):
-    return TwoTower(feats, cfg.dim, cfg.out_dim, cfg.scorer, cfg.final_gelu, cfg.tower_act,
-                    split.train if cfg.history else None, cfg.normalize, cfg.temperature, cfg.dropout, cfg.id_dropout,
-                    cfg.id_only, cfg.user_ids, tuple(int(h) for h in cfg.hidden.split(",") if h),
-                    cfg.history_dropout, cfg.item_bias, split.degree == 0, cfg.unseen_ids, cfg.cold_dropout,
-                    split.kind == "cold-items", cfg.history_text)
+def flag(name):
+    """The command-line flag of a Config field: --batch-size, -k."""
+    return "-k" if name == "k" else "--" + name.replace("_", "-")
+
+
+# --preset NAME: an overlay of Config (another set of train defaults; flags given explicitly still win).
+PRESETS = {
+    # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
+    # 20 uniform negatives (its 20 extra in-batch negatives are not reproduced), GELU on tower outputs,
+    # its dimensions, Adam at lr 2e-4, batch 512
+    "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
+                     tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
+                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False,
+                     user_ids=True, hidden="128,64"),
+}
+
+
+def two_tower(cfg, feats, split):
+    """The model for this split: items without train interactions are known as such (TwoTower's `unseen`)."""
+    return TwoTower(feats, cfg, split.train, unseen=split.degree == 0, train_items_only=split.kind == "cold-items")
 
 
 class NegativeSampler:
@@ -1042,18 +1156,10 @@ def train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, desc
 def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     """Train with early stopping on validation NDCG@K. Returns (best model, history, timings).
     Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop."""
-    if cfg.loss == "full" and cfg.scorer != "dot":
-        raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
-    for name in ("dropout", "id_dropout", "history_dropout", "cold_dropout"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: a probability, between 0 and 1")
-    if cfg.item_bias and cfg.scorer != "dot":
-        raise UserError("--item-bias needs --scorer dot")
-    if cfg.loss not in ("margin", "softmax", "full"):
-        raise UserError(f"--loss {cfg.loss!r}: use margin, softmax or full")
+    cfg.validate()
     seed_everything(cfg.seed)
     rank, world = dist_rank_world()
-    model = build_model(cfg, feats, split).to(device)
+    model = two_tower(cfg, feats, split).to(device)
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
@@ -1117,21 +1223,6 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     return model, history, timings
 
 
-def positives_matrix(split):
-    u = np.concatenate([split.train_u, split.val_u, split.test_u])
-    i = np.concatenate([split.train_i, split.val_i, split.test_i])
-    m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
-    m.sum_duplicates()
-    return m
-
-
-def save_checkpoint(run_dir, model, cfg, epoch):
-    import io
-    buf = io.BytesIO()
-    torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "epoch": epoch}, buf)
-    atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
-
-
 # ----------------------------------------------------------------------------------------------
 # 8. evaluation: full ranking over all items, excluding the user's train items (and, at test time, the
 # validation item). The rank of the held-out item is the number of items scored above it, ties broken
@@ -1187,14 +1278,23 @@ def rank_of_targets(score_fn, users, targets, exclude, device, memory_mb=512):
     return ranks
 
 
+# name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
+METRICS = {
+    "hr": lambda ranks, k: (ranks < k).astype(float),
+    "ndcg": lambda ranks, k: np.where(ranks < k, 1 / np.log2(ranks + 2), 0),
+    "mrr": lambda ranks, k: 1 / (ranks + 1),
+}
+
+
+def per_user_metrics(ranks, k=10):
+    """{"hr@K", "ndcg@K", "mrr"}: per-user arrays in [0, 1]; the means, fairness and the paired tests use them."""
+    return {(name if name == "mrr" else f"{name}@{k}"): fn(np.asarray(ranks), k) for name, fn in METRICS.items()}
+
+
 def metrics(ranks, k=10):
-    hit = ranks < k
-    n = len(ranks)
-    if n == 0:
-        return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0, "mrr": 0.0, "n": 0}
-    return {f"hr@{k}": float(hit.mean() * 100),
-            f"ndcg@{k}": float(np.where(hit, 1 / np.log2(ranks + 2), 0).mean() * 100),
-            "mrr": float((1 / (ranks + 1)).mean() * 100), "n": int(n)}
+    """Means over users, x100 as the study reported them, and the number of users."""
+    return {**{m: float(v.mean() * 100) if len(ranks) else 0.0 for m, v in per_user_metrics(ranks, k).items()},
+            "n": int(len(ranks))}
 
 
 def grouped_metrics(ranks, targets, split, k=10):
@@ -1350,21 +1450,35 @@ def ease_scores(split, lam=100.0):
     return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
 
 
+class Baseline(NamedTuple):
+    make: object             # (split, hyperparameter) -> score function users -> (len(users), n_items)
+    grid: list               # hyperparameter values tried; the best on validation NDCG@K is kept
+    dense: bool = False      # needs dense item x item matrices: skipped above DENSE_MAX_ITEMS items
+
+
+# name -> Baseline: the one list of baselines (run_baselines, experiments.py and its report read it)
+BASELINES = {
+    "Popularity": Baseline(lambda split, p: popularity_scores(split), [None]),
+    "ItemKNN": Baseline(itemknn_scores, [10, 20, 50, 100, 200, None], dense=True),
+    "EASE": Baseline(ease_scores, [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True),
+}
+DENSE_MAX_ITEMS = 20000
+
+
 def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
-    """Returns {name: {"params", "validation", "test"}} and per-user test ranks."""
+    """Every baseline of BASELINES, tuned on validation. Returns {name: {"params", "validation", "test"}} and
+    per-user test ranks."""
     out, ranks = {}, {}
-    dense_ok = split.n_items <= 20000
-    grids = [("Popularity", lambda p: popularity_scores(split), [None])]
-    if dense_ok:
-        grids += [("ItemKNN", lambda p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None]),
-                  ("EASE", lambda p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000])]
-    elif not quiet:
-        log(f"ItemKNN and EASE skipped: {split.n_items:,} items is too many for dense item-item matrices")
-    for name, make, grid in grids:
+    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS]
+    if skipped and not quiet:
+        log(f"{' and '.join(skipped)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
+    for name, (make, grid, _) in BASELINES.items():
+        if name in skipped:
+            continue
         t0 = time.perf_counter()
         best = None
         for p in grid:
-            fn = make(p)
+            fn = make(split, p)
             val = evaluate_split(fn, split, "validation", k, "cpu", memory_mb)
             if best is None or val["overall"][f"ndcg@{k}"] > best[1]["overall"][f"ndcg@{k}"]:
                 best = (p, val, fn)
@@ -1539,6 +1653,16 @@ def prepare(cfg, quiet=False):
     split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction, cold_fraction=cfg.cold_fraction)
     if len(split.val_u) == 0 or len(split.test_u) == 0:
         raise UserError(f"dataset {ds.name}: no user has enough interactions to hold out validation and test items")
+    # a held-out item among at most K candidates is in the top K whatever the scores: HR@K 100 means nothing
+    candidates = split.n_items - np.bincount(split.train_u, minlength=split.n_users)[split.test_u] - 1
+    trivial = candidates <= cfg.k
+    if trivial.all():
+        raise UserError(f"dataset {ds.name} after the {cfg.min_interactions}-core: {split.n_users:,} users, "
+                        f"{split.n_items:,} items; every test user has at most {cfg.k} candidate items, so HR@{cfg.k} "
+                        f"is 100 whatever the model (use more data or a smaller -k)")
+    if trivial.any():
+        split.report.append(f"{int(trivial.sum()):,} of {len(trivial):,} test users have at most {cfg.k} candidate "
+                            f"items: their held-out item is in the top {cfg.k} whatever the model")
     ds, lines = cold_item_tags(ds, split, cfg.tag_source)
     split.report += lines
     if not quiet:
@@ -1574,6 +1698,22 @@ def fmt_table(rows, k, title):
     return "\n".join(lines)
 
 
+def positives_matrix(split):
+    """Every known positive of each user (train, validation and test): what `recommend` leaves out."""
+    u = np.concatenate([split.train_u, split.val_u, split.test_u])
+    i = np.concatenate([split.train_i, split.val_i, split.test_i])
+    m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
+    m.sum_duplicates()
+    return m
+
+
+def save_checkpoint(run_dir, model, cfg, epoch):
+    import io
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "epoch": epoch}, buf)
+    atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
+
+
 def fmt_cold_table(rows, title):
     """The cold-items table: the "cold" view at K = 10 and 20, and the "all" view at 20; n/a rows stay n/a.
     rows: (name, metrics) or (name, baseline result with "params"/"test", or "na")."""
@@ -1603,25 +1743,6 @@ def save_cold_ranks(path, ranks):
         key = name.lower().replace(" ", "_")
         arrays[f"{key}__cold"], arrays[f"{key}__all"] = r["cold"], r["all"]
     np.savez(path, **arrays)
-
-
-def cmd_train(cfg):
-    """Single process, or one rank of `torchrun --nproc_per_node=N recsetters.py train ...` (WORLD_SIZE set):
-    DistributedDataParallel over nccl (cuda) or gloo (cpu); rank 0 evaluates and writes the run."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return train_and_report(cfg, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return train_and_report(cfg, device, torch.distributed.get_rank(), world)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def train_and_report(cfg, device, rank=0, world=1):
@@ -1700,56 +1821,9 @@ def restore(run, runs_dir="runs", device_name="auto"):
     device = pick_device(device_name)
     ds, split = prepare(cfg, quiet=True)
     feats = build_features(ds, cfg.text, Path(cfg.data_dir) / ".cache", "cpu")
-    model = build_model(cfg, feats, split)
+    model = two_tower(cfg, feats, split)
     model.load_state_dict(ck["state_dict"])
     return cfg, ds, split, model.to(device), device, run_dir
-
-
-def cmd_evaluate(args):
-    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    fn = model_scores(model, device)
-    if split.kind == "cold-items":
-        print(fmt_cold_table([(f"{part}-cold", evaluate_cold(fn, split, part, device, cfg.eval_memory_mb))
-                              for part in ("validation", "test")], f"{run_dir.name} on {ds.label}"))
-        return
-    val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
-    test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
-    print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
-
-
-def cmd_recommend(args):
-    cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
-    where = np.flatnonzero(ds.users.user.to_numpy() == args.user)
-    if len(where) == 0:
-        raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
-    u = int(where[0])
-    scores = model_scores(model, device)(np.array([u]))[0].cpu().numpy()
-    loved = positives_matrix(split)[u].indices
-    scores[loved] = -np.inf
-    top = np.argsort(-scores, kind="stable")[:args.k]
-    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved)} loved tracks:")
-    for r, i in enumerate(top, 1):
-        it = ds.items.iloc[i]
-        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
-
-
-def cmd_baselines(cfg):
-    ds, split = prepare(cfg)
-    if split.kind == "cold-items":
-        res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
-        print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "
-                                                f"{len(split.test_items):,} new items"))
-        return
-    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
-    print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
-                    f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
-
-
-def cmd_stats(cfg):
-    ds, split = prepare(cfg)
-    for k, v in split_stats(split).items():
-        print(f"{k:<28} {v:,.2f}" if isinstance(v, float) else f"{k:<28} {v:,}" if isinstance(v, int)
-              else f"{k:<28} {v}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1832,8 +1906,8 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
     if not big.any():
         out["note"] = f"no country has at least {min_users} test users: per-country metrics skipped"
         return out
-    hit = (ranks < k).astype(float) * 100
-    ndcg = np.where(ranks < k, 1 / np.log2(ranks + 2), 0) * 100
+    per_user = per_user_metrics(ranks, k)
+    hit, ndcg = per_user[f"hr@{k}"] * 100, per_user[f"ndcg@{k}"] * 100
     g = country[big]
     out["countries"] = {c: int(m) for c, m in zip(names, n) if m >= min_users}
     out["hr"], out["ndcg"] = bootstrap_gaps(hit[big], g, n_boot, seed), bootstrap_gaps(ndcg[big], g, n_boot, seed)
@@ -1846,6 +1920,128 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
     shares = np.array([np.array(v) / sum(v) * 100 for v in out["decile_share"].values()])
     out["decile_share_gap"] = (shares.max(0) - shares.min(0)).tolist()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. command line: the flags are generated from Config (section 7), each with its default, help and choices
+
+def typed(name, value):
+    """A setting as it is typed: --tower-act, --no-history, --lr 0.0002, --hidden ''."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    return f"{flag(name)} {value!r}" if value == "" else f"{flag(name)} {value}"
+
+
+def add_settings(p, cmd, d):
+    """The flags of subcommand `cmd`: every Config field whose `cmds` has it; defaults from `d` (presets applied)."""
+    for f in fields(Config):
+        m = f.metadata
+        if cmd not in m["cmds"]:
+            continue
+        text, choices, default = m["help"], m["choices"], getattr(d, f.name)
+        if f.name == "preset":
+            choices = ("", *PRESETS)
+            text += "".join(f"; {name} sets " + " ".join(typed(k, v) for k, v in PRESETS[name].items())
+                            for name in PRESETS)
+        if f.type is bool:               # --x / --no-x
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{text} (default: {typed(f.name, default)})")
+        else:
+            p.add_argument(flag(f.name), type=f.type, default=default, choices=choices,
+                           help=f"{text} (default: {default!r})" if isinstance(default, str) else
+                           f"{text} (default: {default})")
+
+
+def parser(preset=""):
+    d = Config(**PRESETS.get(preset, {}))
+    ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
+                                 "with honest full-ranking evaluation.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    commands = [("train", "train a two-tower model, evaluate it and the baselines"),
+                ("baselines", f"{', '.join(BASELINES)} under the same split and evaluator"),
+                ("stats", "dataset, filtering and split statistics"),
+                ("evaluate", "re-evaluate a saved run on validation and test"),
+                ("recommend", "top-K tracks for a user from a saved run"),
+                ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]
+    for name, hlp in commands:
+        p = sub.add_parser(name, help=hlp)
+        if name in SAVED:
+            p.add_argument("run", help="run folder or its name under --runs-dir")
+        if name == "recommend":
+            p.add_argument("--user", required=True, help="Last.fm username")
+        add_settings(p, name, d)
+    return ap
+
+
+def config_from(args):
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_train(cfg):
+    """Single process, or one rank of `torchrun --nproc_per_node=N recsetters.py train ...` (WORLD_SIZE set):
+    DistributedDataParallel over nccl (cuda) or gloo (cpu); rank 0 evaluates and writes the run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return train_and_report(cfg, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train_and_report(cfg, device, torch.distributed.get_rank(), world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def cmd_evaluate(args):
+    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    fn = model_scores(model, device)
+    if split.kind == "cold-items":
+        print(fmt_cold_table([(f"{part}-cold", evaluate_cold(fn, split, part, device, cfg.eval_memory_mb))
+                              for part in ("validation", "test")], f"{run_dir.name} on {ds.label}"))
+        return
+    val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
+    test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
+    print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
+
+
+def cmd_recommend(args):
+    cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
+    where = np.flatnonzero(ds.users.user.to_numpy() == args.user)
+    if len(where) == 0:
+        raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
+    u = int(where[0])
+    scores = model_scores(model, device)(np.array([u]))[0].cpu().numpy()
+    loved = positives_matrix(split)[u].indices
+    scores[loved] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:args.k]
+    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved)} loved tracks:")
+    for r, i in enumerate(top, 1):
+        it = ds.items.iloc[i]
+        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
+
+
+def cmd_baselines(cfg):
+    ds, split = prepare(cfg)
+    if split.kind == "cold-items":
+        res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
+        print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "
+                                                f"{len(split.test_items):,} new items"))
+        return
+    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
+    print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
+                    f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
+
+
+def cmd_stats(cfg):
+    ds, split = prepare(cfg)
+    for k, v in split_stats(split).items():
+        print(f"{k:<28} {v:,.2f}" if isinstance(v, float) else f"{k:<28} {v:,}" if isinstance(v, int)
+              else f"{k:<28} {v}")
 
 
 def cmd_fairness(args):
@@ -1880,143 +2076,18 @@ def cmd_fairness(args):
     print(f"wrote {run_dir / 'fairness.json'}")
 
 
-# ----------------------------------------------------------------------------------------------
-# 12. command line
-
-def add_data_args(p):
-    d = Config()
-    p.add_argument("--dataset", default=d.dataset, help="folder name under --data-dir (default: demo, synthetic)")
-    p.add_argument("--data-dir", default=d.data_dir)
-    p.add_argument("--min-interactions", type=int, default=d.min_interactions, help="k of the iterative k-core")
-    p.add_argument("--split", default=d.split, choices=["auto", "last", "random", "global", "cold-items"],
-                   help="auto: leave-last-out by time if there are timestamps, else seeded random leave-one-out; "
-                        "cold-items: a share of the items held out with all their interactions (new items)")
-    p.add_argument("--warm-fraction", type=float, default=d.warm_fraction)
-    p.add_argument("--cold-fraction", type=float, default=d.cold_fraction,
-                   help="--split cold-items: share of the items held out, half for validation, half for test")
-    p.add_argument("--tag-source", default=d.tag_source, choices=["non-listeners", "all"],
-                   help="--split cold-items: a cold item's tags from the tag assignments of users who did not "
-                        "interact with it (leak-free), or from everyone (leaks the held-out listeners)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("-k", type=int, default=d.k, help="cut-off of HR@K and NDCG@K")
-    p.add_argument("--eval-memory-mb", type=int, default=d.eval_memory_mb, help="memory budget of one eval chunk")
-
-
-# --preset NAME: another set of train defaults; flags given explicitly still win.
-PRESETS = {
-    # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
-    # 20 uniform negatives (its 20 extra in-batch negatives are not reproduced), GELU on tower outputs,
-    # its dimensions, Adam at lr 2e-4, batch 512
-    "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
-                     tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
-                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False,
-                     user_ids=True, hidden="128,64"),
-}
-
-
-# --split cold-items: the two-tower defaults chosen for new items on hetrec validation-cold (README, Experiments);
-# a preset and explicitly given flags still win.
-PROTOCOL_DEFAULTS = {
-    "cold-items": dict(history_text=True, cold_dropout=0.5, unseen_ids="zero"),
-}
-
-
-def parser(preset="", split=""):
-    d = Config(**{**PROTOCOL_DEFAULTS.get(split, {}), **PRESETS.get(preset, {})})
-    ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
-                                 "with honest full-ranking evaluation.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a two-tower model, evaluate it and the baselines")
-    add_data_args(t)
-    t.add_argument("--text", default=d.text, help="items.csv text column for the item tower (title, summary, "
-                   "lyrics, tags, ...) or none")
-    t.add_argument("--scorer", default=d.scorer, choices=["dotcompress", "dot"])
-    t.add_argument("--loss", default=d.loss, choices=["margin", "softmax", "full"],
-                   help="margin: margin ranking vs sampled negatives (the study's); softmax: sampled softmax "
-                        "with log-Q correction; full: softmax over the whole catalog (dot scorer)")
-    for name, typ in [("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
-                      ("negatives", int), ("margin", float), ("dim", int), ("out-dim", int), ("patience", int)]:
-        t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
-    for name, typ in [("temperature", float), ("dropout", float), ("id-dropout", float), ("hidden", str),
-                      ("history-dropout", float)]:
-        t.add_argument(f"--{name}", type=typ, default=getattr(d, name.replace("-", "_")))
-    boolean = argparse.BooleanOptionalAction
-    t.add_argument("--unseen-ids", default=d.unseen_ids, choices=["zero", "learned", "random"],
-                   help="embedding of an item id, artist or tag without train interactions: zero, a learned "
-                        "'unknown' vector, or left as initialized (noise)")
-    t.add_argument("--cold-dropout", type=float, default=d.cold_dropout,
-                   help="share of training rows whose item looks new (id and artist unknown), DropoutNet-style")
-    t.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
-                   help="learning rate schedule: constant, or cosine decay to 0 over --epochs")
-    t.add_argument("--final-gelu", action=boolean, default=d.final_gelu, help="the seed's GELU on the final score")
-    t.add_argument("--tower-act", action=boolean, default=d.tower_act, help="GELU on tower outputs (the study's)")
-    t.add_argument("--history", action=boolean, default=d.history,
-                   help="user tower also pools embeddings of the user's train items")
-    t.add_argument("--history-text", action=boolean, default=d.history_text,
-                   help="user tower also pools the text vectors of the user's train items (with --history)")
-    t.add_argument("--id-only", action=boolean, default=d.id_only,
-                   help="towers see only the user and item ids (with --scorer dot: matrix factorization)")
-    t.add_argument("--user-ids", action=boolean, default=d.user_ids,
-                   help="embed the user id and username (--no-user-ids: a user is its country and --history)")
-    t.add_argument("--item-bias", action=boolean, default=d.item_bias,
-                   help="add a learned per-item score offset (an extra coordinate, so still a dot product)")
-    t.add_argument("--normalize", action=boolean, default=d.normalize,
-                   help="L2-normalize tower outputs (dot = cosine / --temperature)")
-    t.add_argument("--preset", default=preset, choices=["", *PRESETS],
-                   help="original: the study's exact model and optimizer (flags given explicitly still win)")
-    t.add_argument("--device", default=d.device, help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    t.add_argument("--run-name", default="", help="default: DATASET-TEXT-SCORER-LOSS-sSEED")
-    t.add_argument("--runs-dir", default=d.runs_dir)
-    t.add_argument("--no-baselines", dest="baselines", action="store_false")
-    t.add_argument("--amp", action="store_true", help="bf16 autocast in training (GPU; see README, Speed and scale)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the towers and the scorer")
-    t.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default); "
-                   "1 is much faster on a CPU shared with other jobs")
-    b = sub.add_parser("baselines", help="Popularity, ItemKNN and EASE under the same split and evaluator")
-    add_data_args(b)
-    s = sub.add_parser("stats", help="dataset, filtering and split statistics")
-    add_data_args(s)
-    for name, hlp in [("evaluate", "re-evaluate a saved run on validation and test"),
-                      ("recommend", "top-K tracks for a user from a saved run"),
-                      ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]:
-        e = sub.add_parser(name, help=hlp)
-        e.add_argument("run", help="run folder or its name under --runs-dir")
-        e.add_argument("--runs-dir", default=d.runs_dir)
-        e.add_argument("--device", default="auto")
-        if name == "recommend":
-            e.add_argument("--user", required=True, help="Last.fm username")
-            e.add_argument("-k", type=int, default=10)
-        if name == "fairness":
-            e.add_argument("-k", type=int, default=10)
-            e.add_argument("--min-users", type=int, default=20, help="countries with fewer test users are left out")
-            e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the gap CIs")
-    return ap
-
-
-def config_from(args):
-    fields = Config.__dataclass_fields__
-    return Config(**{k: v for k, v in vars(args).items() if k in fields})
-
-
-def parse_args(argv=None):
-    """The command line, with the defaults of its --preset and of its --split's protocol."""
+def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="", choices=["", *PRESETS])
-    pre.add_argument("--split", default="")
-    known = pre.parse_known_args(argv)[0]
-    return parser(known.preset, known.split).parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = parser(pre.parse_known_args(argv)[0].preset).parse_args(argv)
     try:
+        cfg = config_from(args).validate()        # before anything is read or written
         if args.cmd == "train":
-            cmd_train(config_from(args))
+            cmd_train(cfg)
         elif args.cmd == "baselines":
-            cmd_baselines(config_from(args))
+            cmd_baselines(cfg)
         elif args.cmd == "stats":
-            cmd_stats(config_from(args))
+            cmd_stats(cfg)
         elif args.cmd == "evaluate":
             cmd_evaluate(args)
         elif args.cmd == "recommend":

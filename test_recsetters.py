@@ -192,7 +192,7 @@ def test_evaluator_matches_a_naive_loop_and_masks_validation_at_test_time():
 
 def test_dotcompress_five_number_identity_equals_literal_formula():
     torch.manual_seed(0)
-    head = R.DotCompress(192).double()
+    head = R.DotCompress(192, final_gelu=False).double()
     with torch.no_grad():                       # make the bias non-zero so every term is exercised
         head.b.normal_()
     u, v = torch.randn(64, 192, dtype=torch.float64), torch.randn(64, 192, dtype=torch.float64)
@@ -209,7 +209,7 @@ def test_dotcompress_five_number_identity_equals_literal_formula():
 def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(small_demo):
     cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", history=True)
     ds, split = R.prepare(cfg, quiet=True)
-    model = R.build_model(cfg, R.build_features(ds, "none"), split)
+    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train)
     users = torch.arange(6)
     rows = [split.train[u].indices for u in range(6)]
     E = model.hist_emb.weight.detach()
@@ -224,7 +224,7 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
         R.train_model(R.Config(history_dropout=1.5), split, R.build_features(ds, "none"), torch.device("cpu"))
     # item bias: one more coordinate (item: its bias, user: 1), so the dot product is cosine / T + bias
     cfg.item_bias = True
-    model = R.build_model(cfg, R.build_features(ds, "none"), split).eval()
+    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
     with torch.no_grad():
         model.bias.weight.normal_()
     items = torch.arange(5)
@@ -400,6 +400,157 @@ def test_experiments_reuse_a_run_only_under_the_same_resolved_config(tmp_path):
     assert not E.ran_with(run, want)
 
 
+# ---------------------------------------------------------------------------------------------- configuration
+
+BAD_SETTINGS = [            # (command line, what the one error line must say)
+    (["train", "--epochs", "0"], "--epochs 0: an integer >= 1"),
+    (["train", "--epochs", "-1"], "--epochs -1: an integer >= 1"),
+    (["train", "--lr", "nan"], "--lr nan: a positive finite number"),
+    (["train", "--lr", "-1"], "--lr -1.0: a positive finite number"),
+    (["train", "--lr", "inf"], "--lr inf: a positive finite number"),
+    (["train", "--batch-size", "0"], "--batch-size 0: an integer >= 1"),
+    (["train", "--dim", "0"], "--dim 0: an integer >= 1"),
+    (["train", "--out-dim", "0"], "--out-dim 0: an integer >= 1"),
+    (["train", "-k", "0"], "-k 0: an integer >= 1"),
+    (["train", "--warm-fraction", "2"], "--warm-fraction 2.0: a fraction, between 0 and 1"),
+    (["train", "--min-interactions", "0"], "--min-interactions 0: an integer >= 1"),
+    (["train", "--dropout", "1.5"], "--dropout 1.5: a probability, between 0 and 1"),
+    (["train", "--id-dropout", "nan"], "--id-dropout nan: a probability, between 0 and 1"),
+    (["train", "--history-dropout", "-0.1"], "--history-dropout -0.1: a probability, between 0 and 1"),
+    (["train", "--temperature", "0"], "--temperature 0.0: a positive finite number"),
+    (["train", "--margin", "nan"], "--margin nan: a finite number >= 0"),
+    (["train", "--weight-decay", "-1"], "--weight-decay -1.0: a finite number >= 0"),
+    (["train", "--negatives", "-1"], "--negatives -1: an integer >= 0"),
+    (["train", "--patience", "0"], "--patience 0: an integer >= 1"),
+    (["train", "--seed", "-1"], "--seed -1: an integer between 0 and 2**32 - 1"),
+    (["train", "--eval-memory-mb", "0"], "--eval-memory-mb 0: an integer >= 1"),
+    (["train", "--threads", "-2"], "--threads -2: an integer >= 0"),
+    (["train", "--hidden", "64,x"], "--hidden '64,x': comma-separated layer sizes"),
+    (["train", "--scorer", "dotcompress"], "--loss full needs --scorer dot"),
+    (["train", "--scorer", "dotcompress", "--loss", "margin", "--out-dim", "191"], "needs an even size"),
+    (["train", "--loss", "margin", "--negatives", "0"], "needs at least one negative"),
+    (["train", "--scorer", "dotcompress", "--loss", "margin", "--item-bias"], "--item-bias needs --scorer dot"),
+    (["baselines", "-k", "0"], "-k 0: an integer >= 1"),
+    (["stats", "--warm-fraction", "nan"], "--warm-fraction nan: a fraction, between 0 and 1"),
+    (["recommend", "somerun", "--user", "u", "-k", "0"], "-k 0: an integer >= 1"),
+    (["fairness", "somerun", "--min-users", "0"], "--min-users 0: an integer >= 1"),
+    (["fairness", "somerun", "--bootstrap", "0"], "--bootstrap 0: an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_bad_settings_are_one_error_line_before_anything_is_read_or_written(argv, message, tmp_path, capsys):
+    where = ["--data-dir", str(tmp_path / "data")] if argv[0] in ("train", "baselines", "stats") else []
+    where += ["--runs-dir", str(tmp_path / "runs")] if argv[0] not in ("baselines", "stats") else []
+    with pytest.raises(SystemExit) as e:
+        R.main([*argv, *where])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_bad_setting_on_the_real_command_line_has_no_traceback(tmp_path):
+    p = run_cli("train", "--lr", "nan", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
+    assert p.returncode == 2 and p.stderr.strip() == "error: --lr nan: a positive finite number"
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_dataset_where_every_hit_is_certain_is_refused(tmp_path):
+    """One user and a dozen items at --min-interactions 1: every held-out item is in the top 10 by construction."""
+    items = pd.DataFrame({"item": [f"i{j}" for j in range(12)], "artist": "A", "track": "T", "tag": "", "title": "T"})
+    write_dataset(tmp_path / "one", pd.DataFrame({"user": ["u"], "country": [""]}), items,
+                  pd.DataFrame({"user": "u", "item": items.item, "timestamp": np.arange(1, 13)}))
+    with pytest.raises(R.UserError, match="whatever the model"):
+        R.prepare(R.Config(dataset="one", data_dir=str(tmp_path), min_interactions=1), quiet=True)
+
+
+def test_the_parser_is_generated_from_config(monkeypatch, capsys):
+    """Every Config field is a flag of the commands it names, with Config's default, shown in --help; a preset is
+    an overlay of Config and --help says what it sets."""
+    monkeypatch.setenv("COLUMNS", "1000")             # one line per option in --help
+    fixed = {"evaluate": ["r"], "recommend": ["r", "--user", "u"], "fairness": ["r"]}
+    default = R.Config()
+    seen = set()
+    for cmd in ("train", "baselines", "stats", "evaluate", "recommend", "fairness"):
+        args = vars(R.parser().parse_args([cmd, *fixed.get(cmd, [])]))
+        with pytest.raises(SystemExit):
+            R.parser().parse_args([cmd, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        for f in R.fields(R.Config):
+            if cmd not in f.metadata["cmds"]:
+                assert f.name not in args
+                continue
+            seen.add(f.name)
+            value = getattr(default, f.name)
+            assert args[f.name] == value
+            shown = (R.flag(f.name) if value else "--no-" + f.name.replace("_", "-")) if isinstance(value, bool) \
+                else repr(value) if isinstance(value, str) else str(value)
+            start = [n for n, ln in enumerate(lines) if ln.strip().startswith((R.flag(f.name) + " ", R.flag(f.name) + ","))]
+            assert len(start) == 1, (cmd, f.name)
+            end = next((n for n in range(start[0] + 1, len(lines)) if lines[n].lstrip().startswith("-")), len(lines))
+            entry = " ".join(lines[start[0]:end])        # the option and its help (on the next line when long)
+            assert f"(default: {shown})" in entry and f.metadata["help"][:20] in entry, (cmd, f.name, entry)
+    assert seen == {f.name for f in R.fields(R.Config)}
+    original = R.config_from(R.parser("original").parse_args(["train", "--preset", "original"]))
+    assert original == R.Config(**R.PRESETS["original"], preset="original")
+    with pytest.raises(SystemExit):
+        R.parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "original sets --scorer dotcompress --loss margin" in help_text and "--hidden 128,64" in help_text
+
+
+def test_model_is_built_from_config_alone(small_demo):
+    """TwoTower has no defaults of its own: every setting comes from the Config it is given."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", hidden="32", dim=16, out_dim=8)
+    ds, split = R.prepare(cfg, quiet=True)
+    feats = R.build_features(ds, "none")
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}
+    model = R.TwoTower(feats, cfg, split.train)
+    assert shapes(model)["item_tower.embs.0.weight"] == (split.n_items, 16)
+    assert shapes(model)["item_tower.mlp.1.weight"][0] == 32 and isinstance(model.scorer, R.SCORERS["dot"])
+    study = R.TwoTower(feats, R.Config(**R.PRESETS["original"]), split.train)
+    assert isinstance(study.scorer, R.SCORERS["dotcompress"]) and study.hist_emb is None and study.scale is None
+    import inspect
+    assert list(inspect.signature(R.TwoTower).parameters) == ["feats", "cfg", "history"]
+    assert all(p.default is inspect.Parameter.empty for p in inspect.signature(R.TwoTower).parameters.values())
+
+
+def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(small_demo, tmp_path, monkeypatch):
+    """BASELINES is the one list: run_baselines runs a new entry (tuned on its grid), and experiments.py treats it
+    as a baseline (never as a model in the paired tests), with K read from the runs (here 5, not 10)."""
+    import json
+    import experiments as E
+
+    def noise_scores(split, seed):
+        g = torch.Generator().manual_seed(seed)
+        S = torch.rand(split.n_users, split.n_items, generator=g)
+        return lambda users: S[torch.as_tensor(np.array(users))]
+
+    monkeypatch.setitem(R.BASELINES, "Noise", R.Baseline(noise_scores, [1, 2]))
+    out = tmp_path / "ablation"
+    E.run_baselines_cell("small", 0, str(small_demo), out / "runs" / "small-baselines-s0", 5)
+    res = json.loads((out / "runs" / "small-baselines-s0" / "results.json").read_text())
+    assert set(res["baselines"]) == set(R.BASELINES) and res["baselines"]["Noise"]["params"] in (1, 2)
+    assert "hr@5" in res["baselines"]["Noise"]["test"]["overall"]
+    # a two-tower cell, made up from EASE's numbers and ranks (no training needed to test the bookkeeping)
+    tt = out / "runs" / "small-none-s0"
+    tt.mkdir()
+    ease = res["baselines"]["EASE"]
+    (tt / "results.json").write_text(json.dumps({"dataset": res["dataset"], "best_epoch": 1, "history": [],
+                                                 "config": {"dataset": "small", "seed": 0, "k": 5, "text": "none"},
+                                                 "test": ease["test"], "validation": ease["validation"]}))
+    z = np.load(out / "runs" / "small-baselines-s0" / "ranks.npz")
+    np.savez(tt / "ranks.npz", users=z["users"], items=z["items"], two_tower=z["ease"])
+    df, ranks = E.collect(out)
+    assert set(df[df.kind == "baseline"].model) == set(R.BASELINES) and set(df.k) == {5}
+    sig = E.significance(df, ranks)
+    assert set(sig.model) == {"two-tower, text none"} and set(sig.metric) == {"hr", "ndcg"}
+    assert "Noise" not in set(sig.model)
+    lines = E.quality_lines(df, E.summary(df)[lambda s: s.dataset == "small"], out, "small")
+    assert "HR@5" in lines[1]
+
+
 # ---------------------------------------------------------------------------------------------- cold-items protocol
 
 def cold_split(small_demo, seed=0, fraction=0.2):
@@ -489,7 +640,7 @@ def test_unseen_items_are_scored_from_content_alone(small_demo):
     for mode in ("zero", "random", "learned"):
         cfg = R.Config(dataset="small", split="cold-items", text="none", unseen_ids=mode, dropout=0.0)
         torch.manual_seed(0)
-        m = R.build_model(cfg, feats, s).eval()
+        m = R.two_tower(cfg, feats, s).eval()
         before = m.items(torch.as_tensor(cold))
         with torch.no_grad():
             m.item_tower.embs[0].weight[cold] += 1.0          # the never-trained id rows change...
@@ -584,10 +735,3 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
     assert "### titles, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
     assert "| two-tower, text none | CB2CF title |" in md or "| two-tower, text none | ContentKNN title |" in md
     assert (tmp_path / "cold_items.png").exists()
-
-
-def test_cold_items_protocol_defaults_and_explicit_flags_win():
-    cold = R.config_from(R.parse_args(["train", "--split", "cold-items"]))
-    assert all(getattr(cold, k) == v for k, v in R.PROTOCOL_DEFAULTS["cold-items"].items())
-    assert R.config_from(R.parse_args(["train"])) == R.Config()
-    assert not R.config_from(R.parse_args(["train", "--split", "cold-items", "--no-history-text"])).history_text
