@@ -728,11 +728,12 @@ class TwoTower(nn.Module):
     history: the users x items CSR of train interactions; with cfg.history the user tower also gets the mean of
     learned embeddings of the user's train items (in training without the target item, so it cannot copy).
     cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature.
-    unseen: bool per item, no train interactions (their id/artist/tag embeddings are handled per cfg.unseen_ids);
-    train_items_only: the training catalog is the items with train interactions (the cold-items protocol)."""
+    Items without train interactions get their id/artist/tag embeddings per cfg.unseen_ids; under --split
+    cold-items the training catalog is the items with train interactions (the new items did not exist yet)."""
 
-    def __init__(self, feats, cfg, history, unseen=None, train_items_only=False):
+    def __init__(self, feats, cfg, history):
         super().__init__()
+        unseen = np.bincount(history.indices, minlength=feats.sizes["items"]) == 0   # items without train interactions
         history = history if cfg.history else None
         self.history_dropout = cfg.history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
@@ -771,11 +772,11 @@ class TwoTower(nn.Module):
         self.register_buffer("i_text", None if not text_dim else torch.as_tensor(feats.text),
                              persistent=False)
         self.cold_dropout = cfg.cold_dropout
-        self.register_buffer("i_unknown", None if unseen is None else torch.as_tensor(
-            unknown_values(unseen, feats, cfg.unseen_ids)), persistent=False)
+        self.register_buffer("i_unknown", torch.as_tensor(unknown_values(unseen, feats, cfg.unseen_ids)),
+                             persistent=False)
         # cold-items: the training catalog is the train items; the held-out new items are not negatives either
-        self.register_buffer("i_unseen", torch.as_tensor(unseen) if train_items_only and unseen is not None
-                             and unseen.any() else None, persistent=False)
+        self.register_buffer("i_unseen", torch.as_tensor(unseen) if cfg.split == "cold-items" and unseen.any()
+                             else None, persistent=False)
 
     def history(self, idx, drop=None, bag=None):
         """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
@@ -998,11 +999,6 @@ PRESETS = {
 }
 
 
-def two_tower(cfg, feats, split):
-    """The model for this split: items without train interactions are known as such (TwoTower's `unseen`)."""
-    return TwoTower(feats, cfg, split.train, unseen=split.degree == 0, train_items_only=split.kind == "cold-items")
-
-
 class NegativeSampler:
     """Uniform negatives for a whole batch at once; collisions with the user's train positives are redrawn
     until none is left. Validation and test items are NOT excluded: training must not know them. Excluding
@@ -1159,7 +1155,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     cfg.validate()
     seed_everything(cfg.seed)
     rank, world = dist_rank_world()
-    model = two_tower(cfg, feats, split).to(device)
+    model = TwoTower(feats, cfg, split.train).to(device)
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
@@ -1821,7 +1817,7 @@ def restore(run, runs_dir="runs", device_name="auto"):
     device = pick_device(device_name)
     ds, split = prepare(cfg, quiet=True)
     feats = build_features(ds, cfg.text, Path(cfg.data_dir) / ".cache", "cpu")
-    model = two_tower(cfg, feats, split)
+    model = TwoTower(feats, cfg, split.train)
     model.load_state_dict(ck["state_dict"])
     return cfg, ds, split, model.to(device), device, run_dir
 

@@ -640,7 +640,7 @@ def test_unseen_items_are_scored_from_content_alone(small_demo):
     for mode in ("zero", "random", "learned"):
         cfg = R.Config(dataset="small", split="cold-items", text="none", unseen_ids=mode, dropout=0.0)
         torch.manual_seed(0)
-        m = R.two_tower(cfg, feats, s).eval()
+        m = R.TwoTower(feats, cfg, s.train).eval()
         before = m.items(torch.as_tensor(cold))
         with torch.no_grad():
             m.item_tower.embs[0].weight[cold] += 1.0          # the never-trained id rows change...
