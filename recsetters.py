@@ -1361,15 +1361,15 @@ def target_ranks(score_fn, users, targets, candidates, exclude, device, memory_m
 
 def multi_target_metrics(ranks, counts, ks=COLD_KS):
     """Per-user Recall@K, NDCG@K and HR@K (x100) from the ranks of each user's targets (grouped by user,
-    `counts` per user, in that order)."""
+    `counts` per user, in that order), summed from METRICS' per-target hit and discounted gain."""
     counts = np.asarray(counts)
     row = np.repeat(np.arange(len(counts)), counts)
+    ranks = np.asarray(ranks)
     out = {}
     for k in ks:
-        hit = ranks < k
-        hits = np.bincount(row, weights=hit, minlength=len(counts))
-        dcg = np.bincount(row, weights=np.where(hit, 1 / np.log2(ranks + 2.0), 0), minlength=len(counts))
-        ideal = np.cumsum(1 / np.log2(np.arange(k) + 2.0))[np.minimum(counts, k) - 1]
+        hits = np.bincount(row, weights=METRICS["hr"](ranks, k), minlength=len(counts))
+        dcg = np.bincount(row, weights=METRICS["ndcg"](ranks, k), minlength=len(counts))
+        ideal = np.cumsum(METRICS["ndcg"](np.arange(k), k))[np.minimum(counts, k) - 1]
         out[f"recall@{k}"] = hits / counts * 100
         out[f"ndcg@{k}"] = dcg / ideal * 100
         out[f"hr@{k}"] = (hits > 0) * 100.0
@@ -1490,9 +1490,6 @@ def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
 # Content baselines for the cold-items protocol: items without train interactions can only be scored from
 # their content. Popularity, ItemKNN and EASE cannot score them at all: their rows say "n/a", not 0.
 
-COLD_NA = ("Popularity", "ItemKNN", "EASE")
-
-
 def random_scores(n_items, seed=0):
     """Uniform random scores, the same for a user however the users are chunked."""
     return lambda users: torch.as_tensor(np.stack([np.random.default_rng([seed, int(u)]).random(n_items)
@@ -1580,29 +1577,48 @@ def tune_and_test(name, make, grid, split, memory_mb=512, quiet=False):
             "test": test, "seconds": time.perf_counter() - t0}, r
 
 
+class ContentBaseline(NamedTuple):
+    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items)
+    grid: list               # hyperparameter values tried; the best on validation-cold NDCG@20 is kept
+    content: str             # "text": once per text column (its MiniLM vectors); "tags": the tags column; "": none
+
+
+def cached_factors(split, kind):
+    """collaborative_factors, computed once per split and kind (CB2CF's grid shares them)."""
+    memo = split.__dict__.setdefault("_factors", {})
+    if kind not in memo:
+        memo[kind] = collaborative_factors(split, kind)
+    return memo[kind]
+
+
+# name -> ContentBaseline: the one list of the cold-items protocol's baselines (run_cold_baselines reads it; a text
+# baseline is run once per text column, named "NAME column"; grid ["seed"]: the run's seed). The baselines of
+# BASELINES cannot score new items: n/a.
+CONTENT_BASELINES = {
+    "Random": ContentBaseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], ""),
+    "ContentKNN": ContentBaseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
+                                  ["plain", "centered"], "text"),
+    "TagTFIDF": ContentBaseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")),
+                                ["idf", "binary"], "tags"),
+    "CB2CF": ContentBaseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
+                             [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
+                             "text"),
+}
+
+
 def run_cold_baselines(ds, split, cache_dir=None, memory_mb=512, quiet=False, seed=0):
-    """Random, content-KNN per text column, tag TF-IDF KNN and CB2CF per text column, each tuned on
-    validation-cold; Popularity, ItemKNN and EASE are n/a. Returns ({name: result}, {name: test ranks})."""
+    """Every baseline of CONTENT_BASELINES, each tuned on validation-cold (Random with this seed); those of
+    BASELINES are n/a. Returns ({name: result}, {name: test ranks}), results in run_baselines' format."""
     out, ranks = {}, {}
     cols = text_columns(ds.items)
     vecs = {c: build_features(ds, c, cache_dir).text for c in cols}
-    grids = [("Random", lambda p: random_scores(split.n_items, seed), [None])]
-    grids += [(f"ContentKNN {c}", lambda p, V=vecs[c]: profile_scores(split, V - V.mean(0) if p == "centered" else V),
-               ["plain", "centered"]) for c in cols]
-    if "tags" in ds.items.columns:
-        grids.append(("TagTFIDF", lambda p: profile_scores(split, tag_tfidf(ds.items.tags, p == "idf")), ["idf", "binary"]))
-    targets = {}
-
-    def cb2cf(c, p):
-        if p[0] not in targets:
-            targets[p[0]] = collaborative_factors(split, p[0])
-        return cb2cf_scores(split, vecs[c], targets[p[0]], p[1])
-    grids += [(f"CB2CF {c}", lambda p, c=c: cb2cf(c, p),
-               [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)])
-              for c in cols]
-    for name, make, grid in grids:
-        out[name], ranks[name] = tune_and_test(name, make, grid, split, memory_mb, quiet)
-    for name in COLD_NA:
+    for name, (make, grid, content) in CONTENT_BASELINES.items():
+        runs = {"": [(name, None)], "tags": [(name, ds.items.tags)] if "tags" in ds.items.columns else [],
+                "text": [(f"{name} {c}", vecs[c]) for c in cols]}[content]
+        for label, C in runs:
+            out[label], ranks[label] = tune_and_test(label, lambda p, C=C: make(split, C, p),
+                                                     [seed] if grid == ["seed"] else grid, split, memory_mb, quiet)
+    for name in BASELINES:
         out[name] = {"na": "cannot score items without train interactions"}
     return out, ranks
 
