@@ -24,15 +24,22 @@ import os
 import random
 import re
 import sqlite3
+import stat
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import unicodedata
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
+
+try:
+    import fcntl                                     # file locks (POSIX); elsewhere: threads only
+except ImportError:
+    fcntl = None
 
 API_URL = "https://ws.audioscrobbler.com/2.0/"
 HETREC_URL = "https://files.grouplens.org/datasets/hetrec2011/hetrec2011-lastfm-2k.zip"
@@ -45,8 +52,6 @@ KNOWN_MD5 = {
     PROFILE_TSV: "c53608b6b445db201098c1489ea497df",
     EVENTS_TSV: "64747b21563e3d2aa95751e0ddc46b68",
 }
-RETRY_CODES = {8, 11, 16, 29}   # operation failed, service offline, temporarily unavailable, rate limit
-SKIP_CODES = {6, 17}            # not found, private (login required)
 ITEM_COLS = ["item", "artist", "track", "tag", "title", "summary", "lyrics"]
 NO_KEY_HELP = ("no Last.fm API key: set LASTFM_API_KEY (or put LASTFM_API_KEY=... in .env); get a free key at "
                "https://www.last.fm/api/account/create. Offline alternatives: "
@@ -62,20 +67,71 @@ def log(msg):
     tqdm.write(str(msg), file=sys.stderr)
 
 # -----------------------------------------------------------------------------
+# small helpers, kept identical in collect.py and enrich.py (test_enrich.py checks that they agree)
+
+DOTENV = Path(__file__).resolve().parent / ".env"   # the one .env: next to the scripts, git-ignored
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")                                # -> a space
+_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]+")   # zero-width, bidi: removed
+
+
+def read_dotenv(path=DOTENV):
+    """NAME=value lines (optionally `export `, quotes stripped); {} when the file does not exist."""
+    values = {}
+    if not Path(path).is_file():
+        return values
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.removeprefix("export ").split("=", 1)
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def atomic_write(path, data: bytes):
+    """Replace path with data all at once: temp file in the same folder, fsync, the old file's mode kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)                                # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def clean_text(s):
+    """Text from the network: NFC, control characters a space, zero-width and bidi-override ones removed."""
+    return _CONTROL.sub(" ", _INVISIBLE.sub("", unicodedata.normalize("NFC", s))).strip()
+
+
+def norm_name(s):
+    """For comparing names: NFKC, case and accents folded, & = and, apostrophes dropped, other punctuation a space."""
+    s = unicodedata.normalize("NFKC", s).casefold()
+    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    s = s.replace("&", " and ")
+    s = re.sub(r"['\u2019\u2018`\u00b4]", "", s)            # don't == dont (apostrophes vanish)
+    s = re.sub(r"[^\w\s]|_", " ", s)
+    return " ".join(s.split())
+
+# -----------------------------------------------------------------------------
 # writing datasets: sorted, utf-8, atomic per file
 
 
 def write_csv(df, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, df.to_csv(index=False, lineterminator="\n").encode("utf-8"))
 
 
 def write_dataset(out_dir, users, items, inter):
@@ -90,44 +146,123 @@ def write_dataset(out_dir, users, items, inter):
     print(f"wrote {out_dir}: {len(users):,} users, {len(items):,} items, {len(inter):,} interactions")
 
 # -----------------------------------------------------------------------------
-# normalization: items are keyed by normalized (artist, track), never by title alone
+# normalization: items are keyed by normalized (artist, title), never by title alone
+#
+# One item per recording. Decorations of a title that name the same recording are dropped: featuring credits,
+# remaster / year / mono / stereo / single / album / radio-edit / explicit / "from <film>" / bonus-track notes.
+# Decorations that name a different recording stay part of the key, so these never merge with the original:
+# live, remix (and named mixes and edits), reprise, acoustic, instrumental, demo, karaoke, unplugged, extended and club
+# versions, other languages, and "Part N" (a part is its own song). Any other bracket ("Sweet Dreams (Are Made
+# of This)") is kept in the first key and dropped in the second, tried only when the first finds nothing; items are
+# keyed by the second.
+# Artists are compared in a spelling-free form: P!nk = Pink, Ke$ha = Kesha, AC/DC = ACDC, The Beatles = Beatles,
+# Röyksopp = Royksopp, Dan + Shay = Dan and Shay; a row with several artists (or "feat. X" in its title) is found
+# under each of them.
 
-_BRACKETS = re.compile(r"\s*(\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\})")
-_DASH_SUFFIX = re.compile(r"\s+[-\u2013\u2014]\s+.*$")
+_BRACKET = re.compile(r"\s*(\([^()]*\)|\[[^\[\]]*\]|\{[^{}]*\})")
+_DASH = re.compile(r"\s+[-\u2013\u2014]\s+")
 _FEAT = re.compile(r"\s+(feat\.?|ft\.?|featuring)\s.*$", re.I)
 _ARTIST_SPLIT = re.compile(r"\s*(?:;|,|&|\+|/|\band\b|\bx\b|\u00d7|\bvs\.?|\bfeat\.?|\bft\.?|\bfeaturing\b|\bwith\b)\s*", re.I)
+_PART = re.compile(r"(?:^|[\s,(\[])(?:part|pt)\.?\s*(\d+|[ivx]+)\b[)\]]?", re.I)
+_CREDIT = re.compile(r"^(?:feat\.?|ft\.?|featuring|with)\s+(.*)$", re.I)
+_DIFFERENT = re.compile(r"\b(?:live|ao vivo|en vivo|en directo|unplugged|session|sessions|remix|rmx|reprise|acoustic|"
+                        r"acustico|instrumental|demo|karaoke|a ?cappella|acapella|extended|club|dub|bootleg|mashup|cover|"
+                        r"sped up|slowed|orchestral|rework|remake|spanish|english|french|german|italian|portuguese)\b", re.I)
+_SAME = re.compile(r"^(?:from|prod)\b|\b(?:feat|ft)\.|\b(?:remaster|remastered|remasterizado|mono|stereo|single|album|"
+                   r"explicit|clean|radio|edit|original|bonus|deluxe|version|edition|anniversary|digital|soundtrack|"
+                   r"taylor s version|\d{4})\b", re.I)
+_PLAIN_MIX = re.compile(r"(?:\d{4} |original |radio |album |single |stereo |mono )?mix(?: version)?|\d{4} (?:stereo |mono )?mix")
+_PLAIN_EDIT = re.compile(r"(?:(?:radio|single|video|album|clean|explicit|short|original) )?edit(?: version)?")
+_SAME_WORDS = re.compile(r"\b(?:radio edit|single edit|edit|version|remaster(?:ed)?|\d{4})\b")
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6, "vii": 7, "viii": 8, "ix": 9, "x": 10}
+_LETTERS = str.maketrans({"ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ß": "ss", "đ": "d", "ł": "l",
+                          "Ł": "L", "ı": "i"})
 
 
-def _norm(s):
-    s = unicodedata.normalize("NFKC", s).casefold()
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    s = s.replace("&", " and ")
-    s = re.sub(r"['\u2019\u2018`\u00b4]", "", s)            # don't == dont (apostrophes vanish)
-    s = re.sub(r"[^\w\s]|_", " ", s)
-    return " ".join(s.split())
+def _spell(s):
+    """Spellings that mean the same name: T.N.T. = TNT, Ke$ha = Kesha, P!nk = Pink, + = and, ø = o."""
+    s = re.sub(r"\b\w(?:\.\w)+\b\.?", lambda m: m.group(0).replace(".", ""), s.translate(_LETTERS))
+    s = re.sub(r"(?<=\w)\$|\$(?=\w)", "s", s)
+    s = re.sub(r"(?<=\w)!(?=\w)", "i", s)
+    return s.replace("+", " and ")
+
+
+_norm = norm_name
 
 
 @lru_cache(maxsize=1 << 20)
 def norm_artist(a):
-    return _norm(_FEAT.sub("", a)) or _norm(a)
+    """Compact artist key: spelling, case, accents, punctuation, spaces and a leading 'the' do not count."""
+    n = _norm(_spell(_FEAT.sub("", a))) or _norm(_spell(a)) or a.strip().casefold()
+    return (n[4:] if n.startswith("the ") and len(n) > 4 else n).replace(" ", "")
+
+
+@lru_cache(maxsize=1 << 20)
+def title_parts(t):
+    """-> (base, kept decorations, tags that make another recording, featured artists) of a title."""
+    base, decorations = t, []
+    for _ in range(3):                                       # nested brackets, innermost first
+        decorations += [m[1:-1] for m in _BRACKET.findall(base) for m in [m.strip()]]
+        base = _BRACKET.sub("", base)
+    base, *dashed = _DASH.split(base)
+    decorations += [p for d in dashed for p in re.split(r"\s+/\s+", d)]
+    tags, kept, featured = set(), [], []
+    base = _FEAT.sub(lambda m: featured.append(m.group(0).split(None, 1)[1]) or "", base)
+
+    def part(m):
+        tags.add(f"part {_ROMAN.get(m.group(1).lower(), m.group(1).lower())}")
+        return " "
+    base = _PART.sub(part, base)
+    for d in decorations:
+        if credit := _CREDIT.match(d.strip()):
+            featured.append(credit.group(1))
+            continue
+        d = _PART.sub(part, " " + d).strip()
+        n = _norm(_spell(d))
+        if not n:
+            continue
+        words = n.split()
+        if (_DIFFERENT.search(n) or "mix" in words and not _PLAIN_MIX.fullmatch(n)
+                or "edit" in words and not _PLAIN_EDIT.fullmatch(n)):   # "Kygo Remix", "Club Mix", "Blasterjaxx Edit"
+            tags.add(" ".join(_SAME_WORDS.sub(" ", n).split()) or n)
+        elif not _SAME.search(n):
+            kept.append(n)
+    return _norm(_spell(base)) or _norm(_spell(t)), tuple(kept), tuple(sorted(tags)), tuple(featured)
 
 
 @lru_cache(maxsize=1 << 20)
 def norm_track(t):
-    s = t
-    for _ in range(3):                                       # nested brackets, innermost first
-        s = _BRACKETS.sub("", s)
-    s = _FEAT.sub("", _DASH_SUFFIX.sub("", s))
-    return _norm(s) or _norm(t)
+    """The title key of one recording: base, unknown decorations and recording tags."""
+    base, kept, tags, _ = title_parts(t)
+    return " | ".join([" ".join((base,) + kept)] + list(tags))
+
+
+@lru_cache(maxsize=1 << 20)
+def title_base(t):
+    """The looser title key: without the unknown decorations, still with the recording tags."""
+    base, _, tags, _ = title_parts(t)
+    return " | ".join([base] + list(tags))
 
 
 def artist_parts(a):
-    """Each listed artist of 'A & B', 'A feat. B', 'A, B', 'A x B' (normalized, in order)."""
-    return [p for p in (_norm(x) for x in _ARTIST_SPLIT.split(a)) if p]
+    """Each listed artist of 'A & B', 'A feat. B', 'A, B', 'A x B' (compact keys, in order)."""
+    return [p for p in (norm_artist(x) for x in _ARTIST_SPLIT.split(a) if _norm(x)) if p]
 
 
 def item_id(nartist, ntrack):
     return hashlib.sha1(f"{nartist}\t{ntrack}".encode()).hexdigest()[:16]
+
+
+def unrepeat(artist):
+    """Apple writes some names twice: "Macklemore & Ryan Lewis, Macklemore & Ryan Lewis" -> once."""
+    parts = artist.split(", ")
+    return parts[0] if len(parts) > 1 and len(set(parts)) == 1 else artist
+
+
+def catalog_item(artist, track):
+    """The item id of a catalog row (artist: its first listed artist). Unknown brackets do not count: "You Make My
+    Dreams (Come True)" and "You Make My Dreams" by one artist are one item."""
+    return item_id(norm_artist(unrepeat(artist)), title_base(track))
 
 # -----------------------------------------------------------------------------
 # sources: local path (file, folder, .zip, .tar.gz) or URL downloaded once into a cache
@@ -349,159 +484,367 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
     write_dataset(out_dir, users, items, inter)
 
 # -----------------------------------------------------------------------------
-# Last.fm client: params=, rate limit, retries with backoff + jitter, SQLite response cache
+# rate limiting shared by threads and processes (kept identical in collect.py and enrich.py)
 
 
-def load_key(env_file=".env"):
-    key = os.environ.get("LASTFM_API_KEY", "").strip()
-    if not key and Path(env_file).is_file():
-        for line in Path(env_file).read_text().splitlines():
-            k, _, v = line.partition("=")
-            if k.strip().removeprefix("export ").strip() == "LASTFM_API_KEY":
-                key = v.strip().strip("'\"")
+class RateLimiter:
+    """At most `rate` request starts in any 1-second window for every thread and process that uses the same
+    state file (a JSON file under an exclusive flock), and a Retry-After (`hold`) holds all of them back."""
+    WINDOW = 1.05          # a little over a second: scheduling and network jitter never squeeze in one more
+
+    def __init__(self, path, rate, stop=None):
+        self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
+        self.lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _update(self, change):
+        with self.lock, open(self.path, "a+", encoding="utf-8") as f:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX)              # released when the file is closed
+            f.seek(0)
+            try:
+                state = json.loads(f.read() or "{}")
+            except ValueError:
+                state = {}
+            result = change(state)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(state))
+            return result
+
+    def _sleep_until(self, t):
+        while (left := t - time.time()) > 0:
+            if self.stop.wait(min(left, 0.2)):
+                raise KeyboardInterrupt
+
+    def hold(self, seconds):
+        """Nobody starts a request for `seconds` (a server's Retry-After)."""
+        until = time.time() + seconds
+        self._update(lambda s: s.update(until=max(s.get("until", 0.0), until)))
+
+    def wait(self):
+        """Block until this thread may start one request."""
+        n = max(1, int(self.rate))
+
+        def reserve(state):
+            times, now = state.get("times", []), time.time()
+            if self.rate <= 0:                             # no limit: only a Retry-After holds it back
+                return max(now, state.get("until", 0.0))
+            t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
+                    times[-n] + self.WINDOW if len(times) >= n else 0.0)
+            state["times"] = (times + [t])[-n:]
+            return t
+        def start(state, t):
+            now = time.time()
+            if state.get("until", 0.0) > now:              # a Retry-After arrived while this one waited
+                return False
+            times = state.get("times", [])                 # the slot becomes the real start time (>= slot)
+            state["times"] = sorted(times[:times.index(t)] + [now] + times[times.index(t) + 1:] if t in times else times)
+            return True
+        while True:
+            t = self._update(reserve)
+            self._sleep_until(t)
+            if self._update(lambda s: start(s, t)):
+                return
+
+
+def lock_folder(path, what):
+    """Hold an exclusive lock on path for the life of the process, or stop with one line if another run has it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    if fcntl:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"another run is using {what} ({path} is locked); wait for it to finish") from None
+    return f                                               # keep a reference: closing it releases the lock
+
+# -----------------------------------------------------------------------------
+# Last.fm client: params=, shared rate limit, retries with backoff + jitter, SQLite cache of answers and failures
+#
+# Last.fm error codes: temporary ones are retried with backoff; 10 and 26 (bad or suspended key) stop the run;
+# every other code (6 not found, 7 invalid resource, 17 private, unknown codes) is a permanent failure of that
+# one resource (user, page, track): recorded with its reason, skipped on reruns unless --retry-failed.
+
+TEMPORARY_CODES = {8, 11, 16, 29}  # operation failed, service offline, temporarily unavailable, rate limit
+FATAL_CODES = {10, 26}             # invalid API key, suspended API key
+MALFORMED_TRIES = 3                # a body that cannot be understood this often is a permanent failure
+
+
+def load_key(env_file=DOTENV):
+    key = os.environ.get("LASTFM_API_KEY", "").strip() or read_dotenv(env_file).get("LASTFM_API_KEY", "")
     if not key:
         raise UserError(NO_KEY_HELP)
     return key
 
 
+def check_base_url(url, name):
+    p = urlparse(url)
+    if p.scheme not in ("http", "https") or not p.netloc:
+        raise UserError(f"{name} {url!r} is not an http(s) URL")
+    return url
+
+
 class LastfmError(Exception):
-    pass
+    """Temporary failures that outlasted every retry: the run stops, a rerun resumes (exit code 1)."""
+
+
+class Malformed(Exception):
+    """A response whose shape cannot be understood."""
+
+
+PARSE_ERRORS = (Malformed, ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+def as_int(x):
+    if isinstance(x, bool):
+        return None
+    try:
+        return int(str(x).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def as_text(x):
+    """A name from a response: strings cleaned, numbers as digits (a tag named 1980), anything else None."""
+    if isinstance(x, str):
+        return clean_text(x) or None
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf"):
+        return str(int(x)) if float(x).is_integer() else str(x)
+    return None
+
+
+def as_list(x):
+    """Last.fm sends a single object instead of a one-element list, and "" or nothing for none."""
+    return x if isinstance(x, list) else [] if x in (None, "", {}) else [x]
+
+
+def parse_country(data):
+    user = data.get("user")
+    if not isinstance(user, dict):
+        raise Malformed("user.getInfo without a user object")
+    c = user.get("country")
+    c = clean_text(c) if isinstance(c, str) else ""
+    return "" if c in ("", "None") else c
+
+
+def parse_loved(t):
+    """-> (artist, track, uts or '') or None for an entry that is not a loved track."""
+    if not isinstance(t, dict):
+        return None
+    a = t.get("artist")
+    artist = as_text(a.get("name") or a.get("#text")) if isinstance(a, dict) else as_text(a)
+    d = t.get("date")
+    uts = as_int(d.get("uts")) if isinstance(d, dict) else as_int(d)
+    track = as_text(t.get("name"))
+    return (artist, track, str(uts) if uts and 0 < uts < 1 << 32 else "") if artist and track else None
+
+
+def parse_friend(f):
+    return as_text(f.get("name")) if isinstance(f, dict) else as_text(f)
+
+
+def parse_page(data, root, item, entry):
+    """-> (parsed entries, number of raw entries, claimed total pages, claimed total items); numbers may be None."""
+    body = data.get(root)
+    if isinstance(body, str) and not body.strip():
+        body = {}
+    if not isinstance(body, dict):
+        raise Malformed(f"no {root} object")
+    raw = as_list(body.get(item))
+    attr = body.get("@attr") if isinstance(body.get("@attr"), dict) else {}
+    return [e for e in map(entry, raw) if e], len(raw), as_int(attr.get("totalPages")), as_int(attr.get("total"))
+
+
+def parse_top_tag(data):
+    body = data.get("toptags")
+    if isinstance(body, str) and not body.strip():
+        return ""
+    if not isinstance(body, dict):
+        raise Malformed("no toptags object")
+    for t in as_list(body.get("tag")):
+        name = as_text(t.get("name")) if isinstance(t, dict) else as_text(t)
+        if name:
+            return name.lower().lstrip("=+-@ ")
+    return ""
 
 
 class Lastfm:
     def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=60.0,
-                 timeout=30.0):
+                 timeout=30.0, retry_failed=False, max_pages=200):
         import requests
-        self.key, self.base_url = key, base_url or os.environ.get("LASTFM_BASE_URL") or API_URL
-        self.rate, self.retries, self.backoff, self.max_backoff, self.timeout = rate, retries, backoff, max_backoff, timeout
+        self.key = key
+        self.base_url = check_base_url(base_url or os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
+        self.retries, self.backoff, self.max_backoff, self.timeout = retries, backoff, max_backoff, timeout
+        self.max_pages = max_pages
         self.http = requests.Session()
-        self.next_t, self.jitter = 0.0, random.Random()
-        self.stats = collections.Counter()
+        self.jitter = random.Random()
+        self.stats, self.failures = collections.Counter(), collections.Counter()
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        self.limiter = RateLimiter(Path(cache_path).with_name(Path(cache_path).name + ".rate"), rate)
         self.db = sqlite3.connect(cache_path)
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
+        if retry_failed:
+            self.stats["retried failures"] = self.db.execute("DELETE FROM failed").rowcount
         self.db.commit()
 
     def scrub(self, text):
         text = str(text).replace(self.key, "***")
         return re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
 
-    def _wait(self):
-        if self.rate > 0:
-            now = time.monotonic()
-            if self.next_t > now:
-                time.sleep(self.next_t - now)
-            self.next_t = max(now, self.next_t) + 1.0 / self.rate
-
     def _get(self, method, params):
-        """One HTTP request -> (parsed JSON or None, fault description or None)."""
+        """One HTTP request -> (kind, data or reason, retry-after seconds or None); kind is ok, temporary,
+        malformed, permanent or fatal."""
         import requests
-        self._wait()
+        self.limiter.wait()
         self.stats["requests"] += 1
         try:
             r = self.http.get(self.base_url, timeout=self.timeout,
                               params={"method": method, **params, "api_key": self.key, "format": "json"})
         except requests.RequestException as e:
-            return None, type(e).__name__
-        if r.status_code == 429 or r.status_code >= 500:
-            return None, f"HTTP {r.status_code}"
+            return "temporary", type(e).__name__, None
+        retry_after = as_int(r.headers.get("Retry-After"))
         try:
             data = r.json()
         except ValueError:
-            return None, f"malformed JSON (HTTP {r.status_code})"
+            data = None
+        code = as_int(data.get("error")) if isinstance(data, dict) and "error" in data else None
+        if code is not None or isinstance(data, dict) and "error" in data:
+            msg = data.get("message") if isinstance(data.get("message"), str) else ""
+            reason = clean_text(self.scrub(f"Last.fm error {data.get('error')}: {msg}"))[:200]
+            kind = ("temporary" if code in TEMPORARY_CODES or r.status_code == 429 or r.status_code >= 500
+                    else "fatal" if code in FATAL_CODES else "permanent")
+            return kind, reason, retry_after
+        if r.status_code == 429 or r.status_code >= 500:
+            return "temporary", f"HTTP {r.status_code}", retry_after
+        if r.status_code != 200:
+            return "permanent", f"HTTP {r.status_code}", None
         if not isinstance(data, dict):
-            return None, "malformed JSON"
-        if "error" in data:
-            code = data.get("error")
-            if code in RETRY_CODES:
-                return None, f"Last.fm error {code}"
-            if code not in SKIP_CODES:
-                raise LastfmError(self.scrub(f"{method}: Last.fm error {code}: {data.get('message', '')}"))
-        elif r.status_code != 200:
-            return None, f"HTTP {r.status_code}"
-        return data, None
+            return "malformed", "not a JSON object", None
+        return "ok", data, None
 
-    def call(self, method, **params):
-        """Cached API call: the response dict, or None for not found/private (6/17)."""
+    def _fail(self, key, reason):
+        self.db.execute("DELETE FROM responses WHERE key = ?", (key,))
+        self.db.execute("INSERT OR REPLACE INTO failed VALUES (?, ?)", (key, reason))
+        self.db.commit()
+        self.failures[reason.split(":")[0]] += 1
+        return None, reason
+
+    def call(self, method, parse, **params):
+        """Cached API call -> (parse(response), None), or (None, reason) for a permanent failure of this resource
+        (recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError when temporary
+        failures outlast every retry, UserError when Last.fm refuses the key."""
         params = {k: str(v) for k, v in params.items()}
         key = json.dumps([method, sorted(params.items())], ensure_ascii=False)
+        row = self.db.execute("SELECT reason FROM failed WHERE key = ?", (key,)).fetchone()
+        if row:
+            self.stats["cached"] += 1
+            self.failures[row[0].split(":")[0]] += 1
+            return None, row[0]
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
         if row:
             self.stats["cached"] += 1
-            data = json.loads(row[0])
-        else:
-            for attempt in range(self.retries + 1):
-                data, fault = self._get(method, params)
-                if fault is None:
-                    break
-                self.stats["faults"] += 1
-                if attempt == self.retries:
-                    raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {fault}); "
-                                                 "rerun the same command to resume"))
-                delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
-                time.sleep(delay)
-            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(data, ensure_ascii=False)))
-            self.db.commit()                               # persisted before anything else happens
-        if "error" in data:
-            self.stats["skipped"] += 1
-            log(f"skipped {method} {params}: Last.fm error {data['error']} ({data.get('message', '')})")
-            return None
-        return data
+            try:
+                data = json.loads(row[0])
+                if isinstance(data, dict) and "error" in data:       # a cache from before failures were kept apart
+                    raise Malformed(f"Last.fm error {data.get('error')}: {data.get('message', '')}")
+                return parse(data), None
+            except PARSE_ERRORS as e:
+                return self._fail(key, self.scrub(clean_text(str(e)))[:200] or "unexpected response")
+        malformed = 0
+        for attempt in range(self.retries + 1):
+            kind, data, retry_after = self._get(method, params)
+            if kind == "fatal":
+                raise UserError(f"Last.fm refused the API key ({data}); check LASTFM_API_KEY")
+            if kind == "permanent":
+                return self._fail(key, data)
+            if kind == "ok":
+                body = self.scrub(json.dumps(data, ensure_ascii=False))
+                try:
+                    value = parse(json.loads(body))                # what a rerun reads from the cache
+                except PARSE_ERRORS as e:
+                    return self._fail(key, f"unexpected response: {self.scrub(clean_text(str(e)))[:150]}")
+                self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
+                self.db.commit()                               # persisted before anything else happens
+                return value, None
+            self.stats["faults"] += 1
+            if kind == "malformed":
+                malformed += 1
+                if malformed >= MALFORMED_TRIES:
+                    return self._fail(key, f"unexpected response: {data} ({malformed} times)")
+            if attempt == self.retries:
+                break
+            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
+            if retry_after is not None:
+                self.limiter.hold(min(max(retry_after, 0), 3600))   # everybody waits, not only this request
+                delay = 0
+            self.limiter._sleep_until(time.time() + delay)
+        raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {data}); "
+                                     "rerun the same command to resume"))
 
-    def pages(self, method, root, item, limit, **params):
-        """All pages of a paginated method -> list of entries (None if not found/private)."""
-        out, page, total_pages = [], 1, 1
-        while page <= total_pages:
-            data = self.call(method, **params, limit=limit, page=page)
-            if data is None:
-                return None if page == 1 else out
-            body = data.get(root) or {}
-            entries = body.get(item) or []
-            out += [entries] if isinstance(entries, dict) else entries
-            total_pages = int((body.get("@attr") or {}).get("totalPages") or 1)
-            page += 1
-        return out
+    def pages(self, method, root, item, limit, entry, **params):
+        """Every page of a paginated method -> (entries, None), or (None, reason) when page 1 failed for good.
+        Stops at the first empty page, at a page repeating the previous one, at the claimed page count, at the
+        count the claimed total and the first page's size make plausible, and at max_pages."""
+        out, page, last, prev = [], 1, self.max_pages, None
+        parse = lambda d: parse_page(d, root, item, entry)
+        while page <= last:
+            value, why = self.call(method, parse, **params, limit=limit, page=page)
+            if why:
+                return (None, why) if page == 1 else (out, None)
+            entries, n, total_pages, total = value
+            if n == 0 or entries == prev:
+                break
+            if page == 1:
+                plausible = [p for p in (total_pages, -(-total // n) if total else None) if p and p > 0]
+                last = min([self.max_pages] + plausible)
+                if len(plausible) < 2:
+                    self.stats["pages without totals"] += 1
+            out += entries
+            prev, page = entries, page + 1
+        return out, None
 
 # -----------------------------------------------------------------------------
 # snowball crawl: breadth-first over friends, users with a country and >= min_loved loved tracks
+# (Last.fm user names are case-insensitive: "h" and "H" are one user, kept as first seen)
 
 
 def crawl(api, out_dir, seeds=("RJ",), max_users=1000, min_loved=5):
     import pandas as pd
     from tqdm import tqdm
-    queue, seen = collections.deque(seeds), set(seeds)
+    queue, seen = collections.deque(), set()
+    for s in seeds:
+        if s.casefold() not in seen:
+            seen.add(s.casefold())
+            queue.append(s)
     users, loved, stats = [], [], collections.Counter()
     bar = tqdm(total=max_users, unit=" users", desc="crawl", disable=None, file=sys.stderr)
     while queue and len(users) < max_users:
         name = queue.popleft()
-        info = api.call("user.getInfo", user=name)
-        country = ((info or {}).get("user") or {}).get("country") or ""
-        if info is None:
-            stats["missing"] += 1
+        country, why = api.call("user.getInfo", parse_country, user=name)
+        if why:
+            stats["failed"] += 1
             continue
-        if country.strip() in ("", "None"):
+        if not country:
             stats["no_country"] += 1
             continue
-        tracks = api.pages("user.getLovedTracks", "lovedtracks", "track", 1000, user=name) or []
-        rows = []
-        for t in tracks:
-            artist = t.get("artist") or {}
-            artist = (artist.get("name") or artist.get("#text") or "") if isinstance(artist, dict) else str(artist)
-            uts = (t.get("date") or {}).get("uts", "")
-            if artist and t.get("name"):
-                rows.append((name, artist, t["name"], str(uts)))
+        tracks, why = api.pages("user.getLovedTracks", "lovedtracks", "track", 1000, parse_loved, user=name)
+        rows = [(name, a, t, uts) for a, t, uts in tracks or []]
         if len(rows) >= min_loved:
-            users.append((name, country.strip()))
+            users.append((name, country))
             loved += rows
             bar.update(1)
         else:
             stats["few_loved"] += 1
-        for f in api.pages("user.getFriends", "friends", "user", 200, user=name) or []:
-            fname = f.get("name") if isinstance(f, dict) else None
-            if fname and fname not in seen:
-                seen.add(fname)
-                queue.append(fname)
-        bar.set_postfix(loved=len(loved), faults=api.stats["faults"], skipped=api.stats["skipped"])
+        friends, why = api.pages("user.getFriends", "friends", "user", 200, parse_friend, user=name)
+        for f in friends or []:
+            if f.casefold() not in seen:
+                seen.add(f.casefold())
+                queue.append(f)
+        bar.set_postfix(loved=len(loved), faults=api.stats["faults"], failed=sum(api.failures.values()))
     bar.close()
     users = pd.DataFrame(users, columns=["user", "country"]).sort_values("user")
     loved = pd.DataFrame(loved, columns=["user", "artist", "track", "timestamp"])
@@ -510,9 +853,18 @@ def crawl(api, out_dir, seeds=("RJ",), max_users=1000, min_loved=5):
     write_csv(loved, Path(out_dir) / "loved.csv")
     print(f"crawl: {len(users):,} users, {len(loved):,} loved tracks -> {out_dir}; skipped: "
           f"{stats['no_country']} without country, {stats['few_loved']} with < {min_loved} loved, "
-          f"{stats['missing']} not found/private; requests {api.stats['requests']}, cached {api.stats['cached']}, "
+          f"{stats['failed']} failed for good; requests {api.stats['requests']}, cached {api.stats['cached']}, "
           f"faults retried {api.stats['faults']}")
     return users, loved
+
+
+def failure_report(api):
+    """One line: the permanent failures of this run by reason (skipped on reruns unless --retry-failed)."""
+    if not api.failures:
+        return "permanent failures: none"
+    why = ", ".join(f"{r} {n}" for r, n in api.failures.most_common(8))
+    return (f"permanent failures: {sum(api.failures.values())} resources ({why}); cached, skipped on reruns "
+            "(--retry-failed asks again)")
 
 # -----------------------------------------------------------------------------
 # catalogs: schema auto-detection, then one item per normalized (artist, track)
@@ -525,7 +877,9 @@ SCHEMAS = {  # name: (artist column, track column, genre column, artist separato
 
 
 def load_catalog(path, artist_col=None, track_col=None, genre_col=None):
-    """-> DataFrame(artist, track, genre, artists: list of names), 'Music' rows and duplicates dropped."""
+    """-> DataFrame(artist, track, genre, artists: list of names), without duplicates and rows that are not songs.
+    Only a `kind` column says what is not a song (Apple: one music video among 9,999 songs); a title proves nothing:
+    the Apple catalog's 11 rows titled "Music" are real songs (Madonna, Erick Sermon, Leela James...)."""
     import pandas as pd
     if not Path(path).is_file():
         raise UserError(f"{path}: catalog file not found")
@@ -545,41 +899,55 @@ def load_catalog(path, artist_col=None, track_col=None, genre_col=None):
         raise UserError(f"{path}: no column {', '.join(missing)}; columns found: {', '.join(df.columns)}")
     a, t, g = schema
     cat = pd.DataFrame({"artist": df[a].str.strip(), "track": df[t].str.strip(), "genre": df[g].str.strip() if g else ""})
-    cat = cat[(cat.artist != "") & (cat.track != "") & (cat.track.str.casefold() != "music")].drop_duplicates()
+    song = df.kind.str.strip().isin(["song", ""]) if "kind" in df.columns and not artist_col else True   # iTunes kind
+    cat = cat[(cat.artist != "") & (cat.track != "") & song].drop_duplicates()
     cat["artists"] = [[x.strip() for x in s.split(sep) if x.strip()] if sep else [s] for s in cat.artist]
+    cat["artists"] = [list(dict.fromkeys(a)) if sep else [unrepeat(s)] for s, a in zip(cat.artist, cat.artists)]
     cat["artist"] = [x[0] for x in cat.artists]
     return cat.reset_index(drop=True)
 
 
+MATCH_RULES = ("same names", "artist spelling", "one of the artists", "title without extra words")
+
+
 def catalog_index(cat):
-    """-> (items DataFrame, {(norm artist, norm track): item id}). Full-name keys win over artist-part keys."""
+    """-> (items DataFrame, {rule: {(artist key, title key): item id}}), one dict per rule of MATCH_RULES, tried in
+    that order: the full artist name as written; its spelling-free form; any one artist of the row (listed, part
+    of 'A & B', or featured in the title); and any of those with the title's unknown brackets dropped."""
     import pandas as pd
-    items, index, extra = {}, {}, []
+    items, index = {}, {rule: {} for rule in MATCH_RULES}
     for artist, track, genre, names in cat[["artist", "track", "genre", "artists"]].itertuples(index=False):
-        nt = norm_track(track)
-        iid = item_id(norm_artist(artist), nt)
+        nt, base = norm_track(track), title_base(track)
+        iid = catalog_item(artist, track)
         if iid not in items:
             items[iid] = (iid, artist, track, genre, track, "", "")
+        everyone = list(names) + list(title_parts(track)[3])
+        keys = {norm_artist(n) for n in names} | {p for n in everyone for p in [norm_artist(n)] + artist_parts(n)}
+        index["same names"].setdefault((_norm(artist), nt), iid)
         for n in names:
-            index.setdefault((norm_artist(n), nt), iid)
-            extra += [((p, nt), iid) for p in artist_parts(n)]
-    for k, iid in extra:
-        index.setdefault(k, iid)
+            index["artist spelling"].setdefault((norm_artist(n), nt), iid)
+        for k in sorted(keys):
+            index["one of the artists"].setdefault((k, nt), iid)
+            index["title without extra words"].setdefault((k, base), iid)
     return pd.DataFrame(list(items.values()), columns=ITEM_COLS), index
 
 
 def match_loved(loved, index):
-    """-> (loved row positions, item ids) of the matched rows."""
-    rows, ids = [], []
+    """-> (loved row positions, item ids, rule that matched) of the matched rows."""
+    rows, ids, rules = [], [], []
     for i, (artist, track) in enumerate(zip(loved.artist, loved.track)):
-        nt = norm_track(track)
-        for na in [norm_artist(artist)] + artist_parts(artist):
-            iid = index.get((na, nt))
+        nt, base = norm_track(track), title_base(track)
+        names = [norm_artist(artist)] + artist_parts(artist) + [p for f in title_parts(track)[3] for p in artist_parts(f)]
+        tries = [("same names", (_norm(_FEAT.sub("", artist)), nt)), ("artist spelling", (names[0], nt))]
+        tries += [("one of the artists", (n, nt)) for n in names] + [("title without extra words", (n, base)) for n in names]
+        for rule, key in tries:
+            iid = index[rule].get(key)
             if iid:
                 rows.append(i)
                 ids.append(iid)
+                rules.append(rule)
                 break
-    return rows, ids
+    return rows, ids, rules
 
 
 def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None, genre_col=None, top=10):
@@ -588,10 +956,12 @@ def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None
     loved = pd.read_csv(Path(crawl_dir) / "loved.csv", dtype=str, keep_default_na=False)
     cat = load_catalog(catalog, artist_col, track_col, genre_col)
     items, index = catalog_index(cat)
-    rows, ids = match_loved(loved, index)
+    rows, ids, rules = match_loved(loved, index)
     rate = len(rows) / max(len(loved), 1)
     print(f"match {Path(catalog).name}: {len(cat):,} catalog rows -> {len(items):,} items; "
           f"matched {len(rows):,} / {len(loved):,} loved rows ({100 * rate:.1f}%)")
+    by_rule = collections.Counter(rules)
+    print("matched by rule: " + "; ".join(f"{r} {by_rule[r]:,}" for r in MATCH_RULES))
     unmatched = loved.drop(index=loved.index[rows]).artist.value_counts().head(top)
     if len(unmatched):
         print("top unmatched artists: " + "; ".join(f"{a} ({n})" for a, n in unmatched.items()))
@@ -604,10 +974,7 @@ def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None
     for i, (artist, track, genre) in enumerate(zip(items.artist, items.track, items.tag)):
         tag = ""
         if api is not None:
-            data = api.call("track.getTopTags", artist=artist, track=track, autocorrect=1)
-            tags = ((data or {}).get("toptags") or {}).get("tag") or []
-            tags = [tags] if isinstance(tags, dict) else tags
-            tag = (tags[0].get("name") or "").strip().lower() if tags else ""
+            tag = api.call("track.getTopTags", parse_top_tag, artist=artist, track=track, autocorrect=1)[0] or ""
         if not tag:
             fallback += 1
             tag = genre.strip().lower()
@@ -637,6 +1004,9 @@ def main(argv=None):
     api_opts.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
     api_opts.add_argument("--max-backoff", type=float, default=60.0)
     api_opts.add_argument("--timeout", type=float, default=30.0)
+    api_opts.add_argument("--retry-failed", action="store_true",
+                          help="ask again for what failed for good before (not found, private, malformed answers)")
+    api_opts.add_argument("--max-pages", type=int, default=200, help="at most this many pages of one list")
     crawl_opts = argparse.ArgumentParser(add_help=False)
     crawl_opts.add_argument("--seed-users", nargs="+", default=["RJ"])
     crawl_opts.add_argument("--max-users", type=int, default=1000)
@@ -655,8 +1025,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
     cache = Path(args.cache_dir) if args.cache_dir else data / "cache"
-    api = None
+    api = lock = None
     try:
+        for name in ("rate", "retries", "backoff", "max_backoff", "timeout", "max_pages", "max_users", "min_loved"):
+            v = getattr(args, name, None)
+            if v is not None and (not 0 <= v < float("inf") or name in ("timeout", "max_pages") and v == 0):
+                raise UserError(f"--{name.replace('_', '-')} {v}: a finite number, >= 0 (> 0 for --timeout, --max-pages)")
         if args.cmd == "hetrec":
             import_hetrec(args.src, data / "hetrec", cache)
         elif args.cmd == "lastfm1k":
@@ -676,22 +1050,30 @@ def main(argv=None):
             if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():
                 raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
             if args.cmd != "match" or not args.no_tags:
-                api = Lastfm(load_key(), cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
-                             backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout)
+                key = load_key()
+                lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
+                api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
+                             backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
+                             retry_failed=args.retry_failed, max_pages=args.max_pages)
             if args.cmd in ("crawl", "all"):
                 crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
             for name, path in catalogs:
                 match(data / "lastfm", path, data / name, None if args.no_tags else api,
                       args.artist_col, args.track_col, args.genre_col)
+            if api is not None:
+                print(failure_report(api))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except LastfmError as e:
+    except LastfmError as e:                      # something is still retryable: exit 1
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if lock:
+            lock.close()
 
 
 if __name__ == "__main__":

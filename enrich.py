@@ -23,11 +23,25 @@ Every answer (also "not found") is cached in data/<DATASET>/.enrich-cache.sqlite
 without repeating a successful request, and items.csv is a pure function of the cache. Answers
 from a non-default GROQ_BASE_URL / LYRICS_BASE_URL (e.g. the test fakes) are kept apart: that
 URL becomes part of the model field of the key.
-429 (honouring retry-after), 5xx, timeouts and malformed bodies are retried with exponential
-backoff and jitter (--attempts, --backoff); other 4xx keep the title and are counted. A request
-that still fails after all attempts keeps the title, is NOT cached (a rerun asks again) and
-makes the exit code 1. items.csv is replaced atomically; other columns and the row order are
-kept as they are.
+429 (honouring retry-after for every worker), 5xx, timeouts and malformed bodies are retried with
+exponential backoff and jitter (--attempts, --backoff). Answers a rerun cannot change are cached
+with their reason and keep the title: other 4xx, 404/empty lyrics, a body malformed 3 times
+(lyrics that are a list or null, Groq content null, no choices, HTML), a summary that names the
+song twice. A request whose temporary failures outlast every attempt keeps the title, is NOT
+cached (a rerun asks again) and makes the exit code 1; exit 0 means only permanent fallbacks remain.
+Titles that clean to the same name ("Music", "Music (feat. X)") are asked once.
+
+Requests per second are limited per API (--groq-rate, default 0.5: Groq's free tier allows 30
+requests/minute for llama-3.1-8b-instant; --lyrics-rate, default 2: lyrics.ovh publishes no
+limit, so a conservative one), for all workers together and for every run on the same --data-dir
+(a locked state file data/.enrich-rate-<api>); a second run on the same dataset refuses.
+
+Everything written to items.csv is cleaned: NFC, no control, zero-width or bidi-override
+characters, at most 25 words and 300 characters, never starting with = + - @ (spreadsheet
+formulas). Path segments of lyrics.ovh URLs are fully percent-encoded ('.' and '..' too); the
+key is scrubbed from model answers. items.csv is replaced atomically (fsync, mode kept); other
+columns and the row order are kept as they are. Ctrl-C stops at once (exit 130), answers so
+far stay cached.
 
 Environment: GROQ_API_KEY (or a line GROQ_API_KEY=... in the git-ignored .env next to this
 file), GROQ_BASE_URL, LYRICS_BASE_URL (default https://api.lyrics.ovh).
@@ -50,7 +64,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
+
+try:
+    import fcntl                                     # file locks (POSIX); elsewhere: threads only
+except ImportError:
+    fcntl = None
 
 import pandas as pd
 import requests
@@ -64,6 +83,10 @@ DEFAULT_LYRICS_BASE_URL = "https://api.lyrics.ovh"
 PROMPT_VERSION = "p1"   # bump when the prompts below change: old cache entries are then ignored
 LYRICS_VERSION = "l1"   # bump when lyrics_excerpt() changes (only excerpts are cached)
 MAX_WORDS = 25
+MAX_CHARS = 300         # ... and at most this many characters (a "word" can be 10,000 characters long)
+MALFORMED_TRIES = 3     # a body that cannot be understood this often is a permanent answer
+RATES = {"groq": 0.5, "lyrics": 2.0}   # default requests/second: Groq's free tier allows 30 requests/minute for
+                        # llama-3.1-8b-instant; lyrics.ovh publishes no limit, 2/s is a conservative guess
 MAX_DELAY = 60.0        # never sleep longer than this between two attempts
 REQUIRED_COLUMNS = ("item", "artist", "track", "title")
 
@@ -88,10 +111,11 @@ class Transient(Exception):
 
 
 class Permanent(Exception):
-    """A 4xx answer other than 429: not retried, the title is kept."""
+    """An answer a rerun cannot change (a 4xx other than 429, a body malformed every time): cached with its
+    reason, the title is kept."""
     def __init__(self, status):
-        super().__init__(f"http {status}")
-        self.status = status
+        self.reason = f"http {status}" if isinstance(status, int) else status
+        super().__init__(self.reason)
 
 # -----------------------------------------------------------------------------
 # text post-processing (pure functions)
@@ -116,17 +140,10 @@ def clean_track(track):
     return cleaned or track.strip()
 
 
-def normalize(text):
-    """Lower case, accents and punctuation removed, single spaces: for comparing names."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
-    return " ".join(re.sub(r"[^\w]+", " ", text).split())
-
-
 def names_song(text, artist, track):
     """True when the text contains the artist or the song name as whole words."""
-    padded = f" {normalize(text)} "
-    names = {normalize(artist), normalize(clean_track(track))}
+    padded = f" {norm_name(text)} "
+    names = {norm_name(artist), norm_name(clean_track(track))}
     names |= {n[4:] for n in names if n.startswith("the ")}   # "The Beatles" -> also "beatles"
     return any(n and f" {n} " in padded for n in names)
 
@@ -136,9 +153,20 @@ def truncate_words(text, n=MAX_WORDS):
     return " ".join(words) if len(words) <= n else " ".join(words[:n]).rstrip(",;:-")
 
 
+def cell_text(text):
+    """What goes into items.csv: clean_text, single spaces, at most MAX_WORDS words and MAX_CHARS characters,
+    never starting with = + - @ (a spreadsheet would run it as a formula)."""
+    text = truncate_words(" ".join(clean_text(text).split()))
+    if len(text) > MAX_CHARS:
+        cut = text[:MAX_CHARS + 1].rsplit(" ", 1)[0] if " " in text[:MAX_CHARS + 1] else text[:MAX_CHARS]
+        text = cut[:MAX_CHARS].rstrip(",;:- ")
+    return text.lstrip("=+-@ ")
+
+
 def clean_summary(raw):
     """Model answer -> one line of at most 25 words, without preambles, quotes or markdown."""
-    lines = [l.strip().strip("*#>- ").strip() for l in raw.replace("\r", "\n").split("\n")]
+    raw = _INVISIBLE.sub("", unicodedata.normalize("NFC", raw))
+    lines = [clean_text(l).strip("*#>- ").strip() for l in raw.replace("\r", "\n").split("\n")]
     lines = [l for l in lines if l]
     while lines and (lines[0].endswith(":") or _CHATTY_LINE.match(lines[0])) and len(lines) > 1:
         lines.pop(0)   # "Sure!" / "Here is a 25-word summary:" on a line of its own
@@ -153,8 +181,9 @@ def clean_summary(raw):
 def lyrics_excerpt(raw, n=MAX_WORDS):
     """Full lyrics -> their first n words, without section markers, blank lines and boilerplate."""
     kept = []
+    raw = _INVISIBLE.sub("", unicodedata.normalize("NFC", raw))
     for line in raw.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        line = _SECTION_INLINE.sub(" ", line).strip()
+        line = clean_text(_SECTION_INLINE.sub(" ", line))
         if line and not _SECTION_LINE.match(line) and not _BOILERPLATE.match(line):
             kept.append(line)
     return truncate_words(" ".join(kept), n)
@@ -167,9 +196,15 @@ def summary_prompt(artist, track, excerpt=None, strict=False):
     return prompt + (STRICT.format(track=track, artist=artist) if strict else "")
 
 # -----------------------------------------------------------------------------
-# API key: the environment, else a .env file next to this script (never printed)
+# small helpers, kept identical in collect.py and enrich.py (test_enrich.py checks that they agree)
 
-def read_dotenv(path):
+DOTENV = Path(__file__).resolve().parent / ".env"   # the one .env: next to the scripts, git-ignored
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")                                # -> a space
+_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]+")   # zero-width, bidi: removed
+
+
+def read_dotenv(path=DOTENV):
+    """NAME=value lines (optionally `export `, quotes stripped); {} when the file does not exist."""
     values = {}
     if not Path(path).is_file():
         return values
@@ -182,8 +217,43 @@ def read_dotenv(path):
     return values
 
 
-DOTENV = Path(__file__).resolve().parent / ".env"
+def atomic_write(path, data: bytes):
+    """Replace path with data all at once: temp file in the same folder, fsync, the old file's mode kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)                                # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def clean_text(s):
+    """Text from the network: NFC, control characters a space, zero-width and bidi-override ones removed."""
+    return _CONTROL.sub(" ", _INVISIBLE.sub("", unicodedata.normalize("NFC", s))).strip()
+
+
+def norm_name(s):
+    """For comparing names: NFKC, case and accents folded, & = and, apostrophes dropped, other punctuation a space."""
+    s = unicodedata.normalize("NFKC", s).casefold()
+    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    s = s.replace("&", " and ")
+    s = re.sub(r"['\u2019\u2018`\u00b4]", "", s)            # don't == dont (apostrophes vanish)
+    s = re.sub(r"[^\w\s]|_", " ", s)
+    return " ".join(s.split())
 
 def find_api_key():
     key = os.environ.get("GROQ_API_KEY") or read_dotenv(DOTENV).get("GROQ_API_KEY")
@@ -191,6 +261,92 @@ def find_api_key():
         raise UserError("GROQ_API_KEY is not set; summaries need it. Run `export GROQ_API_KEY=...` or put a line "
                         f"GROQ_API_KEY=... in {DOTENV} (git-ignored), or use --what lyrics.")
     return key
+
+
+def check_base_url(url, name):
+    p = urlparse(url)
+    if p.scheme not in ("http", "https") or not p.netloc:
+        raise UserError(f"{name} {url!r} is not an http(s) URL")
+    return url
+
+
+# -----------------------------------------------------------------------------
+# rate limiting shared by threads and processes (kept identical in collect.py and enrich.py)
+
+
+class RateLimiter:
+    """At most `rate` request starts in any 1-second window for every thread and process that uses the same
+    state file (a JSON file under an exclusive flock), and a Retry-After (`hold`) holds all of them back."""
+    WINDOW = 1.05          # a little over a second: scheduling and network jitter never squeeze in one more
+
+    def __init__(self, path, rate, stop=None):
+        self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
+        self.lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _update(self, change):
+        with self.lock, open(self.path, "a+", encoding="utf-8") as f:
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX)              # released when the file is closed
+            f.seek(0)
+            try:
+                state = json.loads(f.read() or "{}")
+            except ValueError:
+                state = {}
+            result = change(state)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(state))
+            return result
+
+    def _sleep_until(self, t):
+        while (left := t - time.time()) > 0:
+            if self.stop.wait(min(left, 0.2)):
+                raise KeyboardInterrupt
+
+    def hold(self, seconds):
+        """Nobody starts a request for `seconds` (a server's Retry-After)."""
+        until = time.time() + seconds
+        self._update(lambda s: s.update(until=max(s.get("until", 0.0), until)))
+
+    def wait(self):
+        """Block until this thread may start one request."""
+        n = max(1, int(self.rate))
+
+        def reserve(state):
+            times, now = state.get("times", []), time.time()
+            if self.rate <= 0:                             # no limit: only a Retry-After holds it back
+                return max(now, state.get("until", 0.0))
+            t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
+                    times[-n] + self.WINDOW if len(times) >= n else 0.0)
+            state["times"] = (times + [t])[-n:]
+            return t
+        def start(state, t):
+            now = time.time()
+            if state.get("until", 0.0) > now:              # a Retry-After arrived while this one waited
+                return False
+            times = state.get("times", [])                 # the slot becomes the real start time (>= slot)
+            state["times"] = sorted(times[:times.index(t)] + [now] + times[times.index(t) + 1:] if t in times else times)
+            return True
+        while True:
+            t = self._update(reserve)
+            self._sleep_until(t)
+            if self._update(lambda s: start(s, t)):
+                return
+
+
+def lock_folder(path, what):
+    """Hold an exclusive lock on path for the life of the process, or stop with one line if another run has it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    if fcntl:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"another run is using {what} ({path} is locked); wait for it to finish") from None
+    return f                                               # keep a reference: closing it releases the lock
 
 # -----------------------------------------------------------------------------
 # cache (SQLite, one committed row per answer) and counters shared by the workers
@@ -221,7 +377,8 @@ class Cache:
             self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (json.dumps(key), json.dumps(value)))
 
     def close(self):
-        self.db.close()
+        with self.lock:
+            self.db.close()
 
 
 def cached(cache, stats, key, call):
@@ -234,7 +391,7 @@ def cached(cache, stats, key, call):
     try:
         value = {"status": "ok", "text": call()}
     except Permanent as e:
-        value = {"status": f"http {e.status}"}
+        value = {"status": e.reason}
     cache.put(key, value)
     stats.add(f"{key[0].split('-')[0]} requests")
     return value
@@ -260,28 +417,43 @@ def parse_retry_after(headers):
             return None
 
 
-def with_retries(call, attempts, backoff, stats, sleep=time.sleep, rand=random.random):
+def with_retries(call, attempts, backoff, stats, sleep=time.sleep, rand=random.random, hold=None):
     """call() until it does not raise Transient, at most `attempts` times: retry-after when the
-    server gives one, else backoff * 2**k with jitter (x0.5..1). The last Transient propagates."""
+    server gives one (and hold(seconds) makes every other worker wait it out too), else
+    backoff * 2**k with jitter (x0.5..1). The last Transient propagates; a body malformed
+    MALFORMED_TRIES times becomes Permanent("malformed")."""
+    malformed = 0
     for attempt in range(attempts):
         try:
             return call()
         except Transient as e:
             stats.add(f"transient {e.reason}")
+            malformed += e.reason == "malformed"
+            if malformed >= MALFORMED_TRIES:
+                raise Permanent("malformed") from None
             if attempt == attempts - 1:
                 raise
             delay = e.retry_after if e.retry_after is not None else backoff * 2 ** attempt * (0.5 + rand() / 2)
+            if e.retry_after is not None and hold:
+                hold(e.retry_after)
             sleep(min(delay, MAX_DELAY))
 
 
 _local = threading.local()   # one requests.Session per worker thread (sessions are not thread-safe)
 
 
-def fetch_lyrics(base_url, artist, track, timeout):
+def path_segment(text):
+    """Percent-encode one URL path segment, '.' included: an artist named '..' must not climb the path."""
+    return quote(text, safe="").replace(".", "%2E")
+
+
+def fetch_lyrics(base_url, artist, track, timeout, limiter=None):
     """lyrics.ovh -> the 25-word excerpt ('' when not found). The full text never leaves here."""
-    url = f"{base_url.rstrip('/')}/v1/{quote(artist, safe='')}/{quote(clean_track(track), safe='')}"
+    url = f"{base_url.rstrip('/')}/v1/{path_segment(artist)}/{path_segment(clean_track(track))}"
     if not hasattr(_local, "session"):
         _local.session = requests.Session()
+    if limiter:
+        limiter.wait()
     try:
         r = _local.session.get(url, timeout=timeout)
     except requests.Timeout:
@@ -305,14 +477,17 @@ def fetch_lyrics(base_url, artist, track, timeout):
     return lyrics_excerpt(lyrics)
 
 
-def groq_asker(api_key, model, timeout):
-    """prompt -> the model's raw answer. The client never retries by itself (max_retries=0):
-    with_retries() does, so that the behaviour is explicit and tested."""
+def groq_asker(api_key, model, timeout, limiter=None):
+    """prompt -> the model's raw answer (the key scrubbed from it). The client never retries by
+    itself (max_retries=0): with_retries() does, so that the behaviour is explicit and tested."""
     import groq
-    client = groq.Groq(api_key=api_key, base_url=os.environ.get("GROQ_BASE_URL") or None,
+    base = os.environ.get("GROQ_BASE_URL")
+    client = groq.Groq(api_key=api_key, base_url=base and check_base_url(base, "GROQ_BASE_URL"),
                        max_retries=0, timeout=timeout)
 
     def ask(prompt):
+        if limiter:
+            limiter.wait()
         try:
             r = client.chat.completions.create(model=model, temperature=0, max_tokens=100,
                                                messages=[{"role": "user", "content": prompt}])
@@ -336,13 +511,13 @@ def groq_asker(api_key, model, timeout):
             raise Transient("malformed")
         if not isinstance(text, str):
             raise Transient("malformed")
-        return text
+        return text.replace(api_key, "***")
     return ask
 
 # -----------------------------------------------------------------------------
 # one (artist, track) -> (text or None, status)
 
-def lyrics_job(artist, track, fetch, source, cache, stats, retry):
+def lyrics_job(artist, track, fetch, source, cache, stats, retry):   # (artist, track) from request_pair()
     key = ("lyrics", artist, track, source, LYRICS_VERSION)
     value = cached(cache, stats, key, lambda: retry(lambda: fetch(artist, track)))
     if value["status"] != "ok":
@@ -388,45 +563,40 @@ def load_items(folder):
     return df, path
 
 
-def write_atomic(df, path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".items.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            df.to_csv(f, index=False, lineterminator="\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))   # mkstemp makes 0600: keep the original mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 # -----------------------------------------------------------------------------
 # running the jobs and reporting
 
-def run_jobs(name, pairs, job, workers):
-    """{(artist, track): (text, status)} with a progress bar; retries exhausted -> 'failed'."""
+def run_jobs(name, pairs, job, workers, stop):
+    """{(artist, track): (text, status)} with a progress bar; retries exhausted -> 'failed'.
+    Ctrl-C sets `stop` and returns at once: queued jobs are cancelled, none is waited for."""
     results = {}
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         futures = {pool.submit(job, a, t): (a, t) for a, t in pairs}
-        for f in tqdm(as_completed(futures), total=len(futures), desc=name, unit="track", file=sys.stderr):
+        for f in tqdm(as_completed(futures), total=len(futures), desc=name, unit="track", file=sys.stderr, disable=None):
             try:
                 results[futures[f]] = f.result()
             except Transient:
                 results[futures[f]] = (None, "failed")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return results
 
 
+def request_pair(artist, track):
+    """The (artist, track) a request is made for: titles that clean to the same name are asked once."""
+    return artist.strip(), clean_track(track.strip())
+
+
 def fill(df, rows, column, results):
-    """Write texts into df[column] for rows; the title (else the track) where there is none."""
+    """Write texts into df[column] for rows (cleaned by cell_text); the title (else the track) where there is none."""
     statuses = Counter()
     for i in rows:
-        artist, track = df.at[i, "artist"].strip(), df.at[i, "track"].strip()
-        text, status = results.get((artist, track), (None, "no artist/track"))
-        df.at[i, column] = text if text else (df.at[i, "title"] or df.at[i, "track"])
+        text, status = results.get(request_pair(df.at[i, "artist"], df.at[i, "track"]), (None, "no artist/track"))
+        df.at[i, column] = cell_text(text if text else (df.at[i, "title"] or df.at[i, "track"]))
         statuses[status] += 1
     return statuses
 
@@ -455,9 +625,14 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: 30)")
     p.add_argument("--attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts (default: 6)")
     p.add_argument("--backoff", type=float, default=1.0, help="first backoff delay in seconds, doubled each retry (default: 1)")
+    for api, what in (("groq", "Groq (30 requests/minute on its free tier)"), ("lyrics", "lyrics.ovh (no published limit)")):
+        p.add_argument(f"--{api}-rate", type=float, default=RATES[api], metavar="PER_SECOND",
+                       help=f"requests per second to {what}, shared by all workers and by other runs on the same "
+                            f"--data-dir; 0: no limit (default: {RATES[api]})")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.attempts < 1 or (args.limit is not None and args.limit < 0) or args.timeout <= 0:
-        p.error("--workers, --attempts and --timeout must be positive, --limit not negative")
+    finite = all(0 <= v < float("inf") for v in (args.timeout, args.backoff, args.groq_rate, args.lyrics_rate))
+    if args.workers < 1 or args.attempts < 1 or (args.limit is not None and args.limit < 0) or args.timeout <= 0 or not finite:
+        p.error("--workers, --attempts and --timeout must be positive, --limit, --backoff and the rates finite and not negative")
     return args
 
 
@@ -466,36 +641,49 @@ def run(args):
     df, path = load_items(folder)
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
     api_key = find_api_key() if want_summary else None
+    lyrics_base = check_base_url(os.environ.get("LYRICS_BASE_URL") or DEFAULT_LYRICS_BASE_URL, "LYRICS_BASE_URL")
+    if os.environ.get("GROQ_BASE_URL"):
+        check_base_url(os.environ["GROQ_BASE_URL"], "GROQ_BASE_URL")
     rows = list(df.index[: args.limit]) if args.limit is not None else list(df.index)
-    pairs = list(dict.fromkeys((df.at[i, "artist"].strip(), df.at[i, "track"].strip()) for i in rows))
+    pairs = list(dict.fromkeys(request_pair(df.at[i, "artist"], df.at[i, "track"]) for i in rows))
     pairs = [(a, t) for a, t in pairs if a and t]
 
-    cache, stats = Cache(folder / ".enrich-cache.sqlite"), Stats()
-    retry = lambda call: with_retries(call, args.attempts, args.backoff, stats)
+    lock = lock_folder(folder / ".enrich.lock", f"dataset {folder}")   # a second run on this dataset refuses
     try:
-        lyrics = {}
-        if want_lyrics or (want_summary and args.summary_from == "lyrics"):
-            base = os.environ.get("LYRICS_BASE_URL") or DEFAULT_LYRICS_BASE_URL
-            fetch = lambda a, t: fetch_lyrics(base, a, t, args.timeout)
-            source = "lyrics.ovh" if base == DEFAULT_LYRICS_BASE_URL else base
-            lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, source, cache, stats, retry),
-                              args.workers)
-        summaries = {}
-        if want_summary:
-            ask = groq_asker(api_key, args.model, args.timeout)
-            source = args.model + (f"@{os.environ['GROQ_BASE_URL']}" if os.environ.get("GROQ_BASE_URL") else "")
-            def job(a, t):
-                excerpt = lyrics[(a, t)][0] if args.summary_from == "lyrics" else None
-                return summary_job(a, t, ask, source, cache, stats, retry, excerpt)
-            summaries = run_jobs("summaries", pairs, job, args.workers)
+        return enrich(args, df, path, rows, pairs, api_key, lyrics_base)
     finally:
-        cache.close()
+        lock.close()
+
+
+def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
+    want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
+    stop = threading.Event()
+    limiters = {api: RateLimiter(Path(args.data_dir) / f".enrich-rate-{api}", rate, stop)
+                for api, rate in (("groq", args.groq_rate), ("lyrics", args.lyrics_rate))}
+    cache, stats = Cache(path.parent / ".enrich-cache.sqlite"), Stats()
+    lyrics, summaries = {}, {}
+    if want_lyrics or (want_summary and args.summary_from == "lyrics"):
+        fetch = lambda a, t: fetch_lyrics(lyrics_base, a, t, args.timeout, limiters["lyrics"])
+        source = "lyrics.ovh" if lyrics_base == DEFAULT_LYRICS_BASE_URL else lyrics_base
+        retry = lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters["lyrics"].hold)
+        lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, source, cache, stats, retry),
+                          args.workers, stop)
+    if want_summary:
+        ask = groq_asker(api_key, args.model, args.timeout, limiters["groq"])
+        source = args.model + (f"@{os.environ['GROQ_BASE_URL']}" if os.environ.get("GROQ_BASE_URL") else "")
+        retry = lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters["groq"].hold)
+
+        def job(a, t):
+            excerpt = lyrics[(a, t)][0] if args.summary_from == "lyrics" else None
+            return summary_job(a, t, ask, source, cache, stats, retry, excerpt)
+        summaries = run_jobs("summaries", pairs, job, args.workers, stop)
+    cache.close()
 
     lines = [f"coverage of {len(rows)} rows in {path}:"]
     for column, results, wanted in (("summary", summaries, want_summary), ("lyrics", lyrics, want_lyrics)):
         if wanted:
             lines.append(report_line(column, column, fill(df, rows, column, results), stats))
-    write_atomic(df, path)
+    atomic_write(path, df.to_csv(index=False, lineterminator="\n").encode("utf-8"))
     retries = ", ".join(f"{k.split(' ', 1)[1]} {v}" for k, v in sorted(stats.counts.items()) if k.startswith("transient"))
     lines.append(f"  transient errors retried: {retries or 'none'}")
     failed = sum(s == "failed" for r in (summaries, lyrics) for _, s in r.values())
@@ -510,8 +698,12 @@ def main(argv=None):
     try:
         return run(args)
     except UserError as e:
-        print(f"enrich: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # answers so far are in the cache; worker threads are not waited for
+        print("interrupted; rerun the same command to resume (answers so far are cached)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

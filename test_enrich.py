@@ -93,6 +93,7 @@ class Fakes:
         self.tries, self.successes, self.faults = Counter(), Counter(), Counter()
         self.prompts = []
         self.hang_after = None   # after this many successes, hold new requests until released
+        self.arrivals, self.retry_after = [], "0"   # (time, server) of every request; the 429s' retry-after
         self.hung, self.released = threading.Event(), threading.Event()
 
     def start(self):
@@ -149,11 +150,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def answer(self, key, status, body, malformed):
         fakes = self.server.fakes
+        with fakes.lock:
+            fakes.arrivals.append((time.time(), key[0]))
         fault = fakes.fault(key)
         if fault == "dropped":
             return self.send(503, {"error": "dropped"})
         if fault == "429":
-            return self.send(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, [("retry-after", "0")])
+            with fakes.lock:
+                fakes.arrivals.append((time.time(), "429"))
+            return self.send(429, {"error": {"message": "Rate limit reached", "type": "requests"}},
+                             [("retry-after", fakes.retry_after)])
         if fault == "500":
             return self.send(500, {"error": {"message": "Internal Server Error"}})
         if fault == "slow":   # longer than the client's timeout, then no usable answer anyway
@@ -177,6 +183,12 @@ class GroqHandler(Handler):
         prompt = body["messages"][-1]["content"]
         with self.server.fakes.lock:
             self.server.fakes.prompts.append(prompt)
+        hostile = [v for k, v in HOSTILE_GROQ.items() if f"by {k} in" in prompt or f"by {k}:" in prompt]
+        if hostile:
+            status, answer = hostile[0](self.server.fakes.key)
+            return self.answer(("chat", body["model"], prompt), status,
+                               completion(body["model"], answer) if status == 200 and not isinstance(answer, bytes)
+                               and not isinstance(answer, dict) else answer, [b"{}"])
         self.answer(("chat", body["model"], prompt), 200, completion(body["model"], fake_answer(prompt)),
                     [b'{"id": "chatcmpl-fake", "choices": [{"ind', b'{"id": "chatcmpl-fake", "object": "chat.completion"}',
                      b"<html>Bad gateway</html>"])
@@ -188,10 +200,29 @@ class LyricsHandler(Handler):
         if len(parts) != 4 or parts[1] != "v1":   # an unencoded '/' or '?' breaks the path
             return self.send(400, {"error": "bad path"})
         artist, track = unquote(parts[2]), unquote(parts[3])
+        if artist in HOSTILE_LYRICS:
+            return self.answer(("lyrics", artist, track), 200, HOSTILE_LYRICS[artist], [b"{}"])
         if artist == NOT_FOUND:
             return self.answer(("lyrics", artist, track), 404, {"error": "No lyrics found"}, [b"{}"])
         self.answer(("lyrics", artist, track), 200, {"lyrics": fake_lyrics(artist, track)},
                     [b'{"lyrics": "Paroles', b'{"lyric": "typo"}', b'{"lyrics": null}'])
+
+
+# hostile answers (artist -> what the server sends), each one seen from real services or plausible
+HOSTILE_LYRICS = {
+    "L list": {"lyrics": ["la", "la"]}, "L null": {"lyrics": None}, "L missing": {"error": "?"},
+    "L html": b"<html><body>Lyrics</body></html>", "L long": {"lyrics": "x" * 10_000 + " and more words"},
+    "L evil": {"lyrics": '=HYPERLINK("http://evil")\x00 evil \u202eright to left\u202c text'},
+    "L empty": {"lyrics": ""},
+}
+HOSTILE_GROQ = {   # key -> (status, content, or a whole body when bytes/dict)
+    "G null": lambda key: (200, None), "G number": lambda key: (200, 42),
+    "G no choices": lambda key: (200, {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": []}),
+    "G html": lambda key: (200, b"<html>Bad gateway</html>"),
+    "G echo": lambda key: (200, f"A song about the secret {key} and the night."),
+    "G echo 400": lambda key: (400, {"error": {"message": f"Invalid request for key {key}"}}),
+    "G evil": lambda key: (200, "@SUM(1+1)\x07 dreams \u202eof the road\u2066 home"),
+}
 
 
 @pytest.fixture
@@ -204,7 +235,7 @@ def fakes():
 # helpers
 
 COLUMNS = ["item", "artist", "track", "tag", "title", "summary", "lyrics", "year"]
-FAST = ["--backoff", "0.001", "--timeout", "0.5", "--workers", "4"]
+FAST = ["--backoff", "0.001", "--timeout", "0.5", "--workers", "4", "--groq-rate", "0", "--lyrics-rate", "0"]
 
 
 def make_dataset(root, name="demo", tracks=TRACKS):
@@ -428,7 +459,7 @@ def test_kill_and_resume(tmp_path, fraction, monkeypatch, capsys):
         fakes.hang_after = int(total * fraction)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROQ")} | fakes.env()
         cmd = [sys.executable, str(HERE / "enrich.py"), "demo", "--data-dir", str(tmp_path / "run"),
-               "--backoff", "0.001", "--timeout", "2", "--workers", "4"]
+               "--backoff", "0.001", "--timeout", "2", "--workers", "4", "--groq-rate", "0", "--lyrics-rate", "0"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert fakes.hung.wait(30), "the run never reached the kill point"
         time.sleep(0.5)   # answers already sent reach the cache
@@ -526,6 +557,170 @@ def test_real_catalog_names(tmp_path, fakes, monkeypatch):
         assert row["lyrics"] == " ".join(fake_words(f"{artist}/{enrich.clean_track(track)}", 60)[:25])
 
 # -----------------------------------------------------------------------------
+# hostile answers, Ctrl-C, rate limits
+
+
+HOSTILE_TRACKS = [(f"h{n:02d}", artist, "Zyx", "x") for n, artist in enumerate(list(HOSTILE_LYRICS) + list(HOSTILE_GROQ))] + [
+    ("h50", ".", "..", "x"), ("h51", "..", "Zyx", "x"), ("h52", "Erick Sermon", "Music", "x"),
+    ("h53", "Erick Sermon", "Music (feat. Marvin Gaye)", "x"), ("h54", NOT_FOUND, "-Title-", "x"),
+    ("h55", NOT_FOUND, '=HYPERLINK("http://x")', "x")]
+
+
+def clean_cell(text):
+    return (len(text) <= enrich.MAX_CHARS and len(text.split()) <= enrich.MAX_WORDS and (not text or text[0] not in "=+-@")
+            and not re.search("[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]", text))
+
+
+def test_hostile_answers_finish_with_permanent_fallbacks(tmp_path, fakes, monkeypatch, capsys):
+    items = make_dataset(tmp_path, tracks=HOSTILE_TRACKS)
+    assert run_inprocess(monkeypatch, fakes, tmp_path) == 0          # only permanent fallbacks: done
+    out, err = capsys.readouterr()
+    rows = {r["item"]: r for r in read_rows(items)}
+    first, tries = items.read_bytes(), sum(fakes.tries.values())
+    assert "Traceback" not in err and "still failing" not in out
+    assert "malformed" in out and "http 400" in out
+    for r in rows.values():
+        assert clean_cell(r["summary"]) and clean_cell(r["lyrics"]), r
+    by_artist = {r["artist"]: r for r in rows.values()}
+    assert by_artist["L evil"]["lyrics"].startswith('HYPERLINK("http://evil") evil right to left text')
+    assert len(by_artist["L long"]["lyrics"]) <= enrich.MAX_CHARS
+    assert by_artist["G evil"]["summary"] == "SUM(1+1) dreams of the road home"
+    assert by_artist["G echo"]["summary"] == "A song about the secret and the night."   # key scrubbed
+    assert by_artist["."]["lyrics"] != ".." and by_artist[".."]["lyrics"] != "Zyx"    # found, not a 400
+    assert rows["h55"]["lyrics"] == 'HYPERLINK("http://x")' and rows["h54"]["lyrics"] == "Title-"
+    music = [k for k in fakes.tries if "Erick Sermon" in str(k)]
+    assert len(music) == 2 and max(fakes.tries[k] for k in music) == 1     # Music and Music (feat. ...): once each
+    for kind in ("lyrics", "chat"):   # malformed three times, then cached: never asked again
+        assert max(n for k, n in fakes.tries.items() if k[0] == kind) <= enrich.MALFORMED_TRIES
+    assert run_inprocess(monkeypatch, fakes, tmp_path) == 0          # rerun: nothing asked, same bytes
+    assert items.read_bytes() == first and sum(fakes.tries.values()) == tries
+    files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert KEY.encode() not in files and KEY not in out + err + "".join(capsys.readouterr())
+
+
+def test_ctrl_c_stops_within_two_seconds(tmp_path):
+    fakes = Fakes().start()
+    fakes.hang_after = 0                           # every request hangs until released
+    try:
+        make_dataset(tmp_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GROQ")} | fakes.env()
+        proc = subprocess.Popen([sys.executable, str(HERE / "enrich.py"), "demo", "--data-dir", str(tmp_path),
+                                 "--timeout", "30", "--lyrics-rate", "0"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert fakes.hung.wait(30)
+        time.sleep(0.3)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        took = time.monotonic() - t
+    finally:
+        fakes.stop()
+    print(f"Ctrl-C -> exit {proc.returncode} after {took:.2f}s")
+    assert proc.returncode == 130 and took < 2, (took, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
+    assert len([l for l in err.splitlines() if "interrupted" in l or "rror" in l]) == 1
+
+
+def test_bad_base_url_and_second_run(tmp_path, fakes, monkeypatch, capsys):
+    make_dataset(tmp_path)
+    monkeypatch.setenv("GROQ_BASE_URL", "localhost:8000")
+    monkeypatch.setenv("GROQ_API_KEY", KEY)
+    assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'localhost:8000' is not an http(s) URL"
+    lock = enrich.lock_folder(tmp_path / "demo" / ".enrich.lock", "x")   # as if another run held it
+    try:
+        assert run_inprocess(monkeypatch, fakes, tmp_path) == 2
+    finally:
+        lock.close()
+    assert "another run is using dataset" in capsys.readouterr().err
+
+
+def max_per_window(times, window=1.0):
+    """The most events in any window of `window` seconds (closed at both ends)."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u - t <= window) for i, t in enumerate(times)), default=0)
+
+
+def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, capsys):
+    tracks = [(f"r{n:02d}", f"Artist {n}", f"Song {n}", "pop") for n in range(16)]
+    fakes = Fakes(fault_rate=0.15, seed=11).start()
+    fakes.retry_after = "1"
+    fakes.fault = lambda key, f=fakes.fault: "429" if f(key) else None   # every injected fault is a 429
+    try:
+        make_dataset(tmp_path, tracks=tracks)
+        for name, value in fakes.env().items():
+            monkeypatch.setenv(name, value)
+        assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics", "--workers", "8",
+                            "--lyrics-rate", "5", "--backoff", "0.001"]) == 0
+    finally:
+        fakes.stop()
+    arrivals = [t for t, kind in fakes.arrivals if kind == "lyrics"]
+    limited = [t for t, kind in fakes.arrivals if kind == "429"]
+    assert len(arrivals) >= 16 and limited
+    assert max_per_window(arrivals) <= 5, max_per_window(arrivals)
+    for t in limited:   # after a 429 with retry-after 1, nobody sends for a second (requests in flight aside)
+        assert not [u for u in arrivals if t + 0.1 < u < t + 0.95], (t, arrivals)
+
+
+def test_rate_limiter_across_processes(tmp_path):
+    """Two processes x 3 threads on one state file: never more than --rate starts in a second."""
+    code = (f"import sys, threading, time; sys.path.insert(0, {str(HERE)!r}); import collect as m\n"
+            f"lim, out = m.RateLimiter({str(tmp_path / 'state')!r}, 8), []\n"
+            "def work():\n    for _ in range(5):\n        lim.wait(); out.append(time.time())\n"
+            "ts = [threading.Thread(target=work) for _ in range(3)]\n[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "print(' '.join(map(repr, out)))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    times = [float(x) for p in procs for x in p.communicate(timeout=60)[0].split()]
+    assert len(times) == 30 and max_per_window(times) <= 8
+
+
+def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
+    import inspect
+    import collect
+    for name in ("RateLimiter", "lock_folder", "read_dotenv", "atomic_write", "clean_text", "norm_name", "check_base_url"):
+        assert inspect.getsource(getattr(collect, name)) == inspect.getsource(getattr(enrich, name)), name
+    for s in ["AC/DC", "Beyoncé & Jay-Z", "Don\u2019t Stop", "P!nk", "  The  Beatles ", "Sigur Rós", "x\u202ey\x00z"]:
+        assert collect.norm_name(s) == enrich.norm_name(s) and collect.clean_text(s) == enrich.clean_text(s)
+    env = tmp_path / ".env"
+    env.write_text("export LASTFM_API_KEY='a'\nGROQ_API_KEY=b\n")
+    assert collect.read_dotenv(env) == enrich.read_dotenv(env) == {"LASTFM_API_KEY": "a", "GROQ_API_KEY": "b"}
+    assert collect.DOTENV == enrich.DOTENV == HERE / ".env"
+    for m in (collect, enrich):
+        f = tmp_path / f"{m.__name__}.csv"
+        f.write_text("old")
+        f.chmod(0o640)
+        m.atomic_write(f, b"new")
+        assert f.read_bytes() == b"new" and (f.stat().st_mode & 0o777) == 0o640
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypatch):
+    """What collect.write_dataset writes, and what an enrich pass makes of it, is read back by
+    recsetters.load_dataset as written: no value mangled (NA, 007, empty), texts filled."""
+    import pandas as pd
+    import collect
+    import recsetters
+    names = [("u1", "NA"), ("007", ""), ("Zoë", "Chile"), ("None", "Peru")]
+    tracks = [(item, artist, track, tag) for item, artist, track, tag in TRACKS if artist] + [("NA", "Nan", "null", "")]
+    users = pd.DataFrame(names, columns=["user", "country"])
+    items = pd.DataFrame([(i, a, t, g, t, "", "") for i, a, t, g in tracks], columns=collect.ITEM_COLS)
+    inter = pd.DataFrame([(u, i, str(1_600_000_000 + k) if k % 3 else "") for k, ((u, _), (i, *_)) in
+                          enumerate((n, t) for n in names for t in tracks)], columns=["user", "item", "timestamp"])
+    collect.write_dataset(tmp_path / "rt", users, items, inter)
+    ds = recsetters.load_dataset(tmp_path, "rt")
+    assert sorted(ds.users.user) == sorted(users.user) and list(ds.users.set_index("user").country.loc[["u1", "007"]]) == ["NA", ""]
+    assert sorted(ds.items.item) == sorted(items.item) and ds.items.set_index("item").track["NA"] == "null"
+    assert len(ds.inter) == len(inter) and ds.inter.timestamp.isna().sum() == sum(inter.timestamp == "")
+    for name, value in fakes.env().items():
+        monkeypatch.setenv(name, value)
+    assert enrich.main(["rt", "--data-dir", str(tmp_path), *FAST]) == 0
+    ds2 = recsetters.load_dataset(tmp_path, "rt")
+    assert (ds2.items.summary != "").all() and (ds2.items.lyrics != "").all()
+    assert ds2.items.drop(columns=["summary", "lyrics"]).equals(ds.items.drop(columns=["summary", "lyrics"]))
+    assert ds2.inter.equals(ds.inter) and ds2.users.equals(ds.users)
+
+
+# -----------------------------------------------------------------------------
 # python test_enrich.py fake DATASET [options]: enrich.py against the fakes
 
 
@@ -535,7 +730,7 @@ def fake_main(argv):
     print(f"fake Groq at {fakes.groq_url}, fake lyrics.ovh at {fakes.lyrics_url}, "
           f"fault rate {fakes.fault_rate:.0%}", file=sys.stderr)
     try:
-        return enrich.main(["--backoff", "0.01", "--timeout", "0.5", *argv])
+        return enrich.main(["--backoff", "0.01", "--timeout", "0.5", "--groq-rate", "0", "--lyrics-rate", "0", *argv])
     finally:
         print(f"faults injected: {dict(fakes.faults) or 'none'}", file=sys.stderr)
         fakes.stop()

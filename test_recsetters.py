@@ -63,16 +63,17 @@ def test_kcore_reaches_fixed_point():
     assert r2 == 1 and len(again) == len(out)
 
 
-def test_duplicates_keep_latest_and_zero_timestamps_are_unknown():
-    inter = pd.DataFrame({"user": ["a", "a", "a", "b"], "item": ["x", "x", "y", "y"],
-                          "timestamp": [10.0, 30.0, 0.0, np.nan]})
-    users = pd.DataFrame({"user": ["a", "b"], "country": ["", ""]})
-    items = pd.DataFrame({"item": ["x", "y"], "artist": "A", "track": "T", "tag": "", "title": "T"})
+def test_duplicates_keep_latest_and_impossible_timestamps_are_unknown_with_counts():
+    inter = pd.DataFrame({"user": ["a", "a", "a", "b", "b", "b", "b", "c"], "item": ["x", "x", "y", "y", "x", "z", "w", "x"],
+                          "timestamp": [10.0, 30.0, 0.0, np.nan, -5.0, np.inf, 1e26, -np.inf]})
+    users = pd.DataFrame({"user": ["a", "b", "c"], "country": ""})
+    items = pd.DataFrame({"item": ["x", "y", "z", "w"], "artist": "A", "track": "T", "tag": "", "title": "T"})
     ds = R.filter_dataset(R.Dataset("t", users, items, inter), min_interactions=1)
     got = ds.inter.set_index(["user", "item"]).timestamp
     assert got[("a", "x")] == 30.0
-    assert np.isnan(got[("a", "y")]) and np.isnan(got[("b", "y")])
-    assert any("no timestamp" in line for line in ds.report)
+    assert got.drop(("a", "x")).isna().all()          # 0, empty, negative, infinite, after tomorrow: unknown time
+    line = next(line for line in ds.report if "no usable timestamp" in line)
+    assert line.strip().startswith("6 interactions") and "2 empty or 0, 1 negative, 2 infinite, 1 after " in line
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -188,6 +189,70 @@ def test_evaluator_matches_a_naive_loop_and_masks_validation_at_test_time():
         assert ranks[u] == order.index(test_i[u])
 
 
+# ---------------------------------------------------------------------------------------------- baselines
+
+def toy_split(n_users=30, n_items=20, density=0.25, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.random((n_users, n_items)) < density).astype(np.float32)
+    u, i = np.nonzero(X)
+    s = R.Split(n_users, n_items, u, i, u[:0], i[:0], u[:0], i[:0])
+    s.train, s.degree = sp.csr_matrix(X), X.sum(0).astype(np.int64)
+    return s, X.astype(np.float64)
+
+
+@pytest.mark.parametrize("alpha,beta,k", [(1.0, 0.0, None), (0.6, 0.4, None), (0.8, 0.5, 4)])
+def test_rp3beta_matches_the_naive_random_walk(alpha, beta, k):
+    s, X = toy_split()
+    n_users, n_items = X.shape
+    W = np.zeros((n_items, n_items))
+    for i in range(n_items):                   # item i -> user u -> item j, each step uniform over neighbours
+        for j in range(n_items):
+            if i != j:
+                W[i, j] = sum((X[u, i] / max(X[:, i].sum(), 1)) ** alpha * (X[u, j] / max(X[u].sum(), 1)) ** alpha
+                              for u in range(n_users) if X[u, i] and X[u, j]) / max(X[:, j].sum(), 1) ** beta
+        if k:                                  # keep the k largest outgoing weights of item i
+            W[i, np.argsort(-W[i], kind="stable")[k:]] = 0
+    got = R.rp3beta_scores(s, alpha, beta, k)(np.arange(n_users)).numpy()
+    assert np.allclose(got, X @ W, atol=1e-5)
+
+
+def test_baselines_option_selects_a_subset_and_rejects_unknown_names():
+    assert R.baseline_names("all") == list(R.BASELINES) and R.baseline_names("none") == []
+    assert R.baseline_names("ials, EASE") == ["iALS", "EASE"]
+    with pytest.raises(R.UserError, match="--baselines 'EASE,SLIM': all, none, or comma-separated names"):
+        R.Config(baselines="EASE,SLIM").validate()
+    args = R.parser().parse_args(["train", "--no-baselines"])
+    assert R.config_from(args).baselines == "none" and R.parser().parse_args(["train"]).baselines == "all"
+
+
+def ials_loss(X, U, V, reg, alpha):
+    C = 1 + alpha * X
+    return float((C * ((X > 0) - U @ V.T) ** 2).sum() + reg * ((U ** 2).sum() + (V ** 2).sum()))
+
+
+def test_ials_half_step_solves_each_row_exactly_and_the_loss_decreases():
+    s, X = toy_split(density=0.3)
+    X[X > 0] = np.random.default_rng(1).integers(1, 5, int((X > 0).sum()))     # interaction strengths
+    Rm, f, reg, alpha = sp.csr_matrix(X), 6, 0.5, 3.0
+    V = torch.randn(X.shape[1], f, dtype=torch.float64)
+    U = R.ials_half_step(Rm, V, torch.zeros(X.shape[0], f, dtype=torch.float64), reg, alpha, cg_steps=3 * f)
+    Vn = V.numpy()
+    for u in range(X.shape[0]):                # dense closed form: (V^T C_u V + reg I) x_u = V^T C_u p_u
+        Cu = np.diag(1 + alpha * X[u])
+        exact = np.linalg.solve(Vn.T @ Cu @ Vn + reg * np.eye(f), Vn.T @ Cu @ (X[u] > 0))
+        assert np.allclose(U[u].numpy(), exact, atol=1e-6)
+    losses = [ials_loss(X, *(M.double().numpy() for M in R.ials_fit(Rm, f, reg, alpha, it, seed=0)), reg, alpha)
+              for it in (1, 2, 4, 8)]
+    assert all(a >= b - 1e-6 for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0]
+
+
+def test_ials_and_rp3beta_beat_popularity_on_validation(small_demo):
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0), quiet=True)
+    pop = R.evaluate_split(R.popularity_scores(split), split, "validation", 10, "cpu")["overall"]["ndcg@10"]
+    for fn in (R.ials_scores(split, 16, 10.0, 1.0, 8), R.rp3beta_scores(split, 0.8, 0.3, 50)):
+        assert R.evaluate_split(fn, split, "validation", 10, "cpu")["overall"]["ndcg@10"] > pop
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 def test_dotcompress_five_number_identity_equals_literal_formula():
@@ -240,6 +305,25 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+
+def test_attention_pooling_is_a_softmax_over_the_history_and_starts_as_the_mean(small_demo):
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", history=True, pool="attention")
+    ds, split = R.prepare(cfg, quiet=True)
+    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
+    users = torch.arange(6)
+    rows = [split.train[u].indices for u in range(6)]
+    E = model.hist_emb.weight.detach()
+    assert torch.allclose(model.history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
+    with torch.no_grad():
+        model.query.normal_()
+    q = model.query.detach()
+    naive = lambda r: (torch.softmax(E[r] @ q, 0)[:, None] * E[r]).sum(0)
+    assert torch.allclose(model.history(users), torch.stack([naive(r) for r in rows]), atol=1e-5)
+    drop = torch.as_tensor([r[0] for r in rows])          # the target is left out, as in training
+    assert torch.allclose(model.history(users, drop), torch.stack([naive(r[1:]) for r in rows]), atol=1e-5)
+    model.history_dropout = 1.0                            # everything left out: zeros, as the mean gives
+    assert model.train().history(users).abs().max() == 0
+
 
 def test_short_training_run_beats_popularity_on_validation(small_demo):
     cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dot", epochs=5, seed=0,
