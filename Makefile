@@ -7,6 +7,9 @@ SEED    ?= 0
 ARGS    ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# OpenMP threads waiting for work sleep instead of spinning: torch's default thread count (one per core) is then
+# about as fast as one thread beside other jobs, and faster alone (README, Speed and scale: threads)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv train test bench clean
 
@@ -24,11 +27,11 @@ train: venv
 test: venv
 	$(PY) -m pytest -q
 
-# Speed and scale (bench.py): prints a table, writes runs/bench/bench.json. E.g. ARGS="--sets demo --threads 1".
+# Speed and scale (bench.py): prints a table, writes runs/bench/bench.json. E.g. ARGS="--sets demo --against ca6ae59".
 bench: venv
 	$(PY) bench.py $(ARGS)
 
-# Experiments (experiments.py): every (dataset, text, seed) two-tower run beside Popularity, ItemKNN, EASE and MF,
+# Experiments (experiments.py): every (dataset, text, seed) two-tower run beside Popularity, ItemKNN, EASE, RP3beta, iALS and MF,
 # and (PROTOCOLS cold-items) on new items beside the content baselines,
 # with significance tests, fairness and plots in runs/ablation/report.md. Finished cells are skipped (resumable).
 DATASETS ?= demo hetrec

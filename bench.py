@@ -35,9 +35,11 @@ import recsetters as R
 
 SETS = ("demo", "hetrec", "large")
 SCORERS = tuple(R.SCORERS)
+PHASES = ("sampling", "forward", "backward", "optimizer")
 # the model and training setup every set is timed with, pinned (train's defaults may change): the study's towers
 # (hidden layers 128,64, 96-dim embeddings, GELU on the outputs, no history, no normalization) and margin loss
-# with 20 negatives, at lr 1e-3; --scorer, --batch-size, --amp and --compile come from the command line
+# with 20 negatives, at lr 1e-3; --scorer, --batch-size, --negatives, --amp and --compile come from the command
+# line
 BENCH_MODEL = dict(loss="margin", negatives=20, lr=1e-3, dim=96, out_dim=192, hidden="128,64", tower_act=True,
                    final_gelu=False, history=False, normalize=False, temperature=1.0, dropout=0.0, user_ids=True)
 
@@ -93,56 +95,90 @@ def load_set(name, text, seed=0):
 # ----------------------------------------------------------------------------------------------
 # measurements
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def module_at(rev):
+    """recsetters.py as it was at git revision `rev`, imported from a temporary folder (for --against)."""
+    import importlib.util
+    text = subprocess.run(["git", "show", f"{rev}:recsetters.py"], cwd=Path(__file__).parent, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "recsetters_then.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("recsetters_then", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def time_epochs(cfg, split, feats, device, reps):
-    """`reps` real training epochs with recsetters.train_epoch (the code train_model runs)."""
-    R.seed_everything(cfg.seed)
-    model = R.TwoTower(feats, cfg, split.train).to(device)
+def epoch_runner(M, cfg, split, feats, device):
+    """(model, run) for module M (this recsetters.py, or an older one): run(desc) trains one real epoch with
+    M.train_epoch, the code train_model runs, and returns (mean loss, {phase: seconds})."""
+    M.seed_everything(cfg.seed)
+    model = (M.TwoTower(feats, cfg, split.train) if hasattr(M, "SCORERS") else M.build_model(cfg, feats, split)).to(device)
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda") or None)
-    sampler = R.NegativeSampler(split, cfg.seed)
-    all_pos = split.train          # as train_model: training knows only train positives
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
-    rng = np.random.default_rng(cfg.seed)
-    step = R.LossStep(model)
-    seconds, prep, losses = [], [], []
+    rng, step = np.random.default_rng(cfg.seed), M.LossStep(model)
+    if hasattr(M, "Phases"):
+        sampler = M.NegativeSampler(split, cfg.seed, device)
+
+        def run(desc):
+            model.train()
+            phases = M.Phases(device, sync=True)          # waits for the device at each phase boundary
+            total, n, _ = M.train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc, phases=phases)
+            return total / n, phases.seconds
+    else:                                                 # before the device-resident loop (ca6ae59)
+        sampler = M.NegativeSampler(split, cfg.seed)
+
+        def run(desc):
+            model.train()
+            total, n, prep = M.train_epoch(step, opt, cfg, split, sampler, logq, split.train, rng, device, desc)
+            return total / n, {"sampling": prep}
+    return model, run
+
+
+def time_epochs(runs, reps, n_positives, device):
+    """`reps` rounds of one epoch of each (name, run) in `runs`, interleaved (so that load affects all alike);
+    per name the median epoch and its phases."""
+    out = {name: {"seconds": [], "phases": [], "loss": []} for name, _ in runs}
     for rep in range(reps):
-        model.train()
-        sync(device)
-        t0 = time.perf_counter()
-        total, n, p = R.train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device,
-                                    f"{cfg.scorer} epoch {rep + 1}/{reps}")
-        sync(device)
-        seconds.append(time.perf_counter() - t0)
-        prep.append(p)
-        losses.append(total / n)
-    k = int(np.argsort(seconds)[len(seconds) // 2])
-    return model, {"epoch_seconds": seconds[k], "epoch_seconds_all": seconds, "positives": len(split.train_u),
-                   "positives_per_s": len(split.train_u) / seconds[k], "prep_seconds": prep[k],
-                   "prep_share": prep[k] / seconds[k], "loss": losses}
+        for name, run in runs:
+            R.sync_device(device)
+            t0 = time.perf_counter()
+            loss, phases = run(f"{name} epoch {rep + 1}/{reps}")
+            R.sync_device(device)
+            out[name]["seconds"].append(time.perf_counter() - t0)
+            out[name]["phases"].append(phases)
+            out[name]["loss"].append(loss)
+    res = {}
+    for name, o in out.items():
+        k = int(np.argsort(o["seconds"])[len(o["seconds"]) // 2])
+        s = o["seconds"][k]
+        res[name] = {"epoch_seconds": s, "epoch_seconds_all": o["seconds"], "positives": n_positives,
+                     "positives_per_s": n_positives / s, "phases": o["phases"][k],
+                     "prep_share": o["phases"][k]["sampling"] / s, "loss": o["loss"], "reps": reps}
+    return res
 
 
-def time_eval(model, split, device, memory_mb, max_pairs):
-    """One full-ranking evaluation of the test users (all of them, or an evenly spaced sample when
-    users x items exceeds max_pairs), and the floor: the same users x items product of the tower outputs."""
+def time_eval(evals, split, device, memory_mb, max_pairs, reps):
+    """evals: [(name, module, model)]. One full-ranking evaluation of the test users with module.evaluate_split
+    (all of them, or an evenly spaced sample when users x items exceeds max_pairs), `reps` interleaved rounds,
+    the median per name; and the floor: the same users x items product of the first model's tower outputs."""
     users = np.arange(len(split.test_u))
     if len(users) * split.n_items > max_pairs:
         users = np.linspace(0, len(users) - 1, max(1, int(max_pairs // split.n_items))).astype(np.int64)
     sub = R.Split(split.n_users, split.n_items, split.train_u, split.train_i, split.val_u, split.val_i,
                   split.test_u[users], split.test_i[users], split.train, split.degree, split.warm)
-    sync(device)
-    t0 = time.perf_counter()
-    score = R.model_scores(model, device)
-    res = R.evaluate_split(score, sub, "test", 10, device, memory_mb)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    pairs = len(users) * split.n_items
+    seconds, ndcg = {name: [] for name, _, _ in evals}, {}
+    for _ in range(reps):
+        for name, M, model in evals:
+            R.sync_device(device)
+            t0 = time.perf_counter()
+            res = M.evaluate_split(M.model_scores(model, device), sub, "test", 10, device, memory_mb)
+            R.sync_device(device)
+            seconds[name].append(time.perf_counter() - t0)
+            ndcg[name] = res["overall"]["ndcg@10"]
+    model = evals[0][2]
     with torch.inference_mode():
         U = torch.cat([model.users(torch.as_tensor(sub.test_u[a:a + 65536], device=device))
                        for a in range(0, len(users), 65536)])
@@ -151,22 +187,27 @@ def time_eval(model, split, device, memory_mb, max_pairs):
         buf = torch.empty(rows, split.n_items, device=device)
         VT = V.T.contiguous()
         torch.mm(U[:rows], VT, out=buf)                      # warm-up
-        sync(device)
+        R.sync_device(device)
         t0 = time.perf_counter()
         for a in range(0, len(users), rows):
             b = min(a + rows, len(users))
             torch.mm(U[a:b], VT, out=buf[:b - a])
-        sync(device)
+        R.sync_device(device)
         floor = time.perf_counter() - t0
-    return {"eval_users": len(users), "all_test_users": len(split.test_u), "sampled": len(users) < len(split.test_u),
-            "eval_seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / seconds,
-            "full_eval_seconds_extrapolated": seconds * len(split.test_u) / len(users),
-            "floor_seconds": floor, "ratio_to_floor": seconds / floor,
-            "test_ndcg@10": res["overall"]["ndcg@10"]}
+    pairs = len(users) * split.n_items
+    out = {}
+    for name, s in seconds.items():
+        s = float(np.median(s))
+        out[name] = {"eval_users": len(users), "all_test_users": len(split.test_u),
+                     "sampled": len(users) < len(split.test_u), "eval_seconds": s, "eval_seconds_all": seconds[name],
+                     "pairs": pairs, "pairs_per_s": pairs / s,
+                     "full_eval_seconds_extrapolated": s * len(split.test_u) / len(users),
+                     "floor_seconds": floor, "ratio_to_floor": s / floor, "test_ndcg@10": ndcg[name]}
+    return out
 
 
 def run_set(args):
-    """Child process: one dataset, both scorers. Returns a dict."""
+    """Child process: one dataset, both scorers (and the code of --against beside this one). Returns a dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = R.pick_device(args.device)
@@ -180,21 +221,27 @@ def run_set(args):
            "train_positives": len(split.train_u), "test_users": len(split.test_u),
            "load_seconds": time.perf_counter() - t0, "scorers": {}}
     reps = args.reps if args.reps else (1 if args.one == "large" else 3)
+    modules = [("now", R)] + ([(args.against, module_at(args.against))] if args.against else [])
     for scorer in args.scorers.split(","):
-        cfg = R.Config(**BENCH_MODEL, dataset=args.one, scorer=scorer, seed=args.seed, batch_size=args.batch_size,
-                       amp=args.amp, compile=args.compile).validate()
-        if args.no_train:          # evaluation speed does not depend on the weights: an untrained model
-            R.seed_everything(cfg.seed)
-            model, tr = R.TwoTower(feats, cfg, split.train).to(device), {"reps": 0}
-        else:
-            model, tr = time_epochs(cfg, split, feats, device, reps)
-            tr["reps"] = reps
-        ev = time_eval(model, split, device, args.eval_memory_mb,
-                       args.max_eval_pairs if scorer == "dotcompress" else float("inf"))
-        out["scorers"][scorer] = {**tr, **ev}
-        R.log(f"{args.one} {scorer}: epoch {tr.get('epoch_seconds', float('nan')):.1f}s, "
-              f"eval {ev['eval_seconds']:.1f}s "
-              f"({ev['ratio_to_floor']:.1f}x floor)")
+        settings = {**BENCH_MODEL, "dataset": args.one, "scorer": scorer, "seed": args.seed,
+                    "batch_size": args.batch_size, "negatives": args.negatives, "amp": args.amp,
+                    "compile": args.compile}
+        R.Config(**settings).validate()
+        runs, evals = [], []
+        for name, M in modules:
+            cfg = M.Config(**{k: v for k, v in settings.items() if k in M.Config.__dataclass_fields__})
+            model, run = epoch_runner(M, cfg, split, feats, device)
+            runs.append((name, run))
+            evals.append((name, M, model))
+        # evaluation speed does not depend on the weights: --no-train evaluates the untrained models
+        tr = {name: {"reps": 0} for name, _ in runs} if args.no_train else \
+            time_epochs(runs, reps, len(split.train_u), device)
+        ev = time_eval(evals, split, device, args.eval_memory_mb,
+                       args.max_eval_pairs if scorer == "dotcompress" else float("inf"), reps)
+        out["scorers"][scorer] = {name: {**tr[name], **ev[name]} for name, _ in runs}
+        for name, m in out["scorers"][scorer].items():
+            R.log(f"{args.one} {scorer} {name}: epoch {m.get('epoch_seconds', float('nan')):.2f}s, "
+                  f"eval {m['eval_seconds']:.2f}s ({m['ratio_to_floor']:.1f}x floor)")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -203,22 +250,71 @@ def run_set(args):
 # report
 
 def table(results):
-    head = (f"{'set':<8}{'scorer':<12}{'epoch s':>9}{'pos/s':>10}{'prep':>6}{'eval s':>9}{'pairs/s':>10}"
-            f"{'floor s':>9}{'ratio':>7}{'peak RSS':>10}")
-    lines = [head, "-" * len(head)]
+    head = (f"{'set':<8}{'scorer':<12}{'code':<9}{'epoch s':>9}{'pos/s':>9}{'sample':>8}{'fwd':>7}{'bwd':>7}"
+            f"{'opt':>7}{'eval s':>9}{'pairs/s':>10}{'floor s':>9}{'ratio':>7}{'RSS':>7}")
+    lines, sampled, ratios = [head, "-" * len(head)], False, []
     for r in results:
         if "skipped" in r:
             lines.append(f"{r['set']:<8}skipped: {r['skipped']}")
             continue
-        for sc, m in r["scorers"].items():
-            star = "*" if m["sampled"] else ""
-            tr = (f"{m['epoch_seconds']:>9.1f}{m['positives_per_s']:>10,.0f}{m['prep_share']:>6.0%}"
-                  if m["reps"] else f"{'(not trained)':>25}")
-            lines.append(f"{r['set']:<8}{sc:<12}{tr}{m['eval_seconds']:>8.1f}{star:1}{m['pairs_per_s']:>10.2e}"
-                         f"{m['floor_seconds']:>9.2f}{m['ratio_to_floor']:>6.1f}x{r['peak_rss_mb'] / 1024:>8.1f}GB")
-    lines.append("* evaluated on an evenly spaced sample of the test users (--max-eval-pairs); pairs/s and the "
-                 "ratio are for that sample")
+        for sc, by_code in r["scorers"].items():
+            for code, m in by_code.items():
+                star = "*" if m["sampled"] else ""
+                sampled |= m["sampled"]
+                if m["reps"]:
+                    ph = m["phases"]
+                    tr = f"{m['epoch_seconds']:>9.2f}{m['positives_per_s']:>9,.0f}" + "".join(
+                        f"{ph[p]:>7.2f}" if p in ph else f"{'-':>7}" for p in PHASES)
+                else:
+                    tr = f"{'(not trained)':>46}"
+                lines.append(f"{r['set']:<8}{sc:<12}{code:<9}{tr}{m['eval_seconds']:>8.2f}{star:1}"
+                             f"{m['pairs_per_s']:>10.2e}{m['floor_seconds']:>9.3f}{m['ratio_to_floor']:>6.1f}x"
+                             f"{r['peak_rss_mb'] / 1024:>5.1f}GB")
+            if len(by_code) > 1:
+                (_, now), (then_name, then) = list(by_code.items())[:2]
+                ep = (f"epoch {then['epoch_seconds'] / now['epoch_seconds']:.2f}x, " if now["reps"] else "")
+                ratios.append(f"{r['set']} {sc}: {then_name} / now = {ep}"
+                              f"evaluation {then['eval_seconds'] / now['eval_seconds']:.2f}x")
+    lines.append("phases (sample = sampling and batching, fwd, bwd, opt) in seconds per epoch, the device waited "
+                 "for at each boundary")
+    if ratios:
+        lines += ["side by side in one run (interleaved rounds, medians): " + ratios[0]] + \
+                 [" " * 55 + x for x in ratios[1:]]
+    if sampled:
+        lines.append("* evaluated on an evenly spaced sample of the test users (--max-eval-pairs); pairs/s and the "
+                     "ratio are for that sample")
     return "\n".join(lines)
+
+
+THREAD_SETTINGS = {"torch default (OMP_WAIT_POLICY unset)": ("0", None), "1 thread": ("1", None),
+                   "torch default, OMP_WAIT_POLICY=PASSIVE": ("0", "PASSIVE")}
+
+
+def threads_table(args, passthrough):
+    """--threads-sweep: one `demo` epoch and evaluation (dot scorer) per thread setting, in a fresh process each,
+    as the machine is and beside one busy process (a `while True: pass` started and stopped here)."""
+    rows = []
+    for condition in ("as it is", "beside one busy process"):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition != "as it is" else None
+        try:
+            for rep in range(args.reps or 1):
+                for name, (threads, policy) in THREAD_SETTINGS.items():
+                    load = os.getloadavg()[0]
+                    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                        subprocess.run([sys.executable, __file__, *passthrough, "--threads", threads, "--sets", "demo",
+                                        "--scorers", "dot", "--reps", "1", "--one", "demo", "--one-out", f.name],
+                                       env={**{k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+                                            **({"OMP_WAIT_POLICY": policy} if policy else {})}, check=True)
+                        m = json.loads(Path(f.name).read_text())["scorers"]["dot"]["now"]
+                    rows.append({"condition": condition, "setting": name, "load_average": load,
+                                 "epoch_seconds": m["epoch_seconds"], "eval_seconds": m["eval_seconds"]})
+                    R.log(f"{condition}, {name}: epoch {m['epoch_seconds']:.2f}s, eval {m['eval_seconds']:.2f}s "
+                          f"(load {load:.1f})")
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
+    return rows
 
 
 def main(argv=None):
@@ -228,7 +324,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--reps", type=int, default=0, help="epochs timed per scorer (default: 3, large: 1)")
-    ap.add_argument("--batch-size", type=int, default=R.Config.batch_size)
+    ap.add_argument("--batch-size", type=int, default=R.PRESETS["original"]["batch_size"],
+                    help="default: the study's 512")
+    ap.add_argument("--negatives", type=int, default=BENCH_MODEL["negatives"],
+                    help="negatives per positive (the study's 20; 40 gives its 41 scored pairs per positive)")
+    ap.add_argument("--against", metavar="REV", help="also time recsetters.py as of git revision REV (e.g. "
+                    "ca6ae59), side by side in the same process, interleaved rounds")
     ap.add_argument("--text", default="random", help="random (384-dim random text features), none, or a text "
                     "column of items.csv (demo/hetrec; large always uses random)")
     ap.add_argument("--eval-memory-mb", type=int, default=R.Config.eval_memory_mb)
@@ -237,6 +338,9 @@ def main(argv=None):
     ap.add_argument("--amp", action="store_true", help="bf16 autocast in training")
     ap.add_argument("--compile", action="store_true", help="torch.compile towers and scorer")
     ap.add_argument("--no-train", action="store_true", help="evaluation only (untrained model; same speed)")
+    ap.add_argument("--threads-sweep", action="store_true", help="instead: a demo epoch and evaluation per thread "
+                    "setting (torch's default spinning, 1, torch's default with OMP_WAIT_POLICY=PASSIVE), as the "
+                    "machine is and beside one busy process; --reps rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/bench.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)           # internal: run one set in this process
@@ -251,15 +355,26 @@ def main(argv=None):
            else next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                      "cpu") if Path("/proc/cpuinfo").exists() else "cpu",
            "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
-           "batch_size": args.batch_size, "negatives": BENCH_MODEL["negatives"], "loss": BENCH_MODEL["loss"],
+           "batch_size": args.batch_size, "negatives": args.negatives, "loss": BENCH_MODEL["loss"],
+           "against": args.against,
            "load_average_at_start": os.getloadavg(), "gpu_measured": device.type == "cuda"}
     results = []
     passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", str(args.threads),
                    "--reps", str(args.reps), "--batch-size", str(args.batch_size), "--text", args.text,
+                   "--negatives", str(args.negatives), *(["--against", args.against] if args.against else []),
                    "--eval-memory-mb", str(args.eval_memory_mb), "--max-eval-pairs", str(args.max_eval_pairs),
                    "--seed", str(args.seed)] + ["--amp"] * args.amp + ["--compile"] * args.compile \
         + ["--no-train"] * args.no_train
+    if args.threads_sweep:
+        rows = threads_table(args, [a for a in passthrough if a not in ("--against", args.against)])
+        R.atomic_write_text(args.out, json.dumps({"environment": env, "threads": rows}, indent=1))
+        print(f"{'condition':<26}{'setting':<42}{'load':>6}{'epoch s':>9}{'eval s':>8}")
+        for r in rows:
+            print(f"{r['condition']:<26}{r['setting']:<42}{r['load_average']:>6.1f}{r['epoch_seconds']:>9.2f}"
+                  f"{r['eval_seconds']:>8.2f}")
+        return
     for name in args.sets.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             tmp = f.name
@@ -274,7 +389,8 @@ def main(argv=None):
     env["load_average_at_end"] = os.getloadavg()
     R.atomic_write_text(args.out, json.dumps({"environment": env, "results": results}, indent=1))
     print(f"\nbench on {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads, "
-          f"load average {env['load_average_at_start'][0]:.1f} at start")
+          f"OMP_WAIT_POLICY={env['omp_wait_policy'] or '(unset)'}, load average "
+          f"{env['load_average_at_start'][0]:.1f} at start, {env['load_average_at_end'][0]:.1f} at the end")
     print(table(results))
     print(f"\nwrote {args.out}")
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import stat
 import sys
@@ -289,9 +290,12 @@ def is_missing(col):
 
 def load_dataset(data_dir, name):
     folder, explicit = dataset_folder(data_dir, name)
-    name = folder.name if explicit else name
+    name_as_given, name = name, folder.name if explicit else name
     if name == "demo" and not explicit:
         ensure_demo(folder)
+    if not folder.is_dir() and explicit:
+        raise UserError(f"no dataset folder {folder} (--dataset {name_as_given}: a path is taken from the current "
+                        f"folder, a plain name from --data-dir {data_dir})")
     if not folder.is_dir():
         how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
         raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
@@ -300,7 +304,7 @@ def load_dataset(data_dir, name):
     inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
     if len(inter) == 0:
         raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
-    rep = [f"dataset folder {folder} (--dataset {name})"] if explicit else []
+    rep = [f"dataset folder {folder} (--dataset {name_as_given})"] if explicit else []
     ts = inter["timestamp"].str.strip()
     num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
     bad = ~is_missing(ts) & num.isna()
@@ -717,6 +721,11 @@ class Tower(nn.Module):
         return F.gelu(h) if self.out_act else h
 
 
+def gather_rows(V, inv):
+    """V[inv] for a long tensor `inv` of any shape (index_select: its backward is a fast index_add)."""
+    return V.index_select(0, inv.ravel()).view(*inv.shape, V.shape[-1])
+
+
 class DotScorer(nn.Module):
     @classmethod
     def from_config(cls, cfg):
@@ -724,6 +733,9 @@ class DotScorer(nn.Module):
 
     def pairs(self, u, v):          # broadcastable (..., D) x (..., D) -> (...)
         return (u * v).sum(-1)
+
+    def pairs_of(self, U, V, inv):  # (B, D), (M, D), (B, K) indices into V -> (B, K): user b with item inv[b, k]
+        return torch.bmm(gather_rows(V, inv), U[:, :, None]).squeeze(-1)
 
     def all_pairs(self, U, V):      # (B, D) x (N, D) -> (B, N)
         return U @ V.T
@@ -758,22 +770,29 @@ class DotCompress(nn.Module):
         s = self.rest(h1).squeeze(-1)
         return F.gelu(s) if self.final_gelu else s
 
-    def pairs(self, u, v):
-        c = self.coefs()
-        five = [(u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1), u.sum(-1), v.sum(-1)]
-        shape = torch.broadcast_shapes(*(x.shape for x in five))
-        h1 = self.l1.bias + sum(x.expand(shape)[..., None] * c[n] for n, x in enumerate(five))
-        return self.finish(h1)
+    def head(self, uu, uv, vv, su, sv):
+        """The score from the five numbers (broadcastable tensors): the folded first Linear is one small matmul."""
+        five = torch.stack(torch.broadcast_tensors(uu, uv, vv, su, sv), -1)
+        return self.finish(F.linear(five, self.coefs().T, self.l1.bias))
 
-    def all_pairs(self, U, V, tile=4096):
+    def pairs(self, u, v):
+        return self.head((u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1), u.sum(-1), v.sum(-1))
+
+    def pairs_of(self, U, V, inv):
+        """As DotScorer.pairs_of; the items' own numbers are computed once per item, then gathered."""
+        uv = torch.bmm(gather_rows(V, inv), U[:, :, None]).squeeze(-1)
+        return self.head((U * U).sum(-1)[:, None], uv, (V * V).sum(-1)[inv], U.sum(-1)[:, None], V.sum(-1)[inv])
+
+    def all_pairs(self, U, V, tile=None):
         c = self.coefs()
         P = (U * U).sum(-1, keepdim=True) * c[0] + U.sum(-1, keepdim=True) * c[3] + self.l1.bias
         Q = (V * V).sum(-1, keepdim=True) * c[2] + V.sum(-1, keepdim=True) * c[4]
         D = U @ V.T
+        tile = tile or eval_tile(D.device)
         if torch.is_grad_enabled() or D.numel() <= tile:
             return self.finish(torch.addcmul(P[:, None, :] + Q[None, :, :], D[..., None], c[1]))
-        # no grad (evaluation): the per-pair MLP in tiles of about `tile` pairs whose 128-wide activations
-        # stay in cache, instead of one (users x items x 128) intermediate; same numbers, 3x faster on CPU
+        # no grad (evaluation): the per-pair MLP in tiles of about `tile` pairs (eval_tile), instead of one
+        # (users x items x 128) intermediate; same numbers
         out = torch.empty_like(D)
         rows, cols = max(1, tile // D.shape[1]), min(D.shape[1], tile)
         for b in range(0, D.shape[0], rows):
@@ -789,6 +808,16 @@ class DotCompress(nn.Module):
         return self.finish(self.l1(out))
 
 
+def eval_tile(device):
+    """(user, item) pairs per tile of DotCompress evaluation. A CPU: 4,096, whose 128-wide activations stay in
+    cache (3x faster than one big intermediate). A GPU: as many as an eighth of its free memory holds
+    (millions), since every tile costs about ten kernel launches whatever its size; ~2 KB per pair live."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(4096, torch.cuda.mem_get_info(device)[0] // 8 // 2048)
+    return 4096
+
+
 SCORERS = {"dot": DotScorer, "dotcompress": DotCompress}      # --scorer NAME: the scoring head, built from Config
 
 
@@ -797,8 +826,8 @@ class TwoTower(nn.Module):
     history: the users x items CSR of train interactions; with cfg.history the user tower also gets the mean of
     learned embeddings of the user's train items (in training without the target item, so it cannot copy).
     cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature.
-    Items without train interactions get their id/artist/tag embeddings per cfg.unseen_ids; under --split
-    cold-items the training catalog is the items with train interactions (the new items did not exist yet)."""
+    Items without train interactions get their id/artist/tag embeddings per cfg.unseen_ids (under --split
+    cold-items they are not in the training catalog either: see NegativeSampler)."""
 
     def __init__(self, feats, cfg, history):
         super().__init__()
@@ -846,9 +875,6 @@ class TwoTower(nn.Module):
         self.cold_dropout = cfg.cold_dropout
         self.register_buffer("i_unknown", torch.as_tensor(unknown_values(unseen, feats, cfg.unseen_ids)),
                              persistent=False)
-        # cold-items: the training catalog is the train items; the held-out new items are not negatives either
-        self.register_buffer("i_unseen", torch.as_tensor(unseen) if cfg.split == "cold-items" and unseen.any()
-                             else None, persistent=False)
 
     def history(self, idx, drop=None, bag=None):
         """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
@@ -1038,8 +1064,9 @@ class Config:
     # where and how it runs
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
                           choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
-    threads: int = setting(0, "torch CPU threads (0: torch's default); 1 is much faster on a CPU shared with other "
-                           "jobs", COUNT0, cmds=TRAIN + ("baselines",))
+    threads: int = setting(0, "torch CPU threads (0: torch's default, one per core). With OMP_WAIT_POLICY=PASSIVE "
+                           "(make sets it) that is never much slower than 1 on a CPU shared with other jobs; without "
+                           "it, use 1 there", COUNT0, cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
     runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
@@ -1095,21 +1122,40 @@ PRESETS = {
 
 
 class NegativeSampler:
-    """Uniform negatives for a whole batch at once; collisions with the user's train positives are redrawn
-    until none is left. Validation and test items are NOT excluded: training must not know them. Excluding
-    them leaks the held-out items, because every other item gets pushed down for the user and they never do
-    (with --loss full on hetrec, 22% of test items landed at rank 1 and HR@10 rose from ~27 to 33)."""
+    """The train positives on the training device, and uniform negatives drawn there. A user's negatives are
+    uniform over the items that are not among the user's train positives: the r-th such item (r uniform) is
+    found by one `searchsorted` over the sorted (user, item) keys, so collisions never happen and nothing is
+    redrawn (the same distribution as drawing uniformly and redrawing collisions, without a loop or a sync).
+    Validation and test items are NOT excluded: training must not know them. Excluding them leaks the
+    held-out items, because every other item gets pushed down for the user and they never do (with --loss
+    full on hetrec, 22% of test items landed at rank 1 and HR@10 rose from ~27 to 33). Seeded: one
+    torch.Generator on the device, so a seed gives the same negatives on every run on that device."""
 
-    def __init__(self, split, seed=0):
-        self.keys = np.unique(split.train_u.astype(np.int64) * split.n_items + split.train_i)
-        self.n_items = split.n_items
-        self.rng = np.random.default_rng(seed)
-        # cold-items: negatives come from the train items only (the held-out new items did not exist yet)
-        self.pool = np.flatnonzero(split.degree > 0) if split.kind == "cold-items" else None
+    def __init__(self, split, seed=0, device="cpu"):
+        keys = split.train_u.astype(np.int64) * split.n_items + split.train_i
+        if split.kind == "cold-items":
+            # the held-out new items did not exist yet: to every user they count as known, so they are neither
+            # sampled as negatives nor scored in the full softmax (the training catalog is the train items)
+            new = np.flatnonzero(split.degree == 0)
+            keys = np.concatenate([keys, (np.arange(split.n_users)[:, None] * split.n_items + new).ravel()])
+        keys = np.unique(keys)
+        self.n_items, self.n_users = split.n_items, split.n_users
+        ptr = np.searchsorted(keys, np.arange(split.n_users + 1, dtype=np.int64) * split.n_items)
+        self.degree = np.diff(ptr)                      # train positives per user, on the host
+        self.saturated = bool((self.degree >= split.n_items).any())
+        rank = np.arange(len(keys)) - np.repeat(ptr[:-1], self.degree)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)
+        self.keys, self.ptr, self.items = as_t(keys), as_t(ptr), as_t(keys % split.n_items)
+        # per user, item - (its rank among the user's positives) = how many non-positives lie below it;
+        # offset by user * n_items this is sorted over all keys, like the keys themselves
+        self.below = as_t(keys - rank)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed)
 
     def is_positive(self, users, items):
-        key = users.astype(np.int64) * self.n_items + items
-        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        """users, items: broadcastable long tensors on the device."""
+        key = users * self.n_items + items
+        pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
         return self.keys[pos] == key
 
     def draw(self, size):
@@ -1118,14 +1164,28 @@ class NegativeSampler:
         return self.pool[self.rng.integers(0, len(self.pool), size=size)]
 
     def sample(self, users, k):
-        items = self.draw((len(users), k))
-        users = np.broadcast_to(users[:, None], items.shape)
-        for _ in range(1000):
-            bad = self.is_positive(users, items)
-            if not bad.any():
-                return items
-            items[bad] = self.draw(int(bad.sum()))
-        raise UserError("cannot draw negatives: some user has (almost) every item as a positive")
+        """(len(users), k) negatives for the long tensor `users`, none of them a train positive of its user."""
+        if self.saturated:
+            raise UserError("cannot draw negatives: some user has every item as a train positive")
+        free = (self.n_items - (self.ptr[users + 1] - self.ptr[users]))[:, None]
+        r = torch.randint(0, 2**62, (len(users), k), generator=self.gen, device=users.device) % free
+        return r + torch.searchsorted(self.below, users[:, None] * self.n_items + r, right=True) - self.ptr[users, None]
+
+    def positives(self, users, total):
+        """(row, item) of every train positive of `users` (row = position in `users`). `total`: their number,
+        known on the host (self.degree[users].sum()), so nothing waits for the device."""
+        return csr_take(self.ptr, self.items, users, total)
+
+
+def csr_take(ptr, values, rows, total=None):
+    """The entries of CSR rows `rows` (long tensors on one device): (position in `rows`, value) per entry,
+    row by row. `total` (the number of entries) spares a device sync when the caller knows it."""
+    start, counts = ptr[rows], ptr[rows + 1] - ptr[rows]
+    total = int(counts.sum()) if total is None else int(total)
+    which = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), counts, output_size=total)
+    offsets = torch.cumsum(counts, 0) - counts
+    flat = (start - offsets)[which] + torch.arange(total, device=rows.device)
+    return which, values[flat]
 
 
 def pick_device(name):
@@ -1151,45 +1211,87 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def batch_loss(model, cfg, users, pos, sampler, logq, all_pos, device, neg=None):
-    """One batch: returns (loss, seconds spent preparing data). `neg`: negatives drawn beforehand."""
-    t0 = time.perf_counter()
-    B = len(users)
+def sync_device(device):
+    """Wait for the device's queued work (timings only: training and evaluation never wait for it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Phases:
+    """Seconds per phase of training steps: sampling (and batching), forward, backward, optimizer. The
+    training loop never waits for the device, so on a GPU these are the host's seconds unless sync=True
+    (bench.py), which waits for the device at each phase boundary."""
+
+    def __init__(self, device, sync=False):
+        self.device, self.sync = torch.device(device), sync
+        self.seconds = dict.fromkeys(("sampling", "forward", "backward", "optimizer"), 0.0)
+        self.t = time.perf_counter()
+
+    def __call__(self, phase):          # the time since the last call was spent in `phase`
+        if self.sync:
+            sync_device(self.device)
+        t = time.perf_counter()
+        self.seconds[phase] += t - self.t
+        self.t = t
+
+
+def make_batch(cfg, sampler, users, pos, neg, logq, n_pos, every_item=None):
+    """What one batch's loss needs besides the model, built on the device without waiting for it. users, pos:
+    long tensors; neg: (B, negatives) or None; logq: log popularity per item (float tensor); n_pos: the
+    number of train positives of `users` in all (a host int: it sizes the mask without a device sync).
+    every_item: score every item instead of the de-duplicated candidates (None: when there are at least as
+    many candidates as items); both give the same loss."""
+    B, n_items, dev = len(users), sampler.n_items, users.device
+    batch = {"users": users, "pos": pos}
+    mask = None
+    if cfg.loss != "margin":
+        # the users' train positives other than the target: never scored as negatives (train positives only,
+        # so no held-out item is masked: see NegativeSampler)
+        rows, cols = sampler.positives(users, n_pos)
+        mask = torch.zeros(B, n_items, dtype=torch.bool, device=dev)
+        mask[rows, cols] = True
+        mask[torch.arange(B, device=dev), pos] = False
     if cfg.loss == "full":
-        mask = torch.as_tensor(all_pos[users].toarray() > 0, device=device)
-        mask[torch.arange(B, device=device), torch.as_tensor(pos, device=device)] = False
-        if model.i_unseen is not None:                  # cold-items: held-out new items are not in the catalog
-            mask |= model.i_unseen[None, :]
-        users_t, pos_t = (torch.as_tensor(a, device=device) for a in (users, pos))
-        prep = time.perf_counter() - t0
-        logits = model.scorer.all_pairs(model.users(users_t, drop=pos_t),
-                                        model.items(torch.arange(all_pos.shape[1], device=device)))
-        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), pos_t), prep
-    if neg is None:
-        neg = sampler.sample(users, cfg.negatives) if cfg.negatives > 0 else np.zeros((B, 0), np.int64)
+        return {**batch, "mask": mask}
+    cand = torch.cat([pos[:, None], neg], 1)
+    if cand.numel() >= n_items if every_item is None else every_item:
+        # about every item is a candidate: score all items once (no de-duplication, no sync); in the sampled
+        # softmax the items that are no candidate are masked out
+        items, inv = torch.arange(n_items, device=dev), cand
+        if mask is not None:
+            absent = torch.ones(n_items, dtype=torch.bool, device=dev)
+            absent[cand.ravel()] = False
+            mask = mask | absent
+    else:       # few candidates (a small batch over a large catalog): de-duplicate them (on CUDA this syncs)
+        items, inv = torch.unique(cand, return_inverse=True)
+        mask = None if mask is None else mask[:, items]
+    batch.update(items=items, inv=inv)
+    if cfg.loss == "softmax":
+        # sampled softmax: candidates are the batch's positives (drawn ~ popularity) plus uniform negatives,
+        # with the log-Q correction log(expected count of item j among the candidates)
+        batch.update(mask=mask, correction=torch.log(B * torch.exp(logq[items]) + cfg.negatives / n_items))
+    return batch
+
+
+def batch_loss(model, cfg, batch):
+    """One batch's loss (`batch` from make_batch)."""
+    users, pos = batch["users"], batch["pos"]
+    if cfg.loss == "full":
+        n_items = batch["mask"].shape[1]
+        logits = model.scorer.all_pairs(model.users(users, drop=pos),
+                                        model.items(torch.arange(n_items, device=users.device)))
+        return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
+    items, inv = batch["items"], batch["inv"]
+    U = model.users(users, drop=pos)
+    V = model.items(items)
     if cfg.loss == "margin":
-        cand = np.concatenate([pos[:, None], neg], 1)
-        uniq, inv = np.unique(cand, return_inverse=True)
-        uniq_t, inv_t = torch.as_tensor(uniq, device=device), torch.as_tensor(inv.reshape(cand.shape), device=device)
-        users_t = torch.as_tensor(users, device=device)
-        prep = time.perf_counter() - t0
-        U, V = model.users(users_t, drop=torch.as_tensor(pos, device=device)), model.items(uniq_t)[inv_t]
-        s = model.scorer.pairs(U[:, None, :], V)
-        return F.relu(cfg.margin - s[:, :1] + s[:, 1:]).mean(), prep
-    # sampled softmax: candidates are the batch's positives (drawn ~ popularity) plus uniform negatives,
-    # with the log-Q correction log(expected count of item j among the candidates)
-    cand = np.concatenate([pos, neg.ravel()])
-    uniq, inv = np.unique(cand, return_inverse=True)
-    in_batch_pos = sampler.is_positive(np.repeat(users[:, None], len(uniq), 1), np.broadcast_to(uniq, (B, len(uniq))))
-    target = inv[:B]
-    in_batch_pos[np.arange(B), target] = False
-    correction = np.log(B * np.exp(logq[uniq]) + cfg.negatives / all_pos.shape[1])
-    users_t, uniq_t = torch.as_tensor(users, device=device), torch.as_tensor(uniq, device=device)
-    mask_t, target_t = torch.as_tensor(in_batch_pos, device=device), torch.as_tensor(target, device=device)
-    corr_t = torch.as_tensor(correction, dtype=torch.float32, device=device)
-    prep = time.perf_counter() - t0
-    logits = model.scorer.all_pairs(model.users(users_t, drop=uniq_t[target_t]), model.items(uniq_t)) - corr_t
-    return F.cross_entropy(logits.masked_fill(mask_t, float("-inf")), target_t), prep
+        s = model.scorer.pairs_of(U, V, inv)
+        return F.relu(cfg.margin - s[:, :1] + s[:, 1:]).mean()
+    logits = model.scorer.all_pairs(U, V) - batch["correction"]
+    return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), inv[:, 0])
 
 
 def dist_rank_world():
@@ -1210,39 +1312,50 @@ class LossStep(nn.Module):
         return batch_loss(self.model, *args)
 
 
-def train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, desc="", quiet=False, rank=0, world=1):
-    """One pass over the train edges in seeded random order. Returns (summed loss, positives, prep seconds).
-    Under DDP every rank draws the same permutation and the same negatives for the global batch (cheap,
-    vectorized) and computes only its shard of it; shards are weighted by their size, so the gradient
+def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quiet=False, rank=0, world=1, phases=None):
+    """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
+    The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
+    negatives and masks are made on the device, and the loss is summed there: no step waits for the device.
+    Under DDP every rank draws the same permutation and the same negatives for the global batch (same seed,
+    same generator) and computes only its shard of it; shards are weighted by their size, so the gradient
     DDP averages equals the single-process gradient of the same global batch."""
     from tqdm import tqdm
+    phases = phases or Phases(device)
     perm = rng.permutation(len(split.train_u))
-    total, n, t_prep = 0.0, 0, 0.0
+    users_all, pos_all = (torch.as_tensor(a, device=device) for a in (split.train_u[perm], split.train_i[perm]))
+    n_pos = sampler.degree[split.train_u[perm]]             # host: each edge's user's train positives
+    logq = torch.as_tensor(logq, dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    n, shown = 0, time.monotonic()
     bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False,
                disable=quiet or rank > 0 or not sys.stderr.isatty())     # a bar for a terminal, not a log file
     for start in bar:
-        t0 = time.perf_counter()
-        idx = perm[start:start + cfg.batch_size]
-        users, pos, neg = split.train_u[idx], split.train_i[idx], None
-        if cfg.loss != "full":
-            neg = sampler.sample(users, cfg.negatives) if cfg.negatives > 0 else np.zeros((len(idx), 0), np.int64)
-        share = 1.0
+        size = min(cfg.batch_size, len(perm) - start)
+        lo, hi, share = start, start + size, 1.0
+        users, pos = users_all[lo:hi], pos_all[lo:hi]
+        neg = sampler.sample(users, cfg.negatives) if cfg.loss != "full" else None
         if world > 1:
-            part = np.array_split(np.arange(len(idx)), world)[rank]
-            share = len(part) * world / len(idx)
-            part = part if len(part) else np.arange(1)          # an empty shard still joins the all-reduce
-            users, pos, neg = users[part], pos[part], None if neg is None else neg[part]
-        t_prep += time.perf_counter() - t0
+            part = np.array_split(np.arange(size), world)[rank]
+            share = len(part) * world / size
+            a, b = (part[0], part[-1] + 1) if len(part) else (0, 1)   # an empty shard still joins the all-reduce
+            lo, hi = start + a, start + b
+            users, pos, neg = users[a:b], pos[a:b], None if neg is None else neg[a:b]
+        batch = make_batch(cfg, sampler, users, pos, neg, logq, int(n_pos[lo:hi].sum()))
+        phases("sampling")
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-            loss, prep = step(cfg, users, pos, sampler, logq, all_pos, device, neg)
-        t_prep += prep
+            loss = step(cfg, batch)
+        phases("forward")
         opt.zero_grad(set_to_none=True)
         (loss * share if world > 1 else loss).backward()
+        phases("backward")
         opt.step()
-        total += loss.item() * len(idx) * share / world
-        n += round(len(idx) * share / world)
-        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
-    return total, n, t_prep
+        total += loss.detach().to(total.dtype) * (size * share / world)
+        n += round(size * share / world)
+        phases("optimizer")
+        if not bar.disable and time.monotonic() - shown > 0.5:      # a sync twice a second at most
+            bar.set_postfix(loss=f"{total.item() / max(n, 1):.4f}")
+            shown = time.monotonic()
+    return total.item(), n, phases.seconds["sampling"]
 
 
 def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
@@ -1261,8 +1374,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     # fused AdamW: one pass per parameter instead of a dozen (8x faster on 24M embedding weights on CPU)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=True if device.type in ("cpu", "cuda") else None)
-    sampler = NegativeSampler(split, cfg.seed)
-    all_pos = split.train          # train positives only: held-out items stay ordinary negatives (no leak)
+    sampler = NegativeSampler(split, cfg.seed, device)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)
     history, best, bad_epochs, best_state = [], -1.0, 0, None
@@ -1273,7 +1385,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
-        total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, all_pos, rng, device, f"epoch {epoch}",
+        total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, device, f"epoch {epoch}",
                                      quiet, rank, world)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
@@ -2068,7 +2180,8 @@ def load_run(run, runs_dir="runs"):
         assert isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict)
         assert all(isinstance(v, torch.Tensor) for v in ck["state_dict"].values())
     except Exception as e:             # truncated, random bytes, a pickle with code, another program's file
-        why = str(e).splitlines()[0][:120] if str(e) and not isinstance(e, AssertionError) else "not a model state"
+        why = ("it holds more than tensors, or is no checkpoint at all" if isinstance(e, pickle.UnpicklingError) else
+               "no model state in it" if isinstance(e, AssertionError) else "truncated or damaged")
         raise UserError(f"{ck_path}: not a readable RecSetters checkpoint ({why}); {redo}, or copy the run "
                         f"folder again")
     return run_dir, info, ck["state_dict"]
@@ -2273,6 +2386,10 @@ def cmd_train(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if device.type == "cpu" and torch.get_num_threads() > 1 and spinning:
+        log(f"note: {torch.get_num_threads()} torch threads spin while they wait: beside other jobs that can be 5-10x "
+            "slower; set OMP_WAIT_POLICY=PASSIVE (make does) or use --threads 1 (README, Speed and scale)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return train_and_report(cfg, device)

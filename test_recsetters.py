@@ -133,13 +133,42 @@ def test_sampler_never_returns_a_train_positive_and_knows_no_held_out_item(small
     sampler = R.NegativeSampler(s, seed=3)
     pos = s.train.toarray() > 0
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(50):
         users = rng.integers(0, s.n_users, 256)
-        neg = sampler.sample(users, 20)
-        assert neg.shape == (256, 20)
+        neg = sampler.sample(torch.as_tensor(users), 20).numpy()
+        assert neg.shape == (256, 20) and neg.min() >= 0 and neg.max() < s.n_items
         assert not pos[users[:, None], neg].any()
+    # seeded: the same negatives again from a sampler with the same seed
+    a, b = R.NegativeSampler(s, seed=3), R.NegativeSampler(s, seed=3)
+    users = torch.as_tensor(rng.integers(0, s.n_users, 64))
+    assert torch.equal(a.sample(users, 5), b.sample(users, 5))
     # held-out items are ordinary negatives in training: excluding them would leak them (see NegativeSampler)
-    assert not sampler.is_positive(s.test_u, s.test_i).any() and not sampler.is_positive(s.val_u, s.val_i).any()
+    t = lambda x: torch.tensor(x)
+    assert not sampler.is_positive(t(s.test_u), t(s.test_i)).any()
+    assert not sampler.is_positive(t(s.val_u), t(s.val_i)).any()
+    assert sampler.is_positive(t(s.train_u), t(s.train_i)).all()
+    # the train positives of a batch, straight from the CSR on the device
+    users = rng.integers(0, s.n_users, 100)
+    rows, cols = sampler.positives(torch.as_tensor(users), int(sampler.degree[users].sum()))
+    got = np.zeros((100, s.n_items), bool)
+    got[rows.numpy(), cols.numpy()] = True
+    assert (got == pos[users]).all()
+
+
+def test_sampler_is_uniform_over_the_users_non_positives():
+    """Negatives are uniform over a user's non-positives, validation and test items included: chi-square over
+    100,000 draws for a user with many positives (a redraw-free sampler could easily get this wrong)."""
+    n_items = 50
+    train_i = np.array([0, 1, 2, 7, 8, 20, 21, 22, 23, 49, 3, 30])
+    train_u = np.array([1] * 10 + [0, 2])
+    s = R.Split(3, n_items, train_u, train_i, np.array([1]), np.array([5]), np.array([1]), np.array([6]))
+    neg = R.NegativeSampler(s, seed=0).sample(torch.ones(100_000, dtype=torch.long), 1).numpy().ravel()
+    counts = np.bincount(neg, minlength=n_items)
+    allowed = np.setdiff1d(np.arange(n_items), train_i[:10])
+    assert counts[train_i[:10]].sum() == 0 and counts[5] > 0 and counts[6] > 0
+    expected = len(neg) / len(allowed)
+    chi2 = ((counts[allowed] - expected) ** 2 / expected).sum()
+    assert chi2 < 80          # 39 degrees of freedom: P(chi2 > 80) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -266,9 +295,57 @@ def test_dotcompress_five_number_identity_equals_literal_formula():
     full = head.all_pairs(u, v)                 # every user against every item
     lit_full = torch.stack([head.literal(u[i].expand(64, -1), v) for i in range(64)])
     assert torch.allclose(full, lit_full, atol=1e-9, rtol=1e-9)
+    # each user against its own candidate rows (the margin loss)
+    inv = torch.randint(0, 64, (64, 7))
+    assert torch.allclose(head.pairs_of(u, v, inv), head.pairs(u[:, None], v[inv]), atol=1e-9, rtol=1e-9)
     # float32 too, within float tolerance
     h32 = head.float()
     assert torch.allclose(h32.pairs(u.float(), v.float()), h32.literal(u.float(), v.float()), atol=1e-3, rtol=1e-4)
+
+
+def test_dotcompress_evaluation_tiles_give_the_float32_reference_ranks():
+    """Evaluation scores DotCompress in tiles: CPU-sized (4,096 pairs), GPU-sized (millions; here 50,000, so
+    several users per tile and a ragged last tile, on the CPU) or in one piece (the float32 reference). The
+    ranks of held-out items are the same whatever the tiling."""
+    torch.manual_seed(1)
+    head = R.DotCompress(192, final_gelu=True)
+    U, V = torch.randn(333, 192), torch.randn(700, 192)
+    assert R.eval_tile("cpu") == 4096
+    targets = np.random.default_rng(0).integers(0, 700, 333)
+    exclude = sp.random(333, 700, density=0.05, format="lil", random_state=0, dtype=np.float32)
+    exclude[np.arange(333), targets] = 0
+    exclude = exclude.tocsr()
+    exclude.eliminate_zeros()
+    ranks = {}
+    with torch.inference_mode():
+        ref = head.all_pairs(U, V, tile=U.shape[0] * V.shape[0])      # one piece: no tiling at all
+        for tile in (None, 50_000, 10**9):
+            S = head.all_pairs(U, V, tile=tile)
+            assert torch.allclose(S, ref, atol=1e-5, rtol=1e-5)
+            ranks[tile] = R.rank_of_targets(lambda u: S[u], np.arange(333), targets, exclude, "cpu")
+    assert (ranks[None] == ranks[50_000]).all() and (ranks[None] == ranks[10**9]).all()
+
+
+def test_scoring_every_item_or_the_unique_candidates_gives_the_same_loss(small_demo):
+    """A batch's margin and sampled-softmax losses are the same whether the item tower scores every item (large
+    batches, no sync) or only the de-duplicated candidates (small batches over a large catalog)."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dotcompress", dropout=0.0,
+                   history=False, normalize=False)
+    ds, split = R.prepare(cfg, quiet=True)
+    feats = R.build_features(ds, "none")
+    torch.manual_seed(0)
+    model = R.TwoTower(feats, cfg, split.train).eval()
+    sampler = R.NegativeSampler(split, seed=0)
+    logq = torch.as_tensor(np.log(np.maximum(split.degree, 1) / len(split.train_u)), dtype=torch.float32)
+    idx = np.random.default_rng(0).choice(len(split.train_u), 8, replace=False)
+    users, pos = torch.as_tensor(split.train_u[idx]), torch.as_tensor(split.train_i[idx])
+    neg = sampler.sample(users, 5)
+    n_pos = int(sampler.degree[split.train_u[idx]].sum())
+    for loss in ("margin", "softmax"):
+        cfg.loss, cfg.negatives = loss, 5
+        a, b = (R.batch_loss(model, cfg, R.make_batch(cfg, sampler, users, pos, neg, logq, n_pos, every_item=e))
+                for e in (True, False))
+        assert torch.isfinite(a) and a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
 def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(small_demo):
@@ -635,6 +712,143 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
     assert "HR@5" in lines[1]
 
 
+# ---------------------------------------------------------------------------------------------- paths, run folders
+
+def one_error_line(capsys, argv):
+    """Run the command line in-process: it must exit 2 with exactly one `error:` line; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        R.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+TINY = ["--text", "none", "--epochs", "1", "--no-baselines", "--device", "cpu"]
+
+
+def test_runs_are_written_under_runs_dir_and_found_by_name_or_path(tmp_path, monkeypatch, capsys):
+    """A dataset given as a path (relative with ../, or absolute) is resolved and reported, and its run goes under
+    --runs-dir with a sanitized name, never inside data/; evaluate takes a run name or a run path, never doubled."""
+    write_dataset(tmp_path / "data" / "x", *random_interactions(n=1500))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    R.main(["train", "--dataset", "../data/x", *TINY])
+    assert f"dataset folder {tmp_path / 'data' / 'x'}" in capsys.readouterr().err
+    R.main(["train", "--dataset", str(tmp_path / "data" / "x"), "--run-name", "../../escape/..", *TINY])
+    R.main(["train", "--dataset", "x", "--data-dir", "../data", "--run-name", "a/b", "--seed", "1", *TINY])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "work"]
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["a-b", "escape", "x-none-dot-full-s0"]
+    assert {p.name for p in (work / "runs" / "escape").iterdir()} == {"best.pt", "run.json", "results.json",
+                                                                      "ranks.npz"}
+    capsys.readouterr()
+    for run in ("x-none-dot-full-s0", "runs/x-none-dot-full-s0", str(work / "runs" / "x-none-dot-full-s0")):
+        R.main(["evaluate", run, "--device", "cpu"])
+        assert "x-none-dot-full-s0 on x" in capsys.readouterr().out
+    line = one_error_line(capsys, ["evaluate", "runs/missing"])
+    assert "no run 'runs/missing'" in line and "runs/runs" not in line and "a-b" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One trained run (1 epoch, no text) of a small dataset of its own: (data dir, run folder)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_dataset(root / "data" / "x", *random_interactions(n=1500))
+    R.main(["train", "--dataset", "x", "--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"),
+            "--run-name", "r", *TINY])
+    return root / "data", root / "runs" / "r"
+
+
+def damaged_copy(run, tmp_path, name, damage):
+    copy = tmp_path / "runs" / name
+    import shutil
+    shutil.copytree(run, copy)
+    damage(copy)
+    return copy
+
+
+class Payload:
+    """A pickle that runs code when loaded with weights_only=False."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_damaged_foreign_or_old_run_is_one_line_naming_the_file(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    good = (run / "best.pt").read_bytes()
+    info = __import__("json").loads((run / "run.json").read_text())
+    marker = tmp_path / "payload-ran"
+    other = {k: v[:2] for k, v in torch.load(run / "best.pt", weights_only=True)["state_dict"].items()}
+    cases = {
+        "truncated": (lambda d: (d / "best.pt").write_bytes(good[:len(good) // 2]), "best.pt: not a readable"),
+        "cut-short": (lambda d: (d / "best.pt").write_bytes(good[:100]), "best.pt: not a readable"),
+        "random": (lambda d: (d / "best.pt").write_bytes(np.random.default_rng(0).bytes(4096)), "best.pt: not a"),
+        "pickle": (lambda d: torch.save({"state_dict": {}, "x": Payload(marker)}, d / "best.pt"), "best.pt: not a"),
+        "foreign": (lambda d: torch.save({"state_dict": other, "epoch": 1}, d / "best.pt"), "does not fit the model"),
+        "old": (lambda d: (d / "run.json").unlink(), "an older recsetters.py"),
+        "no-json": (lambda d: (d / "run.json").write_text("{not json"), "run.json: not a recsetters-run"),
+        "unknown-key": (lambda d: (d / "run.json").write_text(__import__("json").dumps(
+            {**info, "config": {**info["config"], "wobble": 3}})), "unknown setting(s) wobble"),
+        "bad-value": (lambda d: (d / "run.json").write_text(__import__("json").dumps(
+            {**info, "config": {**info["config"], "lr": -1}})), "run.json: --lr -1: a positive finite number"),
+        "no-checkpoint": (lambda d: (d / "best.pt").unlink(), "no checkpoint"),
+    }
+    for name, (damage, message) in cases.items():
+        d = damaged_copy(run, tmp_path, name, damage)
+        line = one_error_line(capsys, ["fairness", str(d), "--device", "cpu"])
+        assert message in line and str(d) in line and "retrain" in line, (name, line)
+        assert not (d / "fairness.json").exists()
+    assert not marker.exists()                  # the pickle's code never ran
+
+
+def test_a_run_refuses_a_dataset_changed_after_training(tiny_run, tmp_path, capsys):
+    import shutil
+    data, run = tiny_run
+    shutil.copytree(data, tmp_path / "data")
+    run = damaged_copy(run, tmp_path, "r", lambda d: None)
+    info = __import__("json").loads((run / "run.json").read_text())
+    info["config"]["data_dir"] = str(tmp_path / "data")
+    (run / "run.json").write_text(__import__("json").dumps(info))
+    R.main(["evaluate", str(run), "--device", "cpu"])         # unchanged: fine
+    capsys.readouterr()
+    inter = tmp_path / "data" / "x" / "interactions.csv"
+    inter.write_text(inter.read_text() + "u1,i1,7\n")
+    line = one_error_line(capsys, ["recommend", str(run), "--user", "u1", "--device", "cpu"])
+    assert "dataset x has changed since run" in line and str(run) in line and "retrain" in line
+
+
+# ---------------------------------------------------------------------------------------------- data checks
+
+def test_missing_value_countries_and_header_only_files(tmp_path, capsys):
+    users, items, inter = random_interactions(n=400)
+    users["country"] = ["NaN", "None", "nan", "null", "", "NULL"] + ["Chile"] * (len(users) - 6)
+    write_dataset(tmp_path / "c", users, items, inter)
+    ds = R.load_dataset(tmp_path, "c")
+    assert set(ds.users.country) == {"", "Chile"}
+    assert any(line.startswith("5 users have country 'NULL', 'NaN', 'None', 'nan', 'null': unknown") for line in ds.report)
+    write_dataset(tmp_path / "h", users, items, inter.iloc[:0])
+    line = one_error_line(capsys, ["stats", "--dataset", "h", "--data-dir", str(tmp_path)])
+    assert line == f"error: no interactions in {tmp_path / 'h' / 'interactions.csv'} (only its header)"
+    line = one_error_line(capsys, ["stats", "--dataset", "apple", "--data-dir", str(tmp_path)])
+    assert "LASTFM_API_KEY" in line and R.LASTFM_KEY_URL in line and "SOURCE=hetrec" in line
+
+
+def test_atomic_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path):
+    f = tmp_path / "a.json"
+    R.atomic_write_text(f, "1")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (f.stat().st_mode & 0o777) == 0o666 & ~mask
+    f.chmod(0o640)
+    R.atomic_write_text(f, "2")
+    assert f.read_text() == "2" and (f.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
 # ---------------------------------------------------------------------------------------------- cold-items protocol
 
 def cold_split(small_demo, seed=0, fraction=0.2):
@@ -735,9 +949,13 @@ def test_unseen_items_are_scored_from_content_alone(small_demo):
     assert (unk[0] == (s.degree == 0)).all()
     assert not unk[1][s.degree > 0].any() and not unk[2][s.degree > 0].any()
     # cold-items training: held-out new items are neither softmax candidates nor sampled negatives
-    assert (m.i_unseen.numpy() == (s.degree == 0)).all()
-    neg = R.NegativeSampler(s, 0).sample(s.train_u[:200], 20)
-    assert (s.degree[neg] > 0).all()
+    sampler = R.NegativeSampler(s, 0)
+    users = torch.as_tensor(s.train_u[:200])
+    assert (s.degree[sampler.sample(users, 20).numpy()] > 0).all()
+    rows, cols = sampler.positives(users, int(sampler.degree[s.train_u[:200]].sum()))
+    masked = np.zeros((200, s.n_items), bool)
+    masked[rows.numpy(), cols.numpy()] = True
+    assert masked[:, s.degree == 0].all()        # the full softmax masks every new item for every user
 
 
 def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
