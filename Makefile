@@ -31,7 +31,7 @@ test: venv
 bench: venv
 	$(PY) bench.py $(ARGS)
 
-# Experiments (experiments.py): every (dataset, text, seed) two-tower run beside Popularity, ItemKNN, EASE and MF,
+# Experiments (experiments.py): every (dataset, text, seed) two-tower run beside Popularity, ItemKNN, EASE, RP3beta, iALS and MF,
 # with significance tests, fairness and plots in runs/ablation/report.md. Finished cells are skipped (resumable).
 DATASETS ?= demo hetrec
 TEXTS    ?= none title summary lyrics tags
