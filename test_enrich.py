@@ -685,11 +685,12 @@ def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
     env.write_text("export LASTFM_API_KEY='a'\nGROQ_API_KEY=b\n")
     assert collect.read_dotenv(env) == enrich.read_dotenv(env) == {"LASTFM_API_KEY": "a", "GROQ_API_KEY": "b"}
     assert collect.DOTENV == enrich.DOTENV == HERE / ".env"
-    for m in (collect, enrich):
+    import recsetters
+    for m, write in ((collect, collect.atomic_write), (enrich, enrich.atomic_write), (recsetters, recsetters.atomic_write_bytes)):
         f = tmp_path / f"{m.__name__}.csv"
         f.write_text("old")
         f.chmod(0o640)
-        m.atomic_write(f, b"new")
+        write(f, b"new")
         assert f.read_bytes() == b"new" and (f.stat().st_mode & 0o777) == 0o640
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

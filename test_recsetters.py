@@ -432,6 +432,7 @@ def test_cli_train_writes_results_and_recommends(small_demo, tmp_path):
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr
     assert "EASE" in p.stdout and "two-tower" in p.stdout
+    assert "it/s" not in p.stderr and "\r" not in p.stderr          # no progress bars in a log (not a terminal)
     res = __import__("json").loads((runs / "r" / "results.json").read_text())
     for part in ("overall", "cold", "warm"):
         assert set(res["test"][part]) >= {"hr@10", "ndcg@10"}
