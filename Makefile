@@ -32,14 +32,16 @@ bench: venv
 	$(PY) bench.py $(ARGS)
 
 # Experiments (experiments.py): every (dataset, text, seed) two-tower run beside Popularity, ItemKNN, EASE, RP3beta, iALS and MF,
+# and (PROTOCOLS cold-items) on new items beside the content baselines,
 # with significance tests, fairness and plots in runs/ablation/report.md. Finished cells are skipped (resumable).
 DATASETS ?= demo hetrec
 TEXTS    ?= none title summary lyrics tags
 SEEDS    ?= 0 1 2
 JOBS     ?= 2
+PROTOCOLS ?= loo cold-items
 .PHONY: ablation
 ablation: venv
-	$(PY) experiments.py ablation --datasets $(DATASETS) --texts $(TEXTS) --seeds $(SEEDS) --jobs $(JOBS) $(ARGS)
+	$(PY) experiments.py ablation --datasets $(DATASETS) --texts $(TEXTS) --seeds $(SEEDS) --protocols $(PROTOCOLS) --jobs $(JOBS) $(ARGS)
 
 # Real data (collect.py): `make data` crawls Last.fm (needs LASTFM_API_KEY) and matches both catalogs;
 # `make data SOURCE=hetrec|lastfm1k FROM=PATH_OR_URL` imports a public dump (no key; FROM empty = official URL).

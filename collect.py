@@ -371,6 +371,11 @@ def import_hetrec(src, out_dir, cache_dir, top_tags=5):
     items = items.sort_values("_n").drop(columns="_n")
     print(f"hetrec: {(items.tag == '').sum():,} artists without tags; {len(ua) - len(inter):,} pairs with unknown artists dropped")
     write_dataset(out_dir, users, items, inter)
+    # the raw per-user tag assignments, so recsetters.py can rebuild an artist's tags without the held-out
+    # listeners' own tagging (the cold-items protocol's leak-free text; README, Experiments)
+    ta = uta.rename(columns={"userID": "user", "artistID": "item", "tagValue": "tag"})[["user", "item", "tag"]]
+    write_csv(ta.sort_values(["user", "item", "tag"], kind="stable"), Path(out_dir) / "tag_assignments.csv")
+    print(f"wrote {Path(out_dir) / 'tag_assignments.csv'}: {len(ta):,} tag assignments")
 
 # -----------------------------------------------------------------------------
 # importer: Last.fm Dataset 1K users (streams the 19M-line TSV, one user at a time)

@@ -1,7 +1,8 @@
 """
 experiments.py: the experiments that settle the study's question (issue 5).
 
-  python experiments.py ablation --datasets demo hetrec --texts none title summary lyrics tags --seeds 0 1 2
+  python experiments.py ablation --datasets demo hetrec --texts none title summary lyrics tags --seeds 0 1 2 \
+      --protocols loo cold-items
   python experiments.py report        # rebuild report.md, results.csv and plots from the finished cells
   python experiments.py tune          # the tuning log (TUNING below) on hetrec: runs/ablation/tuning.md
 
@@ -18,7 +19,8 @@ Read top to bottom:
   5. plots
   6. report.md
   7. the tuning log: how the default `train` configuration was found (validation only)
-  8. command line
+  8. the cold-items protocol: new items scored from content alone, against content baselines
+  9. command line
 """
 import argparse
 import json
@@ -78,6 +80,8 @@ def cells(datasets, texts, seeds, data_dir):
 
 
 def cell_name(dataset, kind, text, seed):
+    if kind.startswith("cold"):                   # the cold-items protocol (section 8)
+        return f"{dataset}-cold-{text if kind == 'cold-two-tower' else 'baselines'}-s{seed}"
     return f"{dataset}-{text if kind == 'two-tower' else kind}-s{seed}"
 
 
@@ -121,13 +125,16 @@ def run_cell(cell, out, data_dir, extra):
     dataset, kind, text, seed = cell
     name = cell_name(*cell)
     run_dir = out / "runs" / name
-    flags = [*extra, *(MF_FLAGS if kind == "mf" else ["--text", str(text)])]
+    flags = [*extra, *(COLD_FLAGS if kind.startswith("cold") else []),
+             *(MF_FLAGS if kind == "mf" else ["--text", str(text)])]
     want = train_config(dataset, seed, data_dir, flags)
-    if cell_done(run_dir) and ran_with(run_dir, {"k": want["k"]} if kind == "baselines" else want):
+    if cell_done(run_dir) and ran_with(run_dir, {"k": want["k"]} if kind.endswith("baselines") else want):
         return "skipped (done)"
     t0 = time.time()
     if kind == "baselines":
         run_baselines_cell(dataset, seed, data_dir, run_dir, want["k"])
+    elif kind == "cold-baselines":
+        run_cold_baselines_cell(dataset, seed, data_dir, run_dir)
     else:
         failed = train_run(dataset, seed, data_dir, run_dir, [*flags, "--no-baselines"], out / "logs" / f"{name}.log")
         if failed:
@@ -160,6 +167,8 @@ def collect(out):
         if not cell_done(d):
             continue
         res = json.loads((d / "results.json").read_text())
+        if res.get("protocol") == "cold-items":      # collected by collect_cold
+            continue
         z = np.load(d / "ranks.npz")
         dataset, seed, k = res["config"]["dataset"], res["config"]["seed"], res["config"].get("k", 10)
         if "baselines" in res and "test" not in res:       # a baselines cell
@@ -356,6 +365,19 @@ def pm(m, s):
     return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
 
 
+def paired_lines(t, metrics, labels, intro):
+    """The markdown table of paired tests `t` (rows: model, vs, metric, diff, lo, hi, p) for two metrics."""
+    if not len(t):
+        return []
+    L = ["", f"{intro} (difference in points, 95% bootstrap CI, two-sided sign-flip p-value):", "",
+         f"| model | vs | Δ{labels[0]} [CI] | p | Δ{labels[1]} [CI] | p |", "|---|---|---|---|---|---|"]
+    for (model, ref), g in t.groupby(["model", "vs"], sort=False):
+        cells = [g[g.metric == m].iloc[0] for m in metrics]
+        L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | {c['p']:.3f}"
+                                                    for c in cells) + " |")
+    return L
+
+
 def quality_lines(df, d, out, dataset):
     """The quality target: the two-tower variant chosen on validation against the best baseline on test."""
     o = d[d.group == "overall"].set_index("model")
@@ -380,8 +402,12 @@ def quality_lines(df, d, out, dataset):
 
 def report(out, data_dir, notes=(), do_fairness=True):
     df, ranks = collect(out)
-    if df.empty:
+    cold = cold_report(out)
+    if df.empty and not cold:
         raise SystemExit(f"no finished cells under {out / 'runs'}")
+    if df.empty:                                  # only the cold-items protocol was run
+        R.atomic_write_text(out / "report.md", "\n".join(["# RecSetters ablation: which item text helps", ""] + cold))
+        return out / "report.md"
     df.to_csv(out / "results.csv", index=False)
     s = summary(df)
     sig = significance(df, ranks)
@@ -411,15 +437,8 @@ def report(out, data_dir, notes=(), do_fairness=True):
                      + " | ".join(pm(r[g][f'{m}_mean'], r[g][f'{m}_std']) for g in ("overall", "cold", "warm")
                                   for m in ("hr", "ndcg")) + " |")
         L += quality_lines(df, d, out, dataset)
-        t = sig[sig.dataset == dataset] if len(sig) else sig
-        if len(t):
-            L += ["", "Paired tests on the same test users, pooled over seeds (difference in points, 95% bootstrap CI, "
-                  "two-sided sign-flip p-value):", "",
-                  f"| model | vs | ΔHR@{k} [CI] | p | ΔNDCG@{k} [CI] | p |", "|---|---|---|---|---|---|"]
-            for (model, ref), g in t.groupby(["model", "vs"], sort=False):
-                h, n = g[g.metric == "hr"].iloc[0], g[g.metric == "ndcg"].iloc[0]
-                L.append(f"| {model} | {ref} | {h['diff']:+.2f} [{h['lo']:+.2f}, {h['hi']:+.2f}] | {h['p']:.3f} | "
-                         f"{n['diff']:+.2f} [{n['lo']:+.2f}, {n['hi']:+.2f}] | {n['p']:.3f} |")
+        L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("hr", "ndcg"), (f"HR@{k}", f"NDCG@{k}"),
+                          "Paired tests on the same test users, pooled over seeds")
         L.append("")
     if fair:
         L += ["## Fairness and exposure", "",
@@ -451,6 +470,7 @@ def report(out, data_dir, notes=(), do_fairness=True):
                 L.append(f"| {name} | {ci(m['hr'], 'gap')} | {ci(m['hr'], 'std')} | {ci(m['ndcg'], 'gap')} | "
                          f"{ci(m['cold_share'], 'gap')} | {g.max():.1f} ({int(g.argmax()) + 1}) |")
             L.append("")
+    L += cold
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
     if (out / "tuning.md").exists():
         L += [(out / "tuning.md").read_text()]
@@ -530,7 +550,170 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. command line
+# 8. the cold-items protocol (recsetters.py --split cold-items): a seeded 20% of the items held out with all their
+# interactions, half validation-cold, half test-cold. Per (dataset, seed): one cell of content baselines (Random,
+# ContentKNN per text, TagTFIDF, CB2CF per text; each tuned on validation-cold) with the tag leak audit, and one
+# two-tower run per text. Paired tests on per-user test-cold Recall@20 / NDCG@20, pooled over seeds.
+
+COLD_FLAGS = ["--split", "cold-items"]
+COLD_METRICS = [("cold", "recall@20"), ("cold", "ndcg@20"), ("cold", "recall@10"), ("cold", "ndcg@10"),
+                ("cold", "hr@10"), ("all", "recall@20"), ("all", "ndcg@20")]
+
+
+def cold_cells(datasets, texts, seeds, data_dir):
+    out = []
+    for d in datasets:
+        have = text_columns(d, data_dir)
+        out += [(d, "cold-baselines", None, s) for s in seeds]
+        out += [(d, "cold-two-tower", t, s) for t in texts if t == "none" or t in have for s in seeds]
+    return out
+
+
+def run_cold_baselines_cell(dataset, seed, data_dir, run_dir):
+    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed, split="cold-items")
+    ds, split = R.prepare(cfg, quiet=True)
+    res, ranks = R.run_cold_baselines(ds, split, Path(data_dir) / ".cache", cfg.eval_memory_mb, quiet=True, seed=seed)
+    audit = R.tag_leak_audit(ds, split, res, Path(data_dir) / ".cache") if ds.tag_assignments is not None else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    R.atomic_write_text(run_dir / "results.json", json.dumps(
+        {"protocol": "cold-items", "dataset": {"name": ds.name, "synthetic": ds.synthetic},
+         "config": {"dataset": dataset, "seed": seed, "split": "cold-items", "cold_fraction": cfg.cold_fraction,
+                    "tag_source": cfg.tag_source},
+         "split": R.split_stats(split), "report": split.report, "baselines": res, "leak_audit": audit}, indent=1))
+    R.save_cold_ranks(run_dir / "ranks.npz", ranks)
+
+
+def collect_cold(out):
+    """One row per (dataset, model, seed) of every finished cold-items cell, with test and validation metrics;
+    per-user test metrics (multi_target_metrics of the stored ranks) alongside, keyed (dataset, model, seed)."""
+    rows, per_user, audits, splits = [], {}, {}, {}
+    for d in sorted((out / "runs").glob("*")):
+        if not cell_done(d):
+            continue
+        res = json.loads((d / "results.json").read_text())
+        if res.get("protocol") != "cold-items":
+            continue
+        z = np.load(d / "ranks.npz")
+        dataset, seed = res["config"]["dataset"], res["config"]["seed"]
+        if "test" in res:
+            models = [(f"two-tower, text {res['config']['text']}", "two-tower", res, "two_tower")]
+        else:
+            models = [(b, "baseline", r, b.lower().replace(" ", "_")) for b, r in res["baselines"].items() if "na" not in r]
+            models += [(b, "n/a", None, None) for b, r in res["baselines"].items() if "na" in r]
+            audits[(dataset, seed)] = res.get("leak_audit")
+            splits[(dataset, seed)] = res["split"]["cold_items_protocol"]
+        for model, kind, r, key in models:
+            row = {"dataset": dataset, "synthetic": res["dataset"]["synthetic"], "model": model, "kind": kind,
+                   "seed": seed, "run": d.name, "params": None if r is None else str(r.get("params", r.get("best_epoch")))}
+            if r is not None:
+                row.update({f"{v} {m}": r["test"][v][m] for v, m in COLD_METRICS})
+                row["val cold ndcg@20"] = r["validation"]["cold"]["ndcg@20"]
+                per_user[(dataset, model, seed)] = {
+                    v: R.multi_target_metrics(z[f"{key}__{v}"], z["counts"]) for v in ("cold", "all")}
+            rows.append(row)
+    return pd.DataFrame(rows), per_user, audits, splits
+
+
+def cold_significance(df, per_user):
+    """Each two-tower text against `none` and against the best content baseline (by validation-cold NDCG@20),
+    on per-user test-cold Recall@20 and NDCG@20 pooled over the seeds both have."""
+    rows = []
+    for dataset in df.dataset.unique():
+        d = df[(df.dataset == dataset) & (df.kind != "n/a")]
+        mean = d.groupby("model")["val cold ndcg@20"].mean()
+        base = mean[[m for m in mean.index if not m.startswith("two-tower")]]
+        best = base.idxmax() if len(base) else None
+        for model in [m for m in mean.index if m.startswith("two-tower")]:
+            for ref in ["two-tower, text none", best]:
+                if ref is None or ref == model:
+                    continue
+                seeds = [s for s in sorted(d.seed.unique()) if (dataset, model, s) in per_user and (dataset, ref, s) in per_user]
+                if not seeds:
+                    continue
+                for metric in ("recall@20", "ndcg@20"):
+                    a = np.concatenate([per_user[(dataset, model, s)]["cold"][metric] for s in seeds])
+                    b = np.concatenate([per_user[(dataset, ref, s)]["cold"][metric] for s in seeds])
+                    rows.append({"dataset": dataset, "model": model, "vs": ref, "metric": metric, "seeds": len(seeds),
+                                 **paired_test(a, b)})
+    return pd.DataFrame(rows)
+
+
+def cold_plot(out, df):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = df[df.kind != "n/a"]
+    datasets = list(d.dataset.unique())
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(11, 3.8 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets):
+        g = d[d.dataset == dataset].groupby("model", sort=False)
+        models = list(g.groups)
+        x = np.arange(len(models))
+        for j, (metric, color) in enumerate([("cold recall@20", "tab:blue"), ("cold ndcg@20", "tab:orange")]):
+            ax.bar(x + (j - 0.5) * 0.4, g[metric].mean(), 0.4, yerr=g[metric].std().fillna(0), capsize=2,
+                   color=color, label=metric.replace("cold ", "test-cold "))
+        ax.set_xticks(x, [m.replace("two-tower, text ", "TT ") for m in models], rotation=30, ha="right", fontsize=8)
+        syn = " (SYNTHETIC)" if d[d.dataset == dataset].synthetic.iloc[0] else ""
+        ax.set_title(f"{dataset}{syn}, cold-items protocol: new items ranked among new items (mean ± std over seeds)",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, out / "cold_items.png")
+
+
+def cold_report(out):
+    """The cold-items part of report.md (markdown lines), or [] when no cold-items cell has finished."""
+    df, per_user, audits, splits = collect_cold(out)
+    if df.empty:
+        return []
+    df.to_csv(out / "results_cold.csv", index=False)
+    sig = cold_significance(df, per_user)
+    L = ["## Cold-items protocol: new items, scored from content alone", "",
+         "A seeded 20% of the items (after the k-core) is held out with all its interactions, half validation-cold, "
+         "half test-cold; every interaction of an evaluated user with them is a target. Models rank the split's cold "
+         "items only (Recall/NDCG/HR@K, ideal DCG over min(targets, K)); `all` ranks them among every item not in the "
+         "user's train set. Selection on validation-cold NDCG@20 only; test evaluated once. Cold items' tags are "
+         "rebuilt without their listeners' own tag assignments (leak-free). Mean ± std over seeds, ×100.", ""]
+    for dataset in df.dataset.unique():
+        d = df[df.dataset == dataset]
+        syn = bool(d.synthetic.iloc[0])
+        L += [f"### {dataset}{' (SYNTHETIC)' if syn else ''}, cold-items", ""]
+        for (ds_, seed), st in sorted(splits.items()):
+            if ds_ == dataset:
+                L.append(f"- seed {seed}: test-cold {st['test_cold']['users']:,} users, {st['test_cold']['items']:,} items, "
+                         f"{st['test_cold']['interactions']:,} targets; validation-cold {st['validation_cold']['users']:,} "
+                         f"users, {st['validation_cold']['items']:,} items; train {st['train']['items']:,} items, "
+                         f"{st['train']['interactions']:,} interactions")
+        L += ["", "| model | seeds | val-cold NDCG@20 | Recall@20 | NDCG@20 | Recall@10 | NDCG@10 | HR@10 | "
+              "Recall@20 all | NDCG@20 all |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for model, g in d.groupby("model", sort=False):
+            if g.kind.iloc[0] == "n/a":
+                L.append(f"| {model} | {g.seed.nunique()} | n/a |" + " n/a |" * len(COLD_METRICS))
+                continue
+            L.append(f"| {model} | {g.seed.nunique()} | {pm(g['val cold ndcg@20'].mean(), g['val cold ndcg@20'].std())} | "
+                     + " | ".join(pm(g[f'{v} {m}'].mean(), g[f'{v} {m}'].std()) for v, m in COLD_METRICS) + " |")
+        L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("recall@20", "ndcg@20"),
+                          ("Recall@20", "NDCG@20"), "Paired tests on per-user test-cold metrics, same users, pooled "
+                          "over seeds")
+        aud = [(s, a) for (ds_, s), a in sorted(audits.items()) if ds_ == dataset and a]
+        if aud:
+            L += ["", "Tag leak audit (test-cold, NDCG@20 / Recall@20 of the cold view; per seed):", "",
+                  "| seed | test pairs the user tagged | cold-item tag assignments by their listeners | cold items with "
+                  "tags (leaky → leak-free) | " + " | ".join(aud[0][1]["test"]) + " |",
+                  "|---|---|---|---|" + "---|" * len(aud[0][1]["test"])]
+            for seed, a in aud:
+                L.append(f"| {seed} | {a['test_pairs_tagged_by_their_user_pct']:.1f}% | {a['by_listeners_pct']:.1f}% of "
+                         f"{a['cold_tag_assignments']:,} | {a['cold_items_with_tags_leaky']} → "
+                         f"{a['cold_items_with_tags_leak_free']} of {a['cold_items']} | "
+                         + " | ".join(f"{r['cold']['ndcg@20']:.2f} / {r['cold']['recall@20']:.2f}" for r in a["test"].values())
+                         + " |")
+        L.append("")
+    L += [f"![cold_items.png]({cold_plot(out, df)})", ""]
+    return L
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. command line
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments.py", description="RecSetters ablation grid and report")
@@ -539,6 +722,8 @@ def main(argv=None):
     a.add_argument("--datasets", nargs="+", default=["demo", "hetrec"])
     a.add_argument("--texts", nargs="+", default=["none", "title", "summary", "lyrics", "tags"])
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a.add_argument("--protocols", nargs="+", default=["loo", "cold-items"], choices=["loo", "cold-items"],
+                   help="loo: the split's own leave-one-out; cold-items: new items from content alone (section 8)")
     a.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     a.add_argument("--jobs", type=int, default=1, help="training runs at a time (each with --threads 1 when > 1)")
     a.add_argument("--hetrec-from", default=None, help="where collect.py imports hetrec from when data/hetrec "
@@ -560,12 +745,14 @@ def main(argv=None):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for d in args.datasets:
             ensure_dataset(d, args.data_dir, args.hetrec_from)
-        grid, notes = cells(args.datasets, args.texts, args.seeds, args.data_dir)
+        grid, notes = cells(args.datasets, args.texts, args.seeds, args.data_dir) if "loo" in args.protocols else ([], [])
         for n in notes:
             print("note: " + n, flush=True)
         # baselines first (in this process), then the training runs, --jobs at a time
         extra = args.train_args.split() + (["--threads", "1"] if args.jobs > 1 else [])
-        order = [c for c in grid if c[1] == "baselines"] + [c for c in grid if c[1] != "baselines"]
+        cold = cold_cells(args.datasets, args.texts, args.seeds, args.data_dir) if "cold-items" in args.protocols else []
+        order = ([c for c in grid if c[1] == "baselines"] + [c for c in cold if c[1] == "cold-baselines"]
+                 + [c for c in grid if c[1] != "baselines"] + [c for c in cold if c[1] != "cold-baselines"])
         run = lambda c: f"{cell_name(*c)}: {run_cell(c, out, args.data_dir, extra)}"
         with ThreadPoolExecutor(args.jobs) as ex:
             for i, line in enumerate(ex.map(run, order), 1):

@@ -243,6 +243,7 @@ class Dataset:
     synthetic: bool = False
     digest: str = ""
     report: list = field(default_factory=list)
+    tag_assignments: pd.DataFrame = None   # user, item, tag: who applied which tag (tag_assignments.csv, optional)
 
     @property
     def label(self):
@@ -320,7 +321,10 @@ def load_dataset(data_dir, name):
         if df[col].duplicated().any():
             raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
     digest = file_digest([folder / f for f in REQUIRED])
-    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep)
+    tag_assignments = folder / "tag_assignments.csv"
+    tag_assignments = read_csv_checked(tag_assignments, ["user", "item", "tag"]) if tag_assignments.exists() else None
+    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep,
+                   tag_assignments=tag_assignments)
 
 
 def unknown_times(t, now=None):
@@ -382,7 +386,7 @@ def filter_dataset(ds, min_interactions=5):
     users = ds.users[ds.users.user.isin(inter.user)].sort_values("user").reset_index(drop=True)
     items = ds.items[ds.items.item.isin(inter.item)].sort_values("item").reset_index(drop=True)
     inter = inter.reset_index(drop=True)
-    return Dataset(ds.name, users, items, inter, ds.synthetic, ds.digest, rep)
+    return Dataset(ds.name, users, items, inter, ds.synthetic, ds.digest, rep, ds.tag_assignments)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,11 +407,14 @@ class Split:
     warm: np.ndarray = None      # bool per item
     kind: str = ""
     report: list = field(default_factory=list)
+    val_items: np.ndarray = None   # cold-items: the validation-cold and test-cold items (sorted indices)
+    test_items: np.ndarray = None
 
 
-def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9)):
+def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2):
     """Map to indices and split. kind: auto (leave-last-out if there are timestamps, else random),
-    last (per-user leave-last-out by time), random (seeded leave-one-out), global (temporal cutoffs)."""
+    last (per-user leave-last-out by time), random (seeded leave-one-out), global (temporal cutoffs),
+    cold-items (a seeded share of the items held out with all their interactions: see cold_items_parts)."""
     uidx = pd.Index(ds.users.user)
     iidx = pd.Index(ds.items.item)
     u = uidx.get_indexer(ds.inter.user)
@@ -433,6 +440,8 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
         val, test = val[in_train[val.u]], test[in_train[test.u]]
         rep.append(f"global temporal split at {pd.Timestamp(tq_val, unit='s').date()} / "
                    f"{pd.Timestamp(tq_test, unit='s').date()}; later interactions beyond the first per user dropped")
+    elif kind == "cold-items":
+        train, val, test, cold_parts = cold_items_parts(u, i, n_items, rng, cold_fraction)
     else:
         if kind == "last":
             # unknown times sort before all known ones (so they stay in train), in seeded random order;
@@ -444,7 +453,7 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
         elif kind == "random":
             order = np.lexsort((noise, u))
         else:
-            raise UserError(f"unknown --split {kind!r} (auto, last, random, global)")
+            raise UserError(f"unknown --split {kind!r} (auto, last, random, global, cold-items)")
         df = pd.DataFrame({"u": u[order], "i": i[order]})
         size = df.groupby("u").u.transform("size").to_numpy()
         from_end = size - 1 - df.groupby("u").cumcount().to_numpy()
@@ -462,7 +471,32 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
                             shape=(n_users, n_items))
     s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
     s.warm = warm_items(s.degree, warm_fraction)
+    if kind == "cold-items":
+        s.val_items, s.test_items = cold_parts
+        no_train = int((np.bincount(s.train_u, minlength=n_users) == 0).sum())
+        if no_train:
+            rep.append(f"{no_train:,} users have no train interaction left (all their items are cold); "
+                       f"they are still evaluated, from their (empty) profile")
     return s
+
+
+def cold_items_parts(u, i, n_items, rng, cold_fraction=0.2):
+    """Item cold start: a seeded random `cold_fraction` of the items is held out with all its interactions;
+    half of those items (by item) are validation-cold, the rest test-cold. Train keeps every interaction with the
+    other items. Returns the train/validation/test (u, i) frames and the (validation, test) item indices."""
+    if not 0 < cold_fraction < 1:
+        raise UserError(f"--cold-fraction {cold_fraction}: a share of the items, strictly between 0 and 1")
+    n_cold = int(round(cold_fraction * n_items))
+    if n_cold < 2:
+        raise UserError(f"--cold-fraction {cold_fraction} holds out {n_cold} of {n_items:,} items; "
+                        f"validation and test need at least one each")
+    perm = rng.permutation(n_items)
+    val_items, test_items = np.sort(perm[:n_cold // 2]), np.sort(perm[n_cold // 2:n_cold])
+    part = np.zeros(n_items, np.int8)
+    part[val_items], part[test_items] = 1, 2
+    df = pd.DataFrame({"u": u, "i": i}).sort_values(["u", "i"], kind="stable")
+    p = part[df.i.to_numpy()]
+    return df[p == 0], df[p == 1], df[p == 2], (val_items, test_items)
 
 
 def warm_items(degree, warm_fraction):
@@ -492,7 +526,20 @@ def split_stats(s):
         "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
         "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
     }
+    if s.kind == "cold-items":
+        st["cold_items_protocol"] = cold_split_stats(s)
     return st
+
+
+def cold_split_stats(s):
+    """Users, items and interactions of each part of a cold-items split (users: those with at least one
+    interaction in that part, i.e. the users evaluated on it)."""
+    part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
+                                  "interactions": int(len(uu))}
+    return {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
+            "validation_cold": part(s.val_u, s.val_i, s.val_items),
+            "test_cold": part(s.test_u, s.test_i, s.test_items),
+            "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,6 +581,61 @@ def build_features(ds, text="lyrics", cache_dir=None, device="cpu"):
     f.sizes = dict(users=len(users), countries=int(f.user_country.max()) + 1, names=int(f.user_name.max()) + 1,
                    items=len(items), artists=int(f.item_artist.max()) + 1, tags=int(f.item_tag.max()) + 1)
     return f
+
+
+def top_tags(assignments, top=5):
+    """Per item, its `top` most applied tags, ties by tag name (as collect.py's hetrec import builds `tags`)."""
+    n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
+    n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
+    return n.groupby("item").head(top).groupby("item", sort=False).tag.agg(list)
+
+
+def cold_item_tags(ds, split, source="non-listeners"):
+    """Leak-free tags for the cold-items protocol. Tags (hetrec: user_taggedartists) are applied by users, often
+    by the very users whose interactions with a cold item are held out: a cold item's `tags` and `tag` would carry
+    its test users' own behaviour. With source non-listeners, every cold item's `tags` (top 5) and `tag` (the top
+    one) are rebuilt from the tag assignments of users who have no interaction with it (every listener of a cold
+    item is evaluated on it, so this removes each evaluated user's own tagging). Warm items keep theirs (train
+    information). Returns (dataset with new items, report lines)."""
+    if source not in ("non-listeners", "all"):
+        raise UserError(f"--tag-source {source!r}: use non-listeners or all")
+    if split.kind != "cold-items" or source == "all":
+        return ds, []
+    if ds.tag_assignments is None:
+        return ds, ["no tag_assignments.csv: the tags of cold items cannot be rebuilt without their held-out "
+                    "listeners' own tagging (re-import hetrec with collect.py); text columns built from user tags "
+                    "may leak"]
+    cold, ta, own = cold_tag_assignments(ds, split)
+    items = with_tags(ds.items, cold, ta[~own])
+    had = int(ds.items.tag.iloc[cold].ne("").sum())
+    rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
+           f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
+           f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+
+
+def cold_tag_assignments(ds, split):
+    """(cold item indices, tag assignments on cold items, bool: the assignment's user interacted with the item)."""
+    cold = np.concatenate([split.val_items, split.test_items])
+    ta = ds.tag_assignments[ds.tag_assignments.item.isin(ds.items.item.to_numpy()[cold])]
+    own = pd.MultiIndex.from_frame(ta[["user", "item"]]).isin(pd.MultiIndex.from_frame(ds.inter[["user", "item"]]))
+    return cold, ta, np.asarray(own)
+
+
+def with_tags(items, rows, assignments):
+    """items with `tag` and `tags` of the given rows rebuilt from these tag assignments."""
+    top = items.item.iloc[rows].map(top_tags(assignments)).to_numpy()
+    items = items.copy()
+    items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
+    if "tags" in items.columns:
+        items.loc[rows, "tags"] = [", ".join(t) if isinstance(t, list) else "" for t in top]
+    return items
+
+
+def text_columns(items):
+    """The text columns of items.csv that carry any text (an all-empty column counts as missing)."""
+    return [c for c in items.columns if c not in ("item", "artist", "track", "tag")
+            and items[c].fillna("").str.strip().ne("").any()]
 
 
 def embed_texts(texts, cache_dir, device="cpu"):
@@ -590,9 +692,12 @@ class Tower(nn.Module):
     embedding (the id) of a random share of rows in training, so the other features must carry the signal
     too: that is what a cold item, whose id embedding saw few updates, has to rely on."""
 
-    def __init__(self, cardinalities, dim, out_dim, hidden, out_act, dropout, dense_dim=0, n_extra=0, id_dropout=0.0):
+    def __init__(self, cardinalities, dim, out_dim, hidden, out_act, dropout, dense_dim=0, n_extra=0, id_dropout=0.0,
+                 learned_unknown=False):
         super().__init__()
         self.embs = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
+        # the vector a categorical value without train interactions gets (see TwoTower.items): zero, or learned
+        self.unknown = nn.Parameter(torch.zeros(len(cardinalities), dim)) if learned_unknown else None
         self.dense = nn.Linear(dense_dim, dim) if dense_dim else None
         d_in = dim * (len(cardinalities) + (1 if dense_dim else 0) + n_extra)
         dims = [d_in, *hidden]
@@ -603,10 +708,13 @@ class Tower(nn.Module):
         self.out_act = out_act
         self.id_dropout = id_dropout
 
-    def forward(self, cats, dense=None, extra=()):
+    def forward(self, cats, dense=None, extra=(), unknown=None):
         x = [emb(c) for emb, c in zip(self.embs, cats)]
         if self.training and self.id_dropout:
             x[0] = x[0] * (torch.rand(len(x[0]), 1, device=x[0].device) >= self.id_dropout)
+        for j, m in enumerate(() if unknown is None else unknown):    # m: (B,) bool, True = unknown value
+            fill = torch.zeros_like(x[j][0]) if self.unknown is None else self.unknown[j]
+            x[j] = torch.where(m[:, None], fill, x[j])
         if self.dense is not None:
             x.append(F.gelu(self.dense(dense)))
         h = self.mlp(torch.cat(x + list(extra), -1))
@@ -717,10 +825,13 @@ class TwoTower(nn.Module):
     """Built from the configuration whole (cfg: a Config; every model setting is documented there).
     history: the users x items CSR of train interactions; with cfg.history the user tower also gets the mean of
     learned embeddings of the user's train items (in training without the target item, so it cannot copy).
-    cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature."""
+    cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature.
+    Items without train interactions get their id/artist/tag embeddings per cfg.unseen_ids (under --split
+    cold-items they are not in the training catalog either: see NegativeSampler)."""
 
     def __init__(self, feats, cfg, history):
         super().__init__()
+        unseen = np.bincount(history.indices, minlength=feats.sizes["items"]) == 0   # items without train interactions
         history = history if cfg.history else None
         self.history_dropout = cfg.history_dropout
         # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
@@ -736,10 +847,14 @@ class TwoTower(nn.Module):
         self.u_rows = [0] if cfg.id_only else [0, 1, 2] if cfg.user_ids else [1]
         user_cards = [s["users"], s["countries"], s["names"]]
         hidden = cfg.hidden_sizes()
+        # history_text: the user tower also gets the mean text vector of the user's train items (projected), so a
+        # new item's text meets the user's in one learned bilinear form (what content-KNN does with a fixed one)
+        self.hist_text = nn.Linear(text_dim, cfg.dim) if history is not None and cfg.history_text and text_dim else None
         self.user_tower = Tower([user_cards[r] for r in self.u_rows], cfg.dim, cfg.out_dim, hidden, cfg.tower_act,
-                                cfg.dropout, n_extra=history is not None)
+                                cfg.dropout, n_extra=(history is not None) + (self.hist_text is not None))
         self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], cfg.dim, cfg.out_dim, hidden,
-                                cfg.tower_act, cfg.dropout, dense_dim=text_dim, id_dropout=cfg.id_dropout)
+                                cfg.tower_act, cfg.dropout, dense_dim=text_dim, id_dropout=cfg.id_dropout,
+                                learned_unknown=cfg.unseen_ids == "learned")
         self.scorer = SCORERS[cfg.scorer].from_config(cfg)
         self.scale = cfg.temperature ** -0.5 if cfg.normalize else None
         self.hist_emb = None
@@ -757,9 +872,26 @@ class TwoTower(nn.Module):
                                                      long(feats.item_tag)]), persistent=False)
         self.register_buffer("i_text", None if not text_dim else torch.as_tensor(feats.text),
                              persistent=False)
+        self.cold_dropout = cfg.cold_dropout
+        self.register_buffer("i_unknown", torch.as_tensor(unknown_values(unseen, feats, cfg.unseen_ids)),
+                             persistent=False)
 
-    def history(self, idx, drop=None):
-        """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out.
+    def history(self, idx, drop=None, bag=None):
+        """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
+        items, offsets, keep, n, counts = self.history_bag(idx, drop) if bag is None else bag
+        if self.query is not None:
+            return self.attention_pool(items, counts, keep)
+        return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+
+    def history_text_vector(self, bag):
+        """--history-text: the projected mean text vector of the users' train items (the same bag as history)."""
+        items, offsets, keep, n, _ = bag
+        t = F.embedding_bag(items, self.i_text, offsets, mode="sum", per_sample_weights=keep)
+        return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
+
+    def history_bag(self, idx, drop=None):
+        """(items, offsets, 0/1 weights or None, kept count, count) of the users' train items; `drop`: one item per
+        user left out.
         In training each history item is also left out with probability `history_dropout` (denoising, as
         in Mult-DAE), so the user vector cannot lean on any single item."""
         start, counts = self.h_ptr[idx], self.h_ptr[idx + 1] - self.h_ptr[idx]
@@ -774,9 +906,7 @@ class TwoTower(nn.Module):
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
                 torch.arange(len(idx), device=idx.device), counts), keep)
-        if self.query is not None:
-            return self.attention_pool(items, counts, keep)
-        return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
+        return items, offsets, keep, n, counts
 
     def attention_pool(self, items, counts, keep=None):
         """sum_i a_i e_i over each user's history (flat `items`, `counts` per user), a = softmax(q . e) over
@@ -793,17 +923,38 @@ class TwoTower(nn.Module):
             0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
     def users(self, idx, drop=None):
-        extra = () if self.hist_emb is None else (self.history(idx, drop),)
+        extra = ()
+        if self.hist_emb is not None:
+            bag = self.history_bag(idx, drop)
+            extra = (self.history(idx, bag=bag),) + (() if self.hist_text is None else (self.history_text_vector(bag),))
         u = self._out(self.user_tower(list(self.u_feats[self.u_rows][:, idx]), extra=extra))
         return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
 
     def items(self, idx):
+        unknown = None
+        if self.i_unknown is not None:
+            unknown = self.i_unknown[:self.n_cats, idx]
+            if self.training and self.cold_dropout:       # a share of train rows looks like a new item
+                drop = torch.rand(len(idx), device=idx.device) < self.cold_dropout
+                unknown = unknown | torch.stack([drop, drop, torch.zeros_like(drop)])[:self.n_cats]
+            unknown = list(unknown)
         v = self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
-                                      None if self.i_text is None else self.i_text[idx]))
+                                      None if self.i_text is None else self.i_text[idx], unknown=unknown))
         return v if self.bias is None else torch.cat([v, self.bias(idx)], -1)
 
     def _out(self, h):
         return h if self.scale is None else F.normalize(h, dim=-1) * self.scale
+
+
+def unknown_values(unseen, feats, mode="zero"):
+    """(3, items) bool: which of an item's id, artist and tag have no train interactions (`unseen`: items without
+    any). Those embeddings were never trained: at inference they are replaced by zero (mode zero) or a learned
+    "unknown" vector (learned), or kept as initialized (random: noise, for comparison)."""
+    if mode == "random":
+        return np.zeros((3, len(unseen)), bool)
+    seen = ~np.asarray(unseen, bool)
+    known = lambda codes: np.isin(codes, codes[seen])
+    return np.stack([~seen, ~known(feats.item_artist), ~known(feats.item_tag)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,6 +975,7 @@ POSITIVE = Range(lambda v: math.isfinite(v) and v > 0, "a positive finite number
 NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
 FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
+SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
@@ -848,8 +1000,14 @@ class Config:
     min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
                                     "dropped", COUNT, cmds=DATA)
     split: str = setting("auto", "auto: leave-last-out by time if there are timestamps, else seeded random "
-                         "leave-one-out; global: temporal cut-offs", choices=("auto", "last", "random", "global"),
-                         cmds=DATA)
+                         "leave-one-out; global: temporal cut-offs; cold-items: a share of the items held out with "
+                         "all their interactions (new items)",
+                         choices=("auto", "last", "random", "global", "cold-items"), cmds=DATA)
+    cold_fraction: float = setting(0.2, "share of the items that split cold-items holds out, half for validation, "
+                                   "half for test", SHARE, cmds=DATA)
+    tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
+                              "users who did not interact with it (leak-free), or from everyone (all: leaks the "
+                              "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
     warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
                                    FRACTION, cmds=DATA)
     seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
@@ -881,6 +1039,13 @@ class Config:
                                      "training", PROBABILITY)
     pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
                         "query q)", choices=("mean", "attention"))
+    history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
+                                 "--history)")
+    unseen_ids: str = setting("zero", "embedding of an item id, artist or tag without train interactions: zero, a "
+                              "learned 'unknown' vector, or random (left as initialized: noise)",
+                              choices=("zero", "learned", "random"))
+    cold_dropout: float = setting(0.0, "share of training rows whose item looks new (id and artist unknown), "
+                                  "DropoutNet-style", PROBABILITY)
     # training
     loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
                         "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
@@ -967,7 +1132,13 @@ class NegativeSampler:
     torch.Generator on the device, so a seed gives the same negatives on every run on that device."""
 
     def __init__(self, split, seed=0, device="cpu"):
-        keys = np.unique(split.train_u.astype(np.int64) * split.n_items + split.train_i)
+        keys = split.train_u.astype(np.int64) * split.n_items + split.train_i
+        if split.kind == "cold-items":
+            # the held-out new items did not exist yet: to every user they count as known, so they are neither
+            # sampled as negatives nor scored in the full softmax (the training catalog is the train items)
+            new = np.flatnonzero(split.degree == 0)
+            keys = np.concatenate([keys, (np.arange(split.n_users)[:, None] * split.n_items + new).ravel()])
+        keys = np.unique(keys)
         self.n_items, self.n_users = split.n_items, split.n_users
         ptr = np.searchsorted(keys, np.arange(split.n_users + 1, dtype=np.int64) * split.n_items)
         self.degree = np.diff(ptr)                      # train positives per user, on the host
@@ -986,6 +1157,11 @@ class NegativeSampler:
         key = users * self.n_items + items
         pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
         return self.keys[pos] == key
+
+    def draw(self, size):
+        if self.pool is None:
+            return self.rng.integers(0, self.n_items, size=size)
+        return self.pool[self.rng.integers(0, len(self.pool), size=size)]
 
     def sample(self, users, k):
         """(len(users), k) negatives for the long tensor `users`, none of them a train positive of its user."""
@@ -1219,14 +1395,14 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
         t_train += time.perf_counter() - t0
         stop = False
         if rank == 0:
-            val = evaluate_split(model_scores(model, device), split, "validation", cfg.k, device, cfg.eval_memory_mb)
-            ndcg = val["overall"][f"ndcg@{cfg.k}"]
+            val = evaluate(model_scores(model, device), split, "validation", cfg.k, device, cfg.eval_memory_mb)
+            ndcg = selection_score(val, split, cfg.k)
             history.append({"epoch": epoch, "loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"],
                             "validation": val, "seconds": time.perf_counter() - t0})
             improved = ndcg > best
             if not quiet:
-                log(f"epoch {epoch:3d}  loss {total / max(n, 1):.4f}  val HR@{cfg.k} "
-                    f"{val['overall'][f'hr@{cfg.k}']:6.2f}  NDCG@{cfg.k} {ndcg:6.2f}  {'*' if improved else ''}")
+                log(f"epoch {epoch:3d}  loss {total / max(n, 1):.4f}  val {result_line(val, split, cfg.k)}  "
+                    f"{'*' if improved else ''}")
             if improved:
                 best, bad_epochs = ndcg, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -1247,7 +1423,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     if rank > 0:
         return model, history, timings
     model.load_state_dict(best_state)
-    timings["best_epoch"] = max(history, key=lambda h: h["validation"]["overall"][f"ndcg@{cfg.k}"])["epoch"]
+    timings["best_epoch"] = max(history, key=lambda h: selection_score(h["validation"], split, cfg.k))["epoch"]
     return model, history, timings
 
 
@@ -1344,6 +1520,104 @@ def evaluate_split(score_fn, split, which, k, device, memory_mb=512, return_rank
     ranks = rank_of_targets(score_fn, users, targets, exclusion(split, which), device, memory_mb)
     res = grouped_metrics(ranks, targets, split, k)
     return (res, ranks) if return_ranks else res
+
+
+# The cold-items protocol: every interaction of an evaluated user with the split's cold items is a target.
+# Two views: "cold" ranks only that split's cold items (recommending new items), "all" ranks them among every
+# item not in the user's train set (at test time, nor among their validation-cold items). Recall@K = hits / targets,
+# NDCG@K = DCG / ideal DCG over min(targets, K), HR@K = any hit; K = 10 and 20; all x100, means over users.
+# Model selection (early stopping, baseline grids) uses validation-cold NDCG@20 of the "cold" view.
+
+COLD_KS = (10, 20)
+COLD_SELECT = ("cold", "ndcg@20")
+
+
+def cold_targets(split, which):
+    """(evaluated users, CSR of their targets with rows aligned to them, candidate items) of one part."""
+    u, i = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
+    users = np.unique(u)
+    T = sp.csr_matrix((np.ones(len(u), np.float32), (np.searchsorted(users, u), i)), shape=(len(users), split.n_items))
+    T.sort_indices()
+    return users, T, split.val_items if which == "validation" else split.test_items
+
+
+def target_ranks(score_fn, users, targets, candidates, exclude, device, memory_mb=512):
+    """0-based rank of every target (targets.indices, row by row) in two views: among `candidates` only, and
+    among all items that `exclude` (users x items CSR) does not mask. Ties are broken by item index."""
+    n_items = targets.shape[1]
+    chunk = max(1, int(memory_mb * 2**20 // (n_items * max(getattr(score_fn, "bytes_per_pair", 16), 24))))
+    cand = torch.zeros(n_items, dtype=torch.bool, device=device)
+    cand[torch.as_tensor(candidates, device=device)] = True
+    out = np.empty((2, targets.nnz), np.int64)
+    with torch.inference_mode():
+        for a in range(0, len(users), chunk):
+            u = users[a:a + chunk]
+            S = torch.as_tensor(score_fn(u), device=device, dtype=torch.float32)
+            t = targets[a:a + chunk].tocoo()
+            rows, cols = (torch.as_tensor(x, device=device, dtype=torch.long) for x in (t.row, t.col))
+            ex = exclude[u].tocoo()
+            S_all = S.clone()
+            S_all[torch.as_tensor(ex.row, device=device, dtype=torch.long),
+                  torch.as_tensor(ex.col, device=device, dtype=torch.long)] = float("-inf")
+            for v, M in enumerate((S.masked_fill(~cand, float("-inf")), S_all)):
+                order = torch.sort(M, dim=1, descending=True, stable=True).indices   # ties: lower index first
+                pos = torch.empty_like(order)
+                pos.scatter_(1, order, torch.arange(n_items, device=device).expand_as(order))
+                out[v, targets.indptr[a]:targets.indptr[min(a + chunk, len(users))]] = pos[rows, cols].cpu().numpy()
+    return out
+
+
+def multi_target_metrics(ranks, counts, ks=COLD_KS):
+    """Per-user Recall@K, NDCG@K and HR@K (x100) from the ranks of each user's targets (grouped by user,
+    `counts` per user, in that order), summed from METRICS' per-target hit and discounted gain."""
+    counts = np.asarray(counts)
+    row = np.repeat(np.arange(len(counts)), counts)
+    ranks = np.asarray(ranks)
+    out = {}
+    for k in ks:
+        hits = np.bincount(row, weights=METRICS["hr"](ranks, k), minlength=len(counts))
+        dcg = np.bincount(row, weights=METRICS["ndcg"](ranks, k), minlength=len(counts))
+        ideal = np.cumsum(METRICS["ndcg"](np.arange(k), k))[np.minimum(counts, k) - 1]
+        out[f"recall@{k}"] = hits / counts * 100
+        out[f"ndcg@{k}"] = dcg / ideal * 100
+        out[f"hr@{k}"] = (hits > 0) * 100.0
+    return out
+
+
+def mean_metrics(per_user, n_targets):
+    return {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
+            "n": int(len(next(iter(per_user.values())))), "targets": int(n_targets)}
+
+
+def evaluate_cold(score_fn, split, which, device, memory_mb=512, return_ranks=False):
+    """The cold-items protocol's evaluator: {"cold": ..., "all": ...} metric means (see above)."""
+    users, T, cand = cold_targets(split, which)
+    ranks = target_ranks(score_fn, users, T, cand, exclusion(split, which), device, memory_mb)
+    counts = np.diff(T.indptr)
+    res = {view: mean_metrics(multi_target_metrics(r, counts), T.nnz) for view, r in zip(("cold", "all"), ranks)}
+    res["cold"]["items"] = int(len(cand))
+    return (res, {"users": users, "counts": counts, "items": T.indices, "cold": ranks[0], "all": ranks[1]}) \
+        if return_ranks else res
+
+
+def evaluate(score_fn, split, which, k, device, memory_mb=512, return_ranks=False):
+    """The split's own evaluator: leave-one-out (evaluate_split) or cold-items (evaluate_cold)."""
+    if split.kind == "cold-items":
+        return evaluate_cold(score_fn, split, which, device, memory_mb, return_ranks)
+    return evaluate_split(score_fn, split, which, k, device, memory_mb, return_ranks)
+
+
+def selection_score(res, split, k):
+    """What model selection maximizes: validation NDCG@K (leave-one-out), validation-cold NDCG@20 (cold-items)."""
+    view, metric = COLD_SELECT if split.kind == "cold-items" else ("overall", f"ndcg@{k}")
+    return res[view][metric]
+
+
+def result_line(res, split, k):
+    if split.kind == "cold-items":
+        c = res["cold"]
+        return f"cold Recall@20 {c['recall@20']:6.2f}  NDCG@20 {c['ndcg@20']:6.2f}  NDCG@10 {c['ndcg@10']:6.2f}"
+    return f"HR@{k} {res['overall'][f'hr@{k}']:6.2f}  NDCG@{k} {res['overall'][f'ndcg@{k}']:6.2f}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1517,13 +1791,182 @@ def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False, names=N
     return out, ranks
 
 
+# Content baselines for the cold-items protocol: items without train interactions can only be scored from
+# their content. Popularity, ItemKNN and EASE cannot score them at all: their rows say "n/a", not 0.
+
+def random_scores(n_items, seed=0):
+    """Uniform random scores, the same for a user however the users are chunked."""
+    return lambda users: torch.as_tensor(np.stack([np.random.default_rng([seed, int(u)]).random(n_items)
+                                                   for u in users]), dtype=torch.float32)
+
+
+def unit_rows(V):
+    """Rows scaled to unit L2 norm (zero rows stay zero); dense or sparse."""
+    if sp.issparse(V):
+        n = np.sqrt(np.asarray(V.multiply(V).sum(1)).ravel())
+        return sp.diags(1 / np.where(n > 0, n, 1)) @ V
+    n = np.linalg.norm(V, axis=1, keepdims=True)
+    return V / np.where(n > 0, n, 1)
+
+
+def profile_scores(split, V):
+    """Content KNN: a user's profile is the mean of the unit content vectors (rows of V) of their train items;
+    an item's score is the cosine between the profile and its vector."""
+    V = unit_rows(V)
+    P = unit_rows(split.train @ V)
+    if sp.issparse(V):
+        return lambda users: torch.as_tensor((P[users] @ V.T).toarray(), dtype=torch.float32)
+    return lambda users: torch.as_tensor(P[users] @ V.T, dtype=torch.float32)
+
+
+def tag_tfidf(tags, idf=True):
+    """items x tags sparse TF-IDF of comma-separated tag lists, binary term frequency (a tag is there or not)."""
+    lists = [[t.strip().lower() for t in s.split(",") if t.strip()] for s in tags]
+    vocab = {t: n for n, t in enumerate(sorted({t for l in lists for t in l}))}
+    rows = np.repeat(np.arange(len(lists)), [len(set(l)) for l in lists])
+    cols = np.array([vocab[t] for l in lists for t in sorted(set(l))], dtype=np.int64)
+    X = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(lists), max(len(vocab), 1)))
+    if idf:
+        df = np.asarray((X > 0).sum(0)).ravel()
+        X = X @ sp.diags(np.log(len(lists) / np.maximum(df, 1)))
+    return X.tocsr()
+
+
+def cb2cf_scores(split, C, target, lam=10.0):
+    """CB2CF: a ridge regression maps an item's content vector (rows of C) to its collaborative vector, learned
+    on the train items; items without train interactions get the mapped vector. target: (user factors P over
+    train items, item factors Q of the train items), from collaborative_factors."""
+    seen = np.flatnonzero(split.degree > 0)
+    P, Q = target
+    C = unit_rows(C)
+    Cs = C[seen]
+    W = np.linalg.solve(Cs.T @ Cs + lam * np.eye(C.shape[1]), Cs.T @ Q)
+    Qa = C @ W
+    Qa[seen] = Q
+    Qa = torch.as_tensor(Qa, dtype=torch.float32)
+    dense = (lambda a: a.toarray()) if sp.issparse(P) else np.asarray
+    return lambda users: torch.as_tensor(dense(P[users]), dtype=torch.float32) @ Qa.T
+
+
+def collaborative_factors(split, kind):
+    """(user vectors, train-item vectors) whose dot product scores an item: ("svd", d): PureSVD, the top d right
+    singular vectors of the train matrix; ("ease", lam): the columns of EASE's item-item matrix."""
+    seen = np.flatnonzero(split.degree > 0)
+    X = split.train[:, seen].astype(np.float64)
+    if kind[0] == "svd":
+        from scipy.sparse.linalg import svds
+        _, _, Vt = svds(X, k=min(kind[1], min(X.shape) - 1), random_state=0)
+        return np.asarray(X @ Vt.T), Vt.T
+    G = (X.T @ X).toarray()
+    G[np.diag_indices_from(G)] += kind[1]
+    Pinv = np.linalg.inv(G)
+    B = -Pinv / np.diag(Pinv)[None, :]
+    np.fill_diagonal(B, 0)
+    return X, B.T
+
+
+def tune_and_test(name, make, grid, split, memory_mb=512, quiet=False):
+    """Pick the grid point with the best validation-cold NDCG@20, then evaluate it on test once."""
+    t0, best = time.perf_counter(), None
+    for p in grid:
+        fn = make(p)
+        val = evaluate_cold(fn, split, "validation", "cpu", memory_mb)
+        if best is None or selection_score(val, split, 0) > selection_score(best[1], split, 0):
+            best = (p, val, fn)
+    p, val, fn = best
+    test, r = evaluate_cold(fn, split, "test", "cpu", memory_mb, return_ranks=True)
+    if not quiet:
+        log(f"baseline {name:<18} chosen {p!s:>14} on validation-cold  NDCG@20 {selection_score(val, split, 0):6.2f}")
+    return {"params": p if p is None or isinstance(p, (int, float, str)) else list(p), "validation": val,
+            "test": test, "seconds": time.perf_counter() - t0}, r
+
+
+class ContentBaseline(NamedTuple):
+    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items)
+    grid: list               # hyperparameter values tried; the best on validation-cold NDCG@20 is kept
+    content: str             # "text": once per text column (its MiniLM vectors); "tags": the tags column; "": none
+
+
+def cached_factors(split, kind):
+    """collaborative_factors, computed once per split and kind (CB2CF's grid shares them)."""
+    memo = split.__dict__.setdefault("_factors", {})
+    if kind not in memo:
+        memo[kind] = collaborative_factors(split, kind)
+    return memo[kind]
+
+
+# name -> ContentBaseline: the one list of the cold-items protocol's baselines (run_cold_baselines reads it; a text
+# baseline is run once per text column, named "NAME column"; grid ["seed"]: the run's seed). The baselines of
+# BASELINES cannot score new items: n/a.
+CONTENT_BASELINES = {
+    "Random": ContentBaseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], ""),
+    "ContentKNN": ContentBaseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
+                                  ["plain", "centered"], "text"),
+    "TagTFIDF": ContentBaseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")),
+                                ["idf", "binary"], "tags"),
+    "CB2CF": ContentBaseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
+                             [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
+                             "text"),
+}
+
+
+def run_cold_baselines(ds, split, cache_dir=None, memory_mb=512, quiet=False, seed=0):
+    """Every baseline of CONTENT_BASELINES, each tuned on validation-cold (Random with this seed); those of
+    BASELINES are n/a. Returns ({name: result}, {name: test ranks}), results in run_baselines' format."""
+    out, ranks = {}, {}
+    cols = text_columns(ds.items)
+    vecs = {c: build_features(ds, c, cache_dir).text for c in cols}
+    for name, (make, grid, content) in CONTENT_BASELINES.items():
+        runs = {"": [(name, None)], "tags": [(name, ds.items.tags)] if "tags" in ds.items.columns else [],
+                "text": [(f"{name} {c}", vecs[c]) for c in cols]}[content]
+        for label, C in runs:
+            out[label], ranks[label] = tune_and_test(label, lambda p, C=C: make(split, C, p),
+                                                     [seed] if grid == ["seed"] else grid, split, memory_mb, quiet)
+    for name in BASELINES:
+        out[name] = {"na": "cannot score items without train interactions"}
+    return out, ranks
+
+
+def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
+    """How much the user-applied tags of cold items reveal their held-out listeners. `ds` carries the leak-free
+    tags; the leaky ones (every user's assignments, as imported) are rebuilt here for comparison. `baselines`:
+    run_cold_baselines' results (for the leak-free rows and their chosen parameters)."""
+    cold, ta, own = cold_tag_assignments(ds, split)
+    ids_u, ids_i = ds.users.user.to_numpy(), ds.items.item.to_numpy()
+    tagged = pd.MultiIndex.from_frame(ds.tag_assignments[["user", "item"]].drop_duplicates())
+    share = lambda u, i: float(pd.MultiIndex.from_arrays([ids_u[u], ids_i[i]]).isin(tagged).mean() * 100)
+    out = {"test_pairs_tagged_by_their_user_pct": share(split.test_u, split.test_i),
+           "validation_pairs_tagged_by_their_user_pct": share(split.val_u, split.val_i),
+           "cold_tag_assignments": int(len(ta)), "by_listeners_pct": float(own.mean() * 100) if len(ta) else 0.0,
+           "cold_items_with_tags_leaky": int(pd.Series(ids_i[cold]).isin(ta.item).sum()),
+           "cold_items_with_tags_leak_free": int(pd.Series(ids_i[cold]).isin(ta.item[~own]).sum()),
+           "cold_items": int(len(cold)), "test": {}}
+    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta), ds.inter, ds.synthetic)
+    counts = lambda a: torch.as_tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(),
+                                       dtype=torch.float32)
+    scorers = {"tag count, all users (leaky)": counts(ds.tag_assignments),
+               "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
+                                                             ta[~own]]))}
+    for name, c in scorers.items():
+        out["test"][name] = evaluate_cold(lambda users, c=c: c.repeat(len(users), 1), split, "test", "cpu", memory_mb)
+    out["test"]["Random"] = baselines["Random"]["test"]
+    for name, make in [("ContentKNN tags", lambda d, p: profile_scores(
+                            split, (lambda V: V - V.mean(0) if p == "centered" else V)(build_features(d, "tags", cache_dir).text))),
+                       ("TagTFIDF", lambda d, p: profile_scores(split, tag_tfidf(d.items.tags, p == "idf")))]:
+        if name in baselines and "tags" in ds.items.columns:
+            p = baselines[name]["params"]
+            out["test"][f"{name} (leak-free tags)"] = baselines[name]["test"]
+            out["test"][f"{name} (leaky tags)"] = evaluate_cold(make(leaky, p), split, "test", "cpu", memory_mb)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 10. runs: data preparation shared by every command, results.json, tables
 
 def prepare(cfg, quiet=False):
     ds = load_dataset(cfg.data_dir, cfg.dataset)
     ds = filter_dataset(ds, cfg.min_interactions)
-    split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction)
+    split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction, cold_fraction=cfg.cold_fraction)
     if len(split.val_u) == 0 or len(split.test_u) == 0:
         raise UserError(f"dataset {ds.name}: no user has enough interactions to hold out validation and test items")
     # a held-out item among at most K candidates is in the top K whatever the scores: HR@K 100 means nothing
@@ -1536,15 +1979,24 @@ def prepare(cfg, quiet=False):
     if trivial.any():
         split.report.append(f"{int(trivial.sum()):,} of {len(trivial):,} test users have at most {cfg.k} candidate "
                             f"items: their held-out item is in the top {cfg.k} whatever the model")
+    ds, lines = cold_item_tags(ds, split, cfg.tag_source)
+    split.report += lines
     if not quiet:
         log(f"dataset {ds.label}")
         for line in ds.report + split.report:
             log("  " + line)
         st = split_stats(split)
-        log(f"  split {st['split']}: {st['train_interactions']:,} train interactions; items in train/val/test "
-            f"{st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; warm/cold items "
-            f"{st['warm_items']:,}/{st['cold_items']:,}; cold cases val/test {st['cold_validation_cases']:,}/"
-            f"{st['cold_test_cases']:,}; avg degree item {st['avg_item_degree']:.2f}, user {st['avg_user_degree']:.2f}")
+        if split.kind == "cold-items":
+            c = st["cold_items_protocol"]
+            log("  split cold-items (--cold-fraction {}): ".format(cfg.cold_fraction) + "; ".join(
+                f"{part} {c[part]['users']:,} users, {c[part]['items']:,} items, {c[part]['interactions']:,} "
+                f"interactions" for part in ("train", "validation_cold", "test_cold")))
+        else:
+            log(f"  split {st['split']}: {st['train_interactions']:,} train interactions; items in train/val/test "
+                f"{st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; warm/cold items "
+                f"{st['warm_items']:,}/{st['cold_items']:,}; cold cases val/test {st['cold_validation_cases']:,}/"
+                f"{st['cold_test_cases']:,}; avg degree item {st['avg_item_degree']:.2f}, "
+                f"user {st['avg_user_degree']:.2f}")
     return ds, split
 
 
@@ -1611,6 +2063,37 @@ def save_run_info(run_dir, cfg, ds, feats):
     atomic_write_text(Path(run_dir) / "run.json", json.dumps(info))
 
 
+def fmt_cold_table(rows, title):
+    """The cold-items table: the "cold" view at K = 10 and 20, and the "all" view at 20; n/a rows stay n/a.
+    rows: (name, metrics) or (name, baseline result with "params"/"test", or "na")."""
+    cols = [("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")]
+    cols += [("all", "recall@20"), ("all", "ndcg@20")]
+    short = {"recall": "Rec", "ndcg": "NDCG", "hr": "HR"}
+    head = f"{'model':<40}" + "".join(f"{short[m.split('@')[0]] + '@' + m.split('@')[1] + (' all' if v == 'all' else ''):>13}"
+                                      for v, m in cols)
+    lines = [title, head, "-" * len(head)]
+    for name, res in rows:
+        if "na" in res:
+            lines.append(f"{name:<40}" + f"{'n/a':>13}" * len(cols))
+            continue
+        if res.get("params") is not None:
+            name = f"{name} ({res['params']})"
+        r = res.get("test", res)
+        lines.append(f"{name:<40}" + "".join(f"{r[v][m]:>13.2f}" for v, m in cols))
+    return "\n".join(lines)
+
+
+def save_cold_ranks(path, ranks):
+    """ranks.npz of a cold-items run: the test users, their target counts and items, and per model the rank of
+    every target in both views (per-user metrics: multi_target_metrics)."""
+    first = next(iter(ranks.values()))
+    arrays = {"users": first["users"], "counts": first["counts"], "items": first["items"]}
+    for name, r in ranks.items():
+        key = name.lower().replace(" ", "_")
+        arrays[f"{key}__cold"], arrays[f"{key}__all"] = r["cold"], r["all"]
+    np.savez(path, **arrays)
+
+
 def train_and_report(cfg, device, rank=0, world=1):
     ds, split = prepare(cfg, quiet=rank > 0)
     if rank == 0:
@@ -1635,17 +2118,36 @@ def train_and_report(cfg, device, rank=0, world=1):
     best_epoch = timings["best_epoch"]
     val = history[best_epoch - 1]["validation"]
     t0 = time.perf_counter()
-    test, ranks = evaluate_split(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
-                                 return_ranks=True)
+    test, ranks = evaluate(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
+                           return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
-    baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb,
-                                          names=baseline_names(cfg.baselines))
+    cold = split.kind == "cold-items"
+    names = baseline_names(cfg.baselines)
+    baselines, base_ranks, audit = {}, {}, None
+    if cold and names:                 # any baseline asked for: the cold-items protocol's (CONTENT_BASELINES)
+        baselines, base_ranks = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb,
+                                                   seed=cfg.seed)
+        if ds.tag_assignments is not None:
+            audit = tag_leak_audit(ds, split, baselines, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb)
+    elif not cold:
+        baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb, names=names)
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
+               "protocol": "cold-items" if cold else "leave-one-out",
                "config": asdict(cfg), "device": str(device), "world_size": world, "split": split_stats(split),
                "history": history, "best_epoch": best_epoch, "validation": val, "test": test,
                "baselines": baselines, "timings": timings}
+    if audit:
+        results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+    if cold:
+        save_cold_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
+        print(fmt_cold_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()],
+                             f"\nTest-cold, {ds.label}: {test['cold']['n']:,} users, {test['cold']['targets']:,} "
+                             f"targets among {test['cold']['items']:,} new items; model selected on validation-cold "
+                             f"NDCG@20 (best epoch {best_epoch})"))
+        print(f"\nwrote {run_dir}/results.json")
+        return results
     np.savez(run_dir / "ranks.npz", users=split.test_u, items=split.test_i, two_tower=ranks,
              **{n.lower(): r for n, r in base_ranks.items()})
     rows = [(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test)]
@@ -1904,6 +2406,10 @@ def cmd_train(cfg):
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
     fn = model_scores(model, device)
+    if split.kind == "cold-items":
+        print(fmt_cold_table([(f"{part}-cold", evaluate_cold(fn, split, part, device, cfg.eval_memory_mb))
+                              for part in ("validation", "test")], f"{run_dir.name} on {ds.label}"))
+        return
     val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
     test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
     print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
@@ -1929,6 +2435,11 @@ def cmd_baselines(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds, split = prepare(cfg)
+    if split.kind == "cold-items":
+        res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
+        print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "
+                                                f"{len(split.test_items):,} new items"))
+        return
     res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, names=baseline_names(cfg.baselines))
     print(f"\n{'baseline':<12}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
     for n, r in res.items():
@@ -1946,6 +2457,8 @@ def cmd_stats(cfg):
 
 def cmd_fairness(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    if split.kind == "cold-items":
+        raise UserError(f"fairness reports leave-one-out runs; {run_dir.name} is a cold-items run")
     fn = model_scores(model, device)
     excl = exclusion(split, "test")
     ranks = rank_of_targets(fn, split.test_u, split.test_i, excl, device, cfg.eval_memory_mb)
@@ -1972,6 +2485,7 @@ def cmd_fairness(args):
     f["exposure"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in e.items()}
     atomic_write_text(run_dir / "fairness.json", json.dumps(f, indent=1))
     print(f"wrote {run_dir / 'fairness.json'}")
+
 
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)

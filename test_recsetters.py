@@ -848,3 +848,193 @@ def test_atomic_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path):
     R.atomic_write_text(f, "2")
     assert f.read_text() == "2" and (f.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+# ---------------------------------------------------------------------------------------------- cold-items protocol
+
+def cold_split(small_demo, seed=0, fraction=0.2):
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), split="cold-items", cold_fraction=fraction, seed=seed)
+    return R.prepare(cfg, quiet=True)
+
+
+def test_cold_items_split_holds_out_items_with_all_their_interactions(small_demo):
+    ds, s = cold_split(small_demo)
+    n_cold = round(0.2 * s.n_items)
+    assert len(s.val_items) == n_cold // 2 and len(s.val_items) + len(s.test_items) == n_cold
+    assert not np.intersect1d(s.val_items, s.test_items).size
+    cold = np.union1d(s.val_items, s.test_items)
+    assert (s.degree[cold] == 0).all() and (s.degree[np.setdiff1d(np.arange(s.n_items), cold)] > 0).all()
+    assert np.isin(s.val_i, s.val_items).all() and np.isin(s.test_i, s.test_items).all()
+    # every interaction lands in exactly one part
+    assert len(s.train_u) + len(s.val_u) + len(s.test_u) == len(ds.inter)
+    st = R.split_stats(s)["cold_items_protocol"]
+    assert st["test_cold"] == {"users": len(np.unique(s.test_u)), "items": len(s.test_items),
+                               "interactions": len(s.test_u)}
+    _, s2 = cold_split(small_demo)
+    _, s3 = cold_split(small_demo, seed=1)
+    assert (s2.test_items == s.test_items).all() and not np.array_equal(s3.test_items, s.test_items)
+    with pytest.raises(R.UserError, match="cold-fraction"):
+        cold_split(small_demo, fraction=1.5)
+
+
+def naive_cold_metrics(S, users, targets, cand, exclude, k):
+    """Per-user Recall/NDCG/HR@k by an explicit sort of each user's candidates (ties by item index)."""
+    out = {"recall": [], "ndcg": [], "hr": []}
+    for u in users:
+        items = [j for j in cand if not exclude[u, j]]
+        top = sorted(items, key=lambda j: (-S[u, j], j))[:k]
+        t = set(targets[u])
+        hits = [p for p, j in enumerate(top) if j in t]
+        ideal = sum(1 / np.log2(p + 2) for p in range(min(len(t), k)))
+        out["recall"].append(len(hits) / len(t) * 100)
+        out["ndcg"].append(sum(1 / np.log2(p + 2) for p in hits) / ideal * 100)
+        out["hr"].append(100.0 * bool(hits))
+    return {m: np.mean(v) for m, v in out.items()}
+
+
+def test_cold_evaluator_matches_a_naive_loop_in_both_views():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 36
+    S = rng.integers(0, 6, size=(n_users, n_items)).astype(np.float32)      # many ties
+    items = rng.permutation(n_items)
+    val_items, test_items = np.sort(items[:6]), np.sort(items[6:12])
+    warm = items[12:]
+    train = np.zeros((n_users, n_items), bool)
+    for u in range(n_users):
+        train[u, rng.choice(warm, 5, replace=False)] = True
+    pairs = {part: [(u, j) for u in range(n_users) for j in its if rng.random() < 0.3]
+             for part, its in (("val", val_items), ("test", test_items))}
+    tu, ti = np.nonzero(train)
+    arr = lambda p, c: np.array([x[c] for x in pairs[p]], np.int64)
+    s = R.Split(n_users, n_items, tu, ti, arr("val", 0), arr("val", 1), arr("test", 0), arr("test", 1),
+                kind="cold-items", val_items=val_items, test_items=test_items)
+    s.train = sp.csr_matrix(train.astype(np.float32))
+    s.degree = train.sum(0)
+    fn = lambda users: torch.as_tensor(S[users])
+    fn.bytes_per_pair = 4 * n_items          # many small chunks
+    res = R.evaluate_cold(fn, s, "test", "cpu", memory_mb=0.01)
+    users = np.unique(arr("test", 0))
+    targets = {u: [j for v, j in pairs["test"] if v == u] for u in users}
+    seen_val = np.zeros_like(train)
+    seen_val[arr("val", 0), arr("val", 1)] = True
+    for k in (10, 20):
+        cold = naive_cold_metrics(S, users, targets, test_items, np.zeros_like(train), k)
+        every = naive_cold_metrics(S, users, targets, range(n_items), train | seen_val, k)
+        for m in ("recall", "ndcg", "hr"):
+            assert res["cold"][f"{m}@{k}"] == pytest.approx(cold[m])
+            assert res["all"][f"{m}@{k}"] == pytest.approx(every[m])
+    assert res["cold"]["n"] == len(users) and res["cold"]["targets"] == len(pairs["test"])
+    # hand-computed: 3 targets, hits at ranks 0 and 4 of K = 10
+    m = R.multi_target_metrics(np.array([0, 4, 30]), [3], ks=(10,))
+    ideal = 1 + 1 / np.log2(3) + 1 / np.log2(4)
+    assert m["recall@10"][0] == pytest.approx(200 / 3) and m["hr@10"][0] == 100
+    assert m["ndcg@10"][0] == pytest.approx((1 + 1 / np.log2(6)) / ideal * 100)
+
+
+def test_unseen_items_are_scored_from_content_alone(small_demo):
+    ds, s = cold_split(small_demo)
+    feats = R.build_features(ds, "none")
+    cold = s.test_items[:5]
+    outs = {}
+    for mode in ("zero", "random", "learned"):
+        cfg = R.Config(dataset="small", split="cold-items", text="none", unseen_ids=mode, dropout=0.0)
+        torch.manual_seed(0)
+        m = R.TwoTower(feats, cfg, s.train).eval()
+        before = m.items(torch.as_tensor(cold))
+        with torch.no_grad():
+            m.item_tower.embs[0].weight[cold] += 1.0          # the never-trained id rows change...
+        outs[mode] = torch.allclose(before, m.items(torch.as_tensor(cold)))
+    assert outs == {"zero": True, "random": False, "learned": True}   # ...and only `random` notices
+    # artist/tag known only through train items
+    unk = R.unknown_values(s.degree == 0, feats)
+    assert (unk[0] == (s.degree == 0)).all()
+    assert not unk[1][s.degree > 0].any() and not unk[2][s.degree > 0].any()
+    # cold-items training: held-out new items are neither softmax candidates nor sampled negatives
+    sampler = R.NegativeSampler(s, 0)
+    users = torch.as_tensor(s.train_u[:200])
+    assert (s.degree[sampler.sample(users, 20).numpy()] > 0).all()
+    rows, cols = sampler.positives(users, int(sampler.degree[s.train_u[:200]].sum()))
+    masked = np.zeros((200, s.n_items), bool)
+    masked[rows.numpy(), cols.numpy()] = True
+    assert masked[:, s.degree == 0].all()        # the full softmax masks every new item for every user
+
+
+def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
+    ds, s = cold_split(small_demo)
+    item_ids, user_ids = ds.items.item.to_numpy(), ds.users.user.to_numpy()
+    c = s.test_items[0]
+    listener = user_ids[s.test_u[s.test_i == c][0]]
+    stranger = next(u for u in user_ids if u not in set(user_ids[s.test_u[s.test_i == c]]) | set(user_ids[s.val_u[s.val_i == c]]))
+    w = item_ids[s.train_i[0]]
+    ta = pd.DataFrame({"user": [listener, listener, stranger, stranger, listener],
+                       "item": [item_ids[c], item_ids[c], item_ids[c], w, w],
+                       "tag": ["own", "own2", "other", "warmtag", "warmtag2"]})
+    ds.items["tags"] = ""
+    ds = R.Dataset(ds.name, ds.users, ds.items, ds.inter, tag_assignments=ta)
+    clean, rep = R.cold_item_tags(ds, s, "non-listeners")
+    row = clean.items.set_index("item")
+    assert row.loc[item_ids[c], "tags"] == "other" and row.loc[item_ids[c], "tag"] == "other"
+    assert row.loc[w, "tag"] == ds.items.set_index("item").loc[w, "tag"]      # warm items keep theirs
+    assert "2 of 3 assignments" in rep[0]
+    assert R.cold_item_tags(ds, s, "all")[0] is ds
+    # top tags: most applied first, ties by name (collect.py's hetrec import)
+    top = R.top_tags(pd.DataFrame({"item": ["a"] * 4, "tag": ["z", "b", "z", "c"], "user": list("1234")}), 2)
+    assert top["a"] == ["z", "b"]
+
+
+def test_content_baselines_find_taste_in_content():
+    """Items carry a genre in their content; users like two genres: every content baseline beats Random."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, G = 300, 400, 8
+    genre = rng.integers(0, G, n_items)
+    C = np.eye(G)[genre] + 0.3 * rng.normal(size=(n_items, G))
+    likes = np.stack([rng.choice(G, 2, replace=False) for _ in range(n_users)])
+    X = ((genre[None, :] == likes[:, :1]) | (genre[None, :] == likes[:, 1:])) & (rng.random((n_users, n_items)) < 0.3)
+    perm = rng.permutation(n_items)
+    val_items, test_items = np.sort(perm[:80]), np.sort(perm[80:160])
+    part = np.zeros(n_items, int)
+    part[val_items], part[test_items] = 1, 2
+    u, i = np.nonzero(X)
+    pick = lambda p: (u[part[i] == p], i[part[i] == p])
+    s = R.Split(n_users, n_items, *pick(0), *pick(1), *pick(2), kind="cold-items", val_items=val_items,
+                test_items=test_items)
+    s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)), shape=X.shape)
+    s.degree = np.asarray(s.train.sum(0)).ravel()
+    tags = pd.Series([f"g{g}, x{rng.integers(0, 50)}" for g in genre])
+    rnd = R.evaluate_cold(R.random_scores(n_items), s, "test", "cpu")["cold"]["ndcg@10"]
+    for fn in [R.profile_scores(s, C), R.profile_scores(s, R.tag_tfidf(tags)),
+               R.cb2cf_scores(s, C, R.collaborative_factors(s, ("svd", 8)), 1.0),
+               R.cb2cf_scores(s, C, R.collaborative_factors(s, ("ease", 10.0)), 1.0)]:
+        assert R.evaluate_cold(fn, s, "test", "cpu")["cold"]["ndcg@10"] > 2 * rnd
+
+
+def test_cli_cold_items_train_writes_the_protocol(small_demo, tmp_path):
+    p = run_cli("train", "--dataset", "small", "--data-dir", str(small_demo), "--split", "cold-items", "--text", "none",
+                "--epochs", "1", "--runs-dir", str(tmp_path), "--run-name", "c", "--device", "cpu", "--no-baselines")
+    assert p.returncode == 0, p.stderr
+    res = __import__("json").loads((tmp_path / "c" / "results.json").read_text())
+    assert res["protocol"] == "cold-items" and set(res["test"]) == {"cold", "all"}
+    assert {"recall@20", "ndcg@20", "hr@10"} <= set(res["test"]["cold"])
+    assert "Test-cold" in p.stdout
+    z = np.load(tmp_path / "c" / "ranks.npz")
+    assert len(z["two_tower__cold"]) == z["counts"].sum() == res["test"]["cold"]["targets"]
+
+
+def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
+    """One seed, text none, one epoch, a dataset without text (so no text encoder: fast): the cold-items cells run,
+    and the report has the table, n/a rows and the paired test against the best content baseline."""
+    import experiments as E
+    root = small_demo
+    if not (root / "notext" / "items.csv").exists():
+        (root / "notext").mkdir(exist_ok=True)
+        for f in ("users.csv", "interactions.csv"):
+            (root / "notext" / f).write_text((root / "small" / f).read_text())
+        items = pd.read_csv(root / "small" / "items.csv", dtype=str, keep_default_na=False)
+        items.assign(title="", summary="", lyrics="").to_csv(root / "notext" / "items.csv", index=False)
+    E.main(["ablation", "--datasets", "notext", "--data-dir", str(root), "--texts", "none", "--seeds", "0",
+            "--protocols", "cold-items", "--train-args", "--epochs 1 --device cpu", "--out", str(tmp_path),
+            "--no-fairness"])
+    md = (tmp_path / "report.md").read_text()
+    assert "### notext, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
+    assert "| two-tower, text none | Random |" in md
+    assert (tmp_path / "cold_items.png").exists()
