@@ -951,7 +951,7 @@ def test_unseen_items_are_scored_from_content_alone(small_demo):
     assert not unk[1][s.degree > 0].any() and not unk[2][s.degree > 0].any()
     # cold-items training: held-out new items are neither softmax candidates nor sampled negatives
     sampler = R.NegativeSampler(s, 0)
-    users = torch.as_tensor(s.train_u[:200])
+    users = torch.as_tensor(s.train_u[:200].copy())
     assert (s.degree[sampler.sample(users, 20).numpy()] > 0).all()
     rows, cols = sampler.positives(users, int(sampler.degree[s.train_u[:200]].sum()))
     masked = np.zeros((200, s.n_items), bool)
