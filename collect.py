@@ -67,7 +67,7 @@ def log(msg):
     tqdm.write(str(msg), file=sys.stderr)
 
 # -----------------------------------------------------------------------------
-# small helpers, kept identical in collect.py and enrich.py (test_enrich.py checks that they agree)
+# small helpers, also used by enrich.py (atomic write, .env, text cleaning, names)
 
 DOTENV = Path(__file__).resolve().parent / ".env"   # the one .env: next to the scripts, git-ignored
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")                                # -> a space
@@ -484,7 +484,7 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
     write_dataset(out_dir, users, items, inter)
 
 # -----------------------------------------------------------------------------
-# rate limiting shared by threads and processes (kept identical in collect.py and enrich.py)
+# rate limiting shared by threads and processes (enrich.py uses it too)
 
 
 class RateLimiter:

@@ -54,9 +54,7 @@ import os
 import random
 import re
 import sqlite3
-import stat
 import sys
-import tempfile
 import threading
 import time
 import unicodedata
@@ -64,16 +62,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from urllib.parse import quote, urlparse
-
-try:
-    import fcntl                                     # file locks (POSIX); elsewhere: threads only
-except ImportError:
-    fcntl = None
+from urllib.parse import quote
 
 import pandas as pd
 import requests
 from tqdm import tqdm
+
+from collect import (DOTENV, _INVISIBLE, RateLimiter, UserError, atomic_write, check_base_url, clean_text,
+                     lock_folder, norm_name, read_dotenv)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -97,10 +93,6 @@ PROMPT_LYRICS = ('These are the first words of the song "{track}" by {artist}: "
                  'without naming the song or the artist.')
 STRICT = (' Do not use the words "{track}" or "{artist}" anywhere. '
           'Reply with the description only.')
-
-
-class UserError(Exception):
-    """Something the user can fix: one line on stderr, exit code 2, nothing written."""
 
 
 class Transient(Exception):
@@ -196,64 +188,7 @@ def summary_prompt(artist, track, excerpt=None, strict=False):
     return prompt + (STRICT.format(track=track, artist=artist) if strict else "")
 
 # -----------------------------------------------------------------------------
-# small helpers, kept identical in collect.py and enrich.py (test_enrich.py checks that they agree)
-
-DOTENV = Path(__file__).resolve().parent / ".env"   # the one .env: next to the scripts, git-ignored
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")                                # -> a space
-_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]+")   # zero-width, bidi: removed
-
-
-def read_dotenv(path=DOTENV):
-    """NAME=value lines (optionally `export `, quotes stripped); {} when the file does not exist."""
-    values = {}
-    if not Path(path).is_file():
-        return values
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        name, value = line.removeprefix("export ").split("=", 1)
-        values[name.strip()] = value.strip().strip("'\"")
-    return values
-
-
-def atomic_write(path, data: bytes):
-    """Replace path with data all at once: temp file in the same folder, fsync, the old file's mode kept."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)                                # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def clean_text(s):
-    """Text from the network: NFC, control characters a space, zero-width and bidi-override ones removed."""
-    return _CONTROL.sub(" ", _INVISIBLE.sub("", unicodedata.normalize("NFC", s))).strip()
-
-
-def norm_name(s):
-    """For comparing names: NFKC, case and accents folded, & = and, apostrophes dropped, other punctuation a space."""
-    s = unicodedata.normalize("NFKC", s).casefold()
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    s = s.replace("&", " and ")
-    s = re.sub(r"['\u2019\u2018`\u00b4]", "", s)            # don't == dont (apostrophes vanish)
-    s = re.sub(r"[^\w\s]|_", " ", s)
-    return " ".join(s.split())
+# small helpers shared with collect.py (one copy: atomic write, .env, text cleaning, names, rate limits, locks)
 
 def find_api_key():
     key = os.environ.get("GROQ_API_KEY") or read_dotenv(DOTENV).get("GROQ_API_KEY")
@@ -262,91 +197,6 @@ def find_api_key():
                         f"GROQ_API_KEY=... in {DOTENV} (git-ignored), or use --what lyrics.")
     return key
 
-
-def check_base_url(url, name):
-    p = urlparse(url)
-    if p.scheme not in ("http", "https") or not p.netloc:
-        raise UserError(f"{name} {url!r} is not an http(s) URL")
-    return url
-
-
-# -----------------------------------------------------------------------------
-# rate limiting shared by threads and processes (kept identical in collect.py and enrich.py)
-
-
-class RateLimiter:
-    """At most `rate` request starts in any 1-second window for every thread and process that uses the same
-    state file (a JSON file under an exclusive flock), and a Retry-After (`hold`) holds all of them back."""
-    WINDOW = 1.05          # a little over a second: scheduling and network jitter never squeeze in one more
-
-    def __init__(self, path, rate, stop=None):
-        self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
-        self.lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def _update(self, change):
-        with self.lock, open(self.path, "a+", encoding="utf-8") as f:
-            if fcntl:
-                fcntl.flock(f, fcntl.LOCK_EX)              # released when the file is closed
-            f.seek(0)
-            try:
-                state = json.loads(f.read() or "{}")
-            except ValueError:
-                state = {}
-            result = change(state)
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(state))
-            return result
-
-    def _sleep_until(self, t):
-        while (left := t - time.time()) > 0:
-            if self.stop.wait(min(left, 0.2)):
-                raise KeyboardInterrupt
-
-    def hold(self, seconds):
-        """Nobody starts a request for `seconds` (a server's Retry-After)."""
-        until = time.time() + seconds
-        self._update(lambda s: s.update(until=max(s.get("until", 0.0), until)))
-
-    def wait(self):
-        """Block until this thread may start one request."""
-        n = max(1, int(self.rate))
-
-        def reserve(state):
-            times, now = state.get("times", []), time.time()
-            if self.rate <= 0:                             # no limit: only a Retry-After holds it back
-                return max(now, state.get("until", 0.0))
-            t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
-                    times[-n] + self.WINDOW if len(times) >= n else 0.0)
-            state["times"] = (times + [t])[-n:]
-            return t
-        def start(state, t):
-            now = time.time()
-            if state.get("until", 0.0) > now:              # a Retry-After arrived while this one waited
-                return False
-            times = state.get("times", [])                 # the slot becomes the real start time (>= slot)
-            state["times"] = sorted(times[:times.index(t)] + [now] + times[times.index(t) + 1:] if t in times else times)
-            return True
-        while True:
-            t = self._update(reserve)
-            self._sleep_until(t)
-            if self._update(lambda s: start(s, t)):
-                return
-
-
-def lock_folder(path, what):
-    """Hold an exclusive lock on path for the life of the process, or stop with one line if another run has it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    if fcntl:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise UserError(f"another run is using {what} ({path} is locked); wait for it to finish") from None
-    return f                                               # keep a reference: closing it releases the lock
 
 # -----------------------------------------------------------------------------
 # cache (SQLite, one committed row per answer) and counters shared by the workers
