@@ -187,13 +187,10 @@ def _spell(s):
     return s.replace("+", " and ")
 
 
-_norm = norm_name
-
-
 @lru_cache(maxsize=1 << 20)
 def norm_artist(a):
     """Compact artist key: spelling, case, accents, punctuation, spaces and a leading 'the' do not count."""
-    n = _norm(_spell(_FEAT.sub("", a))) or _norm(_spell(a)) or a.strip().casefold()
+    n = norm_name(_spell(_FEAT.sub("", a))) or norm_name(_spell(a)) or a.strip().casefold()
     return (n[4:] if n.startswith("the ") and len(n) > 4 else n).replace(" ", "")
 
 
@@ -218,7 +215,7 @@ def title_parts(t):
             featured.append(credit.group(1))
             continue
         d = _PART.sub(part, " " + d).strip()
-        n = _norm(_spell(d))
+        n = norm_name(_spell(d))
         if not n:
             continue
         words = n.split()
@@ -227,7 +224,7 @@ def title_parts(t):
             tags.add(" ".join(_SAME_WORDS.sub(" ", n).split()) or n)
         elif not _SAME.search(n):
             kept.append(n)
-    return _norm(_spell(base)) or _norm(_spell(t)), tuple(kept), tuple(sorted(tags)), tuple(featured)
+    return norm_name(_spell(base)) or norm_name(_spell(t)), tuple(kept), tuple(sorted(tags)), tuple(featured)
 
 
 @lru_cache(maxsize=1 << 20)
@@ -246,7 +243,7 @@ def title_base(t):
 
 def artist_parts(a):
     """Each listed artist of 'A & B', 'A feat. B', 'A, B', 'A x B' (compact keys, in order)."""
-    return [p for p in (norm_artist(x) for x in _ARTIST_SPLIT.split(a) if _norm(x)) if p]
+    return [p for p in (norm_artist(x) for x in _ARTIST_SPLIT.split(a) if norm_name(x)) if p]
 
 
 def item_id(nartist, ntrack):
@@ -928,7 +925,7 @@ def catalog_index(cat):
             items[iid] = (iid, artist, track, genre, track, "", "")
         everyone = list(names) + list(title_parts(track)[3])
         keys = {norm_artist(n) for n in names} | {p for n in everyone for p in [norm_artist(n)] + artist_parts(n)}
-        index["same names"].setdefault((_norm(artist), nt), iid)
+        index["same names"].setdefault((norm_name(artist), nt), iid)
         for n in names:
             index["artist spelling"].setdefault((norm_artist(n), nt), iid)
         for k in sorted(keys):
@@ -943,7 +940,7 @@ def match_loved(loved, index):
     for i, (artist, track) in enumerate(zip(loved.artist, loved.track)):
         nt, base = norm_track(track), title_base(track)
         names = [norm_artist(artist)] + artist_parts(artist) + [p for f in title_parts(track)[3] for p in artist_parts(f)]
-        tries = [("same names", (_norm(_FEAT.sub("", artist)), nt)), ("artist spelling", (names[0], nt))]
+        tries = [("same names", (norm_name(_FEAT.sub("", artist)), nt)), ("artist spelling", (names[0], nt))]
         tries += [("one of the artists", (n, nt)) for n in names] + [("title without extra words", (n, base)) for n in names]
         for rule, key in tries:
             iid = index[rule].get(key)
