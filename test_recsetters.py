@@ -1038,3 +1038,48 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
     assert "### notext, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
     assert "| two-tower, text none | Random |" in md
     assert (tmp_path / "cold_items.png").exists()
+
+
+def test_fast_dropout_drops_a_share_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    d = R.Dropout(0.3).train()
+    x = torch.ones(400, 500)
+    y = d(x)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.005        # 200,000 draws: ~0.001 standard deviation
+    values = torch.unique(y).tolist()            # p is rounded to 1/65,536: the scale is 1 / 0.7 to 5 digits
+    assert abs(y.mean().item() - 1.0) < 0.01 and len(values) == 2 and values[0] == 0 and abs(values[1] - 1 / 0.7) < 1e-4
+    assert torch.equal(d.eval()(x), x) and torch.equal(R.Dropout(0.0).train()(x), x)
+    odd = torch.ones(7, 3, requires_grad=True)                       # a size not divisible by 4
+    R.Dropout(0.5).train()(odd).sum().backward()
+    assert odd.grad.shape == (7, 3) and set(torch.unique(odd.grad).tolist()) <= {0.0, 2.0}   # 0.5: exact
+
+
+def test_text_tokens_and_the_bag_leave_out_tokens_no_train_item_has(small_demo):
+    ptr, tok = R.text_tokens(["Rock, indie ,rock", "", "Hip hop, rock"], commas=True)
+    assert ptr.tolist() == [0, 2, 2, 4] and len(set(tok.tolist())) == 3 and tok[1] == tok[3]   # 'rock' twice
+    ptr, tok = R.text_tokens(["Love me, love me!", "me"])
+    assert ptr.tolist() == [0, 2, 3]
+    ds, s = cold_split(small_demo)
+    feats = R.build_features(ds, "lyrics")
+    cfg = R.Config(dataset="small", split="cold-items", text="lyrics", text_bag=True, tag_feature=False)
+    torch.manual_seed(0)
+    m = R.TwoTower(feats, cfg, s.train).eval()
+    assert len(m.item_tower.embs) == 2                          # id and artist: --no-tag-feature
+    ptr, tok = feats.tokens
+    item_of = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    on_train = np.zeros(feats.sizes["tokens"], bool)
+    on_train[tok[s.degree[item_of] > 0]] = True
+    new_only, cold = np.flatnonzero(~on_train), s.test_items
+    idx = torch.as_tensor(cold)
+    before = m.items(idx)
+    with torch.no_grad():
+        m.bag.weight[torch.as_tensor(new_only)] += 5.0          # tokens no train item has: never trained
+    assert torch.equal(before, m.items(idx))
+    with torch.no_grad():
+        m.bag.weight[torch.as_tensor(np.flatnonzero(on_train))] += 5.0
+    assert not torch.allclose(before, m.items(idx))
+    # the bag of an item is the mean of its known tokens' embeddings
+    j = int(cold[0])
+    known = [t for t in tok[ptr[j]:ptr[j + 1]] if on_train[t]]
+    want = m.bag.weight[torch.as_tensor(known)].mean(0) if known else torch.zeros(cfg.dim)
+    assert torch.allclose(m.token_bag(torch.as_tensor([j]))[0], want, atol=1e-6)
