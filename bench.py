@@ -223,9 +223,12 @@ def run_set(args):
     reps = args.reps if args.reps else (1 if args.one == "large" else 3)
     modules = [("now", R)] + ([(args.against, module_at(args.against))] if args.against else [])
     for scorer in args.scorers.split(","):
-        settings = {**BENCH_MODEL, "dataset": args.one, "scorer": scorer, "seed": args.seed,
-                    "batch_size": args.batch_size, "negatives": args.negatives, "amp": args.amp,
-                    "compile": args.compile}
+        if args.model == "train" and scorer != "dot":
+            R.log(f"{args.one} {scorer}: skipped (--model train trains with the full softmax, which needs --scorer dot)")
+            continue
+        settings = {**(BENCH_MODEL if args.model == "study" else {}), "dataset": args.one, "scorer": scorer,
+                    "seed": args.seed, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
+                    **({"negatives": args.negatives} if args.model == "study" else {})}
         R.Config(**settings).validate()
         runs, evals = [], []
         for name, M in modules:
@@ -326,6 +329,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=0, help="epochs timed per scorer (default: 3, large: 1)")
     ap.add_argument("--batch-size", type=int, default=R.PRESETS["original"]["batch_size"],
                     help="default: the study's 512")
+    ap.add_argument("--model", choices=("study", "train"), default="study", help="study: the pinned BENCH_MODEL "
+                    "(the study's towers, margin loss); train: the default configuration of `recsetters.py train` "
+                    "(full softmax, dot scorer)")
     ap.add_argument("--negatives", type=int, default=BENCH_MODEL["negatives"],
                     help="negatives per positive (the study's 20; 40 gives its 41 scored pairs per positive)")
     ap.add_argument("--against", metavar="REV", help="also time recsetters.py as of git revision REV (e.g. "
@@ -357,12 +363,14 @@ def main(argv=None):
            "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
-           "batch_size": args.batch_size, "negatives": args.negatives, "loss": BENCH_MODEL["loss"],
+           "batch_size": args.batch_size, "negatives": args.negatives, "model": args.model,
+           "loss": BENCH_MODEL["loss"] if args.model == "study" else R.Config.loss,
            "against": args.against,
            "load_average_at_start": os.getloadavg(), "gpu_measured": device.type == "cuda"}
     results = []
     passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", str(args.threads),
                    "--reps", str(args.reps), "--batch-size", str(args.batch_size), "--text", args.text,
+                   "--model", args.model,
                    "--negatives", str(args.negatives), *(["--against", args.against] if args.against else []),
                    "--eval-memory-mb", str(args.eval_memory_mb), "--max-eval-pairs", str(args.max_eval_pairs),
                    "--seed", str(args.seed)] + ["--amp"] * args.amp + ["--compile"] * args.compile \

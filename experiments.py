@@ -501,10 +501,20 @@ TUNING = [
     ("linear, dim 192, patience 10, 80 epochs", ["--hidden", "", "--dim", "192", "--patience", "10",
                                                  "--epochs", "80"]),
     # third round (issue 12: beat iALS, the strongest baseline on hetrec validation), against today's defaults
-    ("r3 defaults", []),
-    ("r3 attention pooling of the history", ["--pool", "attention"]),
-    ("r3 lr 6e-3, cosine schedule over 60 epochs", ["--lr", "6e-3", "--schedule", "cosine", "--epochs", "60"]),
-    ("r3 temperature 0.15", ["--temperature", "0.15"]),
+    ("r3 defaults, text tags", ["--text", "tags"]),
+    ("r3 tags + attention pooling of the history", ["--text", "tags", "--pool", "attention"]),
+    ("r3 tags + text bag", ["--text", "tags", "--text-bag"]),
+    ("r3 tags + batch 1024, lr 6e-3", ["--text", "tags", "--batch-size", "1024", "--lr", "6e-3"]),
+    ("r3 tags + embedding dim 384", ["--text", "tags", "--dim", "384"]),
+    ("r3 tags + temperature 0.15", ["--text", "tags", "--temperature", "0.15"]),
+    # new items (issue 11): the cold-items protocol, text tags, selected on validation-cold NDCG@20
+    ("c1 cold-items, tags", ["--split", "cold-items", "--text", "tags"]),
+    ("c1 cold-items, tags, no top-tag feature", ["--split", "cold-items", "--text", "tags", "--no-tag-feature"]),
+    ("c1 cold-items, tags + text bag", ["--split", "cold-items", "--text", "tags", "--text-bag"]),
+    ("c1 cold-items, tags + text bag, no top-tag feature", ["--split", "cold-items", "--text", "tags", "--text-bag",
+                                                           "--no-tag-feature"]),
+    ("c1 cold-items, tags + text bag + cold dropout 0.5", ["--split", "cold-items", "--text", "tags", "--text-bag",
+                                                          "--cold-dropout", "0.5"]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
@@ -529,21 +539,30 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
     with ThreadPoolExecutor(jobs) as ex:
         results = list(ex.map(lambda w: tune_cell(w[0], w[1], dataset, w[2], data_dir, out, threads), work))
     k = next((r["config"].get("k", 10) for r in results if r is not None), R.Config.k)
-    L = [f"## Tuning log ({dataset}, text none; chosen on validation only)", "",
+    L = [f"## Tuning log ({dataset}, text none unless a row sets --text; chosen on validation only)", "",
          "One change at a time, each row `recsetters.py train --text none` plus its flags against the current "
-         f"defaults; mean over seeds {', '.join(map(str, seeds))}. HR@{k} / NDCG@{k} ×100.", "",
-         f"| configuration | flags | best epoch | validation | test | test cold HR@{k} | train s |",
-         "|---|---|---|---|---|---|---|"]
-    for label, flags in rows:
-        rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
-        if not rs:
-            L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | | |")
+         f"defaults; mean over seeds {', '.join(map(str, seeds))}. Leave-one-out rows: HR@{k} / NDCG@{k} ×100; "
+         "cold-items rows (`--split cold-items`): Recall@20 / NDCG@20 of the cold view ×100, selected on "
+         "validation-cold NDCG@20.", ""]
+    for cold in (False, True):
+        mine = [(label, flags) for label, flags in rows if ("cold-items" in flags) == cold]
+        if not mine:
             continue
-        m = lambda part, g, metric: np.mean([r[part][g][f"{metric}@{k}"] for r in rs])
-        L.append(f"| {label} | `{shlex.join(flags) or '(defaults)'}` | {np.mean([r['best_epoch'] for r in rs]):.0f} | "
-                 f"{m('validation', 'overall', 'hr'):.2f} / {m('validation', 'overall', 'ndcg'):.2f} | "
-                 f"{m('test', 'overall', 'hr'):.2f} / {m('test', 'overall', 'ndcg'):.2f} | "
-                 f"{m('test', 'cold', 'hr'):.2f} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
+        L += [f"| configuration | flags | best epoch | validation | test | "
+              f"{'test NDCG@20, all view' if cold else f'test cold HR@{k}'} | train s |", "|---|---|---|---|---|---|---|"]
+        for label, flags in mine:
+            rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
+            if not rs:
+                L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | | |")
+                continue
+            m = lambda part, g, metric: np.mean([r[part][g][metric] for r in rs])
+            pair = (lambda part: f"{m(part, 'cold', 'recall@20'):.2f} / {m(part, 'cold', 'ndcg@20'):.2f}") if cold else \
+                (lambda part: f"{m(part, 'overall', f'hr@{k}'):.2f} / {m(part, 'overall', f'ndcg@{k}'):.2f}")
+            L.append(f"| {label} | `{shlex.join(flags) or '(defaults)'}` | {np.mean([r['best_epoch'] for r in rs]):.0f} | "
+                     f"{pair('validation')} | {pair('test')} | "
+                     f"{m('test', 'all', 'ndcg@20') if cold else m('test', 'cold', f'hr@{k}'):.2f} | "
+                     f"{np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
+        L.append("")
     out.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(out / "tuning.md", "\n".join(L) + "\n")
     return out / "tuning.md"
@@ -732,7 +751,8 @@ def main(argv=None):
     t.add_argument("--seeds", nargs="+", type=int, default=[0])
     t.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads 1 when > 1)")
     t.add_argument("--dataset", default="hetrec")
-    t.add_argument("--only", default="", help="run only the rows whose label contains this (e.g. r3)")
+    t.add_argument("--only", nargs="+", default=[""], help="run only the rows whose label contains one of these "
+                   "(e.g. r3 c1)")
     t.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
     for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
@@ -760,7 +780,7 @@ def main(argv=None):
         R.atomic_write_text(out / "notes.json", json.dumps(notes))
     elif args.cmd == "tune":
         ensure_dataset(args.dataset, args.data_dir, None)
-        rows = [r for r in TUNING if args.only in r[0]]
+        rows = [r for r in TUNING if any(o in r[0] for o in args.only)]
         print(f"wrote {tune(out, args.data_dir, args.seeds, args.jobs, args.dataset, rows, args.threads)}")
         if not (out / "runs").exists():
             return
