@@ -295,9 +295,14 @@ def test_dotcompress_five_number_identity_equals_literal_formula():
     full = head.all_pairs(u, v)                 # every user against every item
     lit_full = torch.stack([head.literal(u[i].expand(64, -1), v) for i in range(64)])
     assert torch.allclose(full, lit_full, atol=1e-9, rtol=1e-9)
-    # each user against its own candidate rows (the margin loss)
+    # each user against its own candidate rows (the margin loss): with a small catalog (one product and a
+    # gather) and a large one (gathered rows, a batched product), the same numbers
     inv = torch.randint(0, 64, (64, 7))
     assert torch.allclose(head.pairs_of(u, v, inv), head.pairs(u[:, None], v[inv]), atol=1e-9, rtol=1e-9)
+    big = torch.randn(1000, 192, dtype=torch.float64)
+    inv = torch.randint(0, 1000, (64, 7))
+    assert 1000 > 64 * 7 and torch.allclose(R.dots_of(u, big, inv), (u[:, None] * big[inv]).sum(-1), atol=1e-9)
+    assert torch.allclose(R.dots_of(u, big[:400], inv % 400), (u[:, None] * big[inv % 400]).sum(-1), atol=1e-9)
     # float32 too, within float tolerance
     h32 = head.float()
     assert torch.allclose(h32.pairs(u.float(), v.float()), h32.literal(u.float(), v.float()), atol=1e-3, rtol=1e-4)
