@@ -64,8 +64,9 @@ def text_columns(dataset, data_dir):
     return {c for c in ds.items.columns if c not in skip and ds.items[c].fillna("").str.strip().ne("").any()}
 
 
-def cells(datasets, texts, seeds, data_dir):
-    """[(dataset, kind, text, seed)] in run order (baselines, each text over all seeds, MF); skipped-text notes."""
+def cells(datasets, texts, seeds, data_dir, mf=True):
+    """[(dataset, kind, text, seed)] in run order (baselines, each text over all seeds, MF unless mf=False);
+    skipped-text notes."""
     out, notes = [], []
     for d in datasets:
         have = text_columns(d, data_dir)
@@ -75,7 +76,7 @@ def cells(datasets, texts, seeds, data_dir):
                 notes.append(f"{d}: no `{t}` text (column missing or empty): skipped")
         out += [(d, "baselines", None, s) for s in seeds]
         out += [(d, "two-tower", t, s) for t in use for s in seeds]
-        out += [(d, "mf", None, s) for s in seeds]
+        out += [(d, "mf", None, s) for s in seeds] if mf else []
     return out, notes
 
 
@@ -743,6 +744,7 @@ def main(argv=None):
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a.add_argument("--protocols", nargs="+", default=["loo", "cold-items"], choices=["loo", "cold-items"],
                    help="loo: the split's own leave-one-out; cold-items: new items from content alone (section 8)")
+    a.add_argument("--no-mf", dest="mf", action="store_false", help="leave out the ID-only two-tower (MF) cells")
     a.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     a.add_argument("--jobs", type=int, default=1, help="training runs at a time (each with --threads 1 when > 1)")
     a.add_argument("--hetrec-from", default=None, help="where collect.py imports hetrec from when data/hetrec "
@@ -765,7 +767,8 @@ def main(argv=None):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for d in args.datasets:
             ensure_dataset(d, args.data_dir, args.hetrec_from)
-        grid, notes = cells(args.datasets, args.texts, args.seeds, args.data_dir) if "loo" in args.protocols else ([], [])
+        grid, notes = cells(args.datasets, args.texts, args.seeds, args.data_dir, args.mf) \
+            if "loo" in args.protocols else ([], [])
         for n in notes:
             print("note: " + n, flush=True)
         # baselines first (in this process), then the training runs, --jobs at a time

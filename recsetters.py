@@ -1221,11 +1221,6 @@ class NegativeSampler:
         pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
         return self.keys[pos] == key
 
-    def draw(self, size):
-        if self.pool is None:
-            return self.rng.integers(0, self.n_items, size=size)
-        return self.pool[self.rng.integers(0, len(self.pool), size=size)]
-
     def sample(self, users, k):
         """(len(users), k) negatives for the long tensor `users`, none of them a train positive of its user."""
         if self.saturated:
@@ -2005,8 +2000,7 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
            "cold_items_with_tags_leak_free": int(pd.Series(ids_i[cold]).isin(ta.item[~own]).sum()),
            "cold_items": int(len(cold)), "test": {}}
     leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta), ds.inter, ds.synthetic)
-    counts = lambda a: torch.as_tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(),
-                                       dtype=torch.float32)
+    counts = lambda a: torch.tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(np.float32))
     scorers = {"tag count, all users (leaky)": counts(ds.tag_assignments),
                "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
                                                              ta[~own]]))}
