@@ -635,16 +635,20 @@ def collect_cold(out):
 
 
 def cold_significance(df, per_user):
-    """Each two-tower text against `none` and against the best content baseline (by validation-cold NDCG@20),
-    on per-user test-cold Recall@20 and NDCG@20 pooled over the seeds both have."""
+    """Each two-tower text against `none` and against the best content baseline (by validation-cold NDCG@20);
+    the two-tower text chosen on validation-cold also against every other content baseline. On per-user
+    test-cold Recall@20 and NDCG@20 pooled over the seeds both have."""
     rows = []
     for dataset in df.dataset.unique():
         d = df[(df.dataset == dataset) & (df.kind != "n/a")]
         mean = d.groupby("model")["val cold ndcg@20"].mean()
-        base = mean[[m for m in mean.index if not m.startswith("two-tower")]]
+        base = mean[[m for m in mean.index if not m.startswith("two-tower") and m != "Random"]]
         best = base.idxmax() if len(base) else None
-        for model in [m for m in mean.index if m.startswith("two-tower")]:
-            for ref in ["two-tower, text none", best]:
+        towers = [m for m in mean.index if m.startswith("two-tower")]
+        chosen = mean[towers].idxmax() if towers else None
+        for model in towers:
+            others = list(base.sort_values(ascending=False).index) if model == chosen else []
+            for ref in dict.fromkeys(["two-tower, text none", best, *others]):
                 if ref is None or ref == model:
                     continue
                 seeds = [s for s in sorted(d.seed.unique()) if (dataset, model, s) in per_user and (dataset, ref, s) in per_user]
