@@ -506,16 +506,11 @@ TUNING = [
     ("r3 tags + attention pooling of the history", ["--text", "tags", "--pool", "attention"]),
     ("r3 tags + text bag", ["--text", "tags", "--text-bag"]),
     ("r3 tags + batch 1024, lr 6e-3", ["--text", "tags", "--batch-size", "1024", "--lr", "6e-3"]),
-    ("r3 tags + embedding dim 384", ["--text", "tags", "--dim", "384"]),
-    ("r3 tags + temperature 0.15", ["--text", "tags", "--temperature", "0.15"]),
     # new items (issue 11): the cold-items protocol, text tags, selected on validation-cold NDCG@20
     ("c1 cold-items, tags + text bag, no top-tag feature", ["--split", "cold-items", "--text", "tags", "--text-bag",
                                                            "--no-tag-feature"]),
     ("c1 cold-items, tags", ["--split", "cold-items", "--text", "tags"]),
     ("c1 cold-items, tags + text bag", ["--split", "cold-items", "--text", "tags", "--text-bag"]),
-    ("c1 cold-items, tags + text bag, no top-tag feature, cold dropout 0.5",
-     ["--split", "cold-items", "--text", "tags", "--text-bag", "--no-tag-feature", "--cold-dropout", "0.5"]),
-    ("c1 cold-items, tags, no top-tag feature", ["--split", "cold-items", "--text", "tags", "--no-tag-feature"]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
