@@ -289,8 +289,12 @@ def table(results):
     return "\n".join(lines)
 
 
-THREAD_SETTINGS = {"torch default (OMP_WAIT_POLICY unset)": ("0", None), "1 thread": ("1", None),
-                   "torch default, OMP_WAIT_POLICY=PASSIVE": ("0", "PASSIVE")}
+# name: (torch threads, OpenMP environment); torch's CPU wheels use GNU libgomp, whose idle threads spin
+# GOMP_SPINCOUNT times (300,000 by default, none with OMP_WAIT_POLICY=PASSIVE) before they sleep
+THREAD_SETTINGS = {"torch default (OMP_WAIT_POLICY unset)": ("0", {}), "1 thread": ("1", {}),
+                   "torch default, OMP_WAIT_POLICY=PASSIVE": ("0", {"OMP_WAIT_POLICY": "PASSIVE"}),
+                   "torch default, GOMP_SPINCOUNT=10000": ("0", {"GOMP_SPINCOUNT": "10000"})}
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def threads_table(args, passthrough):
@@ -301,13 +305,13 @@ def threads_table(args, passthrough):
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition != "as it is" else None
         try:
             for rep in range(args.reps or 1):
-                for name, (threads, policy) in THREAD_SETTINGS.items():
+                for name, (threads, omp) in THREAD_SETTINGS.items():
                     load = os.getloadavg()[0]
                     with tempfile.NamedTemporaryFile(suffix=".json") as f:
                         subprocess.run([sys.executable, __file__, *passthrough, "--threads", threads, "--sets", "demo",
                                         "--scorers", "dot", "--reps", "1", "--one", "demo", "--one-out", f.name],
-                                       env={**{k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
-                                            **({"OMP_WAIT_POLICY": policy} if policy else {})}, check=True)
+                                       env={**{k: v for k, v in os.environ.items() if k not in OMP_VARIABLES},
+                                            **omp}, check=True)
                         m = json.loads(Path(f.name).read_text())["scorers"]["dot"]["now"]
                     rows.append({"condition": condition, "setting": name, "load_average": load,
                                  "epoch_seconds": m["epoch_seconds"], "eval_seconds": m["eval_seconds"]})
@@ -345,7 +349,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile towers and scorer")
     ap.add_argument("--no-train", action="store_true", help="evaluation only (untrained model; same speed)")
     ap.add_argument("--threads-sweep", action="store_true", help="instead: a demo epoch and evaluation per thread "
-                    "setting (torch's default spinning, 1, torch's default with OMP_WAIT_POLICY=PASSIVE), as the "
+                    "setting (THREAD_SETTINGS: torch's default spinning, 1, torch's default with OMP_WAIT_POLICY="
+                    "PASSIVE or a short GOMP_SPINCOUNT), as the "
                     "machine is and beside one busy process; --reps rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/bench.json")
