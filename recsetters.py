@@ -1099,7 +1099,7 @@ class Config:
                         "query q)", choices=("mean", "attention"))
     text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
                              "the comma-separated tags; other texts: lowercase words); tokens that no train item "
-                             "has are left out")
+                             "has are left out; nothing with --text none")
     tag_feature: bool = setting(True, "embed the item's top tag (the tag column) as a categorical feature "
                                 "(--no-tag-feature: an item's content is its --text alone)")
     history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
