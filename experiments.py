@@ -637,7 +637,7 @@ def cold_significance(df, per_user):
     for dataset in df.dataset.unique():
         d = df[(df.dataset == dataset) & (df.kind != "n/a")]
         mean = d.groupby("model")["val cold ndcg@20"].mean()
-        base = mean[[m for m in mean.index if not m.startswith("two-tower") and m != "Random"]]
+        base = mean[[m for m in mean.index if not m.startswith("two-tower")]]
         best = base.idxmax() if len(base) else None
         towers = [m for m in mean.index if m.startswith("two-tower")]
         chosen = mean[towers].idxmax() if towers else None
