@@ -604,9 +604,12 @@ def test_ctrl_c_stops_within_two_seconds(tmp_path):
     try:
         make_dataset(tmp_path)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROQ")} | fakes.env()
+        # the child gets SIGINT's default disposition: a test run started in the background of a non-interactive
+        # shell (CI runners do this) inherits SIGINT ignored, and Python then keeps ignoring it
         proc = subprocess.Popen([sys.executable, str(HERE / "enrich.py"), "demo", "--data-dir", str(tmp_path),
                                  "--timeout", "30", "--lyrics-rate", "0"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert fakes.hung.wait(30)
         time.sleep(0.3)
         t = time.monotonic()
