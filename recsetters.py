@@ -927,9 +927,9 @@ class TwoTower(nn.Module):
 
     def history(self, idx, drop=None, bag=None):
         """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
-        items, offsets, keep, n, counts = self.history_bag(idx, drop) if bag is None else bag
+        items, offsets, keep, n, which = self.history_bag(idx, drop) if bag is None else bag
         if self.query is not None:
-            return self.attention_pool(items, counts, keep)
+            return self.attention_pool(items, which, len(idx), keep)
         return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
 
     def history_text_vector(self, bag):
@@ -939,36 +939,34 @@ class TwoTower(nn.Module):
         return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
 
     def history_bag(self, idx, drop=None):
-        """(items, offsets, 0/1 weights or None, kept count, count) of the users' train items; `drop`: one item per
-        user left out.
+        """(items, offsets, 0/1 weights or None, kept count, user row of each item) of the users' train items;
+        `drop`: one item per user left out.
         In training each history item is also left out with probability `history_dropout` (denoising, as
         in Mult-DAE), so the user vector cannot lean on any single item."""
-        start, counts = self.h_ptr[idx], self.h_ptr[idx + 1] - self.h_ptr[idx]
+        counts = self.h_ptr[idx + 1] - self.h_ptr[idx]
         offsets = torch.cumsum(counts, 0) - counts
-        flat = torch.repeat_interleave(start - offsets, counts) + torch.arange(int(counts.sum()), device=idx.device)
-        items, keep, n = self.h_idx[flat], None, counts.float()
+        which, items = csr_take(self.h_ptr, self.h_idx, idx)
+        keep, n = None, counts.float()
         if drop is not None or (self.training and self.history_dropout):      # weights 0/1 per history item
             keep = torch.ones(len(items), device=idx.device)
             if drop is not None:
-                keep = keep * (items != torch.repeat_interleave(drop, counts))
+                keep = keep * (items != drop[which])
             if self.training and self.history_dropout:
                 keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
-            n = torch.zeros(len(idx), device=idx.device).index_add_(0, torch.repeat_interleave(
-                torch.arange(len(idx), device=idx.device), counts), keep)
-        return items, offsets, keep, n, counts
+            n = torch.zeros(len(idx), device=idx.device).index_add_(0, which, keep)
+        return items, offsets, keep, n, which
 
-    def attention_pool(self, items, counts, keep=None):
-        """sum_i a_i e_i over each user's history (flat `items`, `counts` per user), a = softmax(q . e) over
+    def attention_pool(self, items, user, n_users, keep=None):
+        """sum_i a_i e_i over each user's history (flat `items`, `user`: the row of each), a = softmax(q . e) over
         the items kept (keep > 0); a user with none kept gets zeros, as the mean does."""
-        user = torch.repeat_interleave(torch.arange(len(counts), device=items.device), counts)
         e = self.hist_emb.weight[items]
         logit = e @ self.query
         if keep is not None:
             logit = logit.masked_fill(keep == 0, float("-inf"))
-        top = torch.full((len(counts),), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
+        top = torch.full((n_users,), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
         w = torch.exp(logit - top.detach().clamp(min=-1e30)[user])             # 0 for left-out items
-        z = torch.zeros(len(counts), device=items.device).index_add_(0, user, w)
-        return torch.zeros(len(counts), e.shape[1], device=items.device).index_add_(
+        z = torch.zeros(n_users, device=items.device).index_add_(0, user, w)
+        return torch.zeros(n_users, e.shape[1], device=items.device).index_add_(
             0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
     def users(self, idx, drop=None):
