@@ -7,9 +7,9 @@ SEED    ?= 0
 ARGS    ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# OpenMP threads waiting for work sleep instead of spinning: torch's default thread count (one per core) is then
-# about as fast as one thread beside other jobs, and faster alone (README, Speed and scale: threads)
-export OMP_WAIT_POLICY ?= PASSIVE
+# Threads: `train` and bench.py follow the cores other processes leave free (--threads 0, their default; README,
+# Speed and scale). The tests' trainings are too short for that to react, so there OpenMP threads waiting for work
+# sleep instead of spinning (beside a busy process spinning threads took 2-3x longer).
 
 .PHONY: venv train test bench clean
 
@@ -24,6 +24,7 @@ venv: .venv/.installed
 train: venv
 	$(PY) recsetters.py train --dataset $(DATASET) --text $(TEXT) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
+test: export OMP_WAIT_POLICY ?= PASSIVE
 test: venv
 	$(PY) -m pytest -q
 

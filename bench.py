@@ -19,6 +19,7 @@ Datasets: `demo` (SYNTHETIC, the study's scale), `hetrec` (data/hetrec/, made by
 Writes runs/bench/bench.json (atomically) and prints a table.
 """
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -108,9 +109,10 @@ def module_at(rev):
     return module
 
 
-def epoch_runner(M, cfg, split, feats, device):
+def epoch_runner(M, cfg, split, feats, device, free_cores=None):
     """(model, run) for module M (this recsetters.py, or an older one): run(desc) trains one real epoch with
-    M.train_epoch, the code train_model runs, and returns (mean loss, {phase: seconds})."""
+    M.train_epoch, the code train_model runs, and returns (mean loss, {phase: seconds}). free_cores: a
+    FreeCores (--threads auto), checked between steps as train does (older code: not checked)."""
     M.seed_everything(cfg.seed)
     model = (M.TwoTower(feats, cfg, split.train) if hasattr(M, "SCORERS") else M.build_model(cfg, feats, split)).to(device)
     if cfg.compile:
@@ -125,7 +127,9 @@ def epoch_runner(M, cfg, split, feats, device):
         def run(desc):
             model.train()
             phases = M.Phases(device, sync=True)          # waits for the device at each phase boundary
-            total, n, _ = M.train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc, phases=phases)
+            more = {"free_cores": free_cores} if free_cores and "free_cores" in inspect.signature(M.train_epoch).parameters \
+                else {}
+            total, n, _ = M.train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc, phases=phases, **more)
             return total / n, phases.seconds
     else:                                                 # before the device-resident loop (ca6ae59)
         sampler = M.NegativeSampler(split, cfg.seed)
@@ -208,9 +212,10 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
 
 def run_set(args):
     """Child process: one dataset, both scorers (and the code of --against beside this one). Returns a dict."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads not in ("auto", "torch"):
+        torch.set_num_threads(int(args.threads))
     device = R.pick_device(args.device)
+    free_cores = R.FreeCores() if args.threads == "auto" and device.type == "cpu" else None
     t0 = time.perf_counter()
     loaded = load_set(args.one, args.text, args.seed)
     if loaded is None:
@@ -233,12 +238,14 @@ def run_set(args):
         runs, evals = [], []
         for name, M in modules:
             cfg = M.Config(**{k: v for k, v in settings.items() if k in M.Config.__dataclass_fields__})
-            model, run = epoch_runner(M, cfg, split, feats, device)
+            model, run = epoch_runner(M, cfg, split, feats, device, free_cores)
             runs.append((name, run))
             evals.append((name, M, model))
         # evaluation speed does not depend on the weights: --no-train evaluates the untrained models
         tr = {name: {"reps": 0} for name, _ in runs} if args.no_train else \
             time_epochs(runs, reps, len(split.train_u), device)
+        if free_cores:
+            free_cores()
         ev = time_eval(evals, split, device, args.eval_memory_mb,
                        args.max_eval_pairs if scorer == "dotcompress" else float("inf"), reps)
         out["scorers"][scorer] = {name: {**tr[name], **ev[name]} for name, _ in runs}
@@ -291,9 +298,10 @@ def table(results):
 
 # name: (torch threads, OpenMP environment); torch's CPU wheels use GNU libgomp, whose idle threads spin
 # GOMP_SPINCOUNT times (300,000 by default, none with OMP_WAIT_POLICY=PASSIVE) before they sleep
-THREAD_SETTINGS = {"torch default (OMP_WAIT_POLICY unset)": ("0", {}), "1 thread": ("1", {}),
-                   "torch default, OMP_WAIT_POLICY=PASSIVE": ("0", {"OMP_WAIT_POLICY": "PASSIVE"}),
-                   "torch default, GOMP_SPINCOUNT=10000": ("0", {"GOMP_SPINCOUNT": "10000"})}
+THREAD_SETTINGS = {"auto (train's default: the free cores)": ("auto", {}),
+                   "torch default (OMP_WAIT_POLICY unset)": ("torch", {}), "1 thread": ("1", {}),
+                   "torch default, OMP_WAIT_POLICY=PASSIVE": ("torch", {"OMP_WAIT_POLICY": "PASSIVE"}),
+                   "torch default, GOMP_SPINCOUNT=10000": ("torch", {"GOMP_SPINCOUNT": "10000"})}
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -324,12 +332,19 @@ def threads_table(args, passthrough):
     return rows
 
 
+def threads_arg(text):
+    if text in ("auto", "torch") or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, torch or a number of threads (1 or more)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sets", default=",".join(SETS), help="comma-separated: demo, hetrec, large")
     ap.add_argument("--scorers", default=",".join(SCORERS))
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", default="auto", type=threads_arg, help="torch CPU threads: auto (as train: the cores other processes "
+                    "leave free, re-checked between steps), torch (torch's default, one per core) or a number")
     ap.add_argument("--reps", type=int, default=0, help="epochs timed per scorer (default: 3, large: 1)")
     ap.add_argument("--batch-size", type=int, default=R.PRESETS["original"]["batch_size"],
                     help="default: the study's 512")
@@ -365,7 +380,7 @@ def main(argv=None):
     env = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                      "cpu") if Path("/proc/cpuinfo").exists() else "cpu",
-           "cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads() if args.threads == "torch" else args.threads,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
            "torch": torch.__version__, "amp": args.amp, "compile": args.compile, "text": args.text,
            "batch_size": args.batch_size, "negatives": args.negatives, "model": args.model,
@@ -373,7 +388,7 @@ def main(argv=None):
            "against": args.against,
            "load_average_at_start": os.getloadavg(), "gpu_measured": device.type == "cuda"}
     results = []
-    passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", str(args.threads),
+    passthrough = ["--scorers", args.scorers, "--device", args.device, "--threads", args.threads,
                    "--reps", str(args.reps), "--batch-size", str(args.batch_size), "--text", args.text,
                    "--model", args.model,
                    "--negatives", str(args.negatives), *(["--against", args.against] if args.against else []),

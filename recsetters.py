@@ -1125,9 +1125,9 @@ class Config:
     # where and how it runs
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
                           choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
-    threads: int = setting(0, "torch CPU threads (0: torch's default, one per core). With OMP_WAIT_POLICY=PASSIVE "
-                           "(make sets it) that is never much slower than 1 on a CPU shared with other jobs; without "
-                           "it, use 1 there", COUNT0, cmds=TRAIN + ("baselines",))
+    threads: int = setting(0, "torch CPU threads; 0: the cores other processes leave free, re-checked every second "
+                           "in training (Linux; elsewhere torch's default, one per core)", COUNT0,
+                           cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
     runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
@@ -1267,6 +1267,56 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def threads_for(cores, others):
+    """torch threads on `cores` cores when other processes keep `others` cores busy (mean over the last
+    check): every core they leave free, at least 1. A core another process uses for more than a fifth of the
+    time counts as taken: one of our threads sharing it makes every parallel region wait for it (libgomp's
+    threads spin at barriers: a 2-thread epoch beside one busy process took 2.9x one thread's time)."""
+    return max(1, min(cores, cores - math.ceil(others - 0.2)))
+
+
+class FreeCores:
+    """--threads 0 on a CPU: the torch thread count follows the cores other processes leave free (threads_for),
+    re-checked at most once per `every` seconds from the kernel's CPU counters (/proc/stat, over the cores this
+    process may run on) minus this process's own CPU time. An idle machine gets one spinning thread per core
+    (the fastest there), a shared one fewer threads instead of spinning threads that wait for each other.
+    Where /proc/stat cannot be read (not Linux), torch's default is left alone (`active` is False)."""
+
+    def __init__(self, every=1.0, first=0.25, stat="/proc/stat"):
+        self.every, self.wait, self.stat = every, first, Path(stat)    # the first check comes sooner
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last = self.sample()
+        self.active = self.last is not None and bool(self.cpus)
+
+    def sample(self):
+        """(wall s, CPU s used on our cores by everyone, CPU s used by this process), or None."""
+        try:
+            lines = self.stat.read_text().splitlines()
+        except OSError:
+            return None
+        busy = 0
+        for line in lines:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                t = [int(x) for x in ticks]
+                busy += sum(t[:8]) - sum(t[3:5])       # user nice system irq softirq steal (guest is in user)
+        return time.monotonic(), busy / self.tick, time.process_time()
+
+    def __call__(self):
+        """Adjusts torch's thread count if `every` seconds have passed since the last check."""
+        if not self.active or time.monotonic() - self.last[0] < self.wait:
+            return
+        self.wait = self.every
+        now = self.sample()
+        (t0, busy0, own0), (t1, busy1, own1) = self.last, now
+        self.last = now
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+        n = threads_for(len(self.cpus), others)
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+
 def sync_device(device):
     """Wait for the device's queued work (timings only: training and evaluation never wait for it)."""
     device = torch.device(device)
@@ -1368,13 +1418,15 @@ class LossStep(nn.Module):
         return batch_loss(self.model, *args)
 
 
-def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quiet=False, rank=0, world=1, phases=None):
+def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quiet=False, rank=0, world=1, phases=None,
+                free_cores=None):
     """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
     The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
     negatives and masks are made on the device, and the loss is summed there: no step waits for the device.
     Under DDP every rank draws the same permutation and the same negatives for the global batch (same seed,
     same generator) and computes only its shard of it; shards are weighted by their size, so the gradient
-    DDP averages equals the single-process gradient of the same global batch."""
+    DDP averages equals the single-process gradient of the same global batch. free_cores: a FreeCores, checked
+    between steps (it changes torch's thread count when other processes take or leave cores)."""
     from tqdm import tqdm
     phases = phases or Phases(device)
     perm = rng.permutation(len(split.train_u))
@@ -1408,6 +1460,8 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quie
         total += loss.detach().to(total.dtype) * (size * share / world)
         n += round(size * share / world)
         phases("optimizer")
+        if free_cores is not None:
+            free_cores()
         if not bar.disable and time.monotonic() - shown > 0.5:      # a sync twice a second at most
             bar.set_postfix(loss=f"{total.item() / max(n, 1):.4f}")
             shown = time.monotonic()
@@ -1433,6 +1487,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     sampler = NegativeSampler(split, cfg.seed, device)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)
+    free_cores = FreeCores() if device.type == "cpu" and not cfg.threads and world == 1 else None
     history, best, bad_epochs, best_state = [], -1.0, 0, None
     t_train = t_prep = 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -1442,7 +1497,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
         total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, device, f"epoch {epoch}",
-                                     quiet, rank, world)
+                                     quiet, rank, world, free_cores=free_cores)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(tn)
@@ -2442,9 +2497,9 @@ def cmd_train(cfg):
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
-    if device.type == "cpu" and torch.get_num_threads() > 1 and spinning:
-        log(f"note: {torch.get_num_threads()} torch threads spin while they wait: beside other jobs that can be 5-10x "
-            "slower; set OMP_WAIT_POLICY=PASSIVE (make does) or use --threads 1 (README, Speed and scale)")
+    if device.type == "cpu" and cfg.threads > 1 and spinning:
+        log(f"note: --threads {cfg.threads}: threads that spin while they wait can be 3-10x slower beside other jobs; "
+            "--threads 0 (the default) follows the free cores (README, Speed and scale)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return train_and_report(cfg, device)
@@ -2489,7 +2544,10 @@ def cmd_recommend(args):
 def cmd_baselines(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    free_cores = FreeCores(first=0.0) if not cfg.threads else None
     ds, split = prepare(cfg)
+    if free_cores:
+        free_cores()             # once: the cores left free while the data loaded
     if split.kind == "cold-items":
         res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
         print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "

@@ -517,6 +517,34 @@ def test_demo_is_deterministic_and_study_scale():
     assert years.max() - years.min() >= 5
 
 
+# ---------------------------------------------------------------------------------------------- threads
+
+def test_threads_follow_the_cores_other_processes_leave_free(tmp_path):
+    assert [R.threads_for(2, x) for x in (0.0, 0.15, 0.3, 1.0, 1.9, 5.0)] == [2, 2, 1, 1, 1, 1]
+    assert [R.threads_for(16, x) for x in (0.0, 1.0, 3.5)] == [16, 15, 12]
+    stat = tmp_path / "stat"
+    free = R.FreeCores(stat=stat)
+    assert not free.active                               # nothing to read: torch's default is left alone
+    cpus = sorted(os.sched_getaffinity(0))
+    stat.write_text("cpu  1 2 3 4 5 6 7 8 0 0\n" + "".join(f"cpu{c} 0 0 0 1000 0 0 0 0 0 0\n" for c in cpus))
+    free, before = R.FreeCores(stat=stat), torch.get_num_threads()
+    try:
+        assert free.active and free.last[1] == 0.0
+        # one second later another process has used one whole core (user ticks of the first CPU, 100 per second);
+        # the busy column of a CPU outside the affinity set would not count
+        t, _, own = free.last
+        free.last = (t - 1.0, 0.0, own)
+        stat.write_text("cpu  1 2 3 4 5 6 7 8 0 0\n" + "".join(
+            f"cpu{c} {free.tick if c == cpus[0] else 0} 0 0 1000 0 0 0 0 0 0\n" for c in cpus) +
+            f"cpu{max(cpus) + 1} {50 * free.tick} 0 0 0 0 0 0 0 0 0\n")
+        free()
+        assert torch.get_num_threads() == max(1, len(cpus) - 1)
+        free()                                            # within a second of the last check: nothing read
+        assert free.wait == free.every and torch.get_num_threads() == max(1, len(cpus) - 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------- distributed
 
 def test_ddp_two_gloo_processes_match_one_process(small_demo, tmp_path):
