@@ -306,9 +306,10 @@ OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def threads_table(args, passthrough):
-    """--threads-sweep: one `demo` epoch and evaluation (dot scorer) per thread setting, in a fresh process each,
-    as the machine is and beside one busy process (a `while True: pass` started and stopped here)."""
-    rows = []
+    """--threads-sweep: one epoch and evaluation (dot scorer) of the first of --sets (demo by default) per thread
+    setting, in a fresh process each, as the machine is and beside one busy process (a `while True: pass` started
+    and stopped here)."""
+    rows, name_set = [], args.sets.split(",")[0] if args.sets != ",".join(SETS) else "demo"
     for condition in ("as it is", "beside one busy process"):
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition != "as it is" else None
         try:
@@ -316,12 +317,12 @@ def threads_table(args, passthrough):
                 for name, (threads, omp) in THREAD_SETTINGS.items():
                     load = os.getloadavg()[0]
                     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                        subprocess.run([sys.executable, __file__, *passthrough, "--threads", threads, "--sets", "demo",
-                                        "--scorers", "dot", "--reps", "1", "--one", "demo", "--one-out", f.name],
+                        subprocess.run([sys.executable, __file__, *passthrough, "--threads", threads, "--sets", name_set,
+                                        "--scorers", "dot", "--reps", "1", "--one", name_set, "--one-out", f.name],
                                        env={**{k: v for k, v in os.environ.items() if k not in OMP_VARIABLES},
                                             **omp}, check=True)
                         m = json.loads(Path(f.name).read_text())["scorers"]["dot"]["now"]
-                    rows.append({"condition": condition, "setting": name, "load_average": load,
+                    rows.append({"set": name_set, "condition": condition, "setting": name, "load_average": load,
                                  "epoch_seconds": m["epoch_seconds"], "eval_seconds": m["eval_seconds"]})
                     R.log(f"{condition}, {name}: epoch {m['epoch_seconds']:.2f}s, eval {m['eval_seconds']:.2f}s "
                           f"(load {load:.1f})")
@@ -363,9 +364,9 @@ def main(argv=None):
     ap.add_argument("--amp", action="store_true", help="bf16 autocast in training")
     ap.add_argument("--compile", action="store_true", help="torch.compile towers and scorer")
     ap.add_argument("--no-train", action="store_true", help="evaluation only (untrained model; same speed)")
-    ap.add_argument("--threads-sweep", action="store_true", help="instead: a demo epoch and evaluation per thread "
-                    "setting (THREAD_SETTINGS: torch's default spinning, 1, torch's default with OMP_WAIT_POLICY="
-                    "PASSIVE or a short GOMP_SPINCOUNT), as the "
+    ap.add_argument("--threads-sweep", action="store_true", help="instead: an epoch and evaluation (of the first of "
+                    "--sets, demo by default; --model) per thread setting (THREAD_SETTINGS: auto, torch's default "
+                    "spinning, 1, torch's default with OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT), as the "
                     "machine is and beside one busy process; --reps rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/bench.json")
