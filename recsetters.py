@@ -1311,7 +1311,7 @@ class FreeCores:
         now = self.sample()
         (t0, busy0, own0), (t1, busy1, own1) = self.last, now
         self.last = now
-        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-3)
         n = threads_for(len(self.cpus), others)
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
