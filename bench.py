@@ -123,12 +123,12 @@ def epoch_runner(M, cfg, split, feats, device, free_cores=None):
     rng, step = np.random.default_rng(cfg.seed), M.LossStep(model)
     if hasattr(M, "Phases"):
         sampler = M.NegativeSampler(split, cfg.seed, device)
+        more = {"free_cores": free_cores} if free_cores and "free_cores" in inspect.signature(M.train_epoch).parameters \
+            else {}
 
         def run(desc):
             model.train()
             phases = M.Phases(device, sync=True)          # waits for the device at each phase boundary
-            more = {"free_cores": free_cores} if free_cores and "free_cores" in inspect.signature(M.train_epoch).parameters \
-                else {}
             total, n, _ = M.train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc, phases=phases, **more)
             return total / n, phases.seconds
     else:                                                 # before the device-resident loop (ca6ae59)

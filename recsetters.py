@@ -1291,16 +1291,14 @@ class FreeCores:
 
     def sample(self):
         """(wall s, CPU s used on our cores by everyone, CPU s used by this process), or None."""
-        try:
-            lines = self.stat.read_text().splitlines()
-        except OSError:
-            return None
         busy = 0
-        for line in lines:
-            name, *ticks = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
-                t = [int(x) for x in ticks]
-                busy += sum(t[:8]) - sum(t[3:5])       # user nice system irq softirq steal (guest is in user)
+        try:
+            for name, *ticks in map(str.split, self.stat.read_text().splitlines()):
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                    t = [int(x) for x in ticks]
+                    busy += sum(t[:8]) - sum(t[3:5])       # user nice system irq softirq steal (guest is in user)
+        except (OSError, ValueError):                      # unreadable, or not the kernel's format
+            return None
         return time.monotonic(), busy / self.tick, time.process_time()
 
     def __call__(self):
@@ -1309,6 +1307,9 @@ class FreeCores:
             return
         self.wait = self.every
         now = self.sample()
+        if now is None:                  # the file went away or changed format: leave the thread count alone
+            self.active = False
+            return
         (t0, busy0, own0), (t1, busy1, own1) = self.last, now
         self.last = now
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-3)

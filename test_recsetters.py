@@ -525,6 +525,8 @@ def test_threads_follow_the_cores_other_processes_leave_free(tmp_path):
     stat = tmp_path / "stat"
     free = R.FreeCores(stat=stat)
     assert not free.active                               # nothing to read: torch's default is left alone
+    stat.write_text("cpu0 not numbers\n\n")
+    assert not R.FreeCores(stat=stat).active             # not the kernel's format: the same, no traceback
     cpus = sorted(os.sched_getaffinity(0))
     stat.write_text("cpu  1 2 3 4 5 6 7 8 0 0\n" + "".join(f"cpu{c} 0 0 0 1000 0 0 0 0 0 0\n" for c in cpus))
     free, before = R.FreeCores(stat=stat), torch.get_num_threads()
