@@ -1,7 +1,7 @@
 # RecSetters. Two commands do all set-up on a fresh machine: `make train` and `make test`.
 PY      := .venv/bin/python
 DATASET ?= demo
-TEXT    ?= $(if $(filter hetrec,$(DATASET)),tags,lyrics)
+TEXT    ?=
 EPOCHS  ?=
 SEED    ?= 0
 ARGS    ?=
@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Speed and scale). The tests' trainings are too short for that to react, so there OpenMP threads waiting for work
 # sleep instead of spinning (beside a busy process spinning threads took 2-3x longer).
 
-.PHONY: venv train test bench clean
+.PHONY: venv train test test-fast bench clean clean-runs
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -20,13 +20,18 @@ venv: .venv/.installed
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# TEXT: lyrics; hetrec has none, and its `tags` won on validation in the ablation (README, Experiments)
+# TEXT empty: --text auto (the first of lyrics, summary, tags, title that most items have: lyrics on demo, tags on hetrec)
 train: venv
-	$(PY) recsetters.py train --dataset $(DATASET) --text $(TEXT) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+	$(PY) recsetters.py train --dataset $(DATASET) $(if $(TEXT),--text $(TEXT)) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 test: export OMP_WAIT_POLICY ?= PASSIVE
 test: venv
 	$(PY) -m pytest -q
+
+# the tests that start no subprocess (pytest.ini: marker slow)
+test-fast: export OMP_WAIT_POLICY ?= PASSIVE
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 # Speed and scale (bench.py): prints a table, writes runs/bench/bench.json. E.g. ARGS="--sets demo --against ca6ae59".
 bench: venv
@@ -63,5 +68,10 @@ WHAT ?= both
 enrich: venv
 	$(PY) $(if $(FAKE),test_enrich.py fake,enrich.py) $(DATASET) --what $(WHAT) $(ARGS)
 
+# generated files; runs/ is kept (clean-runs removes it)
 clean:
-	rm -rf runs data/demo
+	rm -rf data/demo .pytest_cache __pycache__
+
+clean-runs:
+	@echo "removing every run in runs/ (checkpoints, results.json, ranks.npz)"
+	rm -rf runs

@@ -118,7 +118,9 @@ def epoch_runner(M, cfg, split, feats, device, free_cores=None):
     if cfg.compile:
         for m in (model.user_tower, model.item_tower, model.scorer):
             m.compile(dynamic=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda") or None)
+    rt = M.Runtime(device, cfg.amp) if hasattr(M, "Runtime") else device     # older code: a device
+    opt = rt.optimizer(model.parameters(), cfg.lr) if hasattr(M, "Runtime") else \
+        torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type in ("cpu", "cuda") or None)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng, step = np.random.default_rng(cfg.seed), M.LossStep(model)
     if hasattr(M, "Phases"):
@@ -129,7 +131,7 @@ def epoch_runner(M, cfg, split, feats, device, free_cores=None):
         def run(desc):
             model.train()
             phases = M.Phases(device, sync=True)          # waits for the device at each phase boundary
-            total, n, _ = M.train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc, phases=phases, **more)
+            total, n, _ = M.train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc, phases=phases, **more)
             return total / n, phases.seconds
     else:                                                 # before the device-resident loop (ca6ae59)
         sampler = M.NegativeSampler(split, cfg.seed)
@@ -165,20 +167,21 @@ def time_epochs(runs, reps, n_positives, device):
 
 
 def time_eval(evals, split, device, memory_mb, max_pairs, reps):
-    """evals: [(name, module, model)]. One full-ranking evaluation of the test users with module.evaluate_split
+    """evals: [(name, module, model)]. One full-ranking evaluation of the test users with module.evaluate
     (all of them, or an evenly spaced sample when users x items exceeds max_pairs), `reps` interleaved rounds,
     the median per name; and the floor: the same users x items product of the first model's tower outputs."""
     users = np.arange(len(split.test_u))
     if len(users) * split.n_items > max_pairs:
         users = np.linspace(0, len(users) - 1, max(1, int(max_pairs // split.n_items))).astype(np.int64)
     sub = R.Split(split.n_users, split.n_items, split.train_u, split.train_i, split.val_u, split.val_i,
-                  split.test_u[users], split.test_i[users], split.train, split.degree, split.warm)
+                  split.test_u[users], split.test_i[users], split.train, split.degree, split.warm, kind=split.kind)
     seconds, ndcg = {name: [] for name, _, _ in evals}, {}
     for _ in range(reps):
         for name, M, model in evals:
             R.sync_device(device)
             t0 = time.perf_counter()
-            res = M.evaluate_split(M.model_scores(model, device), sub, "test", 10, device, memory_mb)
+            evaluate = M.evaluate if hasattr(M, "PROTOCOLS") else M.evaluate_split
+            res = evaluate(M.model_scores(model, device), sub, "test", 10, device, memory_mb)
             R.sync_device(device)
             seconds[name].append(time.perf_counter() - t0)
             ndcg[name] = res["overall"]["ndcg@10"]
@@ -212,10 +215,9 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
 
 def run_set(args):
     """Child process: one dataset, both scorers (and the code of --against beside this one). Returns a dict."""
-    if args.threads not in ("auto", "torch"):
-        torch.set_num_threads(int(args.threads))
-    device = R.pick_device(args.device)
-    free_cores = R.FreeCores() if args.threads == "auto" and device.type == "cpu" else None
+    rt = R.make_runtime(args.device, 0 if args.threads in ("auto", "torch") else int(args.threads), args.amp, quiet=True)
+    device = rt.device
+    free_cores = rt.free_cores() if args.threads == "auto" else None
     t0 = time.perf_counter()
     loaded = load_set(args.one, args.text, args.seed)
     if loaded is None:

@@ -1,26 +1,27 @@
 """
-experiments.py: the experiments that settle the study's question (issue 5).
+experiments.py: the experiments that settle the study's question (issue 5), under every protocol.
 
   python experiments.py ablation --datasets demo hetrec --texts none title summary lyrics tags --seeds 0 1 2 \
       --protocols loo cold-items
   python experiments.py report        # rebuild report.md, results.csv and plots from the finished cells
   python experiments.py tune          # the tuning log (TUNING below) on hetrec: runs/ablation/tuning.md
 
-Every (dataset, text, seed) two-tower run goes through `recsetters.py train` (model selection on validation,
-test evaluated once on the best-validation checkpoint), beside the baselines (R.BASELINES) and an ID-only
-dot-product two-tower (matrix factorization) on the same seeded split. Finished cells are skipped, so an
-interrupted grid resumes where it stopped. Everything lands in runs/ablation/.
+Every (dataset, protocol, text, seed) two-tower run goes through `recsetters.py train` (model selection on
+validation, test evaluated once on the best-validation checkpoint), beside the baselines that can score the
+protocol (R.BASELINES, one cell per dataset, protocol and seed) on the same seeded split, and under leave-one-out an
+ID-only dot-product two-tower (matrix factorization). Finished cells are skipped, so an interrupted grid resumes
+where it stopped. Everything lands in runs/ablation/. Collecting, the paired tests, the plots and the report are
+written once and loop over the protocols (R.PROTOCOLS): a new protocol needs only an entry in PROTOCOL_SPLITS.
 
 Read top to bottom:
   1. the grid: cells and how each one is run
   2. collecting results: results.csv, mean and std over seeds
-  3. paired significance tests on per-user test ranks
-  4. fairness and exposure (the metric functions live in recsetters.py, section 11)
+  3. paired significance tests on per-user test metrics
+  4. fairness and exposure (leave-one-out; the metric functions live in recsetters.py, section 11)
   5. plots
   6. report.md
   7. the tuning log: how the default `train` configuration was found (validation only)
-  8. the cold-items protocol: new items scored from content alone, against content baselines
-  9. command line
+  8. command line
 """
 import argparse
 import json
@@ -39,8 +40,11 @@ import pandas as pd
 import recsetters as R
 
 HERE = Path(__file__).resolve().parent
+# --protocols NAME -> the --split of its cells (each protocol's chosen setting comes with it: R.PROTOCOLS defaults)
+PROTOCOL_SPLITS = {"loo": "auto", "cold-items": "cold-items"}
 MF_FLAGS = ["--text", "none", "--id-only", "--no-history", "--scorer", "dot"]   # the ID-only two-tower
-# The baselines are R.BASELINES, the metrics R.per_user_metrics, and the cut-off K is each run's own (its config).
+EXTRA_MODELS = {"loo": [("mf", MF_FLAGS)]}           # per protocol: (kind, flags) beside the text variants
+# The baselines are R.BASELINES, the metrics each protocol's per_user, and the cut-off K is each run's own (its config).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,44 +61,39 @@ def ensure_dataset(dataset, data_dir, hetrec_from):
                         *([src] if src else [])], cwd=HERE, check=True)
 
 
-def text_columns(dataset, data_dir):
-    """Text columns of a dataset's items.csv that carry any text (an all-empty column counts as missing)."""
-    ds = R.load_dataset(data_dir, dataset)
-    skip = {"item", "artist", "track", "tag"}
-    return {c for c in ds.items.columns if c not in skip and ds.items[c].fillna("").str.strip().ne("").any()}
-
-
-def cells(datasets, texts, seeds, data_dir, mf=True):
-    """[(dataset, kind, text, seed)] in run order (baselines, each text over all seeds, MF unless mf=False);
-    skipped-text notes."""
-    out, notes = [], []
+def cells(datasets, protocols, texts, seeds, data_dir, mf=True):
+    """[(dataset, protocol, kind, text, seed)] in run order (baselines first, then each text over all seeds, then
+    the protocol's extra models unless mf=False); skipped-text notes."""
+    base, runs, notes = [], [], []
     for d in datasets:
-        have = text_columns(d, data_dir)
+        have = set(R.text_columns(R.load_dataset(data_dir, d).items))
         use = [t for t in texts if t == "none" or t in have]
-        for t in texts:
-            if t not in use:
-                notes.append(f"{d}: no `{t}` text (column missing or empty): skipped")
-        out += [(d, "baselines", None, s) for s in seeds]
-        out += [(d, "two-tower", t, s) for t in use for s in seeds]
-        out += [(d, "mf", None, s) for s in seeds] if mf else []
-    return out, notes
+        notes += [f"{d}: no `{t}` text (column missing or empty): skipped" for t in texts if t not in use]
+        for p in protocols:
+            base += [(d, p, "baselines", None, s) for s in seeds]
+            runs += [(d, p, "two-tower", t, s) for t in use for s in seeds]
+            runs += [(d, p, kind, None, s) for kind, _ in EXTRA_MODELS.get(p, []) if mf for s in seeds]
+    return base + runs, notes
 
 
-def cell_name(dataset, kind, text, seed):
-    if kind.startswith("cold"):                   # the cold-items protocol (section 8)
-        return f"{dataset}-cold-{text if kind == 'cold-two-tower' else 'baselines'}-s{seed}"
-    return f"{dataset}-{text if kind == 'two-tower' else kind}-s{seed}"
+def cell_name(dataset, protocol, kind, text, seed):
+    return f"{dataset}-{protocol}-{text if kind == 'two-tower' else kind}-s{seed}"
 
 
 def cell_done(run_dir):
     return (run_dir / "results.json").exists() and (run_dir / "ranks.npz").exists()
 
 
+def cell_flags(protocol, kind, text):
+    extra = dict(EXTRA_MODELS.get(protocol, []))
+    return ["--split", PROTOCOL_SPLITS[protocol], *(extra[kind] if kind in extra else ["--text", str(text)])]
+
+
 def train_config(dataset, seed, data_dir, flags):
-    """The configuration `recsetters.py train` resolves these flags to, today's defaults included (without the
-    settings that do not change a run's results, and those of other commands)."""
-    args = R.parser().parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
-    skip = {"run_name", "runs_dir", "threads", "baselines"} | {
+    """The configuration `recsetters.py train` resolves these flags to, today's defaults and the protocol's chosen
+    setting included (without the settings that do not change a run's results, and those of other commands)."""
+    args = R.parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
+    skip = set(R.PLACE) - {"dataset", "split", "text", "seed"} | {"baselines"} | {
         f.name for f in R.fields(R.Config) if "train" not in f.metadata["cmds"]}
     return {k: v for k, v in R.asdict(R.config_from(args)).items() if k not in skip}
 
@@ -109,33 +108,36 @@ def ran_with(run_dir, want):
     return {k: have.get(k) for k in want} == want
 
 
-def run_baselines_cell(dataset, seed, data_dir, run_dir, k):
-    """Every baseline of R.BASELINES on the (dataset, seed) split; also stores which test items are cold."""
-    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed, k=k).validate()
+def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k):
+    """Every baseline of R.BASELINES on the (dataset, protocol, seed) split (n/a where it cannot score it), with the
+    protocol's audit where it has one."""
+    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed, k=k, split=PROTOCOL_SPLITS[protocol]).validate()
     ds, split = R.prepare(cfg, quiet=True)
-    res, ranks = R.run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, quiet=True)
+    cache = Path(data_dir) / ".cache"
+    res, ranks = R.run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, None, cache, seed, quiet=True)
+    audit = R.protocol_of(split).audit
+    audit = audit(ds, split, res, cache, cfg.eval_memory_mb) if audit and ds.tag_assignments is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(run_dir / "results.json", json.dumps(
-        {"dataset": {"name": ds.name, "synthetic": ds.synthetic}, "config": {"dataset": dataset, "seed": seed, "k": k},
-         "split": R.split_stats(split), "baselines": res}, indent=1))
-    np.savez(run_dir / "ranks.npz", users=split.test_u, items=split.test_i, cold=~split.warm[split.test_i],
-             **{n.lower(): r for n, r in ranks.items()})
+        {"protocol": R.protocol_name(split.kind), "dataset": {"name": ds.name, "synthetic": ds.synthetic},
+         "config": {"dataset": dataset, "seed": seed, "k": k, "split": cfg.split, "cold_fraction": cfg.cold_fraction,
+                    "tag_source": cfg.tag_source},
+         "split": R.split_stats(split), "report": split.report, "baselines": res, "leak_audit": audit,
+         "provenance": R.provenance("cpu")}, indent=1))
+    R.save_ranks(run_dir / "ranks.npz", ranks)
 
 
 def run_cell(cell, out, data_dir, extra):
-    dataset, kind, text, seed = cell
+    dataset, protocol, kind, text, seed = cell
     name = cell_name(*cell)
     run_dir = out / "runs" / name
-    flags = [*extra, *(COLD_FLAGS if kind.startswith("cold") else []),
-             *(MF_FLAGS if kind == "mf" else ["--text", str(text)])]
+    flags = [*extra, *cell_flags(protocol, kind, text)]
     want = train_config(dataset, seed, data_dir, flags)
-    if cell_done(run_dir) and ran_with(run_dir, {"k": want["k"]} if kind.endswith("baselines") else want):
+    if cell_done(run_dir) and ran_with(run_dir, {"k": want["k"]} if kind == "baselines" else want):
         return "skipped (done)"
     t0 = time.time()
     if kind == "baselines":
-        run_baselines_cell(dataset, seed, data_dir, run_dir, want["k"])
-    elif kind == "cold-baselines":
-        run_cold_baselines_cell(dataset, seed, data_dir, run_dir)
+        run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, want["k"])
     else:
         failed = train_run(dataset, seed, data_dir, run_dir, [*flags, "--no-baselines"], out / "logs" / f"{name}.log")
         if failed:
@@ -144,10 +146,11 @@ def run_cell(cell, out, data_dir, extra):
 
 
 def train_run(dataset, seed, data_dir, run_dir, flags, log_path):
-    """`recsetters.py train` into run_dir as a subprocess, output to log_path; returns None, or why it failed."""
+    """`recsetters.py train` into run_dir (replacing an unfinished or outdated run there) as a subprocess, output to
+    log_path; returns None, or why it failed."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(HERE / "recsetters.py"), "train", "--dataset", dataset, "--data-dir", data_dir,
-           "--seed", str(seed), "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name, *flags]
+           "--seed", str(seed), "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name, "--overwrite", *flags]
     with open(log_path, "w") as f:
         p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -155,59 +158,71 @@ def train_run(dataset, seed, data_dir, run_dir, flags, log_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. collecting results
+# 2. collecting results: one row per (dataset, protocol, model, seed) with every column of the protocol's table
 
-def model_label(kind, text):
-    return {"mf": "MF (ID-only two-tower)"}.get(kind, f"two-tower, text {text}")
+def model_label(res):
+    c = res["config"]
+    return "MF (ID-only two-tower)" if c.get("id_only") else f"two-tower, text {c['text']}"
+
+
+def tested(protocol, k):
+    """The two metrics of a protocol that the paired tests and plots use: its selection metric and the column
+    before it in its table (leave-one-out: HR@K, NDCG@K; cold-items: Recall@20, NDCG@20 of the cold view)."""
+    p = R.PROTOCOLS[protocol]
+    cols = [R.column(c, k) for c in p.columns]
+    sel = R.column(p.select, k)
+    return [cols[cols.index(sel) - 1], sel]
 
 
 def collect(out):
-    """One row per (dataset, model, seed, group) from every finished cell; per-user ranks alongside."""
-    rows, ranks = [], {}
+    """(rows, per-user test metrics keyed (dataset, protocol, model, seed), extras keyed (dataset, protocol, seed):
+    split stats and the protocol's audit) from every finished cell."""
+    rows, per_user, extras = [], {}, {}
     for d in sorted((out / "runs").glob("*")):
         if not cell_done(d):
             continue
         res = json.loads((d / "results.json").read_text())
-        if res.get("protocol") == "cold-items":      # collected by collect_cold
-            continue
+        protocol = res.get("protocol", "leave-one-out")
+        p = R.PROTOCOLS[protocol]
         z = np.load(d / "ranks.npz")
         dataset, seed, k = res["config"]["dataset"], res["config"]["seed"], res["config"].get("k", 10)
-        if "baselines" in res and "test" not in res:       # a baselines cell
-            models = [(b, "baseline", res["baselines"][b], z[b.lower()]) for b in res["baselines"]]
-            ranks[(dataset, "cold", seed)] = z["cold"]
+        if "test" in res:
+            models = [(model_label(res), "mf" if res["config"].get("id_only") else "two-tower", res, "two_tower")]
         else:
-            c = res["config"]
-            kind = "mf" if c.get("id_only") else "two-tower"
-            models = [(model_label(kind, c["text"]), kind, res, z["two_tower"])]
-        for model, kind, r, rk in models:
-            ranks[(dataset, model, seed)] = rk
-            for group in ("overall", "cold", "warm"):
-                rows.append({"dataset": dataset, "synthetic": res["dataset"]["synthetic"], "model": model,
-                             "kind": kind, "seed": seed, "group": group, "k": k,
-                             "hr": r["test"][group][f"hr@{k}"], "ndcg": r["test"][group][f"ndcg@{k}"],
-                             "n": r["test"][group]["n"],
-                             "val_hr": r["validation"][group][f"hr@{k}"],
-                             "val_ndcg": r["validation"][group][f"ndcg@{k}"],
-                             "best_epoch": r.get("best_epoch"), "run": d.name})
+            models = [(b, "baseline" if "na" not in r else "n/a", r, b.lower().replace(" ", "_"))
+                      for b, r in res["baselines"].items()]
+            extras[(dataset, protocol, seed)] = {"split": res["split"], "audit": res.get("leak_audit")}
+        for model, kind, r, key in models:
+            row = {"dataset": dataset, "protocol": protocol, "synthetic": res["dataset"]["synthetic"], "model": model,
+                   "kind": kind, "seed": seed, "k": k, "run": d.name,
+                   "params": str(r.get("params", r.get("best_epoch"))), "best_epoch": r.get("best_epoch")}
+            if kind != "n/a":
+                row.update({f"{v} {m}": r["test"][v][m] for v, m in (R.column(c, k) for c in p.columns)})
+                v, m = R.column(p.select, k)
+                row["val"] = r["validation"][v][m]
+                per_user[(dataset, protocol, model, seed)] = {f[len(key) + 2:]: p.per_user(z[f], z["counts"], k)
+                                                              for f in z.files if f.startswith(key + "__")}
+            rows.append(row)
     df = pd.DataFrame(rows)
-    for dataset, g in df.groupby("dataset") if len(df) else []:
+    for (dataset, protocol), g in df.groupby(["dataset", "protocol"]) if len(df) else []:
         if g.k.nunique() > 1:
-            raise SystemExit(f"the finished cells of {dataset} were evaluated at different K ({sorted(g.k.unique())}): "
-                             f"remove the stale ones from {out / 'runs'}")
-    return df, ranks
+            raise SystemExit(f"the finished {protocol} cells of {dataset} were evaluated at different K "
+                             f"({sorted(g.k.unique())}): remove the stale ones from {out / 'runs'}")
+    return df, per_user, extras
 
 
-def cut_off(df, dataset):
-    """The K of a dataset's runs (one per dataset, checked by collect)."""
-    return int(df[df.dataset == dataset].k.iloc[0])
+def metric_cols(df):
+    return [c for c in df.columns if " " in c and c.split(" ")[0] in ("overall", "cold", "warm", "unseen", "all")]
 
 
 def summary(df):
-    """Mean and std over seeds per (dataset, model, group)."""
-    g = df.groupby(["dataset", "model", "group"], sort=False)
-    s = g[["hr", "ndcg", "val_hr", "val_ndcg"]].agg(["mean", "std"])
+    """Mean and std over seeds per (dataset, protocol, model) of every metric column, and the seeds."""
+    d = df[df.kind != "n/a"]
+    g = d.groupby(["dataset", "protocol", "model"], sort=False)
+    s = g[metric_cols(d) + ["val"]].agg(["mean", "std"])
     s.columns = [f"{a}_{b}" for a, b in s.columns]
     s["seeds"] = g.seed.nunique()
+    s["kind"] = g.kind.first()
     return s.reset_index()
 
 
@@ -225,54 +240,53 @@ def paired_test(a, b, n_boot=2000, seed=0):
             "p": float(p)}
 
 
-def significance(df, ranks):
-    """Each two-tower text variant (and MF) against `none` and against the best baseline (by validation)."""
-    s = summary(df)
+def significance(df, per_user):
+    """Per (dataset, protocol): each two-tower variant (and MF) against `two-tower, text none` and against the best
+    baseline (by validation); the variant chosen on validation also against every other baseline. On the
+    protocol's two tested metrics, per user, pooled over the seeds both models have."""
     rows = []
-    for dataset in df.dataset.unique():
-        o = s[(s.dataset == dataset) & (s.group == "overall")]
-        base = o[o.model.isin(list(R.BASELINES))]
-        if base.empty:
-            continue
-        best = base.sort_values("val_ndcg_mean", ascending=False).model.iloc[0]
-        seeds = sorted(df[df.dataset == dataset].seed.unique())
-        k = cut_off(df, dataset)
-        for model in o.model:
-            if model in R.BASELINES:
-                continue
-            for ref in ["two-tower, text none", best]:
-                if ref == model or not all((dataset, m, sd) in ranks for m in (model, ref) for sd in seeds):
+    s = summary(df)
+    for (dataset, protocol), o in s.groupby(["dataset", "protocol"], sort=False):
+        k = int(df[(df.dataset == dataset) & (df.protocol == protocol)].k.iloc[0])
+        base = o[o.kind == "baseline"].sort_values("val_mean", ascending=False)
+        models = o[o.kind != "baseline"]
+        chosen = models[models.kind == "two-tower"].sort_values("val_mean", ascending=False).model.head(1).tolist()
+        for model in models.model:
+            refs = ["two-tower, text none", *base.model.head(1)] + (list(base.model) if model in chosen else [])
+            for ref in dict.fromkeys(refs):
+                seeds = [sd for sd in sorted(df.seed.unique()) if (dataset, protocol, model, sd) in per_user
+                         and (dataset, protocol, ref, sd) in per_user]
+                if ref == model or not seeds:
                     continue
-                pa = [R.per_user_metrics(ranks[(dataset, model, sd)], k) for sd in seeds]
-                pb = [R.per_user_metrics(ranks[(dataset, ref, sd)], k) for sd in seeds]
-                for metric in ("hr", "ndcg"):
-                    t = paired_test(np.concatenate([x[f"{metric}@{k}"] * 100 for x in pa]),
-                                    np.concatenate([x[f"{metric}@{k}"] * 100 for x in pb]))
-                    rows.append({"dataset": dataset, "model": model, "vs": ref, "metric": metric, **t})
+                for view, metric in tested(protocol, k):
+                    a, b = (np.concatenate([per_user[(dataset, protocol, m, sd)][view][metric] for sd in seeds])
+                            for m in (model, ref))
+                    rows.append({"dataset": dataset, "protocol": protocol, "model": model, "vs": ref,
+                                 "metric": metric, "seeds": len(seeds), **paired_test(a, b)})
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. fairness and exposure of the best two-tower variant (by validation) and EASE, seed 0
+# 4. fairness and exposure of the best two-tower variant (by validation) and EASE, seed 0, leave-one-out
 
 def fairness(out, df, data_dir, n_boot=500):
     res = {}
-    for dataset in df.dataset.unique():
-        tt = df[(df.dataset == dataset) & (df.kind == "two-tower") & (df.group == "overall")]
-        if tt.empty:
-            continue
-        best = tt.groupby("model")["val_ndcg"].mean().idxmax()
+    loo = df[(df.protocol == "leave-one-out") & (df.kind == "two-tower")]
+    for dataset in loo.dataset.unique():
+        tt = loo[loo.dataset == dataset]
+        best = tt.groupby("model")["val"].mean().idxmax()
         seed = int(sorted(tt.seed.unique())[0])
         run = tt[(tt.model == best) & (tt.seed == seed)].run.iloc[0]
         cfg, ds, split, model, device, _ = R.restore(str(out / "runs" / run), device_name="cpu")
         excl = R.exclusion(split, "test")
         scorers = {best: R.model_scores(model, device)}
-        lam = json.loads((out / "runs" / cell_name(dataset, "baselines", None, seed) / "results.json")
-                         .read_text())["baselines"]["EASE"]["params"]
-        scorers[f"EASE ({lam})"] = R.BASELINES["EASE"].make(split, lam)
+        base = out / "runs" / cell_name(dataset, "loo", "baselines", None, seed) / "results.json"
+        if base.exists() and "params" in json.loads(base.read_text())["baselines"].get("EASE", {}):
+            lam = json.loads(base.read_text())["baselines"]["EASE"]["params"]
+            scorers[f"EASE ({lam})"] = R.ease_scores(split, lam)
         res[dataset] = {"seed": seed, "label": ds.label, "k": cfg.k, "models": {}}
         for name, fn in scorers.items():
-            ranks = R.rank_of_targets(fn, split.test_u, split.test_i, excl, "cpu", cfg.eval_memory_mb)
+            ranks = R.evaluate(fn, split, "test", cfg.k, "cpu", cfg.eval_memory_mb, return_ranks=True)[1]["overall"]
             top = R.top_k_lists(fn, split.test_u, excl, cfg.k, "cpu", cfg.eval_memory_mb)
             res[dataset]["models"][name] = R.fairness_metrics(ranks, top, split, ds.users.country.to_numpy(),
                                                               R.codes(ds.items.artist), cfg.k, cfg.min_users,
@@ -281,7 +295,11 @@ def fairness(out, df, data_dir, n_boot=500):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. plots (matplotlib, headless)
+# 5. plots (matplotlib, headless): every axis labelled, error bars only where there are seeds to make them
+
+def short(model):
+    return model.replace("two-tower, text ", "TT ").replace(" (ID-only two-tower)", "")
+
 
 def plots(out, df, fair):
     import matplotlib
@@ -289,45 +307,50 @@ def plots(out, df, fair):
     import matplotlib.pyplot as plt
     files = []
     s = summary(df)
-    datasets = list(df.dataset.unique())
-    # ablation bars: HR@K and NDCG@K, overall and cold, mean +- std over seeds
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.6 * len(datasets)), squeeze=False)
-    for row, dataset in zip(axes, datasets):
-        k = cut_off(df, dataset)
-        for ax, metric in zip(row, ["hr", "ndcg"]):
-            o = s[(s.dataset == dataset)]
-            models = list(o[o.group == "overall"].model)
-            x = np.arange(len(models))
-            for j, (group, color) in enumerate([("overall", "tab:blue"), ("cold", "tab:orange"), ("warm", "tab:green")]):
-                g = o[o.group == group].set_index("model").loc[models]
-                ax.bar(x + (j - 1) * 0.27, g[f"{metric}_mean"], 0.27, yerr=g[f"{metric}_std"].fillna(0),
-                       capsize=2, color=color, label=group)
-            ax.set_xticks(x, [m.replace("two-tower, text ", "TT ").replace(" (ID-only two-tower)", "")
-                              for m in models], rotation=30, ha="right", fontsize=8)
-            synthetic = " (SYNTHETIC)" if df[df.dataset == dataset].synthetic.iloc[0] else ""
-            ax.set_title(f"{dataset}{synthetic}: test {metric.upper()}@{k} (mean ± std over seeds)", fontsize=9)
-            ax.legend(fontsize=7)
+    groups = list(s.groupby(["dataset", "protocol"], sort=False))
+    # test bars of each protocol's two tested metrics, mean (+- std where there are several seeds)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.9 * len(groups)), squeeze=False)
+    for ax, ((dataset, protocol), o) in zip(axes[:, 0], groups):
+        k = int(df[(df.dataset == dataset) & (df.protocol == protocol)].k.iloc[0])
+        x = np.arange(len(o))
+        for j, ((view, metric), color) in enumerate(zip(tested(protocol, k), ("tab:blue", "tab:orange"))):
+            std = o[f"{view} {metric}_std"].where(o.seeds > 1)
+            ax.bar(x + (j - 0.5) * 0.4, o[f"{view} {metric}_mean"], 0.4, yerr=std if std.notna().any() else None,
+                   capsize=2, color=color, label=R.label(view, metric))
+        ax.set_xticks(x, [short(m) for m in o.model], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("test metric (×100)")
+        syn = " (SYNTHETIC)" if df[df.dataset == dataset].synthetic.iloc[0] else ""
+        seeds = int(o.seeds.max())
+        ax.set_title(f"{dataset}{syn}, {protocol}: test, mean over {seeds} seed{'s' if seeds > 1 else ''}"
+                     + (" (± std)" if seeds > 1 else ""), fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(save(fig, out / "ablation.png"))
-    # validation curves per epoch (mean over seeds) for every two-tower variant
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 3.6), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        k = cut_off(df, dataset)
-        runs = df[(df.dataset == dataset) & (df.kind != "baseline") & (df.group == "overall")]
+    # validation curves per epoch (mean over seeds) for every two-tower variant; the best baselines as lines
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
+    for ax, ((dataset, protocol), o) in zip(axes[0], groups):
+        k = int(df[(df.dataset == dataset) & (df.protocol == protocol)].k.iloc[0])
+        view, metric = R.column(R.PROTOCOLS[protocol].select, k)
+        runs = df[(df.dataset == dataset) & (df.protocol == protocol) & df.kind.isin(["two-tower", "mf"])]
+        longest = 1
         for model, g in runs.groupby("model"):
-            curves = [[h["validation"]["overall"][f"ndcg@{k}"] for h in
+            curves = [[h["validation"][view][metric] for h in
                        json.loads((out / "runs" / r / "results.json").read_text())["history"]] for r in g.run]
             n = max(len(c) for c in curves)
+            longest = max(longest, n)
             m = np.nanmean([c + [np.nan] * (n - len(c)) for c in curves], 0)
-            ax.plot(np.arange(1, n + 1), m, marker=".", label=model.replace("two-tower, text ", "TT "))
-        for b in list(R.BASELINES)[1:]:
-            v = s[(s.dataset == dataset) & (s.model == b) & (s.group == "overall")]["val_ndcg_mean"]
-            if len(v):
-                ax.axhline(float(v.iloc[0]), ls="--", lw=0.8, color="gray")
-                ax.text(1, float(v.iloc[0]), b, fontsize=7, va="bottom", color="gray")
+            ax.plot(np.arange(1, n + 1), m, marker=".", label=short(model))
+        best = o[o.kind == "baseline"].sort_values("val_mean", ascending=False).head(3)
+        for _, b in best.iterrows():
+            ax.axhline(b.val_mean, ls="--", lw=0.8, color="gray")
+        if len(best):        # one label block in a corner instead of labels on the lines (they overlap)
+            ax.text(0.99, 0.02, "dashed: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(best.model, best.val_mean)),
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="gray")
+        ax.set_xlim(0.5, longest + 0.5)
+        ax.set_xticks(range(1, longest + 1, max(1, longest // 10)))
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"validation NDCG@{k} (mean over seeds)")
-        ax.set_title(dataset, fontsize=9)
+        ax.set_ylabel(f"validation {R.label(view, metric)} (×100)")
+        ax.set_title(f"{dataset}, {protocol}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -366,112 +389,133 @@ def pm(m, s):
     return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
 
 
-def paired_lines(t, metrics, labels, intro):
+def pvalue(p):
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def paired_lines(t, labels, intro):
     """The markdown table of paired tests `t` (rows: model, vs, metric, diff, lo, hi, p) for two metrics."""
     if not len(t):
         return []
+    metrics = list(dict.fromkeys(t.metric))
     L = ["", f"{intro} (difference in points, 95% bootstrap CI, two-sided sign-flip p-value):", "",
          f"| model | vs | Δ{labels[0]} [CI] | p | Δ{labels[1]} [CI] | p |", "|---|---|---|---|---|---|"]
     for (model, ref), g in t.groupby(["model", "vs"], sort=False):
         cells = [g[g.metric == m].iloc[0] for m in metrics]
-        L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | {c['p']:.3f}"
-                                                    for c in cells) + " |")
+        L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
+                                                    f"{pvalue(c['p'])}" for c in cells) + " |")
     return L
 
 
-def quality_lines(df, d, out, dataset):
-    """The quality target: the two-tower variant chosen on validation against the best baseline on test."""
-    o = d[d.group == "overall"].set_index("model")
-    tt = o[o.index.str.startswith("two-tower")]
-    base = o[o.index.isin(list(R.BASELINES))]
+def chosen_lines(o, k, protocol):
+    """The two-tower variant chosen on validation against the best baseline (by validation), on test."""
+    tt, base = o[o.kind == "two-tower"], o[o.kind == "baseline"]
     if tt.empty or base.empty:
         return []
-    k = cut_off(df, dataset)
-    best, ref = tt["val_ndcg_mean"].idxmax(), base["val_ndcg_mean"].idxmax()
-    run = df[(df.dataset == dataset) & (df.model == best)].run.iloc[0]
-    c = json.loads((out / "runs" / run / "results.json").read_text())["config"]
-    flags = ", ".join(f"{key} {c[key]!r}" if key == "hidden" else f"{key} {c[key]}" for key in (
-        "scorer", "loss", "history", "user_ids", "hidden", "dim", "out_dim", "normalize", "temperature", "dropout",
-        "lr", "epochs", "patience") if key in c)
-    met = all(o.loc[best, f"{m}_mean"] >= o.loc[ref, f"{m}_mean"] for m in ("hr", "ndcg"))
-    return ["", f"Two-tower configuration: {flags}. Chosen on validation: **{best}**, test HR@{k} "
-            f"{o.loc[best, 'hr_mean']:.2f} / NDCG@{k} {o.loc[best, 'ndcg_mean']:.2f} against {ref} "
-            f"{o.loc[ref, 'hr_mean']:.2f} / {o.loc[ref, 'ndcg_mean']:.2f} (means over "
-            f"{int(o.loc[best, 'seeds'])} and {int(o.loc[ref, 'seeds'])} seeds): quality target "
-            f"**{'met' if met else 'not met'}**."]
+    best, ref = tt.loc[tt.val_mean.idxmax()], base.loc[base.val_mean.idxmax()]
+    m = [f"{v} {m}" for v, m in tested(protocol, k)]
+    return ["", f"Chosen on validation: **{best.model}**, test {' / '.join(R.label(*c.split(' ')) for c in m)} "
+            f"{best[m[0] + '_mean']:.2f} / {best[m[1] + '_mean']:.2f}, against the best baseline on validation, "
+            f"{ref.model}: {ref[m[0] + '_mean']:.2f} / {ref[m[1] + '_mean']:.2f} (means over {int(best.seeds)} and "
+            f"{int(ref.seeds)} seeds)."]
+
+
+def audit_lines(audits):
+    """The tag leak audit (cold-items): per seed, how many test pairs their user tagged and the scores of tag-based
+    models with leaky and leak-free tags."""
+    if not audits:
+        return []
+    first = audits[0][1]["test"]
+    L = ["", "Tag leak audit (test, NDCG@20 / Recall@20 of the cold view; per seed):", "",
+         "| seed | test pairs the user tagged | tag assignments on held-out items by their listeners | held-out items "
+         "with tags (leaky → leak-free) | " + " | ".join(first) + " |", "|---|---|---|---|" + "---|" * len(first)]
+    for seed, a in audits:
+        L.append(f"| {seed} | {a['test_pairs_tagged_by_their_user_pct']:.1f}% | {a['by_listeners_pct']:.1f}% of "
+                 f"{a['cold_tag_assignments']:,} | {a['cold_items_with_tags_leaky']} → "
+                 f"{a['cold_items_with_tags_leak_free']} of {a['cold_items']} | "
+                 + " | ".join(f"{r['cold']['ndcg@20']:.2f} / {r['cold']['recall@20']:.2f}" for r in a["test"].values())
+                 + " |")
+    return L
+
+
+def fairness_lines(fair):
+    L = ["## Fairness and exposure (leave-one-out)", "",
+         "Test split, top-K lists of every test user, for the best two-tower variant (by validation) and EASE. "
+         "Intervals are bootstrap percentile intervals (users resampled within each country); a max − min gap "
+         "over many small groups is biased upward by noise, so compare models rather than read it absolutely.", ""]
+    for dataset, f in fair.items():
+        k = f["k"]
+        L += [f"### {f['label']}, seed {f['seed']}, top {k}", "",
+              "| model | artist exposure Gini | (interactions Gini) | item coverage % | artist coverage % | "
+              "avg rec. popularity | cold share of slots % (of catalog) |", "|---|---|---|---|---|---|---|"]
+        for name, m in f["models"].items():
+            e = m["exposure"]
+            L.append(f"| {name} | {e['gini_artist_exposure']:.3f} | {e['gini_artist_interactions']:.3f} | "
+                     f"{e['item_coverage']:.1f} | {e['artist_coverage']:.1f} | {e['avg_rec_popularity']:.1f} "
+                     f"(interactions: {e['avg_interaction_popularity']:.1f}) | {e['cold_slot_share']:.1f} "
+                     f"({e['cold_item_share']:.1f}) |")
+        L.append("")
+        first = next(iter(f["models"].values()))
+        if "note" in first:
+            L += [f"Per-country metrics: {first['note']}.", ""]
+            continue
+        L += [f"Per country ({len(first['countries'])} countries with ≥ {first['min_users']} test users):", "",
+              f"| model | HR@{k} gap max−min [CI] | HR@{k} std [CI] | NDCG@{k} gap [CI] | cold-slot share gap [CI] | "
+              "largest artist-decile share gap (decile) |", "|---|---|---|---|---|---|"]
+        for name, m in f["models"].items():
+            ci = lambda r, key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
+            g = np.array(m["decile_share_gap"])
+            L.append(f"| {name} | {ci(m['hr'], 'gap')} | {ci(m['hr'], 'std')} | {ci(m['ndcg'], 'gap')} | "
+                     f"{ci(m['cold_share'], 'gap')} | {g.max():.1f} ({int(g.argmax()) + 1}) |")
+        L.append("")
+    return L
 
 
 def report(out, data_dir, notes=(), do_fairness=True):
-    df, ranks = collect(out)
-    cold = cold_report(out)
-    if df.empty and not cold:
+    df, per_user, extras = collect(out)
+    if df.empty:
         raise SystemExit(f"no finished cells under {out / 'runs'}")
-    if df.empty:                                  # only the cold-items protocol was run
-        R.atomic_write_text(out / "report.md", "\n".join(["# RecSetters ablation: which item text helps", ""] + cold))
-        return out / "report.md"
     df.to_csv(out / "results.csv", index=False)
     s = summary(df)
-    sig = significance(df, ranks)
+    sig = significance(df, per_user)
     fair = fairness(out, df, data_dir) if do_fairness else {}
     pngs = plots(out, df, fair)
-    L = ["# RecSetters ablation: which item text helps, against strong baselines", "",
-         f"HR@K and NDCG@K (×100; K = {', '.join(map(str, sorted(df.k.unique())))}) on the test split, full "
-         "ranking over the whole catalog, mean ± std over "
-         "seeds; every model is selected on validation only and its test split evaluated once. "
-         "Two-tower runs use `recsetters.py train` defaults plus `--text`; MF is the same two-tower with only "
-         "user and item ids and a dot product. Synthetic datasets are marked: no finding is claimed from them.", ""]
+    L = ["# RecSetters ablation: which item text helps, against strong baselines, under each protocol", "",
+         "Test metrics (×100), full ranking, mean ± std over seeds; every model is selected on validation only and its "
+         "test split evaluated once; every baseline under the identical split and evaluator (n/a: it cannot score the "
+         "protocol). Two-tower runs use `recsetters.py train` defaults, the protocol's chosen setting and `--text`; MF "
+         "is the same two-tower with only user and item ids and a dot product. Synthetic datasets are marked: no "
+         "finding is claimed from them.", ""]
     L += [f"- {n}" for n in notes] + ([""] if notes else [])
-    for dataset in df.dataset.unique():
-        d = s[s.dataset == dataset]
-        syn = bool(df[df.dataset == dataset].synthetic.iloc[0])
-        st = json.loads(next((out / "runs").glob(f"{dataset}-baselines-s*/results.json")).read_text())["split"]
-        k = cut_off(df, dataset)
-        L += [f"## {dataset}{' (SYNTHETIC)' if syn else ''}", "",
-              f"{st['users']:,} users × {st['items']:,} items, {st['train_interactions']:,} train interactions, "
-              f"{st['split']} split, {st['cold_test_cases']:,} of {st['test_users']:,} test cases cold.", "",
-              f"| model | seeds | val NDCG@{k} | HR@{k} | NDCG@{k} | HR@{k} cold | NDCG@{k} cold | HR@{k} warm | "
-              f"NDCG@{k} warm |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        for model in d[d.group == "overall"].model:
-            r = {g: d[(d.model == model) & (d.group == g)].iloc[0] for g in ("overall", "cold", "warm")}
-            L.append(f"| {model} | {r['overall'].seeds} | {pm(r['overall']['val_ndcg_mean'], r['overall']['val_ndcg_std'])} | "
-                     + " | ".join(pm(r[g][f'{m}_mean'], r[g][f'{m}_std']) for g in ("overall", "cold", "warm")
-                                  for m in ("hr", "ndcg")) + " |")
-        L += quality_lines(df, d, out, dataset)
-        L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("hr", "ndcg"), (f"HR@{k}", f"NDCG@{k}"),
-                          "Paired tests on the same test users, pooled over seeds")
+    for (dataset, protocol), o in s.groupby(["dataset", "protocol"], sort=False):
+        d = df[(df.dataset == dataset) & (df.protocol == protocol)]
+        k = int(d.k.iloc[0])
+        p = R.PROTOCOLS[protocol]
+        cols = [R.column(c, k) for c in p.columns]
+        sel = R.label(*R.column(p.select, k))
+        L += [f"## {dataset}{' (SYNTHETIC)' if d.synthetic.iloc[0] else ''}, {protocol}", ""]
+        for (ds_, pr, seed), x in sorted(extras.items()):
+            if (ds_, pr) == (dataset, protocol):
+                st = x["split"]
+                parts = "; ".join(f"{n} {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions"
+                                  for n, c in st.get("parts", {}).items() if isinstance(c, dict))
+                L.append(f"- seed {seed}: {st['users']:,} users × {st['items']:,} items, {st['train_interactions']:,} "
+                         f"train interactions, split {st['split']}" + (f"; {parts}" if parts else ""))
+        L += ["", f"| model | seeds | val {sel} | " + " | ".join(R.label(v, m) for v, m in cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+        for _, r in o.iterrows():
+            L.append(f"| {r.model} | {r.seeds} | {pm(r.val_mean, r.val_std)} | "
+                     + " | ".join(pm(r[f'{v} {m}_mean'], r[f'{v} {m}_std']) for v, m in cols) + " |")
+        for model in d[d.kind == "n/a"].model.unique():
+            L.append(f"| {model} | {d[d.model == model].seed.nunique()} | n/a |" + " n/a |" * len(cols))
+        L += chosen_lines(o, k, protocol)
+        L += paired_lines(sig[(sig.dataset == dataset) & (sig.protocol == protocol)] if len(sig) else sig,
+                          [R.label(v, m) for v, m in tested(protocol, k)],
+                          "Paired tests on per-user test metrics, same users, pooled over seeds")
+        L += audit_lines([(sd, x["audit"]) for (ds_, pr, sd), x in sorted(extras.items())
+                          if (ds_, pr) == (dataset, protocol) and x["audit"]])
         L.append("")
-    if fair:
-        L += ["## Fairness and exposure", "",
-              "Test split, top-K lists of every test user, for the best two-tower variant (by validation) and EASE. "
-              "Intervals are bootstrap percentile intervals (users resampled within each country); a max − min gap "
-              "over many small groups is biased upward by noise, so compare models rather than read it absolutely.", ""]
-        for dataset, f in fair.items():
-            k = f["k"]
-            L += [f"### {f['label']}, seed {f['seed']}, top {k}", "",
-                  "| model | artist exposure Gini | (interactions Gini) | item coverage % | artist coverage % | "
-                  "avg rec. popularity | cold share of slots % (of catalog) |", "|---|---|---|---|---|---|---|"]
-            for name, m in f["models"].items():
-                e = m["exposure"]
-                L.append(f"| {name} | {e['gini_artist_exposure']:.3f} | {e['gini_artist_interactions']:.3f} | "
-                         f"{e['item_coverage']:.1f} | {e['artist_coverage']:.1f} | {e['avg_rec_popularity']:.1f} "
-                         f"(interactions: {e['avg_interaction_popularity']:.1f}) | {e['cold_slot_share']:.1f} "
-                         f"({e['cold_item_share']:.1f}) |")
-            L.append("")
-            first = next(iter(f["models"].values()))
-            if "note" in first:
-                L += [f"Per-country metrics: {first['note']}.", ""]
-                continue
-            L += [f"Per country ({len(first['countries'])} countries with ≥ {first['min_users']} test users):", "",
-                  f"| model | HR@{k} gap max−min [CI] | HR@{k} std [CI] | NDCG@{k} gap [CI] | cold-slot share gap [CI] | "
-                  "largest artist-decile share gap (decile) |", "|---|---|---|---|---|---|"]
-            for name, m in f["models"].items():
-                ci = lambda r, key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
-                g = np.array(m["decile_share_gap"])
-                L.append(f"| {name} | {ci(m['hr'], 'gap')} | {ci(m['hr'], 'std')} | {ci(m['ndcg'], 'gap')} | "
-                         f"{ci(m['cold_share'], 'gap')} | {g.max():.1f} ({int(g.argmax()) + 1}) |")
-            L.append("")
-    L += cold
+    L += fairness_lines(fair) if fair else []
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
     if (out / "tuning.md").exists():
         L += [(out / "tuning.md").read_text()]
@@ -509,8 +553,8 @@ TUNING = [
     # new items (issue 11): the cold-items protocol, text tags, selected on validation-cold NDCG@20
     ("c1 cold-items, tags + text bag, no top-tag feature", ["--split", "cold-items", "--text", "tags", "--text-bag",
                                                            "--no-tag-feature"]),
-    ("c1 cold-items, tags", ["--split", "cold-items", "--text", "tags"]),
-    ("c1 cold-items, tags + text bag", ["--split", "cold-items", "--text", "tags", "--text-bag"]),
+    ("c1 cold-items, tags", ["--split", "cold-items", "--text", "tags", "--no-text-bag", "--tag-feature"]),
+    ("c1 cold-items, tags + text bag", ["--split", "cold-items", "--text", "tags", "--text-bag", "--tag-feature"]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
@@ -537,27 +581,25 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
     k = next((r["config"].get("k", 10) for r in results if r is not None), R.Config.k)
     L = [f"## Tuning log ({dataset}, text none unless a row sets --text; chosen on validation only)", "",
          "One change at a time, each row `recsetters.py train --text none` plus its flags against the current "
-         f"defaults; mean over seeds {', '.join(map(str, seeds))}. Leave-one-out rows: HR@{k} / NDCG@{k} ×100; "
-         "cold-items rows (`--split cold-items`): Recall@20 / NDCG@20 of the cold view ×100, selected on "
-         "validation-cold NDCG@20.", ""]
-    for cold in (False, True):
-        mine = [(label, flags) for label, flags in rows if ("cold-items" in flags) == cold]
+         f"defaults; mean over seeds {', '.join(map(str, seeds))}; ×100; each protocol's rows are chosen on its "
+         "validation metric.", ""]
+    split_of = lambda flags: flags[flags.index("--split") + 1] if "--split" in flags else "auto"
+    for protocol in R.PROTOCOLS:
+        mine = [(label, flags) for label, flags in rows if R.protocol_name(split_of(flags)) == protocol]
         if not mine:
             continue
-        L += [f"| configuration | flags | best epoch | validation | test | "
-              f"{'test NDCG@20, all view' if cold else f'test cold HR@{k}'} | train s |", "|---|---|---|---|---|---|---|"]
+        metrics = tested(protocol, k)
+        both = " / ".join(R.label(v, m) for v, m in metrics)
+        L += [f"{protocol}:", "", f"| configuration | flags | best epoch | validation {both} | test {both} | train s |",
+              "|---|---|---|---|---|---|"]
         for label, flags in mine:
             rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
             if not rs:
-                L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | | |")
+                L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | |")
                 continue
-            m = lambda part, g, metric: np.mean([r[part][g][metric] for r in rs])
-            pair = (lambda part: f"{m(part, 'cold', 'recall@20'):.2f} / {m(part, 'cold', 'ndcg@20'):.2f}") if cold else \
-                (lambda part: f"{m(part, 'overall', f'hr@{k}'):.2f} / {m(part, 'overall', f'ndcg@{k}'):.2f}")
+            pair = lambda part: " / ".join(f"{np.mean([r[part][v][m] for r in rs]):.2f}" for v, m in metrics)
             L.append(f"| {label} | `{shlex.join(flags) or '(defaults)'}` | {np.mean([r['best_epoch'] for r in rs]):.0f} | "
-                     f"{pair('validation')} | {pair('test')} | "
-                     f"{m('test', 'all', 'ndcg@20') if cold else m('test', 'cold', f'hr@{k}'):.2f} | "
-                     f"{np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
+                     f"{pair('validation')} | {pair('test')} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
         L.append("")
     out.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(out / "tuning.md", "\n".join(L) + "\n")
@@ -565,176 +607,7 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. the cold-items protocol (recsetters.py --split cold-items): a seeded 20% of the items held out with all their
-# interactions, half validation-cold, half test-cold. Per (dataset, seed): one cell of content baselines (Random,
-# ContentKNN per text, TagTFIDF, CB2CF per text; each tuned on validation-cold) with the tag leak audit, and one
-# two-tower run per text. Paired tests on per-user test-cold Recall@20 / NDCG@20, pooled over seeds.
-
-COLD_FLAGS = ["--split", "cold-items", "--text-bag", "--no-tag-feature"]   # chosen on validation-cold (tuning rows c1)
-COLD_METRICS = [("cold", "recall@20"), ("cold", "ndcg@20"), ("cold", "recall@10"), ("cold", "ndcg@10"),
-                ("cold", "hr@10"), ("all", "recall@20"), ("all", "ndcg@20")]
-
-
-def cold_cells(datasets, texts, seeds, data_dir):
-    out = []
-    for d in datasets:
-        have = text_columns(d, data_dir)
-        out += [(d, "cold-baselines", None, s) for s in seeds]
-        out += [(d, "cold-two-tower", t, s) for t in texts if t == "none" or t in have for s in seeds]
-    return out
-
-
-def run_cold_baselines_cell(dataset, seed, data_dir, run_dir):
-    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed, split="cold-items")
-    ds, split = R.prepare(cfg, quiet=True)
-    res, ranks = R.run_cold_baselines(ds, split, Path(data_dir) / ".cache", cfg.eval_memory_mb, quiet=True, seed=seed)
-    audit = R.tag_leak_audit(ds, split, res, Path(data_dir) / ".cache") if ds.tag_assignments is not None else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    R.atomic_write_text(run_dir / "results.json", json.dumps(
-        {"protocol": "cold-items", "dataset": {"name": ds.name, "synthetic": ds.synthetic},
-         "config": {"dataset": dataset, "seed": seed, "split": "cold-items", "cold_fraction": cfg.cold_fraction,
-                    "tag_source": cfg.tag_source},
-         "split": R.split_stats(split), "report": split.report, "baselines": res, "leak_audit": audit}, indent=1))
-    R.save_cold_ranks(run_dir / "ranks.npz", ranks)
-
-
-def collect_cold(out):
-    """One row per (dataset, model, seed) of every finished cold-items cell, with test and validation metrics;
-    per-user test metrics (multi_target_metrics of the stored ranks) alongside, keyed (dataset, model, seed)."""
-    rows, per_user, audits, splits = [], {}, {}, {}
-    for d in sorted((out / "runs").glob("*")):
-        if not cell_done(d):
-            continue
-        res = json.loads((d / "results.json").read_text())
-        if res.get("protocol") != "cold-items":
-            continue
-        z = np.load(d / "ranks.npz")
-        dataset, seed = res["config"]["dataset"], res["config"]["seed"]
-        if "test" in res:
-            models = [(f"two-tower, text {res['config']['text']}", "two-tower", res, "two_tower")]
-        else:
-            models = [(b, "baseline", r, b.lower().replace(" ", "_")) for b, r in res["baselines"].items() if "na" not in r]
-            models += [(b, "n/a", None, None) for b, r in res["baselines"].items() if "na" in r]
-            audits[(dataset, seed)] = res.get("leak_audit")
-            splits[(dataset, seed)] = res["split"]["cold_items_protocol"]
-        for model, kind, r, key in models:
-            row = {"dataset": dataset, "synthetic": res["dataset"]["synthetic"], "model": model, "kind": kind,
-                   "seed": seed, "run": d.name, "params": None if r is None else str(r.get("params", r.get("best_epoch")))}
-            if r is not None:
-                row.update({f"{v} {m}": r["test"][v][m] for v, m in COLD_METRICS})
-                row["val cold ndcg@20"] = r["validation"]["cold"]["ndcg@20"]
-                per_user[(dataset, model, seed)] = {
-                    v: R.multi_target_metrics(z[f"{key}__{v}"], z["counts"]) for v in ("cold", "all")}
-            rows.append(row)
-    return pd.DataFrame(rows), per_user, audits, splits
-
-
-def cold_significance(df, per_user):
-    """Each two-tower text against `none` and against the best content baseline (by validation-cold NDCG@20);
-    the two-tower text chosen on validation-cold also against every other content baseline. On per-user
-    test-cold Recall@20 and NDCG@20 pooled over the seeds both have."""
-    rows = []
-    for dataset in df.dataset.unique():
-        d = df[(df.dataset == dataset) & (df.kind != "n/a")]
-        mean = d.groupby("model")["val cold ndcg@20"].mean()
-        base = mean[[m for m in mean.index if not m.startswith("two-tower")]]
-        best = base.idxmax() if len(base) else None
-        towers = [m for m in mean.index if m.startswith("two-tower")]
-        chosen = mean[towers].idxmax() if towers else None
-        for model in towers:
-            others = list(base.sort_values(ascending=False).index) if model == chosen else []
-            for ref in dict.fromkeys(["two-tower, text none", best, *others]):
-                if ref is None or ref == model:
-                    continue
-                seeds = [s for s in sorted(d.seed.unique()) if (dataset, model, s) in per_user and (dataset, ref, s) in per_user]
-                if not seeds:
-                    continue
-                for metric in ("recall@20", "ndcg@20"):
-                    a = np.concatenate([per_user[(dataset, model, s)]["cold"][metric] for s in seeds])
-                    b = np.concatenate([per_user[(dataset, ref, s)]["cold"][metric] for s in seeds])
-                    rows.append({"dataset": dataset, "model": model, "vs": ref, "metric": metric, "seeds": len(seeds),
-                                 **paired_test(a, b)})
-    return pd.DataFrame(rows)
-
-
-def cold_plot(out, df):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    d = df[df.kind != "n/a"]
-    datasets = list(d.dataset.unique())
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(11, 3.8 * len(datasets)), squeeze=False)
-    for ax, dataset in zip(axes[:, 0], datasets):
-        g = d[d.dataset == dataset].groupby("model", sort=False)
-        models = list(g.groups)
-        x = np.arange(len(models))
-        for j, (metric, color) in enumerate([("cold recall@20", "tab:blue"), ("cold ndcg@20", "tab:orange")]):
-            ax.bar(x + (j - 0.5) * 0.4, g[metric].mean(), 0.4, yerr=g[metric].std().fillna(0), capsize=2,
-                   color=color, label=metric.replace("cold ", "test-cold "))
-        ax.set_xticks(x, [m.replace("two-tower, text ", "TT ") for m in models], rotation=30, ha="right", fontsize=8)
-        syn = " (SYNTHETIC)" if d[d.dataset == dataset].synthetic.iloc[0] else ""
-        ax.set_title(f"{dataset}{syn}, cold-items protocol: new items ranked among new items (mean ± std over seeds)",
-                     fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save(fig, out / "cold_items.png")
-
-
-def cold_report(out):
-    """The cold-items part of report.md (markdown lines), or [] when no cold-items cell has finished."""
-    df, per_user, audits, splits = collect_cold(out)
-    if df.empty:
-        return []
-    df.to_csv(out / "results_cold.csv", index=False)
-    sig = cold_significance(df, per_user)
-    L = ["## Cold-items protocol: new items, scored from content alone", "",
-         "A seeded 20% of the items (after the k-core) is held out with all its interactions, half validation-cold, "
-         "half test-cold; every interaction of an evaluated user with them is a target. Models rank the split's cold "
-         "items only (Recall/NDCG/HR@K, ideal DCG over min(targets, K)); `all` ranks them among every item not in the "
-         "user's train set. Selection on validation-cold NDCG@20 only; test evaluated once. Cold items' tags are "
-         "rebuilt without their listeners' own tag assignments (leak-free). Mean ± std over seeds, ×100. Two-tower "
-         f"cells: `recsetters.py train {shlex.join(COLD_FLAGS)} --text TEXT` (an item's content is that text alone).",
-         ""]
-    for dataset in df.dataset.unique():
-        d = df[df.dataset == dataset]
-        syn = bool(d.synthetic.iloc[0])
-        L += [f"### {dataset}{' (SYNTHETIC)' if syn else ''}, cold-items", ""]
-        for (ds_, seed), st in sorted(splits.items()):
-            if ds_ == dataset:
-                L.append(f"- seed {seed}: test-cold {st['test_cold']['users']:,} users, {st['test_cold']['items']:,} items, "
-                         f"{st['test_cold']['interactions']:,} targets; validation-cold {st['validation_cold']['users']:,} "
-                         f"users, {st['validation_cold']['items']:,} items; train {st['train']['items']:,} items, "
-                         f"{st['train']['interactions']:,} interactions")
-        L += ["", "| model | seeds | val-cold NDCG@20 | Recall@20 | NDCG@20 | Recall@10 | NDCG@10 | HR@10 | "
-              "Recall@20 all | NDCG@20 all |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for model, g in d.groupby("model", sort=False):
-            if g.kind.iloc[0] == "n/a":
-                L.append(f"| {model} | {g.seed.nunique()} | n/a |" + " n/a |" * len(COLD_METRICS))
-                continue
-            L.append(f"| {model} | {g.seed.nunique()} | {pm(g['val cold ndcg@20'].mean(), g['val cold ndcg@20'].std())} | "
-                     + " | ".join(pm(g[f'{v} {m}'].mean(), g[f'{v} {m}'].std()) for v, m in COLD_METRICS) + " |")
-        L += paired_lines(sig[sig.dataset == dataset] if len(sig) else sig, ("recall@20", "ndcg@20"),
-                          ("Recall@20", "NDCG@20"), "Paired tests on per-user test-cold metrics, same users, pooled "
-                          "over seeds")
-        aud = [(s, a) for (ds_, s), a in sorted(audits.items()) if ds_ == dataset and a]
-        if aud:
-            L += ["", "Tag leak audit (test-cold, NDCG@20 / Recall@20 of the cold view; per seed):", "",
-                  "| seed | test pairs the user tagged | cold-item tag assignments by their listeners | cold items with "
-                  "tags (leaky → leak-free) | " + " | ".join(aud[0][1]["test"]) + " |",
-                  "|---|---|---|---|" + "---|" * len(aud[0][1]["test"])]
-            for seed, a in aud:
-                L.append(f"| {seed} | {a['test_pairs_tagged_by_their_user_pct']:.1f}% | {a['by_listeners_pct']:.1f}% of "
-                         f"{a['cold_tag_assignments']:,} | {a['cold_items_with_tags_leaky']} → "
-                         f"{a['cold_items_with_tags_leak_free']} of {a['cold_items']} | "
-                         + " | ".join(f"{r['cold']['ndcg@20']:.2f} / {r['cold']['recall@20']:.2f}" for r in a["test"].values())
-                         + " |")
-        L.append("")
-    L += [f"![cold_items.png]({cold_plot(out, df)})", ""]
-    return L
-
-
-# ----------------------------------------------------------------------------------------------
-# 9. command line
+# 8. command line
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments.py", description="RecSetters ablation grid and report")
@@ -743,8 +616,8 @@ def main(argv=None):
     a.add_argument("--datasets", nargs="+", default=["demo", "hetrec"])
     a.add_argument("--texts", nargs="+", default=["none", "title", "summary", "lyrics", "tags"])
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    a.add_argument("--protocols", nargs="+", default=["loo", "cold-items"], choices=["loo", "cold-items"],
-                   help="loo: the split's own leave-one-out; cold-items: new items from content alone (section 8)")
+    a.add_argument("--protocols", nargs="+", default=list(PROTOCOL_SPLITS), choices=list(PROTOCOL_SPLITS),
+                   help="loo: the split's own leave-one-out; cold-items: new items from content alone")
     a.add_argument("--no-mf", dest="mf", action="store_false", help="leave out the ID-only two-tower (MF) cells")
     a.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     a.add_argument("--jobs", type=int, default=1, help="training runs at a time (each with --threads 1 when > 1)")
@@ -768,15 +641,11 @@ def main(argv=None):
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for d in args.datasets:
             ensure_dataset(d, args.data_dir, args.hetrec_from)
-        grid, notes = cells(args.datasets, args.texts, args.seeds, args.data_dir, args.mf) \
-            if "loo" in args.protocols else ([], [])
+        order, notes = cells(args.datasets, args.protocols, args.texts, args.seeds, args.data_dir, args.mf)
         for n in notes:
             print("note: " + n, flush=True)
-        # baselines first (in this process), then the training runs, --jobs at a time
+        # baselines first, then the training runs, --jobs at a time
         extra = args.train_args.split() + (["--threads", "1"] if args.jobs > 1 else [])
-        cold = cold_cells(args.datasets, args.texts, args.seeds, args.data_dir) if "cold-items" in args.protocols else []
-        order = ([c for c in grid if c[1] == "baselines"] + [c for c in cold if c[1] == "cold-baselines"]
-                 + [c for c in grid if c[1] != "baselines"] + [c for c in cold if c[1] != "cold-baselines"])
         run = lambda c: f"{cell_name(*c)}: {run_cell(c, out, args.data_dir, extra)}"
         with ThreadPoolExecutor(args.jobs) as ex:
             for i, line in enumerate(ex.map(run, order), 1):

@@ -3,15 +3,15 @@ RecSetters: a two-tower music recommender with honest evaluation.
 
 Read top to bottom:
   1. errors and small utilities
-  2. the embedded synthetic `demo` dataset
-  3. loading, validation and filtering (dedup, timestamps, k-core)
-  4. the interaction graph and the split (leave-last-out, random, global temporal), cold/warm
+  2. settings: Config, the one place for a setting (default, help, valid range), and presets
+  3. datasets: loading, validation, the synthetic `demo` dataset, filtering (dedup, timestamps, k-core)
+  4. the interaction graph and the split of each protocol (leave-one-out: last, random, global; cold-items)
   5. features (categorical vocabularies, cached sentence-transformer text embeddings)
   6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers
-  7. training: vectorized negative sampling, margin / sampled-softmax / full-softmax losses
-  8. evaluation: full ranking over all items, chunked, HR@K / NDCG@K / MRR
-  9. baselines: Popularity, ItemKNN, EASE, RP3beta, iALS (grids chosen on validation)
- 10. runs: results.json, checkpoints, tables
+  7. training: the runtime (device, threads), vectorized negative sampling, margin / softmax / full losses
+  8. evaluation: the protocols (PROTOCOLS) and one chunked full-ranking engine for all of them
+  9. baselines: one registry (BASELINES), each entry scoring the protocols it can; one tuning loop
+ 10. runs: run folders that are never lost, results.json with provenance, checkpoints, tables
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
 
@@ -22,12 +22,15 @@ Dataset format (data/<name>/):
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
 import pickle
 import re
+import shlex
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,7 +98,282 @@ def file_digest(paths):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. the embedded synthetic `demo` dataset
+# 2. settings
+# Config is the one place for a setting: its default, its help and its valid range. The command line is generated
+# from it (parser, section 12), presets and each protocol's chosen setting are overlays of it (PRESETS, PROTOCOLS), the model is built from it whole
+# (TwoTower(feats, cfg, history)), and Config.validate() checks every value before anything is read or written.
+
+class Range(NamedTuple):
+    ok: object               # value -> bool
+    says: str                # what a valid value is, in words: "error: --lr nan: a positive finite number"
+
+
+COUNT = Range(lambda v: v >= 1, "an integer >= 1")
+COUNT0 = Range(lambda v: v >= 0, "an integer >= 0")
+SEED = Range(lambda v: 0 <= v < 2**32, "an integer between 0 and 2**32 - 1")
+POSITIVE = Range(lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
+FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
+SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
+LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
+               "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
+
+BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
+                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
+
+TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
+
+
+def setting(default, help, check=None, choices=None, cmds=TRAIN):
+    """A Config field: its default, help text, valid range (`check`, a Range) or `choices`, and the subcommands
+    whose command line has it."""
+    return field(default=default, metadata=dict(help=help, check=check, choices=choices, cmds=cmds))
+
+
+@dataclass
+class Config:
+    # data, split and evaluation (also the options of `baselines` and `stats`)
+    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)",
+                           cmds=DATA)
+    data_dir: str = setting("data", "folder of the datasets", cmds=DATA)
+    min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
+                                    "dropped", COUNT, cmds=DATA)
+    split: str = setting("auto", "the protocol and its split (PROTOCOLS). Leave-one-out: auto (leave-last-out by time "
+                         "if there are timestamps, else seeded random), last, random, global (temporal cut-offs); "
+                         "cold-items: a share of the items held out with all their interactions (new items)",
+                         choices=lambda: tuple(s for p in PROTOCOLS.values() for s in p.splits), cmds=DATA)
+    cold_fraction: float = setting(0.2, "share of the items that split cold-items holds out, half for validation, "
+                                   "half for test", SHARE, cmds=DATA)
+    tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
+                              "users who did not interact with it (leak-free), or from everyone (all: leaks the "
+                              "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
+    warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
+                                   FRACTION, cmds=DATA)
+    seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
+    k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
+                     cmds=DATA + ("recommend", "fairness"))
+    eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
+    # the model; defaults: the best configuration on hetrec validation (README, Experiments)
+    text: str = setting("auto", "items.csv text column for the item tower (title, summary, lyrics, tags, ...), none, "
+                        "or auto: the first of lyrics, summary, tags, title that most items have")
+    scorer: str = setting("dot", "dot: dot product of the tower outputs; dotcompress: the study's scoring head",
+                          choices=lambda: tuple(SCORERS))
+    dim: int = setting(192, "embedding size of every categorical feature (the study's: 96)", COUNT)
+    out_dim: int = setting(192, "tower output size", COUNT)
+    hidden: str = setting("", "the towers' hidden layer sizes ('': linear towers; the study's: 128,64)", LAYERS)
+    tower_act: bool = setting(False, "GELU on tower outputs (the study's)")
+    final_gelu: bool = setting(False, "GELU on the final score (the study's DotCompress)")
+    history: bool = setting(True, "user tower also pools embeddings of the user's train items")
+    user_ids: bool = setting(False, "embed the user id and username (--no-user-ids: a user is its country and "
+                             "--history)")
+    id_only: bool = setting(False, "towers see only the user and item ids (with --scorer dot: matrix "
+                            "factorization)")
+    item_bias: bool = setting(False, "add a learned per-item score offset (an extra coordinate, so still a dot "
+                              "product; --scorer dot)")
+    normalize: bool = setting(True, "L2-normalize tower outputs (dot = cosine / --temperature)")
+    temperature: float = setting(0.1, "softmax temperature of normalized scores", POSITIVE)
+    dropout: float = setting(0.3, "dropout on the towers' concatenated inputs", PROBABILITY)
+    id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
+    history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
+                                     "training", PROBABILITY)
+    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
+                        "query q)", choices=("mean", "attention"))
+    text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
+                             "the comma-separated tags; other texts: lowercase words); tokens that no train item "
+                             "has are left out; nothing with --text none")
+    tag_feature: bool = setting(True, "embed the item's top tag (the tag column) as a categorical feature "
+                                "(--no-tag-feature: an item's content is its --text alone)")
+    history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
+                                 "--history)")
+    unseen_ids: str = setting("zero", "embedding of an item id, artist or tag without train interactions: zero, a "
+                              "learned 'unknown' vector, or random (left as initialized: noise)",
+                              choices=("zero", "learned", "random"))
+    cold_dropout: float = setting(0.0, "share of training rows whose item looks new (id and artist unknown), "
+                                  "DropoutNet-style", PROBABILITY)
+    # training
+    loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
+                        "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
+                        choices=("margin", "softmax", "full"))
+    negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
+    margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
+    epochs: int = setting(40, "most training epochs", COUNT)
+    patience: int = setting(5, "stop after this many epochs without a better validation NDCG@K", COUNT)
+    batch_size: int = setting(512, "train positives per batch", COUNT)
+    lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
+    schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
+                            choices=("constant", "cosine"))
+    preset: str = setting("", "another set of train defaults; flags given explicitly still win. original: the "
+                          "study's exact model and optimizer")
+    # where and how it runs
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
+                          choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
+    threads: int = setting(0, "torch CPU threads; 0: the cores other processes leave free, re-checked every second "
+                           "in training (Linux; elsewhere torch's default, one per core)", COUNT0,
+                           cmds=TRAIN + ("baselines",))
+    amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
+    compile: bool = setting(False, "torch.compile the towers and the scorer")
+    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
+    run_name: str = setting("", "run folder name ('': DATASET-SPLIT-TEXT-sSEED, and a digest of the settings that "
+                            "differ from the protocol's defaults)")
+    overwrite: bool = setting(False, "replace an existing run folder of the same name (without it, an existing run is "
+                              "never replaced)")
+    baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
+                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
+    # fairness
+    min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
+    bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
+                             cmds=("fairness",))
+
+    def hidden_sizes(self):
+        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+
+    def validate(self):
+        """Every value in its range, every combination meaningful; else UserError naming the flag (exit 2)."""
+        for f in fields(self):
+            value, check, choices = getattr(self, f.name), f.metadata["check"], f.metadata["choices"]
+            choices = choices() if callable(choices) else choices
+            if f.name == "preset":
+                choices = ("", *PRESETS)
+            if choices and value not in choices:
+                raise UserError(f"{flag(f.name)} {value!r}: one of {', '.join(map(repr, choices))}")
+            if check and not check.ok(value):
+                raise UserError(f"{flag(f.name)} {value!r}: {check.says}" if isinstance(value, str) else
+                                f"{flag(f.name)} {value}: {check.says}")
+        if self.loss == "full" and self.scorer != "dot":
+            raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
+        if self.item_bias and self.scorer != "dot":
+            raise UserError("--item-bias needs --scorer dot")
+        if self.scorer == "dotcompress" and self.out_dim % 2:
+            raise UserError(f"--out-dim {self.out_dim}: --scorer dotcompress needs an even size")
+        if self.loss == "margin" and self.negatives < 1:
+            raise UserError("--negatives 0: the margin loss needs at least one negative")
+        return self
+
+
+def flag(name):
+    """The command-line flag of a Config field: --batch-size, -k."""
+    return "-k" if name == "k" else "--" + name.replace("_", "-")
+
+
+# --preset NAME: an overlay of Config (another set of train defaults; flags given explicitly still win).
+PRESETS = {
+    # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
+    # 20 uniform negatives (its 20 extra in-batch negatives are not reproduced), GELU on tower outputs,
+    # its dimensions, Adam at lr 2e-4, batch 512
+    "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
+                     tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
+                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
+                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
+                     user_ids=True, hidden="128,64"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. datasets: loading, validation, the synthetic demo and filtering
+
+REQUIRED = {"users.csv": ["user", "country"],
+            "items.csv": ["item", "artist", "track", "tag", "title"],
+            "interactions.csv": ["user", "item", "timestamp"]}
+
+
+@dataclass
+class Dataset:
+    name: str
+    users: pd.DataFrame           # user, country, ...
+    items: pd.DataFrame           # item, artist, track, tag, title, summary, lyrics, ...
+    inter: pd.DataFrame           # user, item, timestamp (float, NaN = unknown)
+    synthetic: bool = False
+    digest: str = ""
+    report: list = field(default_factory=list)
+    tag_assignments: pd.DataFrame = None   # user, item, tag: who applied which tag (tag_assignments.csv, optional)
+
+    @property
+    def label(self):
+        return f"{self.name} (SYNTHETIC)" if self.synthetic else self.name
+
+
+def read_csv_checked(path, required):
+    if not path.exists():
+        raise UserError(f"missing file: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)})")
+    return df
+
+
+# how to make each dataset collect.py writes (the message for a missing one); LASTFM_KEY_URL: where to get a key
+LASTFM_KEY_URL = "https://www.last.fm/api/account/create"
+OFFLINE_REAL = "real data offline, no key: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: " \
+               "download from GroupLens), then make train DATASET=hetrec"
+HOW_TO_MAKE = {
+    **{n: f"make data (crawls Last.fm, needs LASTFM_API_KEY in the environment or .env: a free key from {LASTFM_KEY_URL}); "
+          f"or {OFFLINE_REAL}" for n in ("apple", "spotify", "lastfm")},
+    "hetrec": "make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: download from GroupLens)",
+    "lastfm1k": "make data SOURCE=lastfm1k FROM=path/to/lastfm-dataset-1K.tar.gz (FROM empty: download from MTG/UPF)",
+}
+MISSING_SPELLINGS = ("", "nan", "none", "null")       # cells that mean "unknown" (pandas and JSON spellings), any case
+
+
+def dataset_folder(data_dir, name):
+    """A dataset is a folder name under data_dir, or an explicit path (anything with a /, or . or ~ in front),
+    which is resolved. Returns (folder, True when explicit)."""
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        return Path(name).expanduser().resolve(), True
+    return Path(data_dir) / name, False
+
+
+def is_missing(col):
+    return col.str.strip().str.lower().isin(MISSING_SPELLINGS)
+
+
+def load_dataset(data_dir, name):
+    folder, explicit = dataset_folder(data_dir, name)
+    name_as_given, name = name, folder.name if explicit else name
+    if name == "demo" and not explicit:
+        ensure_demo(folder)
+    if not folder.is_dir() and explicit:
+        raise UserError(f"no dataset folder {folder} (--dataset {name_as_given}: a path is taken from the current "
+                        f"folder, a plain name from --data-dir {data_dir})")
+    if not folder.is_dir():
+        how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
+        raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
+    users = read_csv_checked(folder / "users.csv", REQUIRED["users.csv"])
+    items = read_csv_checked(folder / "items.csv", REQUIRED["items.csv"])
+    inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
+    if len(inter) == 0:
+        raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
+    rep = [f"dataset folder {folder} (--dataset {name_as_given})"] if explicit else []
+    ts = inter["timestamp"].str.strip()
+    num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
+    bad = ~is_missing(ts) & num.isna()
+    if bad.any():
+        raise UserError(f"{folder / 'interactions.csv'}: non-numeric timestamp {ts[bad].iloc[0]!r} "
+                        f"on data row {int(np.flatnonzero(bad.values)[0]) + 1} ({int(bad.sum())} such rows)")
+    inter = pd.DataFrame({"user": inter.user, "item": inter.item, "timestamp": num.astype(float)})
+    spelled = is_missing(users.country) & (users.country.str.strip() != "")
+    if spelled.any():
+        rep.append(f"{int(spelled.sum()):,} users have country "
+                   f"{', '.join(map(repr, sorted(users.country[spelled].unique())))}: unknown country")
+        users = users.assign(country=users.country.where(~spelled, ""))
+    for df, col, f in [(users, "user", "users.csv"), (items, "item", "items.csv")]:
+        if df[col].duplicated().any():
+            raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
+    digest = file_digest([folder / f for f in REQUIRED])
+    tag_assignments = folder / "tag_assignments.csv"
+    tag_assignments = read_csv_checked(tag_assignments, ["user", "item", "tag"]) if tag_assignments.exists() else None
+    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep,
+                   tag_assignments=tag_assignments)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3b. the synthetic `demo` dataset, made on first use by load_dataset (it lives here, not in collect.py,
+# so that `make train` runs on a fresh machine with no other step)
 # Shaped like the original study's Apple graph (about 3,000 users in ~40 countries, ~1,500 tracks by
 # ~300 artists, ~30,000 loved tracks over several years), with long-tail popularity, country-dependent
 # taste and taste drift. Texts carry genre words with different strengths: the title a little,
@@ -226,107 +504,6 @@ def ensure_demo(folder, seed=0):
                       "It exists so the pipeline runs offline; no finding is ever claimed from it.\n")
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. loading, validation and filtering
-
-REQUIRED = {"users.csv": ["user", "country"],
-            "items.csv": ["item", "artist", "track", "tag", "title"],
-            "interactions.csv": ["user", "item", "timestamp"]}
-
-
-@dataclass
-class Dataset:
-    name: str
-    users: pd.DataFrame           # user, country, ...
-    items: pd.DataFrame           # item, artist, track, tag, title, summary, lyrics, ...
-    inter: pd.DataFrame           # user, item, timestamp (float, NaN = unknown)
-    synthetic: bool = False
-    digest: str = ""
-    report: list = field(default_factory=list)
-    tag_assignments: pd.DataFrame = None   # user, item, tag: who applied which tag (tag_assignments.csv, optional)
-
-    @property
-    def label(self):
-        return f"{self.name} (SYNTHETIC)" if self.synthetic else self.name
-
-
-def read_csv_checked(path, required):
-    if not path.exists():
-        raise UserError(f"missing file: {path}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}")
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)})")
-    return df
-
-
-# how to make each dataset collect.py writes (the message for a missing one); LASTFM_KEY_URL: where to get a key
-LASTFM_KEY_URL = "https://www.last.fm/api/account/create"
-OFFLINE_REAL = "real data offline, no key: make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: " \
-               "download from GroupLens), then make train DATASET=hetrec"
-HOW_TO_MAKE = {
-    **{n: f"make data (crawls Last.fm, needs LASTFM_API_KEY in the environment or .env: a free key from {LASTFM_KEY_URL}); "
-          f"or {OFFLINE_REAL}" for n in ("apple", "spotify", "lastfm")},
-    "hetrec": "make data SOURCE=hetrec FROM=../shared/data/hetrec2011-lastfm-2k (FROM empty: download from GroupLens)",
-    "lastfm1k": "make data SOURCE=lastfm1k FROM=path/to/lastfm-dataset-1K.tar.gz (FROM empty: download from MTG/UPF)",
-}
-MISSING_SPELLINGS = ("", "nan", "none", "null")       # cells that mean "unknown" (pandas and JSON spellings), any case
-
-
-def dataset_folder(data_dir, name):
-    """A dataset is a folder name under data_dir, or an explicit path (anything with a /, or . or ~ in front),
-    which is resolved. Returns (folder, True when explicit)."""
-    if "/" in name or os.sep in name or name.startswith((".", "~")):
-        return Path(name).expanduser().resolve(), True
-    return Path(data_dir) / name, False
-
-
-def is_missing(col):
-    return col.str.strip().str.lower().isin(MISSING_SPELLINGS)
-
-
-def load_dataset(data_dir, name):
-    folder, explicit = dataset_folder(data_dir, name)
-    name_as_given, name = name, folder.name if explicit else name
-    if name == "demo" and not explicit:
-        ensure_demo(folder)
-    if not folder.is_dir() and explicit:
-        raise UserError(f"no dataset folder {folder} (--dataset {name_as_given}: a path is taken from the current "
-                        f"folder, a plain name from --data-dir {data_dir})")
-    if not folder.is_dir():
-        how = HOW_TO_MAKE.get(name, f"make one with collect.py (README, Collecting real data); or {OFFLINE_REAL}")
-        raise UserError(f"no dataset folder {folder}: {how}; or use --dataset demo (synthetic, offline)")
-    users = read_csv_checked(folder / "users.csv", REQUIRED["users.csv"])
-    items = read_csv_checked(folder / "items.csv", REQUIRED["items.csv"])
-    inter = read_csv_checked(folder / "interactions.csv", REQUIRED["interactions.csv"])
-    if len(inter) == 0:
-        raise UserError(f"no interactions in {folder / 'interactions.csv'} (only its header)")
-    rep = [f"dataset folder {folder} (--dataset {name_as_given})"] if explicit else []
-    ts = inter["timestamp"].str.strip()
-    num = pd.to_numeric(ts.where(~is_missing(ts), ""), errors="coerce")
-    bad = ~is_missing(ts) & num.isna()
-    if bad.any():
-        raise UserError(f"{folder / 'interactions.csv'}: non-numeric timestamp {ts[bad].iloc[0]!r} "
-                        f"on data row {int(np.flatnonzero(bad.values)[0]) + 1} ({int(bad.sum())} such rows)")
-    inter = pd.DataFrame({"user": inter.user, "item": inter.item, "timestamp": num.astype(float)})
-    spelled = is_missing(users.country) & (users.country.str.strip() != "")
-    if spelled.any():
-        rep.append(f"{int(spelled.sum()):,} users have country "
-                   f"{', '.join(map(repr, sorted(users.country[spelled].unique())))}: unknown country")
-        users = users.assign(country=users.country.where(~spelled, ""))
-    for df, col, f in [(users, "user", "users.csv"), (items, "item", "items.csv")]:
-        if df[col].duplicated().any():
-            raise UserError(f"{folder / f}: duplicate {col} {df[col][df[col].duplicated()].iloc[0]!r}")
-    digest = file_digest([folder / f for f in REQUIRED])
-    tag_assignments = folder / "tag_assignments.csv"
-    tag_assignments = read_csv_checked(tag_assignments, ["user", "item", "tag"]) if tag_assignments.exists() else None
-    return Dataset(name, users, items, inter, (folder / SYNTHETIC_MARK).exists(), digest, rep,
-                   tag_assignments=tag_assignments)
-
-
 def unknown_times(t, now=None):
     """Timestamps that cannot be a time: empty or 0, negative, infinite, or later than tomorrow. {reason: mask}"""
     tomorrow = (time.time() if now is None else now) + 86400
@@ -390,7 +567,8 @@ def filter_dataset(ds, min_interactions=5):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. the interaction graph and the split
+# 4. the interaction graph and the split. --split picks the protocol (PROTOCOLS, section 8) whose split function
+# holds out the validation and test parts: leave_one_out_parts (auto, last, random, global) or cold_items_parts.
 
 @dataclass
 class Split:
@@ -398,7 +576,7 @@ class Split:
     n_items: int
     train_u: np.ndarray
     train_i: np.ndarray
-    val_u: np.ndarray            # one validation item per evaluated user
+    val_u: np.ndarray            # the validation interactions (held out), by user
     val_i: np.ndarray
     test_u: np.ndarray
     test_i: np.ndarray
@@ -407,30 +585,53 @@ class Split:
     warm: np.ndarray = None      # bool per item
     kind: str = ""
     report: list = field(default_factory=list)
-    val_items: np.ndarray = None   # cold-items: the validation-cold and test-cold items (sorted indices)
+    val_items: np.ndarray = None   # items held out as new (cold-items): the validation and test ones, sorted
     test_items: np.ndarray = None
+
+    @property
+    def new_items(self):
+        """Items held out as new, with all their interactions: they do not exist at training time."""
+        return np.zeros(0, np.int64) if self.val_items is None else np.concatenate([self.val_items, self.test_items])
 
 
 def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2):
-    """Map to indices and split. kind: auto (leave-last-out if there are timestamps, else random),
-    last (per-user leave-last-out by time), random (seeded leave-one-out), global (temporal cutoffs),
-    cold-items (a seeded share of the items held out with all their interactions: see cold_items_parts)."""
+    """Map to indices and split with the protocol of `kind`: auto (leave-last-out if there are timestamps, else
+    random), last, random, global (leave_one_out_parts), cold-items (cold_items_parts)."""
     uidx = pd.Index(ds.users.user)
     iidx = pd.Index(ds.items.item)
     u = uidx.get_indexer(ds.inter.user)
     i = iidx.get_indexer(ds.inter.item)
     t = ds.inter.timestamp.to_numpy(float)
-    rep = []
-    has_time = np.isfinite(t)
     if kind == "auto":
-        kind = "last" if has_time.any() else "random"
-    if kind in ("last", "global") and not has_time.any():
-        raise UserError(f"--split {kind} needs timestamps; dataset {ds.name} has none (use --split random)")
+        kind = "last" if np.isfinite(t).any() else "random"
+    make = PROTOCOLS[protocol_name(kind)].make_split
     rng = np.random.default_rng(seed)
-    noise = rng.random(len(u))
+    noise = rng.random(len(u))              # drawn for every kind: a seed gives the same draws whatever follows
     n_users, n_items = len(uidx), len(iidx)
+    train, val, test, parts, rep = make(pd.DataFrame({"u": u, "i": i, "t": t, "noise": noise}), rng, n_users,
+                                        n_items, kind, dict(global_quantiles=global_quantiles,
+                                                            cold_fraction=cold_fraction, dataset=ds.name))
+    s = Split(n_users, n_items, train.u.to_numpy(np.int64), train.i.to_numpy(np.int64),
+              val.u.to_numpy(np.int64), val.i.to_numpy(np.int64), test.u.to_numpy(np.int64),
+              test.i.to_numpy(np.int64), kind=kind, report=rep, **parts)
+    s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)),
+                            shape=(n_users, n_items))
+    s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
+    s.warm = warm_items(s.degree, warm_fraction)
+    return s
+
+
+def leave_one_out_parts(df, rng, n_users, n_items, kind, opts):
+    """Leave-one-out: per user one validation and one test interaction. last: the latest two by time (ties by item
+    id; interactions without a time are never held out); random: seeded; global: the first interaction of each user
+    after the 80% / 90% time quantiles (later ones dropped). Users with fewer than 3 interactions stay in train."""
+    u, i, t, noise = (df[c].to_numpy() for c in ("u", "i", "t", "noise"))
+    has_time = np.isfinite(t)
+    rep = []
+    if kind in ("last", "global") and not has_time.any():
+        raise UserError(f"--split {kind} needs timestamps; dataset {opts['dataset']} has none (use --split random)")
     if kind == "global":
-        tq_val, tq_test = np.quantile(t[has_time], global_quantiles)
+        tq_val, tq_test = np.quantile(t[has_time], opts["global_quantiles"])
         df = pd.DataFrame({"u": u, "i": i, "t": np.where(has_time, t, -np.inf)}).sort_values(["u", "t", "i"])
         train = df[df.t <= tq_val]
         val = df[(df.t > tq_val) & (df.t <= tq_test)].groupby("u").head(1)
@@ -440,50 +641,31 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
         val, test = val[in_train[val.u]], test[in_train[test.u]]
         rep.append(f"global temporal split at {pd.Timestamp(tq_val, unit='s').date()} / "
                    f"{pd.Timestamp(tq_test, unit='s').date()}; later interactions beyond the first per user dropped")
-    elif kind == "cold-items":
-        train, val, test, cold_parts = cold_items_parts(u, i, n_items, rng, cold_fraction)
+        return train, val, test, {}, rep
+    if kind == "last":
+        # unknown times sort before all known ones (so they stay in train), in seeded random order;
+        # ties in time are broken by item id, deterministically
+        key = np.where(has_time, t, -np.inf)
+        if (~has_time).any():
+            rep.append(f"{int((~has_time).sum()):,} interactions without a timestamp are never held out")
+        order = np.lexsort((i, np.where(has_time, 0, noise), key, u))
     else:
-        if kind == "last":
-            # unknown times sort before all known ones (so they stay in train), in seeded random order;
-            # ties in time are broken by item id, deterministically
-            key = np.where(has_time, t, -np.inf)
-            if (~has_time).any():
-                rep.append(f"{int((~has_time).sum()):,} interactions without a timestamp are never held out")
-            order = np.lexsort((i, np.where(has_time, 0, noise), key, u))
-        elif kind == "random":
-            order = np.lexsort((noise, u))
-        else:
-            raise UserError(f"unknown --split {kind!r} (auto, last, random, global, cold-items)")
-        df = pd.DataFrame({"u": u[order], "i": i[order]})
-        size = df.groupby("u").u.transform("size").to_numpy()
-        from_end = size - 1 - df.groupby("u").cumcount().to_numpy()
-        eligible = size >= 3
-        test = df[eligible & (from_end == 0)]
-        val = df[eligible & (from_end == 1)]
-        train = df[~eligible | (from_end >= 2)]
-        n_small = int(df.u[~eligible].nunique())
-        if n_small:
-            rep.append(f"{n_small:,} users with fewer than 3 interactions are kept in train only")
-    s = Split(n_users, n_items, train.u.to_numpy(np.int64), train.i.to_numpy(np.int64),
-              val.u.to_numpy(np.int64), val.i.to_numpy(np.int64), test.u.to_numpy(np.int64),
-              test.i.to_numpy(np.int64), kind=kind, report=rep)
-    s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)),
-                            shape=(n_users, n_items))
-    s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
-    s.warm = warm_items(s.degree, warm_fraction)
-    if kind == "cold-items":
-        s.val_items, s.test_items = cold_parts
-        no_train = int((np.bincount(s.train_u, minlength=n_users) == 0).sum())
-        if no_train:
-            rep.append(f"{no_train:,} users have no train interaction left (all their items are cold); "
-                       f"they are still evaluated, from their (empty) profile")
-    return s
+        order = np.lexsort((noise, u))
+    df = pd.DataFrame({"u": u[order], "i": i[order]})
+    size = df.groupby("u").u.transform("size").to_numpy()
+    from_end = size - 1 - df.groupby("u").cumcount().to_numpy()
+    eligible = size >= 3
+    n_small = int(df.u[~eligible].nunique())
+    if n_small:
+        rep.append(f"{n_small:,} users with fewer than 3 interactions are kept in train only")
+    return df[~eligible | (from_end >= 2)], df[eligible & (from_end == 1)], df[eligible & (from_end == 0)], {}, rep
 
 
-def cold_items_parts(u, i, n_items, rng, cold_fraction=0.2):
-    """Item cold start: a seeded random `cold_fraction` of the items is held out with all its interactions;
-    half of those items (by item) are validation-cold, the rest test-cold. Train keeps every interaction with the
-    other items. Returns the train/validation/test (u, i) frames and the (validation, test) item indices."""
+def cold_items_parts(df, rng, n_users, n_items, kind, opts):
+    """Item cold start: a seeded random --cold-fraction of the items is held out with all its interactions; half of
+    those items (by item) are validation-cold, the rest test-cold. Train keeps every interaction with the other
+    items."""
+    cold_fraction = opts["cold_fraction"]
     if not 0 < cold_fraction < 1:
         raise UserError(f"--cold-fraction {cold_fraction}: a share of the items, strictly between 0 and 1")
     n_cold = int(round(cold_fraction * n_items))
@@ -494,9 +676,14 @@ def cold_items_parts(u, i, n_items, rng, cold_fraction=0.2):
     val_items, test_items = np.sort(perm[:n_cold // 2]), np.sort(perm[n_cold // 2:n_cold])
     part = np.zeros(n_items, np.int8)
     part[val_items], part[test_items] = 1, 2
-    df = pd.DataFrame({"u": u, "i": i}).sort_values(["u", "i"], kind="stable")
+    df = df[["u", "i"]].sort_values(["u", "i"], kind="stable")
     p = part[df.i.to_numpy()]
-    return df[p == 0], df[p == 1], df[p == 2], (val_items, test_items)
+    rep = []
+    no_train = n_users - df.u[p == 0].nunique()
+    if no_train:
+        rep.append(f"{no_train:,} users have no train interaction left (all their items are cold); "
+                   f"they are still evaluated, from their (empty) profile")
+    return df[p == 0], df[p == 1], df[p == 2], dict(val_items=val_items, test_items=test_items), rep
 
 
 def warm_items(degree, warm_fraction):
@@ -513,9 +700,9 @@ def split_stats(s):
     deg_u = np.bincount(s.train_u, minlength=s.n_users)
     cold = ~s.warm
     st = {
-        "split": s.kind, "users": s.n_users, "items": s.n_items,
-        "train_interactions": int(len(s.train_u)), "validation_users": int(len(s.val_u)),
-        "test_users": int(len(s.test_u)),
+        "split": s.kind, "protocol": protocol_name(s.kind), "users": s.n_users, "items": s.n_items,
+        "train_interactions": int(len(s.train_u)), "validation_users": int(len(np.unique(s.val_u))),
+        "test_users": int(len(np.unique(s.test_u))),
         "items_in_train": int((s.degree > 0).sum()), "items_in_validation": int(len(np.unique(s.val_i))),
         "items_in_test": int(len(np.unique(s.test_i))),
         "items_val_and_train": int(len(np.intersect1d(s.val_i, np.flatnonzero(s.degree)))),
@@ -526,19 +713,19 @@ def split_stats(s):
         "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
         "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
     }
-    if s.kind == "cold-items":
-        st["cold_items_protocol"] = cold_split_stats(s)
+    if len(s.new_items):
+        st["parts"] = parts_stats(s)
     return st
 
 
-def cold_split_stats(s):
-    """Users, items and interactions of each part of a cold-items split (users: those with at least one
+def parts_stats(s):
+    """Users, items and interactions of each part of a split that holds out items (users: those with at least one
     interaction in that part, i.e. the users evaluated on it)."""
     part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
                                   "interactions": int(len(uu))}
     return {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
-            "validation_cold": part(s.val_u, s.val_i, s.val_items),
-            "test_cold": part(s.test_u, s.test_i, s.test_items),
+            "validation": part(s.val_u, s.val_i, s.val_items),
+            "test": part(s.test_u, s.test_i, s.test_items),
             "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
 
 
@@ -611,7 +798,7 @@ def cold_item_tags(ds, split, source="non-listeners"):
     information). Returns (dataset with new items, report lines)."""
     if source not in ("non-listeners", "all"):
         raise UserError(f"--tag-source {source!r}: use non-listeners or all")
-    if split.kind != "cold-items" or source == "all":
+    if not len(split.new_items) or source == "all":
         return ds, []
     if ds.tag_assignments is None:
         return ds, ["no tag_assignments.csv: the tags of cold items cannot be rebuilt without their held-out "
@@ -628,7 +815,7 @@ def cold_item_tags(ds, split, source="non-listeners"):
 
 def cold_tag_assignments(ds, split):
     """(cold item indices, tag assignments on cold items, bool: the assignment's user interacted with the item)."""
-    cold = np.concatenate([split.val_items, split.test_items])
+    cold = split.new_items
     ta = ds.tag_assignments[ds.tag_assignments.item.isin(ds.items.item.to_numpy()[cold])]
     own = pd.MultiIndex.from_frame(ta[["user", "item"]]).isin(pd.MultiIndex.from_frame(ds.inter[["user", "item"]]))
     return cold, ta, np.asarray(own)
@@ -668,7 +855,6 @@ def embed_texts(texts, cache_dir, device="cpu"):
         known_v = np.concatenate([known_v, vecs])
         lookup = {k: n for n, k in enumerate(known_k)}
         if cache:
-            import io
             buf = io.BytesIO()
             np.savez(buf, keys=known_k, vectors=known_v)
             atomic_write_bytes(cache, buf.getvalue())
@@ -1015,172 +1201,6 @@ def unknown_values(unseen, feats, mode="zero"):
 
 # ----------------------------------------------------------------------------------------------
 # 7. training
-# Config is the one place for a setting: its default, its help and its valid range. The command line is generated
-# from it (parser, section 12), presets are overlays of it (PRESETS), the model is built from it whole
-# (TwoTower(feats, cfg, history)), and Config.validate() checks every value before anything is read or written.
-
-class Range(NamedTuple):
-    ok: object               # value -> bool
-    says: str                # what a valid value is, in words: "error: --lr nan: a positive finite number"
-
-
-COUNT = Range(lambda v: v >= 1, "an integer >= 1")
-COUNT0 = Range(lambda v: v >= 0, "an integer >= 0")
-SEED = Range(lambda v: 0 <= v < 2**32, "an integer between 0 and 2**32 - 1")
-POSITIVE = Range(lambda v: math.isfinite(v) and v > 0, "a positive finite number")
-NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
-FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
-SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
-LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
-               "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
-
-BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
-                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
-
-TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
-
-
-def setting(default, help, check=None, choices=None, cmds=TRAIN):
-    """A Config field: its default, help text, valid range (`check`, a Range) or `choices`, and the subcommands
-    whose command line has it."""
-    return field(default=default, metadata=dict(help=help, check=check, choices=choices, cmds=cmds))
-
-
-@dataclass
-class Config:
-    # data, split and evaluation (also the options of `baselines` and `stats`)
-    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)",
-                           cmds=DATA)
-    data_dir: str = setting("data", "folder of the datasets", cmds=DATA)
-    min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
-                                    "dropped", COUNT, cmds=DATA)
-    split: str = setting("auto", "auto: leave-last-out by time if there are timestamps, else seeded random "
-                         "leave-one-out; global: temporal cut-offs; cold-items: a share of the items held out with "
-                         "all their interactions (new items)",
-                         choices=("auto", "last", "random", "global", "cold-items"), cmds=DATA)
-    cold_fraction: float = setting(0.2, "share of the items that split cold-items holds out, half for validation, "
-                                   "half for test", SHARE, cmds=DATA)
-    tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
-                              "users who did not interact with it (leak-free), or from everyone (all: leaks the "
-                              "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
-    warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
-                                   FRACTION, cmds=DATA)
-    seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
-    k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
-                     cmds=DATA + ("recommend", "fairness"))
-    eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
-    # the model; defaults: the best configuration on hetrec validation (README, Experiments)
-    text: str = setting("lyrics", "items.csv text column for the item tower (title, summary, lyrics, tags, ...) "
-                        "or none")
-    scorer: str = setting("dot", "dot: dot product of the tower outputs; dotcompress: the study's scoring head",
-                          choices=tuple(SCORERS))
-    dim: int = setting(192, "embedding size of every categorical feature (the study's: 96)", COUNT)
-    out_dim: int = setting(192, "tower output size", COUNT)
-    hidden: str = setting("", "the towers' hidden layer sizes ('': linear towers; the study's: 128,64)", LAYERS)
-    tower_act: bool = setting(False, "GELU on tower outputs (the study's)")
-    final_gelu: bool = setting(False, "GELU on the final score (the study's DotCompress)")
-    history: bool = setting(True, "user tower also pools embeddings of the user's train items")
-    user_ids: bool = setting(False, "embed the user id and username (--no-user-ids: a user is its country and "
-                             "--history)")
-    id_only: bool = setting(False, "towers see only the user and item ids (with --scorer dot: matrix "
-                            "factorization)")
-    item_bias: bool = setting(False, "add a learned per-item score offset (an extra coordinate, so still a dot "
-                              "product; --scorer dot)")
-    normalize: bool = setting(True, "L2-normalize tower outputs (dot = cosine / --temperature)")
-    temperature: float = setting(0.1, "softmax temperature of normalized scores", POSITIVE)
-    dropout: float = setting(0.3, "dropout on the towers' concatenated inputs", PROBABILITY)
-    id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
-    history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
-                                     "training", PROBABILITY)
-    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
-                        "query q)", choices=("mean", "attention"))
-    text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
-                             "the comma-separated tags; other texts: lowercase words); tokens that no train item "
-                             "has are left out; nothing with --text none")
-    tag_feature: bool = setting(True, "embed the item's top tag (the tag column) as a categorical feature "
-                                "(--no-tag-feature: an item's content is its --text alone)")
-    history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
-                                 "--history)")
-    unseen_ids: str = setting("zero", "embedding of an item id, artist or tag without train interactions: zero, a "
-                              "learned 'unknown' vector, or random (left as initialized: noise)",
-                              choices=("zero", "learned", "random"))
-    cold_dropout: float = setting(0.0, "share of training rows whose item looks new (id and artist unknown), "
-                                  "DropoutNet-style", PROBABILITY)
-    # training
-    loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
-                        "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
-                        choices=("margin", "softmax", "full"))
-    negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
-    margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
-    epochs: int = setting(40, "most training epochs", COUNT)
-    patience: int = setting(5, "stop after this many epochs without a better validation NDCG@K", COUNT)
-    batch_size: int = setting(512, "train positives per batch", COUNT)
-    lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
-    weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
-    schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
-                            choices=("constant", "cosine"))
-    preset: str = setting("", "another set of train defaults; flags given explicitly still win. original: the "
-                          "study's exact model and optimizer")
-    # where and how it runs
-    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps",
-                          choices=("auto", "cpu", "cuda", "mps"), cmds=TRAIN + SAVED)
-    threads: int = setting(0, "torch CPU threads; 0: the cores other processes leave free, re-checked every second "
-                           "in training (Linux; elsewhere torch's default, one per core)", COUNT0,
-                           cmds=TRAIN + ("baselines",))
-    amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
-    compile: bool = setting(False, "torch.compile the towers and the scorer")
-    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
-    run_name: str = setting("", "run folder name ('': DATASET-TEXT-SCORER-LOSS-sSEED)")
-    baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
-                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
-    # fairness
-    min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
-    bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
-                             cmds=("fairness",))
-
-    def hidden_sizes(self):
-        return tuple(int(h) for h in self.hidden.split(",") if h.strip())
-
-    def validate(self):
-        """Every value in its range, every combination meaningful; else UserError naming the flag (exit 2)."""
-        for f in fields(self):
-            value, check, choices = getattr(self, f.name), f.metadata["check"], f.metadata["choices"]
-            if f.name == "preset":
-                choices = ("", *PRESETS)
-            if choices and value not in choices:
-                raise UserError(f"{flag(f.name)} {value!r}: one of {', '.join(map(repr, choices))}")
-            if check and not check.ok(value):
-                raise UserError(f"{flag(f.name)} {value!r}: {check.says}" if isinstance(value, str) else
-                                f"{flag(f.name)} {value}: {check.says}")
-        if self.loss == "full" and self.scorer != "dot":
-            raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
-        if self.item_bias and self.scorer != "dot":
-            raise UserError("--item-bias needs --scorer dot")
-        if self.scorer == "dotcompress" and self.out_dim % 2:
-            raise UserError(f"--out-dim {self.out_dim}: --scorer dotcompress needs an even size")
-        if self.loss == "margin" and self.negatives < 1:
-            raise UserError("--negatives 0: the margin loss needs at least one negative")
-        return self
-
-
-def flag(name):
-    """The command-line flag of a Config field: --batch-size, -k."""
-    return "-k" if name == "k" else "--" + name.replace("_", "-")
-
-
-# --preset NAME: an overlay of Config (another set of train defaults; flags given explicitly still win).
-PRESETS = {
-    # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
-    # 20 uniform negatives (its 20 extra in-batch negatives are not reproduced), GELU on tower outputs,
-    # its dimensions, Adam at lr 2e-4, batch 512
-    "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
-                     tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
-                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
-                     user_ids=True, hidden="128,64"),
-}
-
 
 class NegativeSampler:
     """The train positives on the training device, and uniform negatives drawn there. A user's negatives are
@@ -1194,10 +1214,10 @@ class NegativeSampler:
 
     def __init__(self, split, seed=0, device="cpu"):
         keys = split.train_u.astype(np.int64) * split.n_items + split.train_i
-        if split.kind == "cold-items":
+        new = split.new_items
+        if len(new):
             # the held-out new items did not exist yet: to every user they count as known, so they are neither
             # sampled as negatives nor scored in the full softmax (the training catalog is the train items)
-            new = np.flatnonzero(split.degree == 0)
             keys = np.concatenate([keys, (np.arange(split.n_users)[:, None] * split.n_items + new).ravel()])
         keys = np.unique(keys)
         self.n_items, self.n_users = split.n_items, split.n_users
@@ -1327,6 +1347,48 @@ def sync_device(device):
         torch.mps.synchronize()
 
 
+@dataclass
+class Runtime:
+    """Where and how a command computes, decided once by the command (make_runtime) and passed on: the device,
+    bf16 autocast, the fused optimizer and the CPU thread policy. bench.py uses the same object."""
+    device: torch.device
+    amp: bool = False
+    threads: int = 0             # fixed torch CPU threads, or 0: follow the cores other processes leave free
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
+
+    def optimizer(self, params, lr, weight_decay=0.0):
+        """AdamW, fused where torch has it (one pass per parameter instead of a dozen: RESULTS.md, Speed)."""
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                                 fused=True if self.device.type in ("cpu", "cuda") else None)
+
+    def free_cores(self, world=1, first=0.25):
+        """A FreeCores to check between steps (--threads 0 on a CPU, one process; first check after `first` s)."""
+        return FreeCores(first=first) if self.device.type == "cpu" and not self.threads and world == 1 else None
+
+    def sum_dtype(self):
+        return torch.float32 if self.device.type == "mps" else torch.float64      # mps has no float64
+
+    def sync(self):
+        sync_device(self.device)
+
+    def describe(self):
+        return str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
+
+
+def make_runtime(device="auto", threads=0, amp=False, quiet=False):
+    """The runtime of a command: --device resolved (pick_device), --threads applied."""
+    if threads:
+        torch.set_num_threads(threads)
+    rt = Runtime(pick_device(device), amp, threads)
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if rt.device.type == "cpu" and threads > 1 and spinning and not quiet:
+        log(f"note: --threads {threads}: threads that spin while they wait can be several times slower beside other "
+            "jobs; --threads 0 (the default) follows the free cores (RESULTS.md, Speed and scale)")
+    return rt
+
+
 class Phases:
     """Seconds per phase of training steps: sampling (and batching), forward, backward, optimizer. The
     training loop never waits for the device, so on a GPU these are the host's seconds unless sync=True
@@ -1419,7 +1481,7 @@ class LossStep(nn.Module):
         return batch_loss(self.model, *args)
 
 
-def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quiet=False, rank=0, world=1, phases=None,
+def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=False, rank=0, world=1, phases=None,
                 free_cores=None):
     """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
     The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
@@ -1429,12 +1491,13 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quie
     DDP averages equals the single-process gradient of the same global batch. free_cores: a FreeCores, checked
     between steps (it changes torch's thread count when other processes take or leave cores)."""
     from tqdm import tqdm
+    device = rt.device
     phases = phases or Phases(device)
     perm = rng.permutation(len(split.train_u))
     users_all, pos_all = (torch.as_tensor(a, device=device) for a in (split.train_u[perm], split.train_i[perm]))
     n_pos = sampler.degree[split.train_u[perm]]             # host: each edge's user's train positives
     logq = torch.as_tensor(logq, dtype=torch.float32, device=device)
-    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    total = torch.zeros((), dtype=rt.sum_dtype(), device=device)
     n, shown = 0, time.monotonic()
     bar = tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False,
                disable=quiet or rank > 0 or not sys.stderr.isatty())     # a bar for a terminal, not a log file
@@ -1451,7 +1514,7 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quie
             users, pos, neg = users[a:b], pos[a:b], None if neg is None else neg[a:b]
         batch = make_batch(cfg, sampler, users, pos, neg, logq, int(n_pos[lo:hi].sum()))
         phases("sampling")
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+        with rt.autocast():
             loss = step(cfg, batch)
         phases("forward")
         opt.zero_grad(set_to_none=True)
@@ -1469,10 +1532,11 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, device, desc="", quie
     return total.item(), n, phases.seconds["sampling"]
 
 
-def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
-    """Train with early stopping on validation NDCG@K. Returns (best model, history, timings).
-    Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop."""
+def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
+    """Train with early stopping on the protocol's validation metric. Returns (best model, history, timings).
+    Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop. rt: a Runtime."""
     cfg.validate()
+    device = rt.device
     seed_everything(cfg.seed)
     rank, world = dist_rank_world()
     model = TwoTower(feats, cfg, split.train).to(device)
@@ -1482,13 +1546,11 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
     step = LossStep(model)
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    # fused AdamW: one pass per parameter instead of a dozen (8x faster on 24M embedding weights on CPU)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=True if device.type in ("cpu", "cuda") else None)
+    opt = rt.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     sampler = NegativeSampler(split, cfg.seed, device)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)
-    free_cores = FreeCores() if device.type == "cpu" and not cfg.threads and world == 1 else None
+    free_cores = rt.free_cores(world)
     history, best, bad_epochs, best_state = [], -1.0, 0, None
     t_train = t_prep = 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -1497,7 +1559,7 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
-        total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, device, f"epoch {epoch}",
+        total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, f"epoch {epoch}",
                                      quiet, rank, world, free_cores=free_cores)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
@@ -1540,9 +1602,10 @@ def train_model(cfg, split, feats, device, run_dir=None, quiet=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. evaluation: full ranking over all items, excluding the user's train items (and, at test time, the
-# validation item). The rank of the held-out item is the number of items scored above it, ties broken
-# by item index. HR@K, NDCG@K = 1/log2(rank+2) on a hit, MRR; all x100, as the study reported them.
+# 8. evaluation: one ranking engine for every protocol. Each evaluated user has one or more target items (the
+# protocol's `targets`) ranked by full ranking over the items that are not excluded (the user's train items and,
+# at test time, their validation items), in each of the protocol's views (all those items, or only its candidate
+# items). A target's rank is the number of items scored above it, ties broken by item index. Metrics are x100.
 
 def model_scores(model, device):
     """A score function users -> (len(users), n_items) for a trained two-tower model."""
@@ -1568,30 +1631,66 @@ def count_true(mask):
     return mask.view(torch.uint8).sum(1, dtype=torch.int32)
 
 
-def rank_of_targets(score_fn, users, targets, exclude, device, memory_mb=512):
-    """Vectorized, chunked ranks of each user's held-out item among all items not excluded."""
+def score_chunks(score_fn, users, exclude, device, memory_mb=512, bytes_per_pair=16):
+    """The ranking engine: yields (start, S) for consecutive chunks of `users`, S the float32 scores of
+    users[start:start + len(S)] on the device with -inf where `exclude` (users x items CSR) masks. A chunk holds
+    about memory_mb at `bytes_per_pair` (the score function's own need, if it says more)."""
     n_items = exclude.shape[1]
-    bpp = getattr(score_fn, "bytes_per_pair", 16)
+    bpp = max(bytes_per_pair, getattr(score_fn, "bytes_per_pair", 16))
     chunk = max(1, int(memory_mb * 2**20 // (n_items * bpp)))
-    ranks = np.empty(len(users), np.int64)
-    cols = torch.arange(n_items, device=device)
     with torch.inference_mode():
         for a in range(0, len(users), chunk):
-            u, t = users[a:a + chunk], torch.as_tensor(np.array(targets[a:a + chunk]), device=device)
+            u = users[a:a + chunk]
             S = torch.as_tensor(score_fn(u), device=device, dtype=torch.float32)
             ex = exclude[u].tocoo()
             S[torch.as_tensor(ex.row, device=device, dtype=torch.long),
               torch.as_tensor(ex.col, device=device, dtype=torch.long)] = float("-inf")
-            st = S.gather(1, t[:, None])
-            r = count_true(S > st)
-            # ties with the target's score are rare for a model: only rows that have any (the target itself
-            # aside) pay for the tie-break by item index; two passes over the chunk instead of five
-            tied = torch.nonzero(count_true(S >= st) - r > 1).ravel()
-            if len(tied):
-                St, tt = S[tied], t[tied, None]
-                r[tied] += count_true((St == St.gather(1, tt)) & (cols[None, :] < tt))
-            ranks[a:a + chunk] = r.cpu().numpy()
-    return ranks
+            yield a, S
+
+
+def ranks_in(S, cols):
+    """0-based rank of item cols[r] in row r of S: the items scored above it, plus tied items of lower index."""
+    t = cols[:, None]
+    st = S.gather(1, t)
+    r = count_true(S > st)
+    # ties with the target's score are rare for a model: only rows that have any (the target itself aside) pay
+    # for the tie-break by item index
+    tied = torch.nonzero(count_true(S >= st) - r > 1).ravel()
+    if len(tied):
+        St = S[tied]
+        r[tied] += count_true((St == St.gather(1, t[tied])) & (torch.arange(S.shape[1], device=S.device)[None, :] < t[tied]))
+    return r
+
+
+def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512):
+    """{view: 0-based rank of every target (targets.indices, row by row)}. targets: CSR with one row per user of
+    `users`; views: {name: candidate items (indices), or None for every item `exclude` does not mask}."""
+    out = {v: np.empty(targets.nnz, np.int64) for v in views}
+    masks = {}
+    for v, cand in views.items():
+        if cand is not None:
+            masks[v] = torch.ones(targets.shape[1], dtype=torch.bool, device=device)
+            masks[v][torch.as_tensor(cand, device=device)] = False
+    for a, S in score_chunks(score_fn, users, exclude, device, memory_mb, 8 + 8 * len(views)):
+        lo, hi = targets.indptr[a], targets.indptr[a + len(S)]
+        rows = np.repeat(np.arange(len(S)), np.diff(targets.indptr[a:a + len(S) + 1]))
+        cols = torch.as_tensor(targets.indices[lo:hi], device=device, dtype=torch.long)
+        for v in views:
+            M = S.masked_fill(masks[v], float("-inf")) if v in masks else S
+            for b in range(0, len(rows), len(S)):        # at most len(S) rows of scores at a time
+                rb = rows[b:b + len(S)]
+                X = M if len(rb) == len(S) and (rb == np.arange(len(S))).all() else \
+                    M[torch.as_tensor(rb, device=device)]
+                out[v][lo + b:lo + b + len(rb)] = ranks_in(X, cols[b:b + len(rb)]).cpu().numpy()
+    return out
+
+
+def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512):
+    """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index."""
+    out = np.empty((len(users), k), np.int64)
+    for a, S in score_chunks(score_fn, users, exclude, device, memory_mb):
+        out[a:a + len(S)] = np.argsort(-S.cpu().numpy(), axis=1, kind="stable")[:, :k]
+    return out
 
 
 # name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
@@ -1603,7 +1702,7 @@ METRICS = {
 
 
 def per_user_metrics(ranks, k=10):
-    """{"hr@K", "ndcg@K", "mrr"}: per-user arrays in [0, 1]; the means, fairness and the paired tests use them."""
+    """One target per user: {"hr@K", "ndcg@K", "mrr"}, per-user arrays in [0, 1]."""
     return {(name if name == "mrr" else f"{name}@{k}"): fn(np.asarray(ranks), k) for name, fn in METRICS.items()}
 
 
@@ -1613,75 +1712,10 @@ def metrics(ranks, k=10):
             "n": int(len(ranks))}
 
 
-def grouped_metrics(ranks, targets, split, k=10):
-    cold = ~split.warm[targets]
-    unseen = split.degree[targets] == 0
-    return {"overall": metrics(ranks, k), "cold": metrics(ranks[cold], k), "warm": metrics(ranks[~cold], k),
-            "unseen": metrics(ranks[unseen], k)}
-
-
-def exclusion(split, which):
-    if which == "validation":
-        return split.train
-    val = sp.csr_matrix((np.ones(len(split.val_u), np.float32), (split.val_u, split.val_i)), shape=split.train.shape)
-    return (split.train + val).tocsr()
-
-
-def evaluate_split(score_fn, split, which, k, device, memory_mb=512, return_ranks=False):
-    users, targets = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
-    ranks = rank_of_targets(score_fn, users, targets, exclusion(split, which), device, memory_mb)
-    res = grouped_metrics(ranks, targets, split, k)
-    return (res, ranks) if return_ranks else res
-
-
-# The cold-items protocol: every interaction of an evaluated user with the split's cold items is a target.
-# Two views: "cold" ranks only that split's cold items (recommending new items), "all" ranks them among every
-# item not in the user's train set (at test time, nor among their validation-cold items). Recall@K = hits / targets,
-# NDCG@K = DCG / ideal DCG over min(targets, K), HR@K = any hit; K = 10 and 20; all x100, means over users.
-# Model selection (early stopping, baseline grids) uses validation-cold NDCG@20 of the "cold" view.
-
-COLD_KS = (10, 20)
-COLD_SELECT = ("cold", "ndcg@20")
-
-
-def cold_targets(split, which):
-    """(evaluated users, CSR of their targets with rows aligned to them, candidate items) of one part."""
-    u, i = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
-    users = np.unique(u)
-    T = sp.csr_matrix((np.ones(len(u), np.float32), (np.searchsorted(users, u), i)), shape=(len(users), split.n_items))
-    T.sort_indices()
-    return users, T, split.val_items if which == "validation" else split.test_items
-
-
-def target_ranks(score_fn, users, targets, candidates, exclude, device, memory_mb=512):
-    """0-based rank of every target (targets.indices, row by row) in two views: among `candidates` only, and
-    among all items that `exclude` (users x items CSR) does not mask. Ties are broken by item index."""
-    n_items = targets.shape[1]
-    chunk = max(1, int(memory_mb * 2**20 // (n_items * max(getattr(score_fn, "bytes_per_pair", 16), 24))))
-    cand = torch.zeros(n_items, dtype=torch.bool, device=device)
-    cand[torch.as_tensor(candidates, device=device)] = True
-    out = np.empty((2, targets.nnz), np.int64)
-    with torch.inference_mode():
-        for a in range(0, len(users), chunk):
-            u = users[a:a + chunk]
-            S = torch.as_tensor(score_fn(u), device=device, dtype=torch.float32)
-            t = targets[a:a + chunk].tocoo()
-            rows, cols = (torch.as_tensor(x, device=device, dtype=torch.long) for x in (t.row, t.col))
-            ex = exclude[u].tocoo()
-            S_all = S.clone()
-            S_all[torch.as_tensor(ex.row, device=device, dtype=torch.long),
-                  torch.as_tensor(ex.col, device=device, dtype=torch.long)] = float("-inf")
-            for v, M in enumerate((S.masked_fill(~cand, float("-inf")), S_all)):
-                order = torch.sort(M, dim=1, descending=True, stable=True).indices   # ties: lower index first
-                pos = torch.empty_like(order)
-                pos.scatter_(1, order, torch.arange(n_items, device=device).expand_as(order))
-                out[v, targets.indptr[a]:targets.indptr[min(a + chunk, len(users))]] = pos[rows, cols].cpu().numpy()
-    return out
-
-
-def multi_target_metrics(ranks, counts, ks=COLD_KS):
-    """Per-user Recall@K, NDCG@K and HR@K (x100) from the ranks of each user's targets (grouped by user,
-    `counts` per user, in that order), summed from METRICS' per-target hit and discounted gain."""
+def multi_target_metrics(ranks, counts, ks=(10, 20)):
+    """Several targets per user: per-user Recall@K (hits / targets), NDCG@K (ideal DCG over min(K, targets))
+    and HR@K (any hit), x100, from the ranks of each user's targets (grouped by user, `counts` per user, in that
+    order), summed from METRICS' per-target hit and discounted gain."""
     counts = np.asarray(counts)
     row = np.repeat(np.arange(len(counts)), counts)
     ranks = np.asarray(ranks)
@@ -1696,45 +1730,148 @@ def multi_target_metrics(ranks, counts, ks=COLD_KS):
     return out
 
 
-def mean_metrics(per_user, n_targets):
-    return {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
-            "n": int(len(next(iter(per_user.values())))), "targets": int(n_targets)}
+def exclusion(split, which):
+    """What a user's ranking leaves out: their train items, and at test time their validation items too."""
+    if which == "validation":
+        return split.train
+    val = sp.csr_matrix((np.ones(len(split.val_u), np.float32), (split.val_u, split.val_i)), shape=split.train.shape)
+    return (split.train + val).tocsr()
 
 
-def evaluate_cold(score_fn, split, which, device, memory_mb=512, return_ranks=False):
-    """The cold-items protocol's evaluator: {"cold": ..., "all": ...} metric means (see above)."""
-    users, T, cand = cold_targets(split, which)
-    ranks = target_ranks(score_fn, users, T, cand, exclusion(split, which), device, memory_mb)
+def held_out(split, which):
+    """(evaluated users, CSR of their held-out items with rows aligned to them) of the validation or test part."""
+    u, i = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
+    users = np.unique(u)
+    T = sp.csr_matrix((np.ones(len(u), np.float32), (np.searchsorted(users, u), i)), shape=(len(users), split.n_items))
+    T.sort_indices()
+    return users, T
+
+
+# Leave-one-out: one held-out item per user, ranked among all items; HR@K, NDCG@K, MRR at the run's -k, overall
+# and by the held-out item's train degree: cold (not among the top --warm-fraction), warm, unseen (no train
+# interaction). Selection on validation NDCG@K.
+
+def loo_targets(split, which):
+    users, T = held_out(split, which)
+    return users, T, {"overall": None}
+
+
+def loo_results(ranks, users, T, split, k):
+    r, targets = ranks["overall"], T.indices
+    cold, unseen = ~split.warm[targets], split.degree[targets] == 0
+    return {"overall": metrics(r, k), "cold": metrics(r[cold], k), "warm": metrics(r[~cold], k),
+            "unseen": metrics(r[unseen], k)}
+
+
+# Cold-items (new items): every interaction of an evaluated user with the split's held-out items is a target. Two
+# views: "cold" ranks only that part's new items (recommending new items), "all" ranks them among every item the
+# user has not (at test time: nor among their validation items). Recall@K, NDCG@K, HR@K, K = 10 and 20. Selection
+# on validation-cold NDCG@20 of the "cold" view.
+
+def cold_targets(split, which):
+    users, T = held_out(split, which)
+    return users, T, {"cold": split.val_items if which == "validation" else split.test_items, "all": None}
+
+
+def multi_target_results(ranks, users, T, split, k):
+    """{view: mean metrics} of multi_target_metrics, with the users ("n"), targets and candidate items of a view."""
     counts = np.diff(T.indptr)
-    res = {view: mean_metrics(multi_target_metrics(r, counts), T.nnz) for view, r in zip(("cold", "all"), ranks)}
-    res["cold"]["items"] = int(len(cand))
-    return (res, {"users": users, "counts": counts, "items": T.indices, "cold": ranks[0], "all": ranks[1]}) \
-        if return_ranks else res
+    out = {}
+    for view, r in ranks.items():
+        per_user = multi_target_metrics(r, counts)
+        out[view] = {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
+                     "n": int(len(users)), "targets": int(T.nnz)}
+    return out
+
+
+class Protocol(NamedTuple):
+    """An evaluation protocol: how the split is made, what each evaluated user is ranked on, and how it is scored.
+    Adding one is an entry of PROTOCOLS, its split function (section 4) and its targets function (above)."""
+    splits: tuple            # the --split values that make it
+    make_split: object       # (frame of u, i, t, rng, n_items, kind, cfg) -> (train, validation, test, parts, report)
+    targets: object          # (split, "validation" | "test") -> (users, targets CSR, {view: candidates or None})
+    results: object          # (ranks by view, users, targets, split, k) -> {view or group: {metric: mean}}
+    per_user: object         # (ranks of a view, targets per user, k) -> {metric: per-user array, x100}
+    select: tuple            # (view, metric) that model selection maximizes on validation; "{k}": the run's -k
+    columns: tuple           # (view, metric) columns of the protocol's tables
+    defaults: dict = {}      # Config overlay: the setting chosen on this protocol's validation
+    audit: object = None     # (ds, split, baseline results, cache_dir, memory_mb) -> leak audit dict, or None
+
+
+LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
+MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")) + \
+    (("all", "recall@20"), ("all", "ndcg@20"))
+
+# name -> Protocol: the one list of evaluation protocols (--split picks one; experiments.py loops over them)
+PROTOCOLS = {
+    "leave-one-out": Protocol(("auto", "last", "random", "global"), lambda *a: leave_one_out_parts(*a), loo_targets,
+                              loo_results, lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
+                              ("overall", "ndcg@{k}"),
+                              LOO_COLUMNS),
+    # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
+    "cold-items": Protocol(("cold-items",), lambda *a: cold_items_parts(*a), cold_targets, multi_target_results,
+                           lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
+                           dict(text_bag=True, tag_feature=False), audit=lambda *a: tag_leak_audit(*a)),
+}
+
+
+def protocol_name(split_kind):
+    """The protocol a --split value (or a split's kind) belongs to."""
+    for name, p in PROTOCOLS.items():
+        if split_kind in p.splits:
+            return name
+    raise UserError(f"unknown --split {split_kind!r} ({', '.join(s for p in PROTOCOLS.values() for s in p.splits)})")
+
+
+def protocol_of(split):
+    return PROTOCOLS[protocol_name(split.kind)]
+
+
+def protocol_title(split):
+    """How tables name a split's protocol: "leave-one-out (last)", "cold-items"."""
+    name = protocol_name(split.kind)
+    return name if name == split.kind else f"{name} ({split.kind})"
+
+
+def column(view_metric, k):
+    view, metric = view_metric
+    return view, metric.format(k=k)
 
 
 def evaluate(score_fn, split, which, k, device, memory_mb=512, return_ranks=False):
-    """The split's own evaluator: leave-one-out (evaluate_split) or cold-items (evaluate_cold)."""
-    if split.kind == "cold-items":
-        return evaluate_cold(score_fn, split, which, device, memory_mb, return_ranks)
-    return evaluate_split(score_fn, split, which, k, device, memory_mb, return_ranks)
+    """The split's protocol's evaluation of a score function on its validation or test part: {view or group:
+    {metric: mean}}; with return_ranks also {"users", "counts", "items", view: ranks of every target}."""
+    p = protocol_of(split)
+    users, T, views = p.targets(split, which)
+    ranks = target_ranks(score_fn, users, T, views, exclusion(split, which), device, memory_mb)
+    res = p.results(ranks, users, T, split, k)
+    for view, cand in views.items():
+        if cand is not None:
+            res[view]["items"] = int(len(cand))
+    return (res, {"users": users, "counts": np.diff(T.indptr), "items": T.indices, **ranks}) if return_ranks else res
 
 
 def selection_score(res, split, k):
-    """What model selection maximizes: validation NDCG@K (leave-one-out), validation-cold NDCG@20 (cold-items)."""
-    view, metric = COLD_SELECT if split.kind == "cold-items" else ("overall", f"ndcg@{k}")
+    """What model selection maximizes on validation: the protocol's `select`."""
+    view, metric = column(protocol_of(split).select, k)
     return res[view][metric]
 
 
 def result_line(res, split, k):
-    if split.kind == "cold-items":
-        c = res["cold"]
-        return f"cold Recall@20 {c['recall@20']:6.2f}  NDCG@20 {c['ndcg@20']:6.2f}  NDCG@10 {c['ndcg@10']:6.2f}"
-    return f"HR@{k} {res['overall'][f'hr@{k}']:6.2f}  NDCG@{k} {res['overall'][f'ndcg@{k}']:6.2f}"
+    """The validation line of a training epoch: the selection metric and its neighbours in the protocol's table."""
+    p = protocol_of(split)
+    cols = list(dict.fromkeys([column(p.select, k)] + [column(c, k) for c in p.columns]))[:3]
+    return "  ".join(f"{label(v, m)} {res[v][m]:6.2f}" for v, m in cols)
+
+
+def label(view, metric):
+    name, k = metric.split("@") if "@" in metric else (metric, "")
+    return {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "mrr": "MRR"}[name] + (f"@{k}" if k else "") + f" {view}"
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. baselines, fitted on the train split and evaluated by the same evaluator; hyperparameters are
-# chosen on validation NDCG@K only.
+# 9. baselines, fitted on the train split and evaluated by the same protocol and evaluator; each baseline's
+# hyperparameters are chosen on the protocol's validation metric only (`tune`), and test is evaluated once.
 
 def popularity_scores(split):
     pop = torch.as_tensor(split.degree, dtype=torch.float32)
@@ -1754,15 +1891,20 @@ def itemknn_scores(split, neighbours=None):
     return lambda users: torch.as_tensor(X[users].toarray()) @ S
 
 
-def ease_scores(split, lam=100.0):
-    """EASE (Steck 2019): B = I - P / diag(P), P = (X^T X + lam I)^-1, diag(B) = 0."""
-    X = split.train.astype(np.float64)
+def ease_matrix(X, lam):
+    """EASE (Steck 2019) item-item weights of the users x items matrix X: B = I - P / diag(P),
+    P = (X^T X + lam I)^-1, diag(B) = 0."""
     G = (X.T @ X).toarray()
     G[np.diag_indices_from(G)] += lam
     P = np.linalg.inv(G)
     B = -P / np.diag(P)[None, :]
     np.fill_diagonal(B, 0)
-    B = torch.as_tensor(B, dtype=torch.float32)
+    return B
+
+
+def ease_scores(split, lam=100.0):
+    X = split.train.astype(np.float64)
+    B = torch.as_tensor(ease_matrix(X, lam), dtype=torch.float32)
     return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
 
 
@@ -1841,23 +1983,39 @@ def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
 
 
 class Baseline(NamedTuple):
-    make: object             # (split, hyperparameter) -> score function users -> (len(users), n_items)
-    grid: list               # hyperparameter values tried; the best on validation NDCG@K is kept
+    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items)
+    grid: list               # hyperparameter values tried, the best on the protocol's validation metric kept;
+                             # ["seed"]: the run's seed
+    protocols: tuple = ("leave-one-out",)    # the protocols it can score (PROTOCOLS); n/a under the others
+    content: str = ""        # "text": run once per text column on its MiniLM vectors, named "NAME column";
+                             # "tags": on the tags column; "": no content
     dense: bool = False      # needs dense item x item matrices: skipped above DENSE_MAX_ITEMS items
 
 
-# name -> Baseline: the one list of baselines (run_baselines, experiments.py and its report read it)
+NEW_ITEMS = ("cold-items",)      # protocols that rank items without train interactions: content is all there is
+
+# name -> Baseline: the one list of baselines (`baselines`, `train`, experiments.py and its report read it). The
+# collaborative ones cannot score items without train interactions; the content ones are for new items.
 BASELINES = {
-    "Popularity": Baseline(lambda split, p: popularity_scores(split), [None]),
-    "ItemKNN": Baseline(itemknn_scores, [10, 20, 50, 100, 200, None], dense=True),
-    "EASE": Baseline(ease_scores, [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True),
+    "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None]),
+    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None], dense=True),
+    "EASE": Baseline(lambda split, _, p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
+                     dense=True),
     # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
     # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured
-    "RP3beta": Baseline(lambda split, p: rp3beta_scores(split, **p), [
+    "RP3beta": Baseline(lambda split, _, p: rp3beta_scores(split, **p), [
         dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
         dense=True),
-    "iALS": Baseline(lambda split, p: ials_scores(split, **p), [
+    "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
         dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
+    "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], NEW_ITEMS),
+    "ContentKNN": Baseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
+                           ["plain", "centered"], NEW_ITEMS, "text"),
+    "TagTFIDF": Baseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")), ["idf", "binary"],
+                         NEW_ITEMS, "tags"),
+    "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
+                      [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
+                      NEW_ITEMS, "text"),
 }
 DENSE_MAX_ITEMS = 20000
 
@@ -1871,40 +2029,54 @@ def baseline_names(spec):
     return [known[n] for n in names] if all(n in known for n in names) else None
 
 
-def run_baselines(split, k=10, device="cpu", memory_mb=512, quiet=False, names=None):
-    """The baselines of BASELINES named in `names` (None: all), each tuned on validation. Returns
-    {name: {"params", "validation", "test", "fit_seconds" (the chosen one), "seconds" (the search)}} and
-    per-user test ranks."""
-    out, ranks = {}, {}
+def tune(name, make, grid, split, k=10, memory_mb=512, quiet=False):
+    """The one tuning loop: the grid point with the best validation score of the split's protocol (its `select`),
+    then test evaluated once. Returns (result, test ranks)."""
+    t0, best = time.perf_counter(), None
+    for p in grid:
+        t1 = time.perf_counter()
+        fn = make(p)
+        fit = time.perf_counter() - t1
+        val = evaluate(fn, split, "validation", k, "cpu", memory_mb)
+        if best is None or selection_score(val, split, k) > selection_score(best[1], split, k):
+            best = (p, val, fn, fit)
+    p, val, fn, fit = best
+    test, ranks = evaluate(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
+    res = {"params": p, "validation": val, "test": test, "fit_seconds": fit, "seconds": time.perf_counter() - t0,
+           "grid_size": len(grid)}
+    if not quiet:
+        log(f"baseline {name:<18} chosen {p!s:>14} of {len(grid):>2} on validation  "
+            f"{label(*column(protocol_of(split).select, k))} {selection_score(val, split, k):6.2f}  "
+            f"fit {fit:.1f}s, search {res['seconds']:.1f}s")
+    return res, ranks
+
+
+def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, seed=0, quiet=False):
+    """The baselines of BASELINES named in `names` (None: all) that can score the split's protocol, each tuned on
+    validation (`tune`); the others are n/a. Returns ({name: result}, {name: test ranks}); a baseline with content
+    "text" is run once per text column of the dataset, named "NAME column"."""
+    protocol = protocol_name(split.kind)
+    out, ranks, na = {}, {}, {}
     names = list(BASELINES) if names is None else names
-    skipped = [n for n, b in BASELINES.items() if b.dense and split.n_items > DENSE_MAX_ITEMS and n in names]
-    if skipped and not quiet:
-        log(f"{' and '.join(skipped)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
-    for name, (make, grid, _) in BASELINES.items():
-        if name in skipped or name not in names:
+    too_big = [n for n in names if BASELINES[n].dense and split.n_items > DENSE_MAX_ITEMS]
+    if too_big and not quiet:
+        log(f"{' and '.join(too_big)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
+    texts = {}
+    for name in names:
+        b = BASELINES[name]
+        if protocol not in b.protocols:
+            na[name] = {"na": f"scores only {', '.join(b.protocols)}"}
             continue
-        t0 = time.perf_counter()
-        best = None
-        for p in grid:
-            t1 = time.perf_counter()
-            fn = make(split, p)
-            fit = time.perf_counter() - t1
-            val = evaluate_split(fn, split, "validation", k, "cpu", memory_mb)
-            if best is None or val["overall"][f"ndcg@{k}"] > best[1]["overall"][f"ndcg@{k}"]:
-                best = (p, val, fn, fit)
-        p, val, fn, fit = best
-        test, r = evaluate_split(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
-        out[name] = {"params": p, "validation": val, "test": test, "fit_seconds": fit,
-                     "seconds": time.perf_counter() - t0, "grid_size": len(grid)}
-        ranks[name] = r
-        if not quiet:
-            log(f"baseline {name:<10} chosen {p!s} of {len(grid)} on validation  val NDCG@{k} "
-                f"{val['overall'][f'ndcg@{k}']:6.2f}  fit {fit:.1f}s, search {out[name]['seconds']:.1f}s")
-    return out, ranks
-
-
-# Content baselines for the cold-items protocol: items without train interactions can only be scored from
-# their content. Popularity, ItemKNN and EASE cannot score them at all: their rows say "n/a", not 0.
+        if name in too_big:
+            continue
+        if b.content == "text" and not texts:
+            texts = {c: build_features(ds, c, cache_dir).text for c in text_columns(ds.items)}
+        runs = {"": [(name, None)], "tags": [(name, ds.items.tags)] if "tags" in ds.items.columns else [],
+                "text": [(f"{name} {c}", V) for c, V in texts.items()]}[b.content]
+        for lbl, C in runs:
+            out[lbl], ranks[lbl] = tune(lbl, lambda p, C=C, b=b: b.make(split, C, p),
+                                        [seed] if b.grid == ["seed"] else b.grid, split, k, memory_mb, quiet)
+    return {**out, **na}, ranks
 
 def random_scores(n_items, seed=0):
     """Uniform random scores, the same for a user however the users are chunked."""
@@ -1969,34 +2141,7 @@ def collaborative_factors(split, kind):
         from scipy.sparse.linalg import svds
         _, _, Vt = svds(X, k=min(kind[1], min(X.shape) - 1), random_state=0)
         return np.asarray(X @ Vt.T), Vt.T
-    G = (X.T @ X).toarray()
-    G[np.diag_indices_from(G)] += kind[1]
-    Pinv = np.linalg.inv(G)
-    B = -Pinv / np.diag(Pinv)[None, :]
-    np.fill_diagonal(B, 0)
-    return X, B.T
-
-
-def tune_and_test(name, make, grid, split, memory_mb=512, quiet=False):
-    """Pick the grid point with the best validation-cold NDCG@20, then evaluate it on test once."""
-    t0, best = time.perf_counter(), None
-    for p in grid:
-        fn = make(p)
-        val = evaluate_cold(fn, split, "validation", "cpu", memory_mb)
-        if best is None or selection_score(val, split, 0) > selection_score(best[1], split, 0):
-            best = (p, val, fn)
-    p, val, fn = best
-    test, r = evaluate_cold(fn, split, "test", "cpu", memory_mb, return_ranks=True)
-    if not quiet:
-        log(f"baseline {name:<18} chosen {p!s:>14} on validation-cold  NDCG@20 {selection_score(val, split, 0):6.2f}")
-    return {"params": p if p is None or isinstance(p, (int, float, str)) else list(p), "validation": val,
-            "test": test, "seconds": time.perf_counter() - t0}, r
-
-
-class ContentBaseline(NamedTuple):
-    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items)
-    grid: list               # hyperparameter values tried; the best on validation-cold NDCG@20 is kept
-    content: str             # "text": once per text column (its MiniLM vectors); "tags": the tags column; "": none
+    return X, ease_matrix(X, kind[1]).T
 
 
 def cached_factors(split, kind):
@@ -2007,42 +2152,10 @@ def cached_factors(split, kind):
     return memo[kind]
 
 
-# name -> ContentBaseline: the one list of the cold-items protocol's baselines (run_cold_baselines reads it; a text
-# baseline is run once per text column, named "NAME column"; grid ["seed"]: the run's seed). The baselines of
-# BASELINES cannot score new items: n/a.
-CONTENT_BASELINES = {
-    "Random": ContentBaseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], ""),
-    "ContentKNN": ContentBaseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
-                                  ["plain", "centered"], "text"),
-    "TagTFIDF": ContentBaseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")),
-                                ["idf", "binary"], "tags"),
-    "CB2CF": ContentBaseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
-                             [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
-                             "text"),
-}
-
-
-def run_cold_baselines(ds, split, cache_dir=None, memory_mb=512, quiet=False, seed=0):
-    """Every baseline of CONTENT_BASELINES, each tuned on validation-cold (Random with this seed); those of
-    BASELINES are n/a. Returns ({name: result}, {name: test ranks}), results in run_baselines' format."""
-    out, ranks = {}, {}
-    cols = text_columns(ds.items)
-    vecs = {c: build_features(ds, c, cache_dir).text for c in cols}
-    for name, (make, grid, content) in CONTENT_BASELINES.items():
-        runs = {"": [(name, None)], "tags": [(name, ds.items.tags)] if "tags" in ds.items.columns else [],
-                "text": [(f"{name} {c}", vecs[c]) for c in cols]}[content]
-        for label, C in runs:
-            out[label], ranks[label] = tune_and_test(label, lambda p, C=C: make(split, C, p),
-                                                     [seed] if grid == ["seed"] else grid, split, memory_mb, quiet)
-    for name in BASELINES:
-        out[name] = {"na": "cannot score items without train interactions"}
-    return out, ranks
-
-
 def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
     """How much the user-applied tags of cold items reveal their held-out listeners. `ds` carries the leak-free
     tags; the leaky ones (every user's assignments, as imported) are rebuilt here for comparison. `baselines`:
-    run_cold_baselines' results (for the leak-free rows and their chosen parameters)."""
+    run_baselines' results (for the leak-free rows and their chosen parameters)."""
     cold, ta, own = cold_tag_assignments(ds, split)
     ids_u, ids_i = ds.users.user.to_numpy(), ds.items.item.to_numpy()
     tagged = pd.MultiIndex.from_frame(ds.tag_assignments[["user", "item"]].drop_duplicates())
@@ -2059,7 +2172,7 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
                "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
                                                              ta[~own]]))}
     for name, c in scorers.items():
-        out["test"][name] = evaluate_cold(lambda users, c=c: c.repeat(len(users), 1), split, "test", "cpu", memory_mb)
+        out["test"][name] = evaluate(lambda users, c=c: c.repeat(len(users), 1), split, "test", 0, "cpu", memory_mb)
     out["test"]["Random"] = baselines["Random"]["test"]
     for name, make in [("ContentKNN tags", lambda d, p: profile_scores(
                             split, (lambda V: V - V.mean(0) if p == "centered" else V)(build_features(d, "tags", cache_dir).text))),
@@ -2067,14 +2180,23 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
         if name in baselines and "tags" in ds.items.columns:
             p = baselines[name]["params"]
             out["test"][f"{name} (leak-free tags)"] = baselines[name]["test"]
-            out["test"][f"{name} (leaky tags)"] = evaluate_cold(make(leaky, p), split, "test", "cpu", memory_mb)
+            out["test"][f"{name} (leaky tags)"] = evaluate(make(leaky, p), split, "test", 0, "cpu", memory_mb)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. runs: data preparation shared by every command, results.json, tables
+# 10. runs: data preparation shared by every command, run folders that are never lost, results.json, tables
+
+def auto_text(items):
+    """--text auto: the first of lyrics, summary, tags, title that most items have (none if no item has any)."""
+    for c in ("lyrics", "summary", "tags", "title"):
+        if c in items.columns and items[c].fillna("").str.strip().ne("").mean() > 0.5:
+            return c
+    return "none"
+
 
 def prepare(cfg, quiet=False):
+    """The dataset (filtered) and its split under cfg's protocol; resolves --text auto in cfg (and says so)."""
     ds = load_dataset(cfg.data_dir, cfg.dataset)
     ds = filter_dataset(ds, cfg.min_interactions)
     split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction, cold_fraction=cfg.cold_fraction)
@@ -2092,30 +2214,50 @@ def prepare(cfg, quiet=False):
                             f"items: their held-out item is in the top {cfg.k} whatever the model")
     ds, lines = cold_item_tags(ds, split, cfg.tag_source)
     split.report += lines
+    if cfg.text == "auto":
+        cfg.text = auto_text(ds.items)
+        split.report.append(f"--text auto: {cfg.text} (the first of lyrics, summary, tags, title that most items have)")
     if not quiet:
-        log(f"dataset {ds.label}")
-        for line in ds.report + split.report:
-            log("  " + line)
-        st = split_stats(split)
-        if split.kind == "cold-items":
-            c = st["cold_items_protocol"]
-            log("  split cold-items (--cold-fraction {}): ".format(cfg.cold_fraction) + "; ".join(
-                f"{part} {c[part]['users']:,} users, {c[part]['items']:,} items, {c[part]['interactions']:,} "
-                f"interactions" for part in ("train", "validation_cold", "test_cold")))
-        else:
-            log(f"  split {st['split']}: {st['train_interactions']:,} train interactions; items in train/val/test "
-                f"{st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; warm/cold items "
-                f"{st['warm_items']:,}/{st['cold_items']:,}; cold cases val/test {st['cold_validation_cases']:,}/"
-                f"{st['cold_test_cases']:,}; avg degree item {st['avg_item_degree']:.2f}, "
-                f"user {st['avg_user_degree']:.2f}")
+        describe(ds, split)
     return ds, split
 
 
-def run_name(cfg):
-    """The run folder's name under --runs-dir: --run-name, or DATASET-TEXT-SCORER-LOSS-sSEED, made safe as one
-    folder name (no path separators, no leading dots), so a run is never written outside --runs-dir."""
+def describe(ds, split):
+    """The filtering and split report of prepare, on stderr."""
+    log(f"dataset {ds.label}")
+    for line in ds.report + split.report:
+        log("  " + line)
+    st = split_stats(split)
+    log(f"  split {st['split']} ({protocol_name(split.kind)}): {st['train_interactions']:,} train interactions; "
+        f"items in train/val/test {st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; "
+        f"warm/cold items {st['warm_items']:,}/{st['cold_items']:,}; avg degree item {st['avg_item_degree']:.2f}, "
+        f"user {st['avg_user_degree']:.2f}")
+    if "parts" in st:
+        log("  " + "; ".join(f"{part} {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} "
+                             f"interactions" for part, c in st["parts"].items() if isinstance(c, dict)))
+
+
+# Settings that say where or how fast a run goes, not what it computes: they never make a run's name differ.
+PLACE = ("dataset", "data_dir", "split", "text", "seed", "runs_dir", "run_name", "overwrite", "device", "threads",
+         "eval_memory_mb", "compile", "preset")
+
+
+def defaults_for(preset="", split="auto"):
+    """Config's defaults under a preset and a protocol: Config <- the protocol's chosen setting <- the preset."""
+    return Config(**{**PROTOCOLS[protocol_name(split)].defaults, **PRESETS.get(preset, {})})
+
+
+def run_name(cfg, split_kind):
+    """The run folder's name under --runs-dir: --run-name, or DATASET-SPLIT-TEXT-sSEED and, when settings differ from
+    the protocol's defaults (and the preset's), a short digest of them; made safe as one folder name (no path
+    separators, no leading dots), so a run is never written outside --runs-dir."""
     dataset = dataset_folder(cfg.data_dir, cfg.dataset)[0].name
-    name = cfg.run_name or f"{dataset}-{cfg.text}-{cfg.scorer}-{cfg.loss}-s{cfg.seed}"
+    d = defaults_for(cfg.preset, split_kind)
+    changed = {f.name: getattr(cfg, f.name) for f in fields(Config)
+               if f.name not in PLACE and "train" in f.metadata["cmds"] and getattr(cfg, f.name) != getattr(d, f.name)}
+    digest = "-" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6] if changed else ""
+    preset = f"-{cfg.preset}" if cfg.preset else ""
+    name = cfg.run_name or f"{dataset}-{split_kind}-{cfg.text}{preset}-s{cfg.seed}{digest}"
     return re.sub(r"[^\w.+=@-]+", "-", name).strip(".-") or "run"
 
 
@@ -2132,14 +2274,46 @@ def run_folder(run, runs_dir="runs"):
     return p
 
 
-def fmt_table(rows, k, title):
-    groups = ["overall", "cold", "warm"]
-    w = max([40] + [len(name) + 2 for name, _ in rows])
-    head = f"{'model':<{w}}" + "".join(f"{f'HR@{k} {g}':>15}{f'NDCG@{k} {g}':>16}" for g in groups)
+def new_run_folder(cfg, split_kind):
+    """The folder a new run writes; an existing run there is kept unless --overwrite (one error line, not lost)."""
+    run_dir = Path(cfg.runs_dir) / run_name(cfg, split_kind)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"run folder {run_dir} exists: choose another --run-name, or add --overwrite to replace it")
+        for f in RUN_FILES:
+            (run_dir / f).unlink(missing_ok=True)
+    return run_dir
+
+
+def provenance(device):
+    """What made a run's numbers: the code revision, the package versions, the command line and the device."""
+    import platform
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    return {"revision": rev, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "command": shlex.join(sys.argv),
+            "device": str(device)}
+
+
+def fmt_table(rows, split, k, title):
+    """The protocol's table: one row per (name, metrics or a baseline result with "params"/"test"); n/a rows say
+    n/a; columns from the protocol's `columns`."""
+    cols = [column(c, k) for c in protocol_of(split).columns]
+    heads = [label(v, m) for v, m in cols]
+    names = [f"{n} ({r['params']})" if isinstance(r, dict) and r.get("params") is not None else n for n, r in rows]
+    w = max([40] + [len(n) + 2 for n in names])
+    head = f"{'model':<{w}}" + "".join(f"{h:>{max(len(h) + 2, 9)}}" for h in heads)
     lines = [title, head, "-" * len(head)]
-    for name, res in rows:
-        lines.append(f"{name:<{w}}" + "".join(f"{res[g][f'hr@{k}']:>15.2f}{res[g][f'ndcg@{k}']:>16.2f}"
-                                            for g in groups))
+    for name, (_, res) in zip(names, rows):
+        r = res.get("test", res)
+        if "na" not in res:
+            lines.append(f"{name:<{w}}" + "".join(f"{r[v][m]:>{max(len(h) + 2, 9)}.2f}" for (v, m), h in zip(cols, heads)))
+    na = [n for n, res in rows if "na" in res]
+    if na:
+        lines.append(f"n/a under {protocol_name(split.kind)} (BASELINES says which protocols each scores): {', '.join(na)}")
     return "\n".join(lines)
 
 
@@ -2153,12 +2327,12 @@ def positives_matrix(split):
 
 
 RUN_FORMAT = "recsetters-run/1"
+RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json")
 
 
 def save_checkpoint(run_dir, model, epoch):
     """best.pt: the model's tensors only (and the epoch), loadable with torch.load(weights_only=True); everything
     else a run needs is JSON beside it (run.json)."""
-    import io
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "epoch": epoch}, buf)
     atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
@@ -2174,43 +2348,27 @@ def save_run_info(run_dir, cfg, ds, feats):
     atomic_write_text(Path(run_dir) / "run.json", json.dumps(info))
 
 
-def fmt_cold_table(rows, title):
-    """The cold-items table: the "cold" view at K = 10 and 20, and the "all" view at 20; n/a rows stay n/a.
-    rows: (name, metrics) or (name, baseline result with "params"/"test", or "na")."""
-    cols = [("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")]
-    cols += [("all", "recall@20"), ("all", "ndcg@20")]
-    short = {"recall": "Rec", "ndcg": "NDCG", "hr": "HR"}
-    head = f"{'model':<40}" + "".join(f"{short[m.split('@')[0]] + '@' + m.split('@')[1] + (' all' if v == 'all' else ''):>13}"
-                                      for v, m in cols)
-    lines = [title, head, "-" * len(head)]
-    for name, res in rows:
-        if "na" in res:
-            lines.append(f"{name:<40}" + f"{'n/a':>13}" * len(cols))
-            continue
-        if res.get("params") is not None:
-            name = f"{name} ({res['params']})"
-        r = res.get("test", res)
-        lines.append(f"{name:<40}" + "".join(f"{r[v][m]:>13.2f}" for v, m in cols))
-    return "\n".join(lines)
-
-
-def save_cold_ranks(path, ranks):
-    """ranks.npz of a cold-items run: the test users, their target counts and items, and per model the rank of
-    every target in both views (per-user metrics: multi_target_metrics)."""
+def save_ranks(path, ranks):
+    """ranks.npz: the test users, their target counts and target items, and per model and view the rank of every
+    target (`MODEL__VIEW`; per-user metrics: the protocol's per_user)."""
     first = next(iter(ranks.values()))
     arrays = {"users": first["users"], "counts": first["counts"], "items": first["items"]}
     for name, r in ranks.items():
-        key = name.lower().replace(" ", "_")
-        arrays[f"{key}__cold"], arrays[f"{key}__all"] = r["cold"], r["all"]
-    np.savez(path, **arrays)
+        for view, v in r.items():
+            if view not in ("users", "counts", "items"):
+                arrays[f"{name.lower().replace(' ', '_')}__{view}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def train_and_report(cfg, device, rank=0, world=1):
-    ds, split = prepare(cfg, quiet=rank > 0)
+def train_and_report(cfg, rt, rank=0, world=1):
+    ds, split = prepare(cfg, quiet=True)
+    protocol = protocol_name(split.kind)
+    run_dir = new_run_folder(cfg, split.kind)          # before anything is written: an existing run is kept
     if rank == 0:
-        log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-            + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
-    run_dir = Path(cfg.runs_dir) / run_name(cfg)
+        describe(ds, split)
+        log(f"device: {rt.describe()}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.perf_counter()
     if rank > 0:
         torch.distributed.barrier()           # rank 0 encodes (and caches) the texts first
@@ -2220,51 +2378,38 @@ def train_and_report(cfg, device, rank=0, world=1):
     for line in feats.report if rank == 0 else []:
         log("  " + line)
     t_feat = time.perf_counter() - t0
-    if rank == 0:                           # a new run.json, and no best.pt of an earlier run beside it
-        (run_dir / "best.pt").unlink(missing_ok=True)
+    if rank == 0:
         save_run_info(run_dir, cfg, ds, feats)
-    model, history, timings = train_model(cfg, split, feats, device, run_dir if rank == 0 else None)
+    model, history, timings = train_model(cfg, split, feats, rt, run_dir if rank == 0 else None)
     if rank > 0:
         return None
     best_epoch = timings["best_epoch"]
     val = history[best_epoch - 1]["validation"]
     t0 = time.perf_counter()
-    test, ranks = evaluate(model_scores(model, device), split, "test", cfg.k, device, cfg.eval_memory_mb,
+    test, ranks = evaluate(model_scores(model, rt.device), split, "test", cfg.k, rt.device, cfg.eval_memory_mb,
                            return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
-    cold = split.kind == "cold-items"
-    names = baseline_names(cfg.baselines)
-    baselines, base_ranks, audit = {}, {}, None
-    if cold and names:                 # any baseline asked for: the cold-items protocol's (CONTENT_BASELINES)
-        baselines, base_ranks = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb,
-                                                   seed=cfg.seed)
-        if ds.tag_assignments is not None:
-            audit = tag_leak_audit(ds, split, baselines, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb)
-    elif not cold:
-        baselines, base_ranks = run_baselines(split, cfg.k, device, cfg.eval_memory_mb, names=names)
+    cache = Path(cfg.data_dir) / ".cache"
+    baselines, base_ranks = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
+                                          cache, cfg.seed)
+    audit = PROTOCOLS[protocol].audit
+    audit = audit(ds, split, baselines, cache, cfg.eval_memory_mb) \
+        if audit and baselines and ds.tag_assignments is not None else None
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
-               "protocol": "cold-items" if cold else "leave-one-out",
-               "config": asdict(cfg), "device": str(device), "world_size": world, "split": split_stats(split),
+               "protocol": protocol, "provenance": provenance(rt.device),
+               "config": asdict(cfg), "device": str(rt.device), "world_size": world, "split": split_stats(split),
                "history": history, "best_epoch": best_epoch, "validation": val, "test": test,
                "baselines": baselines, "timings": timings}
     if audit:
         results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
-    if cold:
-        save_cold_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
-        print(fmt_cold_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()],
-                             f"\nTest-cold, {ds.label}: {test['cold']['n']:,} users, {test['cold']['targets']:,} "
-                             f"targets among {test['cold']['items']:,} new items; model selected on validation-cold "
-                             f"NDCG@20 (best epoch {best_epoch})"))
-        print(f"\nwrote {run_dir}/results.json")
-        return results
-    np.savez(run_dir / "ranks.npz", users=split.test_u, items=split.test_i, two_tower=ranks,
-             **{n.lower(): r for n, r in base_ranks.items()})
-    rows = [(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test)]
-    rows += [(f"{n} ({p['params']})" if p["params"] is not None else n, p["test"]) for n, p in baselines.items()]
-    print(fmt_table(rows, cfg.k, f"\nTest, {ds.label}: {len(split.test_u):,} users, full ranking over "
-                                 f"{split.n_items:,} items; model selected on validation (best epoch {best_epoch})"))
+    save_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
+    users = test[column(PROTOCOLS[protocol].select, cfg.k)[0]]["n"]
+    print(fmt_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()], split, cfg.k,
+                    f"\nTest, {ds.label}, {protocol_title(split)}: {users:,} users, full ranking over "
+                    f"{split.n_items:,} items; models selected on validation {label(*column(PROTOCOLS[protocol].select, cfg.k))} "
+                    f"(two-tower: best epoch {best_epoch})"))
     print(f"\nwrote {run_dir}/results.json")
     return results
 
@@ -2341,20 +2486,6 @@ def restore(run, runs_dir="runs", device_name="auto"):
 # Accuracy per country (equal opportunity), the share of top-K slots each country group gives to cold
 # items and to artists of each popularity decile (demographic parity of exposure), and how concentrated
 # artist exposure is compared with artist popularity (Gini, coverage, average recommendation popularity).
-
-def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512):
-    """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index."""
-    n_items = exclude.shape[1]
-    chunk = max(1, int(memory_mb * 2**20 // (n_items * getattr(score_fn, "bytes_per_pair", 16))))
-    out = np.empty((len(users), k), np.int64)
-    for a in range(0, len(users), chunk):
-        u = users[a:a + chunk]
-        S = torch.as_tensor(score_fn(u), dtype=torch.float32).cpu().numpy().copy()
-        ex = exclude[u].tocoo()
-        S[ex.row, ex.col] = -np.inf
-        out[a:a + chunk] = np.argsort(-S, axis=1, kind="stable")[:, :k]
-    return out
-
 
 def gini(x):
     """Gini coefficient of a non-negative vector (0 = equal, ~1 = everything on one)."""
@@ -2433,7 +2564,7 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
 
 
 # ----------------------------------------------------------------------------------------------
-# 12. command line: the flags are generated from Config (section 7), each with its default, help and choices
+# 12. command line: the flags are generated from Config (section 2), each with its default, help and choices
 
 def typed(name, value):
     """A setting as it is typed: --tower-act, --no-history, --lr 0.0002, --hidden ''."""
@@ -2449,6 +2580,7 @@ def add_settings(p, cmd, d):
         if cmd not in m["cmds"]:
             continue
         text, choices, default = m["help"], m["choices"], getattr(d, f.name)
+        choices = choices() if callable(choices) else choices
         if f.name == "preset":
             choices = ("", *PRESETS)
             text += "".join(f"; {name} sets " + " ".join(typed(k, v) for k, v in PRESETS[name].items())
@@ -2465,13 +2597,14 @@ def add_settings(p, cmd, d):
                            help="no baselines (--baselines none)")
 
 
-def parser(preset=""):
-    d = Config(**PRESETS.get(preset, {}))
+def parser(preset="", split="auto"):
+    """The command line; defaults are Config's under the preset and the protocol of --split (defaults_for)."""
+    d = defaults_for(preset, split)
     ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
                                  "with honest full-ranking evaluation.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    commands = [("train", "train a two-tower model, evaluate it and the baselines"),
-                ("baselines", f"{', '.join(BASELINES)} under the same split and evaluator"),
+    commands = [("train", "train a two-tower model, evaluate it and the baselines under the split's protocol"),
+                ("baselines", "the baselines (BASELINES) that can score the split's protocol, under its evaluator"),
                 ("stats", "dataset, filtering and split statistics"),
                 ("evaluate", "re-evaluate a saved run on validation and test"),
                 ("recommend", "top-K tracks for a user from a saved run"),
@@ -2486,6 +2619,16 @@ def parser(preset=""):
     return ap
 
 
+def parse_args(argv=None):
+    """The command line, parsed with the defaults of its --preset and of its --split's protocol."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="", choices=["", *PRESETS])
+    pre.add_argument("--split", default="auto")
+    known = pre.parse_known_args(argv)[0]
+    splits = [s for p in PROTOCOLS.values() for s in p.splits]
+    return parser(known.preset, known.split if known.split in splits else "auto").parse_args(argv)
+
+
 def config_from(args):
     names = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in vars(args).items() if k in names})
@@ -2494,22 +2637,16 @@ def config_from(args):
 def cmd_train(cfg):
     """Single process, or one rank of `torchrun --nproc_per_node=N recsetters.py train ...` (WORLD_SIZE set):
     DistributedDataParallel over nccl (cuda) or gloo (cpu); rank 0 evaluates and writes the run."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
-    if device.type == "cpu" and cfg.threads > 1 and spinning:
-        log(f"note: --threads {cfg.threads}: threads that spin while they wait can be 3-10x slower beside other jobs; "
-            "--threads 0 (the default) follows the free cores (README, Speed and scale)")
+    rt = make_runtime(cfg.device, cfg.threads, cfg.amp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return train_and_report(cfg, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return train_and_report(cfg, rt)
+    if rt.device.type == "cuda":
+        rt.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(rt.device)
+    torch.distributed.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
     try:
-        return train_and_report(cfg, device, torch.distributed.get_rank(), world)
+        return train_and_report(cfg, rt, torch.distributed.get_rank(), world)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -2517,13 +2654,9 @@ def cmd_train(cfg):
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
     fn = model_scores(model, device)
-    if split.kind == "cold-items":
-        print(fmt_cold_table([(f"{part}-cold", evaluate_cold(fn, split, part, device, cfg.eval_memory_mb))
-                              for part in ("validation", "test")], f"{run_dir.name} on {ds.label}"))
-        return
-    val = evaluate_split(fn, split, "validation", cfg.k, device, cfg.eval_memory_mb)
-    test = evaluate_split(fn, split, "test", cfg.k, device, cfg.eval_memory_mb)
-    print(fmt_table([("validation", val), ("test", test)], cfg.k, f"{run_dir.name} on {ds.label}"))
+    print(fmt_table([(part, evaluate(fn, split, part, cfg.k, device, cfg.eval_memory_mb))
+                     for part in ("validation", "test")], split, cfg.k,
+                    f"{run_dir.name} on {ds.label}, {protocol_title(split)}"))
 
 
 def cmd_recommend(args):
@@ -2532,34 +2665,27 @@ def cmd_recommend(args):
     if len(where) == 0:
         raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
     u = int(where[0])
-    scores = model_scores(model, device)(np.array([u]))[0].cpu().numpy()
-    loved = positives_matrix(split)[u].indices
-    scores[loved] = -np.inf
-    top = np.argsort(-scores, kind="stable")[:args.k]
-    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved)} loved tracks:")
+    loved = positives_matrix(split)
+    top = top_k_lists(model_scores(model, device), np.array([u]), loved, args.k, device)[0]
+    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved[u].indices)} loved tracks:")
     for r, i in enumerate(top, 1):
         it = ds.items.iloc[i]
         print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
 
 
 def cmd_baselines(cfg):
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    free_cores = FreeCores(first=0.0) if not cfg.threads else None
+    rt = make_runtime("cpu", cfg.threads)
+    free_cores = rt.free_cores(first=0.0)
     ds, split = prepare(cfg)
     if free_cores:
         free_cores()             # once: the cores left free while the data loaded
-    if split.kind == "cold-items":
-        res, _ = run_cold_baselines(ds, split, Path(cfg.data_dir) / ".cache", cfg.eval_memory_mb, seed=cfg.seed)
-        print(fmt_cold_table(list(res.items()), f"\nTest-cold, {ds.label}: content baselines, "
-                                                f"{len(split.test_items):,} new items"))
-        return
-    res, _ = run_baselines(split, cfg.k, "cpu", cfg.eval_memory_mb, names=baseline_names(cfg.baselines))
-    print(f"\n{'baseline':<12}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
+    res, _ = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
+                           Path(cfg.data_dir) / ".cache", cfg.seed)
+    print(f"\n{'baseline':<22}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
     for n, r in res.items():
-        print(f"{n:<12}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
-    print(fmt_table([(f"{n} ({r['params']})", r["test"]) for n, r in res.items()], cfg.k,
-                    f"\nTest, {ds.label}: baselines, full ranking over {split.n_items:,} items"))
+        if "na" not in r:
+            print(f"{n:<22}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
+    print(fmt_table(list(res.items()), split, cfg.k, f"\nTest, {ds.label}, {protocol_title(split)}: baselines, full ranking over {split.n_items:,} items"))
 
 
 def cmd_stats(cfg):
@@ -2571,12 +2697,11 @@ def cmd_stats(cfg):
 
 def cmd_fairness(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    if split.kind == "cold-items":
-        raise UserError(f"fairness reports leave-one-out runs; {run_dir.name} is a cold-items run")
+    if protocol_name(split.kind) != "leave-one-out":
+        raise UserError(f"fairness reports leave-one-out runs; {run_dir.name} is a {protocol_name(split.kind)} run")
     fn = model_scores(model, device)
-    excl = exclusion(split, "test")
-    ranks = rank_of_targets(fn, split.test_u, split.test_i, excl, device, cfg.eval_memory_mb)
-    top = top_k_lists(fn, split.test_u, excl, args.k, device, cfg.eval_memory_mb)
+    ranks = evaluate(fn, split, "test", args.k, device, cfg.eval_memory_mb, return_ranks=True)[1]["overall"]
+    top = top_k_lists(fn, split.test_u, exclusion(split, "test"), args.k, device, cfg.eval_memory_mb)
     f = fairness_metrics(ranks, top, split, ds.users.country.to_numpy(), codes(ds.items.artist), args.k,
                          args.min_users, args.bootstrap, cfg.seed)
     e = f["exposure"]
@@ -2602,9 +2727,7 @@ def cmd_fairness(args):
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="", choices=["", *PRESETS])
-    args = parser(pre.parse_known_args(argv)[0].preset).parse_args(argv)
+    args = parse_args(argv)
     try:
         cfg = config_from(args).validate()        # before anything is read or written
         if args.cmd == "train":

@@ -1,5 +1,7 @@
 """Tests for recsetters.py. Run with `make test` (or `.venv/bin/python -m pytest -q`)."""
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,7 +191,8 @@ def test_ranking_masks_exclusions_and_breaks_ties_by_index():
     scores = torch.tensor([[5.0, 9.0, 1.0, 5.0, 7.0],
                            [1.0, 1.0, 1.0, 1.0, 1.0]])
     exclude = sp.csr_matrix(np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.float32))
-    r = R.rank_of_targets(lambda u: scores[u], np.array([0, 1]), np.array([3, 2]), exclude, "cpu")
+    targets = sp.csr_matrix(([1.0, 1.0], [3, 2], [0, 1, 2]), shape=(2, 5))
+    r = R.target_ranks(lambda u: scores[u], np.array([0, 1]), targets, {"overall": None}, exclude, "cpu")["overall"]
     # user 0: item 1 excluded; above item 3: item 4 (7), and item 0 (tie, lower index) -> rank 2
     # user 1: all tied; items 0 and 1 come first -> rank 2
     assert list(r) == [2, 2]
@@ -205,13 +208,14 @@ def test_evaluator_matches_a_naive_loop_and_masks_validation_at_test_time():
         free = np.flatnonzero(~train[u])
         val_i[u], test_i[u] = rng.choice(free, 2, replace=False)
     tu, ti = np.nonzero(train)
-    s = R.Split(n_users, n_items, tu, ti, np.arange(n_users), val_i, np.arange(n_users), test_i)
+    s = R.Split(n_users, n_items, tu, ti, np.arange(n_users), val_i, np.arange(n_users), test_i, kind="random")
     s.train = sp.csr_matrix(train.astype(np.float32))
     s.degree = train.sum(0)
     s.warm = R.warm_items(s.degree, 0.2)
     fn = lambda users: torch.as_tensor(S[users])
     fn.bytes_per_pair = 4 * n_items  # forces many small chunks
-    _, ranks = R.evaluate_split(fn, s, "test", 10, "cpu", memory_mb=0.01, return_ranks=True)
+    _, ranks = R.evaluate(fn, s, "test", 10, "cpu", memory_mb=0.01, return_ranks=True)
+    ranks = ranks["overall"]
     for u in range(n_users):
         cand = [j for j in range(n_items) if not train[u, j] and j != val_i[u]]
         order = sorted(cand, key=lambda j: (-S[u, j], j))
@@ -277,9 +281,9 @@ def test_ials_half_step_solves_each_row_exactly_and_the_loss_decreases():
 
 def test_ials_and_rp3beta_beat_popularity_on_validation(small_demo):
     ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0), quiet=True)
-    pop = R.evaluate_split(R.popularity_scores(split), split, "validation", 10, "cpu")["overall"]["ndcg@10"]
+    pop = R.evaluate(R.popularity_scores(split), split, "validation", 10, "cpu")["overall"]["ndcg@10"]
     for fn in (R.ials_scores(split, 16, 10.0, 1.0, 8), R.rp3beta_scores(split, 0.8, 0.3, 50)):
-        assert R.evaluate_split(fn, split, "validation", 10, "cpu")["overall"]["ndcg@10"] > pop
+        assert R.evaluate(fn, split, "validation", 10, "cpu")["overall"]["ndcg@10"] > pop
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -327,7 +331,8 @@ def test_dotcompress_evaluation_tiles_give_the_float32_reference_ranks():
         for tile in (None, 50_000, 10**9):
             S = head.all_pairs(U, V, tile=tile)
             assert torch.allclose(S, ref, atol=1e-5, rtol=1e-5)
-            ranks[tile] = R.rank_of_targets(lambda u: S[u], np.arange(333), targets, exclude, "cpu")
+            T = sp.csr_matrix((np.ones(333), targets, np.arange(334)), shape=(333, 700))
+            ranks[tile] = R.target_ranks(lambda u: S[u], np.arange(333), T, {"overall": None}, exclude, "cpu")["overall"]
     assert (ranks[None] == ranks[50_000]).all() and (ranks[None] == ranks[10**9]).all()
 
 
@@ -368,7 +373,7 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
     assert torch.allclose(model.eval().history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
     assert model.train().history(users).abs().max() == 0
     with pytest.raises(R.UserError, match="between 0 and 1"):
-        R.train_model(R.Config(history_dropout=1.5), split, R.build_features(ds, "none"), torch.device("cpu"))
+        R.train_model(R.Config(history_dropout=1.5), split, R.build_features(ds, "none"), R.Runtime(torch.device("cpu")))
     # item bias: one more coordinate (item: its bias, user: 1), so the dot product is cosine / T + bias
     cfg.item_bias = True
     model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
@@ -412,24 +417,25 @@ def test_short_training_run_beats_popularity_on_validation(small_demo):
                    patience=5, device="cpu")
     ds, split = R.prepare(cfg, quiet=True)
     feats = R.build_features(ds, "none")
-    model, history, timings = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
-    val = R.evaluate_split(R.model_scores(model, "cpu"), split, "validation", 10, "cpu")
-    pop = R.evaluate_split(R.popularity_scores(split), split, "validation", 10, "cpu")
+    model, history, timings = R.train_model(cfg, split, feats, R.Runtime(torch.device("cpu")), quiet=True)
+    val = R.evaluate(R.model_scores(model, "cpu"), split, "validation", 10, "cpu")
+    pop = R.evaluate(R.popularity_scores(split), split, "validation", 10, "cpu")
     assert val["overall"]["ndcg@10"] > pop["overall"]["ndcg@10"]
     # the best checkpoint is the one restored
     best = max(h["validation"]["overall"]["ndcg@10"] for h in history)
     assert val["overall"]["ndcg@10"] == pytest.approx(best)
     # reproducible under the seed
     cfg.epochs = 2
-    model2, history2, _ = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
+    model2, history2, _ = R.train_model(cfg, split, feats, R.Runtime(torch.device("cpu")), quiet=True)
     assert [h["loss"] for h in history2] == pytest.approx([h["loss"] for h in history[:2]])
     assert [h["lr"] for h in history2] == [cfg.lr, cfg.lr]
     # the cosine schedule: lr at epoch 1, then half-way to 0 at the middle of --epochs
     cfg.schedule = "cosine"
-    _, history3, _ = R.train_model(cfg, split, feats, torch.device("cpu"), quiet=True)
+    _, history3, _ = R.train_model(cfg, split, feats, R.Runtime(torch.device("cpu")), quiet=True)
     assert [h["lr"] for h in history3] == pytest.approx([cfg.lr, cfg.lr / 2])
 
 
+@pytest.mark.slow
 def test_cli_train_writes_results_and_recommends(small_demo, tmp_path):
     runs = tmp_path / "runs"
     cmd = [sys.executable, "recsetters.py", "train", "--dataset", "small", "--data-dir", str(small_demo),
@@ -466,6 +472,7 @@ def run_cli(*args, cwd=HERE):
     ("bad_timestamp", "non-numeric timestamp"),
     ("empty_after_kcore", "empty after"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_line(tmp_path, breakage, message):
     users, items, inter = random_interactions(n=400)
     folder = write_dataset(tmp_path / "data" / "bad", users, items, inter)
@@ -488,6 +495,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, breakage, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_unknown_dataset_and_text_column(tmp_path, small_demo):
     p = run_cli("stats", "--dataset", "nope", "--data-dir", str(tmp_path))
     assert p.returncode == 2 and "no dataset folder" in p.stderr and "Traceback" not in p.stderr
@@ -496,6 +504,7 @@ def test_unknown_dataset_and_text_column(tmp_path, small_demo):
     assert p.returncode == 2 and "no such column" in p.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_help_lists_subcommands():
     p = run_cli("--help")
     assert p.returncode == 0
@@ -549,6 +558,7 @@ def test_threads_follow_the_cores_other_processes_leave_free(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- distributed
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(small_demo, tmp_path):
     """torchrun with 2 CPU (gloo) ranks, each computing its half of every global batch, gives the losses and
     validation metrics of a single process with the same global batch (up to float noise)."""
@@ -647,6 +657,7 @@ def test_bad_settings_are_one_error_line_before_anything_is_read_or_written(argv
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_bad_setting_on_the_real_command_line_has_no_traceback(tmp_path):
     p = run_cli("train", "--lr", "nan", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"))
     assert p.returncode == 2 and p.stderr.strip() == "error: --lr nan: a positive finite number"
@@ -719,32 +730,35 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
     import json
     import experiments as E
 
-    def noise_scores(split, seed):
+    def noise_scores(split, _, seed):
         g = torch.Generator().manual_seed(seed)
         S = torch.rand(split.n_users, split.n_items, generator=g)
         return lambda users: S[torch.as_tensor(np.array(users))]
 
     monkeypatch.setitem(R.BASELINES, "Noise", R.Baseline(noise_scores, [1, 2]))
     out = tmp_path / "ablation"
-    E.run_baselines_cell("small", 0, str(small_demo), out / "runs" / "small-baselines-s0", 5)
-    res = json.loads((out / "runs" / "small-baselines-s0" / "results.json").read_text())
+    E.run_baselines_cell("small", "loo", 0, str(small_demo), out / "runs" / "small-loo-baselines-s0", 5)
+    res = json.loads((out / "runs" / "small-loo-baselines-s0" / "results.json").read_text())
     assert set(res["baselines"]) == set(R.BASELINES) and res["baselines"]["Noise"]["params"] in (1, 2)
     assert "hr@5" in res["baselines"]["Noise"]["test"]["overall"]
+    scored = {n for n, b in R.BASELINES.items() if "leave-one-out" in b.protocols}
+    assert {n for n, r in res["baselines"].items() if "na" in r} == set(R.BASELINES) - scored
     # a two-tower cell, made up from EASE's numbers and ranks (no training needed to test the bookkeeping)
-    tt = out / "runs" / "small-none-s0"
+    tt = out / "runs" / "small-loo-none-s0"
     tt.mkdir()
     ease = res["baselines"]["EASE"]
     (tt / "results.json").write_text(json.dumps({"dataset": res["dataset"], "best_epoch": 1, "history": [],
+                                                 "protocol": "leave-one-out",
                                                  "config": {"dataset": "small", "seed": 0, "k": 5, "text": "none"},
                                                  "test": ease["test"], "validation": ease["validation"]}))
-    z = np.load(out / "runs" / "small-baselines-s0" / "ranks.npz")
-    np.savez(tt / "ranks.npz", users=z["users"], items=z["items"], two_tower=z["ease"])
-    df, ranks = E.collect(out)
-    assert set(df[df.kind == "baseline"].model) == set(R.BASELINES) and set(df.k) == {5}
-    sig = E.significance(df, ranks)
-    assert set(sig.model) == {"two-tower, text none"} and set(sig.metric) == {"hr", "ndcg"}
-    assert "Noise" not in set(sig.model)
-    lines = E.quality_lines(df, E.summary(df)[lambda s: s.dataset == "small"], out, "small")
+    z = np.load(out / "runs" / "small-loo-baselines-s0" / "ranks.npz")
+    np.savez(tt / "ranks.npz", users=z["users"], counts=z["counts"], items=z["items"], two_tower__overall=z["ease__overall"])
+    df, per_user, _ = E.collect(out)
+    assert set(df[df.kind == "baseline"].model) == scored and set(df.k) == {5}
+    sig = E.significance(df, per_user)
+    assert set(sig.model) == {"two-tower, text none"} and set(sig.metric) == {"hr@5", "ndcg@5"}
+    assert "Noise" in set(sig.vs) and "Noise" not in set(sig.model)
+    lines = E.chosen_lines(E.summary(df), 5, "leave-one-out")
     assert "HR@5" in lines[1]
 
 
@@ -775,15 +789,40 @@ def test_runs_are_written_under_runs_dir_and_found_by_name_or_path(tmp_path, mon
     R.main(["train", "--dataset", "x", "--data-dir", "../data", "--run-name", "a/b", "--seed", "1", *TINY])
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["x"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "work"]
-    assert sorted(p.name for p in (work / "runs").iterdir()) == ["a-b", "escape", "x-none-dot-full-s0"]
+    names = sorted(p.name for p in (work / "runs").iterdir())
+    assert names[:2] == ["a-b", "escape"] and len(names) == 3
+    name = names[2]          # DATASET-SPLIT-TEXT-sSEED and a digest of the settings that differ from the defaults
+    assert re.fullmatch(r"x-last-none-s0-[0-9a-f]{6}", name), name
     assert {p.name for p in (work / "runs" / "escape").iterdir()} == {"best.pt", "run.json", "results.json",
                                                                       "ranks.npz"}
     capsys.readouterr()
-    for run in ("x-none-dot-full-s0", "runs/x-none-dot-full-s0", str(work / "runs" / "x-none-dot-full-s0")):
+    for run in (name, f"runs/{name}", str(work / "runs" / name)):
         R.main(["evaluate", run, "--device", "cpu"])
-        assert "x-none-dot-full-s0 on x" in capsys.readouterr().out
+        assert f"{name} on x" in capsys.readouterr().out
     line = one_error_line(capsys, ["evaluate", "runs/missing"])
     assert "no run 'runs/missing'" in line and "runs/runs" not in line and "a-b" in line
+
+
+def test_a_run_is_never_replaced_without_overwrite_and_records_its_provenance(tmp_path, monkeypatch, capsys):
+    """Runs that differ in their settings or split get their own folders; the same run again is one error line
+    naming the folder and --overwrite, and leaves the first run as it was; results.json says what made it."""
+    write_dataset(tmp_path / "data" / "x", *random_interactions(n=1500))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--dataset", "x", *TINY]
+    R.main(args)
+    (run,) = (tmp_path / "runs").iterdir()
+    first = (run / "results.json").read_text()
+    prov = json.loads(first)["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__ and prov["revision"]
+    assert {"python", "pandas", "command", "device"} <= set(prov)
+    capsys.readouterr()
+    line = one_error_line(capsys, args)
+    assert run.name in line and "--overwrite" in line and (run / "results.json").read_text() == first
+    R.main([*args, "--epochs", "2"])                    # other settings: another folder
+    R.main([*args, "--split", "random"])                # another split: another folder
+    assert len(list((tmp_path / "runs").iterdir())) == 3
+    R.main([*args, "--overwrite"])
+    assert len(list((tmp_path / "runs").iterdir())) == 3 and (run / "results.json").read_text() != first
 
 
 @pytest.fixture(scope="module")
@@ -902,8 +941,8 @@ def test_cold_items_split_holds_out_items_with_all_their_interactions(small_demo
     assert np.isin(s.val_i, s.val_items).all() and np.isin(s.test_i, s.test_items).all()
     # every interaction lands in exactly one part
     assert len(s.train_u) + len(s.val_u) + len(s.test_u) == len(ds.inter)
-    st = R.split_stats(s)["cold_items_protocol"]
-    assert st["test_cold"] == {"users": len(np.unique(s.test_u)), "items": len(s.test_items),
+    st = R.split_stats(s)["parts"]
+    assert st["test"] == {"users": len(np.unique(s.test_u)), "items": len(s.test_items),
                                "interactions": len(s.test_u)}
     _, s2 = cold_split(small_demo)
     _, s3 = cold_split(small_demo, seed=1)
@@ -947,7 +986,7 @@ def test_cold_evaluator_matches_a_naive_loop_in_both_views():
     s.degree = train.sum(0)
     fn = lambda users: torch.as_tensor(S[users])
     fn.bytes_per_pair = 4 * n_items          # many small chunks
-    res = R.evaluate_cold(fn, s, "test", "cpu", memory_mb=0.01)
+    res = R.evaluate(fn, s, "test", 10, "cpu", memory_mb=0.01)
     users = np.unique(arr("test", 0))
     targets = {u: [j for v, j in pairs["test"] if v == u] for u in users}
     seen_val = np.zeros_like(train)
@@ -1036,13 +1075,14 @@ def test_content_baselines_find_taste_in_content():
     s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)), shape=X.shape)
     s.degree = np.asarray(s.train.sum(0)).ravel()
     tags = pd.Series([f"g{g}, x{rng.integers(0, 50)}" for g in genre])
-    rnd = R.evaluate_cold(R.random_scores(n_items), s, "test", "cpu")["cold"]["ndcg@10"]
+    rnd = R.evaluate(R.random_scores(n_items), s, "test", 10, "cpu")["cold"]["ndcg@10"]
     for fn in [R.profile_scores(s, C), R.profile_scores(s, R.tag_tfidf(tags)),
                R.cb2cf_scores(s, C, R.collaborative_factors(s, ("svd", 8)), 1.0),
                R.cb2cf_scores(s, C, R.collaborative_factors(s, ("ease", 10.0)), 1.0)]:
-        assert R.evaluate_cold(fn, s, "test", "cpu")["cold"]["ndcg@10"] > 2 * rnd
+        assert R.evaluate(fn, s, "test", 10, "cpu")["cold"]["ndcg@10"] > 2 * rnd
 
 
+@pytest.mark.slow
 def test_cli_cold_items_train_writes_the_protocol(small_demo, tmp_path):
     p = run_cli("train", "--dataset", "small", "--data-dir", str(small_demo), "--split", "cold-items", "--text", "none",
                 "--epochs", "1", "--runs-dir", str(tmp_path), "--run-name", "c", "--device", "cpu", "--no-baselines")
@@ -1050,11 +1090,12 @@ def test_cli_cold_items_train_writes_the_protocol(small_demo, tmp_path):
     res = __import__("json").loads((tmp_path / "c" / "results.json").read_text())
     assert res["protocol"] == "cold-items" and set(res["test"]) == {"cold", "all"}
     assert {"recall@20", "ndcg@20", "hr@10"} <= set(res["test"]["cold"])
-    assert "Test-cold" in p.stdout
+    assert "Test, small, cold-items:" in p.stdout
     z = np.load(tmp_path / "c" / "ranks.npz")
     assert len(z["two_tower__cold"]) == z["counts"].sum() == res["test"]["cold"]["targets"]
 
 
+@pytest.mark.slow
 def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
     """One seed, text none, one epoch, a dataset without text (so no text encoder: fast): the cold-items cells run,
     and the report has the table, n/a rows and the paired test against the best content baseline."""
@@ -1070,9 +1111,9 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
             "--protocols", "cold-items", "--train-args", "--epochs 1 --device cpu", "--out", str(tmp_path),
             "--no-fairness"])
     md = (tmp_path / "report.md").read_text()
-    assert "### notext, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
+    assert "## notext, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
     assert "| two-tower, text none | Random |" in md
-    assert (tmp_path / "cold_items.png").exists()
+    assert (tmp_path / "ablation.png").exists()
 
 
 def test_fast_dropout_drops_a_share_p_and_keeps_the_mean():
