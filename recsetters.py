@@ -886,8 +886,8 @@ def encoder(device="cpu"):
 
 class Dropout(nn.Module):
     """nn.Dropout with a cheaper mask: 16 random bits per element, cut from 64-bit draws, instead of one
-    bernoulli_ draw per element (2.4x faster on a CPU, where the item tower's input mask was 15% of a training
-    step); p is rounded to a multiple of 1/65,536."""
+    bernoulli_ draw per element (faster on a CPU, where the item tower's input mask was a sizeable share of a
+    training step: RESULTS.md, Speed); p is rounded to a multiple of 1/65,536."""
 
     def __init__(self, p):
         super().__init__()
@@ -939,8 +939,8 @@ class Tower(nn.Module):
 
 def dots_of(U, V, inv):
     """(B, K): U[b] . V[inv[b, k]]. With few items per candidate (M <= 64 K: a catalog about as small as the
-    batch's candidates) one U V^T product and a gather beat gathering B x K rows of V (memory-bound): 1.2x for
-    the whole DotCompress head at the study's Apple scale; else the rows of V gathered (index_select: its
+    batch's candidates) one U V^T product and a gather beat gathering B x K rows of V (memory-bound; RESULTS.md,
+    Speed); else the rows of V gathered (index_select: its
     backward is a fast index_add) and one batched product."""
     if V.shape[0] <= 64 * inv.shape[1]:
         return (U @ V.T).gather(1, inv)
@@ -1031,7 +1031,7 @@ class DotCompress(nn.Module):
 
 def eval_tile(device):
     """(user, item) pairs per tile of DotCompress evaluation. A CPU: 4,096, whose 128-wide activations stay in
-    cache (3x faster than one big intermediate). A GPU: as many as an eighth of its free memory holds
+    cache (faster than one big intermediate: RESULTS.md, Speed). A GPU: as many as an eighth of its free memory holds
     (millions), since every tile costs about ten kernel launches whatever its size; ~2 KB per pair live."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -1291,7 +1291,7 @@ def threads_for(cores, others):
     """torch threads on `cores` cores when other processes keep `others` cores busy (mean over the last
     check): every core they leave free, at least 1. A core another process uses for more than a fifth of the
     time counts as taken: one of our threads sharing it makes every parallel region wait for it (libgomp's
-    threads spin at barriers: a 2-thread epoch beside one busy process took 2.9x one thread's time)."""
+    threads spin at barriers: RESULTS.md, Speed and scale, has the measurements)."""
     return max(1, min(cores, cores - math.ceil(others - 0.2)))
 
 
@@ -1627,7 +1627,7 @@ def model_scores(model, device):
 
 
 def count_true(mask):
-    """Row counts of a bool matrix; summing its bytes as int32 is 2x faster than bool.sum() (int64 copy)."""
+    """Row counts of a bool matrix; summing its bytes as int32 is faster than bool.sum() (an int64 copy)."""
     return mask.view(torch.uint8).sum(1, dtype=torch.int32)
 
 

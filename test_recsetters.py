@@ -1159,3 +1159,37 @@ def test_text_tokens_and_the_bag_leave_out_tokens_no_train_item_has(small_demo):
     known = [t for t in tok[ptr[j]:ptr[j + 1]] if on_train[t]]
     want = m.bag.weight[torch.as_tensor(known)].mean(0) if known else torch.zeros(cfg.dim)
     assert torch.allclose(m.token_bag(torch.as_tensor([j]))[0], want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the model contract
+
+@pytest.mark.parametrize("split_kind", [p.splits[0] for p in R.PROTOCOLS.values()])
+def test_every_model_keeps_the_contract_under_every_protocol_it_claims(small_demo, split_kind):
+    """Each baseline that claims the protocol, and the two-tower: scores of shape (users, items), no train item in a
+    top-K list, the same scores twice under one seed, and above Random on the protocol's selection metric
+    (SYNTHETIC small demo; content: the artist as a one-hot text vector, the top tag as the tags column)."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), seed=0, split=split_kind, text="none")
+    ds, split = R.prepare(cfg, quiet=True)
+    protocol = R.protocol_name(split.kind)
+    content = {"": None, "tags": ds.items.tag, "text": np.eye(R.codes(ds.items.artist).max() + 1,
+                                                                 dtype=np.float32)[R.codes(ds.items.artist)]}
+    users = np.unique(split.test_u)[:50]
+    excl = R.exclusion(split, "test")
+    rnd = R.selection_score(R.evaluate(R.random_scores(split.n_items, 0), split, "test", 10, "cpu"), split, 10)
+    models = {name: (lambda p, b=b: b.make(split, content[b.content], p), b.grid)
+              for name, b in R.BASELINES.items() if protocol in b.protocols and name != "Random"}
+    tt = R.Config(**{**R.PROTOCOLS[protocol].defaults, "text": "none", "tag_feature": True, "epochs": 2, "seed": 0})
+    feats = R.build_features(ds, "none")
+    models["two-tower"] = (lambda p: R.model_scores(R.train_model(tt, split, feats, R.Runtime(torch.device("cpu")),
+                                                                  quiet=True)[0], "cpu"), [None])
+    assert len(models) >= 3
+    for name, (make, grid) in models.items():
+        grid = [0 if p == "seed" else p for p in grid]
+        res, _ = R.tune(name, make, grid[:3], split, 10, quiet=True)      # the first 3 grid points: fast
+        fn = make(res["params"])
+        S = np.asarray(torch.as_tensor(fn(users)))
+        assert S.shape == (len(users), split.n_items), name
+        assert np.array_equal(S, np.asarray(torch.as_tensor(make(res["params"])(users)))), name
+        top = R.top_k_lists(fn, users, excl, 10)
+        assert not excl[users][np.arange(len(users))[:, None], top].toarray().any(), name
+        assert R.selection_score(res["test"], split, 10) > rnd, (name, R.selection_score(res["test"], split, 10), rnd)
