@@ -756,9 +756,8 @@ def build_features(ds, text="lyrics", cache_dir=None, device="cpu"):
                  np.arange(len(items)), codes(items.artist), codes(items.tag), None)
     if text != "none":
         if text not in items.columns:
-            texts = [c for c in items.columns if c not in ("item", "artist", "tag")]
             raise UserError(f"--text {text}: items.csv of {ds.name} has no such column "
-                            f"(text columns: {', '.join(texts)}, or none)")
+                            f"(text columns: {', '.join(text_columns(items))}, auto or none)")
         col = items[text].fillna("").str.strip()
         empty = col == ""
         if empty.any():
