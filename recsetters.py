@@ -1123,14 +1123,16 @@ class TwoTower(nn.Module):
         t = F.embedding_bag(items, self.i_text, offsets, mode="sum", per_sample_weights=keep)
         return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
 
-    def history_bag(self, idx, drop=None):
+    def history_bag(self, idx, drop=None, rows=None):
         """(items, offsets, 0/1 weights or None, kept count, user row of each item) of the users' train items;
-        `drop`: one item per user left out.
-        In training each history item is also left out with probability `history_dropout` (denoising, as
-        in Mult-DAE), so the user vector cannot lean on any single item."""
-        counts = self.h_ptr[idx + 1] - self.h_ptr[idx]
+        `drop`: one item per user left out; `rows`: (row pointers, items) of other histories, one row per user of
+        idx (encode). In training each history item is also left out with probability `history_dropout`
+        (denoising, as in Mult-DAE), so the user vector cannot lean on any single item."""
+        ptr, h_idx = (self.h_ptr, self.h_idx) if rows is None else rows
+        idx = idx if rows is None else torch.arange(len(idx), device=idx.device)
+        counts = ptr[idx + 1] - ptr[idx]
         offsets = torch.cumsum(counts, 0) - counts
-        which, items = csr_take(self.h_ptr, self.h_idx, idx)
+        which, items = csr_take(ptr, h_idx, idx)
         keep, n = None, counts.float()
         if drop is not None or (self.training and self.history_dropout):      # weights 0/1 per history item
             keep = torch.ones(len(items), device=idx.device)
@@ -1154,13 +1156,32 @@ class TwoTower(nn.Module):
         return torch.zeros(n_users, e.shape[1], device=items.device).index_add_(
             0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
-    def users(self, idx, drop=None):
+    def users(self, idx, drop=None, feats=None, rows=None, unknown=None):
+        """User vectors of the users idx, from their features and train history. encode() passes other users'
+        feature codes (`feats`, 3 x B), histories (`rows`) and which features are unknown."""
         extra = ()
         if self.hist_emb is not None:
-            bag = self.history_bag(idx, drop)
+            bag = self.history_bag(idx, drop, rows)
             extra = (self.history(idx, bag=bag),) + (() if self.hist_text is None else (self.history_text_vector(bag),))
-        u = self._out(self.user_tower(list(self.u_feats[self.u_rows][:, idx]), extra=extra))
+        feats = self.u_feats if feats is None else feats
+        u = self._out(self.user_tower(list(feats[self.u_rows][:, idx]), extra=extra,
+                                      unknown=None if unknown is None else list(unknown[self.u_rows][:, idx])))
         return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
+
+    def encode(self, country, history, known=None):
+        """Vectors of users given by their country codes (B,) and histories (a B-row CSR of item indices): users
+        the model never saw, from their history alone (new users, a loved-tracks list), or a known user with an
+        item left out (reasons). known: (B,) user indices whose id and name embeddings apply (-1: none, as for
+        a user never trained: zero)."""
+        dev = self.u_feats.device
+        known = torch.full((len(country),), -1, dtype=torch.long, device=dev) if known is None else \
+            torch.as_tensor(np.asarray(known), dtype=torch.long, device=dev)
+        idx = torch.arange(len(country), device=dev)
+        feats = torch.stack([known.clamp(min=0), torch.as_tensor(np.asarray(country), dtype=torch.long, device=dev),
+                             self.u_feats[2, known.clamp(min=0)]])
+        unknown = torch.stack([known < 0, torch.zeros_like(known, dtype=torch.bool), known < 0])
+        rows = tuple(torch.as_tensor(a, dtype=torch.long, device=dev) for a in (history.indptr, history.indices))
+        return self.users(idx, feats=feats, rows=rows if self.hist_emb is not None else None, unknown=unknown)
 
     def items(self, idx):
         unknown = None
@@ -2478,6 +2499,35 @@ def restore(run, runs_dir="runs", device_name="auto"):
                         f"different runs; retrain the run")
     model.load_state_dict(state)
     return cfg, ds, split, model.to(device), device, run_dir
+
+
+def reasons(model, country, history, items, known=-1):
+    """Why each of `items` is recommended to one user (a country code, and history: item indices): the history
+    item that contributes most to its score, i.e. whose removal from the history lowers that score most
+    (occlusion: the user encoded once with the whole history and once without each history item). A model
+    without history pooling scores no differently without an item: then the history item whose item vector is
+    closest (largest score as a user vector would give: v_h . v_i) is the reason. Returns (history item index,
+    score drop or similarity) per recommended item; (-1, 0) for an empty history."""
+    H, items = np.asarray(history, np.int64), np.asarray(items, np.int64)
+    if len(H) == 0:
+        return np.full(len(items), -1), np.zeros(len(items))
+    model.eval()
+    with torch.no_grad():
+        dev = model.u_feats.device
+        V = model.items(torch.as_tensor(items, device=dev))
+        if model.hist_emb is None:
+            S = model.scorer.all_pairs(model.items(torch.as_tensor(H, device=dev)), V)       # (|H|, items)
+        else:
+            full = np.tile(H, len(H) + 1).reshape(len(H) + 1, len(H))
+            keep = np.ones_like(full, bool)
+            keep[np.arange(1, len(H) + 1), np.arange(len(H))] = False                     # row r: without H[r-1]
+            ptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
+            hist = sp.csr_matrix((np.ones(keep.sum()), full[keep], ptr), shape=(len(H) + 1, int(model.i_feats.shape[1])))
+            U = model.encode(np.full(len(H) + 1, country), hist, np.full(len(H) + 1, known))
+            S = model.scorer.all_pairs(U, V)
+            S = S[:1] - S[1:]                                                             # the drop without each
+        best = S.argmax(0)
+        return H[best.cpu().numpy()], S[best, torch.arange(len(items), device=S.device)].cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1193,3 +1193,31 @@ def test_every_model_keeps_the_contract_under_every_protocol_it_claims(small_dem
         top = R.top_k_lists(fn, users, excl, 10)
         assert not excl[users][np.arange(len(users))[:, None], top].toarray().any(), name
         assert R.selection_score(res["test"], split, 10) > rnd, (name, R.selection_score(res["test"], split, 10), rnd)
+
+
+def test_encode_reproduces_known_users_and_reasons_name_the_item_that_contributes_most(small_demo):
+    """encode() with a known user's own country and train history gives that user's vector; the reason for a
+    recommendation is the history item whose removal lowers its score most (checked by encoding the user without
+    each history item, one at a time)."""
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0, text="none"), quiet=True)
+    cfg = R.Config(text="none", epochs=1, seed=0)
+    model = R.train_model(cfg, split, R.build_features(ds, "none"), R.Runtime(torch.device("cpu")), quiet=True)[0]
+    model.eval()
+    users = np.array([3, 10, 42])
+    with torch.no_grad():
+        want = model.users(torch.as_tensor(users))
+        got = model.encode(model.u_feats[1, users].numpy(), split.train[users], users)
+        new = model.encode(model.u_feats[1, users].numpy(), split.train[users])        # ids unknown: same here
+    assert torch.allclose(want, got, atol=1e-6) and torch.allclose(want, new, atol=1e-6)   # no --user-ids
+    u = 10
+    H = split.train[u].indices
+    items = np.array([0, 5, 7])
+    why, drop = R.reasons(model, int(model.u_feats[1, u]), H, items)
+    with torch.no_grad():
+        V = model.items(torch.as_tensor(items))
+        full = model.scorer.all_pairs(model.encode([int(model.u_feats[1, u])], split.train[[u]]), V)[0]
+        for j in range(len(items)):
+            drops = [float(full[j] - model.scorer.all_pairs(model.encode(
+                [int(model.u_feats[1, u])], sp.csr_matrix(np.isin(np.arange(split.n_items), np.delete(H, h))[None]
+                                                          .astype(np.float32))), V)[0, j]) for h in range(len(H))]
+            assert why[j] == H[int(np.argmax(drops))] and drop[j] == pytest.approx(max(drops), abs=1e-5)
