@@ -41,7 +41,7 @@ import recsetters as R
 
 HERE = Path(__file__).resolve().parent
 # --protocols NAME -> the --split of its cells (each protocol's chosen setting comes with it: R.PROTOCOLS defaults)
-PROTOCOL_SPLITS = {"loo": "auto", "cold-items": "cold-items"}
+PROTOCOL_SPLITS = {"loo": "auto", "cold-items": "cold-items", "new-users": "new-users"}
 MF_FLAGS = ["--text", "none", "--id-only", "--no-history", "--scorer", "dot"]   # the ID-only two-tower
 EXTRA_MODELS = {"loo": [("mf", MF_FLAGS)]}           # per protocol: (kind, flags) beside the text variants
 # The baselines are R.BASELINES, the metrics each protocol's per_user, and the cut-off K is each run's own (its config).

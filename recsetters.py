@@ -145,6 +145,8 @@ class Config:
                          choices=lambda: tuple(s for p in PROTOCOLS.values() for s in p.splits), cmds=DATA)
     cold_fraction: float = setting(0.2, "share of the items that split cold-items holds out, half for validation, "
                                    "half for test", SHARE, cmds=DATA)
+    new_user_fraction: float = setting(0.2, "share of the users that split new-users holds out with all their "
+                                       "interactions, half for validation, half for test", SHARE, cmds=DATA)
     tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
                               "users who did not interact with it (leak-free), or from everyone (all: leaks the "
                               "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
@@ -175,6 +177,9 @@ class Config:
     temperature: float = setting(0.1, "softmax temperature of normalized scores", POSITIVE)
     dropout: float = setting(0.3, "dropout on the towers' concatenated inputs", PROBABILITY)
     id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
+    user_id_dropout: float = setting(0.0, "with --user-ids: share of training rows whose user-id embedding is zeroed, "
+                                     "so the user tower also learns to work from country and history (new users)",
+                                     PROBABILITY)
     history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
                                      "training", PROBABILITY)
     pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
@@ -587,16 +592,24 @@ class Split:
     report: list = field(default_factory=list)
     val_items: np.ndarray = None   # items held out as new (cold-items): the validation and test ones, sorted
     test_items: np.ndarray = None
+    fold_in: sp.csr_matrix = None  # users held out as new (new-users): the part of their history given at scoring
 
     @property
     def new_items(self):
         """Items held out as new, with all their interactions: they do not exist at training time."""
         return np.zeros(0, np.int64) if self.val_items is None else np.concatenate([self.val_items, self.test_items])
 
+    @property
+    def profile(self):
+        """What scoring knows of each user: their train items, and for users held out as new their fold-in."""
+        return self.train if self.fold_in is None else (self.train + self.fold_in).tocsr()
 
-def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2):
+
+def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2,
+                       new_user_fraction=0.2):
     """Map to indices and split with the protocol of `kind`: auto (leave-last-out if there are timestamps, else
-    random), last, random, global (leave_one_out_parts), cold-items (cold_items_parts)."""
+    random), last, random, global (leave_one_out_parts), cold-items (cold_items_parts), new-users
+    (new_users_parts)."""
     uidx = pd.Index(ds.users.user)
     iidx = pd.Index(ds.items.item)
     u = uidx.get_indexer(ds.inter.user)
@@ -609,8 +622,8 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
     noise = rng.random(len(u))              # drawn for every kind: a seed gives the same draws whatever follows
     n_users, n_items = len(uidx), len(iidx)
     train, val, test, parts, rep = make(pd.DataFrame({"u": u, "i": i, "t": t, "noise": noise}), rng, n_users,
-                                        n_items, kind, dict(global_quantiles=global_quantiles,
-                                                            cold_fraction=cold_fraction, dataset=ds.name))
+                                        n_items, kind, dict(global_quantiles=global_quantiles, cold_fraction=cold_fraction,
+                                                            new_user_fraction=new_user_fraction, dataset=ds.name))
     s = Split(n_users, n_items, train.u.to_numpy(np.int64), train.i.to_numpy(np.int64),
               val.u.to_numpy(np.int64), val.i.to_numpy(np.int64), test.u.to_numpy(np.int64),
               test.i.to_numpy(np.int64), kind=kind, report=rep, **parts)
@@ -618,6 +631,9 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
                             shape=(n_users, n_items))
     s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
     s.warm = warm_items(s.degree, warm_fraction)
+    if isinstance(s.fold_in, pd.DataFrame):
+        f = s.fold_in
+        s.fold_in = sp.csr_matrix((np.ones(len(f), np.float32), (f.u.to_numpy(), f.i.to_numpy())), shape=(n_users, n_items))
     return s
 
 
@@ -686,6 +702,38 @@ def cold_items_parts(df, rng, n_users, n_items, kind, opts):
     return df[p == 0], df[p == 1], df[p == 2], dict(val_items=val_items, test_items=test_items), rep
 
 
+def new_users_parts(df, rng, n_users, n_items, kind, opts):
+    """User cold start (strong generalization): a seeded --new-user-fraction of the users is held out with all their
+    interactions, half for validation, half for test; train keeps the other users. Each held-out user's items are
+    split into a fold-in part (the earliest 80% when every one of them has a time, else a seeded 80%; at least one
+    item is left) that the model is given at scoring time, and the targets (the rest, at least one)."""
+    fraction = opts["new_user_fraction"]
+    n_new = int(round(fraction * n_users))
+    if n_new < 2:
+        raise UserError(f"--new-user-fraction {fraction} holds out {n_new} of {n_users:,} users; validation and "
+                        f"test need at least one each")
+    perm = rng.permutation(n_users)
+    part = np.zeros(n_users, np.int8)
+    part[perm[:n_new // 2]], part[perm[n_new // 2:n_new]] = 1, 2
+    t = df.t.to_numpy()
+    timed = pd.Series(np.isfinite(t)).groupby(df.u.to_numpy()).transform("all").to_numpy()
+    key = np.where(timed, t, df.noise.to_numpy())                   # by time, or in seeded random order
+    order = np.lexsort((df.i.to_numpy(), key, df.u.to_numpy()))
+    d = pd.DataFrame({"u": df.u.to_numpy()[order], "i": df.i.to_numpy()[order]})
+    size = d.groupby("u").u.transform("size").to_numpy()
+    pos = d.groupby("u").cumcount().to_numpy()
+    n_fold = np.where(size >= 2, np.clip(np.floor(0.8 * size), 1, size - 1), size)   # one item: fold-in only
+    p = part[d.u.to_numpy()]
+    fold = (p > 0) & (pos < n_fold)
+    target = (p > 0) & ~fold
+    small = (p > 0) & (size < 2)
+    rep = []
+    if small.any():
+        rep.append(f"{d.u[small].nunique():,} held-out users with a single interaction have no target: not evaluated")
+    fold_in = d[fold]
+    return d[p == 0], d[target & (p == 1)], d[target & (p == 2)], dict(fold_in=fold_in), rep
+
+
 def warm_items(degree, warm_fraction):
     """The study's cold/warm: items ranked by train degree, the top `warm_fraction` are warm.
     Ties are broken by item index (lower index first), so the partition is deterministic."""
@@ -713,7 +761,7 @@ def split_stats(s):
         "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
         "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
     }
-    if len(s.new_items):
+    if len(s.new_items) or s.fold_in is not None:
         st["parts"] = parts_stats(s)
     return st
 
@@ -723,10 +771,13 @@ def parts_stats(s):
     interaction in that part, i.e. the users evaluated on it)."""
     part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
                                   "interactions": int(len(uu))}
-    return {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
-            "validation": part(s.val_u, s.val_i, s.val_items),
-            "test": part(s.test_u, s.test_i, s.test_items),
-            "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
+    out = {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
+           "validation": part(s.val_u, s.val_i, np.unique(s.val_i)),
+           "test": part(s.test_u, s.test_i, np.unique(s.test_i)),
+           "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
+    if s.fold_in is not None:
+        out["fold_in_interactions"] = int(s.fold_in.nnz)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,7 +840,8 @@ def top_tags(assignments, top=5):
 
 
 def cold_item_tags(ds, split, source="non-listeners"):
-    """Leak-free tags for the cold-items protocol. Tags (hetrec: user_taggedartists) are applied by users, often
+    """Leak-free tags for the protocols that hold out items or users (new-users: new_user_tags). Tags (hetrec:
+    user_taggedartists) are applied by users, often
     by the very users whose interactions with a cold item are held out: a cold item's `tags` and `tag` would carry
     its test users' own behaviour. With source non-listeners, every cold item's `tags` (top 5) and `tag` (the top
     one) are rebuilt from the tag assignments of users who have no interaction with it (every listener of a cold
@@ -797,18 +849,33 @@ def cold_item_tags(ds, split, source="non-listeners"):
     information). Returns (dataset with new items, report lines)."""
     if source not in ("non-listeners", "all"):
         raise UserError(f"--tag-source {source!r}: use non-listeners or all")
-    if not len(split.new_items) or source == "all":
+    if not (len(split.new_items) or split.fold_in is not None) or source == "all":
         return ds, []
     if ds.tag_assignments is None:
-        return ds, ["no tag_assignments.csv: the tags of cold items cannot be rebuilt without their held-out "
-                    "listeners' own tagging (re-import hetrec with collect.py); text columns built from user tags "
+        return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
+                    "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
                     "may leak"]
+    if split.fold_in is not None:
+        return new_user_tags(ds, split)
     cold, ta, own = cold_tag_assignments(ds, split)
     items = with_tags(ds.items, cold, ta[~own])
     had = int(ds.items.tag.iloc[cold].ne("").sum())
     rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
            f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
            f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+
+
+def new_user_tags(ds, split):
+    """Leak-free tags for the new-users protocol: users held out as new did not exist at training time, so every
+    tag they applied is left out; the `tags` and `tag` of each item they tagged are rebuilt from everyone else's."""
+    held = ds.users.user.to_numpy()[np.union1d(split.val_u, split.test_u)]
+    ta = ds.tag_assignments
+    own = ta.user.isin(held).to_numpy()
+    rows = np.flatnonzero(ds.items.item.isin(ta.item[own]).to_numpy())
+    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()])
+    rep = [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(own.sum()):,} of {len(ta):,} tag "
+           f"assignments"]
     return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
 
 
@@ -1071,7 +1138,8 @@ class TwoTower(nn.Module):
         # new item's text meets the user's in one learned bilinear form (what content-KNN does with a fixed one)
         self.hist_text = nn.Linear(text_dim, cfg.dim) if history is not None and cfg.history_text and text_dim else None
         self.user_tower = Tower([user_cards[r] for r in self.u_rows], cfg.dim, cfg.out_dim, hidden, cfg.tower_act,
-                                cfg.dropout, n_extra=(history is not None) + (self.hist_text is not None))
+                                cfg.dropout, n_extra=(history is not None) + (self.hist_text is not None),
+                                id_dropout=cfg.user_id_dropout if cfg.user_ids else 0.0)
         # text_bag: the item tower also gets the mean of learned embeddings of the text's tokens (tags, words);
         # a token no train item has was never trained, so it is left out (weight 0) wherever it appears
         self.bag = None
@@ -1589,7 +1657,7 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
         t_train += time.perf_counter() - t0
         stop = False
         if rank == 0:
-            val = evaluate(model_scores(model, device), split, "validation", cfg.k, device, cfg.eval_memory_mb)
+            val = evaluate(model_scores(model, device, split), split, "validation", cfg.k, device, cfg.eval_memory_mb)
             ndcg = selection_score(val, split, cfg.k)
             history.append({"epoch": epoch, "loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"],
                             "validation": val, "seconds": time.perf_counter() - t0})
@@ -1627,13 +1695,17 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
 # at test time, their validation items), in each of the protocol's views (all those items, or only its candidate
 # items). A target's rank is the number of items scored above it, ties broken by item index. Metrics are x100.
 
-def model_scores(model, device):
-    """A score function users -> (len(users), n_items) for a trained two-tower model."""
+def model_scores(model, device, split=None):
+    """A score function users -> (len(users), n_items) for a trained two-tower model. Users held out as new
+    (split.fold_in) are encoded from their fold-in history alone (TwoTower.encode: no id, as never trained)."""
     model.eval()
     with torch.no_grad():
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
         U = torch.cat([model.users(torch.arange(a, min(a + 65536, n_users), device=device))
                        for a in range(0, n_users, 65536)])
+        if split is not None and split.fold_in is not None:
+            rows = np.flatnonzero(np.diff(split.fold_in.indptr))
+            U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.fold_in[rows])
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
                        for a in range(0, n_items, 65536)])
     bytes_per_pair = 16     # DotCompress.all_pairs works in small tiles without grad: only the scores add up
@@ -1732,8 +1804,8 @@ def metrics(ranks, k=10):
             "n": int(len(ranks))}
 
 
-def multi_target_metrics(ranks, counts, ks=(10, 20)):
-    """Several targets per user: per-user Recall@K (hits / targets), NDCG@K (ideal DCG over min(K, targets))
+def multi_target_metrics(ranks, counts, ks=(10, 20), capped=False):
+    """Several targets per user: per-user Recall@K (hits / targets; capped: hits / min(K, targets)), NDCG@K (ideal DCG over min(K, targets))
     and HR@K (any hit), x100, from the ranks of each user's targets (grouped by user, `counts` per user, in that
     order), summed from METRICS' per-target hit and discounted gain."""
     counts = np.asarray(counts)
@@ -1744,18 +1816,19 @@ def multi_target_metrics(ranks, counts, ks=(10, 20)):
         hits = np.bincount(row, weights=METRICS["hr"](ranks, k), minlength=len(counts))
         dcg = np.bincount(row, weights=METRICS["ndcg"](ranks, k), minlength=len(counts))
         ideal = np.cumsum(METRICS["ndcg"](np.arange(k), k))[np.minimum(counts, k) - 1]
-        out[f"recall@{k}"] = hits / counts * 100
+        out[f"recall@{k}"] = hits / (np.minimum(counts, k) if capped else counts) * 100
         out[f"ndcg@{k}"] = dcg / ideal * 100
         out[f"hr@{k}"] = (hits > 0) * 100.0
     return out
 
 
 def exclusion(split, which):
-    """What a user's ranking leaves out: their train items, and at test time their validation items too."""
+    """What a user's ranking leaves out: their train items (new users: their fold-in), and at test time their
+    validation items too."""
     if which == "validation":
-        return split.train
+        return split.profile
     val = sp.csr_matrix((np.ones(len(split.val_u), np.float32), (split.val_u, split.val_i)), shape=split.train.shape)
-    return (split.train + val).tocsr()
+    return (split.profile + val).tocsr()
 
 
 def held_out(split, which):
@@ -1793,12 +1866,21 @@ def cold_targets(split, which):
     return users, T, {"cold": split.val_items if which == "validation" else split.test_items, "all": None}
 
 
-def multi_target_results(ranks, users, T, split, k):
+# New users: users held out with all their interactions; each is scored from a fold-in part of their history that
+# training never saw, and ranks the rest (targets) among every item but the fold-in. Recall@K (hits / min(K, targets)),
+# NDCG@K, HR@K, K = 10 and 20. Selection on validation NDCG@20.
+
+def new_users_targets(split, which):
+    users, T = held_out(split, which)
+    return users, T, {"all": None}
+
+
+def multi_target_results(ranks, users, T, split, k, capped=False):
     """{view: mean metrics} of multi_target_metrics, with the users ("n"), targets and candidate items of a view."""
     counts = np.diff(T.indptr)
     out = {}
     for view, r in ranks.items():
-        per_user = multi_target_metrics(r, counts)
+        per_user = multi_target_metrics(r, counts, capped=capped)
         out[view] = {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
                      "n": int(len(users)), "targets": int(T.nnz)}
     return out
@@ -1832,6 +1914,10 @@ PROTOCOLS = {
     "cold-items": Protocol(("cold-items",), lambda *a: cold_items_parts(*a), cold_targets, multi_target_results,
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False), audit=lambda *a: tag_leak_audit(*a)),
+    "new-users": Protocol(("new-users",), lambda *a: new_users_parts(*a), new_users_targets,
+                          lambda *a: multi_target_results(*a, capped=True),
+                          lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
+                          tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20"))),
 }
 
 
@@ -1908,7 +1994,8 @@ def itemknn_scores(split, neighbours=None):
         weakest = np.argpartition(-S, neighbours, axis=0)[neighbours:]
         np.put_along_axis(S, weakest, 0, axis=0)
     S = torch.as_tensor(S)
-    return lambda users: torch.as_tensor(X[users].toarray()) @ S
+    P = split.profile.astype(np.float32)
+    return lambda users: torch.as_tensor(P[users].toarray()) @ S
 
 
 def ease_matrix(X, lam):
@@ -1925,7 +2012,8 @@ def ease_matrix(X, lam):
 def ease_scores(split, lam=100.0):
     X = split.train.astype(np.float64)
     B = torch.as_tensor(ease_matrix(X, lam), dtype=torch.float32)
-    return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ B
+    P = split.profile.astype(np.float64)
+    return lambda users: torch.as_tensor(P[users].toarray(), dtype=torch.float32) @ B
 
 
 def rp3beta_scores(split, alpha=1.0, beta=0.5, neighbours=200):
@@ -1944,7 +2032,8 @@ def rp3beta_scores(split, alpha=1.0, beta=0.5, neighbours=200):
         weakest = np.argpartition(-W, neighbours, axis=1)[:, neighbours:]
         np.put_along_axis(W, weakest, 0, axis=1)
     W = torch.as_tensor(W, dtype=torch.float32)
-    return lambda users: torch.as_tensor(X[users].toarray(), dtype=torch.float32) @ W
+    P = split.profile.astype(np.float64)
+    return lambda users: torch.as_tensor(P[users].toarray(), dtype=torch.float32) @ W
 
 
 def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
@@ -1998,7 +2087,14 @@ def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_step
 
 
 def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
+    """iALS on train; users held out as new get their factor solved from their fold-in with the item factors fixed
+    (the standard fold-in: one least-squares half-step, here `factors` conjugate-gradient steps from zero, which
+    solve each row's normal equations exactly up to rounding)."""
     U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
+    if split.fold_in is not None:
+        rows = np.flatnonzero(np.diff(split.fold_in.indptr))
+        U[rows] = ials_half_step(split.fold_in[rows].astype(np.float32), V, torch.zeros(len(rows), factors), reg, alpha,
+                                 cg_steps=factors)
     return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
 
 
@@ -2013,21 +2109,24 @@ class Baseline(NamedTuple):
 
 
 NEW_ITEMS = ("cold-items",)      # protocols that rank items without train interactions: content is all there is
+COLLABORATIVE = ("leave-one-out", "new-users")      # every item has train interactions (new users: from their fold-in)
 
 # name -> Baseline: the one list of baselines (`baselines`, `train`, experiments.py and its report read it). The
 # collaborative ones cannot score items without train interactions; the content ones are for new items.
 BASELINES = {
-    "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None]),
-    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None], dense=True),
+    "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None], COLLABORATIVE),
+    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None], COLLABORATIVE,
+                        dense=True),
     "EASE": Baseline(lambda split, _, p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
-                     dense=True),
+                     COLLABORATIVE, dense=True),
     # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
     # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured
     "RP3beta": Baseline(lambda split, _, p: rp3beta_scores(split, **p), [
         dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
-        dense=True),
+        COLLABORATIVE, dense=True),
     "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
-        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
+        COLLABORATIVE),
     "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], NEW_ITEMS),
     "ContentKNN": Baseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
                            ["plain", "centered"], NEW_ITEMS, "text"),
@@ -2117,7 +2216,7 @@ def profile_scores(split, V):
     """Content KNN: a user's profile is the mean of the unit content vectors (rows of V) of their train items;
     an item's score is the cosine between the profile and its vector."""
     V = unit_rows(V)
-    P = unit_rows(split.train @ V)
+    P = unit_rows(split.profile @ V)
     if sp.issparse(V):
         return lambda users: torch.as_tensor((P[users] @ V.T).toarray(), dtype=torch.float32)
     return lambda users: torch.as_tensor(P[users] @ V.T, dtype=torch.float32)
@@ -2219,7 +2318,8 @@ def prepare(cfg, quiet=False):
     """The dataset (filtered) and its split under cfg's protocol; resolves --text auto in cfg (and says so)."""
     ds = load_dataset(cfg.data_dir, cfg.dataset)
     ds = filter_dataset(ds, cfg.min_interactions)
-    split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction, cold_fraction=cfg.cold_fraction)
+    split = split_interactions(ds, cfg.split, cfg.seed, cfg.warm_fraction, cold_fraction=cfg.cold_fraction,
+                               new_user_fraction=cfg.new_user_fraction)
     if len(split.val_u) == 0 or len(split.test_u) == 0:
         raise UserError(f"dataset {ds.name}: no user has enough interactions to hold out validation and test items")
     # a held-out item among at most K candidates is in the top K whatever the scores: HR@K 100 means nothing
@@ -2406,7 +2506,7 @@ def train_and_report(cfg, rt, rank=0, world=1):
     best_epoch = timings["best_epoch"]
     val = history[best_epoch - 1]["validation"]
     t0 = time.perf_counter()
-    test, ranks = evaluate(model_scores(model, rt.device), split, "test", cfg.k, rt.device, cfg.eval_memory_mb,
+    test, ranks = evaluate(model_scores(model, rt.device, split), split, "test", cfg.k, rt.device, cfg.eval_memory_mb,
                            return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
     cache = Path(cfg.data_dir) / ".cache"
@@ -2702,7 +2802,7 @@ def cmd_train(cfg):
 
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    fn = model_scores(model, device)
+    fn = model_scores(model, device, split)
     print(fmt_table([(part, evaluate(fn, split, part, cfg.k, device, cfg.eval_memory_mb))
                      for part in ("validation", "test")], split, cfg.k,
                     f"{run_dir.name} on {ds.label}, {protocol_title(split)}"))

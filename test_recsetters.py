@@ -1221,3 +1221,62 @@ def test_encode_reproduces_known_users_and_reasons_name_the_item_that_contribute
                 [int(model.u_feats[1, u])], sp.csr_matrix(np.isin(np.arange(split.n_items), np.delete(H, h))[None]
                                                           .astype(np.float32))), V)[0, j]) for h in range(len(H))]
             assert why[j] == H[int(np.argmax(drops))] and drop[j] == pytest.approx(max(drops), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- new-users protocol
+
+def test_new_users_split_holds_out_users_with_a_fold_in_of_their_earliest_items(small_demo):
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="new-users", text="none")
+    ds, s = R.prepare(cfg, quiet=True)
+    val, test = np.unique(s.val_u), np.unique(s.test_u)
+    held = np.union1d(val, test)
+    assert not np.intersect1d(val, test).size and abs(len(held) - round(0.2 * s.n_users)) <= 1
+    assert not np.isin(s.train_u, held).any()                       # training never sees a held-out user
+    fu, fi = s.fold_in.nonzero()
+    assert set(np.unique(fu)) <= set(held) and len(fu) + len(s.val_u) + len(s.test_u) + len(s.train_u) == len(ds.inter)
+    t = dict(zip(zip(R.pd.Index(ds.users.user).get_indexer(ds.inter.user), R.pd.Index(ds.items.item).get_indexer(ds.inter.item)),
+                 ds.inter.timestamp))
+    for u in held[:40]:
+        fold, tgt = s.fold_in[u].indices, np.concatenate([s.val_i[s.val_u == u], s.test_i[s.test_u == u]])
+        n = len(fold) + len(tgt)
+        assert len(tgt) >= 1 and len(fold) == max(1, min(n - 1, int(np.floor(0.8 * n))))
+        assert max(t[(u, i)] for i in fold) <= min(t[(u, i)] for i in tgt)          # the earliest 80%
+    assert (R.exclusion(s, "test")[held].toarray() >= s.fold_in[held].toarray()).all()   # fold-in never ranked
+    _, s2 = R.prepare(cfg, quiet=True)
+    assert np.array_equal(s2.test_u, s.test_u) and np.array_equal(s2.test_i, s.test_i)
+    st = R.split_stats(s)["parts"]
+    assert st["fold_in_interactions"] == len(fu) and st["test"]["users"] == len(test)
+
+
+def test_new_users_evaluator_matches_a_naive_loop_with_recall_over_min_k_targets(small_demo):
+    ds, s = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=1, split="new-users", text="none"),
+                      quiet=True)
+    S = np.random.default_rng(0).integers(0, 5, size=(s.n_users, s.n_items)).astype(np.float32)      # many ties
+    fn = lambda users: torch.as_tensor(S[users])
+    fn.bytes_per_pair = 4 * s.n_items
+    res = R.evaluate(fn, s, "test", 10, "cpu", memory_mb=0.05)["all"]
+    users = np.unique(s.test_u)
+    ex = R.exclusion(s, "test").toarray()
+    for k in (10, 20):
+        rec, ndcg = [], []
+        for u in users:
+            order = sorted(np.flatnonzero(~ex[u].astype(bool)), key=lambda j: (-S[u, j], j))[:k]
+            tgt = set(s.test_i[s.test_u == u])
+            hits = [j in tgt for j in order]
+            rec.append(sum(hits) / min(k, len(tgt)))
+            ndcg.append(sum(h / np.log2(r + 2) for r, h in enumerate(hits)) / sum(1 / np.log2(r + 2) for r in range(min(k, len(tgt)))))
+        assert res[f"recall@{k}"] == pytest.approx(np.mean(rec) * 100) and res[f"ndcg@{k}"] == pytest.approx(np.mean(ndcg) * 100)
+
+
+def test_ials_folds_in_new_users_by_an_exact_least_squares_solve(small_demo):
+    ds, s = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="new-users", text="none"),
+                      quiet=True)
+    f, reg, alpha = 16, 10.0, 5.0
+    fn = R.ials_scores(s, factors=f, reg=reg, alpha=alpha, iterations=3)
+    _, V = R.ials_fit(s.train, f, reg, alpha, 3, 0)
+    V = V.double()
+    for u in np.unique(s.test_u)[:5]:
+        items = s.fold_in[u].indices
+        A = V.T @ V + reg * torch.eye(f, dtype=V.dtype) + alpha * V[items].T @ V[items]
+        x = torch.linalg.solve(A, (1 + alpha) * V[items].sum(0))
+        assert torch.allclose(fn([u])[0].double(), V @ x, atol=1e-3)
