@@ -1237,7 +1237,7 @@ class TwoTower(nn.Module):
         return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
 
     def encode(self, country, history, known=None):
-        """Vectors of users given by their country codes (B,) and histories (a B-row CSR of item indices): users
+        """Vectors of users given by their country codes (B,; -1: unknown, zero) and histories (a B-row CSR of item indices): users
         the model never saw, from their history alone (new users, a loved-tracks list), or a known user with an
         item left out (reasons). known: (B,) user indices whose id and name embeddings apply (-1: none, as for
         a user never trained: zero)."""
@@ -1245,9 +1245,9 @@ class TwoTower(nn.Module):
         known = torch.full((len(country),), -1, dtype=torch.long, device=dev) if known is None else \
             torch.as_tensor(np.asarray(known), dtype=torch.long, device=dev)
         idx = torch.arange(len(country), device=dev)
-        feats = torch.stack([known.clamp(min=0), torch.as_tensor(np.asarray(country), dtype=torch.long, device=dev),
-                             self.u_feats[2, known.clamp(min=0)]])
-        unknown = torch.stack([known < 0, torch.zeros_like(known, dtype=torch.bool), known < 0])
+        country = torch.as_tensor(np.asarray(country), dtype=torch.long, device=dev)
+        feats = torch.stack([known.clamp(min=0), country.clamp(min=0), self.u_feats[2, known.clamp(min=0)]])
+        unknown = torch.stack([known < 0, country < 0, known < 0])
         rows = tuple(torch.as_tensor(a, dtype=torch.long, device=dev) for a in (history.indptr, history.indices))
         return self.users(idx, feats=feats, rows=rows if self.hist_emb is not None else None, unknown=unknown)
 
@@ -2601,6 +2601,105 @@ def restore(run, runs_dir="runs", device_name="auto"):
     return cfg, ds, split, model.to(device), device, run_dir
 
 
+def item_names(items):
+    """What to call each item: the artist alone where every item is an artist (hetrec), else "artist — track"."""
+    if (items.track == items.artist).all():
+        return items.artist.tolist()
+    return (items.artist + " — " + items.track).tolist()
+
+
+def find_user(ds, name):
+    """A dataset user's index by name, case-insensitively (Last.fm names are); an unknown name is one line with
+    the closest names."""
+    import difflib
+    names = ds.users.user.astype(str)
+    hit = np.flatnonzero(names.str.casefold().to_numpy() == name.casefold())
+    if len(hit):
+        return int(hit[0])
+    close = difflib.get_close_matches(name.casefold(), names.str.casefold().tolist(), n=5, cutoff=0.6)
+    close = [names.iloc[int(np.flatnonzero(names.str.casefold().to_numpy() == c)[0])] for c in close]
+    raise UserError(f"user {name!r} is not in dataset {ds.name} after filtering ({len(names):,} users)"
+                    + (f"; closest: {', '.join(close)}" if close else "; `stats --dataset ...` lists the data, "
+                       "and --loved FILE recommends for anyone"))
+
+
+def match_items(items, loved):
+    """Indices of the run's items that a loved-tracks table names (unique, in its order), and how many of its rows
+    matched: by `item` id, or by `artist` and `track` through collect.py's catalog matcher (artist-level datasets:
+    by the artist alone)."""
+    import collect
+    if "item" in loved.columns:
+        idx = pd.Index(items.item.astype(str)).get_indexer(loved.item.astype(str).str.strip())
+    elif (items.track == items.artist).all():
+        idx = pd.Index([collect.norm_artist(a) for a in items.artist]).get_indexer(
+            [collect.norm_artist(a) for a in loved.artist.astype(str)])
+    else:
+        cat = pd.DataFrame({"artist": items.artist, "track": items.track, "genre": items.tag,
+                            "artists": [[a] for a in items.artist]})
+        _, index = collect.catalog_index(cat)
+        rows, ids, _ = collect.match_loved(loved.astype(str), index)
+        row_of = {collect.catalog_item(a, t): j for j, (a, t) in enumerate(zip(items.artist, items.track))}
+        idx = np.full(len(loved), -1)
+        idx[rows] = [row_of.get(i, -1) for i in ids]
+    idx = np.asarray(idx)
+    return np.array(list(dict.fromkeys(idx[idx >= 0].tolist())), np.int64), int((idx >= 0).sum())
+
+
+def read_loved(path):
+    """A loved-tracks CSV: columns `item`, or `artist` and `track` (others ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--loved {path}: no such file")
+    try:
+        loved = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"--loved {path}: not a readable UTF-8 CSV ({type(e).__name__})")
+    if "item" not in loved.columns and not {"artist", "track"} <= set(loved.columns):
+        raise UserError(f"--loved {path}: needs a column `item`, or columns `artist` and `track` (found: "
+                        f"{', '.join(loved.columns) or 'none'})")
+    if loved.empty:
+        raise UserError(f"--loved {path}: no rows")
+    return loved
+
+
+def lastfm_loved(name, data_dir):
+    """A Last.fm user's loved tracks (artist, track) through collect.py's client: its cache (data/cache/
+    lastfm.sqlite, shared with `collect.py crawl`), rate limit, retries and error handling; key from
+    LASTFM_API_KEY or .env."""
+    import collect
+    cache = Path(data_dir) / "cache"
+    try:
+        api = collect.Lastfm(collect.load_key(), cache / "lastfm.sqlite")
+        tracks, why = api.pages("user.getLovedTracks", "lovedtracks", "track", 1000, collect.parse_loved, user=name)
+    except collect.UserError as e:
+        raise UserError(str(e))
+    except collect.LastfmError as e:
+        raise UserError(f"Last.fm did not answer ({e})")
+    if why:
+        raise UserError(f"Last.fm user {name!r}: {why}")
+    return pd.DataFrame([(a, t) for a, t, _ in tracks], columns=["artist", "track"])
+
+
+def recommend_items(model, history, k, country=-1, known=-1, exclude=None, device="cpu"):
+    """One user's top K (item indices, scores, reason items, their contributions): the user encoded from a history
+    of item indices and a country code (a dataset user: `known`, their index), scored against every item by the
+    ranking engine, `exclude` (item indices; default: the history) left out, each with its reason (reasons)."""
+    n_items = int(model.i_feats.shape[1])
+    history = np.asarray(history, np.int64)
+    model.eval()
+    with torch.no_grad():
+        hist = sp.csr_matrix((np.ones(len(history)), history, [0, len(history)]), shape=(1, n_items))
+        u = model.encode([country], hist, [known])
+        V = model.items(torch.arange(n_items, device=u.device))
+    ex = np.asarray(history if exclude is None else exclude, np.int64)
+    ex = sp.csr_matrix((np.ones(len(ex)), ex, [0, len(ex)]), shape=(1, n_items))
+    fn = lambda users: model.scorer.all_pairs(u.expand(len(users), -1), V)
+    top = top_k_lists(fn, np.array([0]), ex, k, device)[0]
+    scores = fn([0])[0, torch.as_tensor(top, device=u.device)].cpu().numpy()
+    why, weight = reasons(model, country, history, top, known)
+    return top, scores, why, weight
+
+
 def reasons(model, country, history, items, known=-1):
     """Why each of `items` is recommended to one user (a country code, and history: item indices): the history
     item that contributes most to its score, i.e. whose removal from the history lowers that score most
@@ -2756,14 +2855,21 @@ def parser(preset="", split="auto"):
                 ("baselines", "the baselines (BASELINES) that can score the split's protocol, under its evaluator"),
                 ("stats", "dataset, filtering and split statistics"),
                 ("evaluate", "re-evaluate a saved run on validation and test"),
-                ("recommend", "top-K tracks for a user from a saved run"),
+                ("recommend", "top-K items for a dataset user, a loved-tracks file or a Last.fm user, from a saved run"),
                 ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]
     for name, hlp in commands:
         p = sub.add_parser(name, help=hlp)
         if name in SAVED:
             p.add_argument("run", help="run folder or its name under --runs-dir")
         if name == "recommend":
-            p.add_argument("--user", required=True, help="Last.fm username")
+            who = p.add_mutually_exclusive_group(required=True)
+            who.add_argument("--user", help="a user of the run's dataset (any case)")
+            who.add_argument("--loved", metavar="FILE", help="anyone's loved tracks: a CSV with columns artist and "
+                             "track (or item ids), matched to the run's catalog; no retraining")
+            who.add_argument("--lastfm-user", metavar="NAME", help="a Last.fm user's loved tracks, fetched with "
+                             "LASTFM_API_KEY through collect.py's client and matched to the run's catalog")
+            p.add_argument("--popular", action="store_true", help="when no loved track matches, list the most "
+                           "popular items instead (labelled as such)")
         add_settings(p, name, d)
     return ap
 
@@ -2810,16 +2916,34 @@ def cmd_evaluate(args):
 
 def cmd_recommend(args):
     cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
-    where = np.flatnonzero(ds.users.user.to_numpy() == args.user)
-    if len(where) == 0:
-        raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
-    u = int(where[0])
-    loved = positives_matrix(split)
-    top = top_k_lists(model_scores(model, device), np.array([u]), loved, args.k, device)[0]
-    print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved[u].indices)} loved tracks:")
-    for r, i in enumerate(top, 1):
-        it = ds.items.iloc[i]
-        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
+    names, country, known = item_names(ds.items), -1, -1
+    kind = "artists" if (ds.items.track == ds.items.artist).all() else "tracks"
+    if args.user:
+        known = find_user(ds, args.user)
+        who, country = ds.users.user.iloc[known], int(model.u_feats[1, known])
+        history, exclude = split.profile[known].indices, positives_matrix(split)[known].indices
+        intro = f"{len(exclude)} loved {kind} left out"
+    else:
+        loved = read_loved(args.loved) if args.loved else lastfm_loved(args.lastfm_user, cfg.data_dir)
+        who = args.loved or f"Last.fm user {args.lastfm_user}"
+        history, matched = match_items(ds.items, loved)
+        intro = f"{matched} of {len(loved)} loved tracks matched to {len(history)} of the run's {len(names):,} {kind}"
+        exclude = history
+        if not len(history):
+            if not args.popular:
+                raise UserError(f"none of the {len(loved)} loved tracks of {who} is in the catalog of {ds.name} "
+                                f"({len(names):,} {kind}); --popular lists the most popular {kind} instead")
+            top = np.argsort(-split.degree, kind="stable")[:args.k]
+            print(f"no loved track of {who} matched: the {args.k} most popular {kind} of {ds.label} "
+                  f"(train interactions), not personal recommendations:")
+            for r, i in enumerate(top, 1):
+                print(f"{r:3d}. {names[i]}   (loved by {split.degree[i]:,} users in train)")
+            return
+    top, scores, why, _ = recommend_items(model, history, args.k, country, known, exclude, device)
+    print(f"top {args.k} for {who} ({ds.label}; {intro}); score: the model's, reason: the loved item whose "
+          f"removal lowers the score most")
+    for r, (i, sc, w) in enumerate(zip(top, scores, why), 1):
+        print(f"{r:3d}. {names[i]}   score {sc:.3f}" + (f"   because you loved {names[w]}" if w >= 0 else ""))
 
 
 def cmd_baselines(cfg):

@@ -1280,3 +1280,80 @@ def test_ials_folds_in_new_users_by_an_exact_least_squares_solve(small_demo):
         A = V.T @ V + reg * torch.eye(f, dtype=V.dtype) + alpha * V[items].T @ V[items]
         x = torch.linalg.solve(A, (1 + alpha) * V[items].sum(0))
         assert torch.allclose(fn([u])[0].double(), V @ x, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- recommend for anyone
+
+def test_recommend_finds_users_in_any_case_and_answers_for_a_loved_tracks_file(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    users = pd.read_csv(data / "x" / "users.csv").user
+    R.main(["recommend", str(run), "--user", users[3].upper(), "-k", "4", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"top 4 for {users[3]} ") and len(out) == 5
+    assert all(re.search(r"score -?\d+\.\d{3}   because you loved i\d+-artist — i\d+-track$", line) for line in out[1:])
+    line = one_error_line(capsys, ["recommend", str(run), "--user", users[3] + "x", "--device", "cpu"])
+    assert "not in dataset x" in line and f"closest: {users[3]}" in line
+    loved = tmp_path / "loved.csv"
+    items = pd.read_csv(data / "x" / "items.csv")
+    pd.DataFrame({"artist": [items.artist[0].upper(), items.artist[1], "Nobody"],
+                  "track": [items.track[0], items.track[1], "Nothing"]}).to_csv(loved, index=False)
+    R.main(["recommend", str(run), "--loved", str(loved), "-k", "3", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert "2 of 3 loved tracks matched to 2" in out[0] and len(out) == 4
+    picks = [line.split(". ", 1)[1].split("   ")[0] for line in out[1:]]
+    loved_names = {f"{items.artist[j]} — {items.track[j]}" for j in (0, 1)}
+    assert not set(picks) & loved_names                                   # what you loved is not recommended
+    assert all(line.split("because you loved ")[1] in loved_names for line in out[1:])
+    pd.DataFrame({"artist": ["Nobody"], "track": ["Nothing"]}).to_csv(loved, index=False)
+    line = one_error_line(capsys, ["recommend", str(run), "--loved", str(loved), "--device", "cpu"])
+    assert "none of the 1 loved tracks" in line and "--popular" in line
+    R.main(["recommend", str(run), "--loved", str(loved), "--popular", "-k", "2", "--device", "cpu"])
+    assert "most popular" in capsys.readouterr().out
+
+
+def test_recommend_for_a_lastfm_user_through_the_collect_client(tiny_run, tmp_path, monkeypatch, capsys):
+    """--lastfm-user fetches user.getLovedTracks from a fake Last.fm on 127.0.0.1 (the real wire format), caches the
+    answer (a second call asks nothing) and matches it to the run's catalog; an unknown user is one error line."""
+    import http.server
+    import json
+    import threading
+    from urllib.parse import parse_qs, urlparse
+    data, run = tiny_run
+    items = pd.read_csv(data / "x" / "items.csv")
+    asked = []
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            q = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
+            asked.append(q)
+            if q.get("user") == "ghost":
+                body, code = {"error": 6, "message": "User not found"}, 404
+            else:
+                tracks = [{"name": items.track[j], "artist": {"name": items.artist[j]}, "date": {"uts": "1600000000"}}
+                          for j in (2, 5)]
+                body, code = {"lovedtracks": {"track": tracks, "@attr": {"page": "1", "totalPages": "1",
+                                                                         "total": "2", "user": q["user"]}}}, 200
+            raw = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("LASTFM_API_KEY", "k" * 32)
+        monkeypatch.setenv("LASTFM_BASE_URL", f"http://127.0.0.1:{server.server_port}/2.0/")
+        for _ in range(2):
+            R.main(["recommend", str(run), "--lastfm-user", "Someone", "-k", "3", "--device", "cpu"])
+            out = capsys.readouterr().out.splitlines()
+            assert "Last.fm user Someone" in out[0] and "2 of 2 loved tracks matched to 2" in out[0] and len(out) == 4
+        assert len(asked) == 1 and asked[0]["method"] == "user.getLovedTracks" and asked[0]["user"] == "Someone"
+        line = one_error_line(capsys, ["recommend", str(run), "--lastfm-user", "ghost", "--device", "cpu"])
+        assert "ghost" in line and "k" * 32 not in line
+    finally:
+        server.shutdown()
