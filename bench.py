@@ -213,6 +213,21 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
     return out
 
 
+def time_recommend(run, loved_csv, reps=5, device="cpu"):
+    """One line: the seconds `recommend RUN --loved FILE` needs after the run is loaded, median of `reps` rounds."""
+    cfg, ds, split, model, device, _ = R.restore(run, device_name=device)
+    loved, times = R.read_loved(loved_csv), []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        history, matched = R.match_items(ds.items, loved)
+        R.recommend_items(model, history, 10, device=device)
+        times.append(time.perf_counter() - t0)
+    print(f"recommend --loved {loved_csv} ({len(loved)} rows, {matched} matched) on {run} ({ds.label}, "
+          f"{split.n_items:,} items), {device}: median {np.median(times):.3f} s over {reps} rounds "
+          f"(min {min(times):.3f}, max {max(times):.3f}), after loading")
+    return times
+
+
 def run_set(args):
     """Child process: one dataset, both scorers (and the code of --against beside this one). Returns a dict."""
     rt = R.make_runtime(args.device, 0 if args.threads in ("auto", "torch") else int(args.threads), args.amp, quiet=True)
@@ -370,6 +385,9 @@ def main(argv=None):
                     "--sets, demo by default; --model) per thread setting (THREAD_SETTINGS: auto, torch's default "
                     "spinning, 1, torch's default with OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT), as the "
                     "machine is and beside one busy process; --reps rounds")
+    ap.add_argument("--recommend", nargs=2, metavar=("RUN", "LOVED_CSV"), help="instead: the seconds `recommend RUN "
+                    "--loved LOVED_CSV` takes to answer once the run is loaded (matching, encoding, ranking, reasons), "
+                    "the median of --reps rounds (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/bench.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)           # internal: run one set in this process
@@ -379,6 +397,8 @@ def main(argv=None):
         res = run_set(args)
         Path(args.one_out).write_text(json.dumps(res))
         return
+    if args.recommend:
+        return time_recommend(*args.recommend, reps=args.reps or 5, device=args.device)
     device = R.pick_device(args.device)
     env = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),

@@ -555,6 +555,15 @@ TUNING = [
                                                            "--no-tag-feature"]),
     ("c1 cold-items, tags", ["--split", "cold-items", "--text", "tags", "--no-text-bag", "--tag-feature"]),
     ("c1 cold-items, tags + text bag", ["--split", "cold-items", "--text", "tags", "--text-bag", "--tag-feature"]),
+    # new users (issue 21): does a user's free embedding (ids, zero for a user never trained) help, with or without
+    # user-id dropout, and what does it cost leave-one-out? (the default has none: country and history only)
+    ("n1 new-users, tags (defaults: no per-user embeddings)", ["--split", "new-users", "--text", "tags"]),
+    ("n1 new-users, tags + user ids", ["--split", "new-users", "--text", "tags", "--user-ids"]),
+    ("n1 new-users, tags + user ids, user-id dropout 0.5", ["--split", "new-users", "--text", "tags", "--user-ids",
+                                                            "--user-id-dropout", "0.5"]),
+    ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
+    ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
+                                                                "0.5"]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
