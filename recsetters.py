@@ -2348,7 +2348,7 @@ def describe(ds, split):
     for line in ds.report + split.report:
         log("  " + line)
     st = split_stats(split)
-    log(f"  split {st['split']} ({protocol_name(split.kind)}): {st['train_interactions']:,} train interactions; "
+    log(f"  split {protocol_title(split)}: {st['train_interactions']:,} train interactions; "
         f"items in train/val/test {st['items_in_train']:,}/{st['items_in_validation']:,}/{st['items_in_test']:,}; "
         f"warm/cold items {st['warm_items']:,}/{st['cold_items']:,}; avg degree item {st['avg_item_degree']:.2f}, "
         f"user {st['avg_user_degree']:.2f}")
