@@ -558,6 +558,8 @@ TUNING = [
     # new users (issue 21): does a user's free embedding (ids, zero for a user never trained) help, with or without
     # user-id dropout, and what does it cost leave-one-out? (the default has none: country and history only)
     ("n1 new-users, tags (defaults: no per-user embeddings)", ["--split", "new-users", "--text", "tags"]),
+    ("n1 new-users, tags + history dropout 0.3", ["--split", "new-users", "--text", "tags", "--history-dropout", "0.3"]),
+    ("n1 new-users, tags + history dropout 0.5", ["--split", "new-users", "--text", "tags", "--history-dropout", "0.5"]),
     ("n1 new-users, tags + user ids", ["--split", "new-users", "--text", "tags", "--user-ids"]),
     ("n1 new-users, tags + user ids, user-id dropout 0.5", ["--split", "new-users", "--text", "tags", "--user-ids",
                                                             "--user-id-dropout", "0.5"]),
