@@ -116,7 +116,8 @@ def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k):
     cache = Path(data_dir) / ".cache"
     res, ranks = R.run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, None, cache, seed, quiet=True)
     audit = R.protocol_of(split).audit
-    audit = audit(ds, split, res, cache, cfg.eval_memory_mb) if audit and ds.tag_assignments is not None else None
+    audit = audit(ds, split, res, cache, cfg.eval_memory_mb, cfg.tag_count) if audit and ds.tag_assignments is not None \
+        else None
     run_dir.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(run_dir / "results.json", json.dumps(
         {"protocol": R.protocol_name(split.kind), "dataset": {"name": ds.name, "synthetic": ds.synthetic},

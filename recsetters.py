@@ -147,6 +147,8 @@ class Config:
                                    "half for test", SHARE, cmds=DATA)
     new_user_fraction: float = setting(0.2, "share of the users that split new-users holds out with all their "
                                        "interactions, half for validation, half for test", SHARE, cmds=DATA)
+    tag_count: int = setting(5, "new items and new users: how many of an item's most applied leak-free tags its "
+                             "`tags` text keeps (0: all); which tags only, never how often", COUNT0, cmds=DATA)
     tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
                               "users who did not interact with it (leak-free), or from everyone (all: leaks the "
                               "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
@@ -833,20 +835,21 @@ def text_tokens(texts, commas=False):
 
 
 def top_tags(assignments, top=5):
-    """Per item, its `top` most applied tags, ties by tag name (as collect.py's hetrec import builds `tags`)."""
+    """Per item, its `top` most applied tags (0: all), ties by tag name (as collect.py's hetrec import builds `tags`).
+    Only which tags an item has is kept, never how often each was applied (the counts leak: RESULTS.md)."""
     n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
     n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
-    return n.groupby("item").head(top).groupby("item", sort=False).tag.agg(list)
+    return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
 
 
-def cold_item_tags(ds, split, source="non-listeners"):
+def cold_item_tags(ds, split, source="non-listeners", tag_count=5):
     """Leak-free tags for the protocols that hold out items or users (new-users: new_user_tags). Tags (hetrec:
-    user_taggedartists) are applied by users, often
-    by the very users whose interactions with a cold item are held out: a cold item's `tags` and `tag` would carry
-    its test users' own behaviour. With source non-listeners, every cold item's `tags` (top 5) and `tag` (the top
-    one) are rebuilt from the tag assignments of users who have no interaction with it (every listener of a cold
-    item is evaluated on it, so this removes each evaluated user's own tagging). Warm items keep theirs (train
-    information). Returns (dataset with new items, report lines)."""
+    user_taggedartists) are applied by users, often by the very users whose interactions with a cold item are held
+    out: a cold item's `tags` and `tag` would carry its test users' own behaviour. With source non-listeners, every
+    cold item's `tags` (its `tag_count` most applied, 0: all) and `tag` (the top one) are rebuilt from the tag
+    assignments of users who have no interaction with it (every listener of a cold item is evaluated on it, so this
+    removes each evaluated user's own tagging); the other items' from everyone's (train information). Returns
+    (dataset with new items, report lines)."""
     if source not in ("non-listeners", "all"):
         raise UserError(f"--tag-source {source!r}: use non-listeners or all")
     if not (len(split.new_items) or split.fold_in is not None) or source == "all":
@@ -856,9 +859,11 @@ def cold_item_tags(ds, split, source="non-listeners"):
                     "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
                     "may leak"]
     if split.fold_in is not None:
-        return new_user_tags(ds, split)
+        return new_user_tags(ds, split, tag_count)
     cold, ta, own = cold_tag_assignments(ds, split)
-    items = with_tags(ds.items, cold, ta[~own])
+    rest = np.setdiff1d(np.arange(len(ds.items)), cold)
+    items = with_tags(ds.items, rest, ds.tag_assignments, tag_count)
+    items = with_tags(items, cold, ta[~own], tag_count)
     had = int(ds.items.tag.iloc[cold].ne("").sum())
     rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
            f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
@@ -866,14 +871,14 @@ def cold_item_tags(ds, split, source="non-listeners"):
     return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
 
 
-def new_user_tags(ds, split):
+def new_user_tags(ds, split, tag_count=5):
     """Leak-free tags for the new-users protocol: users held out as new did not exist at training time, so every
     tag they applied is left out; the `tags` and `tag` of each item they tagged are rebuilt from everyone else's."""
     held = ds.users.user.to_numpy()[np.union1d(split.val_u, split.test_u)]
     ta = ds.tag_assignments
     own = ta.user.isin(held).to_numpy()
     rows = np.flatnonzero(ds.items.item.isin(ta.item[own]).to_numpy())
-    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()])
+    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()], tag_count)
     rep = [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(own.sum()):,} of {len(ta):,} tag "
            f"assignments"]
     return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
@@ -887,9 +892,10 @@ def cold_tag_assignments(ds, split):
     return cold, ta, np.asarray(own)
 
 
-def with_tags(items, rows, assignments):
-    """items with `tag` and `tags` of the given rows rebuilt from these tag assignments."""
-    top = items.item.iloc[rows].map(top_tags(assignments)).to_numpy()
+def with_tags(items, rows, assignments, top=5):
+    """items with `tag` and `tags` (the `top` most applied, 0: all) of the given rows rebuilt from these tag
+    assignments."""
+    top = items.item.iloc[rows].map(top_tags(assignments, top)).to_numpy()
     items = items.copy()
     items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
     if "tags" in items.columns:
@@ -1897,7 +1903,7 @@ class Protocol(NamedTuple):
     select: tuple            # (view, metric) that model selection maximizes on validation; "{k}": the run's -k
     columns: tuple           # (view, metric) columns of the protocol's tables
     defaults: dict = {}      # Config overlay: the setting chosen on this protocol's validation
-    audit: object = None     # (ds, split, baseline results, cache_dir, memory_mb) -> leak audit dict, or None
+    audit: object = None     # (ds, split, baseline results, cache_dir, memory_mb, tag_count) -> leak audit, or None
 
 
 LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
@@ -2135,6 +2141,11 @@ BASELINES = {
     "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
                       [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
                       NEW_ITEMS, "text"),
+    # the content -> collaborative map of the literature: a sparse TF-IDF of the item's tag set (presence only)
+    "CB2CF TF-IDF": Baseline(lambda split, tags, p: cb2cf_scores(split, tag_tfidf(tags), cached_factors(split, p[0]),
+                                                                 p[1]),
+                             [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
+                             NEW_ITEMS, "tags"),
 }
 DENSE_MAX_ITEMS = 20000
 
@@ -2236,30 +2247,41 @@ def tag_tfidf(tags, idf=True):
 
 
 def cb2cf_scores(split, C, target, lam=10.0):
-    """CB2CF: a ridge regression maps an item's content vector (rows of C) to its collaborative vector, learned
-    on the train items; items without train interactions get the mapped vector. target: (user factors P over
-    train items, item factors Q of the train items), from collaborative_factors."""
+    """CB2CF: a ridge regression maps an item's content vector (unit rows of C: dense, e.g. MiniLM, or sparse, e.g.
+    the TF-IDF of its tags) to its collaborative vector, learned on the train items; items without train
+    interactions get the mapped vector. target: (user factors P over train items, item factors Q of the train
+    items), from collaborative_factors. Solved in the smaller space: features x features (primal), or train items x
+    train items (dual, kernel ridge with a linear kernel: the same map, C Cs^T (Cs Cs^T + lam I)^-1 Q)."""
     seen = np.flatnonzero(split.degree > 0)
     P, Q = target
+    dense = lambda a: a.toarray() if sp.issparse(a) else np.asarray(a)
     C = unit_rows(C)
     Cs = C[seen]
-    W = np.linalg.solve(Cs.T @ Cs + lam * np.eye(C.shape[1]), Cs.T @ Q)
-    Qa = C @ W
+    if C.shape[1] <= len(seen):
+        Cs = dense(Cs)
+        W = np.linalg.solve(Cs.T @ Cs + lam * np.eye(C.shape[1]), Cs.T @ Q)
+        Qa = dense(C @ W)
+    else:
+        A = np.linalg.solve(dense(Cs @ Cs.T) + lam * np.eye(len(seen)), Q)
+        Qa = dense(C @ Cs.T) @ A
     Qa[seen] = Q
     Qa = torch.as_tensor(Qa, dtype=torch.float32)
-    dense = (lambda a: a.toarray()) if sp.issparse(P) else np.asarray
     return lambda users: torch.as_tensor(dense(P[users]), dtype=torch.float32) @ Qa.T
 
 
 def collaborative_factors(split, kind):
     """(user vectors, train-item vectors) whose dot product scores an item: ("svd", d): PureSVD, the top d right
-    singular vectors of the train matrix; ("ease", lam): the columns of EASE's item-item matrix."""
+    singular vectors of the train matrix; ("ease", lam): the columns of EASE's item-item matrix; ("ials", d): iALS
+    factors (L2 penalty 10, confidence slope 5, seed 0)."""
     seen = np.flatnonzero(split.degree > 0)
     X = split.train[:, seen].astype(np.float64)
     if kind[0] == "svd":
         from scipy.sparse.linalg import svds
         _, _, Vt = svds(X, k=min(kind[1], min(X.shape) - 1), random_state=0)
         return np.asarray(X @ Vt.T), Vt.T
+    if kind[0] == "ials":
+        U, V = ials_fit(X, kind[1], reg=10.0, alpha=5.0)
+        return U.double().numpy(), V.double().numpy()
     return X, ease_matrix(X, kind[1]).T
 
 
@@ -2271,7 +2293,7 @@ def cached_factors(split, kind):
     return memo[kind]
 
 
-def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
+def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_count=5):
     """How much the user-applied tags of cold items reveal their held-out listeners. `ds` carries the leak-free
     tags; the leaky ones (every user's assignments, as imported) are rebuilt here for comparison. `baselines`:
     run_baselines' results (for the leak-free rows and their chosen parameters)."""
@@ -2285,7 +2307,7 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512):
            "cold_items_with_tags_leaky": int(pd.Series(ids_i[cold]).isin(ta.item).sum()),
            "cold_items_with_tags_leak_free": int(pd.Series(ids_i[cold]).isin(ta.item[~own]).sum()),
            "cold_items": int(len(cold)), "test": {}}
-    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta), ds.inter, ds.synthetic)
+    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta, tag_count), ds.inter, ds.synthetic)
     counts = lambda a: torch.tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(np.float32))
     scorers = {"tag count, all users (leaky)": counts(ds.tag_assignments),
                "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
@@ -2332,7 +2354,7 @@ def prepare(cfg, quiet=False):
     if trivial.any():
         split.report.append(f"{int(trivial.sum()):,} of {len(trivial):,} test users have at most {cfg.k} candidate "
                             f"items: their held-out item is in the top {cfg.k} whatever the model")
-    ds, lines = cold_item_tags(ds, split, cfg.tag_source)
+    ds, lines = cold_item_tags(ds, split, cfg.tag_source, cfg.tag_count)
     split.report += lines
     if cfg.text == "auto":
         cfg.text = auto_text(ds.items)
@@ -2513,7 +2535,7 @@ def train_and_report(cfg, rt, rank=0, world=1):
     baselines, base_ranks = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
                                           cache, cfg.seed)
     audit = PROTOCOLS[protocol].audit
-    audit = audit(ds, split, baselines, cache, cfg.eval_memory_mb) \
+    audit = audit(ds, split, baselines, cache, cfg.eval_memory_mb, cfg.tag_count) \
         if audit and baselines and ds.tag_assignments is not None else None
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},

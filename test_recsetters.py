@@ -1357,3 +1357,38 @@ def test_recommend_for_a_lastfm_user_through_the_collect_client(tiny_run, tmp_pa
         assert "ghost" in line and "k" * 32 not in line
     finally:
         server.shutdown()
+
+
+def test_cb2cf_over_tag_tfidf_is_a_plain_kernel_ridge_onto_ease_columns(small_demo):
+    """CB2CF with TF-IDF tag content equals a plain implementation written here (binary TF-IDF, unit rows, ridge from
+    content onto EASE's item columns learned on the train items), in the primal (few tags) and the dual (more tags
+    than train items) solve, to 1e-6."""
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="cold-items", text="none"),
+                          quiet=True)
+    users = np.arange(0, split.n_users, 7)
+
+    def reference(tags, lam, ease_lam=200.0):
+        lists = [{t.strip().lower() for t in s.split(",") if t.strip()} for s in tags]
+        vocab = {t: j for j, t in enumerate(sorted(set().union(*lists)))}
+        X = np.zeros((len(lists), len(vocab)))
+        for r, l in enumerate(lists):
+            X[r, [vocab[t] for t in l]] = 1
+        X *= np.log(len(lists) / np.maximum(X.sum(0), 1))
+        X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+        seen = split.degree > 0
+        Rm = split.train[:, seen].toarray()
+        P = np.linalg.inv(Rm.T @ Rm + ease_lam * np.eye(seen.sum()))
+        B = -P / np.diag(P)[None, :]
+        np.fill_diagonal(B, 0)
+        Q = B.T
+        Qa = X @ np.linalg.solve(X[seen].T @ X[seen] + lam * np.eye(X.shape[1]), X[seen].T @ Q)
+        Qa[seen] = Q
+        return Rm[users] @ Qa.T
+
+    few = (ds.items.tag + ", " + ds.items.artist).tolist()
+    many = (ds.items.tag + ", " + ds.items.artist + ", " + ds.items.item).tolist()     # more tags than train items
+    assert len(set(many)) > (split.degree > 0).sum()
+    for tags in (few, many):
+        for lam in (0.1, 10.0):
+            fn = R.BASELINES["CB2CF TF-IDF"].make(split, pd.Series(tags), (("ease", 200.0), lam))
+            assert np.allclose(fn(users).numpy(), reference(tags, lam), atol=1e-6, rtol=1e-5)
