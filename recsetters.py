@@ -2653,8 +2653,10 @@ def match_items(items, loved):
     if "item" in loved.columns:
         idx = pd.Index(items.item.astype(str)).get_indexer(loved.item.astype(str).str.strip())
     elif (items.track == items.artist).all():
-        idx = pd.Index([collect.norm_artist(a) for a in items.artist]).get_indexer(
-            [collect.norm_artist(a) for a in loved.artist.astype(str)])
+        first = {}
+        for j, a in enumerate(items.artist):
+            first.setdefault(collect.norm_artist(a), j)          # spellings that normalize alike: the first
+        idx = [first.get(collect.norm_artist(a), -1) for a in loved.artist.astype(str)]
     else:
         cat = pd.DataFrame({"artist": items.artist, "track": items.track, "genre": items.tag,
                             "artists": [[a] for a in items.artist]})
