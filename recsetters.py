@@ -1896,7 +1896,8 @@ class Protocol(NamedTuple):
     """An evaluation protocol: how the split is made, what each evaluated user is ranked on, and how it is scored.
     Adding one is an entry of PROTOCOLS, its split function (section 4) and its targets function (above)."""
     splits: tuple            # the --split values that make it
-    make_split: object       # (frame of u, i, t, rng, n_items, kind, cfg) -> (train, validation, test, parts, report)
+    make_split: object       # (frame of u, i, t, noise; rng, n_users, n_items, kind, options) -> (train, validation,
+                             #   test, extra Split fields, report lines): section 4
     targets: object          # (split, "validation" | "test") -> (users, targets CSR, {view: candidates or None})
     results: object          # (ranks by view, users, targets, split, k) -> {view or group: {metric: mean}}
     per_user: object         # (ranks of a view, targets per user, k) -> {metric: per-user array, x100}
@@ -1912,15 +1913,14 @@ MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "re
 
 # name -> Protocol: the one list of evaluation protocols (--split picks one; experiments.py loops over them)
 PROTOCOLS = {
-    "leave-one-out": Protocol(("auto", "last", "random", "global"), lambda *a: leave_one_out_parts(*a), loo_targets,
-                              loo_results, lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
-                              ("overall", "ndcg@{k}"),
-                              LOO_COLUMNS),
+    "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
+                              lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
+                              ("overall", "ndcg@{k}"), LOO_COLUMNS),
     # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
-    "cold-items": Protocol(("cold-items",), lambda *a: cold_items_parts(*a), cold_targets, multi_target_results,
+    "cold-items": Protocol(("cold-items",), cold_items_parts, cold_targets, multi_target_results,
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False), audit=lambda *a: tag_leak_audit(*a)),
-    "new-users": Protocol(("new-users",), lambda *a: new_users_parts(*a), new_users_targets,
+    "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
                           lambda *a: multi_target_results(*a, capped=True),
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20"))),
