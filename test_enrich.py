@@ -95,6 +95,9 @@ class Fakes:
         self.hang_after = None   # after this many successes, hold new requests until released
         self.arrivals, self.retry_after = [], "0"   # (time, server) of every request; the 429s' retry-after
         self.hung, self.released = threading.Event(), threading.Event()
+        self.paths = []          # every request's path as it came over the wire
+        self.garbled = True      # False: the GARBLED artists answer like any other (a passing fault is over)
+        self.raw, self.raw_left = None, 0   # raw(handler) answers the next raw_left requests for "Artist 0"
 
     def start(self):
         self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (GroqHandler, LyricsHandler)]
@@ -148,6 +151,19 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def raw_fault(self, chosen):
+        """Record the raw path; answer with fakes.raw (bytes as they go on the wire) when chosen and some are left."""
+        fakes = self.server.fakes
+        with fakes.lock:
+            fakes.paths.append(self.path)
+            use = chosen and fakes.raw is not None and fakes.raw_left > 0
+            fakes.raw_left -= use
+        if use:
+            self.close_connection = True
+            fakes.raw(self)
+            self.wfile.flush()
+        return use
+
     def answer(self, key, status, body, malformed):
         fakes = self.server.fakes
         with fakes.lock:
@@ -183,7 +199,10 @@ class GroqHandler(Handler):
         prompt = body["messages"][-1]["content"]
         with self.server.fakes.lock:
             self.server.fakes.prompts.append(prompt)
-        hostile = [v for k, v in HOSTILE_GROQ.items() if f"by {k} in" in prompt or f"by {k}:" in prompt]
+        if self.raw_fault("by Artist 0 in" in prompt):
+            return
+        hostile = [v for k, v in HOSTILE_GROQ.items() if (f"by {k} in" in prompt or f"by {k}:" in prompt)
+                   and (self.server.fakes.garbled or k not in GARBLED)]
         if hostile:
             status, answer = hostile[0](self.server.fakes.key)
             return self.answer(("chat", body["model"], prompt), status,
@@ -200,7 +219,9 @@ class LyricsHandler(Handler):
         if len(parts) != 4 or parts[1] != "v1":   # an unencoded '/' or '?' breaks the path
             return self.send(400, {"error": "bad path"})
         artist, track = unquote(parts[2]), unquote(parts[3])
-        if artist in HOSTILE_LYRICS:
+        if self.raw_fault(artist == "Artist 0"):
+            return
+        if artist in HOSTILE_LYRICS and (self.server.fakes.garbled or artist not in GARBLED):
             return self.answer(("lyrics", artist, track), 200, HOSTILE_LYRICS[artist], [b"{}"])
         if artist == NOT_FOUND:
             return self.answer(("lyrics", artist, track), 404, {"error": "No lyrics found"}, [b"{}"])
@@ -215,6 +236,7 @@ HOSTILE_LYRICS = {
     "L evil": {"lyrics": '=HYPERLINK("http://evil")\x00 evil \u202eright to left\u202c text'},
     "L empty": {"lyrics": ""},
 }
+GARBLED = {"L list", "L null", "L missing", "L html", "G html"}   # unreadable: passing faults, retried, not cached
 HOSTILE_GROQ = {   # key -> (status, content, or a whole body when bytes/dict)
     "G null": lambda key: (200, None), "G number": lambda key: (200, 42),
     "G no choices": lambda key: (200, {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": []}),
@@ -560,7 +582,8 @@ def test_real_catalog_names(tmp_path, fakes, monkeypatch):
 # hostile answers, Ctrl-C, rate limits
 
 
-HOSTILE_TRACKS = [(f"h{n:02d}", artist, "Zyx", "x") for n, artist in enumerate(list(HOSTILE_LYRICS) + list(HOSTILE_GROQ))] + [
+HOSTILE_TRACKS = [(f"h{n:02d}", artist, "Zyx", "x") for n, artist in enumerate(list(HOSTILE_LYRICS) + list(HOSTILE_GROQ))
+                  if artist not in GARBLED] + [
     ("h50", ".", "..", "x"), ("h51", "..", "Zyx", "x"), ("h52", "Erick Sermon", "Music", "x"),
     ("h53", "Erick Sermon", "Music (feat. Marvin Gaye)", "x"), ("h54", NOT_FOUND, "-Title-", "x"),
     ("h55", NOT_FOUND, '=HYPERLINK("http://x")', "x")]
@@ -578,7 +601,7 @@ def test_hostile_answers_finish_with_permanent_fallbacks(tmp_path, fakes, monkey
     rows = {r["item"]: r for r in read_rows(items)}
     first, tries = items.read_bytes(), sum(fakes.tries.values())
     assert "Traceback" not in err and "still failing" not in out
-    assert "malformed" in out and "http 400" in out
+    assert "no text answer 2" in out and "no answer 1" in out and "http 400" in out
     for r in rows.values():
         assert clean_cell(r["summary"]) and clean_cell(r["lyrics"]), r
     by_artist = {r["artist"]: r for r in rows.values()}
@@ -587,11 +610,12 @@ def test_hostile_answers_finish_with_permanent_fallbacks(tmp_path, fakes, monkey
     assert by_artist["G evil"]["summary"] == "SUM(1+1) dreams of the road home"
     assert by_artist["G echo"]["summary"] == "A song about the secret and the night."   # key scrubbed
     assert by_artist["."]["lyrics"] != ".." and by_artist[".."]["lyrics"] != "Zyx"    # found, not a 400
+    assert {"/v1/%2E/%2E%2E", "/v1/%2E%2E/Zyx"} <= set(fakes.paths)                 # '.' stays encoded on the wire
     assert rows["h55"]["lyrics"] == 'HYPERLINK("http://x")' and rows["h54"]["lyrics"] == "Title-"
     music = [k for k in fakes.tries if "Erick Sermon" in str(k)]
     assert len(music) == 2 and max(fakes.tries[k] for k in music) == 1     # Music and Music (feat. ...): once each
-    for kind in ("lyrics", "chat"):   # malformed three times, then cached: never asked again
-        assert max(n for k, n in fakes.tries.items() if k[0] == kind) <= enrich.MALFORMED_TRIES
+    for kind in ("lyrics", "chat"):   # a final answer is cached at once: never asked twice
+        assert max(n for k, n in fakes.tries.items() if k[0] == kind) == 1
     assert run_inprocess(monkeypatch, fakes, tmp_path) == 0          # rerun: nothing asked, same bytes
     assert items.read_bytes() == first and sum(fakes.tries.values()) == tries
     files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
