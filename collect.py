@@ -708,13 +708,13 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         if limiter:
             limiter.wait()
         cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
-        conn, expired = cls(p.hostname, p.port, timeout=timeout), threading.Event()
+        conn, expired, sock = cls(p.hostname, p.port, timeout=timeout), threading.Event(), []
 
-        def expire(conn=conn, expired=expired):         # the deadline: a blocked read or connect ends now
+        def expire(expired=expired, sock=sock):         # the deadline: a blocked read ends now
             expired.set()
-            if conn.sock is not None:
+            for s in sock:                              # (the response keeps reading it after conn lets go)
                 try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
         timer = threading.Timer(timeout, expire)
@@ -722,7 +722,8 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         timer.start()
         try:
             conn.connect()
-            if expired.is_set():
+            sock.append(conn.sock)
+            if expired.is_set():                        # connect took the whole deadline
                 raise TimeoutError
             conn.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
                          headers={"User-Agent": "RecSetters", **(headers or {})})
