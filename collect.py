@@ -616,8 +616,8 @@ class RateLimiter:
         return until - now
 
     def wait(self):
-        """Block until this thread may start one request; its start is recorded now."""
-        n = max(1, int(self.rate))
+        """Block until this thread may start one request; its start is recorded now. -> seconds waited"""
+        n, began = max(1, int(self.rate)), time.monotonic()
 
         def start(state):
             now, mono = time.time(), time.monotonic()
@@ -636,7 +636,7 @@ class RateLimiter:
         while True:
             delay, held = self._update(start)
             if delay <= 0:
-                return
+                return time.monotonic() - began
             quiet = not held or self.shown is not None and self.shown > time.monotonic()   # one line per hold
             if held and not quiet:
                 self.shown = time.monotonic() + delay
@@ -694,9 +694,9 @@ _JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def http_request(method, url, timeout, headers=None, body=None, limiter=None, max_body=MAX_BODY):
-    """One HTTP exchange -> Response, following redirects on the same scheme, host and port only. Each hop waits
-    for the limiter, then has `timeout` seconds in all (connect, send, every read); the path is sent exactly as
-    given ('%2E' stays '%2E'). Transient for what a retry may fix (timeout, connection, a body over max_body, a
+    """One HTTP exchange -> Response, following redirects on the same scheme, host and port only. Each hop
+    connects, waits for the limiter (so that the start it records is the moment the request goes out), and has
+    `timeout` seconds in all for connect, send and every read; the path is sent exactly as given ('%2E' stays). Transient for what a retry may fix (timeout, connection, a body over max_body, a
     redirect elsewhere); the messages never contain the URL or headers (they may hold a key)."""
     import http.client
     from urllib.parse import urljoin, urlsplit
@@ -705,10 +705,8 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         p = urlsplit(url)
         if p[:2] != origin:
             raise Transient("redirect to another host")
-        if limiter:
-            limiter.wait()
         cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
-        conn, expired, sock = cls(p.hostname, p.port, timeout=timeout), threading.Event(), []
+        conn, expired, sock, timer = cls(p.hostname, p.port, timeout=timeout), threading.Event(), [], None
 
         def expire(expired=expired, sock=sock):         # the deadline: a blocked read ends now
             expired.set()
@@ -717,14 +715,19 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
         try:
-            conn.connect()
+            started = time.monotonic()
+            conn.connect()                              # first: the start the limiter records is the send
+            connecting = time.monotonic() - started
+            if limiter and limiter.wait() > 2:          # a long wait: the server may have dropped us meanwhile
+                conn.close()
+                started = time.monotonic()
+                conn.connect()
+                connecting = time.monotonic() - started
             sock.append(conn.sock)
-            if expired.is_set():                        # connect took the whole deadline
-                raise TimeoutError
+            timer = threading.Timer(max(0.0, timeout - connecting), expire)   # the wait itself does not count
+            timer.daemon = True
+            timer.start()
             conn.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
                          headers={"User-Agent": "RecSetters", **(headers or {})})
             r = conn.getresponse()
@@ -741,7 +744,8 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise Transient("timeout" if expired.is_set() or isinstance(e, TimeoutError) else "connection") from None
         finally:
-            timer.cancel()
+            if timer:
+                timer.cancel()
             conn.close()
         location = r.getheader("location")
         if r.status in (301, 302, 303, 307, 308) and location:

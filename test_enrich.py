@@ -29,6 +29,7 @@ from urllib.parse import unquote
 import pytest
 
 import enrich
+from test_collect import RawServer, drip, http_date, raw_answer
 
 HERE = Path(__file__).resolve().parent
 KEY = "gsk_FAKE_7f3c9e_never_leak_0451"
@@ -97,7 +98,8 @@ class Fakes:
         self.hung, self.released = threading.Event(), threading.Event()
         self.paths = []          # every request's path as it came over the wire
         self.garbled = True      # False: the GARBLED artists answer like any other (a passing fault is over)
-        self.raw, self.raw_left = None, 0   # raw(handler) answers the next raw_left requests for "Artist 0"
+        self.raw, self.raw_left, self.raw_on = None, 0, None   # raw(handler): the next raw_left requests for
+        # "Artist 0" to the server of handler class raw_on
 
     def start(self):
         self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (GroqHandler, LyricsHandler)]
@@ -152,16 +154,23 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def raw_fault(self, chosen):
-        """Record the raw path; answer with fakes.raw (bytes as they go on the wire) when chosen and some are left."""
+        """Record the raw path; when chosen, on the server fakes.raw_on and some are left, answer with fakes.raw:
+        bytes as they go on the wire, or byte chunks sent one by one."""
         fakes = self.server.fakes
         with fakes.lock:
             fakes.paths.append(self.path)
-            use = chosen and fakes.raw is not None and fakes.raw_left > 0
+            fakes.arrivals.append((time.time(), "raw")) if chosen else None
+            use = chosen and fakes.raw is not None and fakes.raw_left > 0 and isinstance(self, fakes.raw_on)
             fakes.raw_left -= use
         if use:
             self.close_connection = True
-            fakes.raw(self)
-            self.wfile.flush()
+            out = fakes.raw(self)
+            try:
+                for chunk in [out] if isinstance(out, bytes) else out:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         return use
 
     def answer(self, key, status, body, malformed):
@@ -538,9 +547,16 @@ def test_user_errors(tmp_path, monkeypatch, capsys):
     assert "lacks column(s) track, title" in capsys.readouterr().err
     assert not (items.parent / ".enrich-cache.sqlite").exists()
 
-    with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well
-        enrich.main(["demo", "--workers", "0"])
-    assert e.value.code == 2
+    (items.parent / "items.csv").write_text("item,artist,track,title\n")          # header only: nothing to do
+    assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics"]) == 2
+    assert "has no rows" in capsys.readouterr().err
+
+    for flag, value in (("--workers", "0"), ("--attempts", "-1"), ("--limit", "0"), ("--timeout", "inf"),
+                        ("--max-wait", "nan"), ("--lyrics-rate", "-1"), ("--backoff", "inf")):
+        with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well, the flag named
+            enrich.main(["demo", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {flag} " in err and "Traceback" not in err
 
 
 def test_lyrics_only_needs_no_key_and_limit(tmp_path, fakes, monkeypatch, capsys):
@@ -654,6 +670,10 @@ def test_bad_base_url_and_second_run(tmp_path, fakes, monkeypatch, capsys):
     monkeypatch.setenv("GROQ_API_KEY", KEY)
     assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'localhost:8000' is not an http(s) URL"
+    monkeypatch.setenv("GROQ_BASE_URL", "http://127.0.0.1:notaport")
+    assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'http://127.0.0.1:notaport' has an invalid port"
+    assert not (tmp_path / "demo" / ".enrich-cache.sqlite").exists()
     lock = enrich.lock_folder(tmp_path / "demo" / ".enrich.lock", "x")   # as if another run held it
     try:
         assert run_inprocess(monkeypatch, fakes, tmp_path) == 2
@@ -746,6 +766,124 @@ def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypa
     assert (ds2.items.summary != "").all() and (ds2.items.lyrics != "").all()
     assert ds2.items.drop(columns=["summary", "lyrics"]).equals(ds.items.drop(columns=["summary", "lyrics"]))
     assert ds2.inter.equals(ds.inter) and ds2.users.equals(ds.users)
+
+# -----------------------------------------------------------------------------
+# the wire: raw answers (bytes as they go out) and what a server can make us do
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """No test hangs: each fails after 150 s (SIGALRM interrupts sleeps and socket reads in the main thread)."""
+    def expire(*_):
+        raise TimeoutError("the test ran past its 150 s deadline")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(150)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+GOOD_LYRICS = json.dumps({"lyrics": fake_lyrics("Artist 0", "Song 0")}).encode()
+WIRE_TRACKS = [("w0", "Artist 0", "Song 0", "pop"), ("w1", "Artist 1", "Song 1", "pop")]
+WIRE_FAULTS = {   # name: (raw answer to the requests for Artist 0, how many get it, exit code of the first run)
+    "html 200": (lambda h: raw_answer(200, b"<html>Bad gateway</html>", [("Content-Type", "text/html")]), 2, 1),
+    "empty 200": (lambda h: raw_answer(200), 2, 1),
+    "Latin-1 bytes, no charset": (lambda h: raw_answer(200, '{"lyrics": "Paroles \u00e9t\u00e9"}'.encode("latin-1")), 2, 1),
+    "truncated body": (lambda h: raw_answer(200, GOOD_LYRICS[:30], [("Content-Length", len(GOOD_LYRICS))]), 2, 1),
+    "nested 100k levels": (lambda h: raw_answer(200, b"[" * 100_000 + b"]" * 100_000), 2, 1),
+    "5 MB body": (lambda h: raw_answer(200, b'{"lyrics": "' + b"la " * (5 << 19) + b'"}'), 2, 1),
+    "302 to another host": (lambda h: raw_answer(302, headers=[("Location", h.server.fakes.other.url + "/v1/a/b")]), 2, 1),
+    "Retry-After 999999999": (lambda h: raw_answer(429, b"{}", [("Retry-After", "999999999")]), 1, 1),
+    "Groq retry-after-ms 1e15": (lambda h: raw_answer(429, b"{}", [("retry-after-ms", "1e15")]), 1, 1),
+    "Groq 307 to another host": (lambda h: raw_answer(307, headers=[("Location", h.server.fakes.other.url + "/x")]), 2, 1),
+    # passing faults the same run gets over
+    "UTF-8 BOM": (lambda h: raw_answer(200, b"\xef\xbb\xbf" + GOOD_LYRICS), 1, 0),
+    "byte drip": (lambda h: drip(raw_answer(200, headers=[("Content-Length", len(GOOD_LYRICS))]), GOOD_LYRICS), 1, 0),
+    "Retry-After: HTTP date in 2 s": (lambda h: raw_answer(429, b"{}", [("Retry-After", http_date(2))]), 1, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def wire_reference(tmp_path_factory):
+    d, fakes, mp = tmp_path_factory.mktemp("wire"), Fakes().start(), pytest.MonkeyPatch()
+    try:
+        make_dataset(d, tracks=WIRE_TRACKS)
+        assert run_inprocess(mp, fakes, d) == 0
+    finally:
+        mp.undo()
+        fakes.stop()
+    return (d / "demo" / "items.csv").read_bytes()
+
+
+@pytest.mark.parametrize("name", list(WIRE_FAULTS))
+def test_wire_faults_are_bounded_and_a_rerun_completes(name, wire_reference, tmp_path, monkeypatch, capsys):
+    """Each raw answer: no hang, no traceback, the right class of failure (a passing fault is retried and never
+    cached; a Retry-After beyond --max-wait stops the run with one line naming the API), and a plain rerun
+    against the healthy server writes the fault-free items.csv."""
+    fault, n, code = WIRE_FAULTS[name]
+    fakes, other = Fakes().start(), RawServer(lambda h: raw_answer(200, b"{}"))
+    fakes.other, fakes.raw, fakes.raw_left = other, fault, n
+    fakes.raw_on = GroqHandler if name.startswith("Groq") else LyricsHandler
+    items = make_dataset(tmp_path, tracks=WIRE_TRACKS)
+    try:
+        t = time.monotonic()
+        assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == code
+        took, first = time.monotonic() - t, capsys.readouterr()
+        if code:
+            assert fakes.raw_left <= 0
+            assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == 0
+    finally:
+        fakes.stop()
+        other.stop()
+    print(f"{name}: first run exit {code} after {took:.2f}s; {first.err.strip()[-150:]}")
+    assert took < 6 and "Traceback" not in first.err and other.paths == []
+    errors = [line for line in first.err.splitlines() if line.startswith("error:")]
+    if "retry-after" in name.lower() and code:
+        api = "Groq" if name.startswith("Groq") else "lyrics.ovh"
+        assert len(errors) == 1 and errors[0].startswith(f"error: {api} asked to wait") and "rerun after" in errors[0]
+    elif code:
+        assert not errors and "1 request(s) still failing after 2 attempts" in first.out
+    if "HTTP date" in name:   # the date was honoured: Artist 0 asked again >= 1 s later (whole seconds: 1-2 s)
+        again = [t for t, kind in fakes.arrivals if kind == "raw"]
+        assert len(again) >= 2 and again[1] - again[0] >= 1.0
+    assert items.read_bytes() == wire_reference
+    for state in tmp_path.glob(".enrich-rate-*"):
+        assert "hold" not in json.loads(state.read_text() or "{}")
+
+
+def test_garbled_answers_are_passing_faults_and_retry_failed(tmp_path, monkeypatch, capsys):
+    """Answers that cannot be read (lyrics that are not text, HTML) are retried, not cached: exit 1, and a rerun
+    once the server is well gets the real texts. --retry-failed asks again for what was cached as final."""
+    tracks = [(f"g{n}", artist, "Zyx", "x") for n, artist in enumerate(sorted(GARBLED))] + [("n", NOT_FOUND, "Song", "x")]
+    fakes = Fakes().start()
+    try:
+        make_dataset(tmp_path / "ref", tracks=tracks)
+        fakes.garbled = False
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "ref") == 0
+        fakes.garbled = True
+        items = make_dataset(tmp_path / "run", tracks=tracks)
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 1
+        assert "5 request(s) still failing" in capsys.readouterr().out
+        fakes.garbled = False
+        tries = Counter(fakes.tries)
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 0
+        assert items.read_bytes() == (tmp_path / "ref/demo/items.csv").read_bytes()
+        asked = {k for k in fakes.tries if fakes.tries[k] > tries[k]}
+        assert len(asked) >= len(GARBLED) and not [k for k in asked if NOT_FOUND in str(k) and k[0] == "lyrics"]
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--retry-failed") == 0
+        again = [k for k in fakes.tries if k[0] == "lyrics" and k[1] == NOT_FOUND]
+        assert again and fakes.tries[again[0]] == 3                   # ref, run, and --retry-failed: asked again
+        assert "asking again for" in capsys.readouterr().err
+    finally:
+        fakes.stop()
+
+
+def test_a_poisoned_saved_hold_is_ignored(tmp_path, fakes, monkeypatch, capsys):
+    make_dataset(tmp_path, tracks=WIRE_TRACKS)
+    (tmp_path / ".enrich-rate-lyrics").write_text(json.dumps({"times": [], "until": time.time() + 1e9}))
+    t = time.monotonic()
+    assert run_inprocess(monkeypatch, fakes, tmp_path, "--what", "lyrics") == 0
+    assert time.monotonic() - t < 5 and "ignoring a saved wait" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
