@@ -616,7 +616,8 @@ class RateLimiter:
         return until - now
 
     def wait(self):
-        """Block until this thread may start one request; its start is recorded now. -> seconds waited"""
+        """Block until this thread may start one request; its start is recorded now (sent() moves it to when the
+        request has left). -> (seconds waited, the start as recorded)"""
         n, began = max(1, int(self.rate)), time.monotonic()
 
         def start(state):
@@ -632,15 +633,23 @@ class RateLimiter:
                 state["times"] = times
                 return earliest - mono, False
             state["times"] = (times + [mono])[-n:]
-            return 0.0, False
+            return 0.0, mono
         while True:
             delay, held = self._update(start)
             if delay <= 0:
-                return time.monotonic() - began
+                return time.monotonic() - began, held
             quiet = not held or self.shown is not None and self.shown > time.monotonic()   # one line per hold
             if held and not quiet:
                 self.shown = time.monotonic() + delay
             pause(delay, f"{self.api} asked for a pause (Retry-After)", self.stop, quiet=quiet)
+
+    def sent(self, start):
+        """The request recorded at `start` has left: record that moment instead, an upper bound of its departure
+        (the next starts are decided no earlier than now, so departures keep the window, not only decisions)."""
+        if start:
+            now = time.monotonic()
+            self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
+                                                         if isinstance(t, (int, float)))))
 
 
 def check_base_url(url, name):
@@ -719,7 +728,8 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
             started = time.monotonic()
             conn.connect()                              # first: the start the limiter records is the send
             connecting = time.monotonic() - started
-            if limiter and limiter.wait() > 2:          # a long wait: the server may have dropped us meanwhile
+            waited, slot = limiter.wait() if limiter else (0.0, None)
+            if waited > 2:                              # a long wait: the server may have dropped us meanwhile
                 conn.close()
                 started = time.monotonic()
                 conn.connect()
@@ -730,6 +740,8 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
             timer.start()
             conn.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
                          headers={"User-Agent": "RecSetters", **(headers or {})})
+            if limiter:
+                limiter.sent(slot)
             r = conn.getresponse()
             length = r.getheader("content-length", "")
             if length.isdigit() and int(length) > max_body:
