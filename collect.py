@@ -14,6 +14,15 @@ Dataset format (read by recsetters.py), one folder per dataset:
 
 The Last.fm key comes from LASTFM_API_KEY or a git-ignored .env; it never reaches logs, errors or files.
 Every API response is committed to a SQLite cache as it arrives, so a killed crawl resumes where it stopped.
+
+Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts and answers that cannot be read (not JSON,
+HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) are retried with backoff (--retries,
+--backoff); if they outlast every retry the run stops with exit 1 and a rerun of the same command resumes and asks
+again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
+skipped on reruns unless --retry-failed. A Retry-After (seconds, HTTP date or retry-after-ms) pauses every
+process sharing the cache, up to --max-wait seconds (default 300); a longer or unreadable one stops the run at
+once (exit 1) saying when to rerun. Waits over 3 s print a line. --timeout bounds a whole request (connect and
+every read); redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
 """
 import argparse
 import collections
@@ -1244,7 +1253,8 @@ def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.strip().split("\n\n")[-1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="data", help="datasets go to DATA_DIR/<name>/")
     ap.add_argument("--cache-dir", default=None, help="downloads and API cache (default DATA_DIR/cache)")
     sub = ap.add_subparsers(dest="cmd", required=True)

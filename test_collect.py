@@ -1070,6 +1070,7 @@ BAD_INPUTS = {   # name: (arguments, extra environment, words of the one error l
     "catalog not UTF-8 (all)": (["all", "--catalog", "x={d}/latin.csv"], {}, "latin.csv: the catalog is not UTF-8"),
     "0-byte catalog": (["all", "--catalog", "x={d}/empty.csv"], {}, "empty.csv: the catalog is empty"),
     "header-only catalog": (["all", "--catalog", "x={d}/header.csv"], {}, "header.csv: no songs in the catalog"),
+    "match that matches nothing": (["match", "{d}/one.csv", "--name", "x", "--no-tags"], {}, "none of the 0 loved tracks"),
     "--data-dir is a file": (["--data-dir", "{d}/afile", "crawl"], {}, "--data-dir"),
     "--cache-dir is a file": (["--cache-dir", "{d}/afile", "crawl"], {}, "--cache-dir"),
     "--cache-dir under a file": (["--cache-dir", "{d}/afile/sub", "crawl"], {}, "is a file, not a folder"),
@@ -1086,6 +1087,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, monkeyp
     (tmp_path / "latin.csv").write_bytes("artistName,trackName,primaryGenreName\nBj\xf6rk,J\xf3ga,pop\n".encode("latin-1"))
     (tmp_path / "empty.csv").write_bytes(b"")
     (tmp_path / "header.csv").write_text("artistName,trackName,primaryGenreName\n")
+    (tmp_path / "one.csv").write_text("artistName,trackName,primaryGenreName\nBjork,Joga,pop\n")
     (tmp_path / "afile").write_text("x")
     (tmp_path / "data" / "lastfm").mkdir(parents=True)          # as if a crawl had run (for match)
     for f in ("users.csv", "loved.csv"):
