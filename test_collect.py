@@ -1116,3 +1116,21 @@ def test_a_crawl_that_keeps_nobody_says_so(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no user kept" in err and "--seed-users" in err
     assert not (tmp_path / "lastfm").exists()
+
+
+def test_older_caches_ask_again_for_what_was_a_passing_fault(tmp_path):
+    """Failures an older version recorded as permanent for an unreadable body are asked again on a plain rerun;
+    answers it stored with U+FFFD (undecodable bytes) are asked again with --retry-failed."""
+    db = sqlite3.connect(tmp_path / "c.sqlite")
+    db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
+    db.execute("CREATE TABLE failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
+    db.executemany("INSERT INTO failed VALUES (?, ?)", [("a", "unexpected response: not a JSON object (3 times)"),
+                                                        ("b", "Last.fm error 6: User not found")])
+    db.executemany("INSERT INTO responses VALUES (?, ?)", [("c", '{"user": {"country": "P\ufffdru"}}'), ("d", "{}")])
+    db.commit()
+    db.close()
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0)
+    assert [k for (k,) in api.db.execute("SELECT key FROM failed")] == ["b"]
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retry_failed=True)
+    assert api.db.execute("SELECT COUNT(*) FROM failed").fetchone()[0] == 0
+    assert [k for (k,) in api.db.execute("SELECT key FROM responses")] == ["d"]

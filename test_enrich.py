@@ -878,6 +878,18 @@ def test_garbled_answers_are_passing_faults_and_retry_failed(tmp_path, monkeypat
         fakes.stop()
 
 
+def test_cache_forgets_passing_faults_and_final_answers_on_request(tmp_path):
+    cache = enrich.Cache(tmp_path / "c.sqlite")
+    for key, value in [("old", {"status": "malformed"}), ("404", {"status": "ok", "text": ""}),
+                       ("400", {"status": "http 400"}), ("bad bytes", {"status": "ok", "text": "P\ufffdroles"}),
+                       ("good", {"status": "ok", "text": "Paroles"})]:
+        cache.put([key], value)
+    assert cache.get(["old"]) is None                  # an older version cached a passing fault: asked again
+    assert cache.get(["404"]) == {"status": "ok", "text": ""}
+    assert cache.forget_failures() == 4 and cache.get(["good"]) and not cache.get(["bad bytes"])
+    cache.close()
+
+
 def test_a_poisoned_saved_hold_is_ignored(tmp_path, fakes, monkeypatch, capsys):
     make_dataset(tmp_path, tracks=WIRE_TRACKS)
     (tmp_path / ".enrich-rate-lyrics").write_text(json.dumps({"times": [], "until": time.time() + 1e9}))
