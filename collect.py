@@ -654,11 +654,14 @@ class RateLimiter:
 
     def sent(self, start):
         """The request recorded at `start` has left: record that moment instead, an upper bound of its departure
-        (the next starts are decided no earlier than now, so departures keep the window, not only decisions)."""
-        if start:
-            now = time.monotonic()
-            self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
-                                                         if isinstance(t, (int, float)))))
+        (the next starts are decided no earlier than now, so departures keep the window, not only decisions).
+        -> the new record"""
+        if not start:
+            return None
+        now = time.monotonic()
+        self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
+                                                     if isinstance(t, (int, float)))))
+        return now
 
 
 def check_base_url(url, name):
@@ -711,11 +714,15 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
+_IDLE = threading.local()   # per thread: the one kept-alive connection, {(scheme, host, port): connection}
+
+
 def http_request(method, url, timeout, headers=None, body=None, limiter=None, max_body=MAX_BODY):
     """One HTTP exchange -> Response, following redirects on the same scheme, host and port only. Each hop
-    connects, waits for the limiter (so that the start it records is the moment the request goes out), and has
-    `timeout` seconds in all for connect, send and every read; the path is sent exactly as given ('%2E' stays). Transient for what a retry may fix (timeout, connection, a body over max_body, a
-    redirect elsewhere); the messages never contain the URL or headers (they may hold a key)."""
+    connects (or reuses this thread's kept-alive connection), waits for the limiter (so that the start it records
+    is the moment the request goes out), and has `timeout` seconds in all for connect, send and every read; the
+    path is sent exactly as given ('%2E' stays). Transient for what a retry may fix (timeout, connection, a body
+    over max_body, a redirect elsewhere); the messages never contain the URL or headers (they may hold a key)."""
     import http.client
     from urllib.parse import urljoin, urlsplit
     origin = urlsplit(url)[:2]
@@ -724,7 +731,12 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         if p[:2] != origin:
             raise Transient("redirect to another host")
         cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
-        conn, expired, sock, timer = cls(p.hostname, p.port, timeout=timeout), threading.Event(), [], None
+        idle = _IDLE.__dict__.setdefault("idle", {})
+        conn = idle.pop((p.scheme, p.hostname, p.port), None)
+        for other in idle.values():
+            other.close()
+        idle.clear()
+        expired, sock, timer, keep = threading.Event(), [], None, False
 
         def expire(expired=expired, sock=sock):         # the deadline: a blocked read ends now
             expired.set()
@@ -733,25 +745,40 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+        def connect():
+            started, c = time.monotonic(), cls(p.hostname, p.port, timeout=timeout)
+            c.connect()
+            sock.append(c.sock)
+            return c, time.monotonic() - started
+
+        def send(c, slot):
+            c.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
+                      headers={"User-Agent": "RecSetters", **(headers or {})})
+            return limiter.sent(slot) if limiter else None
         try:
-            started = time.monotonic()
-            conn.connect()                              # first: the start the limiter records is the send
-            connecting = time.monotonic() - started
+            reused, connecting = conn is not None, 0.0
+            if not reused:
+                conn, connecting = connect()            # first: the start the limiter records is the send
             waited, slot = limiter.wait() if limiter else (0.0, None)
             if waited > 2:                              # a long wait: the server may have dropped us meanwhile
                 conn.close()
-                started = time.monotonic()
-                conn.connect()
-                connecting = time.monotonic() - started
+                conn, connecting = connect()
+                reused = False
             sock.append(conn.sock)
             timer = threading.Timer(max(0.0, timeout - connecting), expire)   # the wait itself does not count
             timer.daemon = True
             timer.start()
-            conn.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
-                         headers={"User-Agent": "RecSetters", **(headers or {})})
-            if limiter:
-                limiter.sent(slot)
-            r = conn.getresponse()
+            try:
+                slot = send(conn, slot)
+                r = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused or expired.is_set():      # a kept-alive connection the server had closed: once more
+                    raise
+                conn.close()
+                conn = connect()[0]
+                send(conn, slot)
+                r = conn.getresponse()
             length = r.getheader("content-length", "")
             if length.isdigit() and int(length) > max_body:
                 raise Transient(f"body over {max_body >> 20} MB")
@@ -760,6 +787,7 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
                 raise Transient(f"body over {max_body >> 20} MB")
             if expired.is_set():
                 raise TimeoutError
+            keep = r.isclosed() and not r.will_close    # read to the end, and the server keeps it open
         except Transient:
             raise
         except (OSError, http.client.HTTPException, ValueError) as e:
@@ -767,7 +795,10 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         finally:
             if timer:
                 timer.cancel()
-            conn.close()
+            if keep:
+                idle[(p.scheme, p.hostname, p.port)] = conn
+            elif conn is not None:
+                conn.close()
         location = r.getheader("location")
         if r.status in (301, 302, 303, 307, 308) and location:
             url = urljoin(url, location)

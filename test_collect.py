@@ -1134,3 +1134,37 @@ def test_older_caches_ask_again_for_what_was_a_passing_fault(tmp_path):
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retry_failed=True)
     assert api.db.execute("SELECT COUNT(*) FROM failed").fetchone()[0] == 0
     assert [k for (k,) in api.db.execute("SELECT key FROM responses")] == ["d"]
+
+
+def test_kept_alive_connection_is_reused_and_a_stale_one_replaced():
+    """One connection serves a thread's requests in a row; when the server has closed it meanwhile, the request is
+    sent once more on a new connection (not a failure)."""
+    import http.server
+    peers = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            peers.append(self.client_address)
+            body = b'{"ok": 1}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = "close" in self.path     # the server drops the connection without saying so
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        for path in ("/a", "/b", "/close", "/c", "/d"):
+            assert collect.http_request("GET", url + path, 2).json() == {"ok": 1}
+            time.sleep(0.05)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len(peers) == 5 and peers[0] == peers[1] == peers[2] != peers[3] == peers[4]
