@@ -569,10 +569,11 @@ class RateLimiter:
     """At most `rate` request starts in any 1-second window for every thread and process that uses the same
     state file (JSON under an exclusive flock), and a server's Retry-After (`hold`) holds all of them back.
     Starts are recorded on the monotonic clock (one clock for every process of the machine) at the moment they
-    happen, under the lock: each start is checked against the real starts of all others, a hard bound.
+    are allowed, under the lock, and moved to the moment the request has left (sent): each start is checked
+    against the real departures of all others, a hard bound, not a reservation that later starts could overtake.
     A saved hold carries when it was set and the cap it obeyed; one beyond the cap, set in the future or in an
     older format is ignored with a note (it can never hold a later run for longer than --max-wait)."""
-    WINDOW = 1.01          # the 1-second window, and 10 ms for the request to leave after its start is recorded
+    WINDOW = 1.01          # the 1-second window, and 10 ms for the server to stamp one request later than another
 
     def __init__(self, path, rate, stop=None, max_wait=MAX_WAIT, api="the server"):
         self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
@@ -633,20 +634,21 @@ class RateLimiter:
             now, mono = time.time(), time.monotonic()
             held = self._hold_left(state, now)
             if held > 0:
-                return held, True
+                return held, "hold"
             if self.rate <= 0:
-                return 0.0, False
+                return 0.0, None
             times = [t for t in state.get("times", []) if isinstance(t, (int, float)) and t <= mono][-n:]
             earliest = max(times[-1] + 1 / self.rate if times else 0.0, times[0] + self.WINDOW if len(times) >= n else 0.0)
             if earliest > mono:
                 state["times"] = times
-                return earliest - mono, False
+                return earliest - mono, "rate"
             state["times"] = (times + [mono])[-n:]
             return 0.0, mono
         while True:
-            delay, held = self._update(start)
+            delay, what = self._update(start)          # what: "hold", "rate", or the start recorded
             if delay <= 0:
-                return time.monotonic() - began, held
+                return time.monotonic() - began, what
+            held = what == "hold"
             quiet = not held or self.shown is not None and self.shown > time.monotonic()   # one line per hold
             if held and not quiet:
                 self.shown = time.monotonic() + delay
