@@ -14,6 +14,15 @@ Dataset format (read by recsetters.py), one folder per dataset:
 
 The Last.fm key comes from LASTFM_API_KEY or a git-ignored .env; it never reaches logs, errors or files.
 Every API response is committed to a SQLite cache as it arrives, so a killed crawl resumes where it stopped.
+
+Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts and answers that cannot be read (not JSON,
+HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) are retried with backoff (--retries,
+--backoff); if they outlast every retry the run stops with exit 1 and a rerun of the same command resumes and asks
+again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
+skipped on reruns unless --retry-failed. A Retry-After (seconds, HTTP date or retry-after-ms) pauses every
+process sharing the cache, up to --max-wait seconds (default 300); a longer or unreadable one stops the run at
+once (exit 1) saying when to rerun. Waits over 3 s print a line. --timeout bounds a whole request (connect and
+every read); redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
 """
 import argparse
 import collections
@@ -23,6 +32,7 @@ import json
 import os
 import random
 import re
+import socket
 import sqlite3
 import stat
 import sys
@@ -481,16 +491,93 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
     write_dataset(out_dir, users, items, inter)
 
 # -----------------------------------------------------------------------------
-# rate limiting shared by threads and processes (enrich.py uses it too)
+# rate limits, waits and HTTP shared by threads and processes (enrich.py uses all of it too)
+#
+# What a server can make us do is bounded: a Retry-After is honoured up to --max-wait seconds (a longer or unreadable
+# one stops the run with one line, exit 1); every request has a total deadline (connect and all reads), a body cap
+# and a JSON nesting cap; redirects stay on the same host; the URL path goes on the wire exactly as we encoded it;
+# bodies are decoded with their declared charset (a BOM dropped) and undecodable bytes are a temporary failure.
+
+MAX_WAIT = 300.0           # default --max-wait: the longest Retry-After honoured, in seconds
+VISIBLE_WAIT = 3.0         # a wait longer than this prints a line (a countdown on a terminal)
+MAX_BODY = 4 << 20         # bytes; a Last.fm page of 1,000 loved tracks is about 0.5 MB
+MAX_DEPTH = 64             # JSON nesting; real answers nest 5 levels
+MAX_REDIRECTS = 5
+
+
+class RetryLater(Exception):
+    """Temporary failures that outlast this run: it stops, a rerun resumes (exit code 1)."""
+
+
+class WaitTooLong(RetryLater):
+    """A server asked for a longer wait than --max-wait (or gave one that cannot be read)."""
+
+    def __init__(self, api, seconds, max_wait):
+        if seconds == seconds and seconds < float("inf"):
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + min(seconds, 1e10)))
+            why = f"asked to wait {seconds:,.0f} s (Retry-After), more than --max-wait {max_wait:g}: rerun after {when}"
+        else:
+            why = "sent a Retry-After that cannot be read: rerun later"
+        super().__init__(f"{api} {why} (stopped; answers so far are cached)")
+
+
+class Transient(Exception):
+    """A failure worth retrying (429, 5xx, timeout, a body that cannot be read)."""
+
+    def __init__(self, reason, retry_after=None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+def parse_retry_after(headers):
+    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date), None when there is none,
+    inf when there is one that cannot be read (nan, text, a date without a zone)."""
+    from email.utils import parsedate_to_datetime
+    ms, value = headers.get("retry-after-ms"), headers.get("retry-after")
+    if ms is None and value is None:
+        return None
+    try:
+        seconds = float(ms) / 1000 if ms is not None else float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return float("inf")
+    return max(0.0, seconds) if seconds == seconds else float("inf")
+
+
+def pause(seconds, why, stop=None, quiet=False):
+    """Sleep `seconds`, at once on Ctrl-C or when `stop` is set (KeyboardInterrupt); a wait over VISIBLE_WAIT
+    prints one line saying why and until when, and a countdown when stderr is a terminal."""
+    end = time.monotonic() + seconds
+    shown = seconds > VISIBLE_WAIT and not quiet
+    if shown:
+        log(f"waiting {seconds:.0f} s ({why}), until {time.strftime('%H:%M:%S', time.localtime(time.time() + seconds))}")
+    tty = shown and sys.stderr.isatty()
+    stop = stop or threading.Event()
+    while (left := end - time.monotonic()) > 0:
+        if tty:
+            sys.stderr.write(f"\r  {left:5.0f} s left ")
+            sys.stderr.flush()
+        if stop.wait(min(left, 1.0)):
+            raise KeyboardInterrupt
+    if tty:
+        sys.stderr.write("\r" + " " * 20 + "\r")
 
 
 class RateLimiter:
     """At most `rate` request starts in any 1-second window for every thread and process that uses the same
-    state file (a JSON file under an exclusive flock), and a Retry-After (`hold`) holds all of them back."""
-    WINDOW = 1.05          # a little over a second: scheduling and network jitter never squeeze in one more
+    state file (JSON under an exclusive flock), and a server's Retry-After (`hold`) holds all of them back.
+    Starts are recorded on the monotonic clock (one clock for every process of the machine) at the moment they
+    are allowed, under the lock, and moved to the moment the request has left (sent): each start is checked
+    against the real departures of all others, a hard bound, not a reservation that later starts could overtake.
+    A saved hold carries when it was set and the cap it obeyed; one beyond the cap, set in the future or in an
+    older format is ignored with a note (it can never hold a later run for longer than --max-wait)."""
+    WINDOW = 1.01          # the 1-second window, and 10 ms for the server to stamp one request later than another
 
-    def __init__(self, path, rate, stop=None):
+    def __init__(self, path, rate, stop=None, max_wait=MAX_WAIT, api="the server"):
         self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
+        self.max_wait, self.api, self.shown = float(max_wait), api, None
         self.lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -503,46 +590,234 @@ class RateLimiter:
                 state = json.loads(f.read() or "{}")
             except ValueError:
                 state = {}
+            state = state if isinstance(state, dict) else {}
             result = change(state)
             f.seek(0)
             f.truncate()
             f.write(json.dumps(state))
             return result
 
-    def _sleep_until(self, t):
-        while (left := t - time.time()) > 0:
-            if self.stop.wait(min(left, 0.2)):
-                raise KeyboardInterrupt
-
     def hold(self, seconds):
-        """Nobody starts a request for `seconds` (a server's Retry-After)."""
-        until = time.time() + seconds
-        self._update(lambda s: s.update(until=max(s.get("until", 0.0), until)))
+        """Nobody starts a request for `seconds` (a server's Retry-After); longer than max_wait: WaitTooLong."""
+        if not 0 <= seconds <= self.max_wait:
+            raise WaitTooLong(self.api, seconds, self.max_wait)
+        now = time.time()
+
+        def change(state):
+            old = self._hold_left(state, now)
+            if seconds > old:
+                state["hold"] = {"until": now + seconds, "set": now, "cap": self.max_wait, "by": self.api}
+        self._update(change)
+
+    def _hold_left(self, state, now):
+        """Seconds left of the saved hold (0 when none); a hold that breaks its own rules is dropped with a note."""
+        h, legacy = state.get("hold"), state.pop("until", None)
+        try:
+            until, since, cap = (float(h[k]) for k in ("until", "set", "cap"))
+            valid = since <= now + 1 and until - since <= min(cap, self.max_wait) + 1
+        except (TypeError, KeyError, ValueError):
+            until, valid = (legacy if isinstance(legacy, (int, float)) else 0.0), False
+        if until <= now or not valid:
+            if until > now:
+                log(f"note: ignoring a saved wait of {until - now:,.0f} s in {self.path} (beyond --max-wait "
+                    f"{self.max_wait:g}, or saved by an older version)")
+            state.pop("hold", None)
+            return 0.0
+        return until - now
 
     def wait(self):
-        """Block until this thread may start one request."""
-        n = max(1, int(self.rate))
+        """Block until this thread may start one request; its start is recorded now (sent() moves it to when the
+        request has left). -> (seconds waited, the start as recorded)"""
+        n, began = max(1, int(self.rate)), time.monotonic()
 
-        def reserve(state):
-            times, now = state.get("times", []), time.time()
-            if self.rate <= 0:                             # no limit: only a Retry-After holds it back
-                return max(now, state.get("until", 0.0))
-            t = max(now, state.get("until", 0.0), times[-1] + 1 / self.rate if times else 0.0,
-                    times[-n] + self.WINDOW if len(times) >= n else 0.0)
-            state["times"] = (times + [t])[-n:]
-            return t
-        def start(state, t):
-            now = time.time()
-            if state.get("until", 0.0) > now:              # a Retry-After arrived while this one waited
-                return False
-            times = state.get("times", [])                 # the slot becomes the real start time (>= slot)
-            state["times"] = sorted(times[:times.index(t)] + [now] + times[times.index(t) + 1:] if t in times else times)
-            return True
+        def start(state):
+            now, mono = time.time(), time.monotonic()
+            held = self._hold_left(state, now)
+            if held > 0:
+                return held, "hold"
+            if self.rate <= 0:
+                return 0.0, None
+            times = [t for t in state.get("times", []) if isinstance(t, (int, float)) and t <= mono][-n:]
+            earliest = max(times[-1] + 1 / self.rate if times else 0.0, times[0] + self.WINDOW if len(times) >= n else 0.0)
+            if earliest > mono:
+                state["times"] = times
+                return earliest - mono, "rate"
+            state["times"] = (times + [mono])[-n:]
+            return 0.0, mono
         while True:
-            t = self._update(reserve)
-            self._sleep_until(t)
-            if self._update(lambda s: start(s, t)):
-                return
+            delay, what = self._update(start)          # what: "hold", "rate", or the start recorded
+            if delay <= 0:
+                return time.monotonic() - began, what
+            held = what == "hold"
+            quiet = not held or self.shown is not None and self.shown > time.monotonic()   # one line per hold
+            if held and not quiet:
+                self.shown = time.monotonic() + delay
+            pause(delay, f"{self.api} asked for a pause (Retry-After)", self.stop, quiet=quiet)
+
+    def sent(self, start):
+        """The request recorded at `start` has left: record that moment instead, an upper bound of its departure
+        (the next starts are decided no earlier than now, so departures keep the window, not only decisions).
+        -> the new record"""
+        if not start:
+            return None
+        now = time.monotonic()
+        self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
+                                                     if isinstance(t, (int, float)))))
+        return now
+
+
+def check_base_url(url, name):
+    p = urlparse(url)
+    try:
+        p.port
+    except ValueError:
+        raise UserError(f"{name} {url!r} has an invalid port") from None
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise UserError(f"{name} {url!r} is not an http(s) URL")
+    return url
+
+
+class Response:
+    """status, headers (case-insensitive) and the raw body of one HTTP answer."""
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def text(self):
+        """The body decoded with its declared charset (UTF-8 when none), without a BOM; Transient when it does not
+        decode (never U+FFFD)."""
+        import codecs
+        try:
+            codec = codecs.lookup(self.headers.get_content_charset() or "utf-8").name
+        except LookupError:
+            raise Transient("unknown charset") from None
+        try:
+            return self.body.decode("utf-8-sig" if codec == "utf-8" else codec).lstrip("\ufeff")
+        except UnicodeDecodeError:
+            raise Transient("undecodable bytes") from None
+
+    def json(self):
+        """The body as JSON; Transient when it is empty, too deeply nested or not JSON."""
+        text = self.text()
+        if not text.strip():
+            raise Transient("empty body")
+        depth = 0
+        for c in _JSON_BRACKETS.findall(_JSON_STRING.sub('""', text)):
+            depth += 1 if c in "[{" else -1
+            if depth > MAX_DEPTH:
+                raise Transient(f"JSON nested over {MAX_DEPTH} levels")
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise Transient("malformed JSON") from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+_IDLE = threading.local()   # per thread: the one kept-alive connection, {(scheme, host, port): connection}
+
+
+def http_request(method, url, timeout, headers=None, body=None, limiter=None, max_body=MAX_BODY):
+    """One HTTP exchange -> Response, following redirects on the same scheme, host and port only. Each hop
+    connects (or reuses this thread's kept-alive connection), waits for the limiter (so that the start it records
+    is the moment the request goes out), and has `timeout` seconds in all for connect, send and every read; the
+    path is sent exactly as given ('%2E' stays). Transient for what a retry may fix (timeout, connection, a body
+    over max_body, a redirect elsewhere); the messages never contain the URL or headers (they may hold a key)."""
+    import http.client
+    from urllib.parse import urljoin, urlsplit
+    origin = urlsplit(url)[:2]
+    for _ in range(MAX_REDIRECTS + 1):
+        p = urlsplit(url)
+        if p[:2] != origin:
+            raise Transient("redirect to another host")
+        cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
+        idle = _IDLE.__dict__.setdefault("idle", {})
+        conn = idle.pop((p.scheme, p.hostname, p.port), None)
+        for other in idle.values():
+            other.close()
+        idle.clear()
+        expired, sock, timer, keep = threading.Event(), [], None, False
+
+        def expire(expired=expired, sock=sock):         # the deadline: a blocked read ends now
+            expired.set()
+            for s in sock:                              # (the response keeps reading it after conn lets go)
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        def connect():
+            started, c = time.monotonic(), cls(p.hostname, p.port, timeout=timeout)
+            c.connect()
+            sock.append(c.sock)
+            return c, time.monotonic() - started
+
+        def send(c, slot):
+            c.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
+                      headers={"User-Agent": "RecSetters", **(headers or {})})
+            return limiter.sent(slot) if limiter else None
+        try:
+            reused, connecting = conn is not None, 0.0
+            if not reused:
+                conn, connecting = connect()            # first: the start the limiter records is the send
+            waited, slot = limiter.wait() if limiter else (0.0, None)
+            if waited > 2:                              # a long wait: the server may have dropped us meanwhile
+                conn.close()
+                conn, connecting = connect()
+                reused = False
+            sock.append(conn.sock)
+            timer = threading.Timer(max(0.0, timeout - connecting), expire)   # the wait itself does not count
+            timer.daemon = True
+            timer.start()
+            try:
+                slot = send(conn, slot)
+                r = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused or expired.is_set():      # a kept-alive connection the server had closed: once more
+                    raise
+                conn.close()
+                conn = connect()[0]
+                send(conn, slot)
+                r = conn.getresponse()
+            length = r.getheader("content-length", "")
+            if length.isdigit() and int(length) > max_body:
+                raise Transient(f"body over {max_body >> 20} MB")
+            data = r.read(max_body + 1)
+            if len(data) > max_body:
+                raise Transient(f"body over {max_body >> 20} MB")
+            if expired.is_set():
+                raise TimeoutError
+            keep = r.isclosed() and not r.will_close    # read to the end, and the server keeps it open
+        except Transient:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise Transient("timeout" if expired.is_set() or isinstance(e, TimeoutError) else "connection") from None
+        finally:
+            if timer:
+                timer.cancel()
+            if keep:
+                idle[(p.scheme, p.hostname, p.port)] = conn
+            elif conn is not None:
+                conn.close()
+        location = r.getheader("location")
+        if r.status in (301, 302, 303, 307, 308) and location:
+            url = urljoin(url, location)
+            if r.status == 303 or r.status in (301, 302) and method == "POST":
+                method, body = "GET", None
+            continue
+        return Response(r.status, r.headers, data)
+    raise Transient("too many redirects")
+
+
+def check_folder(path, flag):
+    """UserError unless path is a folder or can be made one (no file in the way)."""
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{flag} {path}: {p} is a file, not a folder")
+            return
 
 
 def lock_folder(path, what):
@@ -562,12 +837,15 @@ def lock_folder(path, what):
 # Last.fm client: params=, shared rate limit, retries with backoff + jitter, SQLite cache of answers and failures
 #
 # Last.fm error codes: temporary ones are retried with backoff; 10 and 26 (bad or suspended key) stop the run;
-# every other code (6 not found, 7 invalid resource, 17 private, unknown codes) is a permanent failure of that
-# one resource (user, page, track): recorded with its reason, skipped on reruns unless --retry-failed.
+# every other code (6 not found, 7 invalid resource, 17 private, unknown codes), another 4xx, and a JSON object of
+# the wrong shape are a permanent failure of that one resource (user, page, track): recorded with its reason,
+# skipped on reruns unless --retry-failed. A body that cannot be read (not JSON, HTML, empty, truncated, undecodable
+# bytes, too large or too deep) is temporary like a 5xx: retried, and if it outlasts every retry the run stops
+# (exit 1) and a rerun asks again.
 
 TEMPORARY_CODES = {8, 11, 16, 29}  # operation failed, service offline, temporarily unavailable, rate limit
 FATAL_CODES = {10, 26}             # invalid API key, suspended API key
-MALFORMED_TRIES = 3                # a body that cannot be understood this often is a permanent failure
+OLD_MALFORMED = "unexpected response: not a JSON object"   # recorded as permanent before: asked again
 
 
 def load_key(env_file=DOTENV):
@@ -577,14 +855,7 @@ def load_key(env_file=DOTENV):
     return key
 
 
-def check_base_url(url, name):
-    p = urlparse(url)
-    if p.scheme not in ("http", "https") or not p.netloc:
-        raise UserError(f"{name} {url!r} is not an http(s) URL")
-    return url
-
-
-class LastfmError(Exception):
+class LastfmError(RetryLater):
     """Temporary failures that outlasted every retry: the run stops, a rerun resumes (exit code 1)."""
 
 
@@ -675,57 +946,60 @@ def cache_key(method, params):
 
 class Lastfm:
     def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=60.0,
-                 timeout=30.0, retry_failed=False, max_pages=200):
-        import requests
+                 timeout=30.0, retry_failed=False, max_pages=200, max_wait=MAX_WAIT):
         self.key = key
         self.base_url = check_base_url(base_url or os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
         self.retries, self.backoff, self.max_backoff, self.timeout = retries, backoff, max_backoff, timeout
         self.max_pages = max_pages
-        self.http = requests.Session()
         self.jitter = random.Random()
         self.stats, self.failures = collections.Counter(), collections.Counter()
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        self.limiter = RateLimiter(Path(cache_path).with_name(Path(cache_path).name + ".rate"), rate)
+        self.limiter = RateLimiter(Path(cache_path).with_name(Path(cache_path).name + ".rate"), rate,
+                                   max_wait=max_wait, api="Last.fm")
         self.db = sqlite3.connect(cache_path)
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
-        if retry_failed:
-            self.stats["retried failures"] = self.db.execute("DELETE FROM failed").rowcount
+        self.db.execute("DELETE FROM failed WHERE substr(reason, 1, ?) = ?", (len(OLD_MALFORMED), OLD_MALFORMED))
+        if retry_failed:       # also answers that hold U+FFFD: an older version stored undecodable bytes so
+            self.stats["retried failures"] = (self.db.execute("DELETE FROM failed").rowcount
+                                              + self.db.execute("DELETE FROM responses WHERE instr(body, ?)",
+                                                                ("\ufffd",)).rowcount)
         self.db.commit()
 
     def scrub(self, text):
-        text = str(text).replace(self.key, "***")
-        return re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
+        """The key's value (also percent-encoded) -> ***; nothing else is touched."""
+        from urllib.parse import quote
+        return str(text).replace(self.key, "***").replace(quote(self.key, safe=""), "***")
 
     def _get(self, method, params):
         """One HTTP request -> (kind, data or reason, retry-after seconds or None); kind is ok, temporary,
-        malformed, permanent or fatal."""
-        import requests
-        self.limiter.wait()
+        permanent or fatal."""
+        from urllib.parse import quote, urlencode
+        query = urlencode({"method": method, **params, "api_key": self.key, "format": "json"}, quote_via=quote)
         self.stats["requests"] += 1
         try:
-            r = self.http.get(self.base_url, timeout=self.timeout,
-                              params={"method": method, **params, "api_key": self.key, "format": "json"})
-        except requests.RequestException as e:
-            return "temporary", type(e).__name__, None
-        retry_after = as_int(r.headers.get("Retry-After"))
+            r = http_request("GET", f"{self.base_url}{'&' if '?' in self.base_url else '?'}{query}", self.timeout,
+                             limiter=self.limiter)
+        except Transient as e:
+            return "temporary", e.reason, None
+        retry_after = parse_retry_after(r.headers)
         try:
-            data = r.json()
-        except ValueError:
-            data = None
+            data, unreadable = r.json(), None
+        except Transient as e:
+            data, unreadable = None, e.reason
         code = as_int(data.get("error")) if isinstance(data, dict) and "error" in data else None
         if code is not None or isinstance(data, dict) and "error" in data:
             msg = data.get("message") if isinstance(data.get("message"), str) else ""
             reason = clean_text(self.scrub(f"Last.fm error {data.get('error')}: {msg}"))[:200]
-            kind = ("temporary" if code in TEMPORARY_CODES or r.status_code == 429 or r.status_code >= 500
+            kind = ("temporary" if code in TEMPORARY_CODES or r.status == 429 or r.status >= 500
                     else "fatal" if code in FATAL_CODES else "permanent")
             return kind, reason, retry_after
-        if r.status_code == 429 or r.status_code >= 500:
-            return "temporary", f"HTTP {r.status_code}", retry_after
-        if r.status_code != 200:
-            return "permanent", f"HTTP {r.status_code}", None
+        if r.status == 429 or r.status >= 500:
+            return "temporary", f"HTTP {r.status}", retry_after
+        if r.status != 200:
+            return "permanent", f"HTTP {r.status}", None
         if not isinstance(data, dict):
-            return "malformed", "not a JSON object", None
+            return "temporary", unreadable or "not a JSON object", None
         return "ok", data, None
 
     def _fail(self, key, reason):
@@ -756,7 +1030,6 @@ class Lastfm:
                 return parse(data), None
             except PARSE_ERRORS as e:
                 return self._fail(key, self.scrub(clean_text(str(e)))[:200] or "unexpected response")
-        malformed = 0
         for attempt in range(self.retries + 1):
             kind, data, retry_after = self._get(method, params)
             if kind == "fatal":
@@ -773,17 +1046,13 @@ class Lastfm:
                 self.db.commit()                               # persisted before anything else happens
                 return value, None
             self.stats["faults"] += 1
-            if kind == "malformed":
-                malformed += 1
-                if malformed >= MALFORMED_TRIES:
-                    return self._fail(key, f"unexpected response: {data} ({malformed} times)")
             if attempt == self.retries:
                 break
             delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
             if retry_after is not None:
-                self.limiter.hold(min(max(retry_after, 0), 3600))   # everybody waits, not only this request
+                self.limiter.hold(retry_after)         # everybody waits, not only this request (or WaitTooLong)
                 delay = 0
-            self.limiter._sleep_until(time.time() + delay)
+            pause(delay, f"{method}: {data}, retry {attempt + 1} of {self.retries}")
         raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {data}); "
                                      "rerun the same command to resume"))
 
@@ -848,6 +1117,10 @@ def crawl(api, out_dir, seeds=("RJ",), max_users=1000, min_loved=5):
                 queue.append(f)
         bar.set_postfix(loved=len(loved), faults=api.stats["faults"], failed=sum(api.failures.values()))
     bar.close()
+    if not users:
+        raise UserError(f"crawl: no user kept (seeds {', '.join(seeds)}: {stats['failed']} failed for good, "
+                        f"{stats['no_country']} without country, {stats['few_loved']} with < {min_loved} loved); "
+                        "nothing written; try other --seed-users")
     users = pd.DataFrame(users, columns=["user", "country"]).sort_values("user")
     loved = pd.DataFrame(loved, columns=["user", "artist", "track", "timestamp"])
     loved = loved.drop_duplicates().sort_values(["user", "timestamp", "artist", "track"], kind="stable")
@@ -885,7 +1158,7 @@ def load_catalog(path, artist_col=None, track_col=None, genre_col=None):
     import pandas as pd
     if not Path(path).is_file():
         raise UserError(f"{path}: catalog file not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = read_table(path, "catalog")
     if artist_col or track_col:
         if not (artist_col and track_col):
             raise UserError("give both --artist-col and --track-col")
@@ -906,7 +1179,26 @@ def load_catalog(path, artist_col=None, track_col=None, genre_col=None):
     cat["artists"] = [[x.strip() for x in s.split(sep) if x.strip()] if sep else [s] for s in cat.artist]
     cat["artists"] = [list(dict.fromkeys(a)) if sep else [unrepeat(s)] for s, a in zip(cat.artist, cat.artists)]
     cat["artist"] = [x[0] for x in cat.artists]
+    if cat.empty:
+        raise UserError(f"{path}: no songs in the catalog ({len(df)} rows, none with an artist and a track)")
     return cat.reset_index(drop=True)
+
+
+def read_table(path, what):
+    """A UTF-8 CSV as text columns; UserError naming the file when it is empty, not UTF-8 or not CSV."""
+    import pandas as pd
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: the {what} is empty")
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"{path}: cannot read the {what}: {str(e).splitlines()[0]}") from None
 
 
 MATCH_RULES = ("same names", "artist spelling", "one of the artists", "title without extra words")
@@ -954,11 +1246,14 @@ def match_loved(loved, index):
 
 def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None, genre_col=None, top=10):
     import pandas as pd
-    users = pd.read_csv(Path(crawl_dir) / "users.csv", dtype=str, keep_default_na=False)
-    loved = pd.read_csv(Path(crawl_dir) / "loved.csv", dtype=str, keep_default_na=False)
+    users = read_table(Path(crawl_dir) / "users.csv", "crawl's user list")
+    loved = read_table(Path(crawl_dir) / "loved.csv", "crawl's loved tracks")
     cat = load_catalog(catalog, artist_col, track_col, genre_col)
     items, index = catalog_index(cat)
     rows, ids, rules = match_loved(loved, index)
+    if not rows:
+        raise UserError(f"{catalog}: none of the {len(loved):,} loved tracks matches this catalog; "
+                        f"nothing written to {out_dir}")
     rate = len(rows) / max(len(loved), 1)
     print(f"match {Path(catalog).name}: {len(cat):,} catalog rows -> {len(items):,} items; "
           f"matched {len(rows):,} / {len(loved):,} loved rows ({100 * rate:.1f}%)")
@@ -991,7 +1286,8 @@ def match(crawl_dir, catalog, out_dir, api=None, artist_col=None, track_col=None
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.strip().split("\n\n")[-1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="data", help="datasets go to DATA_DIR/<name>/")
     ap.add_argument("--cache-dir", default=None, help="downloads and API cache (default DATA_DIR/cache)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1005,9 +1301,13 @@ def main(argv=None):
     api_opts.add_argument("--retries", type=int, default=8)
     api_opts.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
     api_opts.add_argument("--max-backoff", type=float, default=60.0)
-    api_opts.add_argument("--timeout", type=float, default=30.0)
+    api_opts.add_argument("--timeout", type=float, default=30.0,
+                          help="seconds for one request in all: connect, send and every read (default 30)")
+    api_opts.add_argument("--max-wait", type=float, default=MAX_WAIT,
+                          help=f"honour a server's Retry-After up to this many seconds (default {MAX_WAIT:g}); "
+                               "a longer one stops the run (exit 1) with the time to rerun")
     api_opts.add_argument("--retry-failed", action="store_true",
-                          help="ask again for what failed for good before (not found, private, malformed answers)")
+                          help="ask again for what failed for good before (not found, private, wrong answers)")
     api_opts.add_argument("--max-pages", type=int, default=200, help="at most this many pages of one list")
     crawl_opts = argparse.ArgumentParser(add_help=False)
     crawl_opts.add_argument("--seed-users", nargs="+", default=["RJ"])
@@ -1029,10 +1329,15 @@ def main(argv=None):
     cache = Path(args.cache_dir) if args.cache_dir else data / "cache"
     api = lock = None
     try:
-        for name in ("rate", "retries", "backoff", "max_backoff", "timeout", "max_pages", "max_users", "min_loved"):
+        positive = ("timeout", "max_pages", "max_users", "min_plays")
+        for name in ("rate", "retries", "backoff", "max_backoff", "timeout", "max_wait", "max_pages", "max_users",
+                     "min_loved", "min_plays"):
             v = getattr(args, name, None)
-            if v is not None and (not 0 <= v < float("inf") or name in ("timeout", "max_pages") and v == 0):
-                raise UserError(f"--{name.replace('_', '-')} {v}: a finite number, >= 0 (> 0 for --timeout, --max-pages)")
+            if v is not None and (not 0 <= v < float("inf") or name in positive and v == 0):
+                raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number "
+                                f"{'> 0' if name in positive else '>= 0'}")
+        for flag, folder in (("--data-dir", data), ("--cache-dir", cache)):
+            check_folder(folder, flag)
         if args.cmd == "hetrec":
             import_hetrec(args.src, data / "hetrec", cache)
         elif args.cmd == "lastfm1k":
@@ -1053,10 +1358,11 @@ def main(argv=None):
                 raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
             if args.cmd != "match" or not args.no_tags:
                 key = load_key()
+                check_base_url(os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
                 lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
                 api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
                              backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
-                             retry_failed=args.retry_failed, max_pages=args.max_pages)
+                             retry_failed=args.retry_failed, max_pages=args.max_pages, max_wait=args.max_wait)
             if args.cmd in ("crawl", "all"):
                 crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
             for name, path in catalogs:
@@ -1067,7 +1373,7 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except LastfmError as e:                      # something is still retryable: exit 1
+    except RetryLater as e:                       # something is still retryable: exit 1
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -23,13 +23,19 @@ Every answer (also "not found") is cached in data/<DATASET>/.enrich-cache.sqlite
 without repeating a successful request, and items.csv is a pure function of the cache. Answers
 from a non-default GROQ_BASE_URL / LYRICS_BASE_URL (e.g. the test fakes) are kept apart: that
 URL becomes part of the model field of the key.
-429 (honouring retry-after for every worker), 5xx, timeouts and malformed bodies are retried with
-exponential backoff and jitter (--attempts, --backoff). Answers a rerun cannot change are cached
-with their reason and keep the title: other 4xx, 404/empty lyrics, a body malformed 3 times
-(lyrics that are a list or null, Groq content null, no choices, HTML), a summary that names the
-song twice. A request whose temporary failures outlast every attempt keeps the title, is NOT
-cached (a rerun asks again) and makes the exit code 1; exit 0 means only permanent fallbacks remain.
+429, 5xx, timeouts and bodies that cannot be read (not JSON, HTML, empty, truncated, undecodable
+bytes, over 4 MB or nested over 64 levels, lyrics that are not text, a Groq body that is not a
+completion) are passing faults: retried with exponential backoff and jitter (--attempts,
+--backoff). A retry-after (seconds, HTTP date or retry-after-ms) holds every worker and every run
+on the same --data-dir, up to --max-wait seconds (default 300); a longer or unreadable one stops
+the run at once (exit 1) with the time to rerun. Waits over 3 s print a line. Answers a rerun
+cannot change are cached with their reason and keep the title: other 4xx, 404/empty lyrics, a
+Groq completion without text, a summary that names the song twice (--retry-failed asks again).
+A request whose temporary failures outlast every attempt keeps the title, is NOT cached (a rerun
+asks again) and makes the exit code 1; exit 0 means only permanent fallbacks remain.
 Titles that clean to the same name ("Music", "Music (feat. X)") are asked once.
+Every request has --timeout seconds in all (connect and every read); redirects to another host
+are not followed; bodies are decoded with their declared charset, a BOM dropped.
 
 Requests per second are limited per API (--groq-rate, default 0.5: Groq's free tier allows 30
 requests/minute for llama-3.1-8b-instant; --lyrics-rate, default 2: lyrics.ovh publishes no
@@ -60,27 +66,26 @@ import time
 import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
-import requests
 from tqdm import tqdm
 
-from collect import (DOTENV, _INVISIBLE, RateLimiter, UserError, atomic_write, check_base_url, clean_text,
-                     lock_folder, norm_name, read_dotenv)
+from collect import (DOTENV, _INVISIBLE, MAX_WAIT, RateLimiter, RetryLater, Transient, UserError, atomic_write,
+                     check_base_url, clean_text, http_request, lock_folder, norm_name, parse_retry_after, pause,
+                     read_dotenv)
 
 # -----------------------------------------------------------------------------
 # settings
 
 DEFAULT_MODEL = "llama-3.1-8b-instant"
 DEFAULT_LYRICS_BASE_URL = "https://api.lyrics.ovh"
+DEFAULT_GROQ_BASE_URL = "https://api.groq.com"
 PROMPT_VERSION = "p1"   # bump when the prompts below change: old cache entries are then ignored
 LYRICS_VERSION = "l1"   # bump when lyrics_excerpt() changes (only excerpts are cached)
 MAX_WORDS = 25
 MAX_CHARS = 300         # ... and at most this many characters (a "word" can be 10,000 characters long)
-MALFORMED_TRIES = 3     # a body that cannot be understood this often is a permanent answer
 RATES = {"groq": 0.5, "lyrics": 2.0}   # default requests/second: Groq's free tier allows 30 requests/minute for
                         # llama-3.1-8b-instant; lyrics.ovh publishes no limit, 2/s is a conservative guess
 MAX_DELAY = 60.0        # never sleep longer than this between two attempts
@@ -95,16 +100,9 @@ STRICT = (' Do not use the words "{track}" or "{artist}" anywhere. '
           'Reply with the description only.')
 
 
-class Transient(Exception):
-    """A failure worth retrying (429, 5xx, timeout, malformed body)."""
-    def __init__(self, reason, retry_after=None):
-        super().__init__(reason)
-        self.reason, self.retry_after = reason, retry_after
-
-
 class Permanent(Exception):
-    """An answer a rerun cannot change (a 4xx other than 429, a body malformed every time): cached with its
-    reason, the title is kept."""
+    """An answer a rerun cannot change (a 4xx other than 429 or 404 from lyrics.ovh, a Groq completion without a
+    usable answer): cached with its reason, the title is kept. A body that cannot be read is Transient instead."""
     def __init__(self, status):
         self.reason = f"http {status}" if isinstance(status, int) else status
         super().__init__(self.reason)
@@ -220,7 +218,18 @@ class Cache:
     def get(self, key):
         with self.lock:
             row = self.db.execute("SELECT value FROM answers WHERE key = ?", (json.dumps(key),)).fetchone()
-        return None if row is None else json.loads(row[0])
+        value = None if row is None else json.loads(row[0])
+        return None if value == {"status": "malformed"} else value   # older versions cached passing faults
+
+    def forget_failures(self):
+        """--retry-failed: drop the cached permanent answers (statuses, lyrics not found, texts with U+FFFD that
+        an older version decoded from bad bytes) -> how many."""
+        with self.lock:
+            rows = self.db.execute("SELECT key, value FROM answers").fetchall()
+            drop = [(k,) for k, v in rows for v in [json.loads(v)]
+                    if v.get("status") != "ok" or not v.get("text") or "\ufffd" in v.get("text", "")]
+            self.db.executemany("DELETE FROM answers WHERE key = ?", drop)
+        return len(drop)
 
     def put(self, key, value):
         with self.lock:
@@ -249,47 +258,24 @@ def cached(cache, stats, key, call):
 # -----------------------------------------------------------------------------
 # HTTP: retries, lyrics.ovh, Groq
 
-def parse_retry_after(headers):
-    """Seconds to wait from retry-after-ms / retry-after (seconds or HTTP date), or None."""
-    try:
-        return float(headers.get("retry-after-ms")) / 1000
-    except (TypeError, ValueError):
-        pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def with_retries(call, attempts, backoff, stats, sleep=time.sleep, rand=random.random, hold=None):
+def with_retries(call, attempts, backoff, stats, sleep=None, rand=random.random, hold=None):
     """call() until it does not raise Transient, at most `attempts` times: retry-after when the
-    server gives one (and hold(seconds) makes every other worker wait it out too), else
-    backoff * 2**k with jitter (x0.5..1). The last Transient propagates; a body malformed
-    MALFORMED_TRIES times becomes Permanent("malformed")."""
-    malformed = 0
+    server gives one (hold(seconds) makes every worker wait it out, and stops the run with
+    WaitTooLong beyond --max-wait), else backoff * 2**k with jitter (x0.5..1). The last
+    Transient propagates (not cached: a rerun asks again)."""
+    sleep = sleep or (lambda s: pause(s, "backoff"))
     for attempt in range(attempts):
         try:
             return call()
         except Transient as e:
             stats.add(f"transient {e.reason}")
-            malformed += e.reason == "malformed"
-            if malformed >= MALFORMED_TRIES:
-                raise Permanent("malformed") from None
             if attempt == attempts - 1:
                 raise
             delay = e.retry_after if e.retry_after is not None else backoff * 2 ** attempt * (0.5 + rand() / 2)
             if e.retry_after is not None and hold:
                 hold(e.retry_after)
+                delay = 0                          # the limiter holds every worker, this one included
             sleep(min(delay, MAX_DELAY))
-
-
-_local = threading.local()   # one requests.Session per worker thread (sessions are not thread-safe)
 
 
 def path_segment(text):
@@ -298,69 +284,59 @@ def path_segment(text):
 
 
 def fetch_lyrics(base_url, artist, track, timeout, limiter=None):
-    """lyrics.ovh -> the 25-word excerpt ('' when not found). The full text never leaves here."""
+    """lyrics.ovh -> the 25-word excerpt ('' when not found: a 404). The full text never leaves here.
+    Only the 404 and other 4xx are answers; a body without a lyrics string is a passing fault."""
     url = f"{base_url.rstrip('/')}/v1/{path_segment(artist)}/{path_segment(clean_track(track))}"
-    if not hasattr(_local, "session"):
-        _local.session = requests.Session()
-    if limiter:
-        limiter.wait()
-    try:
-        r = _local.session.get(url, timeout=timeout)
-    except requests.Timeout:
-        raise Transient("timeout")
-    except requests.RequestException:
-        raise Transient("connection")
-    if r.status_code == 404:
+    r = http_request("GET", url, timeout, limiter=limiter)
+    if r.status == 404:
         return ""
-    if r.status_code == 429:
-        raise Transient("429", parse_retry_after(r.headers))
-    if r.status_code >= 500:
-        raise Transient("5xx")
-    if r.status_code >= 400:
-        raise Permanent(r.status_code)
-    try:
-        lyrics = r.json()["lyrics"]
-        if not isinstance(lyrics, str):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise Transient("malformed")
+    check_status(r)
+    data = r.json()
+    lyrics = data.get("lyrics") if isinstance(data, dict) else None
+    if not isinstance(lyrics, str):
+        raise Transient("no lyrics text")
     return lyrics_excerpt(lyrics)
 
 
-def groq_asker(api_key, model, timeout, limiter=None):
-    """prompt -> the model's raw answer (the key scrubbed from it). The client never retries by
-    itself (max_retries=0): with_retries() does, so that the behaviour is explicit and tested."""
-    import groq
-    base = os.environ.get("GROQ_BASE_URL")
-    client = groq.Groq(api_key=api_key, base_url=base and check_base_url(base, "GROQ_BASE_URL"),
-                       max_retries=0, timeout=timeout)
+def check_status(r):
+    """429 and 5xx (and a redirect left over) are Transient, another 4xx Permanent, 200 passes."""
+    if r.status == 429:
+        raise Transient("429", parse_retry_after(r.headers))
+    if r.status >= 500:
+        raise Transient("5xx")
+    if r.status >= 400:
+        raise Permanent(r.status)
+    if r.status != 200:
+        raise Transient(f"http {r.status}")
+
+
+def groq_asker(api_key, model, timeout, base_url=DEFAULT_GROQ_BASE_URL, limiter=None):
+    """prompt -> the model's raw answer (the key scrubbed from it), by Groq's OpenAI-compatible chat API.
+    One request per call: with_retries() retries, so that the behaviour is explicit and tested. A completion
+    with no choices or a content that is not text is a (permanent) answer; a body that is not a completion is
+    a passing fault."""
+    url = f"{base_url.rstrip('/')}/openai/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
     def ask(prompt):
-        if limiter:
-            limiter.wait()
-        try:
-            r = client.chat.completions.create(model=model, temperature=0, max_tokens=100,
-                                               messages=[{"role": "user", "content": prompt}])
-            text = r.choices[0].message.content
-        except groq.APIStatusError as e:   # never show e itself: keep messages short and key-free
-            s = e.status_code
-            if s == 429:
-                raise Transient("429", parse_retry_after(e.response.headers))
-            if s >= 500:
-                raise Transient("5xx")
-            if s in (401, 403):
-                raise UserError(f"Groq refused the API key (HTTP {s}); check GROQ_API_KEY.")
-            if s == 404:
-                raise UserError(f"Groq answered 404 for model {model!r}: unknown model (see --model) or wrong GROQ_BASE_URL.")
-            raise Permanent(s)
-        except groq.APITimeoutError:
-            raise Transient("timeout")
-        except groq.APIConnectionError:
-            raise Transient("connection")
-        except (groq.APIResponseValidationError, ValueError, TypeError, AttributeError, IndexError, KeyError):
-            raise Transient("malformed")
+        body = json.dumps({"model": model, "temperature": 0, "max_tokens": 100,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        r = http_request("POST", url, timeout, headers=headers, body=body, limiter=limiter)
+        if r.status in (401, 403):
+            raise UserError(f"Groq refused the API key (HTTP {r.status}); check GROQ_API_KEY.")
+        if r.status == 404:
+            raise UserError(f"Groq answered 404 for model {model!r}: unknown model (see --model) or wrong GROQ_BASE_URL.")
+        check_status(r)
+        data = r.json()
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or choices and not isinstance(choices[0], dict):
+            raise Transient("not a completion")
+        if not choices:
+            raise Permanent("no answer")
+        message = choices[0].get("message")
+        text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str):
-            raise Transient("malformed")
+            raise Permanent("no text answer")
         return text.replace(api_key, "***")
     return ask
 
@@ -418,7 +394,9 @@ def load_items(folder):
 
 def run_jobs(name, pairs, job, workers, stop):
     """{(artist, track): (text, status)} with a progress bar; retries exhausted -> 'failed'.
-    Ctrl-C sets `stop` and returns at once: queued jobs are cancelled, none is waited for."""
+    Ctrl-C sets `stop` and returns at once: queued jobs are cancelled, none is waited for. Any other error of a
+    job (a refused key, a Retry-After beyond --max-wait) stops the others (requests in flight end within
+    --timeout) and propagates."""
     results = {}
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
@@ -431,6 +409,10 @@ def run_jobs(name, pairs, job, workers, stop):
     except KeyboardInterrupt:
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return results
@@ -472,17 +454,25 @@ def parse_args(argv):
                    help="ask about artist and title (the study) or about the lyrics excerpt (default: title)")
     p.add_argument("--workers", type=int, default=4, help="requests in flight at once (default: 4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of items.csv")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: 30)")
-    p.add_argument("--attempts", type=int, default=6, help="tries per request on 429/5xx/timeouts (default: 6)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds for one request in all: connect, send and every read (default: 30)")
+    p.add_argument("--attempts", type=int, default=6,
+                   help="tries per request on 429, 5xx, timeouts and bodies that cannot be read (default: 6)")
+    p.add_argument("--max-wait", type=float, default=MAX_WAIT,
+                   help=f"honour a server's retry-after up to this many seconds (default: {MAX_WAIT:g}); a longer "
+                        "one stops the run (exit 1) with the time to rerun")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="ask again for the answers cached as final: lyrics not found, other 4xx, empty model answers")
     p.add_argument("--backoff", type=float, default=1.0, help="first backoff delay in seconds, doubled each retry (default: 1)")
     for api, what in (("groq", "Groq (30 requests/minute on its free tier)"), ("lyrics", "lyrics.ovh (no published limit)")):
         p.add_argument(f"--{api}-rate", type=float, default=RATES[api], metavar="PER_SECOND",
                        help=f"requests per second to {what}, shared by all workers and by other runs on the same "
                             f"--data-dir; 0: no limit (default: {RATES[api]})")
     args = p.parse_args(argv)
-    finite = all(0 <= v < float("inf") for v in (args.timeout, args.backoff, args.groq_rate, args.lyrics_rate))
-    if args.workers < 1 or args.attempts < 1 or (args.limit is not None and args.limit < 0) or args.timeout <= 0 or not finite:
-        p.error("--workers, --attempts and --timeout must be positive, --limit, --backoff and the rates finite and not negative")
+    for name in ("workers", "attempts", "limit", "timeout", "backoff", "max_wait", "groq_rate", "lyrics_rate"):
+        v, positive = getattr(args, name), name in ("workers", "attempts", "limit", "timeout")
+        if v is not None and not ((v > 0 if positive else v >= 0) and v < float("inf")):   # nan fails both
+            p.error(f"--{name.replace('_', '-')} {v}: expected a finite number {'> 0' if positive else '>= 0'}")
     return args
 
 
@@ -492,11 +482,12 @@ def run(args):
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
     api_key = find_api_key() if want_summary else None
     lyrics_base = check_base_url(os.environ.get("LYRICS_BASE_URL") or DEFAULT_LYRICS_BASE_URL, "LYRICS_BASE_URL")
-    if os.environ.get("GROQ_BASE_URL"):
-        check_base_url(os.environ["GROQ_BASE_URL"], "GROQ_BASE_URL")
+    check_base_url(os.environ.get("GROQ_BASE_URL") or DEFAULT_GROQ_BASE_URL, "GROQ_BASE_URL")
     rows = list(df.index[: args.limit]) if args.limit is not None else list(df.index)
     pairs = list(dict.fromkeys(request_pair(df.at[i, "artist"], df.at[i, "track"]) for i in rows))
     pairs = [(a, t) for a, t in pairs if a and t]
+    if not rows:
+        raise UserError(f"{path} has no rows: nothing to enrich.")
 
     lock = lock_folder(folder / ".enrich.lock", f"dataset {folder}")   # a second run on this dataset refuses
     try:
@@ -508,24 +499,28 @@ def run(args):
 def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
     stop = threading.Event()
-    limiters = {api: RateLimiter(Path(args.data_dir) / f".enrich-rate-{api}", rate, stop)
-                for api, rate in (("groq", args.groq_rate), ("lyrics", args.lyrics_rate))}
+    limiters = {api: RateLimiter(Path(args.data_dir) / f".enrich-rate-{api}", rate, stop, args.max_wait, name)
+                for api, rate, name in (("groq", args.groq_rate, "Groq"), ("lyrics", args.lyrics_rate, "lyrics.ovh"))}
     cache, stats = Cache(path.parent / ".enrich-cache.sqlite"), Stats()
+    if args.retry_failed:
+        print(f"asking again for {cache.forget_failures()} answer(s) cached as final", file=sys.stderr)
+    retry = lambda api: lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters[api].hold,
+                                                  sleep=lambda s: pause(s, f"{limiters[api].api} backoff", stop))
     lyrics, summaries = {}, {}
     if want_lyrics or (want_summary and args.summary_from == "lyrics"):
         fetch = lambda a, t: fetch_lyrics(lyrics_base, a, t, args.timeout, limiters["lyrics"])
         source = "lyrics.ovh" if lyrics_base == DEFAULT_LYRICS_BASE_URL else lyrics_base
-        retry = lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters["lyrics"].hold)
-        lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, source, cache, stats, retry),
+        lyrics = run_jobs("lyrics", pairs, lambda a, t: lyrics_job(a, t, fetch, source, cache, stats, retry("lyrics")),
                           args.workers, stop)
     if want_summary:
-        ask = groq_asker(api_key, args.model, args.timeout, limiters["groq"])
+        groq_base = os.environ.get("GROQ_BASE_URL") or DEFAULT_GROQ_BASE_URL
+        ask = groq_asker(api_key, args.model, args.timeout, groq_base, limiters["groq"])
         source = args.model + (f"@{os.environ['GROQ_BASE_URL']}" if os.environ.get("GROQ_BASE_URL") else "")
-        retry = lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters["groq"].hold)
+        retry_groq = retry("groq")
 
         def job(a, t):
             excerpt = lyrics[(a, t)][0] if args.summary_from == "lyrics" else None
-            return summary_job(a, t, ask, source, cache, stats, retry, excerpt)
+            return summary_job(a, t, ask, source, cache, stats, retry_groq, excerpt)
         summaries = run_jobs("summaries", pairs, job, args.workers, stop)
     cache.close()
 
@@ -550,6 +545,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RetryLater as e:     # a Retry-After beyond --max-wait: answers so far are cached, items.csv untouched
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:   # answers so far are in the cache; worker threads are not waited for
         print("interrupted; rerun the same command to resume (answers so far are cached)", file=sys.stderr, flush=True)
         sys.stdout.flush()

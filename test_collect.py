@@ -1,12 +1,14 @@
 """Tests for collect.py: importers on real data, matching on real catalogs, and a fake Last.fm server
 (loopback only) that injects faults, for the crawl, its resume after SIGKILL and the key's secrecy."""
 import collections
+import contextlib
 import hashlib
 import http.server
 import io
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +18,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import pandas as pd
 import pytest
@@ -731,7 +733,7 @@ class HostileLastfm(FakeLastfm):
                 return 200, {"error": 7, "message": "Invalid resource specified"}
             if user == "echo_key":
                 return 400, {"error": 7, "message": f"Invalid resource for api_key={KEY} ({KEY})"}
-            if user == "html200":
+            if user == "html200" and self.hits[(m, user)] <= 2:      # a passing fault: HTML twice, then the answer
                 return 200, "<html>Hello</html>"
             if user == "single_friend":
                 body["friends"]["user"] = {"name": "Hcase", "country": "x"}
@@ -777,8 +779,8 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
     assert by_user["user_str"].startswith("unexpected response") and by_user["html404"] == "HTTP 404"
     assert by_user["err7"].startswith("Last.fm error 7") and by_user["err6str"].startswith("Last.fm error 6")
     assert by_user["err99"].startswith("Last.fm error 99") and "***" in by_user["echo_key"] and "***" in by_user["echo6"]
-    assert by_user["html200"].startswith("unexpected response") and by_user["private_one"].startswith("Last.fm error 17")
-    assert after_first[("user.getFriends", "html200")] == 3                 # malformed 3 times -> permanent
+    assert "html200" not in by_user and by_user["private_one"].startswith("Last.fm error 17")
+    assert after_first[("user.getFriends", "html200")] == 3                 # HTML is temporary: retried, then answered
     assert after_first[("user.getLovedTracks", "empty_pages")] == 2         # not 1000 pages
     assert {("user.getInfo", "html404"), ("user.getFriends", "err7")} <= again and len(again) <= len(failed)
     assert after_first[("user.getInfo", "Hcase")] + after_first[("user.getInfo", "hcase")] == 1   # one user
@@ -819,3 +821,350 @@ def test_second_crawl_on_the_same_cache_refuses(tmp_path, monkeypatch, capsys):
         lock.close()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "another run is using the Last.fm cache" in err
+
+# -----------------------------------------------------------------------------
+# the wire: raw answers a server can send (bytes as they go out), against a client that must stay bounded
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """No test hangs: each fails after 150 s (SIGALRM interrupts sleeps and socket reads in the main thread)."""
+    def expire(*_):
+        raise TimeoutError("the test ran past its 150 s deadline")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(150)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def raw_answer(status, body=b"", headers=()):
+    head = [f"HTTP/1.1 {status} X", *(f"{k}: {v}" for k, v in headers), "Connection: close"]
+    if not any(k.lower() == "content-length" for k, _ in headers):
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def drip(head, body, pause=0.2, at_most=40):
+    """Headers, then the body one byte at a time (the fake stops by itself after at_most bytes)."""
+    yield head
+    for i in range(min(len(body), at_most)):
+        time.sleep(pause)
+        yield body[i:i + 1]
+
+
+class RawFaults(FakeLastfm):
+    """The fake Last.fm; the next `left` requests for RJ's friends get fault(fake, query, good answer) instead:
+    bytes, or an iterable of byte chunks sent one by one."""
+
+    def __init__(self, world, **kw):
+        super().__init__(world, **kw)
+        self.fault, self.left, self.arrivals = None, 0, []
+
+    def handle(self, h):
+        q = {k: v[0] for k, v in parse_qs(urlparse(h.path).query, keep_blank_values=True).items()}
+        mine = q.get("method") == "user.getFriends" and q.get("user") == "RJ"
+        with self.lock:
+            self.arrivals += [time.time()] if mine else []
+            use = mine and self.fault is not None and self.left > 0
+            self.left -= use
+        if not use:
+            return super().handle(h)
+        h.close_connection = True
+        out = self.fault(self, q, json.dumps(self.answer(q)[1], ensure_ascii=False))
+        for chunk in [out] if isinstance(out, bytes) else out:
+            h.wfile.write(chunk)
+            h.wfile.flush()
+
+
+def http_date(seconds_from_now):
+    from email.utils import formatdate
+    return formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+OTHER_HOST_HITS = collections.Counter()
+RETRIES = 2                 # the fault runs below: 3 attempts per request
+WIRE_FAULTS = {   # name: (fault, how many requests get it, exit code of the first run)
+    "html 200": (lambda f, q, good: raw_answer(200, b"<html>Hello</html>", [("Content-Type", "text/html")]), 3, 1),
+    "empty 200": (lambda f, q, good: raw_answer(200), 3, 1),
+    "truncated body": (lambda f, q, good: raw_answer(200, good.encode()[:20], [("Content-Length", "900")]), 3, 1),
+    "Latin-1 bytes, no charset": (lambda f, q, good: raw_answer(200, good.replace("Zoë", "Zoé").encode("latin-1")), 3, 1),
+    "nested 100k levels": (lambda f, q, good: raw_answer(200, b"[" * 100_000 + b"]" * 100_000), 3, 1),
+    "5 MB body": (lambda f, q, good: raw_answer(200, b'{"friends": "' + b"x" * (5 << 20) + b'"}'), 3, 1),
+    "302 to another port": (lambda f, q, good: raw_answer(302, headers=[("Location", f"{f.other}/2.0/?x=1")]), 3, 1),
+    "Retry-After 999999999": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", "999999999")]), 1, 1),
+    "Retry-After inf": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", "inf")]), 1, 1),
+    "retry-after-ms 1e15": (lambda f, q, good: raw_answer(429, b"{}", [("retry-after-ms", "1e15")]), 1, 1),
+    # passing faults a retry (or nothing) gets over in the same run
+    "byte drip": (lambda f, q, good: drip(raw_answer(200, headers=[("Content-Length", len(good.encode()))]),
+                                          good.encode()), 1, 0),
+    "UTF-8 BOM": (lambda f, q, good: raw_answer(200, b"\xef\xbb\xbf" + good.encode()), 1, 0),
+    "declared charset latin-1": (lambda f, q, good: raw_answer(200, good.encode("latin-1"),
+                                 [("Content-Type", "application/json; charset=iso-8859-1")]), 1, 0),
+    "302 to the same host": (lambda f, q, good: raw_answer(302, headers=[("Location", f"{f.url}?{urlencode(q)}")]), 1, 0),
+    "Retry-After: HTTP date in 2 s": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", http_date(2))]), 1, 0),
+}
+SMALL = ["crawl", "--max-users", "4", "--rate", "0", "--backoff", "0.01", "--max-backoff", "0.05", "--timeout", "1",
+         "--retries", str(RETRIES)]
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    """A fault-free small crawl: what every faulty run below must end with."""
+    if not LFM1K.exists():
+        pytest.skip("../shared/data not available")
+    d = tmp_path_factory.mktemp("small")
+    fake, mp = FakeLastfm(fake_world(n_users=8)), pytest.MonkeyPatch()
+    try:
+        run_inproc(mp, fake, ["--data-dir", d, *SMALL])
+    finally:
+        mp.undo()
+        fake.stop()
+    return tree_bytes(d)
+
+
+@needs(LFM1K)
+@pytest.mark.parametrize("name", list(WIRE_FAULTS))
+def test_wire_faults_are_bounded_and_a_rerun_completes(name, small_reference, tmp_path, monkeypatch, capsys):
+    """Each raw answer: no hang, no traceback, the right class of failure (a passing fault is retried and never
+    recorded; a Retry-After beyond --max-wait stops the run with one line), and a plain rerun against the healthy
+    server ends with the fault-free crawl."""
+    fault, n, code = WIRE_FAULTS[name]
+    fake, other = RawFaults(fake_world(n_users=8)), FakeLastfm(fake_world(n_users=8))   # other: another host
+    fake.other, fake.fault, fake.left = other.url.rsplit("/2.0/", 1)[0], fault, n
+    args = ["--data-dir", tmp_path, *SMALL]
+    try:
+        t = time.monotonic()
+        with pytest.raises(SystemExit) if code else contextlib.nullcontext() as e:
+            run_inproc(monkeypatch, fake, args)
+        took, first = time.monotonic() - t, capsys.readouterr()
+        if code:
+            assert e.value.code == code and fake.left == 0
+            run_inproc(monkeypatch, fake, args)          # a plain rerun, the server healthy again
+    finally:
+        fake.stop()
+        other.stop()
+    print(f"{name}: first run exit {code} after {took:.2f}s; {first.err.strip()[-160:]}")
+    assert took < 6 and "Traceback" not in first.err and not other.keys_seen
+    errors = [line for line in first.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == (1 if code else 0) and all("rerun" in line and KEY not in line for line in errors)
+    if "retry-after" in name.lower() and code:
+        assert "Last.fm" in errors[0] and (re.search(r"rerun after \d{4}-\d\d-\d\d \d\d:\d\d UTC", errors[0])
+                                      or "cannot be read" in errors[0])
+    if "HTTP date" in name:
+        assert fake.arrivals[1] - fake.arrivals[0] >= 1.0   # the date was honoured (whole seconds: >= 1 s of 2)
+    assert tree_bytes(tmp_path) == small_reference
+    db = sqlite3.connect(tmp_path / "cache" / "lastfm.sqlite")
+    failed = [r for (r,) in db.execute("SELECT reason FROM failed")]
+    assert failed == ["Last.fm error 17: Login: User required to be logged in"]            # only what Last.fm said
+    assert not [b for (b,) in db.execute("SELECT body FROM responses") if "\ufffd" in b]   # nothing garbled
+    assert "hold" not in json.loads((tmp_path / "cache" / "lastfm.sqlite.rate").read_text() or "{}")
+
+
+def test_deadline_bounds_a_dripping_answer():
+    """--timeout is the whole request: a server sending one byte every 0.2 s is cut at the deadline."""
+    body = json.dumps({"x": "y" * 50}).encode()
+    srv = RawServer(lambda h: drip(raw_answer(200, headers=[("Content-Length", len(body))]), body))
+    try:
+        t = time.monotonic()
+        with pytest.raises(collect.Transient, match="timeout"):
+            collect.http_request("GET", srv.url + "/x", 0.8)
+        assert 0.7 < time.monotonic() - t < 1.5
+    finally:
+        srv.stop()
+
+
+class RawServer:
+    """A loopback server answering every GET and POST with answer(handler) (bytes or byte chunks)."""
+
+    def __init__(self, answer):
+        import http.server
+        self.paths = []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.paths.append(self.path)
+                self.close_connection = True
+                out = answer(self)
+                try:
+                    for chunk in [out] if isinstance(out, bytes) else out:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+            do_POST = do_GET
+
+            def log_message(self, *a):
+                pass
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.srv.daemon_threads = True
+        threading.Thread(target=self.srv.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def stop(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_retry_after_forms_and_saved_holds(tmp_path, capsys):
+    """Retry-After in seconds, as an HTTP date and retry-after-ms; a hold beyond --max-wait stops the run and is
+    never saved; a saved hold a later run cannot trust (old format, beyond the cap, set in the future) is ignored
+    with a note; a valid one holds another process's limiter."""
+    p = collect.parse_retry_after
+    assert p({"retry-after": "2"}) == 2.0 and p({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
+    assert 1.0 <= p({"retry-after": http_date(3)}) <= 3.0 and p({"retry-after": http_date(-60)}) == 0.0
+    assert p({}) is None and all(p({"retry-after": v}) == float("inf") for v in ("inf", "nan", "soon", "1e999"))
+    state = tmp_path / "state"
+    lim = collect.RateLimiter(state, 0, max_wait=10, api="X")
+    for seconds in (11, float("inf"), float("nan")):
+        with pytest.raises(collect.WaitTooLong, match="^X "):
+            lim.hold(seconds)
+    assert not state.exists()                               # nothing saved
+    now = time.time()
+    for poisoned in ({"until": now + 1e9}, {"hold": {"until": now + 50, "set": now, "cap": 60}},
+                     {"hold": {"until": now + 5, "set": now + 100, "cap": 10}}, {"hold": "junk"}):
+        state.write_text(json.dumps(poisoned))
+        t = time.monotonic()
+        lim.wait()
+        assert time.monotonic() - t < 0.5
+    assert "ignoring a saved wait" in capsys.readouterr().err
+    lim.hold(0.6)
+    t = time.monotonic()
+    collect.RateLimiter(state, 0, max_wait=10).wait()      # another limiter on the same file: held too
+    assert 0.4 < time.monotonic() - t < 1.5
+
+
+def test_long_waits_print_a_line(monkeypatch, capsys):
+    monkeypatch.setattr(collect, "VISIBLE_WAIT", 0.1)
+    collect.pause(0.3, "Last.fm asked")
+    collect.pause(0.05, "short")
+    err = capsys.readouterr().err
+    assert err.count("waiting") == 1 and "Last.fm asked" in err
+
+
+def test_key_scrubbing_only_touches_the_key(tmp_path):
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0)
+    assert api.scrub(f"api_key={KEY}&x=1") == "api_key=***&x=1"
+    assert api.scrub("a song about api_key=abc and more") == "a song about api_key=abc and more"
+    assert api.scrub(KEY.replace("-", "%2D")) != KEY
+
+
+def test_no_redirect_to_another_host_and_path_kept():
+    other = RawServer(lambda h: raw_answer(200, b"{}"))
+    srv = RawServer(lambda h: raw_answer(307, headers=[("Location", other.url + "/evil")]) if "go" in h.path
+                    else raw_answer(200, b'{"ok": 1}'))
+    try:
+        with pytest.raises(collect.Transient, match="another host"):
+            collect.http_request("POST", srv.url + "/go", 1, body=b"{}")
+        r = collect.http_request("GET", srv.url + "/v1/%2E%2E/%2E/a%20b", 1)
+        assert r.status == 200 and r.json() == {"ok": 1}
+    finally:
+        srv.stop()
+        other.stop()
+    assert other.paths == [] and srv.paths[-1] == "/v1/%2E%2E/%2E/a%20b"
+
+
+BAD_INPUTS = {   # name: (arguments, extra environment, words of the one error line); {d}: the test's folder
+    "catalog not UTF-8 (match)": (["match", "{d}/latin.csv", "--name", "x", "--no-tags"], {}, "latin.csv: the catalog is not UTF-8"),
+    "catalog not UTF-8 (all)": (["all", "--catalog", "x={d}/latin.csv"], {}, "latin.csv: the catalog is not UTF-8"),
+    "0-byte catalog": (["all", "--catalog", "x={d}/empty.csv"], {}, "empty.csv: the catalog is empty"),
+    "header-only catalog": (["all", "--catalog", "x={d}/header.csv"], {}, "header.csv: no songs in the catalog"),
+    "match that matches nothing": (["match", "{d}/one.csv", "--name", "x", "--no-tags"], {}, "none of the 0 loved tracks"),
+    "--data-dir is a file": (["--data-dir", "{d}/afile", "crawl"], {}, "--data-dir"),
+    "--cache-dir is a file": (["--cache-dir", "{d}/afile", "crawl"], {}, "--cache-dir"),
+    "--cache-dir under a file": (["--cache-dir", "{d}/afile/sub", "crawl"], {}, "is a file, not a folder"),
+    "--max-users 0": (["crawl", "--max-users", "0"], {}, "--max-users 0"),
+    "--min-plays 0": (["lastfm1k", "{d}", "--min-plays", "0"], {}, "--min-plays 0"),
+    "--min-plays -1": (["lastfm1k", "{d}", "--min-plays", "-1"], {}, "--min-plays -1"),
+    "--max-wait nan": (["crawl", "--max-wait", "nan"], {}, "--max-wait nan"),
+    "LASTFM_BASE_URL bad port": (["crawl"], {"LASTFM_BASE_URL": "http://127.0.0.1:notaport/2.0/"}, "invalid port"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, monkeypatch, capsys):
+    (tmp_path / "latin.csv").write_bytes("artistName,trackName,primaryGenreName\nBj\xf6rk,J\xf3ga,pop\n".encode("latin-1"))
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "header.csv").write_text("artistName,trackName,primaryGenreName\n")
+    (tmp_path / "one.csv").write_text("artistName,trackName,primaryGenreName\nBjork,Joga,pop\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "data" / "lastfm").mkdir(parents=True)          # as if a crawl had run (for match)
+    for f in ("users.csv", "loved.csv"):
+        (tmp_path / "data" / "lastfm" / f).write_text("user,country\n" if f == "users.csv" else "user,artist,track,timestamp\n")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    args, env, words = BAD_INPUTS[name]
+    args = [a.format(d=tmp_path) for a in args]
+    monkeypatch.setenv("LASTFM_API_KEY", KEY)
+    for k, v in {"LASTFM_BASE_URL": "http://127.0.0.1:9/2.0/", **env}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        collect.main((["--data-dir", str(tmp_path / "data")] if args[0] != "--data-dir" else []) + args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@needs(LFM1K)
+def test_a_crawl_that_keeps_nobody_says_so(tmp_path, monkeypatch, capsys):
+    fake = FakeLastfm(fake_world(n_users=3))
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_inproc(monkeypatch, fake, ["--data-dir", tmp_path, "crawl", "--seed-users", "nobody", *API_OPTS])
+    finally:
+        fake.stop()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no user kept" in err and "--seed-users" in err
+    assert not (tmp_path / "lastfm").exists()
+
+
+def test_older_caches_ask_again_for_what_was_a_passing_fault(tmp_path):
+    """Failures an older version recorded as permanent for an unreadable body are asked again on a plain rerun;
+    answers it stored with U+FFFD (undecodable bytes) are asked again with --retry-failed."""
+    db = sqlite3.connect(tmp_path / "c.sqlite")
+    db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
+    db.execute("CREATE TABLE failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
+    db.executemany("INSERT INTO failed VALUES (?, ?)", [("a", "unexpected response: not a JSON object (3 times)"),
+                                                        ("b", "Last.fm error 6: User not found")])
+    db.executemany("INSERT INTO responses VALUES (?, ?)", [("c", '{"user": {"country": "P\ufffdru"}}'), ("d", "{}")])
+    db.commit()
+    db.close()
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0)
+    assert [k for (k,) in api.db.execute("SELECT key FROM failed")] == ["b"]
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retry_failed=True)
+    assert api.db.execute("SELECT COUNT(*) FROM failed").fetchone()[0] == 0
+    assert [k for (k,) in api.db.execute("SELECT key FROM responses")] == ["d"]
+
+
+def test_kept_alive_connection_is_reused_and_a_stale_one_replaced():
+    """One connection serves a thread's requests in a row; when the server has closed it meanwhile, the request is
+    sent once more on a new connection (not a failure)."""
+    import http.server
+    peers = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            peers.append(self.client_address)
+            body = b'{"ok": 1}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = "close" in self.path     # the server drops the connection without saying so
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        for path in ("/a", "/b", "/close", "/c", "/d"):
+            assert collect.http_request("GET", url + path, 2).json() == {"ok": 1}
+            time.sleep(0.05)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len(peers) == 5 and peers[0] == peers[1] == peers[2] != peers[3] == peers[4]

@@ -29,6 +29,7 @@ from urllib.parse import unquote
 import pytest
 
 import enrich
+from test_collect import RawServer, drip, http_date, raw_answer
 
 HERE = Path(__file__).resolve().parent
 KEY = "gsk_FAKE_7f3c9e_never_leak_0451"
@@ -95,6 +96,10 @@ class Fakes:
         self.hang_after = None   # after this many successes, hold new requests until released
         self.arrivals, self.retry_after = [], "0"   # (time, server) of every request; the 429s' retry-after
         self.hung, self.released = threading.Event(), threading.Event()
+        self.paths = []          # every request's path as it came over the wire
+        self.garbled = True      # False: the GARBLED artists answer like any other (a passing fault is over)
+        self.raw, self.raw_left, self.raw_on = None, 0, None   # raw(handler): the next raw_left requests for
+        # "Artist 0" to the server of handler class raw_on
 
     def start(self):
         self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (GroqHandler, LyricsHandler)]
@@ -148,6 +153,26 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def raw_fault(self, chosen):
+        """Record the raw path; when chosen, on the server fakes.raw_on and some are left, answer with fakes.raw:
+        bytes as they go on the wire, or byte chunks sent one by one."""
+        fakes = self.server.fakes
+        with fakes.lock:
+            fakes.paths.append(self.path)
+            fakes.arrivals.append((time.time(), "raw")) if chosen else None
+            use = chosen and fakes.raw is not None and fakes.raw_left > 0 and isinstance(self, fakes.raw_on)
+            fakes.raw_left -= use
+        if use:
+            self.close_connection = True
+            out = fakes.raw(self)
+            try:
+                for chunk in [out] if isinstance(out, bytes) else out:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        return use
+
     def answer(self, key, status, body, malformed):
         fakes = self.server.fakes
         with fakes.lock:
@@ -183,7 +208,10 @@ class GroqHandler(Handler):
         prompt = body["messages"][-1]["content"]
         with self.server.fakes.lock:
             self.server.fakes.prompts.append(prompt)
-        hostile = [v for k, v in HOSTILE_GROQ.items() if f"by {k} in" in prompt or f"by {k}:" in prompt]
+        if self.raw_fault("by Artist 0 in" in prompt):
+            return
+        hostile = [v for k, v in HOSTILE_GROQ.items() if (f"by {k} in" in prompt or f"by {k}:" in prompt)
+                   and (self.server.fakes.garbled or k not in GARBLED)]
         if hostile:
             status, answer = hostile[0](self.server.fakes.key)
             return self.answer(("chat", body["model"], prompt), status,
@@ -200,7 +228,9 @@ class LyricsHandler(Handler):
         if len(parts) != 4 or parts[1] != "v1":   # an unencoded '/' or '?' breaks the path
             return self.send(400, {"error": "bad path"})
         artist, track = unquote(parts[2]), unquote(parts[3])
-        if artist in HOSTILE_LYRICS:
+        if self.raw_fault(artist == "Artist 0"):
+            return
+        if artist in HOSTILE_LYRICS and (self.server.fakes.garbled or artist not in GARBLED):
             return self.answer(("lyrics", artist, track), 200, HOSTILE_LYRICS[artist], [b"{}"])
         if artist == NOT_FOUND:
             return self.answer(("lyrics", artist, track), 404, {"error": "No lyrics found"}, [b"{}"])
@@ -215,6 +245,7 @@ HOSTILE_LYRICS = {
     "L evil": {"lyrics": '=HYPERLINK("http://evil")\x00 evil \u202eright to left\u202c text'},
     "L empty": {"lyrics": ""},
 }
+GARBLED = {"L list", "L null", "L missing", "L html", "G html"}   # unreadable: passing faults, retried, not cached
 HOSTILE_GROQ = {   # key -> (status, content, or a whole body when bytes/dict)
     "G null": lambda key: (200, None), "G number": lambda key: (200, 42),
     "G no choices": lambda key: (200, {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": []}),
@@ -516,9 +547,16 @@ def test_user_errors(tmp_path, monkeypatch, capsys):
     assert "lacks column(s) track, title" in capsys.readouterr().err
     assert not (items.parent / ".enrich-cache.sqlite").exists()
 
-    with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well
-        enrich.main(["demo", "--workers", "0"])
-    assert e.value.code == 2
+    (items.parent / "items.csv").write_text("item,artist,track,title\n")          # header only: nothing to do
+    assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics"]) == 2
+    assert "has no rows" in capsys.readouterr().err
+
+    for flag, value in (("--workers", "0"), ("--attempts", "-1"), ("--limit", "0"), ("--timeout", "inf"),
+                        ("--max-wait", "nan"), ("--lyrics-rate", "-1"), ("--backoff", "inf")):
+        with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well, the flag named
+            enrich.main(["demo", flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {flag} " in err and "Traceback" not in err
 
 
 def test_lyrics_only_needs_no_key_and_limit(tmp_path, fakes, monkeypatch, capsys):
@@ -560,7 +598,8 @@ def test_real_catalog_names(tmp_path, fakes, monkeypatch):
 # hostile answers, Ctrl-C, rate limits
 
 
-HOSTILE_TRACKS = [(f"h{n:02d}", artist, "Zyx", "x") for n, artist in enumerate(list(HOSTILE_LYRICS) + list(HOSTILE_GROQ))] + [
+HOSTILE_TRACKS = [(f"h{n:02d}", artist, "Zyx", "x") for n, artist in enumerate(list(HOSTILE_LYRICS) + list(HOSTILE_GROQ))
+                  if artist not in GARBLED] + [
     ("h50", ".", "..", "x"), ("h51", "..", "Zyx", "x"), ("h52", "Erick Sermon", "Music", "x"),
     ("h53", "Erick Sermon", "Music (feat. Marvin Gaye)", "x"), ("h54", NOT_FOUND, "-Title-", "x"),
     ("h55", NOT_FOUND, '=HYPERLINK("http://x")', "x")]
@@ -578,7 +617,7 @@ def test_hostile_answers_finish_with_permanent_fallbacks(tmp_path, fakes, monkey
     rows = {r["item"]: r for r in read_rows(items)}
     first, tries = items.read_bytes(), sum(fakes.tries.values())
     assert "Traceback" not in err and "still failing" not in out
-    assert "malformed" in out and "http 400" in out
+    assert "no text answer 2" in out and "no answer 1" in out and "http 400" in out
     for r in rows.values():
         assert clean_cell(r["summary"]) and clean_cell(r["lyrics"]), r
     by_artist = {r["artist"]: r for r in rows.values()}
@@ -587,11 +626,12 @@ def test_hostile_answers_finish_with_permanent_fallbacks(tmp_path, fakes, monkey
     assert by_artist["G evil"]["summary"] == "SUM(1+1) dreams of the road home"
     assert by_artist["G echo"]["summary"] == "A song about the secret and the night."   # key scrubbed
     assert by_artist["."]["lyrics"] != ".." and by_artist[".."]["lyrics"] != "Zyx"    # found, not a 400
+    assert {"/v1/%2E/%2E%2E", "/v1/%2E%2E/Zyx"} <= set(fakes.paths)                 # '.' stays encoded on the wire
     assert rows["h55"]["lyrics"] == 'HYPERLINK("http://x")' and rows["h54"]["lyrics"] == "Title-"
     music = [k for k in fakes.tries if "Erick Sermon" in str(k)]
     assert len(music) == 2 and max(fakes.tries[k] for k in music) == 1     # Music and Music (feat. ...): once each
-    for kind in ("lyrics", "chat"):   # malformed three times, then cached: never asked again
-        assert max(n for k, n in fakes.tries.items() if k[0] == kind) <= enrich.MALFORMED_TRIES
+    for kind in ("lyrics", "chat"):   # a final answer is cached at once: never asked twice
+        assert max(n for k, n in fakes.tries.items() if k[0] == kind) == 1
     assert run_inprocess(monkeypatch, fakes, tmp_path) == 0          # rerun: nothing asked, same bytes
     assert items.read_bytes() == first and sum(fakes.tries.values()) == tries
     files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
@@ -630,6 +670,10 @@ def test_bad_base_url_and_second_run(tmp_path, fakes, monkeypatch, capsys):
     monkeypatch.setenv("GROQ_API_KEY", KEY)
     assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'localhost:8000' is not an http(s) URL"
+    monkeypatch.setenv("GROQ_BASE_URL", "http://127.0.0.1:notaport")
+    assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'http://127.0.0.1:notaport' has an invalid port"
+    assert not (tmp_path / "demo" / ".enrich-cache.sqlite").exists()
     lock = enrich.lock_folder(tmp_path / "demo" / ".enrich.lock", "x")   # as if another run held it
     try:
         assert run_inprocess(monkeypatch, fakes, tmp_path) == 2
@@ -722,6 +766,136 @@ def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypa
     assert (ds2.items.summary != "").all() and (ds2.items.lyrics != "").all()
     assert ds2.items.drop(columns=["summary", "lyrics"]).equals(ds.items.drop(columns=["summary", "lyrics"]))
     assert ds2.inter.equals(ds.inter) and ds2.users.equals(ds.users)
+
+# -----------------------------------------------------------------------------
+# the wire: raw answers (bytes as they go out) and what a server can make us do
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """No test hangs: each fails after 150 s (SIGALRM interrupts sleeps and socket reads in the main thread)."""
+    def expire(*_):
+        raise TimeoutError("the test ran past its 150 s deadline")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(150)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+GOOD_LYRICS = json.dumps({"lyrics": fake_lyrics("Artist 0", "Song 0")}).encode()
+WIRE_TRACKS = [("w0", "Artist 0", "Song 0", "pop"), ("w1", "Artist 1", "Song 1", "pop")]
+WIRE_FAULTS = {   # name: (raw answer to the requests for Artist 0, how many get it, exit code of the first run)
+    "html 200": (lambda h: raw_answer(200, b"<html>Bad gateway</html>", [("Content-Type", "text/html")]), 2, 1),
+    "empty 200": (lambda h: raw_answer(200), 2, 1),
+    "Latin-1 bytes, no charset": (lambda h: raw_answer(200, '{"lyrics": "Paroles \u00e9t\u00e9"}'.encode("latin-1")), 2, 1),
+    "truncated body": (lambda h: raw_answer(200, GOOD_LYRICS[:30], [("Content-Length", len(GOOD_LYRICS))]), 2, 1),
+    "nested 100k levels": (lambda h: raw_answer(200, b"[" * 100_000 + b"]" * 100_000), 2, 1),
+    "5 MB body": (lambda h: raw_answer(200, b'{"lyrics": "' + b"la " * (5 << 19) + b'"}'), 2, 1),
+    "302 to another host": (lambda h: raw_answer(302, headers=[("Location", h.server.fakes.other.url + "/v1/a/b")]), 2, 1),
+    "Retry-After 999999999": (lambda h: raw_answer(429, b"{}", [("Retry-After", "999999999")]), 1, 1),
+    "Groq retry-after-ms 1e15": (lambda h: raw_answer(429, b"{}", [("retry-after-ms", "1e15")]), 1, 1),
+    "Groq 307 to another host": (lambda h: raw_answer(307, headers=[("Location", h.server.fakes.other.url + "/x")]), 2, 1),
+    # passing faults the same run gets over
+    "UTF-8 BOM": (lambda h: raw_answer(200, b"\xef\xbb\xbf" + GOOD_LYRICS), 1, 0),
+    "byte drip": (lambda h: drip(raw_answer(200, headers=[("Content-Length", len(GOOD_LYRICS))]), GOOD_LYRICS), 1, 0),
+    "Retry-After: HTTP date in 2 s": (lambda h: raw_answer(429, b"{}", [("Retry-After", http_date(2))]), 1, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def wire_reference(tmp_path_factory):
+    d, fakes, mp = tmp_path_factory.mktemp("wire"), Fakes().start(), pytest.MonkeyPatch()
+    try:
+        make_dataset(d, tracks=WIRE_TRACKS)
+        assert run_inprocess(mp, fakes, d) == 0
+    finally:
+        mp.undo()
+        fakes.stop()
+    return (d / "demo" / "items.csv").read_bytes()
+
+
+@pytest.mark.parametrize("name", list(WIRE_FAULTS))
+def test_wire_faults_are_bounded_and_a_rerun_completes(name, wire_reference, tmp_path, monkeypatch, capsys):
+    """Each raw answer: no hang, no traceback, the right class of failure (a passing fault is retried and never
+    cached; a Retry-After beyond --max-wait stops the run with one line naming the API), and a plain rerun
+    against the healthy server writes the fault-free items.csv."""
+    fault, n, code = WIRE_FAULTS[name]
+    fakes, other = Fakes().start(), RawServer(lambda h: raw_answer(200, b"{}"))
+    fakes.other, fakes.raw, fakes.raw_left = other, fault, n
+    fakes.raw_on = GroqHandler if name.startswith("Groq") else LyricsHandler
+    items = make_dataset(tmp_path, tracks=WIRE_TRACKS)
+    try:
+        t = time.monotonic()
+        assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == code
+        took, first = time.monotonic() - t, capsys.readouterr()
+        if code:
+            assert fakes.raw_left <= 0
+            assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == 0
+    finally:
+        fakes.stop()
+        other.stop()
+    print(f"{name}: first run exit {code} after {took:.2f}s; {first.err.strip()[-150:]}")
+    assert took < 6 and "Traceback" not in first.err and other.paths == []
+    errors = [line for line in first.err.splitlines() if line.startswith("error:")]
+    if "retry-after" in name.lower() and code:
+        api = "Groq" if name.startswith("Groq") else "lyrics.ovh"
+        assert len(errors) == 1 and errors[0].startswith(f"error: {api} asked to wait") and "rerun after" in errors[0]
+    elif code:
+        assert not errors and "1 request(s) still failing after 2 attempts" in first.out
+    if "HTTP date" in name:   # the date was honoured: Artist 0 asked again >= 1 s later (whole seconds: 1-2 s)
+        again = [t for t, kind in fakes.arrivals if kind == "raw"]
+        assert len(again) >= 2 and again[1] - again[0] >= 1.0
+    assert items.read_bytes() == wire_reference
+    for state in tmp_path.glob(".enrich-rate-*"):
+        assert "hold" not in json.loads(state.read_text() or "{}")
+
+
+def test_garbled_answers_are_passing_faults_and_retry_failed(tmp_path, monkeypatch, capsys):
+    """Answers that cannot be read (lyrics that are not text, HTML) are retried, not cached: exit 1, and a rerun
+    once the server is well gets the real texts. --retry-failed asks again for what was cached as final."""
+    tracks = [(f"g{n}", artist, "Zyx", "x") for n, artist in enumerate(sorted(GARBLED))] + [("n", NOT_FOUND, "Song", "x")]
+    fakes = Fakes().start()
+    try:
+        make_dataset(tmp_path / "ref", tracks=tracks)
+        fakes.garbled = False
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "ref") == 0
+        fakes.garbled = True
+        items = make_dataset(tmp_path / "run", tracks=tracks)
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 1
+        assert "5 request(s) still failing" in capsys.readouterr().out
+        fakes.garbled = False
+        tries = Counter(fakes.tries)
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 0
+        assert items.read_bytes() == (tmp_path / "ref/demo/items.csv").read_bytes()
+        asked = {k for k in fakes.tries if fakes.tries[k] > tries[k]}
+        assert len(asked) >= len(GARBLED) and not [k for k in asked if NOT_FOUND in str(k) and k[0] == "lyrics"]
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--retry-failed") == 0
+        again = [k for k in fakes.tries if k[0] == "lyrics" and k[1] == NOT_FOUND]
+        assert again and fakes.tries[again[0]] == 3                   # ref, run, and --retry-failed: asked again
+        assert "asking again for" in capsys.readouterr().err
+    finally:
+        fakes.stop()
+
+
+def test_cache_forgets_passing_faults_and_final_answers_on_request(tmp_path):
+    cache = enrich.Cache(tmp_path / "c.sqlite")
+    for key, value in [("old", {"status": "malformed"}), ("404", {"status": "ok", "text": ""}),
+                       ("400", {"status": "http 400"}), ("bad bytes", {"status": "ok", "text": "P\ufffdroles"}),
+                       ("good", {"status": "ok", "text": "Paroles"})]:
+        cache.put([key], value)
+    assert cache.get(["old"]) is None                  # an older version cached a passing fault: asked again
+    assert cache.get(["404"]) == {"status": "ok", "text": ""}
+    assert cache.forget_failures() == 4 and cache.get(["good"]) and not cache.get(["bad bytes"])
+    cache.close()
+
+
+def test_a_poisoned_saved_hold_is_ignored(tmp_path, fakes, monkeypatch, capsys):
+    make_dataset(tmp_path, tracks=WIRE_TRACKS)
+    (tmp_path / ".enrich-rate-lyrics").write_text(json.dumps({"times": [], "until": time.time() + 1e9}))
+    t = time.monotonic()
+    assert run_inprocess(monkeypatch, fakes, tmp_path, "--what", "lyrics") == 0
+    assert time.monotonic() - t < 5 and "ignoring a saved wait" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
