@@ -72,9 +72,9 @@ from urllib.parse import quote
 import pandas as pd
 from tqdm import tqdm
 
-from collect import (DOTENV, _INVISIBLE, MAX_WAIT, RateLimiter, RetryLater, Transient, UserError, atomic_write,
-                     check_base_url, clean_text, http_request, lock_folder, norm_name, parse_retry_after, pause,
-                     read_dotenv)
+from collect import (DOTENV, _INVISIBLE, MAX_WAIT, RateLimiter, Response, RetryLater, Transient, UserError,
+                     atomic_write, check_base_url, clean_text, http_request, lock_folder, norm_name, parse_retry_after,
+                     pause, read_dotenv)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -311,34 +311,56 @@ def check_status(r):
 
 
 def groq_asker(api_key, model, timeout, base_url=DEFAULT_GROQ_BASE_URL, limiter=None):
-    """prompt -> the model's raw answer (the key scrubbed from it), by Groq's OpenAI-compatible chat API.
-    One request per call: with_retries() retries, so that the behaviour is explicit and tested. A completion
-    with no choices or a content that is not text is a (permanent) answer; a body that is not a completion is
-    a passing fault."""
-    url = f"{base_url.rstrip('/')}/openai/v1/chat/completions"
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    """prompt -> the model's raw answer (the key scrubbed from it), through the `groq` client. Its HTTP goes through
+    collect.http_request (a transport of its httpx client), so Groq is bounded like every API here: one deadline
+    per request, a body cap, no redirect to another host, bodies decoded by their charset and checked for depth
+    before the client parses them. One request per call (the client's own retries are off): with_retries()
+    retries, so that the behaviour is explicit and tested. A completion with no choices or a content that is
+    not text is a (permanent) answer; a body that is not a completion is a passing fault."""
+    import groq
+    import httpx
+
+    class Bounded(httpx.BaseTransport):
+        def handle_request(self, request):
+            r = http_request(request.method, str(request.url), timeout, headers=dict(request.headers),
+                             body=request.read(), limiter=limiter)
+            # a 200 reaches the client as checked JSON; an error as its status and headers only (Retry-After)
+            body = json.dumps(r.json()).encode() if r.status == 200 else b""
+            headers = {k: v for k, v in r.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
+            return httpx.Response(r.status, headers={**headers, "content-type": "application/json"}, content=body,
+                                  request=request)
+
+    client = groq.Groq(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout,
+                       http_client=httpx.Client(transport=Bounded(), follow_redirects=False))
 
     def ask(prompt):
-        body = json.dumps({"model": model, "temperature": 0, "max_tokens": 100,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        r = http_request("POST", url, timeout, headers=headers, body=body, limiter=limiter)
-        if r.status in (401, 403):
-            raise UserError(f"Groq refused the API key (HTTP {r.status}); check GROQ_API_KEY.")
-        if r.status == 404:
-            raise UserError(f"Groq answered 404 for model {model!r}: unknown model (see --model) or wrong GROQ_BASE_URL.")
-        check_status(r)
-        data = r.json()
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list) or choices and not isinstance(choices[0], dict):
+        try:
+            completion = client.chat.completions.create(model=model, temperature=0, max_tokens=100,
+                                                        messages=[{"role": "user", "content": prompt}])
+        except groq.APIStatusError as e:       # never show e itself: keep messages short and key-free
+            status = e.status_code
+            if status in (401, 403):
+                raise UserError(f"Groq refused the API key (HTTP {status}); check GROQ_API_KEY.")
+            if status == 404:
+                raise UserError(f"Groq answered 404 for model {model!r}: unknown model (see --model) or wrong "
+                                "GROQ_BASE_URL.")
+            check_status(Response(status, e.response.headers, b""))
+            raise Transient(f"http {status}")
+        except groq.APIConnectionError as e:   # the transport's Transient (deadline, cap, bad body), or the network
+            raise e.__cause__ if isinstance(e.__cause__, Transient) else Transient(type(e).__name__)
+        except (groq.APIResponseValidationError, ValueError, TypeError, AttributeError):
+            raise Transient("not a completion")
+        choices = getattr(completion, "choices", None)
+        if not isinstance(choices, list):
             raise Transient("not a completion")
         if not choices:
             raise Permanent("no answer")
-        message = choices[0].get("message")
-        text = message.get("content") if isinstance(message, dict) else None
+        text = getattr(getattr(choices[0], "message", None), "content", None)
         if not isinstance(text, str):
             raise Permanent("no text answer")
         return text.replace(api_key, "***")
     return ask
+
 
 # -----------------------------------------------------------------------------
 # one (artist, track) -> (text or None, status)
