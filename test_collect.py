@@ -122,6 +122,7 @@ def test_lastfm1k_folder_and_tar(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+@pytest.mark.slow
 def test_user_errors_exit_2_and_write_nothing(tmp_path):
     bad = tmp_path / "weird.csv"
     bad.write_text("foo,bar\n1,2\n")
@@ -626,6 +627,7 @@ def test_crawl_survives_20pct_faults(reference, tmp_path, monkeypatch):
 
 
 @needs(LFM1K, APPLE, SPOTIFY)
+@pytest.mark.slow
 def test_kill_and_resume_byte_identical(reference, tmp_path):
     fake = FakeLastfm(fake_world(), fault_rate=0.2, seed=2, cache=tmp_path / "cache" / "lastfm.sqlite")
     env = {"LASTFM_API_KEY": KEY, "LASTFM_BASE_URL": fake.url}
@@ -660,6 +662,7 @@ def test_kill_and_resume_byte_identical(reference, tmp_path):
     assert KEY.encode() not in written and b"TESTKEY" not in written
 
 
+@pytest.mark.slow
 def test_key_scrubbed_from_connection_errors(tmp_path):
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retries=1,
                          backoff=0.01, timeout=0.5)
@@ -798,6 +801,7 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
 
 
 @needs(LFM1K)
+@pytest.mark.slow
 def test_bad_key_is_one_line(tmp_path):
     fake = FakeLastfm(fake_world(n_users=5))
     fake.answer = lambda q: (403, {"error": 10, "message": f"Invalid API key {KEY} - You must be granted a valid key"})

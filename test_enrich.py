@@ -473,6 +473,7 @@ def test_exhausted_retries_are_not_cached(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.7])
+@pytest.mark.slow
 def test_kill_and_resume(tmp_path, fraction, monkeypatch, capsys):
     reference = Fakes(fault_rate=0.2, seed=3, slow=0.3).start()   # an uninterrupted run
     try:
@@ -513,6 +514,7 @@ def test_kill_and_resume(tmp_path, fraction, monkeypatch, capsys):
     assert (cached, fresh) == (done, total - done)   # the rerun asked only for what the killed run lacked
 
 
+@pytest.mark.slow
 def test_api_key_never_leaks(tmp_path, fakes):
     fakes.fault_rate = 0.2
     make_dataset(tmp_path)
@@ -638,6 +640,7 @@ def test_hostile_answers_finish_with_permanent_fallbacks(tmp_path, fakes, monkey
     assert KEY.encode() not in files and KEY not in out + err + "".join(capsys.readouterr())
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_within_two_seconds(tmp_path):
     fakes = Fakes().start()
     fakes.hang_after = 0                           # every request hangs until released
@@ -709,6 +712,7 @@ def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, ca
         assert not [u for u in arrivals if t + 0.3 < u < t + 0.95], (t, arrivals)
 
 
+@pytest.mark.slow
 def test_rate_limiter_across_processes(tmp_path):
     """Two processes x 3 threads on one state file: never more than --rate starts in a second."""
     code = (f"import sys, threading, time; sys.path.insert(0, {str(HERE)!r}); import collect as m\n"
