@@ -2337,6 +2337,42 @@ def fmt_table(rows, split, k, title):
     return "\n".join(lines)
 
 
+def epoch_axis(ax, n):
+    """An epoch x-axis for n epochs: whole epochs only, at most ~10 ticks, and a sensible width even for one."""
+    ax.set_xlim(0.5, n + 0.5)
+    ax.set_xticks(range(1, n + 1, max(1, math.ceil(n / 10))))
+    ax.set_xlabel("epoch")
+
+
+def plot_curves(history, best_epoch, split, cfg, path, title):
+    """curves.png of a run: the training loss and the protocol's validation selection metric per epoch, the chosen
+    (best-validation) epoch marked on both."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    view, metric = column(protocol_of(split).select, cfg.k)
+    epochs = [h["epoch"] for h in history]
+    best = epochs.index(best_epoch)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, y, name in ((a, [h["loss"] for h in history], f"training loss ({cfg.loss}, mean per train positive)"),
+                        (b, [h["validation"][view][metric] for h in history],
+                         f"validation {label(view, metric)} (×100)")):
+        ax.plot(epochs, y, marker="o", ms=3, color="tab:blue")
+        ax.axvline(best_epoch, ls="--", lw=0.8, color="tab:red")
+        ax.plot([best_epoch], [y[best]], "o", ms=8, mfc="none", mec="tab:red",
+                label=f"chosen epoch {best_epoch} (best validation)")
+        ax.set_ylabel(name)
+        epoch_axis(ax, len(epochs))
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def positives_matrix(split):
     """Every known positive of each user (train, validation and test): what `recommend` leaves out."""
     u = np.concatenate([split.train_u, split.val_u, split.test_u])
@@ -2347,7 +2383,7 @@ def positives_matrix(split):
 
 
 RUN_FORMAT = "recsetters-run/1"
-RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json")
+RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json", "curves.png")
 
 
 def save_checkpoint(run_dir, model, epoch):
@@ -2425,6 +2461,8 @@ def train_and_report(cfg, rt, rank=0, world=1):
         results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
     save_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
+    plot_curves(history, best_epoch, split, cfg, run_dir / "curves.png",
+                f"{run_dir.name}: {ds.label}, {protocol_title(split)}, two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})")
     users = test[column(PROTOCOLS[protocol].select, cfg.k)[0]]["n"]
     print(fmt_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()], split, cfg.k,
                     f"\nTest, {ds.label}, {protocol_title(split)}: {users:,} users, full ranking over "

@@ -794,7 +794,7 @@ def test_runs_are_written_under_runs_dir_and_found_by_name_or_path(tmp_path, mon
     name = names[2]          # DATASET-SPLIT-TEXT-sSEED and a digest of the settings that differ from the defaults
     assert re.fullmatch(r"x-last-none-s0-[0-9a-f]{6}", name), name
     assert {p.name for p in (work / "runs" / "escape").iterdir()} == {"best.pt", "run.json", "results.json",
-                                                                      "ranks.npz"}
+                                                                      "ranks.npz", "curves.png"}
     capsys.readouterr()
     for run in (name, f"runs/{name}", str(work / "runs" / name)):
         R.main(["evaluate", run, "--device", "cpu"])
@@ -833,6 +833,34 @@ def tiny_run(tmp_path_factory):
     R.main(["train", "--dataset", "x", "--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"),
             "--run-name", "r", *TINY])
     return root / "data", root / "runs" / "r"
+
+
+def test_train_draws_its_curves_with_the_chosen_epoch(tmp_path):
+    """curves.png: one point per epoch of loss and validation metric, the chosen epoch marked, epochs on a sane axis
+    (a one-epoch run gets the axis 0.5..1.5, not matplotlib's 0.96..1.04)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    captured = {}
+    real = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, *a, **kw: (captured.setdefault("fig", fig), real(fig, *a, **kw))[1]
+    try:
+        split = toy_split()[0]
+        split.kind = "last"
+        cfg = R.Config(k=10)
+        val = lambda x: {"overall": {"ndcg@10": x, "hr@10": 2 * x, "mrr": x}}
+        history = [{"epoch": e, "loss": 5 - e, "validation": val(v)} for e, v in [(1, 3.0), (2, 7.0), (3, 6.0)]]
+        R.plot_curves(history, 2, split, cfg, tmp_path / "curves.png", "title")
+    finally:
+        plt.Figure.savefig = real
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loss_ax, val_ax = captured["fig"].axes
+    assert "loss" in loss_ax.get_ylabel() and "NDCG@10" in val_ax.get_ylabel() and "×100" in val_ax.get_ylabel()
+    assert all(ax.get_xlabel() == "epoch" and ax.get_xlim() == (0.5, 3.5) for ax in (loss_ax, val_ax))
+    assert list(val_ax.lines[0].get_ydata()) == [3.0, 7.0, 6.0]
+    assert [tuple(line.get_xdata()) for line in val_ax.lines[1:]] == [(2, 2), (2,)]     # the chosen epoch
+    assert "chosen epoch 2" in val_ax.get_legend().get_texts()[0].get_text()
+    R.plot_curves(history[:1], 1, split, cfg, tmp_path / "one.png", "one epoch")
 
 
 def damaged_copy(run, tmp_path, name, damage):
