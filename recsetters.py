@@ -12,6 +12,7 @@ Read top to bottom:
   8. evaluation: the protocols (PROTOCOLS) and one chunked full-ranking engine for all of them
   9. baselines: one registry (BASELINES), each entry scoring the protocols it can; one tuning loop
  10. runs: run folders that are never lost, results.json with provenance, checkpoints, tables
+     10b. comparing runs: one leaderboard (mean ± std over seeds, paired tests), Markdown and LaTeX
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
 
@@ -214,7 +215,7 @@ class Config:
                            cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
-    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
+    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED + ("compare",))
     run_name: str = setting("", "run folder name ('': DATASET-SPLIT-TEXT-sSEED, and a digest of the settings that "
                             "differ from the protocol's defaults)")
     overwrite: bool = setting(False, "replace an existing run folder of the same name (without it, an existing run is "
@@ -2412,7 +2413,7 @@ def save_ranks(path, ranks):
     for name, r in ranks.items():
         for view, v in r.items():
             if view not in ("users", "counts", "items"):
-                arrays[f"{name.lower().replace(' ', '_')}__{view}"] = v
+                arrays[f"{ranks_key(name)}__{view}"] = v
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -2569,6 +2570,244 @@ def reasons(model, country, history, items, known=-1):
 
 
 # ----------------------------------------------------------------------------------------------
+# 10b. comparing runs: one leaderboard per dataset and protocol (`compare`; experiments.py's report uses the same
+# code), the mean and std over seeds, paired tests against the model best on validation, as text, Markdown and LaTeX
+
+def ranks_key(model):
+    """A model's name in ranks.npz (`KEY__VIEW` arrays): "two_tower", "ease", "cb2cf_tags"."""
+    return model.lower().replace(" ", "_")
+
+
+def tested(protocol, k):
+    """The two metrics of a protocol that paired tests and plots use: its selection metric and the column before it
+    in its table (leave-one-out: HR@K, NDCG@K overall; cold-items: Recall@20, NDCG@20 of the cold view)."""
+    p = PROTOCOLS[protocol]
+    cols = [column(c, k) for c in p.columns]
+    sel = column(p.select, k)
+    return [cols[cols.index(sel) - 1], sel]
+
+
+def paired_test(a, b, n_boot=2000, seed=0):
+    """a, b: per-(seed, user) values of two models on the same users. Mean difference a - b, its 95% bootstrap CI,
+    and a two-sided sign-flip p-value."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
+    flips = np.array([(d * rng.choice([-1.0, 1.0], len(d))).mean() for _ in range(n_boot)])
+    p = (1 + (np.abs(flips) >= abs(d.mean())).sum()) / (n_boot + 1)
+    return {"diff": float(d.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
+            "p": float(p)}
+
+
+def paired_over_seeds(a, b, view, metric, n_boot=2000):
+    """paired_test of two models' entries (see leaderboard) on one metric, per user, pooled over the seeds both
+    have; None when they share no seed."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    for s in seeds:
+        if not np.array_equal(a[s]["users"], b[s]["users"]):
+            raise UserError(f"{a[s]['model']} and {b[s]['model']} were tested on different users at seed {s}")
+    x, y = (np.concatenate([e[s]["per_user"][view][metric] for s in seeds]) for e in (a, b))
+    return {**paired_test(x, y, n_boot), "seeds": len(seeds)}
+
+
+def pvalue(p):
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def pm(mean, std, seeds):
+    """mean ± std, the std only where there are seeds to make one."""
+    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
+def leaderboard(entries, protocol, k, n_boot=2000):
+    """One leaderboard of models on the same dataset and protocol. entries: one per (model, seed): {"model", "kind"
+    ("two-tower", "baseline", "n/a", ...), "seed", and unless n/a: "val" (validation selection metric), "test"
+    {(view, metric): mean}, "users" (test users), "per_user" {view: {metric: per-user values}}}. Rows best on
+    validation first: mean and std over seeds of validation and of every column of the protocol's table, and a paired
+    test of the protocol's two tested metrics against the best on validation. Returns {"protocol", "k", "columns",
+    "tested", "best", "rows", "na": models that cannot score the protocol}."""
+    p = PROTOCOLS[protocol]
+    cols, sel = [column(c, k) for c in p.columns], column(p.select, k)
+    by_model = {}
+    for e in entries:
+        if e["kind"] != "n/a":
+            by_model.setdefault(e["model"], {}).setdefault(e["seed"], e)       # a model's seed once
+    na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
+    stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+    rows = []
+    for model, per_seed in by_model.items():
+        es = list(per_seed.values())
+        rows.append({"model": model, "kind": es[0]["kind"], "seeds": sorted(per_seed),
+                     "val": stats([e["val"] for e in es]),
+                     "test": {c: stats([e["test"][c] for e in es]) for c in cols}})
+    rows.sort(key=lambda r: -r["val"][0])
+    best = rows[0]["model"] if rows else None
+    for r in rows:
+        r["vs_best"] = {c: None if r["model"] == best else paired_over_seeds(by_model[r["model"]], by_model[best], *c,
+                                                                             n_boot=n_boot)
+                        for c in tested(protocol, k)}
+    return {"protocol": protocol, "k": k, "columns": cols, "select": sel, "tested": tested(protocol, k), "best": best,
+            "rows": rows, "na": na}
+
+
+def board_cells(board, r, num, sign, p_of, bold):
+    """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p), bold(text): shared by the
+    Markdown and the LaTeX table so that both say the same."""
+    n = len(r["seeds"])
+    top = {c: max(x["test"][c][0] for x in board["rows"]) for c in board["columns"]}
+    cells = [str(n), num(*r["val"], n)]
+    cells += [bold(num(*r["test"][c], n)) if r["test"][c][0] == top[c] else num(*r["test"][c], n)
+              for c in board["columns"]]
+    for c in board["tested"]:
+        t = r["vs_best"][c]
+        cells += ["best on validation", ""] if r["model"] == board["best"] else ["n/a", ""] if t is None else \
+            [sign(t["diff"], t["lo"], t["hi"]), p_of(t["p"])]
+    return cells
+
+
+def board_heads(board):
+    sel = label(*board["select"])
+    return (["model", "seeds", f"val {sel}"] + [label(*c) for c in board["columns"]]
+            + [h for c in board["tested"] for h in (f"Δ{label(*c)} vs best [95% CI]", "p")])
+
+
+def board_note(board, what):
+    best = board["best"]
+    return (f"{what}: test metrics ×100, mean ± std over seeds (std only with several seeds), full ranking; every "
+            f"model selected on validation {label(*board['select'])} and its test split evaluated once; the best test mean "
+            f"of each column in bold. Δ: the paired difference to {best} (the best on validation), per test user, "
+            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value.")
+
+
+def board_markdown(board, title=""):
+    """The leaderboard as a Markdown table (and its n/a models), after an optional title paragraph."""
+    heads = board_heads(board)
+    L = ([title, ""] if title else []) + ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    for r in board["rows"]:
+        cells = board_cells(board, r, pm, lambda d, lo, hi: f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", pvalue,
+                            lambda s: f"**{s}**")
+        L.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    if board["na"]:
+        L += ["", f"n/a under {board['protocol']} (BASELINES says which protocols each scores): "
+                  f"{', '.join(board['na'])}"]
+    return L
+
+
+def tex(s):
+    """Text safe in LaTeX."""
+    s = re.sub(r"([&%$#_{}])", r"\\\1", str(s)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    return s.replace("--", "-{}-").replace("×", r"$\times$").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+
+
+def board_latex(board, caption, tag):
+    """The leaderboard as a LaTeX table (booktabs; \\usepackage{booktabs}), the protocol in the caption."""
+    heads = [tex(h) for h in board_heads(board)]
+    num = lambda m, s, n: f"${m:.2f} \\pm {s:.2f}$" if n > 1 else f"${m:.2f}$"
+    sign = lambda d, lo, hi: f"${d:+.2f}$ [${lo:+.2f}$, ${hi:+.2f}$]"
+    p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
+    L = ["% needs \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering", "\\small",
+         "\\setlength{\\tabcolsep}{3pt}", "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule",
+         " & ".join(heads) + " \\\\", "\\midrule"]
+    for r in board["rows"]:
+        cells = board_cells(board, r, num, sign, p_of, lambda s: "$\\mathbf{" + s.strip("$") + "}$")
+        L.append(" & ".join([tex(r["model"]), *(c if c.startswith("$") or not c else tex(c) for c in cells)]) + " \\\\")
+    L += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{tag}}}", "\\end{table}"]
+    return L
+
+
+def two_tower_label(config, protocol):
+    """A two-tower run's name among models: its text and the settings it changed from the protocol's defaults."""
+    d = defaults_for(config.get("preset", ""), PROTOCOLS[protocol].splits[0])
+    changed = [typed(f.name, config[f.name]) for f in fields(Config) if f.name not in PLACE + ("baselines",)
+               and "train" in f.metadata["cmds"] and f.name in config and config[f.name] != getattr(d, f.name)]
+    return f"two-tower, text {config.get('text')}" + (f", preset {config['preset']}" if config.get("preset") else "") \
+        + (", " + " ".join(changed) if changed else "")
+
+
+def run_entries(res, ranks, model=None):
+    """leaderboard entries of one run's models (results.json, ranks.npz): the two-tower (named `model`, else by
+    two_tower_label) and every baseline in it."""
+    protocol = res.get("protocol", "leave-one-out")
+    p, k, seed = PROTOCOLS[protocol], res["config"].get("k", 10), res["config"]["seed"]
+    models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
+    models += [(b, "n/a" if "na" in r else "baseline", r) for b, r in res.get("baselines", {}).items()]
+    cols, sel = [column(c, k) for c in p.columns], column(p.select, k)
+    out = []
+    for name, kind, r in models:
+        e = {"model": name, "kind": kind, "seed": seed}
+        if kind != "n/a":
+            key = ranks_key("two_tower" if r is res else name)
+            e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]][c[1]] for c in cols},
+                     users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
+                                                     for f in ranks.files if f.startswith(key + "__")})
+        out.append(e)
+    return out
+
+
+# what makes two runs' test users and targets the same (with the dataset's digest and the protocol): paired tests
+# and one leaderboard need them equal
+COMPARED = ("k", "min_interactions", "warm_fraction", "cold_fraction", "tag_source")
+
+
+def compared_runs(runs, runs_dir="runs", dataset=None, protocol=None):
+    """[(run folder, results.json)] of the runs named (or every finished run of `dataset` under runs_dir, of
+    `protocol` if given); a UserError that says which differ when they are not on the same data and protocol."""
+    if runs:
+        folders = [run_folder(r, runs_dir) for r in runs]
+    else:
+        folders = sorted(d for d in Path(runs_dir).glob("*") if (d / "results.json").exists())
+    out = []
+    for d in folders:
+        if not (d / "results.json").exists() or not (d / "ranks.npz").exists():
+            if runs:
+                raise UserError(f"run {d} has no results.json and ranks.npz: it did not finish; retrain it")
+            continue
+        try:
+            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+            assert isinstance(res.get("config"), dict)
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            raise UserError(f"{d / 'results.json'}: not a RecSetters results file (damaged or from another program)")
+        if (dataset is None or res["dataset"]["name"] == dataset) and \
+                (protocol is None or res.get("protocol", "leave-one-out") == protocol):
+            out.append((d, res))
+    if not out:
+        raise UserError(f"no finished run of dataset {dataset!r}" + (f" under {protocol}" if protocol else "")
+                        + f" in {runs_dir}/" if dataset else "name the runs to compare, or --dataset NAME")
+    defaults = Config()
+    facts = [("dataset", lambda r: f"{r['dataset']['name']} (digest {r['dataset'].get('digest', 'unknown')})"),
+             ("protocol", lambda r: r.get("protocol", "leave-one-out")),
+             ("split", lambda r: r.get("split", {}).get("split", r["config"].get("split"))),    # auto resolved
+             *((flag(s), lambda r, s=s: r["config"].get(s, getattr(defaults, s))) for s in COMPARED)]
+    for what, of in facts:
+        groups = {}
+        for d, r in out:
+            groups.setdefault(str(of(r)), []).append(d.name)
+        if len(groups) > 1:
+            raise UserError(f"the runs differ in {what}: " + "; ".join(
+                f"{v} ({', '.join(n[:3])}{' ...' if len(n) > 3 else ''})" for v, n in groups.items())
+                + (": compare one at a time (--protocol NAME)" if what == "protocol" else
+                   ": a leaderboard compares runs on the same data and split"))
+    return out
+
+
+def compare_runs(folders_results, n_boot=2000):
+    """The leaderboard of (run folder, results.json) pairs that compared_runs accepted, and a title."""
+    entries = []
+    for d, res in folders_results:
+        with np.load(d / "ranks.npz") as z:
+            entries += run_entries(res, z)
+    res = folders_results[0][1]
+    protocol, k = res.get("protocol", "leave-one-out"), res["config"].get("k", 10)
+    split = res["config"].get("split", "auto")
+    kind = res.get("split", {}).get("split", split)
+    ds = res["dataset"]["name"] + (" (SYNTHETIC)" if res["dataset"].get("synthetic") else "")
+    title = f"{ds}, {protocol}" + (f" ({kind})" if kind != protocol else "")
+    return leaderboard(entries, protocol, k, n_boot), title
+
+
+# ----------------------------------------------------------------------------------------------
 # 11. fairness and exposure: the study's "fairness vs bias" made measurable, on the test split.
 # Accuracy per country (equal opportunity), the share of top-K slots each country group gives to cold
 # items and to artists of each popularity decile (demographic parity of exposure), and how concentrated
@@ -2695,13 +2934,22 @@ def parser(preset="", split="auto"):
                 ("stats", "dataset, filtering and split statistics"),
                 ("evaluate", "re-evaluate a saved run on validation and test"),
                 ("recommend", "top-K tracks for a user from a saved run"),
-                ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]
+                ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run"),
+                ("compare", "one leaderboard of runs on the same dataset and protocol: mean ± std over seeds, paired "
+                            "tests against the best on validation; printed, and written as Markdown and LaTeX")]
     for name, hlp in commands:
         p = sub.add_parser(name, help=hlp)
         if name in SAVED:
             p.add_argument("run", help="run folder or its name under --runs-dir")
         if name == "recommend":
             p.add_argument("--user", required=True, help="Last.fm username")
+        if name == "compare":
+            p.add_argument("runs", nargs="*", help="run folders or names under --runs-dir (default: every finished "
+                           "run of --dataset there)")
+            p.add_argument("--dataset", dest="of_dataset", default=None, help="compare every run of this dataset")
+            p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="only the runs of this protocol")
+            p.add_argument("--out", default="", help="where the tables go: OUT.md and OUT.tex (default: "
+                           "RUNS_DIR/compare/DATASET-PROTOCOL)")
         add_settings(p, name, d)
     return ap
 
@@ -2813,6 +3061,25 @@ def cmd_fairness(args):
     print(f"wrote {run_dir / 'fairness.json'}")
 
 
+def cmd_compare(args):
+    if not args.runs and not args.of_dataset:
+        raise UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
+    runs = compared_runs(args.runs, args.runs_dir, args.of_dataset, args.protocol)
+    board, title = compare_runs(runs)
+    res = runs[0][1]
+    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-{board['protocol']}")
+    seeds = sorted({s for r in board["rows"] for s in r["seeds"]})
+    n = f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
+    caption = f"{title}: {n}, seeds {', '.join(map(str, seeds))}. " + board_note(board, "Leaderboard")
+    md = board_markdown(board, f"**{title}** ({n}: {', '.join(d.name for d, _ in runs)})")
+    print("\n".join(md) + "\n\n" + board_note(board, "Leaderboard"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(f"{out}.md"), "\n".join([f"## {title}", "", *md[2:], "", board_note(board, "Table")]) + "\n")
+    tag = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    atomic_write_text(Path(f"{out}.tex"), "\n".join(board_latex(board, caption, tag)) + "\n")
+    print(f"\nwrote {out}.md and {out}.tex")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -2829,6 +3096,8 @@ def main(argv=None):
             cmd_recommend(args)
         elif args.cmd == "fairness":
             cmd_fairness(args)
+        elif args.cmd == "compare":
+            cmd_compare(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1139,8 +1140,11 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
             "--protocols", "cold-items", "--train-args", "--epochs 1 --device cpu", "--out", str(tmp_path),
             "--no-fairness"])
     md = (tmp_path / "report.md").read_text()
-    assert "## notext, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
+    assert "## notext, cold-items" in md and "| Random | 1 |" in md
+    assert re.search(r"n/a under cold-items .*: .*EASE", md)
     assert "| two-tower, text none | Random |" in md
+    # the leaderboard is recsetters.py compare's: every model against the best on validation
+    assert "| two-tower, text none | 1 |" in md and "best on validation" in md
     assert (tmp_path / "ablation.png").exists()
 
 
@@ -1249,3 +1253,84 @@ def test_encode_reproduces_known_users_and_reasons_name_the_item_that_contribute
                 [int(model.u_feats[1, u])], sp.csr_matrix(np.isin(np.arange(split.n_items), np.delete(H, h))[None]
                                                           .astype(np.float32))), V)[0, j]) for h in range(len(H))]
             assert why[j] == H[int(np.argmax(drops))] and drop[j] == pytest.approx(max(drops), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory):
+    """Two seeds of a short run with two baselines on one dataset, and a run on another dataset: (root, runs dir)."""
+    root = tmp_path_factory.mktemp("compare")
+    write_dataset(root / "data" / "x", *random_interactions(n_users=120, n_items=60, n=2500))
+    write_dataset(root / "data" / "y", *random_interactions(n_users=120, n_items=60, n=2500, seed=1))
+    common = ["--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"), "--text", "none", "--epochs", "2",
+              "--device", "cpu", "--baselines", "Popularity,EASE", "--threads", "1"]
+    for seed in (0, 1):
+        R.main(["train", "--dataset", "x", "--seed", str(seed), *common])
+    R.main(["train", "--dataset", "y", *common])
+    return root, root / "runs"
+
+
+def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_best(seed_runs, capsys):
+    root, runs = seed_runs
+    capsys.readouterr()
+    out = root / "tables" / "x"
+    R.main(["compare", "--dataset", "x", "--runs-dir", str(runs), "--out", str(out)])
+    printed = capsys.readouterr().out
+    res = [json.loads((d / "results.json").read_text()) for d in sorted(runs.glob("x-*"))]
+    assert [r["config"]["seed"] for r in res] == [0, 1]
+    models = {"two-tower, text none, --epochs 2": [r["test"] for r in res],
+              "EASE": [r["baselines"]["EASE"]["test"] for r in res],
+              "Popularity": [r["baselines"]["Popularity"]["test"] for r in res]}
+    val = {"two-tower, text none, --epochs 2": np.mean([r["validation"]["overall"]["ndcg@10"] for r in res]),
+           **{b: np.mean([r["baselines"][b]["validation"]["overall"]["ndcg@10"] for r in res]) for b in ("EASE", "Popularity")}}
+    best = max(val, key=val.get)
+    md = (root / "tables" / "x.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in md.splitlines() if line.startswith("| ")
+            and not line.startswith("| model")}
+    assert set(rows) == set(models) and md.index(f"| {best} |") < min(md.index(f"| {m} |") for m in models if m != best)
+    for m, tests in models.items():         # mean ± std (sample std) over the two seeds, every column
+        x = [t["overall"]["hr@10"] for t in tests]
+        assert rows[m][1] == "2" and rows[m][3].strip("*") == f"{np.mean(x):.2f} ± {np.std(x, ddof=1):.2f}"
+        assert f"| {m} |" in printed
+    # the paired test of one model against the best, by hand from ranks.npz: per user, pooled over seeds
+    other = next(m for m in models if m != best)
+    key = lambda m: "two_tower" if m.startswith("two-tower") else m.lower()
+    per = lambda m: np.concatenate([R.per_user_metrics(np.load(d / "ranks.npz")[f"{key(m)}__overall"])["ndcg@10"] * 100
+                                    for d in sorted(runs.glob("x-*"))])
+    t = R.paired_test(per(other), per(best))
+    assert f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] | {R.pvalue(t['p'])}" in rows[other][-2] + " | " + \
+        rows[other][-1].strip(" |")
+    assert rows[best][-2] == "best on validation"
+    tex = (root / "tables" / "x.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "leave-one-out" in tex
+    assert "\\caption{" in tex and tex.count(" \\\\\n") == 1 + len(models) and "EASE" in tex
+    # the runs of another dataset, or another protocol, are refused with one line that says which differ
+    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), *[str(d) for d in sorted(runs.glob("[xy]-*"))]])
+    assert "differ in dataset" in line and "digest" in line and "(y-" in line
+    R.main(["train", "--dataset", "x", "--split", "cold-items", "--data-dir", str(root / "data"), "--runs-dir",
+            str(runs / "cold"), *TINY])
+    cold = next((runs / "cold").iterdir())
+    capsys.readouterr()
+    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), str(cold), *map(str, sorted(runs.glob("x-*")))])
+    assert "differ in protocol" in line and "cold-items" in line and "leave-one-out" in line
+    assert not (root / "tables" / "cold-items.md").exists()
+
+
+def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
+    """p < 0.001 is written so, never 0.000; one seed has no ± (no error bar from one value); LaTeX is escaped."""
+    rng = np.random.default_rng(0)
+    users = np.arange(400)
+    good, bad = rng.random(400) < 0.6, rng.random(400) < 0.2
+    entry = lambda m, s, hit: {"model": m, "kind": "baseline", "seed": s, "val": hit.mean() * 100,
+                               "test": {(v, mm): hit.mean() * 100 for v, mm in (R.column(c, 10) for c in R.LOO_COLUMNS)},
+                               "users": users, "per_user": {"overall": {"hr@10": hit * 100.0, "ndcg@10": hit * 50.0}}}
+    board = R.leaderboard([entry("A_1 & co", 0, good), entry("B", 0, bad), {"model": "C", "kind": "n/a", "seed": 0}],
+                          "leave-one-out", 10)
+    assert [r["model"] for r in board["rows"]] == ["A_1 & co", "B"] and board["na"] == ["C"]
+    md = "\n".join(R.board_markdown(board))
+    assert "< 0.001" in md and "0.000" not in md and "±" not in md and "n/a under leave-one-out" in md and ": C" in md
+    tex = "\n".join(R.board_latex(board, "cap 95% x", "t"))
+    assert "A\\_1 \\& co" in tex and "$< 0.001$" in tex and "95\\% x" in tex and "\\begin{tabular}{l" in tex
+    assert R.pm(1.234, 0.5, 1) == "1.23" and R.pm(1.234, 0.5, 3) == "1.23 ± 0.50"
+
