@@ -13,6 +13,7 @@ Read top to bottom:
   9. baselines: one registry (BASELINES), each entry scoring the protocols it can; one tuning loop
  10. runs: run folders that are never lost, results.json with provenance, checkpoints, tables
      10b. comparing runs: one leaderboard (mean ± std over seeds, paired tests), Markdown and LaTeX
+     10c. looking at a run (browse: one offline HTML page)
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
 
@@ -123,7 +124,7 @@ LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.spli
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
                       "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
 
-TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
+TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness", "browse")
 
 
 def setting(default, help, check=None, choices=None, cmds=TRAIN):
@@ -153,7 +154,7 @@ class Config:
                                    FRACTION, cmds=DATA)
     seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
     k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
-                     cmds=DATA + ("recommend", "fairness"))
+                     cmds=DATA + ("recommend", "fairness", "browse"))
     eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
     # the model; defaults: the best configuration on hetrec validation (README, Experiments)
     text: str = setting("auto", "items.csv text column for the item tower (title, summary, lyrics, tags, ...), none, "
@@ -1706,12 +1707,15 @@ def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512
     return out
 
 
-def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512):
-    """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index."""
-    out = np.empty((len(users), k), np.int64)
+def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512, return_scores=False):
+    """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index. With
+    return_scores also their scores."""
+    out, scores = np.empty((len(users), k), np.int64), np.empty((len(users), k), np.float32)
     for a, S in score_chunks(score_fn, users, exclude, device, memory_mb):
-        out[a:a + len(S)] = np.argsort(-S.cpu().numpy(), axis=1, kind="stable")[:, :k]
-    return out
+        S = S.cpu().numpy()
+        out[a:a + len(S)] = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        scores[a:a + len(S)] = np.take_along_axis(S, out[a:a + len(S)], 1)
+    return (out, scores) if return_scores else out
 
 
 # name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
@@ -2384,7 +2388,7 @@ def positives_matrix(split):
 
 
 RUN_FORMAT = "recsetters-run/1"
-RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json", "curves.png")
+RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json", "curves.png", "browse.html")
 
 
 def save_checkpoint(run_dir, model, epoch):
@@ -2567,6 +2571,30 @@ def reasons(model, country, history, items, known=-1):
             S = S[:1] - S[1:]                                                             # the drop without each
         best = S.argmax(0)
         return H[best.cpu().numpy()], S[best, torch.arange(len(items), device=S.device)].cpu().numpy()
+
+
+def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=512, candidates=None):
+    """Each user's top K with its scores and reasons (`recommend` and `browse`): (items, scores, reason items, score
+    drops), each (len(users), k); reason -1 where a user has no history. candidates: rank only these items (a
+    protocol's view), else every item `exclude` does not mask."""
+    fn = model_scores(model, device)
+    if candidates is not None:
+        others = torch.ones(split.n_items, dtype=torch.bool, device=device)
+        others[torch.as_tensor(candidates, device=device)] = False
+        fn = (lambda f: lambda u: f(u).masked_fill(others, float("-inf")))(fn)
+    top, scores = top_k_lists(fn, np.asarray(users), exclude, k, device, memory_mb, return_scores=True)
+    why, drop = np.full(top.shape, -1), np.zeros(top.shape)
+    for r, u in enumerate(users):
+        ok = np.isfinite(scores[r])                  # fewer than k candidates: the rest are masked
+        why[r, ok], drop[r, ok] = reasons(model, int(model.u_feats[1, u]), split.train[u].indices, top[r, ok], u)
+        top[r, ~ok] = -1
+    return top, scores, why, drop
+
+
+def item_name(items, i):
+    """How an item is shown: "artist — track" (hetrec's items are artists: the artist alone)."""
+    it = items.iloc[i]
+    return it.artist if not isinstance(it.track, str) or it.track in ("", it.artist) else f"{it.artist} — {it.track}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2808,6 +2836,157 @@ def compare_runs(folders_results, n_boot=2000):
 
 
 # ----------------------------------------------------------------------------------------------
+# 10c. looking at a run (browse: one self-contained HTML page, nothing fetched)
+
+def browse_users(spec, ds, test_users, seed=0):
+    """The users `browse` shows: "" a seeded sample of 300 test users, "all" every test user, a number N a sample of
+    N, or comma-separated names (any user of the dataset after filtering)."""
+    spec = spec.strip()
+    if spec == "all" or spec.isdigit() or spec == "":
+        n = len(test_users) if spec == "all" else int(spec or 300)
+        if n < 1:
+            raise UserError(f"--users {spec}: a number >= 1, all, or comma-separated user names")
+        pick = np.random.default_rng(seed).choice(len(test_users), min(n, len(test_users)), replace=False)
+        return np.sort(test_users[pick])
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    index = {u: i for i, u in enumerate(ds.users.user.astype(str))}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise UserError(f"--users: no user {missing[0]!r} in dataset {ds.name} after filtering"
+                        + (f" ({len(missing) - 1} more unknown)" if len(missing) > 1 else ""))
+    return np.array(sorted({index[n] for n in names}))
+
+
+def browse_data(run_name, cfg, ds, split, model, device, users, k=10):
+    """What the browse page shows, as one JSON-able dict: per user the train history, the validation items, the
+    test targets (held out) with their rank in each of the protocol's views, and per view the top K with scores and
+    reasons. Items are referenced by index into "items" (only those shown)."""
+    p = protocol_of(split)
+    t_users, T, views = p.targets(split, "test")
+    excl = exclusion(split, "test")
+    row_of = {int(u): r for r, u in enumerate(t_users)}
+    tested_users = np.array([u for u in users if int(u) in row_of], np.int64)
+    Tc = T[[row_of[int(u)] for u in tested_users]]
+    ranks = target_ranks(model_scores(model, device), tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
+        if len(tested_users) else {v: np.zeros(0, np.int64) for v in views}
+    tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand)
+            for v, cand in views.items()}
+    val = sp.csr_matrix((np.ones(len(split.val_u)), (split.val_u, split.val_i)), shape=split.train.shape)
+    used, out_users = {}, []
+    ref = lambda i: used.setdefault(int(i), len(used))
+    for r, u in enumerate(users):
+        e = {"n": str(ds.users.user.iloc[u]), "c": str(ds.users.country.iloc[u] or ""),
+             "h": [ref(i) for i in split.train[u].indices], "v": [ref(i) for i in val[u].indices], "t": [],
+             "top": {v: [[ref(i), round(float(s), 4), ref(h) if h >= 0 else -1, round(float(d), 4)]
+                         for i, s, h, d in zip(*(x[r] for x in tops[v])) if i >= 0] for v in views}}
+        if int(u) in row_of:
+            j = int(np.searchsorted(tested_users, u))
+            lo, hi = Tc.indptr[j], Tc.indptr[j + 1]
+            e["t"] = [[ref(Tc.indices[x]), {v: int(ranks[v][x]) for v in views}] for x in range(lo, hi)]
+        out_users.append(e)
+    names = [None] * len(used)
+    for i, j in used.items():
+        names[j] = [item_name(ds.items, i), str(ds.items.tag.iloc[i] or "")]
+    about = {v: "every item except the user's training and validation items" if cand is None else
+             f"only the {len(cand):,} items the protocol holds out as {v} (new) items" for v, cand in views.items()}
+    return {"run": run_name, "dataset": ds.label, "protocol": protocol_title(split), "k": k, "views": list(views),
+            "about": about, "test_users": int(len(t_users)), "items": names, "users": out_users,
+            "model": f"two-tower ({cfg.scorer}, {cfg.loss}, text {cfg.text})"}
+
+
+BROWSE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{padding:8px 16px;background:#263238;color:#fff}header h1{font-size:17px;margin:0}header p{margin:2px 0;opacity:.8}
+main{display:flex;height:calc(100vh - 64px)}
+nav{width:250px;border-right:1px solid #ddd;display:flex;flex-direction:column;background:#fff}
+nav input{margin:8px;padding:6px;font-size:14px}#count{padding:0 8px 4px;color:#666;font-size:12px}
+#users{list-style:none;margin:0;padding:0;overflow-y:auto;flex:1}
+#users li{padding:4px 10px;cursor:pointer;border-bottom:1px solid #f0f0f0}#users li:hover{background:#eef}
+#users li.sel{background:#cfd8dc;font-weight:600}#users li .c{color:#888;font-size:12px;margin-left:6px}
+#user{flex:1;overflow-y:auto;padding:8px 20px}h2{margin:6px 0}h3{margin:14px 0 4px;font-size:15px}
+table{border-collapse:collapse;background:#fff}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.hit{background:#e8f5e9}
+.why{color:#555}.tag{color:#888;font-size:12px}.mark{color:#2e7d32;font-weight:600}
+.chips span{display:inline-block;margin:2px;padding:1px 6px;border-radius:8px;background:#eceff1;font-size:12px}
+.hint{color:#666}
+</style></head><body>
+<header><h1 id="title"></h1><p id="about"></p></header>
+<main><nav><input id="q" type="search" placeholder="search users (name or country)" autocomplete="off">
+<div id="count"></div><ul id="users"></ul></nav>
+<section id="user"><p class="hint">Select a user on the left.</p></section></main>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text; return e; };
+const item = i => D.items[i][0];
+document.getElementById("title").textContent = `${D.run}: top ${D.k} of ${D.model}`;
+document.getElementById("about").textContent = `${D.dataset}, ${D.protocol}; ${D.users.length.toLocaleString()} of ` +
+  `${D.test_users.toLocaleString()} test users; held-out test items marked where they were found.`;
+const list = document.getElementById("users"), q = document.getElementById("q"), pane = document.getElementById("user");
+const rows = D.users.map((u, i) => { const li = el("li", "", u.n); li.dataset.i = i;
+  if (u.c) li.appendChild(el("span", "c", u.c)); li.onclick = () => select(i); list.appendChild(li); return li; });
+function filter() {
+  const s = q.value.trim().toLowerCase(); let n = 0;
+  D.users.forEach((u, i) => { const ok = !s || u.n.toLowerCase().includes(s) || u.c.toLowerCase().includes(s);
+    rows[i].style.display = ok ? "" : "none"; n += ok; });
+  document.getElementById("count").textContent = `${n.toLocaleString()} of ${D.users.length.toLocaleString()} users`;
+}
+function select(i) {
+  const u = D.users[i];
+  rows.forEach(r => r.classList.toggle("sel", +r.dataset.i === i));
+  history.replaceState(null, "", "#user=" + encodeURIComponent(u.n) + (q.value ? "&q=" + encodeURIComponent(q.value) : ""));
+  pane.replaceChildren();
+  pane.appendChild(el("h2", "", u.n + (u.c ? ` (${u.c})` : "")));
+  const held = new Set(u.t.map(t => t[0]));
+  pane.appendChild(el("p", "", `${u.h.length} items in training, ${u.v.length} validation, ` +
+    (u.t.length ? `${u.t.length} held out for test.` : "not a test user (nothing held out for test).")));
+  for (const v of D.views) {
+    pane.appendChild(el("h3", "", `Top ${D.k}, view "${v}": ${D.about[v]}`));
+    const tb = el("table"); tb.id = "top-" + v;
+    const hr = el("tr"); ["#", "item", "score", "reason", ""].forEach(h => hr.appendChild(el("th", "", h)));
+    tb.appendChild(hr);
+    u.top[v].forEach(([it, s, why, drop], r) => {
+      const tr = el("tr", held.has(it) ? "hit" : ""); tr.appendChild(el("td", "num", r + 1));
+      const td = el("td", "", item(it)); if (D.items[it][1]) td.appendChild(el("span", "tag", " " + D.items[it][1]));
+      tr.appendChild(td); tr.appendChild(el("td", "num", s.toFixed(3)));
+      tr.appendChild(el("td", "why", why >= 0 ? `because you loved ${item(why)}` : ""));
+      tr.appendChild(el("td", "mark", held.has(it) ? "held-out test item, found" : "")); tb.appendChild(tr); });
+    pane.appendChild(tb);
+  }
+  pane.appendChild(el("h3", "", "Held-out test items and their rank (1 = first)"));
+  const ul = el("ul"); ul.id = "held";
+  if (!u.t.length) ul.appendChild(el("li", "hint", "none"));
+  u.t.forEach(([it, ranks]) => ul.appendChild(el("li", "", `${item(it)}: ` + D.views.map(v => `view ${v} rank ` +
+    `${ranks[v] + 1}` + (ranks[v] < D.k ? ` (in the top ${D.k})` : ` (not in the top ${D.k})`)).join("; "))));
+  pane.appendChild(ul);
+  pane.appendChild(el("h3", "", `History: ${u.h.length} training items`));
+  const ch = el("div", "chips"); u.h.forEach(it => ch.appendChild(el("span", "", item(it)))); pane.appendChild(ch);
+  if (u.v.length) { pane.appendChild(el("h3", "", "Validation items (left out of the ranking at test time)"));
+    const cv = el("div", "chips"); u.v.forEach(it => cv.appendChild(el("span", "", item(it)))); pane.appendChild(cv); }
+}
+q.addEventListener("input", filter);
+const args = new URLSearchParams(location.hash.slice(1));
+if (args.get("q")) q.value = args.get("q");
+filter();
+if (args.get("user")) { const i = D.users.findIndex(u => u.n === args.get("user")); if (i >= 0) select(i); }
+else if (args.get("pick") === "first") { const i = rows.findIndex(r => r.style.display !== "none"); if (i >= 0) rows[i].click(); }
+</script></body></html>
+"""
+
+
+def browse_page(data):
+    """The page: BROWSE_PAGE with the data as one JSON blob (safe inside <script>) and the title."""
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    title = re.sub(r"[<&]", "", f"{data['run']}: recommendations")
+    return BROWSE_PAGE.replace("__TITLE__", title).replace("__DATA__", blob)
+
+
+# ----------------------------------------------------------------------------------------------
 # 11. fairness and exposure: the study's "fairness vs bias" made measurable, on the test split.
 # Accuracy per country (equal opportunity), the share of top-K slots each country group gives to cold
 # items and to artists of each popularity decile (demographic parity of exposure), and how concentrated
@@ -2935,6 +3114,8 @@ def parser(preset="", split="auto"):
                 ("evaluate", "re-evaluate a saved run on validation and test"),
                 ("recommend", "top-K tracks for a user from a saved run"),
                 ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run"),
+                ("browse", "one self-contained HTML page to look at a run's recommendations: users, their history, "
+                           "top-K with scores and reasons, held-out items marked where found"),
                 ("compare", "one leaderboard of runs on the same dataset and protocol: mean ± std over seeds, paired "
                             "tests against the best on validation; printed, and written as Markdown and LaTeX")]
     for name, hlp in commands:
@@ -2943,6 +3124,10 @@ def parser(preset="", split="auto"):
             p.add_argument("run", help="run folder or its name under --runs-dir")
         if name == "recommend":
             p.add_argument("--user", required=True, help="Last.fm username")
+        if name == "browse":
+            p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
+                           "test users), or all (default: a sample of 300 test users)")
+            p.add_argument("--out", default="", help="the page (default: RUN/browse.html)")
         if name == "compare":
             p.add_argument("runs", nargs="*", help="run folders or names under --runs-dir (default: every finished "
                            "run of --dataset there)")
@@ -3001,11 +3186,12 @@ def cmd_recommend(args):
         raise UserError(f"user {args.user!r} is not in dataset {ds.name} after filtering")
     u = int(where[0])
     loved = positives_matrix(split)
-    top = top_k_lists(model_scores(model, device), np.array([u]), loved, args.k, device)[0]
+    top, scores, why, _ = (x[0] for x in recommendations(model, split, [u], loved, args.k, device))
     print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved[u].indices)} loved tracks:")
-    for r, i in enumerate(top, 1):
+    for r, (i, score, h) in enumerate(zip(top[top >= 0], scores, why), 1):
         it = ds.items.iloc[i]
-        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]")
+        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]  score {score:.3f}"
+              + (f"  because you loved {item_name(ds.items, h)}" if h >= 0 else ""))
 
 
 def cmd_baselines(cfg):
@@ -3061,6 +3247,14 @@ def cmd_fairness(args):
     print(f"wrote {run_dir / 'fairness.json'}")
 
 
+def cmd_browse(args):
+    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    users = browse_users(args.users, ds, protocol_of(split).targets(split, "test")[0], cfg.seed)
+    out = Path(args.out or run_dir / "browse.html")
+    atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k)))
+    print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
+
+
 def cmd_compare(args):
     if not args.runs and not args.of_dataset:
         raise UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
@@ -3096,6 +3290,8 @@ def main(argv=None):
             cmd_recommend(args)
         elif args.cmd == "fairness":
             cmd_fairness(args)
+        elif args.cmd == "browse":
+            cmd_browse(args)
         elif args.cmd == "compare":
             cmd_compare(args)
     except UserError as e:

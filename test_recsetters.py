@@ -1255,7 +1255,7 @@ def test_encode_reproduces_known_users_and_reasons_name_the_item_that_contribute
             assert why[j] == H[int(np.argmax(drops))] and drop[j] == pytest.approx(max(drops), abs=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- compare
+# ---------------------------------------------------------------------------------------------- compare, browse
 
 @pytest.fixture(scope="module")
 def seed_runs(tmp_path_factory):
@@ -1333,4 +1333,79 @@ def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
     tex = "\n".join(R.board_latex(board, "cap 95% x", "t"))
     assert "A\\_1 \\& co" in tex and "$< 0.001$" in tex and "95\\% x" in tex and "\\begin{tabular}{l" in tex
     assert R.pm(1.234, 0.5, 1) == "1.23" and R.pm(1.234, 0.5, 3) == "1.23 ± 0.50"
+
+
+def browse_blob(page):
+    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+
+
+def test_browse_page_holds_the_runs_lists_reasons_and_held_out_ranks(tiny_run, capsys):
+    """The page's data are the run's: each user's top K under the test exclusions with the model's scores, the
+    reason recommend gives, and the rank of each held-out test item as the evaluator computes it. Self-contained."""
+    _, run = tiny_run
+    R.main(["browse", str(run), "--users", "all", "-k", "5", "--device", "cpu"])
+    page = (run / "browse.html").read_text()
+    assert not re.search(r"https?://|<link|\ssrc=|@import|fetch\(", page)       # nothing fetched: CSS and JS inline
+    data = browse_blob(page)
+    cfg, ds, split, model, device, _ = R.restore(str(run), device_name="cpu")
+    users, T, _ = R.loo_targets(split, "test")
+    assert [u["n"] for u in data["users"]] == ds.users.user.iloc[users].tolist() and data["views"] == ["overall"]
+    ex = R.exclusion(split, "test")
+    fn = R.model_scores(model, "cpu")
+    top = R.top_k_lists(fn, users, ex, 5)
+    ranks = R.evaluate(fn, split, "test", 5, "cpu", return_ranks=True)[1]["overall"]
+    name = lambda i: R.item_name(ds.items, i)
+    for r, (u, e) in enumerate(zip(users, data["users"])):
+        shown = e["top"]["overall"]
+        assert [data["items"][x[0]][0] for x in shown] == [name(i) for i in top[r]]
+        S = fn(np.array([u]))[0]
+        assert [x[1] for x in shown] == pytest.approx([float(S[i]) for i in top[r]], abs=1e-3)
+        why, _ = R.reasons(model, int(model.u_feats[1, u]), split.train[u].indices, top[r], u)
+        assert [data["items"][x[2]][0] for x in shown] == [name(h) for h in why]
+        assert [data["items"][x][0] for x in e["h"]] == [name(i) for i in split.train[u].indices]
+        assert [(data["items"][i][0], rk["overall"]) for i, rk in e["t"]] == [(name(T.indices[r]), int(ranks[r]))]
+    capsys.readouterr()
+    R.main(["browse", str(run), "--users", f"{data['users'][0]['n']},{data['users'][1]['n']}", "--out",
+            str(run / "two.html"), "--device", "cpu"])
+    assert len(browse_blob((run / "two.html").read_text())["users"]) == 2
+    line = one_error_line(capsys, ["browse", str(run), "--users", "nobody,u1", "--out", str(run / "no.html")])
+    assert "no user 'nobody'" in line and not (run / "no.html").exists()
+
+
+@pytest.mark.slow
+def test_browse_page_in_headless_chromium_searches_selects_and_renders_a_user(tiny_run, tmp_path):
+    """The page in a real browser (Debian's chromium, headless): a search narrows the user list, the first match is
+    clicked, and the rendered page shows that user's top K with reasons and the held-out item's rank."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    if chromium is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it when it can)")
+    _, run = tiny_run
+    page = tmp_path / "page.html"
+    R.main(["browse", str(run), "--users", "all", "-k", "5", "--out", str(page), "--device", "cpu"])
+    data = browse_blob(page.read_text())
+    who = max(data["users"], key=lambda u: (len(u["n"]), u["n"]))
+    query = who["n"]
+    matches = [u for u in data["users"] if query.lower() in u["n"].lower() or query.lower() in u["c"].lower()]
+    url = f"{page.as_uri()}#q={query}&pick=first"
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,900"]
+    p = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    dom = p.stdout
+    shown = re.findall(r'<li data-i="\d+"( style="display: none;")?( class="sel")?>([^<]*)', dom)
+    assert len(shown) == len(data["users"])
+    assert sorted(n for hidden, _, n in shown if not hidden) == sorted(u["n"] for u in matches)
+    assert [n for _, sel, n in shown if sel] == [matches[0]["n"]]
+    assert f"{len(matches)} of {len(data['users'])} users" in dom
+    first = matches[0]
+    assert f"<h2>{first['n']}" in dom
+    table = re.search(r'<table id="top-overall">(.*?)</table>', dom, re.S).group(1)
+    assert table.count("<tr") == 1 + len(first["top"]["overall"]) == 6
+    assert table.count("because you loved") == sum(x[2] >= 0 for x in first["top"]["overall"])
+    (item, ranks), = first["t"]
+    assert f"{data['items'][item][0]}: view overall rank {ranks['overall'] + 1}" in dom
+    assert ("held-out test item, found" in table) == (ranks["overall"] < 5)
+    shot = tmp_path / "browse.png"
+    p = subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10000
 
