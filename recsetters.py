@@ -13,7 +13,7 @@ Read top to bottom:
   9. baselines: one registry (BASELINES), each entry scoring the protocols it can; one tuning loop
  10. runs: run folders that are never lost, results.json with provenance, checkpoints, tables
      10b. comparing runs: one leaderboard (mean ± std over seeds, paired tests), Markdown and LaTeX
-     10c. looking at a run (browse: one offline HTML page)
+     10c. looking at a run (browse: one offline HTML page) and taking it away (export: vectors, ids, scorer)
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
 
@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -124,7 +125,8 @@ LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.spli
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
                       "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
 
-TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness", "browse")
+TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness", "browse",
+                                                                   "export")
 
 
 def setting(default, help, check=None, choices=None, cmds=TRAIN):
@@ -1629,8 +1631,8 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
 # at test time, their validation items), in each of the protocol's views (all those items, or only its candidate
 # items). A target's rank is the number of items scored above it, ties broken by item index. Metrics are x100.
 
-def model_scores(model, device):
-    """A score function users -> (len(users), n_items) for a trained two-tower model."""
+def tower_vectors(model, device):
+    """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes)."""
     model.eval()
     with torch.no_grad():
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
@@ -1638,6 +1640,12 @@ def model_scores(model, device):
                        for a in range(0, n_users, 65536)])
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
                        for a in range(0, n_items, 65536)])
+    return U, V
+
+
+def model_scores(model, device):
+    """A score function users -> (len(users), n_items) for a trained two-tower model."""
+    U, V = tower_vectors(model, device)
     bytes_per_pair = 16     # DotCompress.all_pairs works in small tiles without grad: only the scores add up
 
     def score(users):
@@ -2307,6 +2315,7 @@ def new_run_folder(cfg, split_kind):
             raise UserError(f"run folder {run_dir} exists: choose another --run-name, or add --overwrite to replace it")
         for f in RUN_FILES:
             (run_dir / f).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "export", ignore_errors=True)        # made from the run replaced
     return run_dir
 
 
@@ -2836,7 +2845,8 @@ def compare_runs(folders_results, n_boot=2000):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10c. looking at a run (browse: one self-contained HTML page, nothing fetched)
+# 10c. looking at a run (browse: one self-contained HTML page, nothing fetched) and taking it away (export: the
+# towers' vectors, ids and names, and the scorer; with faiss installed, an approximate index and its recall)
 
 def browse_users(spec, ds, test_users, seed=0):
     """The users `browse` shows: "" a seeded sample of 300 test users, "all" every test user, a number N a sample of
@@ -2986,6 +2996,102 @@ def browse_page(data):
     return BROWSE_PAGE.replace("__TITLE__", title).replace("__DATA__", blob)
 
 
+def export_files(cfg, ds, split, model, device):
+    """{file name: bytes} of `export`: user_vectors.npy and item_vectors.npy (float32, rows in the order of users.csv
+    and items.csv), users.csv and items.csv (index, id, name), known.npz (scipy CSR of every known positive: what
+    `recommend` leaves out), scorer.npz (the scoring head's weights, for dotcompress) and export.json (how to score)."""
+    U, V = (x.float().cpu().numpy() for x in tower_vectors(model, device))
+    npy = lambda a: (lambda b: (np.save(b, a), b.getvalue())[1])(io.BytesIO())
+    files = {"user_vectors.npy": npy(U), "item_vectors.npy": npy(V)}
+    files["users.csv"] = ds.users[["user", "country"]].rename_axis("index").to_csv().encode()
+    files["items.csv"] = ds.items[["item", "artist", "track", "tag"]].rename_axis("index").to_csv().encode()
+    buf = io.BytesIO()
+    sp.save_npz(buf, positives_matrix(split).tocsr())
+    files["known.npz"] = buf.getvalue()
+    how = "scores = user_vectors @ item_vectors.T (a dot product: any inner-product index retrieves the top K)"
+    if cfg.scorer != "dot":
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v.cpu().numpy() for k, v in model.scorer.state_dict().items()})
+        files["scorer.npz"] = buf.getvalue()
+        how = (f"scores = recsetters.SCORERS[{cfg.scorer!r}] head on (user, item) vector pairs: not a dot product; "
+               f"load it with recsetters.exported_scores(folder)")
+    info = {"format": "recsetters-export/1", "scorer": cfg.scorer, "out_dim": int(V.shape[1]),
+            "final_gelu": cfg.final_gelu, "users": int(U.shape[0]), "items": int(V.shape[0]), "score": how,
+            "exclude": "known.npz: each user's known positives, what `recommend` leaves out",
+            "dataset": {"name": ds.name, "digest": ds.digest}}
+    files["export.json"] = json.dumps(info, indent=1).encode()
+    return files
+
+
+def exported_scores(folder):
+    """A score function users -> (len(users), n_items) numpy scores from an export folder alone (recsetters'
+    scoring heads; the dot case is user_vectors @ item_vectors.T)."""
+    folder = Path(folder)
+    info = json.loads((folder / "export.json").read_text())
+    U, V = np.load(folder / "user_vectors.npy"), np.load(folder / "item_vectors.npy")
+    if info["scorer"] == "dot":
+        return lambda users: U[np.asarray(users)] @ V.T
+    head = SCORERS[info["scorer"]](info["out_dim"], info["final_gelu"])
+    with np.load(folder / "scorer.npz") as z:
+        head.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files})
+    Vt = torch.as_tensor(V)
+    return lambda users: head.eval().all_pairs(torch.as_tensor(U[np.asarray(users)]), Vt).detach().numpy()
+
+
+def exact_top_k(scores, known, k=10):
+    """Top K of each row of a numpy score matrix with the known items left out, ties by item index."""
+    S = np.array(scores, np.float32)
+    ex = known.tocoo()
+    S[ex.row, ex.col] = -np.inf
+    return np.argsort(-S, axis=1, kind="stable")[:, :k]
+
+
+def faiss_recall(folder, k=10):
+    """With faiss installed and a dot scorer: an HNSW inner-product index of the item vectors written beside them
+    (item_vectors.faiss), and the recall of its approximate top K (known items left out) against the exact top K
+    over every user; None without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    U, V = np.load(folder / "user_vectors.npy"), np.load(folder / "item_vectors.npy")
+    known = sp.load_npz(folder / "known.npz").tocsr()
+    index = faiss.IndexHNSWFlat(V.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.add(np.ascontiguousarray(V))
+    wide = min(V.shape[0], k + int(np.diff(known.indptr).max()))       # room for the known items it must skip
+    index.hnsw.efSearch = max(64, 2 * wide)
+    _, found = index.search(np.ascontiguousarray(U), wide)
+    exact = exact_top_k(U @ V.T, known, k)
+    hits = 0
+    for u in range(len(U)):
+        seen = set(known[u].indices)
+        approx = [i for i in found[u] if i >= 0 and i not in seen][:k]
+        hits += len(set(approx) & set(exact[u]))
+    faiss.write_index(index, str(folder / "item_vectors.faiss"))
+    return hits / (len(U) * k)
+
+
+def write_folder(out, files):
+    """The files into folder `out`, whole or not at all: written into a fresh folder beside it, then swapped in."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ----------------------------------------------------------------------------------------------
 # 11. fairness and exposure: the study's "fairness vs bias" made measurable, on the test split.
 # Accuracy per country (equal opportunity), the share of top-K slots each country group gives to cold
@@ -3116,6 +3222,8 @@ def parser(preset="", split="auto"):
                 ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run"),
                 ("browse", "one self-contained HTML page to look at a run's recommendations: users, their history, "
                            "top-K with scores and reasons, held-out items marked where found"),
+                ("export", "a run's user and item vectors with their ids and names, and its scorer (.npy, CSV); with "
+                           "faiss installed also an approximate index and its recall"),
                 ("compare", "one leaderboard of runs on the same dataset and protocol: mean ± std over seeds, paired "
                             "tests against the best on validation; printed, and written as Markdown and LaTeX")]
     for name, hlp in commands:
@@ -3128,6 +3236,8 @@ def parser(preset="", split="auto"):
             p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
                            "test users), or all (default: a sample of 300 test users)")
             p.add_argument("--out", default="", help="the page (default: RUN/browse.html)")
+        if name == "export":
+            p.add_argument("--out", default="", help="the folder written (default: RUN/export)")
         if name == "compare":
             p.add_argument("runs", nargs="*", help="run folders or names under --runs-dir (default: every finished "
                            "run of --dataset there)")
@@ -3255,6 +3365,22 @@ def cmd_browse(args):
     print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
 
 
+def cmd_export(args):
+    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    out = Path(args.out or run_dir / "export")
+    write_folder(out, export_files(cfg, ds, split, model, device))
+    info = json.loads((out / "export.json").read_text())
+    print(f"wrote {out}: {info['users']:,} user and {info['items']:,} item vectors of size {info['out_dim']}, ids "
+          f"and names (users.csv, items.csv), known positives (known.npz); {info['score']}")
+    if cfg.scorer != "dot":
+        print("faiss: skipped (the scorer is not a dot product)")
+        return
+    recall = faiss_recall(out)
+    print("faiss: not installed (pip install faiss-cpu for an approximate index)" if recall is None else
+          f"faiss: wrote {out / 'item_vectors.faiss'} (HNSW, inner product); recall of its approximate top 10 "
+          f"against the exact top 10, every user: {recall * 100:.2f}%")
+
+
 def cmd_compare(args):
     if not args.runs and not args.of_dataset:
         raise UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
@@ -3292,6 +3418,8 @@ def main(argv=None):
             cmd_fairness(args)
         elif args.cmd == "browse":
             cmd_browse(args)
+        elif args.cmd == "export":
+            cmd_export(args)
         elif args.cmd == "compare":
             cmd_compare(args)
     except UserError as e:
