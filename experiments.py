@@ -295,6 +295,7 @@ def plots(out, df, fair):
             ax.bar(x + (j - 0.5) * 0.4, o[f"{view} {metric}_mean"], 0.4, yerr=std if std.notna().any() else None,
                    capsize=2, color=color, label=R.label(view, metric))
         ax.set_xticks(x, [short(m) for m in o.model], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("model")
         ax.set_ylabel("test metric (×100)")
         syn = " (SYNTHETIC)" if df[df.dataset == dataset].synthetic.iloc[0] else ""
         seeds = int(o.seeds.max())
@@ -304,7 +305,7 @@ def plots(out, df, fair):
     fig.tight_layout()
     files.append(save(fig, out / "ablation.png"))
     # validation curves per epoch (mean over seeds) for every two-tower variant; the best baselines as lines
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 3.8), squeeze=False)
     for ax, ((dataset, protocol), o) in zip(axes[0], groups):
         k = int(df[(df.dataset == dataset) & (df.protocol == protocol)].k.iloc[0])
         view, metric = R.column(R.PROTOCOLS[protocol].select, k)
@@ -317,17 +318,16 @@ def plots(out, df, fair):
             longest = max(longest, n)
             m = np.nanmean([c + [np.nan] * (n - len(c)) for c in curves], 0)
             ax.plot(np.arange(1, n + 1), m, marker=".", label=short(model))
+        # the three best baselines on validation as horizontal lines, each its own style, named in the legend (a
+        # legend outside the axes: labels on the lines or in a corner overlap them)
         best = o[o.kind == "baseline"].sort_values("val_mean", ascending=False).head(3)
-        for _, b in best.iterrows():
-            ax.axhline(b.val_mean, ls="--", lw=0.8, color="gray")
-        if len(best):        # one label block in a corner instead of labels on the lines (they overlap)
-            ax.text(0.99, 0.02, "dashed: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(best.model, best.val_mean)),
-                    transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="gray")
+        for (_, b), ls in zip(best.iterrows(), ("--", ":", "-.")):
+            ax.axhline(b.val_mean, ls=ls, lw=1, color="gray", label=f"{short(b.model)} (baseline, {b.val_mean:.2f})")
         R.epoch_axis(ax, longest)
         ax.set_ylabel(f"validation {R.label(view, metric)} (×100)")
         ax.set_title(f"{dataset}, {protocol}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     files.append(save(fig, out / "validation_curves.png"))
     # exposure share vs interaction share per artist

@@ -2368,7 +2368,7 @@ def plot_curves(history, best_epoch, split, cfg, path, title):
     epochs = [h["epoch"] for h in history]
     best = epochs.index(best_epoch)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, y, name in ((a, [h["loss"] for h in history], f"training loss ({cfg.loss}, mean per train positive)"),
+    for ax, y, name in ((a, [h["loss"] for h in history], f"training loss (--loss {cfg.loss}, mean per train positive)"),
                         (b, [h["validation"][view][metric] for h in history],
                          f"validation {label(view, metric)} (×100)")):
         ax.plot(epochs, y, marker="o", ms=3, color="tab:blue")
