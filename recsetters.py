@@ -3299,8 +3299,7 @@ def cmd_recommend(args):
     top, scores, why, _ = (x[0] for x in recommendations(model, split, [u], loved, args.k, device))
     print(f"top {args.k} for {args.user} ({ds.label}), excluding {len(loved[u].indices)} loved tracks:")
     for r, (i, score, h) in enumerate(zip(top[top >= 0], scores, why), 1):
-        it = ds.items.iloc[i]
-        print(f"{r:3d}. {it.artist} — {it.track}   [{it.tag or 'untagged'}]  score {score:.3f}"
+        print(f"{r:3d}. {item_name(ds.items, i)}   [{ds.items.tag.iloc[i] or 'untagged'}]  score {score:.3f}"
               + (f"  because you loved {item_name(ds.items, h)}" if h >= 0 else ""))
 
 
