@@ -2707,7 +2707,7 @@ def board_cells(board, r, num, sign, p_of, bold):
 def board_heads(board):
     sel = label(*board["select"])
     return (["model", "seeds", f"val {sel}"] + [label(*c) for c in board["columns"]]
-            + [h for c in board["tested"] for h in (f"Δ{label(*c)} vs best [95% CI]", "p")])
+            + [h for c in board["tested"] for h in (f"Δ{label(*c)} [95% CI]", "p")])
 
 
 def board_note(board, what):
@@ -2739,18 +2739,19 @@ def tex(s):
 
 
 def board_latex(board, caption, tag):
-    """The leaderboard as a LaTeX table (booktabs; \\usepackage{booktabs}), the protocol in the caption."""
+    """The leaderboard as a LaTeX table (\\usepackage{booktabs, graphicx}), scaled to the line width, the protocol
+    in the caption."""
     heads = [tex(h) for h in board_heads(board)]
     num = lambda m, s, n: f"${m:.2f} \\pm {s:.2f}$" if n > 1 else f"${m:.2f}$"
     sign = lambda d, lo, hi: f"${d:+.2f}$ [${lo:+.2f}$, ${hi:+.2f}$]"
     p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
-    L = ["% needs \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering", "\\small",
-         "\\setlength{\\tabcolsep}{3pt}", "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule",
-         " & ".join(heads) + " \\\\", "\\midrule"]
+    L = ["% needs \\usepackage{booktabs, graphicx}", "\\begin{table}[t]", "\\centering",
+         "\\setlength{\\tabcolsep}{3pt}", "\\resizebox{\\linewidth}{!}{%",
+         "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule", " & ".join(heads) + " \\\\", "\\midrule"]
     for r in board["rows"]:
         cells = board_cells(board, r, num, sign, p_of, lambda s: "$\\mathbf{" + s.strip("$") + "}$")
         L.append(" & ".join([tex(r["model"]), *(c if c.startswith("$") or not c else tex(c) for c in cells)]) + " \\\\")
-    L += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{tag}}}", "\\end{table}"]
+    L += ["\\bottomrule", "\\end{tabular}}", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{tag}}}", "\\end{table}"]
     return L
 
 

@@ -1463,3 +1463,24 @@ def test_export_folder_is_written_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"] and (out / "a.npy").read_bytes() == b"1"
     R.write_folder(out, {"c.csv": b"3"})
     assert sorted(p.name for p in out.iterdir()) == ["c.csv"]
+
+
+@pytest.mark.slow
+def test_leaderboard_latex_compiles(tmp_path):
+    """The LaTeX table compiles (pdflatex, where it is installed) with the packages its first line names."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex on this machine (Debian: texlive-latex-base texlive-latex-recommended)")
+    hit = np.arange(50) % 3 == 0
+    e = lambda m, x: {"model": m, "kind": "baseline", "seed": 0, "val": x.mean(), "users": np.arange(50),
+                      "test": {R.column(c, 10): x.mean() for c in R.LOO_COLUMNS},
+                      "per_user": {"overall": {"hr@10": x * 100.0, "ndcg@10": x * 60.0}}}
+    board = R.leaderboard([e("two-tower, text tags, --epochs 2", hit), e("EASE_1 & 50%", ~hit)], "leave-one-out", 10,
+                          n_boot=100)
+    table = "\n".join(R.board_latex(board, "hetrec, leave-one-out: ×100, mean ± std, Δ", "t"))
+    packages = re.match(r"% needs \\usepackage\{(.*)\}", table).group(1)
+    (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage[utf8]{inputenc}\\usepackage{" + packages
+                                    + "}\\begin{document}\n" + table + "\n\\end{document}\n")
+    p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and (tmp_path / "t.pdf").exists(), p.stdout[-2000:]
+    assert "Overfull" not in (tmp_path / "t.log").read_text()
