@@ -120,7 +120,8 @@ def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k):
         else None
     run_dir.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(run_dir / "results.json", json.dumps(
-        {"protocol": R.protocol_name(split.kind), "dataset": {"name": ds.name, "synthetic": ds.synthetic},
+        {"protocol": R.protocol_name(split.kind),
+         "dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest},
          "config": {"dataset": dataset, "seed": seed, "k": k, "split": cfg.split, "cold_fraction": cfg.cold_fraction,
                     "tag_source": cfg.tag_source},
          "split": R.split_stats(split), "report": split.report, "baselines": res, "leak_audit": audit,
@@ -166,43 +167,31 @@ def model_label(res):
     return "MF (ID-only two-tower)" if c.get("id_only") else f"two-tower, text {c['text']}"
 
 
-def tested(protocol, k):
-    """The two metrics of a protocol that the paired tests and plots use: its selection metric and the column
-    before it in its table (leave-one-out: HR@K, NDCG@K; cold-items: Recall@20, NDCG@20 of the cold view)."""
-    p = R.PROTOCOLS[protocol]
-    cols = [R.column(c, k) for c in p.columns]
-    sel = R.column(p.select, k)
-    return [cols[cols.index(sel) - 1], sel]
-
-
 def collect(out):
-    """(rows, per-user test metrics keyed (dataset, protocol, model, seed), extras keyed (dataset, protocol, seed):
-    split stats and the protocol's audit) from every finished cell."""
+    """(rows, R.leaderboard entries (per-user test metrics included) keyed (dataset, protocol, model, seed), extras
+    keyed (dataset, protocol, seed): split stats and the protocol's audit) from every finished cell."""
     rows, per_user, extras = [], {}, {}
     for d in sorted((out / "runs").glob("*")):
         if not cell_done(d):
             continue
         res = json.loads((d / "results.json").read_text())
         protocol = res.get("protocol", "leave-one-out")
-        p = R.PROTOCOLS[protocol]
-        z = np.load(d / "ranks.npz")
         dataset, seed, k = res["config"]["dataset"], res["config"]["seed"], res["config"].get("k", 10)
-        if "test" in res:
-            models = [(model_label(res), "mf" if res["config"].get("id_only") else "two-tower", res, "two_tower")]
-        else:
-            models = [(b, "baseline" if "na" not in r else "n/a", r, b.lower().replace(" ", "_"))
-                      for b, r in res["baselines"].items()]
+        if "test" not in res:
             extras[(dataset, protocol, seed)] = {"split": res["split"], "audit": res.get("leak_audit")}
-        for model, kind, r, key in models:
-            row = {"dataset": dataset, "protocol": protocol, "synthetic": res["dataset"]["synthetic"], "model": model,
-                   "kind": kind, "seed": seed, "k": k, "run": d.name,
+        with np.load(d / "ranks.npz") as z:
+            entries = R.run_entries(res, z, model_label(res) if "test" in res else None)
+        for e in entries:
+            two_tower = e["kind"] == "two-tower"
+            if two_tower and res["config"].get("id_only"):
+                e["kind"] = "mf"
+            r = res if two_tower else res["baselines"][e["model"]]
+            row = {"dataset": dataset, "protocol": protocol, "synthetic": res["dataset"]["synthetic"],
+                   "model": e["model"], "kind": e["kind"], "seed": seed, "k": k, "run": d.name,
                    "params": str(r.get("params", r.get("best_epoch"))), "best_epoch": r.get("best_epoch")}
-            if kind != "n/a":
-                row.update({f"{v} {m}": r["test"][v][m] for v, m in (R.column(c, k) for c in p.columns)})
-                v, m = R.column(p.select, k)
-                row["val"] = r["validation"][v][m]
-                per_user[(dataset, protocol, model, seed)] = {f[len(key) + 2:]: p.per_user(z[f], z["counts"], k)
-                                                              for f in z.files if f.startswith(key + "__")}
+            if e["kind"] != "n/a":
+                row.update({f"{v} {m}": x for (v, m), x in e["test"].items()}, val=e["val"])
+                per_user[(dataset, protocol, e["model"], seed)] = e
             rows.append(row)
     df = pd.DataFrame(rows)
     for (dataset, protocol), g in df.groupby(["dataset", "protocol"]) if len(df) else []:
@@ -228,18 +217,8 @@ def summary(df):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. paired significance tests: per-user differences on the same test users, pooled over seeds
-
-def paired_test(a, b, n_boot=2000, seed=0):
-    """a, b: per-(seed, user) values. Mean difference a - b, 95% bootstrap CI, two-sided sign-flip p-value."""
-    d = a - b
-    rng = np.random.default_rng(seed)
-    boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
-    flips = np.array([(d * rng.choice([-1.0, 1.0], len(d))).mean() for _ in range(n_boot)])
-    p = (1 + (np.abs(flips) >= abs(d.mean())).sum()) / (n_boot + 1)
-    return {"diff": float(d.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
-            "p": float(p)}
-
+# 3. paired significance tests: per-user differences on the same test users, pooled over seeds (R.paired_over_seeds;
+# the leaderboard of each (dataset, protocol) is R.leaderboard, the one `recsetters.py compare` prints)
 
 def significance(df, per_user):
     """Per (dataset, protocol): each two-tower variant (and MF) against `two-tower, text none` and against the best
@@ -255,15 +234,13 @@ def significance(df, per_user):
         for model in models.model:
             refs = ["two-tower, text none", *base.model.head(1)] + (list(base.model) if model in chosen else [])
             for ref in dict.fromkeys(refs):
-                seeds = [sd for sd in sorted(df.seed.unique()) if (dataset, protocol, model, sd) in per_user
-                         and (dataset, protocol, ref, sd) in per_user]
-                if ref == model or not seeds:
-                    continue
-                for view, metric in tested(protocol, k):
-                    a, b = (np.concatenate([per_user[(dataset, protocol, m, sd)][view][metric] for sd in seeds])
-                            for m in (model, ref))
-                    rows.append({"dataset": dataset, "protocol": protocol, "model": model, "vs": ref,
-                                 "metric": metric, "seeds": len(seeds), **paired_test(a, b)})
+                a, b = ({sd: e for (d_, p_, m_, sd), e in per_user.items() if (d_, p_, m_) == (dataset, protocol, m)}
+                        for m in (model, ref))
+                for view, metric in R.tested(protocol, k) if ref != model else []:
+                    t = R.paired_over_seeds(a, b, view, metric)
+                    if t:
+                        rows.append({"dataset": dataset, "protocol": protocol, "model": model, "vs": ref,
+                                     "metric": metric, **t})
     return pd.DataFrame(rows)
 
 
@@ -314,11 +291,12 @@ def plots(out, df, fair):
     for ax, ((dataset, protocol), o) in zip(axes[:, 0], groups):
         k = int(df[(df.dataset == dataset) & (df.protocol == protocol)].k.iloc[0])
         x = np.arange(len(o))
-        for j, ((view, metric), color) in enumerate(zip(tested(protocol, k), ("tab:blue", "tab:orange"))):
+        for j, ((view, metric), color) in enumerate(zip(R.tested(protocol, k), ("tab:blue", "tab:orange"))):
             std = o[f"{view} {metric}_std"].where(o.seeds > 1)
             ax.bar(x + (j - 0.5) * 0.4, o[f"{view} {metric}_mean"], 0.4, yerr=std if std.notna().any() else None,
                    capsize=2, color=color, label=R.label(view, metric))
         ax.set_xticks(x, [short(m) for m in o.model], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("model")
         ax.set_ylabel("test metric (×100)")
         syn = " (SYNTHETIC)" if df[df.dataset == dataset].synthetic.iloc[0] else ""
         seeds = int(o.seeds.max())
@@ -328,7 +306,7 @@ def plots(out, df, fair):
     fig.tight_layout()
     files.append(save(fig, out / "ablation.png"))
     # validation curves per epoch (mean over seeds) for every two-tower variant; the best baselines as lines
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 3.8), squeeze=False)
     for ax, ((dataset, protocol), o) in zip(axes[0], groups):
         k = int(df[(df.dataset == dataset) & (df.protocol == protocol)].k.iloc[0])
         view, metric = R.column(R.PROTOCOLS[protocol].select, k)
@@ -341,19 +319,16 @@ def plots(out, df, fair):
             longest = max(longest, n)
             m = np.nanmean([c + [np.nan] * (n - len(c)) for c in curves], 0)
             ax.plot(np.arange(1, n + 1), m, marker=".", label=short(model))
+        # the three best baselines on validation as horizontal lines, each its own style, named in the legend (a
+        # legend outside the axes: labels on the lines or in a corner overlap them)
         best = o[o.kind == "baseline"].sort_values("val_mean", ascending=False).head(3)
-        for _, b in best.iterrows():
-            ax.axhline(b.val_mean, ls="--", lw=0.8, color="gray")
-        if len(best):        # one label block in a corner instead of labels on the lines (they overlap)
-            ax.text(0.99, 0.02, "dashed: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(best.model, best.val_mean)),
-                    transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="gray")
-        ax.set_xlim(0.5, longest + 0.5)
-        ax.set_xticks(range(1, longest + 1, max(1, longest // 10)))
-        ax.set_xlabel("epoch")
+        for (_, b), ls in zip(best.iterrows(), ("--", ":", "-.")):
+            ax.axhline(b.val_mean, ls=ls, lw=1, color="gray", label=f"{short(b.model)} (baseline, {b.val_mean:.2f})")
+        R.epoch_axis(ax, longest)
         ax.set_ylabel(f"validation {R.label(view, metric)} (×100)")
         ax.set_title(f"{dataset}, {protocol}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     files.append(save(fig, out / "validation_curves.png"))
     # exposure share vs interaction share per artist
@@ -386,14 +361,6 @@ def save(fig, path):
 # ----------------------------------------------------------------------------------------------
 # 6. report.md
 
-def pm(m, s):
-    return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
-
-
-def pvalue(p):
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def paired_lines(t, labels, intro):
     """The markdown table of paired tests `t` (rows: model, vs, metric, diff, lo, hi, p) for two metrics."""
     if not len(t):
@@ -404,7 +371,7 @@ def paired_lines(t, labels, intro):
     for (model, ref), g in t.groupby(["model", "vs"], sort=False):
         cells = [g[g.metric == m].iloc[0] for m in metrics]
         L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
-                                                    f"{pvalue(c['p'])}" for c in cells) + " |")
+                                                    f"{R.pvalue(c['p'])}" for c in cells) + " |")
     return L
 
 
@@ -414,7 +381,7 @@ def chosen_lines(o, k, protocol):
     if tt.empty or base.empty:
         return []
     best, ref = tt.loc[tt.val_mean.idxmax()], base.loc[base.val_mean.idxmax()]
-    m = [f"{v} {m}" for v, m in tested(protocol, k)]
+    m = [f"{v} {m}" for v, m in R.tested(protocol, k)]
     return ["", f"Chosen on validation: **{best.model}**, test {' / '.join(R.label(*c.split(' ')) for c in m)} "
             f"{best[m[0] + '_mean']:.2f} / {best[m[1] + '_mean']:.2f}, against the best baseline on validation, "
             f"{ref.model}: {ref[m[0] + '_mean']:.2f} / {ref[m[1] + '_mean']:.2f} (means over {int(best.seeds)} and "
@@ -491,9 +458,6 @@ def report(out, data_dir, notes=(), do_fairness=True):
     for (dataset, protocol), o in s.groupby(["dataset", "protocol"], sort=False):
         d = df[(df.dataset == dataset) & (df.protocol == protocol)]
         k = int(d.k.iloc[0])
-        p = R.PROTOCOLS[protocol]
-        cols = [R.column(c, k) for c in p.columns]
-        sel = R.label(*R.column(p.select, k))
         L += [f"## {dataset}{' (SYNTHETIC)' if d.synthetic.iloc[0] else ''}, {protocol}", ""]
         for (ds_, pr, seed), x in sorted(extras.items()):
             if (ds_, pr) == (dataset, protocol):
@@ -502,16 +466,13 @@ def report(out, data_dir, notes=(), do_fairness=True):
                                   for n, c in st.get("parts", {}).items() if isinstance(c, dict))
                 L.append(f"- seed {seed}: {st['users']:,} users × {st['items']:,} items, {st['train_interactions']:,} "
                          f"train interactions, split {st['split']}" + (f"; {parts}" if parts else ""))
-        L += ["", f"| model | seeds | val {sel} | " + " | ".join(R.label(v, m) for v, m in cols) + " |",
-              "|---|---|---|" + "---|" * len(cols)]
-        for _, r in o.iterrows():
-            L.append(f"| {r.model} | {r.seeds} | {pm(r.val_mean, r.val_std)} | "
-                     + " | ".join(pm(r[f'{v} {m}_mean'], r[f'{v} {m}_std']) for v, m in cols) + " |")
-        for model in d[d.kind == "n/a"].model.unique():
-            L.append(f"| {model} | {d[d.model == model].seed.nunique()} | n/a |" + " n/a |" * len(cols))
+        entries = [e for (d_, p_, _, _), e in per_user.items() if (d_, p_) == (dataset, protocol)]
+        entries += [{"model": r.model, "kind": "n/a", "seed": r.seed} for _, r in d[d.kind == "n/a"].iterrows()]
+        board = R.leaderboard(entries, protocol, k)
+        L += [""] + R.board_markdown(board) + ["", R.board_note(board, "The table")]
         L += chosen_lines(o, k, protocol)
         L += paired_lines(sig[(sig.dataset == dataset) & (sig.protocol == protocol)] if len(sig) else sig,
-                          [R.label(v, m) for v, m in tested(protocol, k)],
+                          [R.label(v, m) for v, m in R.tested(protocol, k)],
                           "Paired tests on per-user test metrics, same users, pooled over seeds")
         L += audit_lines([(sd, x["audit"]) for (ds_, pr, sd), x in sorted(extras.items())
                           if (ds_, pr) == (dataset, protocol) and x["audit"]])
@@ -604,7 +565,7 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
         mine = [(label, flags) for label, flags in rows if R.protocol_name(split_of(flags)) == protocol]
         if not mine:
             continue
-        metrics = tested(protocol, k)
+        metrics = R.tested(protocol, k)
         both = " / ".join(R.label(v, m) for v, m in metrics)
         L += [f"{protocol}:", "", f"| configuration | flags | best epoch | validation {both} | test {both} | train s |",
               "|---|---|---|---|---|---|"]

@@ -12,6 +12,8 @@ Read top to bottom:
   8. evaluation: the protocols (PROTOCOLS) and one chunked full-ranking engine for all of them
   9. baselines: one registry (BASELINES), each entry scoring the protocols it can; one tuning loop
  10. runs: run folders that are never lost, results.json with provenance, checkpoints, tables
+     10b. comparing runs: one leaderboard (mean ± std over seeds, paired tests), Markdown and LaTeX
+     10c. looking at a run (browse: one offline HTML page) and taking it away (export: vectors, ids, scorer)
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
 
@@ -29,6 +31,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -119,10 +122,12 @@ SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
+TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.isdigit() and int(v) >= 1, "imported, all, or a number >= 1")
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
                       "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
 
-TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness")
+TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness", "browse",
+                                                                   "export")
 
 
 def setting(default, help, check=None, choices=None, cmds=TRAIN):
@@ -147,8 +152,10 @@ class Config:
                                    "half for test", SHARE, cmds=DATA)
     new_user_fraction: float = setting(0.2, "share of the users that split new-users holds out with all their "
                                        "interactions, half for validation, half for test", SHARE, cmds=DATA)
-    tag_count: int = setting(5, "new items and new users: how many of an item's most applied leak-free tags its "
-                             "`tags` text keeps (0: all); which tags only, never how often", COUNT0, cmds=DATA)
+    tag_count: str = setting("imported", "new items and new users: how many of an item's most applied leak-free "
+                             "tags its `tags` text keeps: imported (as collect.py wrote them, hetrec: 5; items not held "
+                             "out keep theirs), a number N, or all (every item rebuilt); which tags only, never how "
+                             "often", TAG_COUNT, cmds=DATA)
     tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
                               "users who did not interact with it (leak-free), or from everyone (all: leaks the "
                               "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
@@ -156,7 +163,7 @@ class Config:
                                    FRACTION, cmds=DATA)
     seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
     k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
-                     cmds=DATA + ("recommend", "fairness"))
+                     cmds=DATA + ("recommend", "fairness", "browse"))
     eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
     # the model; defaults: the best configuration on hetrec validation (README, Experiments)
     text: str = setting("auto", "items.csv text column for the item tower (title, summary, lyrics, tags, ...), none, "
@@ -221,7 +228,7 @@ class Config:
                            cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
-    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED)
+    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED + ("compare",))
     run_name: str = setting("", "run folder name ('': DATASET-SPLIT-TEXT-sSEED, and a digest of the settings that "
                             "differ from the protocol's defaults)")
     overwrite: bool = setting(False, "replace an existing run folder of the same name (without it, an existing run is "
@@ -842,13 +849,14 @@ def top_tags(assignments, top=5):
     return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
 
 
-def cold_item_tags(ds, split, source="non-listeners", tag_count=5):
+def cold_item_tags(ds, split, source="non-listeners", tag_count="imported"):
     """Leak-free tags for the protocols that hold out items or users (new-users: new_user_tags). Tags (hetrec:
     user_taggedartists) are applied by users, often by the very users whose interactions with a cold item are held
     out: a cold item's `tags` and `tag` would carry its test users' own behaviour. With source non-listeners, every
-    cold item's `tags` (its `tag_count` most applied, 0: all) and `tag` (the top one) are rebuilt from the tag
-    assignments of users who have no interaction with it (every listener of a cold item is evaluated on it, so this
-    removes each evaluated user's own tagging); the other items' from everyone's (train information). Returns
+    cold item's `tags` and `tag` (the top one) are rebuilt from the tag assignments of users who have no interaction
+    with it (every listener of a cold item is evaluated on it, so this removes each evaluated user's own tagging).
+    tag_count: "imported" keeps the import's count (5) and the other items' tags as they are; N or "all" rebuilds
+    every item's with its N (all) most applied, the other items' from everyone's (train information). Returns
     (dataset with new items, report lines)."""
     if source not in ("non-listeners", "all"):
         raise UserError(f"--tag-source {source!r}: use non-listeners or all")
@@ -859,16 +867,23 @@ def cold_item_tags(ds, split, source="non-listeners", tag_count=5):
                     "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
                     "may leak"]
     if split.fold_in is not None:
-        return new_user_tags(ds, split, tag_count)
+        return new_user_tags(ds, split, tags_kept(tag_count))
     cold, ta, own = cold_tag_assignments(ds, split)
-    rest = np.setdiff1d(np.arange(len(ds.items)), cold)
-    items = with_tags(ds.items, rest, ds.tag_assignments, tag_count)
-    items = with_tags(items, cold, ta[~own], tag_count)
+    items = ds.items
+    if tag_count != "imported":
+        rest = np.setdiff1d(np.arange(len(ds.items)), cold)
+        items = with_tags(ds.items, rest, ds.tag_assignments, tags_kept(tag_count))
+    items = with_tags(items, cold, ta[~own], tags_kept(tag_count))
     had = int(ds.items.tag.iloc[cold].ne("").sum())
     rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
            f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
            f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
     return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+
+
+def tags_kept(tag_count):
+    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N -> N."""
+    return {"imported": 5, "all": 0}.get(tag_count) if not str(tag_count).isdigit() else int(tag_count)
 
 
 def new_user_tags(ds, split, tag_count=5):
@@ -1701,9 +1716,9 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
 # at test time, their validation items), in each of the protocol's views (all those items, or only its candidate
 # items). A target's rank is the number of items scored above it, ties broken by item index. Metrics are x100.
 
-def model_scores(model, device, split=None):
-    """A score function users -> (len(users), n_items) for a trained two-tower model. Users held out as new
-    (split.fold_in) are encoded from their fold-in history alone (TwoTower.encode: no id, as never trained)."""
+def tower_vectors(model, device, split=None):
+    """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes). Users held
+    out as new (split.fold_in) are encoded from their fold-in history alone (TwoTower.encode: no id, never trained)."""
     model.eval()
     with torch.no_grad():
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
@@ -1714,6 +1729,12 @@ def model_scores(model, device, split=None):
             U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.fold_in[rows])
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
                        for a in range(0, n_items, 65536)])
+    return U, V
+
+
+def model_scores(model, device, split=None):
+    """A score function users -> (len(users), n_items) for a trained two-tower model (tower_vectors)."""
+    U, V = tower_vectors(model, device, split)
     bytes_per_pair = 16     # DotCompress.all_pairs works in small tiles without grad: only the scores add up
 
     def score(users):
@@ -1783,12 +1804,15 @@ def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512
     return out
 
 
-def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512):
-    """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index."""
-    out = np.empty((len(users), k), np.int64)
+def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512, return_scores=False):
+    """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index. With
+    return_scores also their scores."""
+    out, scores = np.empty((len(users), k), np.int64), np.empty((len(users), k), np.float32)
     for a, S in score_chunks(score_fn, users, exclude, device, memory_mb):
-        out[a:a + len(S)] = np.argsort(-S.cpu().numpy(), axis=1, kind="stable")[:, :k]
-    return out
+        S = S.cpu().numpy()
+        out[a:a + len(S)] = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        scores[a:a + len(S)] = np.take_along_axis(S, out[a:a + len(S)], 1)
+    return (out, scores) if return_scores else out
 
 
 # name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
@@ -2293,7 +2317,7 @@ def cached_factors(split, kind):
     return memo[kind]
 
 
-def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_count=5):
+def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_count="imported"):
     """How much the user-applied tags of cold items reveal their held-out listeners. `ds` carries the leak-free
     tags; the leaky ones (every user's assignments, as imported) are rebuilt here for comparison. `baselines`:
     run_baselines' results (for the leak-free rows and their chosen parameters)."""
@@ -2307,7 +2331,7 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_coun
            "cold_items_with_tags_leaky": int(pd.Series(ids_i[cold]).isin(ta.item).sum()),
            "cold_items_with_tags_leak_free": int(pd.Series(ids_i[cold]).isin(ta.item[~own]).sum()),
            "cold_items": int(len(cold)), "test": {}}
-    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta, tag_count), ds.inter, ds.synthetic)
+    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta, tags_kept(tag_count)), ds.inter, ds.synthetic)
     counts = lambda a: torch.tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(np.float32))
     scorers = {"tag count, all users (leaky)": counts(ds.tag_assignments),
                "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
@@ -2424,6 +2448,7 @@ def new_run_folder(cfg, split_kind):
             raise UserError(f"run folder {run_dir} exists: choose another --run-name, or add --overwrite to replace it")
         for f in RUN_FILES:
             (run_dir / f).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "export", ignore_errors=True)        # made from the run replaced
     return run_dir
 
 
@@ -2459,6 +2484,42 @@ def fmt_table(rows, split, k, title):
     return "\n".join(lines)
 
 
+def epoch_axis(ax, n):
+    """An epoch x-axis for n epochs: whole epochs only, at most ~10 ticks, and a sensible width even for one."""
+    ax.set_xlim(0.5, n + 0.5)
+    ax.set_xticks(range(1, n + 1, max(1, math.ceil(n / 10))))
+    ax.set_xlabel("epoch")
+
+
+def plot_curves(history, best_epoch, split, cfg, path, title):
+    """curves.png of a run: the training loss and the protocol's validation selection metric per epoch, the chosen
+    (best-validation) epoch marked on both."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    view, metric = column(protocol_of(split).select, cfg.k)
+    epochs = [h["epoch"] for h in history]
+    best = epochs.index(best_epoch)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, y, name in ((a, [h["loss"] for h in history], f"training loss (--loss {cfg.loss}, mean per train positive)"),
+                        (b, [h["validation"][view][metric] for h in history],
+                         f"validation {label(view, metric)} (×100)")):
+        ax.plot(epochs, y, marker="o", ms=3, color="tab:blue")
+        ax.axvline(best_epoch, ls="--", lw=0.8, color="tab:red")
+        ax.plot([best_epoch], [y[best]], "o", ms=8, mfc="none", mec="tab:red",
+                label=f"chosen epoch {best_epoch} (best validation)")
+        ax.set_ylabel(name)
+        epoch_axis(ax, len(epochs))
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def positives_matrix(split):
     """Every known positive of each user (train, validation and test): what `recommend` leaves out."""
     u = np.concatenate([split.train_u, split.val_u, split.test_u])
@@ -2469,7 +2530,7 @@ def positives_matrix(split):
 
 
 RUN_FORMAT = "recsetters-run/1"
-RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json")
+RUN_FILES = ("best.pt", "run.json", "results.json", "ranks.npz", "fairness.json", "curves.png", "browse.html")
 
 
 def save_checkpoint(run_dir, model, epoch):
@@ -2498,7 +2559,7 @@ def save_ranks(path, ranks):
     for name, r in ranks.items():
         for view, v in r.items():
             if view not in ("users", "counts", "items"):
-                arrays[f"{name.lower().replace(' ', '_')}__{view}"] = v
+                arrays[f"{ranks_key(name)}__{view}"] = v
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -2547,6 +2608,8 @@ def train_and_report(cfg, rt, rank=0, world=1):
         results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
     save_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
+    plot_curves(history, best_epoch, split, cfg, run_dir / "curves.png",
+                f"{run_dir.name}: {ds.label}, {protocol_title(split)}, two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})")
     users = test[column(PROTOCOLS[protocol].select, cfg.k)[0]]["n"]
     print(fmt_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()], split, cfg.k,
                     f"\nTest, {ds.label}, {protocol_title(split)}: {users:,} users, full ranking over "
@@ -2624,10 +2687,9 @@ def restore(run, runs_dir="runs", device_name="auto"):
 
 
 def item_names(items):
-    """What to call each item: the artist alone where every item is an artist (hetrec), else "artist — track"."""
-    if (items.track == items.artist).all():
-        return items.artist.tolist()
-    return (items.artist + " — " + items.track).tolist()
+    """What to call each item: "artist — track", or the artist alone where the item is an artist (its track empty
+    or the artist's name: hetrec)."""
+    return [a if t in ("", a) else f"{a} — {t}" for a, t in zip(items.artist, items.track.fillna("").astype(str))]
 
 
 def find_user(ds, name):
@@ -2751,6 +2813,512 @@ def reasons(model, country, history, items, known=-1):
             S = S[:1] - S[1:]                                                             # the drop without each
         best = S.argmax(0)
         return H[best.cpu().numpy()], S[best, torch.arange(len(items), device=S.device)].cpu().numpy()
+
+
+def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=512, candidates=None):
+    """Each user's top K with its scores and reasons (`recommend` and `browse`): (items, scores, reason items, score
+    drops), each (len(users), k); reason -1 where a user has no history. candidates: rank only these items (a
+    protocol's view), else every item `exclude` does not mask."""
+    fn = model_scores(model, device, split)
+    if candidates is not None:
+        others = torch.ones(split.n_items, dtype=torch.bool, device=device)
+        others[torch.as_tensor(candidates, device=device)] = False
+        fn = (lambda f: lambda u: f(u).masked_fill(others, float("-inf")))(fn)
+    top, scores = top_k_lists(fn, np.asarray(users), exclude, k, device, memory_mb, return_scores=True)
+    why, drop = np.full(top.shape, -1), np.zeros(top.shape)
+    for r, u in enumerate(users):
+        ok = np.isfinite(scores[r])                  # fewer than k candidates: the rest are masked
+        why[r, ok], drop[r, ok] = reasons(model, int(model.u_feats[1, u]), split.profile[u].indices, top[r, ok],
+                                          u if split.train[u].nnz else -1)
+        top[r, ~ok] = -1
+    return top, scores, why, drop
+
+
+# ----------------------------------------------------------------------------------------------
+# 10b. comparing runs: one leaderboard per dataset and protocol (`compare`; experiments.py's report uses the same
+# code), the mean and std over seeds, paired tests against the model best on validation, as text, Markdown and LaTeX
+
+def ranks_key(model):
+    """A model's name in ranks.npz (`KEY__VIEW` arrays): "two_tower", "ease", "cb2cf_tags"."""
+    return model.lower().replace(" ", "_")
+
+
+def tested(protocol, k):
+    """The two metrics of a protocol that paired tests and plots use: its selection metric and the column before it
+    in its table (leave-one-out: HR@K, NDCG@K overall; cold-items: Recall@20, NDCG@20 of the cold view)."""
+    p = PROTOCOLS[protocol]
+    cols = [column(c, k) for c in p.columns]
+    sel = column(p.select, k)
+    return [cols[cols.index(sel) - 1], sel]
+
+
+def paired_test(a, b, n_boot=2000, seed=0):
+    """a, b: per-(seed, user) values of two models on the same users. Mean difference a - b, its 95% bootstrap CI,
+    and a two-sided sign-flip p-value."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
+    flips = np.array([(d * rng.choice([-1.0, 1.0], len(d))).mean() for _ in range(n_boot)])
+    p = (1 + (np.abs(flips) >= abs(d.mean())).sum()) / (n_boot + 1)
+    return {"diff": float(d.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
+            "p": float(p)}
+
+
+def paired_over_seeds(a, b, view, metric, n_boot=2000):
+    """paired_test of two models' entries (see leaderboard) on one metric, per user, pooled over the seeds both
+    have; None when they share no seed."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    for s in seeds:
+        if not np.array_equal(a[s]["users"], b[s]["users"]):
+            raise UserError(f"{a[s]['model']} and {b[s]['model']} were tested on different users at seed {s}")
+    x, y = (np.concatenate([e[s]["per_user"][view][metric] for s in seeds]) for e in (a, b))
+    return {**paired_test(x, y, n_boot), "seeds": len(seeds)}
+
+
+def pvalue(p):
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def pm(mean, std, seeds):
+    """mean ± std, the std only where there are seeds to make one."""
+    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
+def leaderboard(entries, protocol, k, n_boot=2000):
+    """One leaderboard of models on the same dataset and protocol. entries: one per (model, seed): {"model", "kind"
+    ("two-tower", "baseline", "n/a", ...), "seed", and unless n/a: "val" (validation selection metric), "test"
+    {(view, metric): mean}, "users" (test users), "per_user" {view: {metric: per-user values}}}. Rows best on
+    validation first: mean and std over seeds of validation and of every column of the protocol's table, and a paired
+    test of the protocol's two tested metrics against the best on validation. Returns {"protocol", "k", "columns",
+    "tested", "best", "rows", "na": models that cannot score the protocol}."""
+    p = PROTOCOLS[protocol]
+    cols, sel = [column(c, k) for c in p.columns], column(p.select, k)
+    by_model = {}
+    for e in entries:
+        if e["kind"] != "n/a":
+            by_model.setdefault(e["model"], {}).setdefault(e["seed"], e)       # a model's seed once
+    na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
+    stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+    rows = []
+    for model, per_seed in by_model.items():
+        es = list(per_seed.values())
+        rows.append({"model": model, "kind": es[0]["kind"], "seeds": sorted(per_seed),
+                     "val": stats([e["val"] for e in es]),
+                     "test": {c: stats([e["test"][c] for e in es]) for c in cols}})
+    rows.sort(key=lambda r: -r["val"][0])
+    best = rows[0]["model"] if rows else None
+    for r in rows:
+        r["vs_best"] = {c: None if r["model"] == best else paired_over_seeds(by_model[r["model"]], by_model[best], *c,
+                                                                             n_boot=n_boot)
+                        for c in tested(protocol, k)}
+    return {"protocol": protocol, "k": k, "columns": cols, "select": sel, "tested": tested(protocol, k), "best": best,
+            "rows": rows, "na": na}
+
+
+def board_cells(board, r, num, sign, p_of, bold):
+    """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p), bold(text): shared by the
+    Markdown and the LaTeX table so that both say the same."""
+    n = len(r["seeds"])
+    top = {c: max(x["test"][c][0] for x in board["rows"]) for c in board["columns"]}
+    cells = [str(n), num(*r["val"], n)]
+    cells += [bold(num(*r["test"][c], n)) if r["test"][c][0] == top[c] else num(*r["test"][c], n)
+              for c in board["columns"]]
+    for c in board["tested"]:
+        t = r["vs_best"][c]
+        cells += ["best on validation", ""] if r["model"] == board["best"] else ["n/a", ""] if t is None else \
+            [sign(t["diff"], t["lo"], t["hi"]), p_of(t["p"])]
+    return cells
+
+
+def board_heads(board):
+    sel = label(*board["select"])
+    return (["model", "seeds", f"val {sel}"] + [label(*c) for c in board["columns"]]
+            + [h for c in board["tested"] for h in (f"Δ{label(*c)} [95% CI]", "p")])
+
+
+def board_note(board, what):
+    best = board["best"]
+    return (f"{what}: test metrics ×100, mean ± std over seeds (std only with several seeds), full ranking; every "
+            f"model selected on validation {label(*board['select'])} and its test split evaluated once; the best test mean "
+            f"of each column in bold. Δ: the paired difference to {best} (the best on validation), per test user, "
+            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value.")
+
+
+def board_markdown(board, title=""):
+    """The leaderboard as a Markdown table (and its n/a models), after an optional title paragraph."""
+    heads = board_heads(board)
+    L = ([title, ""] if title else []) + ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    for r in board["rows"]:
+        cells = board_cells(board, r, pm, lambda d, lo, hi: f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", pvalue,
+                            lambda s: f"**{s}**")
+        L.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    if board["na"]:
+        L += ["", f"n/a under {board['protocol']} (BASELINES says which protocols each scores): "
+                  f"{', '.join(board['na'])}"]
+    return L
+
+
+def tex(s):
+    """Text safe in LaTeX."""
+    s = re.sub(r"([&%$#_{}])", r"\\\1", str(s)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    return s.replace("--", "-{}-").replace("×", r"$\times$").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+
+
+def board_latex(board, caption, tag):
+    """The leaderboard as a LaTeX table (\\usepackage{booktabs, graphicx}), scaled to the line width, the protocol
+    in the caption."""
+    heads = [tex(h) for h in board_heads(board)]
+    num = lambda m, s, n: f"${m:.2f} \\pm {s:.2f}$" if n > 1 else f"${m:.2f}$"
+    sign = lambda d, lo, hi: f"${d:+.2f}$ [${lo:+.2f}$, ${hi:+.2f}$]"
+    p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
+    L = ["% needs \\usepackage{booktabs, graphicx}", "\\begin{table}[t]", "\\centering",
+         "\\setlength{\\tabcolsep}{3pt}", "\\resizebox{\\linewidth}{!}{%",
+         "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule", " & ".join(heads) + " \\\\", "\\midrule"]
+    for r in board["rows"]:
+        cells = board_cells(board, r, num, sign, p_of, lambda s: "$\\mathbf{" + s.strip("$") + "}$")
+        L.append(" & ".join([tex(r["model"]), *(c if c.startswith("$") or not c else tex(c) for c in cells)]) + " \\\\")
+    L += ["\\bottomrule", "\\end{tabular}}", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{tag}}}", "\\end{table}"]
+    return L
+
+
+def two_tower_label(config, protocol):
+    """A two-tower run's name among models: its text and the settings it changed from the protocol's defaults."""
+    d = defaults_for(config.get("preset", ""), PROTOCOLS[protocol].splits[0])
+    changed = [typed(f.name, config[f.name]) for f in fields(Config) if f.name not in PLACE + ("baselines",)
+               and "train" in f.metadata["cmds"] and f.name in config and config[f.name] != getattr(d, f.name)]
+    return f"two-tower, text {config.get('text')}" + (f", preset {config['preset']}" if config.get("preset") else "") \
+        + (", " + " ".join(changed) if changed else "")
+
+
+def run_entries(res, ranks, model=None):
+    """leaderboard entries of one run's models (results.json, ranks.npz): the two-tower (named `model`, else by
+    two_tower_label) and every baseline in it."""
+    protocol = res.get("protocol", "leave-one-out")
+    p, k, seed = PROTOCOLS[protocol], res["config"].get("k", 10), res["config"]["seed"]
+    models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
+    models += [(b, "n/a" if "na" in r else "baseline", r) for b, r in res.get("baselines", {}).items()]
+    cols, sel = [column(c, k) for c in p.columns], column(p.select, k)
+    out = []
+    for name, kind, r in models:
+        e = {"model": name, "kind": kind, "seed": seed}
+        if kind != "n/a":
+            key = ranks_key("two_tower" if r is res else name)
+            e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]][c[1]] for c in cols},
+                     users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
+                                                     for f in ranks.files if f.startswith(key + "__")})
+        out.append(e)
+    return out
+
+
+# what makes two runs' test users and targets the same (with the dataset's digest and the protocol): paired tests
+# and one leaderboard need them equal
+COMPARED = ("k", "min_interactions", "warm_fraction", "cold_fraction", "tag_source")
+
+
+def compared_runs(runs, runs_dir="runs", dataset=None, protocol=None):
+    """[(run folder, results.json)] of the runs named (or every finished run of `dataset` under runs_dir, of
+    `protocol` if given); a UserError that says which differ when they are not on the same data and protocol."""
+    if runs:
+        folders = [run_folder(r, runs_dir) for r in runs]
+    else:
+        folders = sorted(d for d in Path(runs_dir).glob("*") if (d / "results.json").exists())
+    out = []
+    for d in folders:
+        if not (d / "results.json").exists() or not (d / "ranks.npz").exists():
+            if runs:
+                raise UserError(f"run {d} has no results.json and ranks.npz: it did not finish; retrain it")
+            continue
+        try:
+            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+            assert isinstance(res.get("config"), dict)
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            raise UserError(f"{d / 'results.json'}: not a RecSetters results file (damaged or from another program)")
+        if (dataset is None or res["dataset"]["name"] == dataset) and \
+                (protocol is None or res.get("protocol", "leave-one-out") == protocol):
+            out.append((d, res))
+    if not out:
+        raise UserError(f"no finished run of dataset {dataset!r}" + (f" under {protocol}" if protocol else "")
+                        + f" in {runs_dir}/" if dataset else "name the runs to compare, or --dataset NAME")
+    defaults = Config()
+    facts = [("dataset", lambda r: f"{r['dataset']['name']} (digest {r['dataset'].get('digest', 'unknown')})"),
+             ("protocol", lambda r: r.get("protocol", "leave-one-out")),
+             ("split", lambda r: r.get("split", {}).get("split", r["config"].get("split"))),    # auto resolved
+             *((flag(s), lambda r, s=s: r["config"].get(s, getattr(defaults, s))) for s in COMPARED)]
+    for what, of in facts:
+        groups = {}
+        for d, r in out:
+            groups.setdefault(str(of(r)), []).append(d.name)
+        if len(groups) > 1:
+            raise UserError(f"the runs differ in {what}: " + "; ".join(
+                f"{v} ({', '.join(n[:3])}{' ...' if len(n) > 3 else ''})" for v, n in groups.items())
+                + (": compare one at a time (--protocol NAME)" if what == "protocol" else
+                   ": a leaderboard compares runs on the same data and split"))
+    return out
+
+
+def compare_runs(folders_results, n_boot=2000):
+    """The leaderboard of (run folder, results.json) pairs that compared_runs accepted, and a title."""
+    entries = []
+    for d, res in folders_results:
+        with np.load(d / "ranks.npz") as z:
+            entries += run_entries(res, z)
+    res = folders_results[0][1]
+    protocol, k = res.get("protocol", "leave-one-out"), res["config"].get("k", 10)
+    split = res["config"].get("split", "auto")
+    kind = res.get("split", {}).get("split", split)
+    ds = res["dataset"]["name"] + (" (SYNTHETIC)" if res["dataset"].get("synthetic") else "")
+    title = f"{ds}, {protocol}" + (f" ({kind})" if kind != protocol else "")
+    return leaderboard(entries, protocol, k, n_boot), title
+
+
+# ----------------------------------------------------------------------------------------------
+# 10c. looking at a run (browse: one self-contained HTML page, nothing fetched) and taking it away (export: the
+# towers' vectors, ids and names, and the scorer; with faiss installed, an approximate index and its recall)
+
+def browse_users(spec, ds, test_users, seed=0):
+    """The users `browse` shows: "" a seeded sample of 300 test users, "all" every test user, a number N a sample of
+    N, or comma-separated names (any user of the dataset after filtering)."""
+    spec = spec.strip()
+    if spec == "all" or spec.isdigit() or spec == "":
+        n = len(test_users) if spec == "all" else int(spec or 300)
+        if n < 1:
+            raise UserError(f"--users {spec}: a number >= 1, all, or comma-separated user names")
+        pick = np.random.default_rng(seed).choice(len(test_users), min(n, len(test_users)), replace=False)
+        return np.sort(test_users[pick])
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    index = {u: i for i, u in enumerate(ds.users.user.astype(str))}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise UserError(f"--users: no user {missing[0]!r} in dataset {ds.name} after filtering"
+                        + (f" ({len(missing) - 1} more unknown)" if len(missing) > 1 else ""))
+    return np.array(sorted({index[n] for n in names}))
+
+
+def browse_data(run_name, cfg, ds, split, model, device, users, k=10):
+    """What the browse page shows, as one JSON-able dict: per user the train history, the validation items, the
+    test targets (held out) with their rank in each of the protocol's views, and per view the top K with scores and
+    reasons. Items are referenced by index into "items" (only those shown)."""
+    p = protocol_of(split)
+    t_users, T, views = p.targets(split, "test")
+    excl = exclusion(split, "test")
+    row_of = {int(u): r for r, u in enumerate(t_users)}
+    tested_users = np.array([u for u in users if int(u) in row_of], np.int64)
+    Tc = T[[row_of[int(u)] for u in tested_users]]
+    ranks = target_ranks(model_scores(model, device, split), tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
+        if len(tested_users) else {v: np.zeros(0, np.int64) for v in views}
+    tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand)
+            for v, cand in views.items()}
+    val = sp.csr_matrix((np.ones(len(split.val_u)), (split.val_u, split.val_i)), shape=split.train.shape)
+    used, out_users = {}, []
+    ref = lambda i: used.setdefault(int(i), len(used))
+    for r, u in enumerate(users):
+        e = {"n": str(ds.users.user.iloc[u]), "c": str(ds.users.country.iloc[u] or ""),
+             "h": [ref(i) for i in split.profile[u].indices], "v": [ref(i) for i in val[u].indices], "t": [],
+             "top": {v: [[ref(i), round(float(s), 4), ref(h) if h >= 0 else -1, round(float(d), 4)]
+                         for i, s, h, d in zip(*(x[r] for x in tops[v])) if i >= 0] for v in views}}
+        if int(u) in row_of:
+            j = int(np.searchsorted(tested_users, u))
+            lo, hi = Tc.indptr[j], Tc.indptr[j + 1]
+            e["t"] = [[ref(Tc.indices[x]), {v: int(ranks[v][x]) for v in views}] for x in range(lo, hi)]
+        out_users.append(e)
+    names, every = [None] * len(used), item_names(ds.items)
+    for i, j in used.items():
+        names[j] = [every[i], str(ds.items.tag.iloc[i] or "")]
+    about = {v: "every item except the user's training and validation items" if cand is None else
+             f"only the {len(cand):,} items the protocol holds out as {v} (new) items" for v, cand in views.items()}
+    return {"run": run_name, "dataset": ds.label, "protocol": protocol_title(split), "k": k, "views": list(views),
+            "about": about, "test_users": int(len(t_users)), "items": names, "users": out_users,
+            "model": f"two-tower ({cfg.scorer}, {cfg.loss}, text {cfg.text})"}
+
+
+BROWSE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{padding:8px 16px;background:#263238;color:#fff}header h1{font-size:17px;margin:0}header p{margin:2px 0;opacity:.8}
+main{display:flex;height:calc(100vh - 64px)}
+nav{width:250px;border-right:1px solid #ddd;display:flex;flex-direction:column;background:#fff}
+nav input{margin:8px;padding:6px;font-size:14px}#count{padding:0 8px 4px;color:#666;font-size:12px}
+#users{list-style:none;margin:0;padding:0;overflow-y:auto;flex:1}
+#users li{padding:4px 10px;cursor:pointer;border-bottom:1px solid #f0f0f0}#users li:hover{background:#eef}
+#users li.sel{background:#cfd8dc;font-weight:600}#users li .c{color:#888;font-size:12px;margin-left:6px}
+#user{flex:1;overflow-y:auto;padding:8px 20px}h2{margin:6px 0}h3{margin:14px 0 4px;font-size:15px}
+table{border-collapse:collapse;background:#fff}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.hit{background:#e8f5e9}
+.why{color:#555}.tag{color:#888;font-size:12px}.mark{color:#2e7d32;font-weight:600}
+.chips span{display:inline-block;margin:2px;padding:1px 6px;border-radius:8px;background:#eceff1;font-size:12px}
+.hint{color:#666}
+</style></head><body>
+<header><h1 id="title"></h1><p id="about"></p></header>
+<main><nav><input id="q" type="search" placeholder="search users (name or country)" autocomplete="off">
+<div id="count"></div><ul id="users"></ul></nav>
+<section id="user"><p class="hint">Select a user on the left.</p></section></main>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text; return e; };
+const item = i => D.items[i][0];
+document.getElementById("title").textContent = `${D.run}: top ${D.k} of ${D.model}`;
+document.getElementById("about").textContent = `${D.dataset}, ${D.protocol}; ${D.users.length.toLocaleString()} of ` +
+  `${D.test_users.toLocaleString()} test users; held-out test items marked where they were found.`;
+const list = document.getElementById("users"), q = document.getElementById("q"), pane = document.getElementById("user");
+const rows = D.users.map((u, i) => { const li = el("li", "", u.n); li.dataset.i = i;
+  if (u.c) li.appendChild(el("span", "c", u.c)); li.onclick = () => select(i); list.appendChild(li); return li; });
+function filter() {
+  const s = q.value.trim().toLowerCase(); let n = 0;
+  D.users.forEach((u, i) => { const ok = !s || u.n.toLowerCase().includes(s) || u.c.toLowerCase().includes(s);
+    rows[i].style.display = ok ? "" : "none"; n += ok; });
+  document.getElementById("count").textContent = `${n.toLocaleString()} of ${D.users.length.toLocaleString()} users`;
+}
+function select(i) {
+  const u = D.users[i];
+  rows.forEach(r => r.classList.toggle("sel", +r.dataset.i === i));
+  history.replaceState(null, "", "#user=" + encodeURIComponent(u.n) + (q.value ? "&q=" + encodeURIComponent(q.value) : ""));
+  pane.replaceChildren();
+  pane.appendChild(el("h2", "", u.n + (u.c ? ` (${u.c})` : "")));
+  const held = new Set(u.t.map(t => t[0]));
+  pane.appendChild(el("p", "", `${u.h.length} items in training, ${u.v.length} validation, ` +
+    (u.t.length ? `${u.t.length} held out for test.` : "not a test user (nothing held out for test).")));
+  for (const v of D.views) {
+    pane.appendChild(el("h3", "", `Top ${D.k}, view "${v}": ${D.about[v]}`));
+    const tb = el("table"); tb.id = "top-" + v;
+    const hr = el("tr"); ["#", "item", "score", "reason", ""].forEach(h => hr.appendChild(el("th", "", h)));
+    tb.appendChild(hr);
+    u.top[v].forEach(([it, s, why, drop], r) => {
+      const tr = el("tr", held.has(it) ? "hit" : ""); tr.appendChild(el("td", "num", r + 1));
+      const td = el("td", "", item(it)); if (D.items[it][1]) td.appendChild(el("span", "tag", " " + D.items[it][1]));
+      tr.appendChild(td); tr.appendChild(el("td", "num", s.toFixed(3)));
+      tr.appendChild(el("td", "why", why >= 0 ? `because you loved ${item(why)}` : ""));
+      tr.appendChild(el("td", "mark", held.has(it) ? "held-out test item, found" : "")); tb.appendChild(tr); });
+    pane.appendChild(tb);
+  }
+  pane.appendChild(el("h3", "", "Held-out test items and their rank (1 = first)"));
+  const ul = el("ul"); ul.id = "held";
+  if (!u.t.length) ul.appendChild(el("li", "hint", "none"));
+  u.t.forEach(([it, ranks]) => ul.appendChild(el("li", "", `${item(it)}: ` + D.views.map(v => `view ${v} rank ` +
+    `${ranks[v] + 1}` + (ranks[v] < D.k ? ` (in the top ${D.k})` : ` (not in the top ${D.k})`)).join("; "))));
+  pane.appendChild(ul);
+  pane.appendChild(el("h3", "", `History: ${u.h.length} training items`));
+  const ch = el("div", "chips"); u.h.forEach(it => ch.appendChild(el("span", "", item(it)))); pane.appendChild(ch);
+  if (u.v.length) { pane.appendChild(el("h3", "", "Validation items (left out of the ranking at test time)"));
+    const cv = el("div", "chips"); u.v.forEach(it => cv.appendChild(el("span", "", item(it)))); pane.appendChild(cv); }
+}
+q.addEventListener("input", filter);
+const args = new URLSearchParams(location.hash.slice(1));
+if (args.get("q")) q.value = args.get("q");
+filter();
+if (args.get("user")) { const i = D.users.findIndex(u => u.n === args.get("user")); if (i >= 0) select(i); }
+else if (args.get("pick") === "first") { const i = rows.findIndex(r => r.style.display !== "none"); if (i >= 0) rows[i].click(); }
+</script></body></html>
+"""
+
+
+def browse_page(data):
+    """The page: BROWSE_PAGE with the data as one JSON blob (safe inside <script>) and the title."""
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    title = re.sub(r"[<&]", "", f"{data['run']}: recommendations")
+    return BROWSE_PAGE.replace("__TITLE__", title).replace("__DATA__", blob)
+
+
+def export_files(cfg, ds, split, model, device):
+    """{file name: bytes} of `export`: user_vectors.npy and item_vectors.npy (float32, rows in the order of users.csv
+    and items.csv), users.csv and items.csv (index, id, name), known.npz (scipy CSR of every known positive: what
+    `recommend` leaves out), scorer.npz (the scoring head's weights, for dotcompress) and export.json (how to score)."""
+    U, V = (x.float().cpu().numpy() for x in tower_vectors(model, device))
+    npy = lambda a: (lambda b: (np.save(b, a), b.getvalue())[1])(io.BytesIO())
+    files = {"user_vectors.npy": npy(U), "item_vectors.npy": npy(V)}
+    files["users.csv"] = ds.users[["user", "country"]].rename_axis("index").to_csv().encode()
+    files["items.csv"] = ds.items[["item", "artist", "track", "tag"]].rename_axis("index").to_csv().encode()
+    buf = io.BytesIO()
+    sp.save_npz(buf, positives_matrix(split).tocsr())
+    files["known.npz"] = buf.getvalue()
+    how = "scores = user_vectors @ item_vectors.T (a dot product: any inner-product index retrieves the top K)"
+    if cfg.scorer != "dot":
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v.cpu().numpy() for k, v in model.scorer.state_dict().items()})
+        files["scorer.npz"] = buf.getvalue()
+        how = (f"scores = recsetters.SCORERS[{cfg.scorer!r}] head on (user, item) vector pairs: not a dot product; "
+               f"load it with recsetters.exported_scores(folder)")
+    info = {"format": "recsetters-export/1", "scorer": cfg.scorer, "out_dim": int(V.shape[1]),
+            "final_gelu": cfg.final_gelu, "users": int(U.shape[0]), "items": int(V.shape[0]), "score": how,
+            "exclude": "known.npz: each user's known positives, what `recommend` leaves out",
+            "dataset": {"name": ds.name, "digest": ds.digest}}
+    files["export.json"] = json.dumps(info, indent=1).encode()
+    return files
+
+
+def exported_scores(folder):
+    """A score function users -> (len(users), n_items) numpy scores from an export folder alone (recsetters'
+    scoring heads; the dot case is user_vectors @ item_vectors.T)."""
+    folder = Path(folder)
+    info = json.loads((folder / "export.json").read_text())
+    U, V = np.load(folder / "user_vectors.npy"), np.load(folder / "item_vectors.npy")
+    if info["scorer"] == "dot":
+        return lambda users: U[np.asarray(users)] @ V.T
+    head = SCORERS[info["scorer"]](info["out_dim"], info["final_gelu"])
+    with np.load(folder / "scorer.npz") as z:
+        head.load_state_dict({k: torch.as_tensor(z[k]) for k in z.files})
+    Vt = torch.as_tensor(V)
+    return lambda users: head.eval().all_pairs(torch.as_tensor(U[np.asarray(users)]), Vt).detach().numpy()
+
+
+def exact_top_k(scores, known, k=10):
+    """Top K of each row of a numpy score matrix with the known items left out, ties by item index."""
+    S = np.array(scores, np.float32)
+    ex = known.tocoo()
+    S[ex.row, ex.col] = -np.inf
+    return np.argsort(-S, axis=1, kind="stable")[:, :k]
+
+
+def faiss_recall(folder, k=10):
+    """With faiss installed and a dot scorer: an HNSW inner-product index of the item vectors written beside them
+    (item_vectors.faiss), and the recall of its approximate top K (known items left out) against the exact top K
+    over every user; None without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    U, V = np.load(folder / "user_vectors.npy"), np.load(folder / "item_vectors.npy")
+    known = sp.load_npz(folder / "known.npz").tocsr()
+    index = faiss.IndexHNSWFlat(V.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.add(np.ascontiguousarray(V))
+    wide = min(V.shape[0], k + int(np.diff(known.indptr).max()))       # room for the known items it must skip
+    index.hnsw.efSearch = max(64, 2 * wide)
+    _, found = index.search(np.ascontiguousarray(U), wide)
+    exact = exact_top_k(U @ V.T, known, k)
+    hits = 0
+    for u in range(len(U)):
+        seen = set(known[u].indices)
+        approx = [i for i in found[u] if i >= 0 and i not in seen][:k]
+        hits += len(set(approx) & set(exact[u]))
+    faiss.write_index(index, str(folder / "item_vectors.faiss"))
+    return hits / (len(U) * k)
+
+
+def write_folder(out, files):
+    """The files into folder `out`, whole or not at all: written into a fresh folder beside it, then swapped in."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2880,7 +3448,13 @@ def parser(preset="", split="auto"):
                 ("stats", "dataset, filtering and split statistics"),
                 ("evaluate", "re-evaluate a saved run on validation and test"),
                 ("recommend", "top-K items for a dataset user, a loved-tracks file or a Last.fm user, from a saved run"),
-                ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run")]
+                ("fairness", "per-country accuracy, exposure parity and artist exposure of a saved run"),
+                ("browse", "one self-contained HTML page to look at a run's recommendations: users, their history, "
+                           "top-K with scores and reasons, held-out items marked where found"),
+                ("export", "a run's user and item vectors with their ids and names, and its scorer (.npy, CSV); with "
+                           "faiss installed also an approximate index and its recall"),
+                ("compare", "one leaderboard of runs on the same dataset and protocol: mean ± std over seeds, paired "
+                            "tests against the best on validation; printed, and written as Markdown and LaTeX")]
     for name, hlp in commands:
         p = sub.add_parser(name, help=hlp)
         if name in SAVED:
@@ -2894,6 +3468,19 @@ def parser(preset="", split="auto"):
                              "LASTFM_API_KEY through collect.py's client and matched to the run's catalog")
             p.add_argument("--popular", action="store_true", help="when no loved track matches, list the most "
                            "popular items instead (labelled as such)")
+        if name == "browse":
+            p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
+                           "test users), or all (default: a sample of 300 test users)")
+            p.add_argument("--out", default="", help="the page (default: RUN/browse.html)")
+        if name == "export":
+            p.add_argument("--out", default="", help="the folder written (default: RUN/export)")
+        if name == "compare":
+            p.add_argument("runs", nargs="*", help="run folders or names under --runs-dir (default: every finished "
+                           "run of --dataset there)")
+            p.add_argument("--dataset", dest="of_dataset", default=None, help="compare every run of this dataset")
+            p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="only the runs of this protocol")
+            p.add_argument("--out", default="", help="where the tables go: OUT.md and OUT.tex (default: "
+                           "RUNS_DIR/compare/DATASET-PROTOCOL)")
         add_settings(p, name, d)
     return ap
 
@@ -3023,6 +3610,49 @@ def cmd_fairness(args):
     print(f"wrote {run_dir / 'fairness.json'}")
 
 
+def cmd_browse(args):
+    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    users = browse_users(args.users, ds, protocol_of(split).targets(split, "test")[0], cfg.seed)
+    out = Path(args.out or run_dir / "browse.html")
+    atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k)))
+    print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
+
+
+def cmd_export(args):
+    cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    out = Path(args.out or run_dir / "export")
+    write_folder(out, export_files(cfg, ds, split, model, device))
+    info = json.loads((out / "export.json").read_text())
+    print(f"wrote {out}: {info['users']:,} user and {info['items']:,} item vectors of size {info['out_dim']}, ids "
+          f"and names (users.csv, items.csv), known positives (known.npz); {info['score']}")
+    if cfg.scorer != "dot":
+        print("faiss: skipped (the scorer is not a dot product)")
+        return
+    recall = faiss_recall(out)
+    print("faiss: not installed (pip install faiss-cpu for an approximate index)" if recall is None else
+          f"faiss: wrote {out / 'item_vectors.faiss'} (HNSW, inner product); recall of its approximate top 10 "
+          f"against the exact top 10, every user: {recall * 100:.2f}%")
+
+
+def cmd_compare(args):
+    if not args.runs and not args.of_dataset:
+        raise UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
+    runs = compared_runs(args.runs, args.runs_dir, args.of_dataset, args.protocol)
+    board, title = compare_runs(runs)
+    res = runs[0][1]
+    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-{board['protocol']}")
+    seeds = sorted({s for r in board["rows"] for s in r["seeds"]})
+    n = f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
+    caption = f"{title}: {n}, seeds {', '.join(map(str, seeds))}. " + board_note(board, "Leaderboard")
+    md = board_markdown(board, f"**{title}** ({n}: {', '.join(d.name for d, _ in runs)})")
+    print("\n".join(md) + "\n\n" + board_note(board, "Leaderboard"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(f"{out}.md"), "\n".join([f"## {title}", "", *md[2:], "", board_note(board, "Table")]) + "\n")
+    tag = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    atomic_write_text(Path(f"{out}.tex"), "\n".join(board_latex(board, caption, tag)) + "\n")
+    print(f"\nwrote {out}.md and {out}.tex")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -3039,6 +3669,12 @@ def main(argv=None):
             cmd_recommend(args)
         elif args.cmd == "fairness":
             cmd_fairness(args)
+        elif args.cmd == "browse":
+            cmd_browse(args)
+        elif args.cmd == "export":
+            cmd_export(args)
+        elif args.cmd == "compare":
+            cmd_compare(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

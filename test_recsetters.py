@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -794,7 +795,7 @@ def test_runs_are_written_under_runs_dir_and_found_by_name_or_path(tmp_path, mon
     name = names[2]          # DATASET-SPLIT-TEXT-sSEED and a digest of the settings that differ from the defaults
     assert re.fullmatch(r"x-last-none-s0-[0-9a-f]{6}", name), name
     assert {p.name for p in (work / "runs" / "escape").iterdir()} == {"best.pt", "run.json", "results.json",
-                                                                      "ranks.npz"}
+                                                                      "ranks.npz", "curves.png"}
     capsys.readouterr()
     for run in (name, f"runs/{name}", str(work / "runs" / name)):
         R.main(["evaluate", run, "--device", "cpu"])
@@ -833,6 +834,34 @@ def tiny_run(tmp_path_factory):
     R.main(["train", "--dataset", "x", "--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"),
             "--run-name", "r", *TINY])
     return root / "data", root / "runs" / "r"
+
+
+def test_train_draws_its_curves_with_the_chosen_epoch(tmp_path):
+    """curves.png: one point per epoch of loss and validation metric, the chosen epoch marked, epochs on a sane axis
+    (a one-epoch run gets the axis 0.5..1.5, not matplotlib's 0.96..1.04)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    captured = {}
+    real = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, *a, **kw: (captured.setdefault("fig", fig), real(fig, *a, **kw))[1]
+    try:
+        split = toy_split()[0]
+        split.kind = "last"
+        cfg = R.Config(k=10)
+        val = lambda x: {"overall": {"ndcg@10": x, "hr@10": 2 * x, "mrr": x}}
+        history = [{"epoch": e, "loss": 5 - e, "validation": val(v)} for e, v in [(1, 3.0), (2, 7.0), (3, 6.0)]]
+        R.plot_curves(history, 2, split, cfg, tmp_path / "curves.png", "title")
+    finally:
+        plt.Figure.savefig = real
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loss_ax, val_ax = captured["fig"].axes
+    assert "loss" in loss_ax.get_ylabel() and "NDCG@10" in val_ax.get_ylabel() and "×100" in val_ax.get_ylabel()
+    assert all(ax.get_xlabel() == "epoch" and ax.get_xlim() == (0.5, 3.5) for ax in (loss_ax, val_ax))
+    assert list(val_ax.lines[0].get_ydata()) == [3.0, 7.0, 6.0]
+    assert [tuple(line.get_xdata()) for line in val_ax.lines[1:]] == [(2, 2), (2,)]     # the chosen epoch
+    assert "chosen epoch 2" in val_ax.get_legend().get_texts()[0].get_text()
+    R.plot_curves(history[:1], 1, split, cfg, tmp_path / "one.png", "one epoch")
 
 
 def damaged_copy(run, tmp_path, name, damage):
@@ -1111,8 +1140,11 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
             "--protocols", "cold-items", "--train-args", "--epochs 1 --device cpu", "--out", str(tmp_path),
             "--no-fairness"])
     md = (tmp_path / "report.md").read_text()
-    assert "## notext, cold-items" in md and "| Random | 1 |" in md and "| EASE | 1 | n/a |" in md
+    assert "## notext, cold-items" in md and "| Random | 1 |" in md
+    assert re.search(r"n/a under cold-items .*: .*EASE", md)
     assert "| two-tower, text none | Random |" in md
+    # the leaderboard is recsetters.py compare's: every model against the best on validation
+    assert "| two-tower, text none | 1 |" in md and "best on validation" in md
     assert (tmp_path / "ablation.png").exists()
 
 
@@ -1392,3 +1424,234 @@ def test_cb2cf_over_tag_tfidf_is_a_plain_kernel_ridge_onto_ease_columns(small_de
         for lam in (0.1, 10.0):
             fn = R.BASELINES["CB2CF TF-IDF"].make(split, pd.Series(tags), (("ease", 200.0), lam))
             assert np.allclose(fn(users).numpy(), reference(tags, lam), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- compare, browse, export
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory):
+    """Two seeds of a short run with two baselines on one dataset, and a run on another dataset: (root, runs dir)."""
+    root = tmp_path_factory.mktemp("compare")
+    write_dataset(root / "data" / "x", *random_interactions(n_users=120, n_items=60, n=2500))
+    write_dataset(root / "data" / "y", *random_interactions(n_users=120, n_items=60, n=2500, seed=1))
+    common = ["--data-dir", str(root / "data"), "--runs-dir", str(root / "runs"), "--text", "none", "--epochs", "2",
+              "--device", "cpu", "--baselines", "Popularity,EASE", "--threads", "1"]
+    for seed in (0, 1):
+        R.main(["train", "--dataset", "x", "--seed", str(seed), *common])
+    R.main(["train", "--dataset", "y", *common])
+    return root, root / "runs"
+
+
+def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_best(seed_runs, capsys):
+    root, runs = seed_runs
+    capsys.readouterr()
+    out = root / "tables" / "x"
+    R.main(["compare", "--dataset", "x", "--runs-dir", str(runs), "--out", str(out)])
+    printed = capsys.readouterr().out
+    res = [json.loads((d / "results.json").read_text()) for d in sorted(runs.glob("x-*"))]
+    assert [r["config"]["seed"] for r in res] == [0, 1]
+    models = {"two-tower, text none, --epochs 2": [r["test"] for r in res],
+              "EASE": [r["baselines"]["EASE"]["test"] for r in res],
+              "Popularity": [r["baselines"]["Popularity"]["test"] for r in res]}
+    val = {"two-tower, text none, --epochs 2": np.mean([r["validation"]["overall"]["ndcg@10"] for r in res]),
+           **{b: np.mean([r["baselines"][b]["validation"]["overall"]["ndcg@10"] for r in res]) for b in ("EASE", "Popularity")}}
+    best = max(val, key=val.get)
+    md = (root / "tables" / "x.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in md.splitlines() if line.startswith("| ")
+            and not line.startswith("| model")}
+    assert set(rows) == set(models) and md.index(f"| {best} |") < min(md.index(f"| {m} |") for m in models if m != best)
+    for m, tests in models.items():         # mean ± std (sample std) over the two seeds, every column
+        x = [t["overall"]["hr@10"] for t in tests]
+        assert rows[m][1] == "2" and rows[m][3].strip("*") == f"{np.mean(x):.2f} ± {np.std(x, ddof=1):.2f}"
+        assert f"| {m} |" in printed
+    # the paired test of one model against the best, by hand from ranks.npz: per user, pooled over seeds
+    other = next(m for m in models if m != best)
+    key = lambda m: "two_tower" if m.startswith("two-tower") else m.lower()
+    per = lambda m: np.concatenate([R.per_user_metrics(np.load(d / "ranks.npz")[f"{key(m)}__overall"])["ndcg@10"] * 100
+                                    for d in sorted(runs.glob("x-*"))])
+    t = R.paired_test(per(other), per(best))
+    assert f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] | {R.pvalue(t['p'])}" in rows[other][-2] + " | " + \
+        rows[other][-1].strip(" |")
+    assert rows[best][-2] == "best on validation"
+    tex = (root / "tables" / "x.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "leave-one-out" in tex
+    assert "\\caption{" in tex and tex.count(" \\\\\n") == 1 + len(models) and "EASE" in tex
+    # the runs of another dataset, or another protocol, are refused with one line that says which differ
+    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), *[str(d) for d in sorted(runs.glob("[xy]-*"))]])
+    assert "differ in dataset" in line and "digest" in line and "(y-" in line
+    R.main(["train", "--dataset", "x", "--split", "cold-items", "--data-dir", str(root / "data"), "--runs-dir",
+            str(runs / "cold"), *TINY])
+    cold = next((runs / "cold").iterdir())
+    capsys.readouterr()
+    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), str(cold), *map(str, sorted(runs.glob("x-*")))])
+    assert "differ in protocol" in line and "cold-items" in line and "leave-one-out" in line
+    assert not (root / "tables" / "cold-items.md").exists()
+
+
+def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
+    """p < 0.001 is written so, never 0.000; one seed has no ± (no error bar from one value); LaTeX is escaped."""
+    rng = np.random.default_rng(0)
+    users = np.arange(400)
+    good, bad = rng.random(400) < 0.6, rng.random(400) < 0.2
+    entry = lambda m, s, hit: {"model": m, "kind": "baseline", "seed": s, "val": hit.mean() * 100,
+                               "test": {(v, mm): hit.mean() * 100 for v, mm in (R.column(c, 10) for c in R.LOO_COLUMNS)},
+                               "users": users, "per_user": {"overall": {"hr@10": hit * 100.0, "ndcg@10": hit * 50.0}}}
+    board = R.leaderboard([entry("A_1 & co", 0, good), entry("B", 0, bad), {"model": "C", "kind": "n/a", "seed": 0}],
+                          "leave-one-out", 10)
+    assert [r["model"] for r in board["rows"]] == ["A_1 & co", "B"] and board["na"] == ["C"]
+    md = "\n".join(R.board_markdown(board))
+    assert "< 0.001" in md and "0.000" not in md and "±" not in md and "n/a under leave-one-out" in md and ": C" in md
+    tex = "\n".join(R.board_latex(board, "cap 95% x", "t"))
+    assert "A\\_1 \\& co" in tex and "$< 0.001$" in tex and "95\\% x" in tex and "\\begin{tabular}{l" in tex
+    assert R.pm(1.234, 0.5, 1) == "1.23" and R.pm(1.234, 0.5, 3) == "1.23 ± 0.50"
+
+
+def browse_blob(page):
+    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+
+
+def test_browse_page_holds_the_runs_lists_reasons_and_held_out_ranks(tiny_run, capsys):
+    """The page's data are the run's: each user's top K under the test exclusions with the model's scores, the
+    reason recommend gives, and the rank of each held-out test item as the evaluator computes it. Self-contained."""
+    _, run = tiny_run
+    R.main(["browse", str(run), "--users", "all", "-k", "5", "--device", "cpu"])
+    page = (run / "browse.html").read_text()
+    assert not re.search(r"https?://|<link|\ssrc=|@import|fetch\(", page)       # nothing fetched: CSS and JS inline
+    data = browse_blob(page)
+    cfg, ds, split, model, device, _ = R.restore(str(run), device_name="cpu")
+    users, T, _ = R.loo_targets(split, "test")
+    assert [u["n"] for u in data["users"]] == ds.users.user.iloc[users].tolist() and data["views"] == ["overall"]
+    ex = R.exclusion(split, "test")
+    fn = R.model_scores(model, "cpu")
+    top = R.top_k_lists(fn, users, ex, 5)
+    ranks = R.evaluate(fn, split, "test", 5, "cpu", return_ranks=True)[1]["overall"]
+    name = lambda i: R.item_names(ds.items)[i]
+    for r, (u, e) in enumerate(zip(users, data["users"])):
+        shown = e["top"]["overall"]
+        assert [data["items"][x[0]][0] for x in shown] == [name(i) for i in top[r]]
+        S = fn(np.array([u]))[0]
+        assert [x[1] for x in shown] == pytest.approx([float(S[i]) for i in top[r]], abs=1e-3)
+        why, _ = R.reasons(model, int(model.u_feats[1, u]), split.train[u].indices, top[r], u)
+        assert [data["items"][x[2]][0] for x in shown] == [name(h) for h in why]
+        assert [data["items"][x][0] for x in e["h"]] == [name(i) for i in split.train[u].indices]
+        assert [(data["items"][i][0], rk["overall"]) for i, rk in e["t"]] == [(name(T.indices[r]), int(ranks[r]))]
+    capsys.readouterr()
+    R.main(["browse", str(run), "--users", f"{data['users'][0]['n']},{data['users'][1]['n']}", "--out",
+            str(run / "two.html"), "--device", "cpu"])
+    assert len(browse_blob((run / "two.html").read_text())["users"]) == 2
+    line = one_error_line(capsys, ["browse", str(run), "--users", "nobody,u1", "--out", str(run / "no.html")])
+    assert "no user 'nobody'" in line and not (run / "no.html").exists()
+
+
+@pytest.mark.slow
+def test_browse_page_in_headless_chromium_searches_selects_and_renders_a_user(tiny_run, tmp_path):
+    """The page in a real browser (Debian's chromium, headless): a search narrows the user list, the first match is
+    clicked, and the rendered page shows that user's top K with reasons and the held-out item's rank."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    if chromium is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it when it can)")
+    _, run = tiny_run
+    page = tmp_path / "page.html"
+    R.main(["browse", str(run), "--users", "all", "-k", "5", "--out", str(page), "--device", "cpu"])
+    data = browse_blob(page.read_text())
+    who = max(data["users"], key=lambda u: (len(u["n"]), u["n"]))
+    query = who["n"]
+    matches = [u for u in data["users"] if query.lower() in u["n"].lower() or query.lower() in u["c"].lower()]
+    url = f"{page.as_uri()}#q={query}&pick=first"
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,900"]
+    p = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    dom = p.stdout
+    shown = re.findall(r'<li data-i="\d+"( style="display: none;")?( class="sel")?>([^<]*)', dom)
+    assert len(shown) == len(data["users"])
+    assert sorted(n for hidden, _, n in shown if not hidden) == sorted(u["n"] for u in matches)
+    assert [n for _, sel, n in shown if sel] == [matches[0]["n"]]
+    assert f"{len(matches)} of {len(data['users'])} users" in dom
+    first = matches[0]
+    assert f"<h2>{first['n']}" in dom
+    table = re.search(r'<table id="top-overall">(.*?)</table>', dom, re.S).group(1)
+    assert table.count("<tr") == 1 + len(first["top"]["overall"]) == 6
+    assert table.count("because you loved") == sum(x[2] >= 0 for x in first["top"]["overall"])
+    (item, ranks), = first["t"]
+    assert f"{data['items'][item][0]}: view overall rank {ranks['overall'] + 1}" in dom
+    assert ("held-out test item, found" in table) == (ranks["overall"] < 5)
+    shot = tmp_path / "browse.png"
+    p = subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10000
+
+
+def test_export_round_trip_gives_recommends_top_k(tiny_run, tmp_path, capsys):
+    """The exported vectors, ids and known positives alone (numpy and CSV, no recsetters) give the same top K as
+    `recommend`; with faiss installed, its approximate top 10 is measured against the exact one."""
+    _, run = tiny_run
+    R.main(["export", str(run), "--out", str(tmp_path / "ex"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    ex = tmp_path / "ex"
+    U, V = np.load(ex / "user_vectors.npy"), np.load(ex / "item_vectors.npy")
+    users, items = pd.read_csv(ex / "users.csv", dtype=str), pd.read_csv(ex / "items.csv", dtype=str)
+    known = sp.load_npz(ex / "known.npz").tocsr()
+    assert U.shape[1] == V.shape[1] and len(U) == len(users) and len(V) == len(items) and known.shape == (len(U), len(V))
+    assert json.loads((ex / "export.json").read_text())["scorer"] == "dot" and not (ex / "scorer.npz").exists()
+    for u in range(0, len(users), max(1, len(users) // 8)):
+        S = U[u] @ V.T
+        S[known[u].indices] = -np.inf
+        mine = [items.artist[i] if items.track[i] == items.artist[i] else f"{items.artist[i]} — {items.track[i]}"
+                for i in np.argsort(-S, kind="stable")[:5]]
+        R.main(["recommend", str(run), "--user", users.user[u], "-k", "5", "--device", "cpu"])
+        lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\s*\d+\. ", line)]
+        assert [re.sub(r"^\s*\d+\. ", "", line).split("   score")[0] for line in lines] == mine
+    try:
+        import faiss  # noqa: F401
+        assert "recall of its approximate top 10" in printed and (ex / "item_vectors.faiss").exists()
+    except ImportError:
+        assert "faiss: not installed" in printed
+
+
+def test_export_of_a_dotcompress_run_carries_its_scorer(tmp_path):
+    """DotCompress is not a dot product: the export carries the head's weights, and scoring the exported vectors
+    with them gives the run's own top K."""
+    write_dataset(tmp_path / "data" / "x", *random_interactions(n=1500))
+    R.main(["train", "--dataset", "x", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+            "--run-name", "dc", "--scorer", "dotcompress", "--loss", "softmax", *TINY])
+    R.main(["export", str(tmp_path / "runs" / "dc"), "--device", "cpu"])
+    ex = tmp_path / "runs" / "dc" / "export"
+    assert (ex / "scorer.npz").exists() and json.loads((ex / "export.json").read_text())["scorer"] == "dotcompress"
+    cfg, ds, split, model, device, _ = R.restore(str(tmp_path / "runs" / "dc"), device_name="cpu")
+    users = np.arange(split.n_users)
+    known = sp.load_npz(ex / "known.npz")
+    want = R.top_k_lists(R.model_scores(model, "cpu"), users, R.positives_matrix(split), 10)
+    assert (R.exact_top_k(R.exported_scores(ex)(users), known, 10) == want).all()
+    U, V = np.load(ex / "user_vectors.npy"), np.load(ex / "item_vectors.npy")
+    assert not (R.exact_top_k(U @ V.T, known, 10) == want).all()        # a plain dot product would not do
+
+
+def test_export_folder_is_written_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "ex"
+    R.write_folder(out, {"a.npy": b"1", "b.csv": b"2"})
+    with pytest.raises(OSError):
+        R.write_folder(out, {"a.npy": b"new", "missing/b.csv": b"x"})       # fails half-way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"] and (out / "a.npy").read_bytes() == b"1"
+    R.write_folder(out, {"c.csv": b"3"})
+    assert sorted(p.name for p in out.iterdir()) == ["c.csv"]
+
+
+@pytest.mark.slow
+def test_leaderboard_latex_compiles(tmp_path):
+    """The LaTeX table compiles (pdflatex, where it is installed) with the packages its first line names."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex on this machine (Debian: texlive-latex-base texlive-latex-recommended)")
+    hit = np.arange(50) % 3 == 0
+    e = lambda m, x: {"model": m, "kind": "baseline", "seed": 0, "val": x.mean(), "users": np.arange(50),
+                      "test": {R.column(c, 10): x.mean() for c in R.LOO_COLUMNS},
+                      "per_user": {"overall": {"hr@10": x * 100.0, "ndcg@10": x * 60.0}}}
+    board = R.leaderboard([e("two-tower, text tags, --epochs 2", hit), e("EASE_1 & 50%", ~hit)], "leave-one-out", 10,
+                          n_boot=100)
+    table = "\n".join(R.board_latex(board, "hetrec, leave-one-out: ×100, mean ± std, Δ", "t"))
+    packages = re.match(r"% needs \\usepackage\{(.*)\}", table).group(1)
+    (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage[utf8]{inputenc}\\usepackage{" + packages
+                                    + "}\\begin{document}\n" + table + "\n\\end{document}\n")
+    p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and (tmp_path / "t.pdf").exists(), p.stdout[-2000:]
+    assert "Overfull" not in (tmp_path / "t.log").read_text()
