@@ -108,10 +108,21 @@ def ran_with(run_dir, want):
     return {k: have.get(k) for k in want} == want
 
 
-def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k):
+def data_settings(config):
+    """The settings that make a split and its evaluation (those of `stats`, less where things go): what a baselines
+    cell is reused under."""
+    keys = [f.name for f in R.fields(R.Config) if "stats" in f.metadata["cmds"] and f.name not in R.PLACE
+            and f.name not in ("eval_memory_mb", "baselines")]
+    return {key: config.get(key) for key in keys}
+
+
+def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k, extra=()):
     """Every baseline of R.BASELINES on the (dataset, protocol, seed) split (n/a where it cannot score it), with the
-    protocol's audit where it has one."""
-    cfg = R.Config(dataset=dataset, data_dir=data_dir, seed=seed, k=k, split=PROTOCOL_SPLITS[protocol]).validate()
+    protocol's audit where it has one. The protocol's chosen setting applies, and the split's settings among `extra`
+    (the two-tower cells' flags), so that every model sees the same data."""
+    cfg = R.config_from(R.parse_args(["baselines", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed),
+                                      "-k", str(k), "--split", PROTOCOL_SPLITS[protocol], *extra], known=True))
+    cfg.validate()
     ds, split = R.prepare(cfg, quiet=True)
     cache = Path(data_dir) / ".cache"
     res, ranks = R.run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, None, cache, seed, quiet=True)
@@ -122,8 +133,7 @@ def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k):
     R.atomic_write_text(run_dir / "results.json", json.dumps(
         {"protocol": R.protocol_name(split.kind),
          "dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest},
-         "config": {"dataset": dataset, "seed": seed, "k": k, "split": cfg.split, "cold_fraction": cfg.cold_fraction,
-                    "tag_source": cfg.tag_source},
+         "config": {"dataset": dataset, "seed": seed, **data_settings(R.asdict(cfg))},
          "split": R.split_stats(split), "report": split.report, "baselines": res, "leak_audit": audit,
          "provenance": R.provenance("cpu")}, indent=1))
     R.save_ranks(run_dir / "ranks.npz", ranks)
@@ -135,11 +145,11 @@ def run_cell(cell, out, data_dir, extra):
     run_dir = out / "runs" / name
     flags = [*extra, *cell_flags(protocol, kind, text)]
     want = train_config(dataset, seed, data_dir, flags)
-    if cell_done(run_dir) and ran_with(run_dir, {"k": want["k"]} if kind == "baselines" else want):
+    if cell_done(run_dir) and ran_with(run_dir, data_settings(want) if kind == "baselines" else want):
         return "skipped (done)"
     t0 = time.time()
     if kind == "baselines":
-        run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, want["k"])
+        run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, want["k"], extra)
     else:
         failed = train_run(dataset, seed, data_dir, run_dir, [*flags, "--no-baselines"], out / "logs" / f"{name}.log")
         if failed:

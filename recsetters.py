@@ -3485,14 +3485,16 @@ def parser(preset="", split="auto"):
     return ap
 
 
-def parse_args(argv=None):
-    """The command line, parsed with the defaults of its --preset and of its --split's protocol."""
+def parse_args(argv=None, known=False):
+    """The command line, parsed with the defaults of its --preset and of its --split's protocol (known: flags the
+    command does not have are left out, not an error)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="", choices=["", *PRESETS])
     pre.add_argument("--split", default="auto")
-    known = pre.parse_known_args(argv)[0]
+    pre_args = pre.parse_known_args(argv)[0]
     splits = [s for p in PROTOCOLS.values() for s in p.splits]
-    return parser(known.preset, known.split if known.split in splits else "auto").parse_args(argv)
+    ap = parser(pre_args.preset, pre_args.split if pre_args.split in splits else "auto")
+    return ap.parse_known_args(argv)[0] if known else ap.parse_args(argv)
 
 
 def config_from(args):
