@@ -2734,13 +2734,10 @@ def match_items(items, loved):
 
 def read_loved(path):
     """A loved-tracks CSV: columns `item`, or `artist` and `track` (others ignored)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--loved {path}: no such file")
     try:
-        loved = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"--loved {path}: not a readable UTF-8 CSV ({type(e).__name__})")
+        loved = read_csv_checked(Path(path), [])
+    except UserError as e:
+        raise UserError(f"--loved: {e}")
     if "item" not in loved.columns and not {"artist", "track"} <= set(loved.columns):
         raise UserError(f"--loved {path}: needs a column `item`, or columns `artist` and `track` (found: "
                         f"{', '.join(loved.columns) or 'none'})")
