@@ -1479,9 +1479,6 @@ class Runtime:
     def sum_dtype(self):
         return torch.float32 if self.device.type == "mps" else torch.float64      # mps has no float64
 
-    def sync(self):
-        sync_device(self.device)
-
     def describe(self):
         return str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "")
 
