@@ -3654,24 +3654,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = config_from(args).validate()        # before anything is read or written
-        if args.cmd == "train":
-            cmd_train(cfg)
-        elif args.cmd == "baselines":
-            cmd_baselines(cfg)
-        elif args.cmd == "stats":
-            cmd_stats(cfg)
-        elif args.cmd == "evaluate":
-            cmd_evaluate(args)
-        elif args.cmd == "recommend":
-            cmd_recommend(args)
-        elif args.cmd == "fairness":
-            cmd_fairness(args)
-        elif args.cmd == "browse":
-            cmd_browse(args)
-        elif args.cmd == "export":
-            cmd_export(args)
-        elif args.cmd == "compare":
-            cmd_compare(args)
+        on_config = {"train": cmd_train, "baselines": cmd_baselines, "stats": cmd_stats}
+        on_runs = {"evaluate": cmd_evaluate, "recommend": cmd_recommend, "fairness": cmd_fairness, "browse": cmd_browse,
+                   "export": cmd_export, "compare": cmd_compare}
+        on_config[args.cmd](cfg) if args.cmd in on_config else on_runs[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
