@@ -849,6 +849,17 @@ def raw_answer(status, body=b"", headers=()):
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def send_raw(h, out):
+    """Write a raw answer (bytes, or byte chunks sent one by one) on a request handler's socket, then close it."""
+    h.close_connection = True
+    try:
+        for chunk in [out] if isinstance(out, bytes) else out:
+            h.wfile.write(chunk)
+            h.wfile.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 def drip(head, body, pause=0.2, at_most=40):
     """Headers, then the body one byte at a time (the fake stops by itself after at_most bytes)."""
     yield head
@@ -874,11 +885,7 @@ class RawFaults(FakeLastfm):
             self.left -= use
         if not use:
             return super().handle(h)
-        h.close_connection = True
-        out = self.fault(self, q, json.dumps(self.answer(q)[1], ensure_ascii=False))
-        for chunk in [out] if isinstance(out, bytes) else out:
-            h.wfile.write(chunk)
-            h.wfile.flush()
+        send_raw(h, self.fault(self, q, json.dumps(self.answer(q)[1], ensure_ascii=False)))
 
 
 def http_date(seconds_from_now):
@@ -989,14 +996,7 @@ class RawServer:
         class H(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.paths.append(self.path)
-                self.close_connection = True
-                out = answer(self)
-                try:
-                    for chunk in [out] if isinstance(out, bytes) else out:
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send_raw(self, answer(self))
             do_POST = do_GET
 
             def log_message(self, *a):

@@ -29,7 +29,7 @@ from urllib.parse import unquote
 import pytest
 
 import enrich
-from test_collect import RawServer, drip, http_date, raw_answer
+from test_collect import RawServer, deadline, drip, http_date, raw_answer, send_raw  # deadline: autouse, 150 s a test
 
 HERE = Path(__file__).resolve().parent
 KEY = "gsk_FAKE_7f3c9e_never_leak_0451"
@@ -163,14 +163,7 @@ class Handler(BaseHTTPRequestHandler):
             use = chosen and fakes.raw is not None and fakes.raw_left > 0 and isinstance(self, fakes.raw_on)
             fakes.raw_left -= use
         if use:
-            self.close_connection = True
-            out = fakes.raw(self)
-            try:
-                for chunk in [out] if isinstance(out, bytes) else out:
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            send_raw(self, fakes.raw(self))
         return use
 
     def answer(self, key, status, body, malformed):
@@ -773,18 +766,6 @@ def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypa
 
 # -----------------------------------------------------------------------------
 # the wire: raw answers (bytes as they go out) and what a server can make us do
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    """No test hangs: each fails after 150 s (SIGALRM interrupts sleeps and socket reads in the main thread)."""
-    def expire(*_):
-        raise TimeoutError("the test ran past its 150 s deadline")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(150)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 GOOD_LYRICS = json.dumps({"lyrics": fake_lyrics("Artist 0", "Song 0")}).encode()
