@@ -146,7 +146,8 @@ class Config:
                                     "dropped", COUNT, cmds=DATA)
     split: str = setting("auto", "the protocol and its split (PROTOCOLS). Leave-one-out: auto (leave-last-out by time "
                          "if there are timestamps, else seeded random), last, random, global (temporal cut-offs); "
-                         "cold-items: a share of the items held out with all their interactions (new items)",
+                         "cold-items: a share of the items held out with all their interactions (new items); new-users: a share of "
+                         "the users held out, scored from part of their history (new users)",
                          choices=lambda: tuple(s for p in PROTOCOLS.values() for s in p.splits), cmds=DATA)
     cold_fraction: float = setting(0.2, "share of the items that split cold-items holds out, half for validation, "
                                    "half for test", SHARE, cmds=DATA)
@@ -196,6 +197,9 @@ class Config:
     text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
                              "the comma-separated tags; other texts: lowercase words); tokens that no train item "
                              "has are left out; nothing with --text none")
+    bag_weights: str = setting("mean", "with --text-bag, an item's known tokens weighted equally (mean), or by each token's "
+                               "inverse document frequency over the items' texts (idf: rare tags weigh more)",
+                               choices=("mean", "idf"))
     tag_feature: bool = setting(True, "embed the item's top tag (the tag column) as a categorical feature "
                                 "(--no-tag-feature: an item's content is its --text alone)")
     history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
@@ -1168,11 +1172,15 @@ class TwoTower(nn.Module):
             ptr, tok = feats.tokens
             row = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
             known = np.bincount(tok[~unseen[row]], minlength=s["tokens"]) > 0
-            n_known = np.bincount(row, weights=known[tok], minlength=len(ptr) - 1)
+            w = known[tok].astype(float)
+            if cfg.bag_weights == "idf":        # from the texts alone (which item has which token), no interaction
+                df = np.bincount(np.unique(np.stack([row, tok]), axis=1)[1], minlength=s["tokens"])
+                w = w * np.log((len(ptr) - 1) / np.maximum(df, 1))[tok]
+            total = np.bincount(row, weights=w, minlength=len(ptr) - 1)
             self.bag = nn.Embedding(s["tokens"], cfg.dim)
             for name, a in (("bag_ptr", ptr), ("bag_tok", tok)):
                 self.register_buffer(name, torch.as_tensor(a, dtype=torch.long), persistent=False)
-            self.register_buffer("bag_w", torch.as_tensor(known[tok] / np.maximum(n_known[row], 1), dtype=torch.float32),
+            self.register_buffer("bag_w", torch.as_tensor(w / np.where(total > 0, total, 1)[row], dtype=torch.float32),
                                  persistent=False)
         self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], cfg.dim, cfg.out_dim, hidden,
                                 cfg.tower_act, cfg.dropout, dense_dim=text_dim, id_dropout=cfg.id_dropout,
@@ -1778,10 +1786,13 @@ def ranks_in(S, cols):
     return r
 
 
-def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512):
+def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512, share_of=None):
     """{view: 0-based rank of every target (targets.indices, row by row)}. targets: CSR with one row per user of
-    `users`; views: {name: candidate items (indices), or None for every item `exclude` does not mask}."""
+    `users`; views: {name: candidate items (indices), or None for every item `exclude` does not mask}.
+    share_of: (view, K, bool mask over items): also returns, per user, the share of their top K in that view that the
+    mask marks (ties in the K-th place broken by torch.topk)."""
     out = {v: np.empty(targets.nnz, np.int64) for v in views}
+    share = np.empty(len(users)) if share_of else None
     masks = {}
     for v, cand in views.items():
         if cand is not None:
@@ -1793,12 +1804,15 @@ def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512
         cols = torch.as_tensor(targets.indices[lo:hi], device=device, dtype=torch.long)
         for v in views:
             M = S.masked_fill(masks[v], float("-inf")) if v in masks else S
+            if share_of and v == share_of[0]:
+                top = torch.topk(M, min(share_of[1], M.shape[1]), dim=1).indices
+                share[a:a + len(S)] = torch.as_tensor(share_of[2], device=device)[top].float().mean(1).cpu().numpy()
             for b in range(0, len(rows), len(S)):        # at most len(S) rows of scores at a time
                 rb = rows[b:b + len(S)]
                 X = M if len(rb) == len(S) and (rb == np.arange(len(S))).all() else \
                     M[torch.as_tensor(rb, device=device)]
                 out[v][lo + b:lo + b + len(rb)] = ranks_in(X, cols[b:b + len(rb)]).cpu().numpy()
-    return out
+    return (out, share) if share_of else out
 
 
 def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512, return_scores=False):
@@ -1925,23 +1939,27 @@ class Protocol(NamedTuple):
     select: tuple            # (view, metric) that model selection maximizes on validation; "{k}": the run's -k
     columns: tuple           # (view, metric) columns of the protocol's tables
     defaults: dict = {}      # Config overlay: the setting chosen on this protocol's validation
+    crowding: int = 0        # K > 0: the "all" view also reports warm@K, the mean share of items with train
+                             #   interactions in each user's top K (do new items crowd out warm ones?); not tested
     audit: object = None     # (ds, split, baseline results, cache_dir, memory_mb, tag_count) -> leak audit, or None
 
 
 LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
 MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")) + \
-    (("all", "recall@20"), ("all", "ndcg@20"))
+    (("all", "recall@20"), ("all", "ndcg@20"), ("all", "warm@20"))
 
 # name -> Protocol: the one list of evaluation protocols (--split picks one; experiments.py loops over them)
 PROTOCOLS = {
     "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
                               lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
                               ("overall", "ndcg@{k}"), LOO_COLUMNS),
-    # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag,
-    # over every leak-free tag it has (section 3: 5, 10, 20 or all tags, the same for every model)
+    # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
+    # weighted by the tags' idf, over every leak-free tag it has (section 3: 5, 10, 20 or all tags, the same for
+    # every model)
     "cold-items": Protocol(("cold-items",), cold_items_parts, cold_targets, multi_target_results,
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
-                           dict(text_bag=True, tag_feature=False, tag_count="all"), audit=lambda *a: tag_leak_audit(*a)),
+                           dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"), audit=lambda *a: tag_leak_audit(*a),
+                           crowding=20),
     "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
                           lambda *a: multi_target_results(*a, capped=True),
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
@@ -1977,8 +1995,12 @@ def evaluate(score_fn, split, which, k, device, memory_mb=512, return_ranks=Fals
     {metric: mean}}; with return_ranks also {"users", "counts", "items", view: ranks of every target}."""
     p = protocol_of(split)
     users, T, views = p.targets(split, which)
-    ranks = target_ranks(score_fn, users, T, views, exclusion(split, which), device, memory_mb)
+    share_of = ("all", p.crowding, split.degree > 0) if p.crowding and "all" in views else None
+    ranks = target_ranks(score_fn, users, T, views, exclusion(split, which), device, memory_mb, share_of)
+    ranks, share = ranks if share_of else (ranks, None)
     res = p.results(ranks, users, T, split, k)
+    if share is not None:
+        res["all"][f"warm@{p.crowding}"] = float(share.mean() * 100) if len(share) else 0.0
     for view, cand in views.items():
         if cand is not None:
             res[view]["items"] = int(len(cand))
@@ -2000,7 +2022,7 @@ def result_line(res, split, k):
 
 def label(view, metric):
     name, k = metric.split("@") if "@" in metric else (metric, "")
-    return {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "mrr": "MRR"}[name] + (f"@{k}" if k else "") + f" {view}"
+    return {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "warm": "Warm"}[name] + (f"@{k}" if k else "") + f" {view}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2168,6 +2190,11 @@ BASELINES = {
                                                                  p[1]),
                              [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
                              NEW_ITEMS, "tags"),
+    # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map; the
+    # two-tower's own is --cold-dropout); grid (share randomized, similarity weight, ridge) around what hetrec seed-0
+    # validation-cold favoured
+    "Heater": Baseline(lambda split, tags, p: heater_scores(split, tags, *p),
+                       [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], NEW_ITEMS, "tags"),
 }
 DENSE_MAX_ITEMS = 20000
 
@@ -2313,6 +2340,56 @@ def cached_factors(split, kind):
     if kind not in memo:
         memo[kind] = collaborative_factors(split, kind)
     return memo[kind]
+
+
+def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, factors=128, steps=300, lr=1e-2, seed=0):
+    """Heater-style dropout model for new items (after Zhu et al., SIGIR 2020): collaborative factors (iALS, from
+    collaborative_factors) for the users and the train items, and a map from an item's content (the unit TF-IDF of
+    its tag set, presence only) into the same space, a mixture of `experts` linear experts mixed by a softmax gate.
+    Randomized training: at each full-batch step a share p_random of the train items is represented by its
+    content map in place of its factors, and everything is trained with the recommendation loss (each user's
+    multinomial likelihood of their train items among all train items; users: their factors through a learned
+    d x d transform) plus lam times the mean squared distance between each train item's map and its factors
+    (Heater's similarity constraint) plus reg times the squared norm of the experts' weights (ridge: many tags, few
+    train items). Items without train interactions are scored by their map."""
+    seen = np.flatnonzero(split.degree > 0)
+    P, Q = cached_factors(split, ("ials", factors))
+    g = torch.Generator().manual_seed(seed)
+    C = unit_rows(tag_tfidf(tags)).tocoo()
+    C = torch.sparse_coo_tensor(np.stack([C.row, C.col]), C.data, C.shape, dtype=torch.float32).coalesce()
+    P, Q = torch.as_tensor(P, dtype=torch.float32), torch.as_tensor(Q, dtype=torch.float32)
+    Q = Q / Q.norm(dim=1).mean()                   # one scale for factors and maps, whatever the factorization's
+    d, n_feat = Q.shape[1], C.shape[1]
+    experts_w = nn.Parameter(torch.randn(experts, n_feat, d, generator=g) * 0.01)
+    gate_w = nn.Parameter(torch.zeros(n_feat, experts))
+    user_t = nn.Parameter(torch.eye(d))
+    scale = nn.Parameter(torch.tensor(5.0))
+    Cs = torch.index_select(C, 0, torch.as_tensor(seen))
+    X = torch.as_tensor(split.train[:, seen].toarray())
+    users = torch.as_tensor(np.flatnonzero(X.sum(1) > 0))
+    X = X[users]
+    Pu = P[users] / P[users].norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    def mapped(Cx):
+        gate = torch.softmax(torch.sparse.mm(Cx, gate_w), 1)                                # items x experts
+        return torch.einsum("ie,eid->id", gate, torch.stack([torch.sparse.mm(Cx, w) for w in experts_w]))
+
+    opt = torch.optim.Adam([experts_w, gate_w, user_t, scale], lr=lr)
+    for _ in range(steps):
+        M = mapped(Cs)
+        use_map = (torch.rand(len(seen), generator=g) < p_random)[:, None]
+        V = torch.where(use_map, M, Q)
+        logits = scale * (Pu @ user_t) @ V.T
+        loss = -(X * torch.log_softmax(logits, 1)).sum(1).mean() + lam * ((M - Q) ** 2).sum(1).mean() + \
+            reg * (experts_w ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        V = mapped(C)
+        V[torch.as_tensor(seen)] = Q
+        U = (P / P.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ user_t
+    return lambda u: U[torch.as_tensor(np.asarray(u))] @ V.T
 
 
 def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_count="imported"):
@@ -2475,7 +2552,8 @@ def fmt_table(rows, split, k, title):
     for name, (_, res) in zip(names, rows):
         r = res.get("test", res)
         if "na" not in res:
-            lines.append(f"{name:<{w}}" + "".join(f"{r[v][m]:>{max(len(h) + 2, 9)}.2f}" for (v, m), h in zip(cols, heads)))
+            lines.append(f"{name:<{w}}" + "".join(f"{r[v].get(m, float('nan')):>{max(len(h) + 2, 9)}.2f}"
+                                                 for (v, m), h in zip(cols, heads)))
     na = [n for n, res in rows if "na" in res]
     if na:
         lines.append(f"n/a under {protocol_name(split.kind)} (BASELINES says which protocols each scores): {', '.join(na)}")
@@ -2916,7 +2994,8 @@ def board_cells(board, r, num, sign, p_of, bold):
     """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p), bold(text): shared by the
     Markdown and the LaTeX table so that both say the same."""
     n = len(r["seeds"])
-    top = {c: max(x["test"][c][0] for x in board["rows"]) for c in board["columns"]}
+    top = {c: np.nanmax([x["test"][c][0] for x in board["rows"]]) if not c[1].startswith("warm") else None
+           for c in board["columns"]}        # the best of each column in bold (a warm share has no best)
     cells = [str(n), num(*r["val"], n)]
     cells += [bold(num(*r["test"][c], n)) if r["test"][c][0] == top[c] else num(*r["test"][c], n)
               for c in board["columns"]]
@@ -3000,7 +3079,7 @@ def run_entries(res, ranks, model=None):
         e = {"model": name, "kind": kind, "seed": seed}
         if kind != "n/a":
             key = ranks_key("two_tower" if r is res else name)
-            e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]][c[1]] for c in cols},
+            e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]].get(c[1], float("nan")) for c in cols},
                      users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
                                                      for f in ranks.files if f.startswith(key + "__")})
         out.append(e)

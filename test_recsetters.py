@@ -1085,9 +1085,10 @@ def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
     assert top["a"] == ["z", "b"]
 
 
-def test_content_baselines_find_taste_in_content():
-    """Items carry a genre in their content; users like two genres: every content baseline beats Random."""
-    rng = np.random.default_rng(0)
+def genre_split(seed=0):
+    """A cold-items split where content says taste: items carry a genre (dense C, and tags "gG, xN"), users like
+    two genres. Returns (split, C, tags)."""
+    rng = np.random.default_rng(seed)
     n_users, n_items, G = 300, 400, 8
     genre = rng.integers(0, G, n_items)
     C = np.eye(G)[genre] + 0.3 * rng.normal(size=(n_items, G))
@@ -1104,11 +1105,45 @@ def test_content_baselines_find_taste_in_content():
     s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)), shape=X.shape)
     s.degree = np.asarray(s.train.sum(0)).ravel()
     tags = pd.Series([f"g{g}, x{rng.integers(0, 50)}" for g in genre])
-    rnd = R.evaluate(R.random_scores(n_items), s, "test", 10, "cpu")["cold"]["ndcg@10"]
+    return s, C, tags
+
+
+def test_content_baselines_find_taste_in_content():
+    """Items carry a genre in their content; users like two genres: every content baseline beats Random."""
+    s, C, tags = genre_split()
+    rnd = R.evaluate(R.random_scores(s.n_items), s, "test", 10, "cpu")["cold"]["ndcg@10"]
     for fn in [R.profile_scores(s, C), R.profile_scores(s, R.tag_tfidf(tags)),
                R.cb2cf_scores(s, C, R.collaborative_factors(s, ("svd", 8)), 1.0),
-               R.cb2cf_scores(s, C, R.collaborative_factors(s, ("ease", 10.0)), 1.0)]:
+               R.cb2cf_scores(s, C, R.collaborative_factors(s, ("ease", 10.0)), 1.0),
+               R.BASELINES["Heater"].make(s, tags, (0.5, 1.0, 0.1))]:
         assert R.evaluate(fn, s, "test", 10, "cpu")["cold"]["ndcg@10"] > 2 * rnd
+
+
+def test_heater_scores_new_items_by_their_content_map_and_is_seeded():
+    """Heater: the same scores under the same seed; two items with the same tags, both without train interactions,
+    score the same for every user (the map of their content), while a train item keeps its own factors."""
+    s, _, tags = genre_split()
+    a, b = s.test_items[:2]
+    w1, w2 = np.flatnonzero(s.degree > 0)[:2]
+    tags = tags.copy()
+    tags[b], tags[w2] = tags[a], tags[w1]
+    users = np.arange(0, s.n_users, 5)
+    S1, S2 = R.heater_scores(s, tags, 0.5, 1.0, steps=50)(users), R.heater_scores(s, tags, 0.5, 1.0, steps=50)(users)
+    assert torch.equal(S1, S2) and torch.allclose(S1[:, a], S1[:, b])
+    assert not torch.allclose(S1[:, w1], S1[:, w2])
+
+
+def test_warm_share_of_the_all_view_is_the_share_of_train_items_in_each_top_k():
+    """cold-items reports warm@20 in the all view: per user, the share of their top 20 (among the items their ranking
+    does not exclude) that have train interactions; checked against top_k_lists and a plain count."""
+    s, C, tags = genre_split()
+    fn = R.profile_scores(s, C)
+    for which in ("validation", "test"):
+        users = R.held_out(s, which)[0]
+        top = R.top_k_lists(fn, users, R.exclusion(s, which), k=20)
+        want = (s.degree[top] > 0).mean() * 100
+        assert R.evaluate(fn, s, which, 10, "cpu")["all"]["warm@20"] == pytest.approx(want)
+        assert 0 < want < 100
 
 
 @pytest.mark.slow
@@ -1191,6 +1226,17 @@ def test_text_tokens_and_the_bag_leave_out_tokens_no_train_item_has(small_demo):
     known = [t for t in tok[ptr[j]:ptr[j + 1]] if on_train[t]]
     want = m.bag.weight[torch.as_tensor(known)].mean(0) if known else torch.zeros(cfg.dim)
     assert torch.allclose(m.token_bag(torch.as_tensor([j]))[0], want, atol=1e-6)
+    # --bag-weights idf: known tokens weighted by log(items / items with the token), normalized per item; from the
+    # texts alone (the same weights whatever the split's interactions)
+    torch.manual_seed(0)
+    mi = R.TwoTower(feats, R.Config(**{**R.asdict(cfg), "bag_weights": "idf"}), s.train).eval()
+    df = np.array([len(set(item_of[tok == t])) for t in range(len(on_train))])
+    for j in map(int, cold[:20]):
+        toks = tok[ptr[j]:ptr[j + 1]]
+        w = np.array([on_train[t] * np.log((len(ptr) - 1) / df[t]) for t in toks])
+        if w.sum() > 0:
+            want = (mi.bag.weight[torch.as_tensor(toks)] * torch.as_tensor(w / w.sum(), dtype=torch.float32)[:, None]).sum(0)
+            assert torch.allclose(mi.token_bag(torch.as_tensor([j]))[0], want, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the model contract
