@@ -1360,6 +1360,23 @@ def test_ials_folds_in_new_users_by_an_exact_least_squares_solve(small_demo):
         assert torch.allclose(fn([u])[0].double(), V @ x, atol=1e-3)
 
 
+def test_multvae_folds_in_new_users_from_their_fold_in_alone_and_is_seeded(small_demo):
+    """Mult-VAE under new-users: the same scores under the same seed, a new user's scores a function of their fold-in
+    alone (two users with the same fold-in score the same), and better than Popularity on the test users."""
+    ds, s = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="new-users", text="none"),
+                      quiet=True)
+    users = np.unique(s.test_u)
+    assert torch.equal(R.multvae_scores(s, 0.2, 10)(users), R.multvae_scores(s, 0.2, 10)(users))
+    fold = s.fold_in.tolil()
+    fold[users[1]] = fold[users[0]]
+    s2 = __import__("dataclasses").replace(s, fold_in=fold.tocsr())
+    S = R.multvae_scores(s2, 0.2, 10)(users[:2])
+    assert torch.allclose(S[0], S[1])
+    fn = R.BASELINES["Mult-VAE"].make(s, None, (0.2, 50))
+    pop = R.evaluate(R.popularity_scores(s), s, "test", 10, "cpu")["all"]["ndcg@20"]
+    assert R.evaluate(fn, s, "test", 10, "cpu")["all"]["ndcg@20"] > pop
+
+
 # ---------------------------------------------------------------------------------------------- recommend for anyone
 
 def test_recommend_finds_users_in_any_case_and_answers_for_a_loved_tracks_file(tiny_run, tmp_path, capsys):
