@@ -2997,8 +2997,9 @@ def pvalue(p):
 
 
 def pm(mean, std, seeds):
-    """mean ± std, the std only where there are seeds to make one."""
-    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+    """mean ± std, the std only where there are seeds to make one; "–" for a metric a run did not record (made
+    before the metric existed)."""
+    return "–" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
 
 
 def leaderboard(entries, protocol, k, n_boot=2000):
@@ -3059,7 +3060,10 @@ def board_note(board, what):
     return (f"{what}: test metrics ×100, mean ± std over seeds (std only with several seeds), full ranking; every "
             f"model selected on validation {label(*board['select'])} and its test split evaluated once; the best test mean "
             f"of each column in bold. Δ: the paired difference to {best} (the best on validation), per test user, "
-            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value.")
+            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value."
+            + "".join(f" {label(*c)}: the mean share of items with train interactions in each user's top "
+                      f"{c[1].split('@')[1]} of the {c[0]} view (never bold: neither more nor less is better)."
+                      for c in board["columns"] if c[1].startswith("warm")))
 
 
 def board_markdown(board, title=""):
