@@ -192,6 +192,10 @@ class Config:
                                      PROBABILITY)
     history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
                                      "training", PROBABILITY)
+    fold_in_steps: int = setting(0, "users the model never trained (new users, a loved-tracks list): after encoding "
+                                 "their history, this many Adam steps on their vector (lr 0.003) over the likelihood "
+                                 "of their items plus its squared distance to the encoded vector (the two-tower's "
+                                 "fold-in; --scorer dot)", COUNT0)
     pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
                         "query q)", choices=("mean", "attention"))
     text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
@@ -263,6 +267,8 @@ class Config:
             raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
         if self.item_bias and self.scorer != "dot":
             raise UserError("--item-bias needs --scorer dot")
+        if self.fold_in_steps and self.scorer != "dot":
+            raise UserError("--fold-in-steps needs --scorer dot")
         if self.scorer == "dotcompress" and self.out_dim % 2:
             raise UserError(f"--out-dim {self.out_dim}: --scorer dotcompress needs an even size")
         if self.loss == "margin" and self.negatives < 1:
@@ -1203,6 +1209,7 @@ class TwoTower(nn.Module):
         self.register_buffer("i_text", None if not text_dim else torch.as_tensor(feats.text),
                              persistent=False)
         self.cold_dropout = cfg.cold_dropout
+        self.fold_in_steps = cfg.fold_in_steps
         unknown = unknown_values(unseen, feats, cfg.unseen_ids)[:self.n_cats]
         self.register_buffer("i_unknown", torch.as_tensor(unknown) if unknown.any() or cfg.cold_dropout else None,
                              persistent=False)          # None: every value has train interactions, nothing to replace
@@ -1278,7 +1285,39 @@ class TwoTower(nn.Module):
         feats = torch.stack([known.clamp(min=0), country.clamp(min=0), self.u_feats[2, known.clamp(min=0)]])
         unknown = torch.stack([known < 0, country < 0, known < 0])
         rows = tuple(torch.as_tensor(a, dtype=torch.long, device=dev) for a in (history.indptr, history.indices))
-        return self.users(idx, feats=feats, rows=rows if self.hist_emb is not None else None, unknown=unknown)
+        U = self.users(idx, feats=feats, rows=rows if self.hist_emb is not None else None, unknown=unknown)
+        new = np.flatnonzero((known < 0).cpu().numpy() & (np.diff(history.indptr) > 0))
+        if self.fold_in_steps and len(new):
+            U = U.clone()
+            U[torch.as_tensor(new, device=dev)] = self.fold_in(U[torch.as_tensor(new, device=dev)], history[new])
+        return U
+
+    def fold_in(self, U0, history, lr=3e-3, anchor=1.0, memory_mb=256):
+        """--fold-in-steps: the vectors U0 of users never trained, moved by fold_in_steps Adam steps on each user's
+        multinomial likelihood of their `history` items (a CSR, a row per row of U0) over every item, plus `anchor`
+        times the squared distance to U0 (what iALS's fold-in solves exactly; here the encoder's vector is the
+        start and the anchor). Normalized towers move in direction only; an --item-bias coordinate stays 1.
+        Deterministic: no sampling."""
+        dev, n_items = U0.device, int(self.i_feats.shape[1])
+        d = U0.shape[1] - (self.bias is not None)
+        out = U0.clone()
+        with torch.enable_grad():
+            V = self.items(torch.arange(n_items, device=dev)).detach()
+            chunk = max(1, memory_mb * 2**20 // (n_items * 4 * 6))
+            for a in range(0, len(U0), chunk):
+                u0 = U0[a:a + chunk]
+                X = torch.as_tensor(history[a:a + chunk].toarray(), dtype=torch.float32, device=dev)
+                w = u0[:, :d].clone().requires_grad_(True)
+                opt = torch.optim.Adam([w], lr=lr)
+                for _ in range(self.fold_in_steps):
+                    u = torch.cat([w if self.scale is None else F.normalize(w, dim=-1) * self.scale, u0[:, d:]], 1)
+                    loss = (-(X * F.log_softmax(u @ V.T, 1)).sum(1) + anchor * ((u - u0) ** 2).sum(1)).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                with torch.no_grad():
+                    out[a:a + chunk, :d] = w if self.scale is None else F.normalize(w, dim=-1) * self.scale
+        return out
 
     def items(self, idx):
         unknown = None
@@ -1960,10 +1999,12 @@ PROTOCOLS = {
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"), audit=lambda *a: tag_leak_audit(*a),
                            crowding=20),
+    # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps
     "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
                           lambda *a: multi_target_results(*a, capped=True),
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
-                          tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20"))),
+                          tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
+                          dict(fold_in_steps=300)),
 }
 
 

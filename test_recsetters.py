@@ -1301,6 +1301,31 @@ def test_encode_reproduces_known_users_and_reasons_name_the_item_that_contribute
             assert why[j] == H[int(np.argmax(drops))] and drop[j] == pytest.approx(max(drops), abs=1e-5)
 
 
+def test_fold_in_steps_move_a_new_user_towards_their_items_and_leave_trained_users_alone(small_demo):
+    """--fold-in-steps: a user the model never trained is encoded, then refined on the likelihood of their items
+    anchored to the encoded vector. The refined vector gives their items a higher likelihood, keeps the tower
+    output's norm (normalized towers), is the same on every call, and depends on the steps (0: the encoding); a
+    dataset user (known) is never refined."""
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0, text="none"), quiet=True)
+    model = R.train_model(R.Config(text="none", epochs=1, seed=0), split, R.build_features(ds, "none"),
+                          R.Runtime(torch.device("cpu")), quiet=True)[0].eval()
+    users = np.array([3, 10, 42])
+    country, H = model.u_feats[1, users].numpy(), split.train[users]
+    with torch.no_grad():
+        V = model.items(torch.arange(split.n_items))
+        U0 = model.encode(country, H)
+        model.fold_in_steps = 30
+        U1, again = model.encode(country, H), model.encode(country, H)
+        known = model.encode(country, H, users)
+    X = torch.as_tensor(H.toarray())
+    nll = lambda U: -(X * torch.log_softmax(U @ V.T, 1)).sum(1)
+    assert (nll(U1) < nll(U0)).all() and torch.equal(U1, again) and not torch.allclose(U0, U1)
+    assert torch.allclose(U1.norm(dim=1), U0.norm(dim=1), atol=1e-4)
+    assert torch.allclose(known, model.users(torch.as_tensor(users)), atol=1e-6)
+    with pytest.raises(R.UserError, match="--fold-in-steps needs --scorer dot"):
+        R.Config(fold_in_steps=5, scorer="dotcompress", loss="softmax").validate()
+
+
 # ---------------------------------------------------------------------------------------------- new-users protocol
 
 def test_new_users_split_holds_out_users_with_a_fold_in_of_their_earliest_items(small_demo):
