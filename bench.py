@@ -213,8 +213,11 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
     return out
 
 
-def time_recommend(run, loved_csv, reps=5, device="cpu"):
-    """One line: the seconds `recommend RUN --loved FILE` needs after the run is loaded, median of `reps` rounds."""
+def time_recommend(run, loved_csv, reps=5, device="cpu", threads="auto"):
+    """One line: the seconds `recommend RUN --loved FILE` needs after the run is loaded, median of `reps` rounds
+    (--threads: a number, or auto and torch: torch's default)."""
+    if threads not in ("auto", "torch"):
+        torch.set_num_threads(int(threads))
     cfg, ds, split, model, device, _ = R.restore(run, device_name=device)
     loved, times = R.read_loved(loved_csv), []
     for _ in range(reps):
@@ -223,7 +226,8 @@ def time_recommend(run, loved_csv, reps=5, device="cpu"):
         R.recommend_items(model, history, 10, device=device)
         times.append(time.perf_counter() - t0)
     print(f"recommend --loved {loved_csv} ({len(loved)} rows, {matched} matched) on {run} ({ds.label}, "
-          f"{split.n_items:,} items), {device}: median {np.median(times):.3f} s over {reps} rounds "
+          f"{split.n_items:,} items, --fold-in-steps {cfg.fold_in_steps}), {device}, {torch.get_num_threads()} "
+          f"thread(s): median {np.median(times):.3f} s over {reps} rounds "
           f"(min {min(times):.3f}, max {max(times):.3f}), after loading")
     return times
 
@@ -398,7 +402,7 @@ def main(argv=None):
         Path(args.one_out).write_text(json.dumps(res))
         return
     if args.recommend:
-        return time_recommend(*args.recommend, reps=args.reps or 5, device=args.device)
+        return time_recommend(*args.recommend, reps=args.reps or 5, device=args.device, threads=args.threads)
     device = R.pick_device(args.device)
     env = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
