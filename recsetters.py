@@ -2680,12 +2680,16 @@ def plot_curves(history, best_epoch, split, cfg, path, title):
 
 
 def positives_matrix(split):
-    """Every known positive of each user (train, validation and test): what `recommend` leaves out."""
+    """Every known positive of each user (train, validation, test, and the fold-in of users held out as new): what
+    `recommend` leaves out."""
     u = np.concatenate([split.train_u, split.val_u, split.test_u])
     i = np.concatenate([split.train_i, split.val_i, split.test_i])
     m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
+    if split.fold_in is not None:
+        m = m + split.fold_in
     m.sum_duplicates()
-    return m
+    m.data[:] = 1
+    return m.tocsr()
 
 
 RUN_FORMAT = "recsetters-run/1"
@@ -3390,7 +3394,7 @@ def export_files(cfg, ds, split, model, device):
     """{file name: bytes} of `export`: user_vectors.npy and item_vectors.npy (float32, rows in the order of users.csv
     and items.csv), users.csv and items.csv (index, id, name), known.npz (scipy CSR of every known positive: what
     `recommend` leaves out), scorer.npz (the scoring head's weights, for dotcompress) and export.json (how to score)."""
-    U, V = (x.float().cpu().numpy() for x in tower_vectors(model, device))
+    U, V = (x.float().cpu().numpy() for x in tower_vectors(model, device, split))     # new users: from their fold-in
     npy = lambda a: (lambda b: (np.save(b, a), b.getvalue())[1])(io.BytesIO())
     files = {"user_vectors.npy": npy(U), "item_vectors.npy": npy(V)}
     files["users.csv"] = ds.users[["user", "country"]].rename_axis("index").to_csv().encode()
@@ -3713,6 +3717,8 @@ def cmd_recommend(args):
             for r, i in enumerate(top, 1):
                 print(f"{r:3d}. {names[i]}   (loved by {split.degree[i]:,} users in train)")
             return
+    # a dataset user held out as new (new-users) was never trained: encoded from their fold-in, as in evaluation
+    known = known if known < 0 or split.train[known].nnz else -1
     top, scores, why, _ = recommend_items(model, history, args.k, country, known, exclude, device)
     print(f"top {args.k} for {who} ({ds.label}; {intro}); score: the model's, reason: the loved item whose "
           f"removal lowers the score most")

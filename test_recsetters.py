@@ -1349,6 +1349,8 @@ def test_new_users_split_holds_out_users_with_a_fold_in_of_their_earliest_items(
     assert np.array_equal(s2.test_u, s.test_u) and np.array_equal(s2.test_i, s.test_i)
     st = R.split_stats(s)["parts"]
     assert st["fold_in_interactions"] == len(fu) and st["test"]["users"] == len(test)
+    known = R.positives_matrix(s)              # what recommend and export leave out: the fold-in too
+    assert (known[held].toarray() >= s.fold_in[held].toarray()).all() and set(known.data) == {1.0}
 
 
 def test_new_users_evaluator_matches_a_naive_loop_with_recall_over_min_k_targets(small_demo):
