@@ -527,6 +527,9 @@ TUNING = [
                                                            "--no-tag-feature"]),
     ("c1 cold-items, tags", ["--split", "cold-items", "--text", "tags", "--no-text-bag", "--tag-feature"]),
     ("c1 cold-items, tags + text bag", ["--split", "cold-items", "--text", "tags", "--text-bag", "--tag-feature"]),
+    # new items with every leak-free tag: a DropoutNet-style share of train items that look new (both views)
+    ("c2 cold-items, defaults + cold dropout 0.2", ["--split", "cold-items", "--text", "tags", "--cold-dropout", "0.2"]),
+    ("c2 cold-items, defaults + cold dropout 0.5", ["--split", "cold-items", "--text", "tags", "--cold-dropout", "0.5"]),
     # new users (issue 21): does a user's free embedding (ids, zero for a user never trained) help, with or without
     # user-id dropout, and what does it cost leave-one-out? (the default has none: country and history only)
     ("n1 new-users, tags (defaults: no per-user embeddings)", ["--split", "new-users", "--text", "tags"]),
