@@ -165,6 +165,10 @@ class Config:
     seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
     k: int = setting(10, "cut-off of HR@K and NDCG@K (recommend, fairness: length of the top-K list)", COUNT,
                      cmds=DATA + ("recommend", "fairness", "browse"))
+    new_item_offset: float = setting(0.0, "evaluate: a constant added to the score of every item without train "
+                                     "interactions (new items): trades warm for new items in the cold-items all view "
+                                     "(its Warm@K says how many); rankings among new items, the cold view, do not change",
+                                     cmds=("evaluate",))
     eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
     # the model; defaults: the best configuration on hetrec validation (README, Experiments)
     text: str = setting("auto", "items.csv text column for the item tower (title, summary, lyrics, tags, ...), none, "
@@ -1774,6 +1778,17 @@ def tower_vectors(model, device, split=None):
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
                        for a in range(0, n_items, 65536)])
     return U, V
+
+
+def offset_new_items(score_fn, split, offset, device="cpu"):
+    """score_fn with `offset` added to the score of every item without train interactions (evaluate
+    --new-item-offset: how a model's all view moves as new items get more of each list)."""
+    if not offset:
+        return score_fn
+    new = torch.as_tensor(split.degree == 0, device=device)
+    fn = lambda users: torch.as_tensor(score_fn(users), device=device) + offset * new
+    fn.bytes_per_pair = getattr(score_fn, "bytes_per_pair", 16)
+    return fn
 
 
 def model_scores(model, device, split=None):
@@ -3686,10 +3701,11 @@ def cmd_train(cfg):
 
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    fn = model_scores(model, device, split)
+    fn = offset_new_items(model_scores(model, device, split), split, args.new_item_offset, device)
+    offset = f", new items' scores + {args.new_item_offset:g}" if args.new_item_offset else ""
     print(fmt_table([(part, evaluate(fn, split, part, cfg.k, device, cfg.eval_memory_mb))
                      for part in ("validation", "test")], split, cfg.k,
-                    f"{run_dir.name} on {ds.label}, {protocol_title(split)}"))
+                    f"{run_dir.name} on {ds.label}, {protocol_title(split)}{offset}"))
 
 
 def cmd_recommend(args):

@@ -1133,6 +1133,17 @@ def test_heater_scores_new_items_by_their_content_map_and_is_seeded():
     assert not torch.allclose(S1[:, w1], S1[:, w2])
 
 
+def test_a_new_item_offset_moves_the_all_view_and_its_warm_share_not_the_cold_view():
+    """evaluate --new-item-offset: new items' scores + c. The cold view ranks only new items: unchanged; the all view
+    gives new items more of each top 20 as c grows (Warm@20 falls)."""
+    s, C, tags = genre_split()
+    fn = R.profile_scores(s, C)
+    res = [R.evaluate(R.offset_new_items(fn, s, c), s, "test", 10, "cpu") for c in (0.0, 0.2, 1.0)]
+    assert res[0]["cold"] == res[1]["cold"] == res[2]["cold"]
+    assert res[0]["all"]["warm@20"] > res[1]["all"]["warm@20"] > res[2]["all"]["warm@20"]
+    assert R.offset_new_items(fn, s, 0.0) is fn
+
+
 def test_warm_share_of_the_all_view_is_the_share_of_train_items_in_each_top_k():
     """cold-items reports warm@20 in the all view: per user, the share of their top 20 (among the items their ranking
     does not exclude) that have train interactions; checked against top_k_lists and a plain count."""
