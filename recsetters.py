@@ -1305,8 +1305,9 @@ class TwoTower(nn.Module):
         dev, n_items = U0.device, int(self.i_feats.shape[1])
         d = U0.shape[1] - (self.bias is not None)
         out = U0.clone()
+        with torch.no_grad():
+            V = self.items(torch.arange(n_items, device=dev))
         with torch.enable_grad():
-            V = self.items(torch.arange(n_items, device=dev)).detach()
             chunk = max(1, memory_mb * 2**20 // (n_items * 4 * 6))
             for a in range(0, len(U0), chunk):
                 u0 = U0[a:a + chunk]
