@@ -216,8 +216,7 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
 def time_recommend(run, loved_csv, reps=5, device="cpu", threads="auto"):
     """One line: the seconds `recommend RUN --loved FILE` needs after the run is loaded, median of `reps` rounds
     (--threads: a number, or auto and torch: torch's default)."""
-    if threads not in ("auto", "torch"):
-        torch.set_num_threads(int(threads))
+    R.make_runtime("cpu", 0 if threads in ("auto", "torch") else int(threads), quiet=True)     # the thread count
     cfg, ds, split, model, device, _ = R.restore(run, device_name=device)
     loved, times = R.read_loved(loved_csv), []
     for _ in range(reps):

@@ -1292,8 +1292,8 @@ class TwoTower(nn.Module):
         U = self.users(idx, feats=feats, rows=rows if self.hist_emb is not None else None, unknown=unknown)
         new = np.flatnonzero((known < 0).cpu().numpy() & (np.diff(history.indptr) > 0))
         if self.fold_in_steps and len(new):
-            U = U.clone()
-            U[torch.as_tensor(new, device=dev)] = self.fold_in(U[torch.as_tensor(new, device=dev)], history[new])
+            rows, U = torch.as_tensor(new, device=dev), U.clone()
+            U[rows] = self.fold_in(U[rows], history[new])
         return U
 
     def fold_in(self, U0, history, lr=3e-3, anchor=1.0, memory_mb=256):
@@ -1304,6 +1304,7 @@ class TwoTower(nn.Module):
         Deterministic: no sampling."""
         dev, n_items = U0.device, int(self.i_feats.shape[1])
         d = U0.shape[1] - (self.bias is not None)
+        vector = (lambda w: w) if self.scale is None else (lambda w: F.normalize(w, dim=-1) * self.scale)
         out = U0.clone()
         with torch.no_grad():
             V = self.items(torch.arange(n_items, device=dev))
@@ -1315,13 +1316,13 @@ class TwoTower(nn.Module):
                 w = u0[:, :d].clone().requires_grad_(True)
                 opt = torch.optim.Adam([w], lr=lr)
                 for _ in range(self.fold_in_steps):
-                    u = torch.cat([w if self.scale is None else F.normalize(w, dim=-1) * self.scale, u0[:, d:]], 1)
+                    u = torch.cat([vector(w), u0[:, d:]], 1)
                     loss = (-(X * F.log_softmax(u @ V.T, 1)).sum(1) + anchor * ((u - u0) ** 2).sum(1)).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                 with torch.no_grad():
-                    out[a:a + chunk, :d] = w if self.scale is None else F.normalize(w, dim=-1) * self.scale
+                    out[a:a + chunk, :d] = vector(w)
         return out
 
     def items(self, idx):
@@ -2467,7 +2468,8 @@ def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, facto
     X = torch.as_tensor(split.train[:, seen].toarray())
     users = torch.as_tensor(np.flatnonzero(X.sum(1) > 0))
     X = X[users]
-    Pu = P[users] / P[users].norm(dim=1, keepdim=True).clamp(min=1e-12)
+    P = P / P.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    Pu = P[users]
 
     def mapped(Cx):
         gate = torch.softmax(torch.sparse.mm(Cx, gate_w), 1)                                # items x experts
@@ -2487,7 +2489,7 @@ def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, facto
     with torch.no_grad():
         V = mapped(C)
         V[torch.as_tensor(seen)] = Q
-        U = (P / P.norm(dim=1, keepdim=True).clamp(min=1e-12)) @ user_t
+        U = P @ user_t
     return lambda u: U[torch.as_tensor(np.asarray(u))] @ V.T
 
 
