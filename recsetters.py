@@ -200,11 +200,6 @@ class Config:
                                  "their history, this many Adam steps on their vector (lr 0.003) over the likelihood "
                                  "of their items plus its squared distance to the encoded vector (the two-tower's "
                                  "fold-in; --scorer dot)", COUNT0)
-    wide: bool = setting(False, "with --history, a learned full-rank item-item term beside the towers (wide & deep): "
-                         "the user vector also gets the mean over the user's items of an n_items-wide free row W[j], "
-                         "the item vector the one-hot of its index, so a score adds mean_j W[j, i] (an EASE/SLIM-like "
-                         "term, n_items^2 parameters, zero for an item without train interactions; --scorer dot)")
-    wide_decay: float = setting(0.0, "--wide: AdamW weight decay of the item-item rows W alone", NONNEGATIVE)
     pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
                         "query q)", choices=("mean", "attention"))
     text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
@@ -276,8 +271,6 @@ class Config:
             raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
         if self.item_bias and self.scorer != "dot":
             raise UserError("--item-bias needs --scorer dot")
-        if self.wide and (self.scorer != "dot" or not self.history):
-            raise UserError("--wide needs --scorer dot and --history")
         if self.fold_in_steps and self.scorer != "dot":
             raise UserError("--fold-in-steps needs --scorer dot")
         if self.scorer == "dotcompress" and self.out_dim % 2:
@@ -1147,7 +1140,6 @@ def eval_tile(device):
     return 4096
 
 
-WIDE_MAX_ITEMS = 10_000     # --wide: an n x n float table, its gradient and two AdamW moments (1.6 GB at the cap)
 SCORERS = {"dot": DotScorer, "dotcompress": DotCompress}      # --scorer NAME: the scoring head, built from Config
 
 
@@ -1213,17 +1205,6 @@ class TwoTower(nn.Module):
             self.query = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "attention" else None
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
-        # wide: a free n_items x n_items table W pooled over the history like hist_emb; row j of an item without
-        # train interactions, and column i of one, get no gradient (never in a train history, never a softmax
-        # candidate), so they stay zero
-        self.wide = None
-        if history is not None and cfg.wide:
-            if s["items"] > WIDE_MAX_ITEMS:
-                raise UserError(f"--wide: {s['items']:,} items; the item-item table holds at most "
-                                f"{WIDE_MAX_ITEMS:,} x {WIDE_MAX_ITEMS:,}")
-            self.wide = nn.EmbeddingBag(s["items"], s["items"], mode="sum")
-            nn.init.zeros_(self.wide.weight)
-        self.out_dim = cfg.out_dim
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
         self.register_buffer("u_feats", torch.stack([long(feats.user_id), long(feats.user_country),
                                                      long(feats.user_name)]), persistent=False)
@@ -1293,11 +1274,7 @@ class TwoTower(nn.Module):
         feats = self.u_feats if feats is None else feats
         u = self._out(self.user_tower(list(feats[self.u_rows][:, idx]), extra=extra,
                                       unknown=None if unknown is None else list(unknown[self.u_rows][:, idx])))
-        u = u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
-        if self.wide is None:
-            return u
-        items, offsets, keep, n, _ = bag                      # --wide: the mean of the history's rows of W
-        return torch.cat([u, self.wide(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]], -1)
+        return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
 
     def encode(self, country, history, known=None):
         """Vectors of users given by their country codes (B,; -1: unknown, zero) and histories (a B-row CSR of item indices): users
@@ -1325,11 +1302,12 @@ class TwoTower(nn.Module):
         times the squared distance to U0 (what iALS's fold-in solves exactly; here the encoder's vector is the
         start and the anchor). Normalized towers move in direction only; an --item-bias coordinate stays 1.
         Deterministic: no sampling."""
-        dev, n_items, d = U0.device, int(self.i_feats.shape[1]), self.out_dim
+        dev, n_items = U0.device, int(self.i_feats.shape[1])
+        d = U0.shape[1] - (self.bias is not None)
         vector = (lambda w: w) if self.scale is None else (lambda w: F.normalize(w, dim=-1) * self.scale)
         out = U0.clone()
         with torch.no_grad():
-            V = self.items(torch.arange(n_items, device=dev), wide=False)
+            V = self.items(torch.arange(n_items, device=dev))
         with torch.enable_grad():
             chunk = max(1, memory_mb * 2**20 // (n_items * 4 * 6))
             for a in range(0, len(U0), chunk):
@@ -1337,13 +1315,9 @@ class TwoTower(nn.Module):
                 X = torch.as_tensor(history[a:a + chunk].toarray(), dtype=torch.float32, device=dev)
                 w = u0[:, :d].clone().requires_grad_(True)
                 opt = torch.optim.Adam([w], lr=lr)
-                fixed = u0[:, d:V.shape[1]] @ V[:, d:].T            # the coordinates that do not move: bias
-                if self.wide is not None:
-                    fixed = fixed + u0[:, V.shape[1]:]             # and the wide part (one-hot items)
                 for _ in range(self.fold_in_steps):
-                    u = vector(w)
-                    loss = (-(X * F.log_softmax(u @ V[:, :d].T + fixed, 1)).sum(1) +
-                            anchor * ((u - u0[:, :d]) ** 2).sum(1)).mean()
+                    u = torch.cat([vector(w), u0[:, d:]], 1)
+                    loss = (-(X * F.log_softmax(u @ V.T, 1)).sum(1) + anchor * ((u - u0) ** 2).sum(1)).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -1351,9 +1325,7 @@ class TwoTower(nn.Module):
                     out[a:a + chunk, :d] = vector(w)
         return out
 
-    def items(self, idx, wide=True):
-        """Item vectors of the items idx; with --wide the one-hot coordinates follow (wide=False: left out, for a
-        caller that adds the user vector's wide part itself: batch_loss, fold_in)."""
+    def items(self, idx):
         unknown = None
         if self.i_unknown is not None:
             unknown = self.i_unknown[:, idx]
@@ -1364,10 +1336,7 @@ class TwoTower(nn.Module):
         v = self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
                                       None if self.i_text is None else self.i_text[idx], unknown=unknown,
                                       extra=() if self.bag is None else (self.token_bag(idx),)))
-        v = v if self.bias is None else torch.cat([v, self.bias(idx)], -1)
-        if self.wide is None or not wide:
-            return v
-        return torch.cat([v, F.one_hot(idx, self.wide.num_embeddings).to(v.dtype)], -1)
+        return v if self.bias is None else torch.cat([v, self.bias(idx)], -1)
 
     def token_bag(self, idx):
         """--text-bag: per item of `idx`, the weighted mean of its known tokens' embeddings."""
@@ -1640,10 +1609,8 @@ def batch_loss(model, cfg, batch):
     users, pos = batch["users"], batch["pos"]
     if cfg.loss == "full":
         n_items = batch["mask"].shape[1]
-        U, V = model.users(users, drop=pos), model.items(torch.arange(n_items, device=users.device), wide=False)
-        logits = model.scorer.all_pairs(U[:, :V.shape[1]], V)
-        if model.wide is not None:                # --wide: the one-hot item coordinates, added instead of multiplied
-            logits = logits + U[:, V.shape[1]:]
+        logits = model.scorer.all_pairs(model.users(users, drop=pos),
+                                        model.items(torch.arange(n_items, device=users.device)))
         return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
     items, inv = batch["items"], batch["inv"]
     U = model.users(users, drop=pos)
@@ -1738,11 +1705,7 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
     step = LossStep(model)
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    params = model.parameters()
-    if model.wide is not None:                     # --wide-decay: the item-item table's own weight decay
-        rest = [p for n, p in model.named_parameters() if not n.startswith("wide.")]
-        params = [{"params": rest}, {"params": [model.wide.weight], "weight_decay": cfg.wide_decay}]
-    opt = rt.optimizer(params, cfg.lr, cfg.weight_decay)
+    opt = rt.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     sampler = NegativeSampler(split, cfg.seed, device)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)

@@ -1337,43 +1337,6 @@ def test_fold_in_steps_move_a_new_user_towards_their_items_and_leave_trained_use
         R.Config(fold_in_steps=5, scorer="dotcompress", loss="softmax").validate()
 
 
-def test_wide_item_item_term_is_a_dot_product_trained_only_on_train_items(small_demo):
-    """--wide: the user vector ends with the mean of its history's rows of W, the item vector with its one-hot, so
-    every scorer of the model (U V^T) adds mean_j W[j, i]; batch_loss's and fold_in's shortcut (adding that part
-    instead of multiplying by the one-hot) gives the same logits; W starts at zero, and after training the rows
-    and columns of held-out new items are still zero (never in a train history, never a softmax candidate)."""
-    cfg = R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="cold-items", text="none")
-    ds, split = R.prepare(cfg, quiet=True)
-    tc = R.Config(text="none", epochs=1, seed=0, wide=True, wide_decay=0.1)
-    model = R.train_model(tc, split, R.build_features(ds, "none"), R.Runtime(torch.device("cpu")), quiet=True)[0]
-    model.eval()
-    W, new = model.wide.weight.detach(), split.new_items
-    assert W.abs().sum() > 0 and not W[new].any() and not W[:, new].any()
-    users = torch.arange(20)
-    with torch.no_grad():
-        U, V = model.users(users), model.items(torch.arange(split.n_items))
-        Vt = model.items(torch.arange(split.n_items), wide=False)
-        want = U[:, :Vt.shape[1]] @ Vt.T + torch.stack([W[split.train[u].indices].mean(0) for u in range(20)])
-        assert torch.allclose(model.scorer.all_pairs(U, V), want, atol=1e-4)
-        batch = {"users": users, "pos": torch.as_tensor(split.train.indices[split.train.indptr[:20]], dtype=torch.long),
-                 "mask": torch.zeros(20, split.n_items, dtype=torch.bool)}
-        loss = R.batch_loss(model, tc, batch)
-        Ud = model.users(users, drop=batch["pos"])
-        assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(Ud @ V.T, batch["pos"])), rel=1e-5)
-        model.fold_in_steps = 20
-        H = split.train[[3, 10]]
-        U1 = model.encode(model.u_feats[1, [3, 10]].numpy(), H)
-        model.fold_in_steps = 0
-        U0 = model.encode(model.u_feats[1, [3, 10]].numpy(), H)
-    d = tc.out_dim
-    assert torch.equal(U1[:, d:], U0[:, d:]) and not torch.allclose(U1[:, :d], U0[:, :d])   # only the towers move
-    X = torch.as_tensor(H.toarray())
-    nll = lambda U: -(X * torch.log_softmax(U @ V.T, 1)).sum(1)
-    assert (nll(U1) < nll(U0)).all()
-    with pytest.raises(R.UserError, match="--wide needs"):
-        R.Config(wide=True, history=False).validate()
-
-
 # ---------------------------------------------------------------------------------------------- new-users protocol
 
 def test_new_users_split_holds_out_users_with_a_fold_in_of_their_earliest_items(small_demo):
