@@ -325,10 +325,13 @@ def plots(out, df, fair):
         for model, g in runs.groupby("model"):
             curves = [[h["validation"][view][metric] for h in
                        json.loads((out / "runs" / r / "results.json").read_text())["history"]] for r in g.run]
-            n = max(len(c) for c in curves)
-            longest = max(longest, n)
-            m = np.nanmean([c + [np.nan] * (n - len(c)) for c in curves], 0)
-            ax.plot(np.arange(1, n + 1), m, marker=".", label=short(model))
+            # the mean over the epochs every seed ran (early stopping ends seeds at different epochs: a mean over
+            # the seeds still running would jump where one stops); each seed's own curve faint behind it
+            n = min(len(c) for c in curves)
+            longest = max(longest, max(len(c) for c in curves))
+            line, = ax.plot(np.arange(1, n + 1), np.mean([c[:n] for c in curves], 0), marker=".", label=short(model))
+            for c in curves if len(curves) > 1 else ():
+                ax.plot(np.arange(1, len(c) + 1), c, lw=0.6, alpha=0.3, color=line.get_color())
         # the three best baselines on validation as horizontal lines, each its own style, named in the legend (a
         # legend outside the axes: labels on the lines or in a corner overlap them)
         best = o[o.kind == "baseline"].sort_values("val_mean", ascending=False).head(3)
@@ -558,6 +561,23 @@ TUNING = [
     ("n4 new-users, tags, dim 384, out dim 384, history dropout 0.5", ["--split", "new-users", "--text", "tags",
                                                                       "--dim", "384", "--out-dim", "384",
                                                                       "--history-dropout", "0.5"]),
+    # with the fold-in (the protocol's default since n4; the rows' flags set squared loss 0 where it is not theirs,
+    # since n5 chose weight 5): the rows n3 left unfinished, and new training objectives
+    ("n5 new-users, tags (fold-in 300, softmax alone: the defaults before n5)",
+     ["--split", "new-users", "--text", "tags", "--squared-loss", "0"]),
+    ("n5 new-users, tags + item bias", ["--split", "new-users", "--text", "tags", "--squared-loss", "0", "--item-bias"]),
+    ("n5 new-users, tags + history dropout 0.5",
+     ["--split", "new-users", "--text", "tags", "--squared-loss", "0", "--history-dropout", "0.5"]),
+    ("n5 new-users, tags + weight average 0.995",
+     ["--split", "new-users", "--text", "tags", "--squared-loss", "0", "--ema", "0.995"]),
+    ("n5 new-users, tags + weight average 0.999",
+     ["--split", "new-users", "--text", "tags", "--squared-loss", "0", "--ema", "0.999"]),
+    ("n5 new-users, tags + squared loss 1", ["--split", "new-users", "--text", "tags", "--squared-loss", "1"]),
+    ("n5 new-users, tags + squared loss 5", ["--split", "new-users", "--text", "tags", "--squared-loss", "5"]),
+    ("n5 new-users, tags + squared loss 10", ["--split", "new-users", "--text", "tags", "--squared-loss", "10"]),
+    ("n5 new-users, tags + squared loss 20", ["--split", "new-users", "--text", "tags", "--squared-loss", "20"]),
+    ("n5 new-users, tags + squared loss 5, confidence 1 + 3", ["--split", "new-users", "--text", "tags",
+                                                              "--squared-loss", "5", "--squared-alpha", "3"]),
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),

@@ -221,6 +221,11 @@ class Config:
     loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
                         "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
                         choices=("margin", "softmax", "full"))
+    squared_loss: float = setting(0.0, "with --loss full and --normalize: add this weight times iALS's objective on "
+                                  "the cosines, the confidence-weighted mean squared error of every item's cosine to 1 "
+                                  "(the user's train positives) or 0 (every other item)", NONNEGATIVE)
+    squared_alpha: float = setting(10.0, "--squared-loss: a positive's confidence is 1 + this (every other item: 1)",
+                                   NONNEGATIVE)
     negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
     margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
     epochs: int = setting(40, "most training epochs", COUNT)
@@ -228,6 +233,9 @@ class Config:
     batch_size: int = setting(512, "train positives per batch", COUNT)
     lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
+    ema: float = setting(0.0, "validate and keep an exponential moving average of the weights, updated after every "
+                         "step with this decay (0: the weights themselves; 0.995: about the last 200 steps)",
+                         Range(lambda v: 0 <= v < 1, "a number in [0, 1)"))
     schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
                             choices=("constant", "cosine"))
     preset: str = setting("", "another set of train defaults; flags given explicitly still win. original: the "
@@ -271,6 +279,8 @@ class Config:
             raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
         if self.item_bias and self.scorer != "dot":
             raise UserError("--item-bias needs --scorer dot")
+        if self.squared_loss and (self.loss != "full" or not self.normalize):
+            raise UserError("--squared-loss needs --loss full and --normalize")
         if self.fold_in_steps and self.scorer != "dot":
             raise UserError("--fold-in-steps needs --scorer dot")
         if self.scorer == "dotcompress" and self.out_dim % 2:
@@ -1611,7 +1621,14 @@ def batch_loss(model, cfg, batch):
         n_items = batch["mask"].shape[1]
         logits = model.scorer.all_pairs(model.users(users, drop=pos),
                                         model.items(torch.arange(n_items, device=users.device)))
-        return F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
+        loss = F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
+        if cfg.squared_loss:          # iALS's objective on the cosines, over every item (the user's positives: 1)
+            x = batch["mask"].clone()
+            x[torch.arange(len(pos), device=pos.device), pos] = True
+            x = x.to(logits.dtype)
+            w = 1 + cfg.squared_alpha * x
+            loss = loss + cfg.squared_loss * ((w * (x - logits * cfg.temperature) ** 2).sum(1) / w.sum(1)).mean()
+        return loss
     items, inv = batch["items"], batch["inv"]
     U = model.users(users, drop=pos)
     V = model.items(items)
@@ -1640,8 +1657,29 @@ class LossStep(nn.Module):
         return batch_loss(self.model, *args)
 
 
+class WeightAverage:
+    """--ema D: an exponential moving average of a model's parameters (avg <- D avg + (1 - D) p after every
+    optimizer step); `applied()` swaps it in for validation and checkpointing, then restores the weights."""
+
+    def __init__(self, model, decay):
+        self.params = list(model.parameters())
+        self.avg = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self):
+        for p, a in zip(self.params, self.avg):
+            t = p.detach().clone()
+            p.copy_(a)
+            a.copy_(t)
+
+
 def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=False, rank=0, world=1, phases=None,
-                free_cores=None):
+                free_cores=None, ema=None):
     """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
     The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
     negatives and masks are made on the device, and the loss is summed there: no step waits for the device.
@@ -1680,6 +1718,8 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=Fa
         (loss * share if world > 1 else loss).backward()
         phases("backward")
         opt.step()
+        if ema is not None:
+            ema.update()
         total += loss.detach().to(total.dtype) * (size * share / world)
         n += round(size * share / world)
         phases("optimizer")
@@ -1710,6 +1750,7 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(cfg.seed)
     free_cores = rt.free_cores(world)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     history, best, bad_epochs, best_state = [], -1.0, 0, None
     t_train = t_prep = 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -1719,7 +1760,7 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
         total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, f"epoch {epoch}",
-                                     quiet, rank, world, free_cores=free_cores)
+                                     quiet, rank, world, free_cores=free_cores, ema=ema)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(tn)
@@ -1728,6 +1769,8 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
         t_train += time.perf_counter() - t0
         stop = False
         if rank == 0:
+            if ema is not None:       # validate (and keep) the averaged weights; the training goes on from its own
+                ema.swap()
             val = evaluate(model_scores(model, device, split), split, "validation", cfg.k, device, cfg.eval_memory_mb)
             ndcg = selection_score(val, split, cfg.k)
             history.append({"epoch": epoch, "loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"],
@@ -1744,6 +1787,8 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
             else:
                 bad_epochs += 1
                 stop = bad_epochs >= cfg.patience
+            if ema is not None:
+                ema.swap()
         else:
             history.append({"epoch": epoch, "loss": total / max(n, 1), "validation": None})
         if world > 1:                     # rank 0's early-stopping decision, to everyone
@@ -2016,12 +2061,13 @@ PROTOCOLS = {
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"), audit=lambda *a: tag_leak_audit(*a),
                            crowding=20),
-    # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps
+    # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
+    # softmax trained together with iALS's squared loss on the cosines (weight 5)
     "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
                           lambda *a: multi_target_results(*a, capped=True),
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
-                          dict(fold_in_steps=300)),
+                          dict(fold_in_steps=300, squared_loss=5.0)),
 }
 
 

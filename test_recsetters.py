@@ -1337,6 +1337,64 @@ def test_fold_in_steps_move_a_new_user_towards_their_items_and_leave_trained_use
         R.Config(fold_in_steps=5, scorer="dotcompress", loss="softmax").validate()
 
 
+def test_ema_averages_the_weights_and_swaps_them_in_and_back():
+    """--ema D: after every step avg <- D avg + (1 - D) p; swap() exchanges the average and the weights (twice:
+    as before), so validation and the checkpoint see the average and training goes on from its own weights."""
+    net = torch.nn.Linear(3, 2)
+    w0 = [p.detach().clone() for p in net.parameters()]
+    ema = R.WeightAverage(net, 0.9)
+    steps = []
+    for t in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(t + 1.0)
+        ema.update()
+        steps.append([p.detach().clone() for p in net.parameters()])
+    want = w0
+    for ps in steps:
+        want = [0.9 * a + 0.1 * b for a, b in zip(want, ps)]
+    now = steps[-1]
+    ema.swap()
+    assert all(torch.allclose(p, w, atol=1e-6) for p, w in zip(net.parameters(), want))
+    ema.swap()
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), now))
+    with pytest.raises(R.UserError, match="--ema 1"):
+        R.Config(ema=1.0).validate()
+
+
+def test_squared_loss_adds_ials_objective_on_the_cosines():
+    """--squared-loss B: the full softmax loss plus B times the confidence-weighted mean squared error of every
+    item's cosine (score x temperature) to 1 for the user's train positives (the target and the masked others) and
+    0 for the rest, confidence 1 + --squared-alpha for a positive; written out per row here."""
+    torch.manual_seed(0)
+    cfg = R.Config(squared_loss=2.0, squared_alpha=3.0, temperature=0.5)
+
+    class Toy:
+        scorer = R.DotScorer()
+
+        def users(self, users, drop=None):
+            return torch.nn.functional.normalize(torch.randn(len(users), 4, generator=torch.Generator().manual_seed(1)), dim=1) * 2 ** 0.5
+
+        def items(self, idx):
+            return torch.nn.functional.normalize(torch.randn(len(idx), 4, generator=torch.Generator().manual_seed(2)), dim=1) * 2 ** 0.5
+
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[1, 5] = True
+    batch = {"users": torch.tensor([0, 1]), "pos": torch.tensor([2, 0]), "mask": mask}
+    got = R.batch_loss(Toy(), cfg, batch)
+    S = Toy().users(torch.arange(2)) @ Toy().items(torch.arange(6)).T
+    ce = torch.nn.functional.cross_entropy(S.masked_fill(mask, float("-inf")), batch["pos"])
+    sq = 0.0
+    for r, positives in enumerate(([1, 2, 4], [0, 5])):
+        x = torch.zeros(6)
+        x[positives] = 1
+        w = 1 + 3.0 * x
+        sq += float((w * (x - S[r] * 0.5) ** 2).sum() / w.sum()) / 2
+    assert float(got) == pytest.approx(float(ce) + 2.0 * sq, rel=1e-5)
+    with pytest.raises(R.UserError, match="--squared-loss needs"):
+        R.Config(squared_loss=1.0, loss="softmax").validate()
+
+
 # ---------------------------------------------------------------------------------------------- new-users protocol
 
 def test_new_users_split_holds_out_users_with_a_fold_in_of_their_earliest_items(small_demo):
