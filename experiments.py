@@ -339,7 +339,7 @@ def plots(out, df, fair):
             ax.axhline(b.val_mean, ls=ls, lw=1, color="gray", label=f"{short(b.model)} (baseline, {b.val_mean:.2f})")
         R.epoch_axis(ax, longest)
         ax.set_ylabel(f"validation {R.label(view, metric)} (×100)")
-        ax.set_title(f"{dataset}, {protocol}", fontsize=9)
+        ax.set_title(f"{dataset}, {protocol}: mean over seeds, to the last epoch all ran (faint: each seed)", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()

@@ -224,7 +224,7 @@ class Config:
     squared_loss: float = setting(0.0, "with --loss full and --normalize: add this weight times iALS's objective on "
                                   "the cosines, the confidence-weighted mean squared error of every item's cosine to 1 "
                                   "(the user's train positives) or 0 (every other item)", NONNEGATIVE)
-    squared_alpha: float = setting(10.0, "--squared-loss: a positive's confidence is 1 + this (every other item: 1)",
+    squared_alpha: float = setting(10.0, "a positive's confidence in the squared loss is 1 + this (every other item: 1)",
                                    NONNEGATIVE)
     negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
     margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
