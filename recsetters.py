@@ -1623,9 +1623,8 @@ def batch_loss(model, cfg, batch):
                                         model.items(torch.arange(n_items, device=users.device)))
         loss = F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
         if cfg.squared_loss:          # iALS's objective on the cosines, over every item (the user's positives: 1)
-            x = batch["mask"].clone()
-            x[torch.arange(len(pos), device=pos.device), pos] = True
-            x = x.to(logits.dtype)
+            x = batch["mask"].to(logits.dtype)          # a copy: the other positives, and the target below
+            x[torch.arange(len(pos), device=pos.device), pos] = 1
             w = 1 + cfg.squared_alpha * x
             loss = loss + cfg.squared_loss * ((w * (x - logits * cfg.temperature) ** 2).sum(1) / w.sum(1)).mean()
         return loss
@@ -1659,7 +1658,8 @@ class LossStep(nn.Module):
 
 class WeightAverage:
     """--ema D: an exponential moving average of a model's parameters (avg <- D avg + (1 - D) p after every
-    optimizer step); `applied()` swaps it in for validation and checkpointing, then restores the weights."""
+    optimizer step); `swap()` exchanges it with the weights, so validation and checkpointing see the average, and
+    a second `swap()` restores the weights training goes on from."""
 
     def __init__(self, model, decay):
         self.params = list(model.parameters())

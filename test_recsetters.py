@@ -1366,17 +1366,15 @@ def test_squared_loss_adds_ials_objective_on_the_cosines():
     """--squared-loss B: the full softmax loss plus B times the confidence-weighted mean squared error of every
     item's cosine (score x temperature) to 1 for the user's train positives (the target and the masked others) and
     0 for the rest, confidence 1 + --squared-alpha for a positive; written out per row here."""
-    torch.manual_seed(0)
     cfg = R.Config(squared_loss=2.0, squared_alpha=3.0, temperature=0.5)
+    # unit rows scaled by temperature^-1/2, as normalized towers give: a dot product is cosine / temperature
+    unit = lambda n, seed: torch.nn.functional.normalize(
+        torch.randn(n, 4, generator=torch.Generator().manual_seed(seed)), dim=1) * 2 ** 0.5
 
     class Toy:
         scorer = R.DotScorer()
-
-        def users(self, users, drop=None):
-            return torch.nn.functional.normalize(torch.randn(len(users), 4, generator=torch.Generator().manual_seed(1)), dim=1) * 2 ** 0.5
-
-        def items(self, idx):
-            return torch.nn.functional.normalize(torch.randn(len(idx), 4, generator=torch.Generator().manual_seed(2)), dim=1) * 2 ** 0.5
+        users = staticmethod(lambda users, drop=None: unit(len(users), 1))
+        items = staticmethod(lambda idx: unit(len(idx), 2))
 
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, [1, 4]] = mask[1, 5] = True
