@@ -582,14 +582,7 @@ TUNING = [
                                                                "--squared-loss", "5", "--squared-alpha", "30"]),
     ("n5 new-users, tags + squared loss 10, confidence 1 + 30", ["--split", "new-users", "--text", "tags",
                                                                 "--squared-loss", "10", "--squared-alpha", "30"]),
-    # with the squared loss (weight 5, the protocol's default since n5)
-    ("n6 new-users, tags + squared-loss holdout 0.2", ["--split", "new-users", "--text", "tags",
-                                                      "--squared-holdout", "0.2"]),
-    ("n6 new-users, tags + squared-loss holdout 0.5", ["--split", "new-users", "--text", "tags",
-                                                      "--squared-holdout", "0.5"]),
-    ("n6 new-users, tags + squared loss 10, squared-loss holdout 0.2", ["--split", "new-users", "--text", "tags",
-                                                                       "--squared-loss", "10", "--squared-holdout",
-                                                                       "0.2"]),
+    # with the squared loss (weight 5, the protocol's default since n5); the --squared-holdout rows are at 4b5546f
     ("n6 new-users, tags + cosine schedule over 30 epochs", ["--split", "new-users", "--text", "tags", "--schedule",
                                                             "cosine", "--epochs", "30", "--patience", "30"]),
     ("n6 new-users, tags, dim 384, out dim 384", ["--split", "new-users", "--text", "tags", "--dim", "384",

@@ -224,11 +224,6 @@ class Config:
     squared_loss: float = setting(0.0, "with --loss full and --normalize: add this weight times iALS's objective on "
                                   "the cosines, the confidence-weighted mean squared error of every item's cosine to 1 "
                                   "(the user's train positives) or 0 (every other item)", NONNEGATIVE)
-    squared_holdout: float = setting(0.0, "with --squared-loss: in training, each of a user's other train positives is "
-                                     "held out of the pooled history with this chance and only the held-out ones are "
-                                     "the squared loss's positives; the items kept in the history weigh 0 there (as "
-                                     "a new user's fold-in: given, not ranked), so the loss cannot reward copying "
-                                     "the input", PROBABILITY)
     squared_alpha: float = setting(10.0, "a positive's confidence in the squared loss is 1 + this (every other item: 1)",
                                    NONNEGATIVE)
     negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
@@ -286,8 +281,6 @@ class Config:
             raise UserError("--item-bias needs --scorer dot")
         if self.squared_loss and (self.loss != "full" or not self.normalize):
             raise UserError("--squared-loss needs --loss full and --normalize")
-        if self.squared_holdout and not self.squared_loss:
-            raise UserError("--squared-holdout needs --squared-loss")
         if self.fold_in_steps and self.scorer != "dot":
             raise UserError("--fold-in-steps needs --scorer dot")
         if self.scorer == "dotcompress" and self.out_dim % 2:
@@ -1248,7 +1241,7 @@ class TwoTower(nn.Module):
         t = F.embedding_bag(items, self.i_text, offsets, mode="sum", per_sample_weights=keep)
         return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
 
-    def history_bag(self, idx, drop=None, rows=None, inputs=None):
+    def history_bag(self, idx, drop=None, rows=None):
         """(items, offsets, 0/1 weights or None, kept count, user row of each item) of the users' train items;
         `drop`: one item per user left out; `rows`: (row pointers, items) of other histories, one row per user of
         idx (encode). In training each history item is also left out with probability `history_dropout`
@@ -1259,10 +1252,7 @@ class TwoTower(nn.Module):
         offsets = torch.cumsum(counts, 0) - counts
         which, items = csr_take(ptr, h_idx, idx)
         keep, n = None, counts.float()
-        if inputs is not None:              # (len(idx), items) bool: which history items are given
-            keep = inputs[which, items].float()
-            n = torch.zeros(len(idx), device=idx.device).index_add_(0, which, keep)
-        elif drop is not None or (self.training and self.history_dropout):      # weights 0/1 per history item
+        if drop is not None or (self.training and self.history_dropout):      # weights 0/1 per history item
             keep = torch.ones(len(items), device=idx.device)
             if drop is not None:
                 keep = keep * (items != drop[which])
@@ -1284,12 +1274,12 @@ class TwoTower(nn.Module):
         return torch.zeros(n_users, e.shape[1], device=items.device).index_add_(
             0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
 
-    def users(self, idx, drop=None, feats=None, rows=None, unknown=None, inputs=None):
+    def users(self, idx, drop=None, feats=None, rows=None, unknown=None):
         """User vectors of the users idx, from their features and train history. encode() passes other users'
         feature codes (`feats`, 3 x B), histories (`rows`) and which features are unknown."""
         extra = ()
         if self.hist_emb is not None:
-            bag = self.history_bag(idx, drop, rows, inputs)
+            bag = self.history_bag(idx, drop, rows)
             extra = (self.history(idx, bag=bag),) + (() if self.hist_text is None else (self.history_text_vector(bag),))
         feats = self.u_feats if feats is None else feats
         u = self._out(self.user_tower(list(feats[self.u_rows][:, idx]), extra=extra,
@@ -1628,20 +1618,14 @@ def batch_loss(model, cfg, batch):
     """One batch's loss (`batch` from make_batch)."""
     users, pos = batch["users"], batch["pos"]
     if cfg.loss == "full":
-        mask = batch["mask"]
-        n_items = mask.shape[1]
-        inputs = None
-        if cfg.squared_loss and cfg.squared_holdout:    # the history given: the other positives not held out
-            inputs = mask & (torch.rand(mask.shape, device=mask.device) >= cfg.squared_holdout)
-        logits = model.scorer.all_pairs(model.users(users, drop=pos, inputs=inputs),
+        n_items = batch["mask"].shape[1]
+        logits = model.scorer.all_pairs(model.users(users, drop=pos),
                                         model.items(torch.arange(n_items, device=users.device)))
-        loss = F.cross_entropy(logits.masked_fill(mask, float("-inf")), pos)
+        loss = F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
         if cfg.squared_loss:          # iALS's objective on the cosines, over every item (the user's positives: 1)
-            x = (mask if inputs is None else mask & ~inputs).to(logits.dtype)    # the other (held-out) positives
+            x = batch["mask"].to(logits.dtype)          # a copy: the other positives, and the target below
             x[torch.arange(len(pos), device=pos.device), pos] = 1
             w = 1 + cfg.squared_alpha * x
-            if inputs is not None:
-                w = w.masked_fill(inputs, 0)
             loss = loss + cfg.squared_loss * ((w * (x - logits * cfg.temperature) ** 2).sum(1) / w.sum(1)).mean()
         return loss
     items, inv = batch["items"], batch["inv"]

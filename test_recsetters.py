@@ -1373,7 +1373,7 @@ def test_squared_loss_adds_ials_objective_on_the_cosines():
 
     class Toy:
         scorer = R.DotScorer()
-        users = staticmethod(lambda users, drop=None, inputs=None: unit(len(users), 1))
+        users = staticmethod(lambda users, drop=None: unit(len(users), 1))
         items = staticmethod(lambda idx: unit(len(idx), 2))
 
     mask = torch.zeros(2, 6, dtype=torch.bool)
