@@ -2311,12 +2311,13 @@ BASELINES = {
     "EASE": Baseline(lambda split, _, p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
                      COLLABORATIVE, dense=True),
     # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
-    # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured
+    # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured (iALS:
+    # up to 512 factors, since new-users picked 256, the largest of an older grid, on every seed)
     "RP3beta": Baseline(lambda split, _, p: rp3beta_scores(split, **p), [
         dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
         COLLABORATIVE, dense=True),
     "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
-        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
         COLLABORATIVE),
     # the reference model of the new-users protocol in the literature (strong generalization); not run under
     # leave-one-out, where iALS and EASE are the baselines to beat. Grid (KL weight, epochs): on hetrec seed-0
