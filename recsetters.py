@@ -2062,12 +2062,12 @@ PROTOCOLS = {
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"), audit=lambda *a: tag_leak_audit(*a),
                            crowding=20),
     # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
-    # softmax trained together with iALS's squared loss on the cosines (weight 5)
+    # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384
     "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
                           lambda *a: multi_target_results(*a, capped=True),
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
-                          dict(fold_in_steps=300, squared_loss=5.0)),
+                          dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384)),
 }
 
 
