@@ -679,9 +679,10 @@ def test_bad_base_url_and_second_run(tmp_path, fakes, monkeypatch, capsys):
 
 
 def max_per_window(times, window=1.0):
-    """The most events in any window of `window` seconds (closed at both ends)."""
+    """The most events in any window [t, t + `window`) seconds (a limiter at rate r spaces starts 1 / r apart: r
+    in every such window of 1 s, r + 1 in a closed one)."""
     times = sorted(times)
-    return max((sum(1 for u in times[i:] if u - t <= window) for i, t in enumerate(times)), default=0)
+    return max((sum(1 for u in times[i:] if u - t < window) for i, t in enumerate(times)), default=0)
 
 
 def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, capsys):
@@ -700,7 +701,9 @@ def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, ca
     arrivals = [t for t, kind in fakes.arrivals if kind == "lyrics"]
     limited = [t for t, kind in fakes.arrivals if kind == "429"]
     assert len(arrivals) >= 16 and limited
-    assert max_per_window(arrivals) <= 5, max_per_window(arrivals)
+    # arrivals at the fake server carry a loaded machine's scheduling jitter (tens of ms) on top of the limiter's
+    # 1 / rate spacing, so they are checked in windows of 0.9 s: a burst still fails, jitter does not
+    assert max_per_window(arrivals, 0.9) <= 5, max_per_window(arrivals, 0.9)
     for t in limited:   # after a 429 with retry-after 1, nobody sends for a second (requests in flight aside)
         assert not [u for u in arrivals if t + 0.3 < u < t + 0.95], (t, arrivals)
 
