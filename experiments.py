@@ -587,6 +587,8 @@ TUNING = [
                                                             "cosine", "--epochs", "30", "--patience", "30"]),
     ("n6 new-users, tags, dim 384, out dim 384", ["--split", "new-users", "--text", "tags", "--dim", "384",
                                                  "--out-dim", "384"]),
+    ("n6 new-users, tags, dim 512, out dim 512", ["--split", "new-users", "--text", "tags", "--dim", "512",
+                                                 "--out-dim", "512"]),
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),
