@@ -600,6 +600,7 @@ TUNING = [
     ("n7 new-users, tags + squared loss 10", ["--split", "new-users", "--text", "tags", "--squared-loss", "10"]),
     ("n7 new-users, tags + weight decay 0.01", ["--split", "new-users", "--text", "tags", "--weight-decay", "0.01"]),
     ("n7 new-users, tags + history text", ["--split", "new-users", "--text", "tags", "--history-text"]),
+    ("n7 new-users, tags + attention pooling", ["--split", "new-users", "--text", "tags", "--pool", "attention"]),
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),
