@@ -200,9 +200,6 @@ class Config:
                                  "their history, this many Adam steps on their vector (lr 0.003) over the likelihood "
                                  "of their items plus its squared distance to the encoded vector (the two-tower's "
                                  "fold-in; --scorer dot)", COUNT0)
-    unroll_steps: int = setting(0, "train through a fold-in: every user vector is moved by this many gradient steps "
-                                "(a learned step size) on the likelihood of the user's history items, in training "
-                                "(history without the target, differentiated through) and at scoring", COUNT0)
     pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
                         "query q)", choices=("mean", "attention"))
     text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
@@ -1227,8 +1224,6 @@ class TwoTower(nn.Module):
                              persistent=False)
         self.cold_dropout = cfg.cold_dropout
         self.fold_in_steps = cfg.fold_in_steps
-        self.unroll = cfg.unroll_steps
-        self.log_eta = nn.Parameter(torch.tensor(math.log(3e-3))) if cfg.unroll_steps else None
         unknown = unknown_values(unseen, feats, cfg.unseen_ids)[:self.n_cats]
         self.register_buffer("i_unknown", torch.as_tensor(unknown) if unknown.any() or cfg.cold_dropout else None,
                              persistent=False)          # None: every value has train interactions, nothing to replace
@@ -1306,22 +1301,9 @@ class TwoTower(nn.Module):
         rows = tuple(torch.as_tensor(a, dtype=torch.long, device=dev) for a in (history.indptr, history.indices))
         U = self.users(idx, feats=feats, rows=rows if self.hist_emb is not None else None, unknown=unknown)
         new = np.flatnonzero((known < 0).cpu().numpy() & (np.diff(history.indptr) > 0))
-        if self.unroll and len(new):
-            rows, U = torch.as_tensor(new, device=dev), U.clone()
-            X = torch.as_tensor(history[new].toarray(), dtype=torch.float32, device=dev)
-            U[rows] = self.refine(U[rows], X, self.items(torch.arange(int(self.i_feats.shape[1]), device=dev)))
         if self.fold_in_steps and len(new):
             rows, U = torch.as_tensor(new, device=dev), U.clone()
             U[rows] = self.fold_in(U[rows], history[new])
-        return U
-
-    def refine(self, U, X, V):
-        """--unroll-steps: U moved by that many steps of the gradient of the multinomial log-likelihood of the items
-        X (B x items, 0/1) over every item, with a learned step size; normalized towers renormalized after each."""
-        eta = self.log_eta.exp()
-        for _ in range(self.unroll):
-            p = torch.softmax(U @ V.T, 1)
-            U = self._out(U + eta * ((X - X.sum(1, keepdim=True) * p) @ V))
         return U
 
     def fold_in(self, U0, history, lr=3e-3, anchor=1.0, memory_mb=256):
@@ -1637,10 +1619,8 @@ def batch_loss(model, cfg, batch):
     users, pos = batch["users"], batch["pos"]
     if cfg.loss == "full":
         n_items = batch["mask"].shape[1]
-        U, V = model.users(users, drop=pos), model.items(torch.arange(n_items, device=users.device))
-        if model.unroll:
-            U = model.refine(U, batch["mask"].to(U.dtype), V)
-        logits = model.scorer.all_pairs(U, V)
+        logits = model.scorer.all_pairs(model.users(users, drop=pos),
+                                        model.items(torch.arange(n_items, device=users.device)))
         loss = F.cross_entropy(logits.masked_fill(batch["mask"], float("-inf")), pos)
         if cfg.squared_loss:          # iALS's objective on the cosines, over every item (the user's positives: 1)
             x = batch["mask"].to(logits.dtype)          # a copy: the other positives, and the target below
@@ -1839,12 +1819,6 @@ def tower_vectors(model, device, split=None):
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
         U = torch.cat([model.users(torch.arange(a, min(a + 65536, n_users), device=device))
                        for a in range(0, n_users, 65536)])
-        if model.unroll and split is not None:      # trained users: refined on their train items, as in training
-            V = model.items(torch.arange(n_items, device=device))
-            for a in range(0, n_users, 1024):
-                idx = np.arange(a, min(a + 1024, n_users))
-                X = torch.as_tensor(split.train[idx].toarray(), dtype=torch.float32, device=device)
-                U[a:a + len(idx)] = model.refine(U[a:a + len(idx)], X, V)
         if split is not None and split.fold_in is not None:
             rows = np.flatnonzero(np.diff(split.fold_in.indptr))
             U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.fold_in[rows])
