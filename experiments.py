@@ -602,8 +602,6 @@ TUNING = [
     ("n7 new-users, tags + history text", ["--split", "new-users", "--text", "tags", "--history-text"]),
     ("n7 new-users, tags + attention pooling", ["--split", "new-users", "--text", "tags", "--pool", "attention"]),
     ("n8 new-users, no text", ["--split", "new-users", "--text", "none"]),
-    ("n9 new-users, tags + distilled from EASE, weight 1", ["--split", "new-users", "--text", "tags", "--distill", "1"]),
-    ("n9 new-users, tags + distilled from EASE, weight 3", ["--split", "new-users", "--text", "tags", "--distill", "3"]),
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),

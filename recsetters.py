@@ -226,10 +226,6 @@ class Config:
                                   "(the user's train positives) or 0 (every other item)", NONNEGATIVE)
     squared_alpha: float = setting(10.0, "a positive's confidence in the squared loss is 1 + this (every other item: 1)",
                                    NONNEGATIVE)
-    distill: float = setting(0.0, "with --loss full: add this weight times the KL divergence from EASE's softmax "
-                             "(fitted on the train positives) over the items to the model's", NONNEGATIVE)
-    distill_lambda: float = setting(100.0, "EASE's L2 penalty for --distill", POSITIVE)
-    distill_temperature: float = setting(0.05, "temperature of EASE's scores in --distill", POSITIVE)
     negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
     margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
     epochs: int = setting(40, "most training epochs", COUNT)
@@ -1631,11 +1627,6 @@ def batch_loss(model, cfg, batch):
             x[torch.arange(len(pos), device=pos.device), pos] = 1
             w = 1 + cfg.squared_alpha * x
             loss = loss + cfg.squared_loss * ((w * (x - logits * cfg.temperature) ** 2).sum(1) / w.sum(1)).mean()
-        if "teacher" in batch:        # EASE's scores of the history without the target, as a softmax to match
-            t = F.log_softmax(batch["teacher"].masked_fill(batch["mask"], float("-inf")) / cfg.distill_temperature, 1)
-            s = F.log_softmax(logits.masked_fill(batch["mask"], float("-inf")), 1)
-            kl = torch.where(batch["mask"], 0.0, t.exp() * (t - s)).sum(1)
-            loss = loss + cfg.distill * kl.mean()
         return loss
     items, inv = batch["items"], batch["inv"]
     U = model.users(users, drop=pos)
@@ -1688,7 +1679,7 @@ class WeightAverage:
 
 
 def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=False, rank=0, world=1, phases=None,
-                free_cores=None, ema=None, teacher=None):
+                free_cores=None, ema=None):
     """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
     The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
     negatives and masks are made on the device, and the loss is summed there: no step waits for the device.
@@ -1719,8 +1710,6 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=Fa
             lo, hi = start + a, start + b
             users, pos, neg = users[a:b], pos[a:b], None if neg is None else neg[a:b]
         batch = make_batch(cfg, sampler, users, pos, neg, logq, int(n_pos[lo:hi].sum()))
-        if teacher is not None:
-            batch["teacher"] = teacher[0][users] - teacher[1][pos]
         phases("sampling")
         with rt.autocast():
             loss = step(cfg, batch)
@@ -1762,10 +1751,6 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
     rng = np.random.default_rng(cfg.seed)
     free_cores = rt.free_cores(world)
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
-    teacher = None
-    if cfg.distill:
-        Bm = ease_matrix(split.train.astype(np.float64), cfg.distill_lambda)
-        teacher = tuple(torch.as_tensor(a, dtype=torch.float32, device=device) for a in (split.train @ Bm, Bm))
     history, best, bad_epochs, best_state = [], -1.0, 0, None
     t_train = t_prep = 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -1775,7 +1760,7 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
         total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, f"epoch {epoch}",
-                                     quiet, rank, world, free_cores=free_cores, ema=ema, teacher=teacher)
+                                     quiet, rank, world, free_cores=free_cores, ema=ema)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(tn)
