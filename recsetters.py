@@ -238,6 +238,10 @@ class Config:
                          Range(lambda v: 0 <= v < 1, "a number in [0, 1)"))
     schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
                             choices=("constant", "cosine"))
+    ensemble: int = setting(1, "train this many two-towers apart, each from its own initialization, negatives and "
+                            "batch order (member m: seed --seed + 1000 m; member 0 is the single model), each at its "
+                            "best validation epoch, and rank by the mean of their scores (a deep ensemble: this many "
+                            "times the training; --scorer dot)", COUNT)
     preset: str = setting("", "another set of train defaults; flags given explicitly still win. original: the "
                           "study's exact model and optimizer")
     # where and how it runs
@@ -283,6 +287,8 @@ class Config:
             raise UserError("--squared-loss needs --loss full and --normalize")
         if self.fold_in_steps and self.scorer != "dot":
             raise UserError("--fold-in-steps needs --scorer dot")
+        if self.ensemble > 1 and self.scorer != "dot":
+            raise UserError("--ensemble needs --scorer dot")
         if self.scorer == "dotcompress" and self.out_dim % 2:
             raise UserError(f"--out-dim {self.out_dim}: --scorer dotcompress needs an even size")
         if self.loss == "margin" and self.negatives < 1:
@@ -1360,6 +1366,37 @@ class TwoTower(nn.Module):
         return h if self.scale is None else F.normalize(h, dim=-1) * self.scale
 
 
+class Ensemble(nn.Module):
+    """--ensemble M: M two-towers trained apart, ranking by the mean of their scores. Their vectors side by side (the
+    users' divided by M) make that mean one dot product, so whatever scores, encodes (each member folds a new user in
+    itself), explains or exports a TwoTower takes an Ensemble as it is."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.scorer = DotScorer()
+
+    u_feats = property(lambda self: self.members[0].u_feats)
+    i_feats = property(lambda self: self.members[0].i_feats)
+    hist_emb = property(lambda self: self.members[0].hist_emb)
+
+    def users(self, *args, **kwargs):
+        return torch.cat([m.users(*args, **kwargs) for m in self.members], -1) / len(self.members)
+
+    def encode(self, *args, **kwargs):
+        return torch.cat([m.encode(*args, **kwargs) for m in self.members], -1) / len(self.members)
+
+    def items(self, idx):
+        return torch.cat([m.items(idx) for m in self.members], -1)
+
+
+def make_model(feats, cfg, history):
+    """The model a configuration describes: a TwoTower, or an Ensemble of --ensemble of them."""
+    if cfg.ensemble > 1:
+        return Ensemble([TwoTower(feats, cfg, history) for _ in range(cfg.ensemble)])
+    return TwoTower(feats, cfg, history)
+
+
 def unknown_values(unseen, feats, mode="zero"):
     """(3, items) bool: which of an item's id, artist and tag have no train interactions (`unseen`: items without
     any). Those embeddings were never trained: at inference they are replaced by zero (mode zero) or a learned
@@ -1731,12 +1768,14 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=Fa
     return total.item(), n, phases.seconds["sampling"]
 
 
-def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
+def train_model(cfg, split, feats, rt, run_dir=None, quiet=False, member=0):
     """Train with early stopping on the protocol's validation metric. Returns (best model, history, timings).
-    Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop. rt: a Runtime."""
+    Under torchrun (see cmd_train) rank 0 validates, checkpoints and decides when to stop. rt: a Runtime.
+    member: the ensemble member trained (its initialization, negatives and batch order: seed + 1000 member)."""
     cfg.validate()
     device = rt.device
-    seed_everything(cfg.seed)
+    seed = cfg.seed + 1000 * member
+    seed_everything(seed)
     rank, world = dist_rank_world()
     model = TwoTower(feats, cfg, split.train).to(device)
     if cfg.compile:
@@ -1746,9 +1785,9 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     opt = rt.optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    sampler = NegativeSampler(split, cfg.seed, device)
+    sampler = NegativeSampler(split, seed, device)
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     free_cores = rt.free_cores(world)
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     history, best, bad_epochs, best_state = [], -1.0, 0, None
@@ -1802,6 +1841,33 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False):
         return model, history, timings
     model.load_state_dict(best_state)
     timings["best_epoch"] = max(history, key=lambda h: selection_score(h["validation"], split, cfg.k))["epoch"]
+    return model, history, timings
+
+
+def train_ensemble(cfg, split, feats, rt, run_dir=None, quiet=False):
+    """--ensemble M: train_model for members 0 .. M-1 one after another, each kept at its own best validation epoch.
+    Returns (Ensemble, member 0's history, timings summed over the members, with each member's best epoch and
+    validation, and the ensemble's validation); the checkpoint is written once, of the whole ensemble."""
+    members, history, timings = [], None, {"members": []}
+    for m in range(cfg.ensemble):
+        if not quiet:
+            log(f"ensemble member {m + 1} of {cfg.ensemble} (seed {cfg.seed + 1000 * m})")
+        model, h, t = train_model(cfg, split, feats, rt, None, quiet, member=m)
+        members.append(model)
+        history = history or h
+        for key in ("train_seconds", "data_prep_seconds", "epochs_run"):
+            timings[key] = timings.get(key, 0) + t[key]
+        timings["members"].append({"best_epoch": t.get("best_epoch"), "epochs_run": t["epochs_run"],
+                                   "validation": h[t["best_epoch"] - 1]["validation"] if "best_epoch" in t else None})
+    model = Ensemble(members)
+    if "best_epoch" in t:                # rank 0 (under torchrun the others only train)
+        timings["best_epoch"] = timings["members"][0]["best_epoch"]
+        timings["validation"] = evaluate(model_scores(model, rt.device, split), split, "validation", cfg.k, rt.device,
+                                         cfg.eval_memory_mb)
+        if not quiet:
+            log(f"ensemble of {cfg.ensemble}: val {result_line(timings['validation'], split, cfg.k)}")
+        if run_dir:
+            save_checkpoint(run_dir, model, timings["best_epoch"])
     return model, history, timings
 
 
@@ -2062,12 +2128,13 @@ PROTOCOLS = {
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"), audit=lambda *a: tag_leak_audit(*a),
                            crowding=20),
     # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
-    # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384
+    # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384; an
+    # ensemble of 3 two-towers trained apart
     "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
                           lambda *a: multi_target_results(*a, capped=True),
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
-                          dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384)),
+                          dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384, ensemble=3)),
 }
 
 
@@ -2715,9 +2782,9 @@ def epoch_axis(ax, n):
     ax.set_xlabel("epoch")
 
 
-def plot_curves(history, best_epoch, split, cfg, path, title):
+def plot_curves(history, best_epoch, split, cfg, path, title, ensemble_val=None):
     """curves.png of a run: the training loss and the protocol's validation selection metric per epoch, the chosen
-    (best-validation) epoch marked on both."""
+    (best-validation) epoch marked on both; of an --ensemble, member 1's curves and the ensemble's validation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -2733,6 +2800,9 @@ def plot_curves(history, best_epoch, split, cfg, path, title):
         ax.plot([best_epoch], [y[best]], "o", ms=8, mfc="none", mec="tab:red",
                 label=f"chosen epoch {best_epoch} (best validation)")
         ax.set_ylabel(name)
+        if ax is b and ensemble_val is not None:
+            ax.axhline(ensemble_val[view][metric], ls=":", color="tab:green",
+                       label=f"the ensemble of {cfg.ensemble} (members at their best epochs)")
         epoch_axis(ax, len(epochs))
         ax.grid(alpha=0.3)
     b.legend(fontsize=8, loc="lower right")
@@ -2811,11 +2881,12 @@ def train_and_report(cfg, rt, rank=0, world=1):
     t_feat = time.perf_counter() - t0
     if rank == 0:
         save_run_info(run_dir, cfg, ds, feats)
-    model, history, timings = train_model(cfg, split, feats, rt, run_dir if rank == 0 else None)
+    train = train_ensemble if cfg.ensemble > 1 else train_model
+    model, history, timings = train(cfg, split, feats, rt, run_dir if rank == 0 else None)
     if rank > 0:
         return None
     best_epoch = timings["best_epoch"]
-    val = history[best_epoch - 1]["validation"]
+    val = timings.pop("validation", None) or history[best_epoch - 1]["validation"]
     t0 = time.perf_counter()
     test, ranks = evaluate(model_scores(model, rt.device, split), split, "test", cfg.k, rt.device, cfg.eval_memory_mb,
                            return_ranks=True)
@@ -2836,10 +2907,12 @@ def train_and_report(cfg, rt, rank=0, world=1):
         results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
     save_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
-    plot_curves(history, best_epoch, split, cfg, run_dir / "curves.png",
-                f"{run_dir.name}: {ds.label}, {protocol_title(split)}, two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})")
+    name = f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text}{f', ensemble of {cfg.ensemble}' if cfg.ensemble > 1 else ''})"
+    plot_curves(history, best_epoch, split, cfg, run_dir / "curves.png", f"{run_dir.name}: {ds.label}, "
+                f"{protocol_title(split)}, {name}" + (", member 1" if cfg.ensemble > 1 else ""),
+                val if cfg.ensemble > 1 else None)
     users = test[column(PROTOCOLS[protocol].select, cfg.k)[0]]["n"]
-    print(fmt_table([(f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text})", test), *baselines.items()], split, cfg.k,
+    print(fmt_table([(name, test), *baselines.items()], split, cfg.k,
                     f"\nTest, {ds.label}, {protocol_title(split)}: {users:,} users, full ranking over "
                     f"{split.n_items:,} items; models selected on validation {label(*column(PROTOCOLS[protocol].select, cfg.k))} "
                     f"(two-tower: best epoch {best_epoch})"))
@@ -2901,7 +2974,7 @@ def restore(run, runs_dir="runs", device_name="auto"):
                         f"{saved.get('digest')}, now {ds.digest}): retrain the run on the dataset as it is, or "
                         f"restore the dataset's files")
     feats = build_features(ds, cfg.text, Path(cfg.data_dir) / ".cache", "cpu")
-    model = TwoTower(feats, cfg, split.train)
+    model = make_model(feats, cfg, split.train)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     if want != have:

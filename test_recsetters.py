@@ -1337,6 +1337,36 @@ def test_fold_in_steps_move_a_new_user_towards_their_items_and_leave_trained_use
         R.Config(fold_in_steps=5, scorer="dotcompress", loss="softmax").validate()
 
 
+def test_ensemble_scores_by_the_mean_of_members_trained_apart_and_its_first_member_is_the_single_model(small_demo):
+    """--ensemble M: member 0 trains exactly as the single model does (same seed, same losses), member 1 from its own
+    seed (other losses); the ensemble's scores, for trained users and for users folded in (each member folds in
+    itself), are the mean of the members' scores; a saved ensemble is restored whole."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", epochs=2, seed=0, fold_in_steps=5,
+                   ensemble=2, device="cpu")
+    ds, split = R.prepare(cfg, quiet=True)
+    feats, rt = R.build_features(ds, "none"), R.Runtime(torch.device("cpu"))
+    single, h1, _ = R.train_model(R.Config(**{**R.asdict(cfg), "ensemble": 1}), split, feats, rt, quiet=True)
+    ens, h, t = R.train_ensemble(cfg, split, feats, rt, quiet=True)
+    assert [e["loss"] for e in h] == pytest.approx([e["loss"] for e in h1])
+    assert len(t["members"]) == 2 and t["epochs_run"] == 4
+    other = R.train_model(cfg, split, feats, rt, quiet=True, member=1)[1]
+    assert [e["loss"] for e in other] != pytest.approx([e["loss"] for e in h1])
+    users = np.arange(split.n_users)
+    mean = sum(R.model_scores(m, "cpu")(users) for m in ens.members) / 2
+    assert torch.allclose(R.model_scores(ens, "cpu")(users), mean, atol=1e-4)
+    country, H = ens.u_feats[1, [3, 10]].numpy(), split.train[[3, 10]]
+    with torch.no_grad():
+        V = [m.items(torch.arange(split.n_items)) for m in ens.members]
+        want = sum(m.encode(country, H) @ v.T for m, v in zip(ens.members, V)) / 2
+        got = ens.encode(country, H) @ ens.items(torch.arange(split.n_items)).T
+    assert torch.allclose(got, want, atol=1e-4)
+    with pytest.raises(R.UserError, match="--ensemble needs --scorer dot"):
+        R.Config(ensemble=2, scorer="dotcompress", loss="softmax").validate()
+    back = R.make_model(feats, cfg, split.train)
+    back.load_state_dict(ens.state_dict())
+    assert torch.allclose(R.model_scores(back, "cpu")(users), mean, atol=1e-4)
+
+
 def test_ema_averages_the_weights_and_swaps_them_in_and_back():
     """--ema D: after every step avg <- D avg + (1 - D) p; swap() exchanges the average and the weights (twice:
     as before), so validation and the checkpoint see the average and training goes on from its own weights."""
