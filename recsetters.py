@@ -3071,26 +3071,39 @@ def recommend_items(model, history, k, country=-1, known=-1, exclude=None, devic
     n_items = int(model.i_feats.shape[1])
     history = np.asarray(history, np.int64)
     model.eval()
-    with torch.no_grad():
-        hist = sp.csr_matrix((np.ones(len(history)), history, [0, len(history)]), shape=(1, n_items))
-        u = model.encode([country], hist, [known])
+    with torch.no_grad():       # the user and the occluded users of reasons in one encode (one fold-in, not two)
+        U = model.encode(*occlusions(history, n_items, country, known, model.hist_emb is not None))
+        u = U[:1]
         V = model.items(torch.arange(n_items, device=u.device))
     ex = np.asarray(history if exclude is None else exclude, np.int64)
     ex = sp.csr_matrix((np.ones(len(ex)), ex, [0, len(ex)]), shape=(1, n_items))
     fn = lambda users: model.scorer.all_pairs(u.expand(len(users), -1), V)
     top = top_k_lists(fn, np.array([0]), ex, k, device)[0]
     scores = fn([0])[0, torch.as_tensor(top, device=u.device)].cpu().numpy()
-    why, weight = reasons(model, country, history, top, known)
+    why, weight = reasons(model, country, history, top, known, U=U if len(U) > 1 else None)
     return top, scores, why, weight
 
 
-def reasons(model, country, history, items, known=-1):
+def occlusions(history, n_items, country=-1, known=-1, each=True):
+    """encode()'s arguments for one user (history: item indices) given once with the whole history and then, with
+    `each`, once without each history item (row r: without history[r-1]), as reasons occludes them."""
+    H = np.asarray(history, np.int64)
+    full = np.tile(H, len(H) + 1).reshape(len(H) + 1, len(H)) if each and len(H) else H[None]
+    keep = np.ones_like(full, bool)
+    keep[np.arange(1, len(full)), np.arange(len(full) - 1)] = False
+    ptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
+    hist = sp.csr_matrix((np.ones(keep.sum()), full[keep], ptr), shape=(len(full), n_items))
+    return np.full(len(full), country), hist, np.full(len(full), known)
+
+
+def reasons(model, country, history, items, known=-1, U=None):
     """Why each of `items` is recommended to one user (a country code, and history: item indices): the history
     item that contributes most to its score, i.e. whose removal from the history lowers that score most
     (occlusion: the user encoded once with the whole history and once without each history item). A model
     without history pooling scores no differently without an item: then the history item whose item vector is
     closest (largest score as a user vector would give: v_h . v_i) is the reason. Returns (history item index,
-    score drop or similarity) per recommended item; (-1, 0) for an empty history."""
+    score drop or similarity) per recommended item; (-1, 0) for an empty history. U: the users of occlusions(),
+    when already encoded."""
     H, items = np.asarray(history, np.int64), np.asarray(items, np.int64)
     if len(H) == 0:
         return np.full(len(items), -1), np.zeros(len(items))
@@ -3101,12 +3114,8 @@ def reasons(model, country, history, items, known=-1):
         if model.hist_emb is None:
             S = model.scorer.all_pairs(model.items(torch.as_tensor(H, device=dev)), V)       # (|H|, items)
         else:
-            full = np.tile(H, len(H) + 1).reshape(len(H) + 1, len(H))
-            keep = np.ones_like(full, bool)
-            keep[np.arange(1, len(H) + 1), np.arange(len(H))] = False                     # row r: without H[r-1]
-            ptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
-            hist = sp.csr_matrix((np.ones(keep.sum()), full[keep], ptr), shape=(len(H) + 1, int(model.i_feats.shape[1])))
-            U = model.encode(np.full(len(H) + 1, country), hist, np.full(len(H) + 1, known))
+            if U is None:
+                U = model.encode(*occlusions(H, int(model.i_feats.shape[1]), country, known))
             S = model.scorer.all_pairs(U, V)
             S = S[:1] - S[1:]                                                             # the drop without each
         best = S.argmax(0)
