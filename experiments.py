@@ -323,15 +323,20 @@ def plots(out, df, fair):
         runs = df[(df.dataset == dataset) & (df.protocol == protocol) & df.kind.isin(["two-tower", "mf"])]
         longest = 1
         for model, g in runs.groupby("model"):
-            curves = [[h["validation"][view][metric] for h in
-                       json.loads((out / "runs" / r / "results.json").read_text())["history"]] for r in g.run]
+            results = [json.loads((out / "runs" / r / "results.json").read_text()) for r in g.run]
+            curves = [[h["validation"][view][metric] for h in res["history"]] for res in results]
+            ensemble = all(res.get("timings", {}).get("members") for res in results)     # curves: member 1's
             # the mean over the epochs every seed ran (early stopping ends seeds at different epochs: a mean over
             # the seeds still running would jump where one stops); each seed's own curve faint behind it
             n = min(len(c) for c in curves)
             longest = max(longest, max(len(c) for c in curves))
-            line, = ax.plot(np.arange(1, n + 1), np.mean([c[:n] for c in curves], 0), marker=".", label=short(model))
+            line, = ax.plot(np.arange(1, n + 1), np.mean([c[:n] for c in curves], 0), marker=".",
+                            label=short(model) + (", member 1" if ensemble else ""))
             for c in curves if len(curves) > 1 else ():
                 ax.plot(np.arange(1, len(c) + 1), c, lw=0.6, alpha=0.3, color=line.get_color())
+            if ensemble:     # what is selected and reported: the ensemble of the members at their best epochs
+                v = np.mean([res["validation"][view][metric] for res in results])
+                ax.axhline(v, ls=":", lw=1.2, color=line.get_color(), label=f"{short(model)}, the ensemble ({v:.2f})")
         # the three best baselines on validation as horizontal lines, each its own style, named in the legend (a
         # legend outside the axes: labels on the lines or in a corner overlap them)
         best = o[o.kind == "baseline"].sort_values("val_mean", ascending=False).head(3)
@@ -602,6 +607,7 @@ TUNING = [
     ("n7 new-users, tags + history text", ["--split", "new-users", "--text", "tags", "--history-text"]),
     ("n7 new-users, tags + attention pooling", ["--split", "new-users", "--text", "tags", "--pool", "attention"]),
     ("n8 new-users, no text", ["--split", "new-users", "--text", "none"]),
+    ("n9 new-users, tags, a single two-tower", ["--split", "new-users", "--text", "tags", "--ensemble", "1"]),
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),
