@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 import pytest
 
+import collect
 import enrich
 from test_collect import RawServer, deadline, drip, http_date, raw_answer, send_raw  # deadline: autouse, 150 s a test
 
@@ -686,7 +687,13 @@ def max_per_window(times, window=1.0):
 
 
 def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, capsys):
+    """8 workers at --lyrics-rate 5 with 429s (Retry-After 1): every request the server saw went through the limiter,
+    whose departures (sent(): a bound taken after the request has left) keep 5 in any second; the server's arrivals
+    show no burst, and nobody sends during a hold."""
     tracks = [(f"r{n:02d}", f"Artist {n}", f"Song {n}", "pop") for n in range(16)]
+    departures, sent = [], collect.RateLimiter.sent
+    monkeypatch.setattr(collect.RateLimiter, "sent", lambda self, start: departures.append(sent(self, start)) or
+                        departures[-1])
     fakes = Fakes(fault_rate=0.15, seed=11).start()
     fakes.retry_after = "1"
     fakes.fault = lambda key, f=fakes.fault: "429" if f(key) else None   # every injected fault is a 429
@@ -700,10 +707,12 @@ def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, ca
         fakes.stop()
     arrivals = [t for t, kind in fakes.arrivals if kind == "lyrics"]
     limited = [t for t, kind in fakes.arrivals if kind == "429"]
-    assert len(arrivals) >= 16 and limited
-    # arrivals at the fake server carry a loaded machine's scheduling jitter (tens of ms) on top of the limiter's
-    # 1 / rate spacing, so they are checked in windows of 0.9 s: a burst still fails, jitter does not
-    assert max_per_window(arrivals, 0.9) <= 5, max_per_window(arrivals, 0.9)
+    assert len(arrivals) >= 16 and limited and len(departures) == len(arrivals)
+    assert max_per_window(departures, 1.0) <= 5, sorted(departures)
+    # the server stamps an arrival when its handler thread runs: on a loaded machine that lags the departure by
+    # up to a tenth of a second or more (a fresh-clone make test once saw 6 arrivals in 0.9 s while the limiter
+    # kept 5 a second), so the arrivals are only checked for a burst (8 workers unlimited send 8 at once)
+    assert max_per_window(arrivals, 0.9) <= 6, sorted(arrivals)
     for t in limited:   # after a 429 with retry-after 1, nobody sends for a second (requests in flight aside)
         assert not [u for u in arrivals if t + 0.3 < u < t + 0.95], (t, arrivals)
 
