@@ -215,9 +215,10 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
 
 def time_recommend(run, loved_csv, reps=5, device="cpu", threads="auto"):
     """One line: the seconds `recommend RUN --loved FILE` needs after the run is loaded, median of `reps` rounds
-    (--threads: a number, or auto and torch: torch's default)."""
+    (--threads: a number; auto: as `recommend`, the cores other processes left free while the run loaded; torch:
+    torch's default)."""
     R.make_runtime("cpu", 0 if threads in ("auto", "torch") else int(threads), quiet=True)     # the thread count
-    cfg, ds, split, model, device, _ = R.restore(run, device_name=device)
+    cfg, ds, split, model, device, _ = R.restore(run, device_name=device, free_cores=threads == "auto")
     loved, times = R.read_loved(loved_csv), []
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -2949,9 +2949,13 @@ def load_run(run, runs_dir="runs"):
     return run_dir, info, ck["state_dict"]
 
 
-def restore(run, runs_dir="runs", device_name="auto"):
+def restore(run, runs_dir="runs", device_name="auto", free_cores=True):
     """A saved run's configuration, dataset, split and model, after checking that the dataset is the one it was
-    trained on (digest, vocabularies) and that best.pt fits the model run.json describes (names and shapes)."""
+    trained on (digest, vocabularies) and that best.pt fits the model run.json describes (names and shapes). On a
+    CPU the torch thread count is then set once to the cores other processes left free while the run loaded (the
+    rule of --threads 0: spinning threads beside a busy process made `recommend` 3.7 times slower); free_cores=False
+    leaves the thread count as the caller set it."""
+    watch = FreeCores(first=0.0) if free_cores else None
     run_dir, info, state = load_run(run, runs_dir)
     info_path = run_dir / "run.json"
     names = {f.name for f in fields(Config)}
@@ -2984,6 +2988,8 @@ def restore(run, runs_dir="runs", device_name="auto"):
                         f"{have.get(k, 'missing')} vs {want.get(k, 'not in the model')}): the files come from "
                         f"different runs; retrain the run")
     model.load_state_dict(state)
+    if watch and device.type == "cpu":
+        watch()
     return cfg, ds, split, model.to(device), device, run_dir
 
 

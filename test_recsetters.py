@@ -557,6 +557,34 @@ def test_threads_follow_the_cores_other_processes_leave_free(tmp_path):
         torch.set_num_threads(before)
 
 
+def test_a_saved_run_restored_on_the_cpu_takes_the_threads_other_processes_left_free(tiny_run, monkeypatch):
+    """recommend, evaluate, browse, export and fairness have no --threads: restore sets torch's thread count once,
+    after loading, by --threads 0's rule (FreeCores over the loading time); free_cores=False (bench.py with a fixed
+    count) leaves it alone."""
+    calls = []
+
+    class Watch:
+        def __init__(self, first=0.25):
+            calls.append(("made", first))
+
+        def __call__(self):
+            calls.append("checked")
+            torch.set_num_threads(1)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(R, "FreeCores", Watch)
+    try:
+        torch.set_num_threads(2)
+        R.restore(str(tiny_run[1]), device_name="cpu")
+        assert calls == [("made", 0.0), "checked"] and torch.get_num_threads() == 1
+        calls.clear()
+        torch.set_num_threads(2)
+        R.restore(str(tiny_run[1]), device_name="cpu", free_cores=False)
+        assert calls == [] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------- distributed
 
 @pytest.mark.slow
