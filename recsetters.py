@@ -3086,7 +3086,7 @@ def recommend_items(model, history, k, country=-1, known=-1, exclude=None, devic
     fn = lambda users: model.scorer.all_pairs(u.expand(len(users), -1), V)
     top = top_k_lists(fn, np.array([0]), ex, k, device)[0]
     scores = fn([0])[0, torch.as_tensor(top, device=u.device)].cpu().numpy()
-    why, weight = reasons(model, country, history, top, known, U=U if len(U) > 1 else None)
+    why, weight = reasons(model, country, history, top, known, U=U)
     return top, scores, why, weight
 
 
@@ -3109,7 +3109,7 @@ def reasons(model, country, history, items, known=-1, U=None):
     without history pooling scores no differently without an item: then the history item whose item vector is
     closest (largest score as a user vector would give: v_h . v_i) is the reason. Returns (history item index,
     score drop or similarity) per recommended item; (-1, 0) for an empty history. U: the users of occlusions(),
-    when already encoded."""
+    when already encoded (used only by a model with history pooling)."""
     H, items = np.asarray(history, np.int64), np.asarray(items, np.int64)
     if len(H) == 0:
         return np.full(len(items), -1), np.zeros(len(items))
