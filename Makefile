@@ -44,7 +44,7 @@ DATASETS ?= demo hetrec
 TEXTS    ?= none title summary lyrics tags
 SEEDS    ?= 0 1 2
 JOBS     ?= 2
-PROTOCOLS ?= loo cold-items new-users
+PROTOCOLS ?= leave-one-out cold-items new-users
 .PHONY: ablation
 ablation: venv
 	$(PY) experiments.py ablation --datasets $(DATASETS) --texts $(TEXTS) --seeds $(SEEDS) --protocols $(PROTOCOLS) --jobs $(JOBS) $(ARGS)

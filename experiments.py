@@ -1,8 +1,10 @@
 """
-experiments.py: the experiments that settle the study's question (issue 5), under every protocol.
+experiments.py: many runs. recsetters.py makes one run end to end; this file compares runs and runs the grid of
+experiments that settles the study's question (issue 5), under every protocol.
 
+  python experiments.py compare --dataset hetrec   # one leaderboard of a dataset's runs (mean ± std, paired tests)
   python experiments.py ablation --datasets demo hetrec --texts none title summary lyrics tags --seeds 0 1 2 \
-      --protocols loo cold-items
+      --protocols leave-one-out cold-items
   python experiments.py report        # rebuild report.md, results.csv and plots from the finished cells
   python experiments.py tune          # the tuning log (TUNING below) on hetrec: runs/ablation/tuning.md
 
@@ -11,20 +13,23 @@ validation, test evaluated once on the best-validation checkpoint), beside the b
 protocol (R.BASELINES, one cell per dataset, protocol and seed) on the same seeded split, and under leave-one-out an
 ID-only dot-product two-tower (matrix factorization). Finished cells are skipped, so an interrupted grid resumes
 where it stopped. Everything lands in runs/ablation/. Collecting, the paired tests, the plots and the report are
-written once and loop over the protocols (R.PROTOCOLS): a new protocol needs only an entry in PROTOCOL_SPLITS.
+written once and loop over the protocols (R.PROTOCOLS): a new protocol needs nothing here.
 
 Read top to bottom:
-  1. the grid: cells and how each one is run
-  2. collecting results: results.csv, mean and std over seeds
-  3. paired significance tests on per-user test metrics
-  4. fairness and exposure (leave-one-out; the metric functions live in recsetters.py, section 11)
-  5. plots
-  6. report.md
-  7. the tuning log: how the default `train` configuration was found (validation only)
-  8. command line
+  1. comparing runs: one leaderboard (mean ± std over seeds, paired tests against the best on validation), as text,
+     Markdown and LaTeX (`compare`)
+  2. the grid: cells and how each one is run
+  3. collecting results: results.csv, mean and std over seeds
+  4. paired significance tests on per-user test metrics
+  5. fairness and exposure (the metric functions live in recsetters.py, section 11)
+  6. plots
+  7. report.md
+  8. the tuning log: how the default `train` configuration was found (validation only)
+  9. command line
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -40,15 +45,265 @@ import pandas as pd
 import recsetters as R
 
 HERE = Path(__file__).resolve().parent
-# --protocols NAME -> the --split of its cells (each protocol's chosen setting comes with it: R.PROTOCOLS defaults)
-PROTOCOL_SPLITS = {"loo": "auto", "cold-items": "cold-items", "new-users": "new-users"}
+# --protocols takes R.PROTOCOLS' names (a cell's --split is its protocol's first) and these short aliases
+ALIASES = {"loo": "leave-one-out"}
 MF_FLAGS = ["--text", "none", "--id-only", "--no-history", "--scorer", "dot"]   # the ID-only two-tower
-EXTRA_MODELS = {"loo": [("mf", MF_FLAGS)]}           # per protocol: (kind, flags) beside the text variants
+EXTRA_MODELS = {"leave-one-out": [("mf", MF_FLAGS)]}    # per protocol: (kind, flags) beside the text variants
 # The baselines are R.BASELINES, the metrics each protocol's per_user, and the cut-off K is each run's own (its config).
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. the grid
+# 1. comparing runs: one leaderboard per dataset and protocol (`compare`; the report below uses the same code), the
+# mean and std over seeds, paired tests against the model best on validation, as text, Markdown and LaTeX
+
+def paired_test(a, b, n_boot=2000, seed=0):
+    """a, b: per-(seed, user) values of two models on the same users. Mean difference a - b, its 95% bootstrap CI,
+    and a two-sided sign-flip p-value."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
+    flips = np.array([(d * rng.choice([-1.0, 1.0], len(d))).mean() for _ in range(n_boot)])
+    p = (1 + (np.abs(flips) >= abs(d.mean())).sum()) / (n_boot + 1)
+    return {"diff": float(d.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
+            "p": float(p)}
+
+
+def paired_over_seeds(a, b, view, metric, n_boot=2000):
+    """paired_test of two models' entries (see leaderboard) on one metric, per user, pooled over the seeds both
+    have; None when they share no seed."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    for s in seeds:
+        if not np.array_equal(a[s]["users"], b[s]["users"]):
+            raise R.UserError(f"{a[s]['model']} and {b[s]['model']} were tested on different users at seed {s}")
+    x, y = (np.concatenate([e[s]["per_user"][view][metric] for s in seeds]) for e in (a, b))
+    return {**paired_test(x, y, n_boot), "seeds": len(seeds)}
+
+
+def pvalue(p):
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def pm(mean, std, seeds):
+    """mean ± std, the std only where there are seeds to make one; "–" for a metric a run did not record (made
+    before the metric existed)."""
+    return "–" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
+def leaderboard(entries, protocol, k, n_boot=2000):
+    """One leaderboard of models on the same dataset and protocol. entries: one per (model, seed): {"model", "kind"
+    ("two-tower", "baseline", "n/a", ...), "seed", and unless n/a: "val" (validation selection metric), "test"
+    {(view, metric): mean}, "users" (test users), "per_user" {view: {metric: per-user values}}}. Rows best on
+    validation first: mean and std over seeds of validation and of every column of the protocol's table, and a paired
+    test of the protocol's two tested metrics against the best on validation. Returns {"protocol", "k", "columns",
+    "tested", "best", "rows", "na": models that cannot score the protocol}."""
+    p = R.PROTOCOLS[protocol]
+    cols, sel = [R.column(c, k) for c in p.columns], R.column(p.select, k)
+    by_model = {}
+    for e in entries:
+        if e["kind"] != "n/a":
+            by_model.setdefault(e["model"], {}).setdefault(e["seed"], e)       # a model's seed once
+    na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
+    stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+    rows = []
+    for model, per_seed in by_model.items():
+        es = list(per_seed.values())
+        rows.append({"model": model, "kind": es[0]["kind"], "seeds": sorted(per_seed),
+                     "val": stats([e["val"] for e in es]),
+                     "test": {c: stats([e["test"][c] for e in es]) for c in cols}})
+    rows.sort(key=lambda r: -r["val"][0])
+    best = rows[0]["model"] if rows else None
+    for r in rows:
+        r["vs_best"] = {c: None if r["model"] == best else paired_over_seeds(by_model[r["model"]], by_model[best], *c,
+                                                                             n_boot=n_boot)
+                        for c in R.tested(protocol, k)}
+    return {"protocol": protocol, "k": k, "columns": cols, "select": sel, "tested": R.tested(protocol, k), "best": best,
+            "rows": rows, "na": na}
+
+
+def board_cells(board, r, num, sign, p_of, bold):
+    """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p), bold(text): shared by the
+    Markdown and the LaTeX table so that both say the same."""
+    n = len(r["seeds"])
+    top = {c: np.nanmax([x["test"][c][0] for x in board["rows"]]) if not c[1].startswith("warm") else None
+           for c in board["columns"]}        # the best of each column in bold (a warm share has no best)
+    cells = [str(n), num(*r["val"], n)]
+    cells += [bold(num(*r["test"][c], n)) if r["test"][c][0] == top[c] else num(*r["test"][c], n)
+              for c in board["columns"]]
+    for c in board["tested"]:
+        t = r["vs_best"][c]
+        cells += ["best on validation", ""] if r["model"] == board["best"] else ["n/a", ""] if t is None else \
+            [sign(t["diff"], t["lo"], t["hi"]), p_of(t["p"])]
+    return cells
+
+
+def board_heads(board):
+    sel = R.label(*board["select"])
+    return (["model", "seeds", f"val {sel}"] + [R.label(*c) for c in board["columns"]]
+            + [h for c in board["tested"] for h in (f"Δ{R.label(*c)} [95% CI]", "p")])
+
+
+def board_note(board, what):
+    best = board["best"]
+    return (f"{what}: test metrics ×100, mean ± std over seeds (std only with several seeds), full ranking; every "
+            f"model selected on validation {R.label(*board['select'])} and its test split evaluated once; the best test mean "
+            f"of each column in bold. Δ: the paired difference to {best} (the best on validation), per test user, "
+            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value."
+            + "".join(f" {R.label(*c)}: the mean share of items with train interactions in each user's top "
+                      f"{c[1].split('@')[1]} of the {c[0]} view (never bold: neither more nor less is better)."
+                      for c in board["columns"] if c[1].startswith("warm")))
+
+
+def board_markdown(board, title=""):
+    """The leaderboard as a Markdown table (and its n/a models), after an optional title paragraph."""
+    heads = board_heads(board)
+    L = ([title, ""] if title else []) + ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    for r in board["rows"]:
+        cells = board_cells(board, r, pm, lambda d, lo, hi: f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", pvalue,
+                            lambda s: f"**{s}**")
+        L.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    if board["na"]:
+        L += ["", f"n/a under {board['protocol']} (BASELINES says which protocols each scores): "
+                  f"{', '.join(board['na'])}"]
+    return L
+
+
+def tex(s):
+    """Text safe in LaTeX."""
+    s = re.sub(r"([&%$#_{}])", r"\\\1", str(s)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+    return s.replace("--", "-{}-").replace("×", r"$\times$").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+
+
+def board_latex(board, caption, tag):
+    """The leaderboard as a LaTeX table (\\usepackage{booktabs, graphicx}), scaled to the line width, the protocol
+    in the caption."""
+    heads = [tex(h) for h in board_heads(board)]
+    num = lambda m, s, n: f"${m:.2f} \\pm {s:.2f}$" if n > 1 else f"${m:.2f}$"
+    sign = lambda d, lo, hi: f"${d:+.2f}$ [${lo:+.2f}$, ${hi:+.2f}$]"
+    p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
+    L = ["% needs \\usepackage{booktabs, graphicx}", "\\begin{table}[t]", "\\centering",
+         "\\setlength{\\tabcolsep}{3pt}", "\\resizebox{\\linewidth}{!}{%",
+         "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule", " & ".join(heads) + " \\\\", "\\midrule"]
+    for r in board["rows"]:
+        cells = board_cells(board, r, num, sign, p_of, lambda s: "$\\mathbf{" + s.strip("$") + "}$")
+        L.append(" & ".join([tex(r["model"]), *(c if c.startswith("$") or not c else tex(c) for c in cells)]) + " \\\\")
+    L += ["\\bottomrule", "\\end{tabular}}", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{tag}}}", "\\end{table}"]
+    return L
+
+
+def two_tower_label(config, protocol):
+    """A two-tower run's name among models: its text and the settings it changed from the protocol's defaults."""
+    d = R.defaults_for(config.get("preset", ""), R.PROTOCOLS[protocol].splits[0])
+    changed = [R.typed(f.name, config[f.name]) for f in R.fields(R.Config) if f.name not in R.PLACE + ("baselines",)
+               and "train" in f.metadata["cmds"] and f.name in config and config[f.name] != getattr(d, f.name)]
+    return f"two-tower, text {config.get('text')}" + (f", preset {config['preset']}" if config.get("preset") else "") \
+        + (", " + " ".join(changed) if changed else "")
+
+
+def run_entries(res, ranks, model=None):
+    """leaderboard entries of one run's models (results.json, ranks.npz): the two-tower (named `model`, else by
+    two_tower_label) and every baseline in it."""
+    protocol = res.get("protocol", "leave-one-out")
+    p, k, seed = R.PROTOCOLS[protocol], res["config"].get("k", 10), res["config"]["seed"]
+    models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
+    models += [(b, "n/a" if "na" in r else "baseline", r) for b, r in res.get("baselines", {}).items()]
+    cols, sel = [R.column(c, k) for c in p.columns], R.column(p.select, k)
+    out = []
+    for name, kind, r in models:
+        e = {"model": name, "kind": kind, "seed": seed}
+        if kind != "n/a":
+            key = R.ranks_key("two_tower" if r is res else name)
+            e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]].get(c[1], float("nan")) for c in cols},
+                     users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
+                                                     for f in ranks.files if f.startswith(key + "__")})
+        out.append(e)
+    return out
+
+
+# what makes two runs' test users and targets the same (with the dataset's digest and the protocol): paired tests
+# and one leaderboard need them equal
+COMPARED = ("k", "min_interactions", "warm_fraction", "cold_fraction", "tag_source")
+
+
+def compared_runs(runs, runs_dir="runs", dataset=None, protocol=None):
+    """[(run folder, results.json)] of the runs named (or every finished run of `dataset` under runs_dir, of
+    `protocol` if given); a UserError that says which differ when they are not on the same data and protocol."""
+    if runs:
+        folders = [R.run_folder(r, runs_dir) for r in runs]
+    else:
+        folders = sorted(d for d in Path(runs_dir).glob("*") if (d / "results.json").exists())
+    out = []
+    for d in folders:
+        if not (d / "results.json").exists() or not (d / "ranks.npz").exists():
+            if runs:
+                raise R.UserError(f"run {d} has no results.json and ranks.npz: it did not finish; retrain it")
+            continue
+        try:
+            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+            assert isinstance(res.get("config"), dict)
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            raise R.UserError(f"{d / 'results.json'}: not a RecSetters results file (damaged or from another program)")
+        if (dataset is None or res["dataset"]["name"] == dataset) and \
+                (protocol is None or res.get("protocol", "leave-one-out") == protocol):
+            out.append((d, res))
+    if not out:
+        raise R.UserError(f"no finished run of dataset {dataset!r}" + (f" under {protocol}" if protocol else "")
+                        + f" in {runs_dir}/" if dataset else "name the runs to compare, or --dataset NAME")
+    defaults = R.Config()
+    facts = [("dataset", lambda r: f"{r['dataset']['name']} (digest {r['dataset'].get('digest', 'unknown')})"),
+             ("protocol", lambda r: r.get("protocol", "leave-one-out")),
+             ("split", lambda r: r.get("split", {}).get("split", r["config"].get("split"))),    # auto resolved
+             *((R.flag(s), lambda r, s=s: r["config"].get(s, getattr(defaults, s))) for s in COMPARED)]
+    for what, of in facts:
+        groups = {}
+        for d, r in out:
+            groups.setdefault(str(of(r)), []).append(d.name)
+        if len(groups) > 1:
+            raise R.UserError(f"the runs differ in {what}: " + "; ".join(
+                f"{v} ({', '.join(n[:3])}{' ...' if len(n) > 3 else ''})" for v, n in groups.items())
+                + (": compare one at a time (--protocol NAME)" if what == "protocol" else
+                   ": a leaderboard compares runs on the same data and split"))
+    return out
+
+
+def compare_runs(folders_results, n_boot=2000):
+    """The leaderboard of (run folder, results.json) pairs that compared_runs accepted, and a title."""
+    entries = []
+    for d, res in folders_results:
+        with np.load(d / "ranks.npz") as z:
+            entries += run_entries(res, z)
+    res = folders_results[0][1]
+    protocol, k = res.get("protocol", "leave-one-out"), res["config"].get("k", 10)
+    split = res["config"].get("split", "auto")
+    kind = res.get("split", {}).get("split", split)
+    ds = res["dataset"]["name"] + (" (SYNTHETIC)" if res["dataset"].get("synthetic") else "")
+    title = f"{ds}, {protocol}" + (f" ({kind})" if kind != protocol else "")
+    return leaderboard(entries, protocol, k, n_boot), title
+
+
+
+def cmd_compare(args):
+    if not args.runs and not args.of_dataset:
+        raise R.UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
+    runs = compared_runs(args.runs, args.runs_dir, args.of_dataset, args.protocol)
+    board, title = compare_runs(runs)
+    res = runs[0][1]
+    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-{board['protocol']}")
+    seeds = sorted({s for r in board["rows"] for s in r["seeds"]})
+    n = f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
+    caption = f"{title}: {n}, seeds {', '.join(map(str, seeds))}. " + board_note(board, "Leaderboard")
+    md = board_markdown(board, f"**{title}** ({n}: {', '.join(d.name for d, _ in runs)})")
+    print("\n".join(md) + "\n\n" + board_note(board, "Leaderboard"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    R.atomic_write_text(Path(f"{out}.md"), "\n".join([f"## {title}", "", *md[2:], "", board_note(board, "Table")]) + "\n")
+    tag = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    R.atomic_write_text(Path(f"{out}.tex"), "\n".join(board_latex(board, caption, tag)) + "\n")
+    print(f"\nwrote {out}.md and {out}.tex")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the grid
 
 def ensure_dataset(dataset, data_dir, hetrec_from):
     """demo is generated by recsetters.py; hetrec is imported with collect.py when it is missing."""
@@ -86,7 +341,7 @@ def cell_done(run_dir):
 
 def cell_flags(protocol, kind, text):
     extra = dict(EXTRA_MODELS.get(protocol, []))
-    return ["--split", PROTOCOL_SPLITS[protocol], *(extra[kind] if kind in extra else ["--text", str(text)])]
+    return ["--split", R.PROTOCOLS[protocol].splits[0], *(extra[kind] if kind in extra else ["--text", str(text)])]
 
 
 def train_config(dataset, seed, data_dir, flags):
@@ -121,7 +376,7 @@ def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k, extra=()):
     protocol's audit where it has one. The protocol's chosen setting applies, and the split's settings among `extra`
     (the two-tower cells' flags), so that every model sees the same data."""
     cfg = R.config_from(R.parse_args(["baselines", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed),
-                                      "-k", str(k), "--split", PROTOCOL_SPLITS[protocol], *extra], known=True))
+                                      "-k", str(k), "--split", R.PROTOCOLS[protocol].splits[0], *extra], known=True))
     cfg.validate()
     ds, split = R.prepare(cfg, quiet=True)
     cache = Path(data_dir) / ".cache"
@@ -131,7 +386,7 @@ def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k, extra=()):
         else None
     run_dir.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(run_dir / "results.json", json.dumps(
-        {"protocol": R.protocol_name(split.kind),
+        {"protocol": split.protocol,
          "dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest},
          "config": {"dataset": dataset, "seed": seed, **data_settings(R.asdict(cfg))},
          "split": R.split_stats(split), "report": split.report, "baselines": res, "leak_audit": audit,
@@ -170,7 +425,7 @@ def train_run(dataset, seed, data_dir, run_dir, flags, log_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. collecting results: one row per (dataset, protocol, model, seed) with every column of the protocol's table
+# 3. collecting results: one row per (dataset, protocol, model, seed) with every column of the protocol's table
 
 def model_label(res):
     c = res["config"]
@@ -190,7 +445,7 @@ def collect(out):
         if "test" not in res:
             extras[(dataset, protocol, seed)] = {"split": res["split"], "audit": res.get("leak_audit")}
         with np.load(d / "ranks.npz") as z:
-            entries = R.run_entries(res, z, model_label(res) if "test" in res else None)
+            entries = run_entries(res, z, model_label(res) if "test" in res else None)
         for e in entries:
             two_tower = e["kind"] == "two-tower"
             if two_tower and res["config"].get("id_only"):
@@ -227,8 +482,8 @@ def summary(df):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. paired significance tests: per-user differences on the same test users, pooled over seeds (R.paired_over_seeds;
-# the leaderboard of each (dataset, protocol) is R.leaderboard, the one `recsetters.py compare` prints)
+# 4. paired significance tests: per-user differences on the same test users, pooled over seeds (paired_over_seeds;
+# the leaderboard of each (dataset, protocol) is `leaderboard`, the one `compare` prints)
 
 def significance(df, per_user):
     """Per (dataset, protocol): each two-tower variant (and MF) against `two-tower, text none` and against the best
@@ -247,7 +502,7 @@ def significance(df, per_user):
                 a, b = ({sd: e for (d_, p_, m_, sd), e in per_user.items() if (d_, p_, m_) == (dataset, protocol, m)}
                         for m in (model, ref))
                 for view, metric in R.tested(protocol, k) if ref != model else []:
-                    t = R.paired_over_seeds(a, b, view, metric)
+                    t = paired_over_seeds(a, b, view, metric)
                     if t:
                         rows.append({"dataset": dataset, "protocol": protocol, "model": model, "vs": ref,
                                      "metric": metric, **t})
@@ -255,35 +510,31 @@ def significance(df, per_user):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. fairness and exposure of the best two-tower variant (by validation) and EASE, seed 0, leave-one-out
+# 5. fairness and exposure of the best two-tower variant (by validation) and EASE, seed 0, under each protocol
 
 def fairness(out, df, data_dir, n_boot=500):
+    """{(dataset, protocol): the fairness report (R.fairness_of) of the best two-tower variant on validation and of
+    EASE where the protocol has it, on the first seed}."""
     res = {}
-    loo = df[(df.protocol == "leave-one-out") & (df.kind == "two-tower")]
-    for dataset in loo.dataset.unique():
-        tt = loo[loo.dataset == dataset]
+    tt_all = df[df.kind == "two-tower"]
+    for (dataset, protocol), tt in tt_all.groupby(["dataset", "protocol"], sort=False):
         best = tt.groupby("model")["val"].mean().idxmax()
         seed = int(sorted(tt.seed.unique())[0])
         run = tt[(tt.model == best) & (tt.seed == seed)].run.iloc[0]
         cfg, ds, split, model, device, _ = R.restore(str(out / "runs" / run), device_name="cpu")
-        excl = R.exclusion(split, "test")
-        scorers = {best: R.model_scores(model, device)}
-        base = out / "runs" / cell_name(dataset, "loo", "baselines", None, seed) / "results.json"
+        scorers = {best: R.model_scores(model, device, split)}
+        base = out / "runs" / cell_name(dataset, protocol, "baselines", None, seed) / "results.json"
         if base.exists() and "params" in json.loads(base.read_text())["baselines"].get("EASE", {}):
             lam = json.loads(base.read_text())["baselines"]["EASE"]["params"]
             scorers[f"EASE ({lam})"] = R.ease_scores(split, lam)
-        res[dataset] = {"seed": seed, "label": ds.label, "k": cfg.k, "models": {}}
-        for name, fn in scorers.items():
-            ranks = R.evaluate(fn, split, "test", cfg.k, "cpu", cfg.eval_memory_mb, return_ranks=True)[1]["overall"]
-            top = R.top_k_lists(fn, split.test_u, excl, cfg.k, "cpu", cfg.eval_memory_mb)
-            res[dataset]["models"][name] = R.fairness_metrics(ranks, top, split, ds.users.country.to_numpy(),
-                                                              R.codes(ds.items.artist), cfg.k, cfg.min_users,
-                                                              n_boot, seed)
+        res[(dataset, protocol)] = {"seed": seed, "label": ds.label, "protocol": protocol, "k": cfg.k, "models": {
+            name: R.fairness_of(fn, split, ds, cfg.k, cfg.min_users, n_boot, seed, "cpu", cfg.eval_memory_mb)
+            for name, fn in scorers.items()}}
     return res
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. plots (matplotlib, headless): every axis labelled, error bars only where there are seeds to make them
+# 6. plots (matplotlib, headless): every axis labelled, error bars only where there are seeds to make them
 
 def short(model):
     return model.replace("two-tower, text ", "TT ").replace(" (ID-only two-tower)", "")
@@ -363,7 +614,7 @@ def plots(out, df, fair):
             ax.set_yscale("symlog", linthresh=0.01)
             ax.set_xlabel("artist share of train interactions (%)")
             ax.set_ylabel(f"artist share of top-{f['k']} slots (%)")
-            ax.set_title(f"{f['label']}, seed {f['seed']}", fontsize=9)
+            ax.set_title(f"{f['label']}, {f['protocol']}, seed {f['seed']}", fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
         files.append(save(fig, out / "exposure_vs_popularity.png"))
@@ -377,7 +628,7 @@ def save(fig, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. report.md
+# 7. report.md
 
 def paired_lines(t, labels, intro):
     """The markdown table of paired tests `t` (rows: model, vs, metric, diff, lo, hi, p) for two metrics."""
@@ -389,7 +640,7 @@ def paired_lines(t, labels, intro):
     for (model, ref), g in t.groupby(["model", "vs"], sort=False):
         cells = [g[g.metric == m].iloc[0] for m in metrics]
         L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
-                                                    f"{R.pvalue(c['p'])}" for c in cells) + " |")
+                                                    f"{pvalue(c['p'])}" for c in cells) + " |")
     return L
 
 
@@ -425,13 +676,14 @@ def audit_lines(audits):
 
 
 def fairness_lines(fair):
-    L = ["## Fairness and exposure (leave-one-out)", "",
-         "Test split, top-K lists of every test user, for the best two-tower variant (by validation) and EASE. "
+    L = ["## Fairness and exposure", "",
+         "Test split, top-K lists of every test user (in the view of the protocol's selection metric), for the best "
+         "two-tower variant (by validation) and EASE where the protocol has it. "
          "Intervals are bootstrap percentile intervals (users resampled within each country); a max − min gap "
          "over many small groups is biased upward by noise, so compare models rather than read it absolutely.", ""]
-    for dataset, f in fair.items():
+    for f in fair.values():
         k = f["k"]
-        L += [f"### {f['label']}, seed {f['seed']}, top {k}", "",
+        L += [f"### {f['label']}, {f['protocol']}, seed {f['seed']}, top {k}", "",
               "| model | artist exposure Gini | (interactions Gini) | item coverage % | artist coverage % | "
               "avg rec. popularity | cold share of slots % (of catalog) |", "|---|---|---|---|---|---|---|"]
         for name, m in f["models"].items():
@@ -445,14 +697,16 @@ def fairness_lines(fair):
         if "note" in first:
             L += [f"Per-country metrics: {first['note']}.", ""]
             continue
+        a, b = first["accuracy"]          # the protocol's two tested metrics
         L += [f"Per country ({len(first['countries'])} countries with ≥ {first['min_users']} test users):", "",
-              f"| model | HR@{k} gap max−min [CI] | HR@{k} std [CI] | NDCG@{k} gap [CI] | cold-slot share gap [CI] | "
+              f"| model | {a} gap max−min [CI] | {a} std [CI] | {b} gap [CI] | cold-slot share gap [CI] | "
               "largest artist-decile share gap (decile) |", "|---|---|---|---|---|---|"]
         for name, m in f["models"].items():
             ci = lambda r, key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"
             g = np.array(m["decile_share_gap"])
-            L.append(f"| {name} | {ci(m['hr'], 'gap')} | {ci(m['hr'], 'std')} | {ci(m['ndcg'], 'gap')} | "
-                     f"{ci(m['cold_share'], 'gap')} | {g.max():.1f} ({int(g.argmax()) + 1}) |")
+            L.append(f"| {name} | {ci(m['accuracy'][a], 'gap')} | {ci(m['accuracy'][a], 'std')} | "
+                     f"{ci(m['accuracy'][b], 'gap')} | {ci(m['cold_share'], 'gap')} | {g.max():.1f} "
+                     f"({int(g.argmax()) + 1}) |")
         L.append("")
     return L
 
@@ -486,8 +740,8 @@ def report(out, data_dir, notes=(), do_fairness=True):
                          f"train interactions, split {st['split']}" + (f"; {parts}" if parts else ""))
         entries = [e for (d_, p_, _, _), e in per_user.items() if (d_, p_) == (dataset, protocol)]
         entries += [{"model": r.model, "kind": "n/a", "seed": r.seed} for _, r in d[d.kind == "n/a"].iterrows()]
-        board = R.leaderboard(entries, protocol, k)
-        L += [""] + R.board_markdown(board) + ["", R.board_note(board, "The table")]
+        board = leaderboard(entries, protocol, k)
+        L += [""] + board_markdown(board) + ["", board_note(board, "The table")]
         L += chosen_lines(o, k, protocol)
         L += paired_lines(sig[(sig.dataset == dataset) & (sig.protocol == protocol)] if len(sig) else sig,
                           [R.label(v, m) for v, m in R.tested(protocol, k)],
@@ -504,7 +758,7 @@ def report(out, data_dir, notes=(), do_fairness=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. the tuning log: what was tried for the default `train` configuration, one change at a time, on hetrec.
+# 8. the tuning log: what was tried for the default `train` configuration, one change at a time, on hetrec.
 # Each row is `recsetters.py train --text none` plus its flags (against the current defaults, so every row says
 # exactly what it ran); the choice between rows is made on validation NDCG@K alone, test is shown for the record.
 
@@ -663,7 +917,7 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. command line
+# 9. command line
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="experiments.py", description="RecSetters ablation grid and report")
@@ -672,8 +926,8 @@ def main(argv=None):
     a.add_argument("--datasets", nargs="+", default=["demo", "hetrec"])
     a.add_argument("--texts", nargs="+", default=["none", "title", "summary", "lyrics", "tags"])
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    a.add_argument("--protocols", nargs="+", default=list(PROTOCOL_SPLITS), choices=list(PROTOCOL_SPLITS),
-                   help="loo: the split's own leave-one-out; cold-items: new items from content alone")
+    a.add_argument("--protocols", nargs="+", default=list(R.PROTOCOLS), type=lambda p: ALIASES.get(p, p),
+                   choices=list(R.PROTOCOLS), help="protocols of R.PROTOCOLS (loo: leave-one-out)")
     a.add_argument("--no-mf", dest="mf", action="store_false", help="leave out the ID-only two-tower (MF) cells")
     a.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     a.add_argument("--jobs", type=int, default=1, help="training runs at a time (each with --threads 1 when > 1)")
@@ -690,7 +944,23 @@ def main(argv=None):
         p.add_argument("--out", default="runs/ablation")
         p.add_argument("--data-dir", default="data")
         p.add_argument("--no-fairness", dest="fairness", action="store_false")
+    c = sub.add_parser("compare", help="one leaderboard of runs on the same dataset and protocol: mean ± std over "
+                       "seeds, paired tests against the best on validation; printed, and written as Markdown and LaTeX")
+    c.add_argument("runs", nargs="*", help="run folders or names under --runs-dir (default: every finished run of "
+                   "--dataset there)")
+    c.add_argument("--dataset", dest="of_dataset", default=None, help="compare every run of this dataset")
+    c.add_argument("--protocol", default=None, type=lambda p: ALIASES.get(p, p), choices=list(R.PROTOCOLS),
+                   help="only the runs of this protocol")
+    c.add_argument("--out", default="", help="where the tables go: OUT.md and OUT.tex (default: "
+                   "RUNS_DIR/compare/DATASET-PROTOCOL)")
+    R.add_settings(c, "compare", R.Config())
     args = ap.parse_args(argv)
+    if args.cmd == "compare":
+        try:
+            return cmd_compare(args)
+        except R.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     out = Path(args.out)
     notes = []
     if args.cmd == "ablation":

@@ -611,8 +611,10 @@ def filter_dataset(ds, min_interactions=5):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. the interaction graph and the split. --split picks the protocol (PROTOCOLS, section 8) whose split function
-# holds out the validation and test parts: leave_one_out_parts (auto, last, random, global) or cold_items_parts.
+# 4. protocols: how data is held out and found again. A Protocol (PROTOCOLS) owns everything that differs between
+# protocols: its split function (the parts held out, what each user is scored from, the training catalog), its
+# leak-free item text, its targets and views, its metrics and what selects a model, and what it leaves unseen.
+# Everything after this section asks the Split and the Protocol, never which protocol is running.
 
 @dataclass
 class Split:
@@ -627,28 +629,37 @@ class Split:
     train: sp.csr_matrix = None  # users x items, 1 = train interaction
     degree: np.ndarray = None    # train degree per item
     warm: np.ndarray = None      # bool per item
-    kind: str = ""
+    kind: str = ""               # the --split value that made it (its PROTOCOLS name: .protocol)
     report: list = field(default_factory=list)
-    val_items: np.ndarray = None   # items held out as new (cold-items): the validation and test ones, sorted
-    test_items: np.ndarray = None
-    fold_in: sp.csr_matrix = None  # users held out as new (new-users): the part of their history given at scoring
+    profile: sp.csr_matrix = None  # users x items: what scoring knows of each user, the rows a user is scored from
+                                   # (their train items; a user held out as new: the part of their history given)
+    catalog: np.ndarray = None     # bool per item: the items that exist at training time (the others are held out
+                                   # as new: no user knows them, none is a negative)
+    parts: dict = field(default_factory=dict)   # the protocol's own pieces, read only by its own functions
+
+    def __post_init__(self):      # what a split made by hand (tests, bench.py) leaves out: train and nothing held
+        if self.train is None and self.train_u is not None:
+            self.train = sp.csr_matrix((np.ones(len(self.train_u), np.float32), (self.train_u, self.train_i)),
+                                       shape=(self.n_users, self.n_items))
+        self.profile = self.train if self.profile is None else self.profile
+        self.catalog = np.ones(self.n_items, bool) if self.catalog is None else self.catalog
 
     @property
-    def new_items(self):
-        """Items held out as new, with all their interactions: they do not exist at training time."""
-        return np.zeros(0, np.int64) if self.val_items is None else np.concatenate([self.val_items, self.test_items])
+    def protocol(self):
+        return protocol_name(self.kind)
 
-    @property
-    def profile(self):
-        """What scoring knows of each user: their train items, and for users held out as new their fold-in."""
-        return self.train if self.fold_in is None else (self.train + self.fold_in).tocsr()
+    def folded_users(self):
+        """Users that scoring knows (a non-empty profile) but training never saw (no train interaction): no model
+        has a trained vector for them, so each folds them in from their profile rows."""
+        return np.flatnonzero((np.diff(self.train.indptr) == 0) & (np.diff(self.profile.indptr) > 0))
 
 
 def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2,
                        new_user_fraction=0.2):
-    """Map to indices and split with the protocol of `kind`: auto (leave-last-out if there are timestamps, else
-    random), last, random, global (leave_one_out_parts), cold-items (cold_items_parts), new-users
-    (new_users_parts)."""
+    """Map to indices and split with the protocol of `kind` (its make_split). The split function returns (train,
+    validation, test frames of u, i; extras; report lines); extras may give `given` (a frame of u, i: interactions
+    that scoring knows beyond train, e.g. a new user's fold-in), `held_items` (items that do not exist at training
+    time) and `parts` (the protocol's own pieces)."""
     uidx = pd.Index(ds.users.user)
     iidx = pd.Index(ds.items.item)
     u = uidx.get_indexer(ds.inter.user)
@@ -656,23 +667,23 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
     t = ds.inter.timestamp.to_numpy(float)
     if kind == "auto":
         kind = "last" if np.isfinite(t).any() else "random"
-    make = PROTOCOLS[protocol_name(kind)].make_split
     rng = np.random.default_rng(seed)
     noise = rng.random(len(u))              # drawn for every kind: a seed gives the same draws whatever follows
     n_users, n_items = len(uidx), len(iidx)
-    train, val, test, parts, rep = make(pd.DataFrame({"u": u, "i": i, "t": t, "noise": noise}), rng, n_users,
-                                        n_items, kind, dict(global_quantiles=global_quantiles, cold_fraction=cold_fraction,
-                                                            new_user_fraction=new_user_fraction, dataset=ds.name))
-    s = Split(n_users, n_items, train.u.to_numpy(np.int64), train.i.to_numpy(np.int64),
-              val.u.to_numpy(np.int64), val.i.to_numpy(np.int64), test.u.to_numpy(np.int64),
-              test.i.to_numpy(np.int64), kind=kind, report=rep, **parts)
-    s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)),
-                            shape=(n_users, n_items))
+    train, val, test, extra, rep = PROTOCOLS[protocol_name(kind)].make_split(
+        pd.DataFrame({"u": u, "i": i, "t": t, "noise": noise}), rng, n_users, n_items, kind,
+        dict(global_quantiles=global_quantiles, cold_fraction=cold_fraction, new_user_fraction=new_user_fraction,
+             dataset=ds.name))
+    arr = lambda df, c: df[c].to_numpy(np.int64)
+    s = Split(n_users, n_items, arr(train, "u"), arr(train, "i"), arr(val, "u"), arr(val, "i"), arr(test, "u"),
+              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}))
+    given = extra.get("given")
+    if given is not None:
+        s.profile = (s.train + sp.csr_matrix((np.ones(len(given), np.float32), (arr(given, "u"), arr(given, "i"))),
+                                             shape=(n_users, n_items))).tocsr()
+    s.catalog[np.asarray(extra.get("held_items", []), np.int64)] = False
     s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
     s.warm = warm_items(s.degree, warm_fraction)
-    if isinstance(s.fold_in, pd.DataFrame):
-        f = s.fold_in
-        s.fold_in = sp.csr_matrix((np.ones(len(f), np.float32), (f.u.to_numpy(), f.i.to_numpy())), shape=(n_users, n_items))
     return s
 
 
@@ -738,7 +749,8 @@ def cold_items_parts(df, rng, n_users, n_items, kind, opts):
     if no_train:
         rep.append(f"{no_train:,} users have no train interaction left (all their items are cold); "
                    f"they are still evaluated, from their (empty) profile")
-    return df[p == 0], df[p == 1], df[p == 2], dict(val_items=val_items, test_items=test_items), rep
+    return df[p == 0], df[p == 1], df[p == 2], dict(held_items=np.concatenate([val_items, test_items]),
+                                                    parts=dict(val_items=val_items, test_items=test_items)), rep
 
 
 def new_users_parts(df, rng, n_users, n_items, kind, opts):
@@ -769,8 +781,7 @@ def new_users_parts(df, rng, n_users, n_items, kind, opts):
     rep = []
     if small.any():
         rep.append(f"{d.u[small].nunique():,} held-out users with a single interaction have no target: not evaluated")
-    fold_in = d[fold]
-    return d[p == 0], d[target & (p == 1)], d[target & (p == 2)], dict(fold_in=fold_in), rep
+    return d[p == 0], d[target & (p == 1)], d[target & (p == 2)], dict(given=d[fold]), rep
 
 
 def warm_items(degree, warm_fraction):
@@ -787,7 +798,7 @@ def split_stats(s):
     deg_u = np.bincount(s.train_u, minlength=s.n_users)
     cold = ~s.warm
     st = {
-        "split": s.kind, "protocol": protocol_name(s.kind), "users": s.n_users, "items": s.n_items,
+        "split": s.kind, "protocol": s.protocol, "users": s.n_users, "items": s.n_items,
         "train_interactions": int(len(s.train_u)), "validation_users": int(len(np.unique(s.val_u))),
         "test_users": int(len(np.unique(s.test_u))),
         "items_in_train": int((s.degree > 0).sum()), "items_in_validation": int(len(np.unique(s.val_i))),
@@ -800,23 +811,303 @@ def split_stats(s):
         "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
         "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
     }
-    if len(s.new_items) or s.fold_in is not None:
+    if not s.catalog.all() or s.profile.nnz > s.train.nnz:        # items or users held out whole
         st["parts"] = parts_stats(s)
     return st
 
 
 def parts_stats(s):
-    """Users, items and interactions of each part of a split that holds out items (users: those with at least one
-    interaction in that part, i.e. the users evaluated on it)."""
+    """Users, items and interactions of each part of a split that holds out items or users (users: those with at
+    least one interaction in that part, i.e. the users evaluated on it)."""
     part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
                                   "interactions": int(len(uu))}
     out = {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
            "validation": part(s.val_u, s.val_i, np.unique(s.val_i)),
            "test": part(s.test_u, s.test_i, np.unique(s.test_i)),
            "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
-    if s.fold_in is not None:
-        out["fold_in_interactions"] = int(s.fold_in.nnz)
+    if s.profile.nnz > s.train.nnz:
+        out["fold_in_interactions"] = int(s.profile.nnz - s.train.nnz)      # given at scoring, never trained on
     return out
+
+
+def top_tags(assignments, top=5):
+    """Per item, its `top` most applied tags (0: all), ties by tag name (as collect.py's hetrec import builds `tags`).
+    Only which tags an item has is kept, never how often each was applied (the counts leak: RESULTS.md)."""
+    n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
+    n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
+    return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
+
+
+def leak_free_tags(ds, split, source="non-listeners", tag_count="imported"):
+    """The dataset with the item text its split's protocol allows (its `item_text`: the tags of held-out items or
+    users rebuilt without the held-out users' own tagging), and report lines. Tags (hetrec: user_taggedartists) are
+    applied by users, often by the very users whose interactions are held out: a held-out item's `tags` and `tag`
+    would carry its test users' own behaviour. source all keeps every tag (leaky: for comparison)."""
+    rebuild = PROTOCOLS[split.protocol].item_text
+    if rebuild is None or source == "all":
+        return ds, []
+    if ds.tag_assignments is None:
+        return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
+                    "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
+                    "may leak"]
+    return rebuild(ds, split, tag_count)
+
+
+def new_item_tags(ds, split, tag_count="imported"):
+    """Cold-items' leak-free tags: every held-out (new) item's `tags` and `tag` (the top one) rebuilt from the tag
+    assignments of users who have no interaction with it (every listener of a new item is evaluated on it, so this
+    removes each evaluated user's own tagging). tag_count: "imported" keeps the import's count (5) and the other
+    items' tags as they are; N or "all" rebuilds every item's with its N (all) most applied, the other items' from
+    everyone's (train information)."""
+    cold, ta, own = cold_tag_assignments(ds, split)
+    items = ds.items
+    if tag_count != "imported":
+        rest = np.setdiff1d(np.arange(len(ds.items)), cold)
+        items = with_tags(ds.items, rest, ds.tag_assignments, tags_kept(tag_count))
+    items = with_tags(items, cold, ta[~own], tags_kept(tag_count))
+    had = int(ds.items.tag.iloc[cold].ne("").sum())
+    rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
+           f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
+           f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+
+
+def tags_kept(tag_count):
+    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N -> N."""
+    return {"imported": 5, "all": 0}.get(tag_count) if not str(tag_count).isdigit() else int(tag_count)
+
+
+def new_user_tags(ds, split, tag_count="imported"):
+    """New-users' leak-free tags: users held out as new did not exist at training time, so every tag they applied
+    is left out; the `tags` and `tag` of each item they tagged are rebuilt from everyone else's."""
+    held = ds.users.user.to_numpy()[np.union1d(split.val_u, split.test_u)]
+    ta = ds.tag_assignments
+    own = ta.user.isin(held).to_numpy()
+    rows = np.flatnonzero(ds.items.item.isin(ta.item[own]).to_numpy())
+    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()],
+                      tags_kept(tag_count))
+    rep = [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(own.sum()):,} of {len(ta):,} tag "
+           f"assignments"]
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+
+
+def cold_tag_assignments(ds, split):
+    """(cold item indices, tag assignments on cold items, bool: the assignment's user interacted with the item)."""
+    cold = np.flatnonzero(~split.catalog)
+    ta = ds.tag_assignments[ds.tag_assignments.item.isin(ds.items.item.to_numpy()[cold])]
+    own = pd.MultiIndex.from_frame(ta[["user", "item"]]).isin(pd.MultiIndex.from_frame(ds.inter[["user", "item"]]))
+    return cold, ta, np.asarray(own)
+
+
+def with_tags(items, rows, assignments, top=5):
+    """items with `tag` and `tags` (the `top` most applied, 0: all) of the given rows rebuilt from these tag
+    assignments."""
+    top = items.item.iloc[rows].map(top_tags(assignments, top)).to_numpy()
+    items = items.copy()
+    items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
+    if "tags" in items.columns:
+        items.loc[rows, "tags"] = [", ".join(t) if isinstance(t, list) else "" for t in top]
+    return items
+
+
+# name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
+METRICS = {
+    "hr": lambda ranks, k: (ranks < k).astype(float),
+    "ndcg": lambda ranks, k: np.where(ranks < k, 1 / np.log2(ranks + 2), 0),
+    "mrr": lambda ranks, k: 1 / (ranks + 1),
+}
+
+
+def per_user_metrics(ranks, k=10):
+    """One target per user: {"hr@K", "ndcg@K", "mrr"}, per-user arrays in [0, 1]."""
+    return {(name if name == "mrr" else f"{name}@{k}"): fn(np.asarray(ranks), k) for name, fn in METRICS.items()}
+
+
+def metrics(ranks, k=10):
+    """Means over users, x100 as the study reported them, and the number of users."""
+    return {**{m: float(v.mean() * 100) if len(ranks) else 0.0 for m, v in per_user_metrics(ranks, k).items()},
+            "n": int(len(ranks))}
+
+
+def multi_target_metrics(ranks, counts, ks=(10, 20), capped=False):
+    """Several targets per user: per-user Recall@K (hits / targets; capped: hits / min(K, targets)), NDCG@K (ideal DCG over min(K, targets))
+    and HR@K (any hit), x100, from the ranks of each user's targets (grouped by user, `counts` per user, in that
+    order), summed from METRICS' per-target hit and discounted gain."""
+    counts = np.asarray(counts)
+    row = np.repeat(np.arange(len(counts)), counts)
+    ranks = np.asarray(ranks)
+    out = {}
+    for k in ks:
+        hits = np.bincount(row, weights=METRICS["hr"](ranks, k), minlength=len(counts))
+        dcg = np.bincount(row, weights=METRICS["ndcg"](ranks, k), minlength=len(counts))
+        ideal = np.cumsum(METRICS["ndcg"](np.arange(k), k))[np.minimum(counts, k) - 1]
+        out[f"recall@{k}"] = hits / (np.minimum(counts, k) if capped else counts) * 100
+        out[f"ndcg@{k}"] = dcg / ideal * 100
+        out[f"hr@{k}"] = (hits > 0) * 100.0
+    return out
+
+
+def exclusion(split, which):
+    """What a user's ranking leaves out: their profile (train items; a new user's fold-in), and at test time their
+    validation items too."""
+    if which == "validation":
+        return split.profile
+    val = sp.csr_matrix((np.ones(len(split.val_u), np.float32), (split.val_u, split.val_i)), shape=split.train.shape)
+    return (split.profile + val).tocsr()
+
+
+def held_out(split, which):
+    """(evaluated users, CSR of their held-out items with rows aligned to them) of the validation or test part."""
+    u, i = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
+    users = np.unique(u)
+    T = sp.csr_matrix((np.ones(len(u), np.float32), (np.searchsorted(users, u), i)), shape=(len(users), split.n_items))
+    T.sort_indices()
+    return users, T
+
+
+# Leave-one-out: one held-out item per user, ranked among all items; HR@K, NDCG@K, MRR at the run's -k, overall
+# and by the held-out item's train degree: cold (not among the top --warm-fraction), warm, unseen (no train
+# interaction). Selection on validation NDCG@K.
+
+def loo_targets(split, which):
+    users, T = held_out(split, which)
+    return users, T, {"overall": None}
+
+
+def loo_results(ranks, users, T, split, k):
+    r, targets = ranks["overall"], T.indices
+    cold, unseen = ~split.warm[targets], split.degree[targets] == 0
+    return {"overall": metrics(r, k), "cold": metrics(r[cold], k), "warm": metrics(r[~cold], k),
+            "unseen": metrics(r[unseen], k)}
+
+
+# Cold-items (new items): every interaction of an evaluated user with the split's held-out items is a target. Two
+# views: "cold" ranks only that part's new items (recommending new items), "all" ranks them among every item the
+# user has not (at test time: nor among their validation items). Recall@K, NDCG@K, HR@K, K = 10 and 20. Selection
+# on validation-cold NDCG@20 of the "cold" view.
+
+def cold_targets(split, which):
+    users, T = held_out(split, which)
+    return users, T, {"cold": split.parts["val_items" if which == "validation" else "test_items"], "all": None}
+
+
+# New users: users held out with all their interactions; each is scored from a fold-in part of their history that
+# training never saw, and ranks the rest (targets) among every item but the fold-in. Recall@K (hits / min(K, targets)),
+# NDCG@K, HR@K, K = 10 and 20. Selection on validation NDCG@20.
+
+def new_users_targets(split, which):
+    users, T = held_out(split, which)
+    return users, T, {"all": None}
+
+
+def multi_target_results(ranks, users, T, split, k, capped=False):
+    """{view: mean metrics} of multi_target_metrics, with the users ("n"), targets and candidate items of a view."""
+    counts = np.diff(T.indptr)
+    out = {}
+    for view, r in ranks.items():
+        per_user = multi_target_metrics(r, counts, capped=capped)
+        out[view] = {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
+                     "n": int(len(users)), "targets": int(T.nnz)}
+    return out
+
+
+class Protocol(NamedTuple):
+    """An evaluation protocol: how the split is made, what each user is scored from and ranked on, and how it is
+    measured. Adding one is an entry of PROTOCOLS and its own functions; nothing else asks which protocol runs."""
+    splits: tuple            # the --split values that make it
+    make_split: object       # (frame of u, i, t, noise; rng, n_users, n_items, kind, options) -> (train, validation,
+                             #   test, extras, report lines); extras (split_interactions): given (scored from, never
+                             #   trained on), held_items (not in the training catalog), parts (its own pieces)
+    targets: object          # (split, "validation" | "test") -> (users, targets CSR, {view: candidates or None})
+    results: object          # (ranks by view, users, targets, split, k) -> {view or group: {metric: mean}}
+    per_user: object         # (ranks of a view, targets per user, k) -> {metric: per-user array, x100}
+    select: tuple            # (view, metric) that model selection maximizes on validation; "{k}": the run's -k
+    columns: tuple           # (view, metric) columns of the protocol's tables
+    defaults: dict = {}      # Config overlay: the setting chosen on this protocol's validation
+    crowding: int = 0        # K > 0: the "all" view also reports warm@K, the mean share of items with train
+                             #   interactions in each user's top K (do new items crowd out warm ones?); not tested
+    audit: object = None     # (ds, split, baseline results, cache_dir, memory_mb, tag_count) -> leak audit, or None
+    unseen: str = ""         # what training never sees and a model must score anyway: "items", "users" or ""
+                             #   (which baselines can run follows from it: why_not, section 9)
+    item_text: object = None  # (ds, split, tag_count) -> (ds with leak-free tags, report lines), or None
+    exclude: object = exclusion   # (split, "validation" | "test") -> users x items CSR each ranking leaves out
+
+
+LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
+MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")) + \
+    (("all", "recall@20"), ("all", "ndcg@20"), ("all", "warm@20"))
+
+# name -> Protocol: the one list of evaluation protocols (--split picks one; experiments.py loops over them)
+PROTOCOLS = {
+    "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
+                              lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
+                              ("overall", "ndcg@{k}"), LOO_COLUMNS),
+    # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
+    # weighted by the tags' idf, over every leak-free tag it has (section 3: 5, 10, 20 or all tags, the same for
+    # every model)
+    "cold-items": Protocol(("cold-items",), cold_items_parts, cold_targets, multi_target_results,
+                           lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
+                           dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"),
+                           crowding=20, audit=lambda *a: tag_leak_audit(*a), unseen="items", item_text=new_item_tags),
+    # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
+    # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384; an
+    # ensemble of 3 two-towers trained apart
+    "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
+                          lambda *a: multi_target_results(*a, capped=True),
+                          lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
+                          tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
+                          dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384, ensemble=3),
+                          unseen="users", item_text=new_user_tags),
+}
+
+
+def protocol_name(split_kind):
+    """The protocol a --split value (or a split's kind) belongs to."""
+    for name, p in PROTOCOLS.items():
+        if split_kind in p.splits:
+            return name
+    raise UserError(f"unknown --split {split_kind!r} ({', '.join(s for p in PROTOCOLS.values() for s in p.splits)})")
+
+
+def protocol_of(split):
+    return PROTOCOLS[split.protocol]
+
+
+def protocol_title(split):
+    """How tables name a split's protocol: "leave-one-out (last)", "cold-items"."""
+    return split.protocol if split.protocol == split.kind else f"{split.protocol} ({split.kind})"
+
+
+def column(view_metric, k):
+    view, metric = view_metric
+    return view, metric.format(k=k)
+
+
+def tested(protocol, k):
+    """The two metrics of a protocol that paired tests and plots use: its selection metric and the column before it
+    in its table (leave-one-out: HR@K, NDCG@K overall; cold-items: Recall@20, NDCG@20 of the cold view)."""
+    p = PROTOCOLS[protocol]
+    cols = [column(c, k) for c in p.columns]
+    sel = column(p.select, k)
+    return [cols[cols.index(sel) - 1], sel]
+
+
+def selection_score(res, split, k):
+    """What model selection maximizes on validation: the protocol's `select`."""
+    view, metric = column(protocol_of(split).select, k)
+    return res[view][metric]
+
+
+def result_line(res, split, k):
+    """The validation line of a training epoch: the selection metric and its neighbours in the protocol's table."""
+    p = protocol_of(split)
+    cols = list(dict.fromkeys([column(p.select, k)] + [column(c, k) for c in p.columns]))[:3]
+    return "  ".join(f"{label(v, m)} {res[v][m]:6.2f}" for v, m in cols)
+
+
+def label(view, metric):
+    name, k = metric.split("@") if "@" in metric else (metric, "")
+    return {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "warm": "Warm"}[name] + (f"@{k}" if k else "") + f" {view}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -870,82 +1161,6 @@ def text_tokens(texts, commas=False):
     ptr = np.cumsum([0] + [len(r) for r in rows])
     return ptr, codes([w for r in rows for w in r]) if ptr[-1] else np.zeros(0, np.int64)
 
-
-def top_tags(assignments, top=5):
-    """Per item, its `top` most applied tags (0: all), ties by tag name (as collect.py's hetrec import builds `tags`).
-    Only which tags an item has is kept, never how often each was applied (the counts leak: RESULTS.md)."""
-    n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
-    n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
-    return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
-
-
-def cold_item_tags(ds, split, source="non-listeners", tag_count="imported"):
-    """Leak-free tags for the protocols that hold out items or users (new-users: new_user_tags). Tags (hetrec:
-    user_taggedartists) are applied by users, often by the very users whose interactions with a cold item are held
-    out: a cold item's `tags` and `tag` would carry its test users' own behaviour. With source non-listeners, every
-    cold item's `tags` and `tag` (the top one) are rebuilt from the tag assignments of users who have no interaction
-    with it (every listener of a cold item is evaluated on it, so this removes each evaluated user's own tagging).
-    tag_count: "imported" keeps the import's count (5) and the other items' tags as they are; N or "all" rebuilds
-    every item's with its N (all) most applied, the other items' from everyone's (train information). Returns
-    (dataset with new items, report lines)."""
-    if source not in ("non-listeners", "all"):
-        raise UserError(f"--tag-source {source!r}: use non-listeners or all")
-    if not (len(split.new_items) or split.fold_in is not None) or source == "all":
-        return ds, []
-    if ds.tag_assignments is None:
-        return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
-                    "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
-                    "may leak"]
-    if split.fold_in is not None:
-        return new_user_tags(ds, split, tags_kept(tag_count))
-    cold, ta, own = cold_tag_assignments(ds, split)
-    items = ds.items
-    if tag_count != "imported":
-        rest = np.setdiff1d(np.arange(len(ds.items)), cold)
-        items = with_tags(ds.items, rest, ds.tag_assignments, tags_kept(tag_count))
-    items = with_tags(items, cold, ta[~own], tags_kept(tag_count))
-    had = int(ds.items.tag.iloc[cold].ne("").sum())
-    rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
-           f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
-           f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
-    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
-
-
-def tags_kept(tag_count):
-    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N -> N."""
-    return {"imported": 5, "all": 0}.get(tag_count) if not str(tag_count).isdigit() else int(tag_count)
-
-
-def new_user_tags(ds, split, tag_count=5):
-    """Leak-free tags for the new-users protocol: users held out as new did not exist at training time, so every
-    tag they applied is left out; the `tags` and `tag` of each item they tagged are rebuilt from everyone else's."""
-    held = ds.users.user.to_numpy()[np.union1d(split.val_u, split.test_u)]
-    ta = ds.tag_assignments
-    own = ta.user.isin(held).to_numpy()
-    rows = np.flatnonzero(ds.items.item.isin(ta.item[own]).to_numpy())
-    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()], tag_count)
-    rep = [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(own.sum()):,} of {len(ta):,} tag "
-           f"assignments"]
-    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
-
-
-def cold_tag_assignments(ds, split):
-    """(cold item indices, tag assignments on cold items, bool: the assignment's user interacted with the item)."""
-    cold = split.new_items
-    ta = ds.tag_assignments[ds.tag_assignments.item.isin(ds.items.item.to_numpy()[cold])]
-    own = pd.MultiIndex.from_frame(ta[["user", "item"]]).isin(pd.MultiIndex.from_frame(ds.inter[["user", "item"]]))
-    return cold, ta, np.asarray(own)
-
-
-def with_tags(items, rows, assignments, top=5):
-    """items with `tag` and `tags` (the `top` most applied, 0: all) of the given rows rebuilt from these tag
-    assignments."""
-    top = items.item.iloc[rows].map(top_tags(assignments, top)).to_numpy()
-    items = items.copy()
-    items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
-    if "tags" in items.columns:
-        items.loc[rows, "tags"] = [", ".join(t) if isinstance(t, list) else "" for t in top]
-    return items
 
 
 def text_columns(items):
@@ -1423,7 +1638,7 @@ class NegativeSampler:
 
     def __init__(self, split, seed=0, device="cpu"):
         keys = split.train_u.astype(np.int64) * split.n_items + split.train_i
-        new = split.new_items
+        new = np.flatnonzero(~split.catalog)
         if len(new):
             # the held-out new items did not exist yet: to every user they count as known, so they are neither
             # sampled as negatives nor scored in the full softmax (the training catalog is the train items)
@@ -1878,16 +2093,17 @@ def train_ensemble(cfg, split, feats, rt, run_dir=None, quiet=False):
 # items). A target's rank is the number of items scored above it, ties broken by item index. Metrics are x100.
 
 def tower_vectors(model, device, split=None):
-    """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes). Users held
-    out as new (split.fold_in) are encoded from their fold-in history alone (TwoTower.encode: no id, never trained)."""
+    """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes). Users that
+    training never saw (split.folded_users: new users) are encoded from their profile rows alone (TwoTower.encode:
+    no id, never trained)."""
     model.eval()
     with torch.no_grad():
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
         U = torch.cat([model.users(torch.arange(a, min(a + 65536, n_users), device=device))
                        for a in range(0, n_users, 65536)])
-        if split is not None and split.fold_in is not None:
-            rows = np.flatnonzero(np.diff(split.fold_in.indptr))
-            U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.fold_in[rows])
+        rows = np.zeros(0, np.int64) if split is None else split.folded_users()
+        if len(rows):
+            U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.profile[rows])
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
                        for a in range(0, n_items, 65536)])
     return U, V
@@ -1982,6 +2198,15 @@ def target_ranks(score_fn, users, targets, views, exclude, device, memory_mb=512
     return (out, share) if share_of else out
 
 
+def only(score_fn, candidates, n_items, device="cpu"):
+    """score_fn ranking only `candidates` (item indices; None: every item): the others score -inf."""
+    if candidates is None:
+        return score_fn
+    others = torch.ones(n_items, dtype=torch.bool, device=device)
+    others[torch.as_tensor(candidates, device=device)] = False
+    return lambda users: torch.as_tensor(score_fn(users), device=device).masked_fill(others, float("-inf"))
+
+
 def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512, return_scores=False):
     """(len(users), k) item indices of each user's top K, excluded items masked; ties by item index. With
     return_scores also their scores."""
@@ -1993,181 +2218,13 @@ def top_k_lists(score_fn, users, exclude, k=10, device="cpu", memory_mb=512, ret
     return (out, scores) if return_scores else out
 
 
-# name -> per-user value in [0, 1] from 0-based ranks and the cut-off K: the one definition of each metric
-METRICS = {
-    "hr": lambda ranks, k: (ranks < k).astype(float),
-    "ndcg": lambda ranks, k: np.where(ranks < k, 1 / np.log2(ranks + 2), 0),
-    "mrr": lambda ranks, k: 1 / (ranks + 1),
-}
-
-
-def per_user_metrics(ranks, k=10):
-    """One target per user: {"hr@K", "ndcg@K", "mrr"}, per-user arrays in [0, 1]."""
-    return {(name if name == "mrr" else f"{name}@{k}"): fn(np.asarray(ranks), k) for name, fn in METRICS.items()}
-
-
-def metrics(ranks, k=10):
-    """Means over users, x100 as the study reported them, and the number of users."""
-    return {**{m: float(v.mean() * 100) if len(ranks) else 0.0 for m, v in per_user_metrics(ranks, k).items()},
-            "n": int(len(ranks))}
-
-
-def multi_target_metrics(ranks, counts, ks=(10, 20), capped=False):
-    """Several targets per user: per-user Recall@K (hits / targets; capped: hits / min(K, targets)), NDCG@K (ideal DCG over min(K, targets))
-    and HR@K (any hit), x100, from the ranks of each user's targets (grouped by user, `counts` per user, in that
-    order), summed from METRICS' per-target hit and discounted gain."""
-    counts = np.asarray(counts)
-    row = np.repeat(np.arange(len(counts)), counts)
-    ranks = np.asarray(ranks)
-    out = {}
-    for k in ks:
-        hits = np.bincount(row, weights=METRICS["hr"](ranks, k), minlength=len(counts))
-        dcg = np.bincount(row, weights=METRICS["ndcg"](ranks, k), minlength=len(counts))
-        ideal = np.cumsum(METRICS["ndcg"](np.arange(k), k))[np.minimum(counts, k) - 1]
-        out[f"recall@{k}"] = hits / (np.minimum(counts, k) if capped else counts) * 100
-        out[f"ndcg@{k}"] = dcg / ideal * 100
-        out[f"hr@{k}"] = (hits > 0) * 100.0
-    return out
-
-
-def exclusion(split, which):
-    """What a user's ranking leaves out: their train items (new users: their fold-in), and at test time their
-    validation items too."""
-    if which == "validation":
-        return split.profile
-    val = sp.csr_matrix((np.ones(len(split.val_u), np.float32), (split.val_u, split.val_i)), shape=split.train.shape)
-    return (split.profile + val).tocsr()
-
-
-def held_out(split, which):
-    """(evaluated users, CSR of their held-out items with rows aligned to them) of the validation or test part."""
-    u, i = (split.val_u, split.val_i) if which == "validation" else (split.test_u, split.test_i)
-    users = np.unique(u)
-    T = sp.csr_matrix((np.ones(len(u), np.float32), (np.searchsorted(users, u), i)), shape=(len(users), split.n_items))
-    T.sort_indices()
-    return users, T
-
-
-# Leave-one-out: one held-out item per user, ranked among all items; HR@K, NDCG@K, MRR at the run's -k, overall
-# and by the held-out item's train degree: cold (not among the top --warm-fraction), warm, unseen (no train
-# interaction). Selection on validation NDCG@K.
-
-def loo_targets(split, which):
-    users, T = held_out(split, which)
-    return users, T, {"overall": None}
-
-
-def loo_results(ranks, users, T, split, k):
-    r, targets = ranks["overall"], T.indices
-    cold, unseen = ~split.warm[targets], split.degree[targets] == 0
-    return {"overall": metrics(r, k), "cold": metrics(r[cold], k), "warm": metrics(r[~cold], k),
-            "unseen": metrics(r[unseen], k)}
-
-
-# Cold-items (new items): every interaction of an evaluated user with the split's held-out items is a target. Two
-# views: "cold" ranks only that part's new items (recommending new items), "all" ranks them among every item the
-# user has not (at test time: nor among their validation items). Recall@K, NDCG@K, HR@K, K = 10 and 20. Selection
-# on validation-cold NDCG@20 of the "cold" view.
-
-def cold_targets(split, which):
-    users, T = held_out(split, which)
-    return users, T, {"cold": split.val_items if which == "validation" else split.test_items, "all": None}
-
-
-# New users: users held out with all their interactions; each is scored from a fold-in part of their history that
-# training never saw, and ranks the rest (targets) among every item but the fold-in. Recall@K (hits / min(K, targets)),
-# NDCG@K, HR@K, K = 10 and 20. Selection on validation NDCG@20.
-
-def new_users_targets(split, which):
-    users, T = held_out(split, which)
-    return users, T, {"all": None}
-
-
-def multi_target_results(ranks, users, T, split, k, capped=False):
-    """{view: mean metrics} of multi_target_metrics, with the users ("n"), targets and candidate items of a view."""
-    counts = np.diff(T.indptr)
-    out = {}
-    for view, r in ranks.items():
-        per_user = multi_target_metrics(r, counts, capped=capped)
-        out[view] = {**{m: float(v.mean()) if len(v) else 0.0 for m, v in per_user.items()},
-                     "n": int(len(users)), "targets": int(T.nnz)}
-    return out
-
-
-class Protocol(NamedTuple):
-    """An evaluation protocol: how the split is made, what each evaluated user is ranked on, and how it is scored.
-    Adding one is an entry of PROTOCOLS, its split function (section 4) and its targets function (above)."""
-    splits: tuple            # the --split values that make it
-    make_split: object       # (frame of u, i, t, noise; rng, n_users, n_items, kind, options) -> (train, validation,
-                             #   test, extra Split fields, report lines): section 4
-    targets: object          # (split, "validation" | "test") -> (users, targets CSR, {view: candidates or None})
-    results: object          # (ranks by view, users, targets, split, k) -> {view or group: {metric: mean}}
-    per_user: object         # (ranks of a view, targets per user, k) -> {metric: per-user array, x100}
-    select: tuple            # (view, metric) that model selection maximizes on validation; "{k}": the run's -k
-    columns: tuple           # (view, metric) columns of the protocol's tables
-    defaults: dict = {}      # Config overlay: the setting chosen on this protocol's validation
-    crowding: int = 0        # K > 0: the "all" view also reports warm@K, the mean share of items with train
-                             #   interactions in each user's top K (do new items crowd out warm ones?); not tested
-    audit: object = None     # (ds, split, baseline results, cache_dir, memory_mb, tag_count) -> leak audit, or None
-
-
-LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
-MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")) + \
-    (("all", "recall@20"), ("all", "ndcg@20"), ("all", "warm@20"))
-
-# name -> Protocol: the one list of evaluation protocols (--split picks one; experiments.py loops over them)
-PROTOCOLS = {
-    "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
-                              lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
-                              ("overall", "ndcg@{k}"), LOO_COLUMNS),
-    # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
-    # weighted by the tags' idf, over every leak-free tag it has (section 3: 5, 10, 20 or all tags, the same for
-    # every model)
-    "cold-items": Protocol(("cold-items",), cold_items_parts, cold_targets, multi_target_results,
-                           lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
-                           dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"), audit=lambda *a: tag_leak_audit(*a),
-                           crowding=20),
-    # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
-    # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384; an
-    # ensemble of 3 two-towers trained apart
-    "new-users": Protocol(("new-users",), new_users_parts, new_users_targets,
-                          lambda *a: multi_target_results(*a, capped=True),
-                          lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
-                          tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
-                          dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384, ensemble=3)),
-}
-
-
-def protocol_name(split_kind):
-    """The protocol a --split value (or a split's kind) belongs to."""
-    for name, p in PROTOCOLS.items():
-        if split_kind in p.splits:
-            return name
-    raise UserError(f"unknown --split {split_kind!r} ({', '.join(s for p in PROTOCOLS.values() for s in p.splits)})")
-
-
-def protocol_of(split):
-    return PROTOCOLS[protocol_name(split.kind)]
-
-
-def protocol_title(split):
-    """How tables name a split's protocol: "leave-one-out (last)", "cold-items"."""
-    name = protocol_name(split.kind)
-    return name if name == split.kind else f"{name} ({split.kind})"
-
-
-def column(view_metric, k):
-    view, metric = view_metric
-    return view, metric.format(k=k)
-
-
 def evaluate(score_fn, split, which, k, device, memory_mb=512, return_ranks=False):
     """The split's protocol's evaluation of a score function on its validation or test part: {view or group:
     {metric: mean}}; with return_ranks also {"users", "counts", "items", view: ranks of every target}."""
     p = protocol_of(split)
     users, T, views = p.targets(split, which)
     share_of = ("all", p.crowding, split.degree > 0) if p.crowding and "all" in views else None
-    ranks = target_ranks(score_fn, users, T, views, exclusion(split, which), device, memory_mb, share_of)
+    ranks = target_ranks(score_fn, users, T, views, p.exclude(split, which), device, memory_mb, share_of)
     ranks, share = ranks if share_of else (ranks, None)
     res = p.results(ranks, users, T, split, k)
     if share is not None:
@@ -2176,24 +2233,6 @@ def evaluate(score_fn, split, which, k, device, memory_mb=512, return_ranks=Fals
         if cand is not None:
             res[view]["items"] = int(len(cand))
     return (res, {"users": users, "counts": np.diff(T.indptr), "items": T.indices, **ranks}) if return_ranks else res
-
-
-def selection_score(res, split, k):
-    """What model selection maximizes on validation: the protocol's `select`."""
-    view, metric = column(protocol_of(split).select, k)
-    return res[view][metric]
-
-
-def result_line(res, split, k):
-    """The validation line of a training epoch: the selection metric and its neighbours in the protocol's table."""
-    p = protocol_of(split)
-    cols = list(dict.fromkeys([column(p.select, k)] + [column(c, k) for c in p.columns]))[:3]
-    return "  ".join(f"{label(v, m)} {res[v][m]:6.2f}" for v, m in cols)
-
-
-def label(view, metric):
-    name, k = metric.split("@") if "@" in metric else (metric, "")
-    return {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "warm": "Warm"}[name] + (f"@{k}" if k else "") + f" {view}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2308,13 +2347,13 @@ def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_step
 
 
 def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
-    """iALS on train; users held out as new get their factor solved from their fold-in with the item factors fixed
-    (the standard fold-in: one least-squares half-step, here `factors` conjugate-gradient steps from zero, which
-    solve each row's normal equations exactly up to rounding)."""
+    """iALS on train; users that training never saw (split.folded_users: new users) get their factor solved from
+    their profile rows with the item factors fixed (the standard fold-in: one least-squares half-step, here `factors`
+    conjugate-gradient steps from zero, which solve each row's normal equations exactly up to rounding)."""
     U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
-    if split.fold_in is not None:
-        rows = np.flatnonzero(np.diff(split.fold_in.indptr))
-        U[rows] = ials_half_step(split.fold_in[rows].astype(np.float32), V, torch.zeros(len(rows), factors), reg, alpha,
+    rows = split.folded_users()
+    if len(rows):
+        U[rows] = ials_half_step(split.profile[rows].astype(np.float32), V, torch.zeros(len(rows), factors), reg, alpha,
                                  cg_steps=factors)
     return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
 
@@ -2357,58 +2396,73 @@ def multvae_scores(split, beta=0.2, epochs=100, hidden=600, latent=200, dropout=
 
 
 class Baseline(NamedTuple):
-    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items)
+    """A baseline and what it can do; which protocols it runs under follows from that and the protocol's `unseen`
+    (why_not)."""
+    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items);
+                             #   a user is scored from split.profile, a folded user (no train row) included
     grid: list               # hyperparameter values tried, the best on the protocol's validation metric kept;
                              # ["seed"]: the run's seed
-    protocols: tuple = ("leave-one-out",)    # the protocols it can score (PROTOCOLS); n/a under the others
-    content: str = ""        # "text": run once per text column on its MiniLM vectors, named "NAME column";
-                             # "tags": on the tags column; "": no content
+    content: str = ""        # reads content. "text": run once per text column on its MiniLM vectors, named "NAME
+                             #   column"; "tags": on the tags column; "": interactions only (collaborative)
+    new_items: bool = False  # can score an item without train interactions (from its content)
+    new_users: bool = True   # can score a user training never saw, from their profile rows (fold-in)
+    made_for: str = ""       # the unseen thing it exists for ("items": content models, "users": Mult-VAE); it runs
+                             #   only where that is unseen. "": a general recommender, run wherever it can score
     dense: bool = False      # needs dense item x item matrices: skipped above DENSE_MAX_ITEMS items
 
 
-NEW_ITEMS = ("cold-items",)      # protocols that rank items without train interactions: content is all there is
-COLLABORATIVE = ("leave-one-out", "new-users")      # every item has train interactions (new users: from their fold-in)
+def why_not(b, protocol):
+    """Why baseline b is not in the contest of a protocol, or None when it is: it must score what the protocol
+    leaves unseen, and be made for that (or for nothing in particular)."""
+    unseen = PROTOCOLS[protocol].unseen
+    if unseen == "items" and not b.new_items:
+        return "scores no item without train interactions"
+    if unseen == "users" and not b.new_users:
+        return "scores no user that training never saw"
+    return None if b.made_for in ("", unseen) else f"made for unseen {b.made_for}"
+
 
 # name -> Baseline: the one list of baselines (`baselines`, `train`, experiments.py and its report read it). The
-# collaborative ones cannot score items without train interactions; the content ones are for new items.
+# collaborative ones cannot score items without train interactions; the content ones are made for new items.
 BASELINES = {
-    "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None], COLLABORATIVE),
-    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None], COLLABORATIVE,
-                        dense=True),
+    "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None]),
+    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None], dense=True),
     "EASE": Baseline(lambda split, _, p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
-                     COLLABORATIVE, dense=True),
+                     dense=True),
     # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
     # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured (iALS:
     # up to 512 factors, since new-users picked 256, the largest of an older grid, on every seed)
     "RP3beta": Baseline(lambda split, _, p: rp3beta_scores(split, **p), [
         dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
-        COLLABORATIVE, dense=True),
+        dense=True),
     "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
-        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
-        COLLABORATIVE),
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
     # the reference model of the new-users protocol in the literature (strong generalization); not run under
     # leave-one-out, where iALS and EASE are the baselines to beat. Grid (KL weight, epochs): on hetrec seed-0
     # validation 150 epochs beat 50 and 300
     "Mult-VAE": Baseline(lambda split, _, p: multvae_scores(split, *p), [(0.2, 100), (0.2, 150), (0.5, 150)],
-                         ("new-users",)),
-    "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], NEW_ITEMS),
+                         made_for="users"),
+    "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], new_items=True,
+                       made_for="items"),
     "ContentKNN": Baseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
-                           ["plain", "centered"], NEW_ITEMS, "text"),
+                           ["plain", "centered"], "text", new_items=True, made_for="items"),
     "TagTFIDF": Baseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")), ["idf", "binary"],
-                         NEW_ITEMS, "tags"),
+                         "tags", new_items=True, made_for="items"),
+    # CB2CF and Heater score a user by their collaborative factors from train: none for a user training never saw
     "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
                       [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
-                      NEW_ITEMS, "text"),
+                      "text", new_items=True, new_users=False, made_for="items"),
     # the content -> collaborative map of the literature: a sparse TF-IDF of the item's tag set (presence only)
     "CB2CF TF-IDF": Baseline(lambda split, tags, p: cb2cf_scores(split, tag_tfidf(tags), cached_factors(split, p[0]),
                                                                  p[1]),
                              [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
-                             NEW_ITEMS, "tags"),
+                             "tags", new_items=True, new_users=False, made_for="items"),
     # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map; the
     # two-tower's own is --cold-dropout); grid (share randomized, similarity weight, ridge) around what hetrec seed-0
     # validation-cold favoured
     "Heater": Baseline(lambda split, tags, p: heater_scores(split, tags, *p),
-                       [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], NEW_ITEMS, "tags"),
+                       [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], "tags", new_items=True,
+                       new_users=False, made_for="items"),
 }
 DENSE_MAX_ITEMS = 20000
 
@@ -2448,7 +2502,6 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
     """The baselines of BASELINES named in `names` (None: all) that can score the split's protocol, each tuned on
     validation (`tune`); the others are n/a. Returns ({name: result}, {name: test ranks}); a baseline with content
     "text" is run once per text column of the dataset, named "NAME column"."""
-    protocol = protocol_name(split.kind)
     out, ranks, na = {}, {}, {}
     names = list(BASELINES) if names is None else names
     too_big = [n for n in names if BASELINES[n].dense and split.n_items > DENSE_MAX_ITEMS]
@@ -2457,8 +2510,8 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
     texts = {}
     for name in names:
         b = BASELINES[name]
-        if protocol not in b.protocols:
-            na[name] = {"na": f"scores only {', '.join(b.protocols)}"}
+        if why_not(b, split.protocol):
+            na[name] = {"na": why_not(b, split.protocol)}
             continue
         if name in too_big:
             continue
@@ -2668,7 +2721,7 @@ def prepare(cfg, quiet=False):
     if trivial.any():
         split.report.append(f"{int(trivial.sum()):,} of {len(trivial):,} test users have at most {cfg.k} candidate "
                             f"items: their held-out item is in the top {cfg.k} whatever the model")
-    ds, lines = cold_item_tags(ds, split, cfg.tag_source, cfg.tag_count)
+    ds, lines = leak_free_tags(ds, split, cfg.tag_source, cfg.tag_count)
     split.report += lines
     if cfg.text == "auto":
         cfg.text = auto_text(ds.items)
@@ -2771,7 +2824,7 @@ def fmt_table(rows, split, k, title):
                                                  for (v, m), h in zip(cols, heads)))
     na = [n for n, res in rows if "na" in res]
     if na:
-        lines.append(f"n/a under {protocol_name(split.kind)} (BASELINES says which protocols each scores): {', '.join(na)}")
+        lines.append(f"n/a under {split.protocol} (BASELINES says what each can score): {', '.join(na)}")
     return "\n".join(lines)
 
 
@@ -2815,13 +2868,10 @@ def plot_curves(history, best_epoch, split, cfg, path, title, ensemble_val=None)
 
 
 def positives_matrix(split):
-    """Every known positive of each user (train, validation, test, and the fold-in of users held out as new): what
+    """Every known positive of each user (their profile: train, and a new user's fold-in; validation, test): what
     `recommend` leaves out."""
-    u = np.concatenate([split.train_u, split.val_u, split.test_u])
-    i = np.concatenate([split.train_i, split.val_i, split.test_i])
-    m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
-    if split.fold_in is not None:
-        m = m + split.fold_in
+    u, i = np.concatenate([split.val_u, split.test_u]), np.concatenate([split.val_i, split.test_i])
+    m = split.profile + sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(split.n_users, split.n_items))
     m.sum_duplicates()
     m.data[:] = 1
     return m.tocsr()
@@ -2849,6 +2899,11 @@ def save_run_info(run_dir, cfg, ds, feats):
     atomic_write_text(Path(run_dir) / "run.json", json.dumps(info))
 
 
+def ranks_key(model):
+    """A model's name in ranks.npz (`KEY__VIEW` arrays): "two_tower", "ease", "cb2cf_tags"."""
+    return model.lower().replace(" ", "_")
+
+
 def save_ranks(path, ranks):
     """ranks.npz: the test users, their target counts and target items, and per model and view the rank of every
     target (`MODEL__VIEW`; per-user metrics: the protocol's per_user)."""
@@ -2865,7 +2920,7 @@ def save_ranks(path, ranks):
 
 def train_and_report(cfg, rt, rank=0, world=1):
     ds, split = prepare(cfg, quiet=True)
-    protocol = protocol_name(split.kind)
+    p = protocol_of(split)
     run_dir = new_run_folder(cfg, split.kind)          # before anything is written: an existing run is kept
     if rank == 0:
         describe(ds, split)
@@ -2894,12 +2949,11 @@ def train_and_report(cfg, rt, rank=0, world=1):
     cache = Path(cfg.data_dir) / ".cache"
     baselines, base_ranks = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
                                           cache, cfg.seed)
-    audit = PROTOCOLS[protocol].audit
-    audit = audit(ds, split, baselines, cache, cfg.eval_memory_mb, cfg.tag_count) \
-        if audit and baselines and ds.tag_assignments is not None else None
+    audit = p.audit(ds, split, baselines, cache, cfg.eval_memory_mb, cfg.tag_count) \
+        if p.audit and baselines and ds.tag_assignments is not None else None
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
                            "filtering": ds.report, "features": feats.report},
-               "protocol": protocol, "provenance": provenance(rt.device),
+               "protocol": split.protocol, "provenance": provenance(rt.device),
                "config": asdict(cfg), "device": str(rt.device), "world_size": world, "split": split_stats(split),
                "history": history, "best_epoch": best_epoch, "validation": val, "test": test,
                "baselines": baselines, "timings": timings}
@@ -2911,10 +2965,10 @@ def train_and_report(cfg, rt, rank=0, world=1):
     plot_curves(history, best_epoch, split, cfg, run_dir / "curves.png", f"{run_dir.name}: {ds.label}, "
                 f"{protocol_title(split)}, {name}" + (", member 1" if cfg.ensemble > 1 else ""),
                 val if cfg.ensemble > 1 else None)
-    users = test[column(PROTOCOLS[protocol].select, cfg.k)[0]]["n"]
+    users = test[column(p.select, cfg.k)[0]]["n"]
     print(fmt_table([(name, test), *baselines.items()], split, cfg.k,
                     f"\nTest, {ds.label}, {protocol_title(split)}: {users:,} users, full ranking over "
-                    f"{split.n_items:,} items; models selected on validation {label(*column(PROTOCOLS[protocol].select, cfg.k))} "
+                    f"{split.n_items:,} items; models selected on validation {label(*column(p.select, cfg.k))} "
                     f"(two-tower: best epoch {best_epoch})"))
     print(f"\nwrote {run_dir}/results.json")
     return results
@@ -3132,11 +3186,7 @@ def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=
     """Each user's top K with its scores and reasons (`recommend` and `browse`): (items, scores, reason items, score
     drops), each (len(users), k); reason -1 where a user has no history. candidates: rank only these items (a
     protocol's view), else every item `exclude` does not mask."""
-    fn = model_scores(model, device, split)
-    if candidates is not None:
-        others = torch.ones(split.n_items, dtype=torch.bool, device=device)
-        others[torch.as_tensor(candidates, device=device)] = False
-        fn = (lambda f: lambda u: f(u).masked_fill(others, float("-inf")))(fn)
+    fn = only(model_scores(model, device, split), candidates, split.n_items, device)
     top, scores = top_k_lists(fn, np.asarray(users), exclude, k, device, memory_mb, return_scores=True)
     why, drop = np.full(top.shape, -1), np.zeros(top.shape)
     for r, u in enumerate(users):
@@ -3145,250 +3195,6 @@ def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=
                                           u if split.train[u].nnz else -1)
         top[r, ~ok] = -1
     return top, scores, why, drop
-
-
-# ----------------------------------------------------------------------------------------------
-# 10b. comparing runs: one leaderboard per dataset and protocol (`compare`; experiments.py's report uses the same
-# code), the mean and std over seeds, paired tests against the model best on validation, as text, Markdown and LaTeX
-
-def ranks_key(model):
-    """A model's name in ranks.npz (`KEY__VIEW` arrays): "two_tower", "ease", "cb2cf_tags"."""
-    return model.lower().replace(" ", "_")
-
-
-def tested(protocol, k):
-    """The two metrics of a protocol that paired tests and plots use: its selection metric and the column before it
-    in its table (leave-one-out: HR@K, NDCG@K overall; cold-items: Recall@20, NDCG@20 of the cold view)."""
-    p = PROTOCOLS[protocol]
-    cols = [column(c, k) for c in p.columns]
-    sel = column(p.select, k)
-    return [cols[cols.index(sel) - 1], sel]
-
-
-def paired_test(a, b, n_boot=2000, seed=0):
-    """a, b: per-(seed, user) values of two models on the same users. Mean difference a - b, its 95% bootstrap CI,
-    and a two-sided sign-flip p-value."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    rng = np.random.default_rng(seed)
-    boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
-    flips = np.array([(d * rng.choice([-1.0, 1.0], len(d))).mean() for _ in range(n_boot)])
-    p = (1 + (np.abs(flips) >= abs(d.mean())).sum()) / (n_boot + 1)
-    return {"diff": float(d.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
-            "p": float(p)}
-
-
-def paired_over_seeds(a, b, view, metric, n_boot=2000):
-    """paired_test of two models' entries (see leaderboard) on one metric, per user, pooled over the seeds both
-    have; None when they share no seed."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    for s in seeds:
-        if not np.array_equal(a[s]["users"], b[s]["users"]):
-            raise UserError(f"{a[s]['model']} and {b[s]['model']} were tested on different users at seed {s}")
-    x, y = (np.concatenate([e[s]["per_user"][view][metric] for s in seeds]) for e in (a, b))
-    return {**paired_test(x, y, n_boot), "seeds": len(seeds)}
-
-
-def pvalue(p):
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def pm(mean, std, seeds):
-    """mean ± std, the std only where there are seeds to make one; "–" for a metric a run did not record (made
-    before the metric existed)."""
-    return "–" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
-
-
-def leaderboard(entries, protocol, k, n_boot=2000):
-    """One leaderboard of models on the same dataset and protocol. entries: one per (model, seed): {"model", "kind"
-    ("two-tower", "baseline", "n/a", ...), "seed", and unless n/a: "val" (validation selection metric), "test"
-    {(view, metric): mean}, "users" (test users), "per_user" {view: {metric: per-user values}}}. Rows best on
-    validation first: mean and std over seeds of validation and of every column of the protocol's table, and a paired
-    test of the protocol's two tested metrics against the best on validation. Returns {"protocol", "k", "columns",
-    "tested", "best", "rows", "na": models that cannot score the protocol}."""
-    p = PROTOCOLS[protocol]
-    cols, sel = [column(c, k) for c in p.columns], column(p.select, k)
-    by_model = {}
-    for e in entries:
-        if e["kind"] != "n/a":
-            by_model.setdefault(e["model"], {}).setdefault(e["seed"], e)       # a model's seed once
-    na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
-    stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
-    rows = []
-    for model, per_seed in by_model.items():
-        es = list(per_seed.values())
-        rows.append({"model": model, "kind": es[0]["kind"], "seeds": sorted(per_seed),
-                     "val": stats([e["val"] for e in es]),
-                     "test": {c: stats([e["test"][c] for e in es]) for c in cols}})
-    rows.sort(key=lambda r: -r["val"][0])
-    best = rows[0]["model"] if rows else None
-    for r in rows:
-        r["vs_best"] = {c: None if r["model"] == best else paired_over_seeds(by_model[r["model"]], by_model[best], *c,
-                                                                             n_boot=n_boot)
-                        for c in tested(protocol, k)}
-    return {"protocol": protocol, "k": k, "columns": cols, "select": sel, "tested": tested(protocol, k), "best": best,
-            "rows": rows, "na": na}
-
-
-def board_cells(board, r, num, sign, p_of, bold):
-    """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p), bold(text): shared by the
-    Markdown and the LaTeX table so that both say the same."""
-    n = len(r["seeds"])
-    top = {c: np.nanmax([x["test"][c][0] for x in board["rows"]]) if not c[1].startswith("warm") else None
-           for c in board["columns"]}        # the best of each column in bold (a warm share has no best)
-    cells = [str(n), num(*r["val"], n)]
-    cells += [bold(num(*r["test"][c], n)) if r["test"][c][0] == top[c] else num(*r["test"][c], n)
-              for c in board["columns"]]
-    for c in board["tested"]:
-        t = r["vs_best"][c]
-        cells += ["best on validation", ""] if r["model"] == board["best"] else ["n/a", ""] if t is None else \
-            [sign(t["diff"], t["lo"], t["hi"]), p_of(t["p"])]
-    return cells
-
-
-def board_heads(board):
-    sel = label(*board["select"])
-    return (["model", "seeds", f"val {sel}"] + [label(*c) for c in board["columns"]]
-            + [h for c in board["tested"] for h in (f"Δ{label(*c)} [95% CI]", "p")])
-
-
-def board_note(board, what):
-    best = board["best"]
-    return (f"{what}: test metrics ×100, mean ± std over seeds (std only with several seeds), full ranking; every "
-            f"model selected on validation {label(*board['select'])} and its test split evaluated once; the best test mean "
-            f"of each column in bold. Δ: the paired difference to {best} (the best on validation), per test user, "
-            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value."
-            + "".join(f" {label(*c)}: the mean share of items with train interactions in each user's top "
-                      f"{c[1].split('@')[1]} of the {c[0]} view (never bold: neither more nor less is better)."
-                      for c in board["columns"] if c[1].startswith("warm")))
-
-
-def board_markdown(board, title=""):
-    """The leaderboard as a Markdown table (and its n/a models), after an optional title paragraph."""
-    heads = board_heads(board)
-    L = ([title, ""] if title else []) + ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
-    for r in board["rows"]:
-        cells = board_cells(board, r, pm, lambda d, lo, hi: f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", pvalue,
-                            lambda s: f"**{s}**")
-        L.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-    if board["na"]:
-        L += ["", f"n/a under {board['protocol']} (BASELINES says which protocols each scores): "
-                  f"{', '.join(board['na'])}"]
-    return L
-
-
-def tex(s):
-    """Text safe in LaTeX."""
-    s = re.sub(r"([&%$#_{}])", r"\\\1", str(s)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
-    return s.replace("--", "-{}-").replace("×", r"$\times$").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
-
-
-def board_latex(board, caption, tag):
-    """The leaderboard as a LaTeX table (\\usepackage{booktabs, graphicx}), scaled to the line width, the protocol
-    in the caption."""
-    heads = [tex(h) for h in board_heads(board)]
-    num = lambda m, s, n: f"${m:.2f} \\pm {s:.2f}$" if n > 1 else f"${m:.2f}$"
-    sign = lambda d, lo, hi: f"${d:+.2f}$ [${lo:+.2f}$, ${hi:+.2f}$]"
-    p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
-    L = ["% needs \\usepackage{booktabs, graphicx}", "\\begin{table}[t]", "\\centering",
-         "\\setlength{\\tabcolsep}{3pt}", "\\resizebox{\\linewidth}{!}{%",
-         "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule", " & ".join(heads) + " \\\\", "\\midrule"]
-    for r in board["rows"]:
-        cells = board_cells(board, r, num, sign, p_of, lambda s: "$\\mathbf{" + s.strip("$") + "}$")
-        L.append(" & ".join([tex(r["model"]), *(c if c.startswith("$") or not c else tex(c) for c in cells)]) + " \\\\")
-    L += ["\\bottomrule", "\\end{tabular}}", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{tag}}}", "\\end{table}"]
-    return L
-
-
-def two_tower_label(config, protocol):
-    """A two-tower run's name among models: its text and the settings it changed from the protocol's defaults."""
-    d = defaults_for(config.get("preset", ""), PROTOCOLS[protocol].splits[0])
-    changed = [typed(f.name, config[f.name]) for f in fields(Config) if f.name not in PLACE + ("baselines",)
-               and "train" in f.metadata["cmds"] and f.name in config and config[f.name] != getattr(d, f.name)]
-    return f"two-tower, text {config.get('text')}" + (f", preset {config['preset']}" if config.get("preset") else "") \
-        + (", " + " ".join(changed) if changed else "")
-
-
-def run_entries(res, ranks, model=None):
-    """leaderboard entries of one run's models (results.json, ranks.npz): the two-tower (named `model`, else by
-    two_tower_label) and every baseline in it."""
-    protocol = res.get("protocol", "leave-one-out")
-    p, k, seed = PROTOCOLS[protocol], res["config"].get("k", 10), res["config"]["seed"]
-    models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
-    models += [(b, "n/a" if "na" in r else "baseline", r) for b, r in res.get("baselines", {}).items()]
-    cols, sel = [column(c, k) for c in p.columns], column(p.select, k)
-    out = []
-    for name, kind, r in models:
-        e = {"model": name, "kind": kind, "seed": seed}
-        if kind != "n/a":
-            key = ranks_key("two_tower" if r is res else name)
-            e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]].get(c[1], float("nan")) for c in cols},
-                     users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
-                                                     for f in ranks.files if f.startswith(key + "__")})
-        out.append(e)
-    return out
-
-
-# what makes two runs' test users and targets the same (with the dataset's digest and the protocol): paired tests
-# and one leaderboard need them equal
-COMPARED = ("k", "min_interactions", "warm_fraction", "cold_fraction", "tag_source")
-
-
-def compared_runs(runs, runs_dir="runs", dataset=None, protocol=None):
-    """[(run folder, results.json)] of the runs named (or every finished run of `dataset` under runs_dir, of
-    `protocol` if given); a UserError that says which differ when they are not on the same data and protocol."""
-    if runs:
-        folders = [run_folder(r, runs_dir) for r in runs]
-    else:
-        folders = sorted(d for d in Path(runs_dir).glob("*") if (d / "results.json").exists())
-    out = []
-    for d in folders:
-        if not (d / "results.json").exists() or not (d / "ranks.npz").exists():
-            if runs:
-                raise UserError(f"run {d} has no results.json and ranks.npz: it did not finish; retrain it")
-            continue
-        try:
-            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
-            assert isinstance(res.get("config"), dict)
-        except (ValueError, AssertionError, UnicodeDecodeError):
-            raise UserError(f"{d / 'results.json'}: not a RecSetters results file (damaged or from another program)")
-        if (dataset is None or res["dataset"]["name"] == dataset) and \
-                (protocol is None or res.get("protocol", "leave-one-out") == protocol):
-            out.append((d, res))
-    if not out:
-        raise UserError(f"no finished run of dataset {dataset!r}" + (f" under {protocol}" if protocol else "")
-                        + f" in {runs_dir}/" if dataset else "name the runs to compare, or --dataset NAME")
-    defaults = Config()
-    facts = [("dataset", lambda r: f"{r['dataset']['name']} (digest {r['dataset'].get('digest', 'unknown')})"),
-             ("protocol", lambda r: r.get("protocol", "leave-one-out")),
-             ("split", lambda r: r.get("split", {}).get("split", r["config"].get("split"))),    # auto resolved
-             *((flag(s), lambda r, s=s: r["config"].get(s, getattr(defaults, s))) for s in COMPARED)]
-    for what, of in facts:
-        groups = {}
-        for d, r in out:
-            groups.setdefault(str(of(r)), []).append(d.name)
-        if len(groups) > 1:
-            raise UserError(f"the runs differ in {what}: " + "; ".join(
-                f"{v} ({', '.join(n[:3])}{' ...' if len(n) > 3 else ''})" for v, n in groups.items())
-                + (": compare one at a time (--protocol NAME)" if what == "protocol" else
-                   ": a leaderboard compares runs on the same data and split"))
-    return out
-
-
-def compare_runs(folders_results, n_boot=2000):
-    """The leaderboard of (run folder, results.json) pairs that compared_runs accepted, and a title."""
-    entries = []
-    for d, res in folders_results:
-        with np.load(d / "ranks.npz") as z:
-            entries += run_entries(res, z)
-    res = folders_results[0][1]
-    protocol, k = res.get("protocol", "leave-one-out"), res["config"].get("k", 10)
-    split = res["config"].get("split", "auto")
-    kind = res.get("split", {}).get("split", split)
-    ds = res["dataset"]["name"] + (" (SYNTHETIC)" if res["dataset"].get("synthetic") else "")
-    title = f"{ds}, {protocol}" + (f" ({kind})" if kind != protocol else "")
-    return leaderboard(entries, protocol, k, n_boot), title
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3420,7 +3226,7 @@ def browse_data(run_name, cfg, ds, split, model, device, users, k=10):
     reasons. Items are referenced by index into "items" (only those shown)."""
     p = protocol_of(split)
     t_users, T, views = p.targets(split, "test")
-    excl = exclusion(split, "test")
+    excl = p.exclude(split, "test")
     row_of = {int(u): r for r, u in enumerate(t_users)}
     tested_users = np.array([u for u in users if int(u) in row_of], np.int64)
     Tc = T[[row_of[int(u)] for u in tested_users]]
@@ -3692,10 +3498,24 @@ def bootstrap_gaps(values, groups, n_boot=1000, seed=0):
             "gap": float(np.ptp(means)), "gap_ci": ci(gap), "std": float(means.std()), "std_ci": ci(std)}
 
 
-def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=20, n_boot=1000, seed=0):
-    """Everything the fairness report needs for one model: `ranks` and `top` are over split.test_u."""
+def fairness_of(fn, split, ds, k=10, min_users=20, n_boot=1000, seed=0, device="cpu", memory_mb=512):
+    """The fairness report of one score function under its split's protocol: accuracy per country in the protocol's
+    two tested metrics (per test user), and the exposure of every test user's top K in the view they are read from."""
+    p = protocol_of(split)
+    r = evaluate(fn, split, "test", k, device, memory_mb, return_ranks=True)[1]
+    cols = tested(split.protocol, k)
+    per_user = {label(*c): p.per_user(r[c[0]], r["counts"], k)[c[1]] for c in cols}
+    top = top_k_lists(only(fn, p.targets(split, "test")[2][cols[-1][0]], split.n_items, device), r["users"],
+                      p.exclude(split, "test"), k, device, memory_mb)
+    return fairness_metrics(per_user, r["users"], top, split, ds.users.country.to_numpy(), codes(ds.items.artist), k,
+                            min_users, n_boot, seed)
+
+
+def fairness_metrics(per_user, users, top, split, countries, item_artist, k=10, min_users=20, n_boot=1000, seed=0):
+    """Everything the fairness report needs for one model: per_user {metric: per-user values, x100} and `top` (their
+    top-K lists) are over `users`, the test users."""
     out = {"exposure": exposure_stats(top, split, item_artist), "k": k, "min_users": min_users}
-    country = np.asarray(countries)[split.test_u]
+    country = np.asarray(countries)[users]
     known = country != ""
     if not known.any():
         out["note"] = "no user countries in this dataset: per-country metrics skipped"
@@ -3705,11 +3525,9 @@ def fairness_metrics(ranks, top, split, countries, item_artist, k=10, min_users=
     if not big.any():
         out["note"] = f"no country has at least {min_users} test users: per-country metrics skipped"
         return out
-    per_user = per_user_metrics(ranks, k)
-    hit, ndcg = per_user[f"hr@{k}"] * 100, per_user[f"ndcg@{k}"] * 100
     g = country[big]
     out["countries"] = {c: int(m) for c, m in zip(names, n) if m >= min_users}
-    out["hr"], out["ndcg"] = bootstrap_gaps(hit[big], g, n_boot, seed), bootstrap_gaps(ndcg[big], g, n_boot, seed)
+    out["accuracy"] = {name: bootstrap_gaps(v[big], g, n_boot, seed) for name, v in per_user.items()}
     # exposure parity: share of each group's top-K slots that go to cold items / each artist popularity decile
     art_dec = popularity_deciles(np.bincount(item_artist, weights=split.degree))[item_artist]
     cold = (~split.warm[top[big]]).mean(1) * 100
@@ -3770,9 +3588,7 @@ def parser(preset="", split="auto"):
                 ("browse", "one self-contained HTML page to look at a run's recommendations: users, their history, "
                            "top-K with scores and reasons, held-out items marked where found"),
                 ("export", "a run's user and item vectors with their ids and names, and its scorer (.npy, CSV); with "
-                           "faiss installed also an approximate index and its recall"),
-                ("compare", "one leaderboard of runs on the same dataset and protocol: mean ± std over seeds, paired "
-                            "tests against the best on validation; printed, and written as Markdown and LaTeX")]
+                           "faiss installed also an approximate index and its recall")]
     for name, hlp in commands:
         p = sub.add_parser(name, help=hlp)
         if name in SAVED:
@@ -3792,13 +3608,6 @@ def parser(preset="", split="auto"):
             p.add_argument("--out", default="", help="the page (default: RUN/browse.html)")
         if name == "export":
             p.add_argument("--out", default="", help="the folder written (default: RUN/export)")
-        if name == "compare":
-            p.add_argument("runs", nargs="*", help="run folders or names under --runs-dir (default: every finished "
-                           "run of --dataset there)")
-            p.add_argument("--dataset", dest="of_dataset", default=None, help="compare every run of this dataset")
-            p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="only the runs of this protocol")
-            p.add_argument("--out", default="", help="where the tables go: OUT.md and OUT.tex (default: "
-                           "RUNS_DIR/compare/DATASET-PROTOCOL)")
         add_settings(p, name, d)
     return ap
 
@@ -3904,15 +3713,10 @@ def cmd_stats(cfg):
 
 def cmd_fairness(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    if protocol_name(split.kind) != "leave-one-out":
-        raise UserError(f"fairness reports leave-one-out runs; {run_dir.name} is a {protocol_name(split.kind)} run")
-    fn = model_scores(model, device)
-    ranks = evaluate(fn, split, "test", args.k, device, cfg.eval_memory_mb, return_ranks=True)[1]["overall"]
-    top = top_k_lists(fn, split.test_u, exclusion(split, "test"), args.k, device, cfg.eval_memory_mb)
-    f = fairness_metrics(ranks, top, split, ds.users.country.to_numpy(), codes(ds.items.artist), args.k,
-                         args.min_users, args.bootstrap, cfg.seed)
+    f = fairness_of(model_scores(model, device, split), split, ds, args.k, args.min_users, args.bootstrap, cfg.seed,
+                    device, cfg.eval_memory_mb)
     e = f["exposure"]
-    print(f"fairness and exposure of {run_dir.name} on {ds.label}, test split, top {args.k}")
+    print(f"fairness and exposure of {run_dir.name} on {ds.label}, {protocol_title(split)}, test split, top {args.k}")
     print(f"  artist exposure Gini {e['gini_artist_exposure']:.3f} (interactions {e['gini_artist_interactions']:.3f}); "
           f"coverage items {e['item_coverage']:.1f}%, artists {e['artist_coverage']:.1f}%")
     print(f"  avg recommended-item popularity {e['avg_rec_popularity']:.1f} train interactions "
@@ -3921,8 +3725,7 @@ def cmd_fairness(args):
     if "note" in f:
         print("  " + f["note"])
     else:
-        for key, name in [("hr", f"HR@{args.k}"), ("ndcg", f"NDCG@{args.k}"), ("cold_share", "cold-slot share")]:
-            r = f[key]
+        for name, r in [*f["accuracy"].items(), ("cold-slot share", f["cold_share"])]:
             print(f"  {name:<16} per country (>= {args.min_users} test users, {len(r['groups'])} countries): "
                   f"gap max-min {r['gap']:.2f} [95% CI {r['gap_ci'][0]:.2f}, {r['gap_ci'][1]:.2f}], "
                   f"std {r['std']:.2f} [{r['std_ci'][0]:.2f}, {r['std_ci'][1]:.2f}]")
@@ -3957,32 +3760,13 @@ def cmd_export(args):
           f"against the exact top 10, every user: {recall * 100:.2f}%")
 
 
-def cmd_compare(args):
-    if not args.runs and not args.of_dataset:
-        raise UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
-    runs = compared_runs(args.runs, args.runs_dir, args.of_dataset, args.protocol)
-    board, title = compare_runs(runs)
-    res = runs[0][1]
-    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-{board['protocol']}")
-    seeds = sorted({s for r in board["rows"] for s in r["seeds"]})
-    n = f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
-    caption = f"{title}: {n}, seeds {', '.join(map(str, seeds))}. " + board_note(board, "Leaderboard")
-    md = board_markdown(board, f"**{title}** ({n}: {', '.join(d.name for d, _ in runs)})")
-    print("\n".join(md) + "\n\n" + board_note(board, "Leaderboard"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(f"{out}.md"), "\n".join([f"## {title}", "", *md[2:], "", board_note(board, "Table")]) + "\n")
-    tag = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-    atomic_write_text(Path(f"{out}.tex"), "\n".join(board_latex(board, caption, tag)) + "\n")
-    print(f"\nwrote {out}.md and {out}.tex")
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = config_from(args).validate()        # before anything is read or written
         on_config = {"train": cmd_train, "baselines": cmd_baselines, "stats": cmd_stats}
         on_runs = {"evaluate": cmd_evaluate, "recommend": cmd_recommend, "fairness": cmd_fairness, "browse": cmd_browse,
-                   "export": cmd_export, "compare": cmd_compare}
+                   "export": cmd_export}
         on_config[args.cmd](cfg) if args.cmd in on_config else on_runs[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

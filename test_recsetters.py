@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import experiments as E
 import recsetters as R
 
 HERE = Path(__file__).parent
@@ -621,7 +622,6 @@ def test_ddp_two_gloo_processes_match_one_process(small_demo, tmp_path):
 def test_experiments_reuse_a_run_only_under_the_same_resolved_config(tmp_path):
     """experiments.py skips a finished cell only when its stored config is what the flags resolve to today."""
     import json
-    import experiments as E
     want = E.train_config("hetrec", 0, "data", ["--text", "none"])
     assert want["text"] == "none" and want["dim"] == R.Config().dim and "threads" not in want
     run = tmp_path / "run"
@@ -757,7 +757,7 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
     """BASELINES is the one list: run_baselines runs a new entry (tuned on its grid), and experiments.py treats it
     as a baseline (never as a model in the paired tests), with K read from the runs (here 5, not 10)."""
     import json
-    import experiments as E
+
 
     def noise_scores(split, _, seed):
         g = torch.Generator().manual_seed(seed)
@@ -766,11 +766,11 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
 
     monkeypatch.setitem(R.BASELINES, "Noise", R.Baseline(noise_scores, [1, 2]))
     out = tmp_path / "ablation"
-    E.run_baselines_cell("small", "loo", 0, str(small_demo), out / "runs" / "small-loo-baselines-s0", 5)
+    E.run_baselines_cell("small", "leave-one-out", 0, str(small_demo), out / "runs" / "small-loo-baselines-s0", 5)
     res = json.loads((out / "runs" / "small-loo-baselines-s0" / "results.json").read_text())
     assert set(res["baselines"]) == set(R.BASELINES) and res["baselines"]["Noise"]["params"] in (1, 2)
     assert "hr@5" in res["baselines"]["Noise"]["test"]["overall"]
-    scored = {n for n, b in R.BASELINES.items() if "leave-one-out" in b.protocols}
+    scored = {n for n, b in R.BASELINES.items() if not R.why_not(b, "leave-one-out")}
     assert {n for n, r in res["baselines"].items() if "na" in r} == set(R.BASELINES) - scored
     # a two-tower cell, made up from EASE's numbers and ranks (no training needed to test the bookkeeping)
     tt = out / "runs" / "small-loo-none-s0"
@@ -793,10 +793,10 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
 
 # ---------------------------------------------------------------------------------------------- paths, run folders
 
-def one_error_line(capsys, argv):
+def one_error_line(capsys, argv, main=R.main):
     """Run the command line in-process: it must exit 2 with exactly one `error:` line; returns that line."""
     with pytest.raises(SystemExit) as e:
-        R.main(argv)
+        main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
@@ -991,19 +991,19 @@ def cold_split(small_demo, seed=0, fraction=0.2):
 def test_cold_items_split_holds_out_items_with_all_their_interactions(small_demo):
     ds, s = cold_split(small_demo)
     n_cold = round(0.2 * s.n_items)
-    assert len(s.val_items) == n_cold // 2 and len(s.val_items) + len(s.test_items) == n_cold
-    assert not np.intersect1d(s.val_items, s.test_items).size
-    cold = np.union1d(s.val_items, s.test_items)
+    assert len(s.parts["val_items"]) == n_cold // 2 and len(s.parts["val_items"]) + len(s.parts["test_items"]) == n_cold
+    assert not np.intersect1d(s.parts["val_items"], s.parts["test_items"]).size
+    cold = np.union1d(s.parts["val_items"], s.parts["test_items"])
     assert (s.degree[cold] == 0).all() and (s.degree[np.setdiff1d(np.arange(s.n_items), cold)] > 0).all()
-    assert np.isin(s.val_i, s.val_items).all() and np.isin(s.test_i, s.test_items).all()
+    assert np.isin(s.val_i, s.parts["val_items"]).all() and np.isin(s.test_i, s.parts["test_items"]).all()
     # every interaction lands in exactly one part
     assert len(s.train_u) + len(s.val_u) + len(s.test_u) == len(ds.inter)
     st = R.split_stats(s)["parts"]
-    assert st["test"] == {"users": len(np.unique(s.test_u)), "items": len(s.test_items),
+    assert st["test"] == {"users": len(np.unique(s.test_u)), "items": len(s.parts["test_items"]),
                                "interactions": len(s.test_u)}
     _, s2 = cold_split(small_demo)
     _, s3 = cold_split(small_demo, seed=1)
-    assert (s2.test_items == s.test_items).all() and not np.array_equal(s3.test_items, s.test_items)
+    assert (s2.parts["test_items"] == s.parts["test_items"]).all() and not np.array_equal(s3.parts["test_items"], s.parts["test_items"])
     with pytest.raises(R.UserError, match="cold-fraction"):
         cold_split(small_demo, fraction=1.5)
 
@@ -1038,7 +1038,8 @@ def test_cold_evaluator_matches_a_naive_loop_in_both_views():
     tu, ti = np.nonzero(train)
     arr = lambda p, c: np.array([x[c] for x in pairs[p]], np.int64)
     s = R.Split(n_users, n_items, tu, ti, arr("val", 0), arr("val", 1), arr("test", 0), arr("test", 1),
-                kind="cold-items", val_items=val_items, test_items=test_items)
+                kind="cold-items", parts=dict(val_items=val_items, test_items=test_items),
+                catalog=~np.isin(np.arange(n_items), np.r_[val_items, test_items]))
     s.train = sp.csr_matrix(train.astype(np.float32))
     s.degree = train.sum(0)
     fn = lambda users: torch.as_tensor(S[users])
@@ -1065,7 +1066,7 @@ def test_cold_evaluator_matches_a_naive_loop_in_both_views():
 def test_unseen_items_are_scored_from_content_alone(small_demo):
     ds, s = cold_split(small_demo)
     feats = R.build_features(ds, "none")
-    cold = s.test_items[:5]
+    cold = s.parts["test_items"][:5]
     outs = {}
     for mode in ("zero", "random", "learned"):
         cfg = R.Config(dataset="small", split="cold-items", text="none", unseen_ids=mode, dropout=0.0)
@@ -1093,7 +1094,7 @@ def test_unseen_items_are_scored_from_content_alone(small_demo):
 def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
     ds, s = cold_split(small_demo)
     item_ids, user_ids = ds.items.item.to_numpy(), ds.users.user.to_numpy()
-    c = s.test_items[0]
+    c = s.parts["test_items"][0]
     listener = user_ids[s.test_u[s.test_i == c][0]]
     stranger = next(u for u in user_ids if u not in set(user_ids[s.test_u[s.test_i == c]]) | set(user_ids[s.val_u[s.val_i == c]]))
     w = item_ids[s.train_i[0]]
@@ -1102,12 +1103,12 @@ def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
                        "tag": ["own", "own2", "other", "warmtag", "warmtag2"]})
     ds.items["tags"] = ""
     ds = R.Dataset(ds.name, ds.users, ds.items, ds.inter, tag_assignments=ta)
-    clean, rep = R.cold_item_tags(ds, s, "non-listeners")
+    clean, rep = R.leak_free_tags(ds, s, "non-listeners")
     row = clean.items.set_index("item")
     assert row.loc[item_ids[c], "tags"] == "other" and row.loc[item_ids[c], "tag"] == "other"
     assert row.loc[w, "tag"] == ds.items.set_index("item").loc[w, "tag"]      # warm items keep theirs
     assert "2 of 3 assignments" in rep[0]
-    assert R.cold_item_tags(ds, s, "all")[0] is ds
+    assert R.leak_free_tags(ds, s, "all")[0] is ds
     # top tags: most applied first, ties by name (collect.py's hetrec import)
     top = R.top_tags(pd.DataFrame({"item": ["a"] * 4, "tag": ["z", "b", "z", "c"], "user": list("1234")}), 2)
     assert top["a"] == ["z", "b"]
@@ -1128,8 +1129,8 @@ def genre_split(seed=0):
     part[val_items], part[test_items] = 1, 2
     u, i = np.nonzero(X)
     pick = lambda p: (u[part[i] == p], i[part[i] == p])
-    s = R.Split(n_users, n_items, *pick(0), *pick(1), *pick(2), kind="cold-items", val_items=val_items,
-                test_items=test_items)
+    s = R.Split(n_users, n_items, *pick(0), *pick(1), *pick(2), kind="cold-items",
+                parts=dict(val_items=val_items, test_items=test_items), catalog=part == 0)
     s.train = sp.csr_matrix((np.ones(len(s.train_u), np.float32), (s.train_u, s.train_i)), shape=X.shape)
     s.degree = np.asarray(s.train.sum(0)).ravel()
     tags = pd.Series([f"g{g}, x{rng.integers(0, 50)}" for g in genre])
@@ -1151,7 +1152,7 @@ def test_heater_scores_new_items_by_their_content_map_and_is_seeded():
     """Heater: the same scores under the same seed; two items with the same tags, both without train interactions,
     score the same for every user (the map of their content), while a train item keeps its own factors."""
     s, _, tags = genre_split()
-    a, b = s.test_items[:2]
+    a, b = s.parts["test_items"][:2]
     w1, w2 = np.flatnonzero(s.degree > 0)[:2]
     tags = tags.copy()
     tags[b], tags[w2] = tags[a], tags[w1]
@@ -1202,7 +1203,7 @@ def test_cli_cold_items_train_writes_the_protocol(small_demo, tmp_path):
 def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
     """One seed, text none, one epoch, a dataset without text (so no text encoder: fast): the cold-items cells run,
     and the report has the table, n/a rows and the paired test against the best content baseline."""
-    import experiments as E
+
     root = small_demo
     if not (root / "notext" / "items.csv").exists():
         (root / "notext").mkdir(exist_ok=True)
@@ -1217,7 +1218,7 @@ def test_experiments_cold_items_protocol_end_to_end(small_demo, tmp_path):
     assert "## notext, cold-items" in md and "| Random | 1 |" in md
     assert re.search(r"n/a under cold-items .*: .*EASE", md)
     assert "| two-tower, text none | Random |" in md
-    # the leaderboard is recsetters.py compare's: every model against the best on validation
+    # the leaderboard is experiments.py compare's: every model against the best on validation
     assert "| two-tower, text none | 1 |" in md and "best on validation" in md
     assert (tmp_path / "ablation.png").exists()
 
@@ -1251,7 +1252,7 @@ def test_text_tokens_and_the_bag_leave_out_tokens_no_train_item_has(small_demo):
     item_of = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
     on_train = np.zeros(feats.sizes["tokens"], bool)
     on_train[tok[s.degree[item_of] > 0]] = True
-    new_only, cold = np.flatnonzero(~on_train), s.test_items
+    new_only, cold = np.flatnonzero(~on_train), s.parts["test_items"]
     idx = torch.as_tensor(cold)
     before = m.items(idx)
     with torch.no_grad():
@@ -1294,7 +1295,7 @@ def test_every_model_keeps_the_contract_under_every_protocol_it_claims(small_dem
     excl = R.exclusion(split, "test")
     rnd = R.selection_score(R.evaluate(R.random_scores(split.n_items, 0), split, "test", 10, "cpu"), split, 10)
     models = {name: (lambda p, b=b: b.make(split, content[b.content], p), b.grid)
-              for name, b in R.BASELINES.items() if protocol in b.protocols and name != "Random"}
+              for name, b in R.BASELINES.items() if not R.why_not(b, protocol) and name != "Random"}
     tt = R.Config(**{**R.PROTOCOLS[protocol].defaults, "text": "none", "tag_feature": True, "epochs": 2, "seed": 0})
     feats = R.build_features(ds, "none")
     models["two-tower"] = (lambda p: R.model_scores(R.train_model(tt, split, feats, R.Runtime(torch.device("cpu")),
@@ -1460,22 +1461,25 @@ def test_new_users_split_holds_out_users_with_a_fold_in_of_their_earliest_items(
     held = np.union1d(val, test)
     assert not np.intersect1d(val, test).size and abs(len(held) - round(0.2 * s.n_users)) <= 1
     assert not np.isin(s.train_u, held).any()                       # training never sees a held-out user
-    fu, fi = s.fold_in.nonzero()
+    fold_in = s.profile - s.train                                   # what scoring is given beyond train
+    fold_in.eliminate_zeros()
+    assert (s.folded_users() == np.unique(fold_in.nonzero()[0])).all()
+    fu, fi = fold_in.nonzero()
     assert set(np.unique(fu)) <= set(held) and len(fu) + len(s.val_u) + len(s.test_u) + len(s.train_u) == len(ds.inter)
     t = dict(zip(zip(R.pd.Index(ds.users.user).get_indexer(ds.inter.user), R.pd.Index(ds.items.item).get_indexer(ds.inter.item)),
                  ds.inter.timestamp))
     for u in held[:40]:
-        fold, tgt = s.fold_in[u].indices, np.concatenate([s.val_i[s.val_u == u], s.test_i[s.test_u == u]])
+        fold, tgt = fold_in[u].indices, np.concatenate([s.val_i[s.val_u == u], s.test_i[s.test_u == u]])
         n = len(fold) + len(tgt)
         assert len(tgt) >= 1 and len(fold) == max(1, min(n - 1, int(np.floor(0.8 * n))))
         assert max(t[(u, i)] for i in fold) <= min(t[(u, i)] for i in tgt)          # the earliest 80%
-    assert (R.exclusion(s, "test")[held].toarray() >= s.fold_in[held].toarray()).all()   # fold-in never ranked
+    assert (R.exclusion(s, "test")[held].toarray() >= fold_in[held].toarray()).all()   # fold-in never ranked
     _, s2 = R.prepare(cfg, quiet=True)
     assert np.array_equal(s2.test_u, s.test_u) and np.array_equal(s2.test_i, s.test_i)
     st = R.split_stats(s)["parts"]
     assert st["fold_in_interactions"] == len(fu) and st["test"]["users"] == len(test)
     known = R.positives_matrix(s)              # what recommend and export leave out: the fold-in too
-    assert (known[held].toarray() >= s.fold_in[held].toarray()).all() and set(known.data) == {1.0}
+    assert (known[held].toarray() >= fold_in[held].toarray()).all() and set(known.data) == {1.0}
 
 
 def test_new_users_evaluator_matches_a_naive_loop_with_recall_over_min_k_targets(small_demo):
@@ -1506,7 +1510,7 @@ def test_ials_folds_in_new_users_by_an_exact_least_squares_solve(small_demo):
     _, V = R.ials_fit(s.train, f, reg, alpha, 3, 0)
     V = V.double()
     for u in np.unique(s.test_u)[:5]:
-        items = s.fold_in[u].indices
+        items = s.profile[u].indices          # a new user's profile: their fold-in
         A = V.T @ V + reg * torch.eye(f, dtype=V.dtype) + alpha * V[items].T @ V[items]
         x = torch.linalg.solve(A, (1 + alpha) * V[items].sum(0))
         assert torch.allclose(fn([u])[0].double(), V @ x, atol=1e-3)
@@ -1519,9 +1523,9 @@ def test_multvae_folds_in_new_users_from_their_fold_in_alone_and_is_seeded(small
                       quiet=True)
     users = np.unique(s.test_u)
     assert torch.equal(R.multvae_scores(s, 0.2, 10)(users), R.multvae_scores(s, 0.2, 10)(users))
-    fold = s.fold_in.tolil()
+    fold = s.profile.tolil()
     fold[users[1]] = fold[users[0]]
-    s2 = __import__("dataclasses").replace(s, fold_in=fold.tocsr())
+    s2 = __import__("dataclasses").replace(s, profile=fold.tocsr())
     S = R.multvae_scores(s2, 0.2, 10)(users[:2])
     assert torch.allclose(S[0], S[1])
     fn = R.BASELINES["Mult-VAE"].make(s, None, (0.2, 50))
@@ -1661,7 +1665,7 @@ def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_bes
     root, runs = seed_runs
     capsys.readouterr()
     out = root / "tables" / "x"
-    R.main(["compare", "--dataset", "x", "--runs-dir", str(runs), "--out", str(out)])
+    E.main(["compare", "--dataset", "x", "--runs-dir", str(runs), "--out", str(out)])
     printed = capsys.readouterr().out
     res = [json.loads((d / "results.json").read_text()) for d in sorted(runs.glob("x-*"))]
     assert [r["config"]["seed"] for r in res] == [0, 1]
@@ -1684,21 +1688,23 @@ def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_bes
     key = lambda m: "two_tower" if m.startswith("two-tower") else m.lower()
     per = lambda m: np.concatenate([R.per_user_metrics(np.load(d / "ranks.npz")[f"{key(m)}__overall"])["ndcg@10"] * 100
                                     for d in sorted(runs.glob("x-*"))])
-    t = R.paired_test(per(other), per(best))
-    assert f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] | {R.pvalue(t['p'])}" in rows[other][-2] + " | " + \
+    t = E.paired_test(per(other), per(best))
+    assert f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] | {E.pvalue(t['p'])}" in rows[other][-2] + " | " + \
         rows[other][-1].strip(" |")
     assert rows[best][-2] == "best on validation"
     tex = (root / "tables" / "x.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "leave-one-out" in tex
     assert "\\caption{" in tex and tex.count(" \\\\\n") == 1 + len(models) and "EASE" in tex
     # the runs of another dataset, or another protocol, are refused with one line that says which differ
-    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), *[str(d) for d in sorted(runs.glob("[xy]-*"))]])
+    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), *[str(d) for d in sorted(runs.glob("[xy]-*"))]],
+                          E.main)
     assert "differ in dataset" in line and "digest" in line and "(y-" in line
     R.main(["train", "--dataset", "x", "--split", "cold-items", "--data-dir", str(root / "data"), "--runs-dir",
             str(runs / "cold"), *TINY])
     cold = next((runs / "cold").iterdir())
     capsys.readouterr()
-    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), str(cold), *map(str, sorted(runs.glob("x-*")))])
+    line = one_error_line(capsys, ["compare", "--runs-dir", str(runs), str(cold), *map(str, sorted(runs.glob("x-*")))],
+                          E.main)
     assert "differ in protocol" in line and "cold-items" in line and "leave-one-out" in line
     assert not (root / "tables" / "cold-items.md").exists()
 
@@ -1711,14 +1717,14 @@ def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
     entry = lambda m, s, hit: {"model": m, "kind": "baseline", "seed": s, "val": hit.mean() * 100,
                                "test": {(v, mm): hit.mean() * 100 for v, mm in (R.column(c, 10) for c in R.LOO_COLUMNS)},
                                "users": users, "per_user": {"overall": {"hr@10": hit * 100.0, "ndcg@10": hit * 50.0}}}
-    board = R.leaderboard([entry("A_1 & co", 0, good), entry("B", 0, bad), {"model": "C", "kind": "n/a", "seed": 0}],
+    board = E.leaderboard([entry("A_1 & co", 0, good), entry("B", 0, bad), {"model": "C", "kind": "n/a", "seed": 0}],
                           "leave-one-out", 10)
     assert [r["model"] for r in board["rows"]] == ["A_1 & co", "B"] and board["na"] == ["C"]
-    md = "\n".join(R.board_markdown(board))
+    md = "\n".join(E.board_markdown(board))
     assert "< 0.001" in md and "0.000" not in md and "±" not in md and "n/a under leave-one-out" in md and ": C" in md
-    tex = "\n".join(R.board_latex(board, "cap 95% x", "t"))
+    tex = "\n".join(E.board_latex(board, "cap 95% x", "t"))
     assert "A\\_1 \\& co" in tex and "$< 0.001$" in tex and "95\\% x" in tex and "\\begin{tabular}{l" in tex
-    assert R.pm(1.234, 0.5, 1) == "1.23" and R.pm(1.234, 0.5, 3) == "1.23 ± 0.50"
+    assert E.pm(1.234, 0.5, 1) == "1.23" and E.pm(1.234, 0.5, 3) == "1.23 ± 0.50"
 
 
 def browse_blob(page):
@@ -1860,9 +1866,9 @@ def test_leaderboard_latex_compiles(tmp_path):
     e = lambda m, x: {"model": m, "kind": "baseline", "seed": 0, "val": x.mean(), "users": np.arange(50),
                       "test": {R.column(c, 10): x.mean() for c in R.LOO_COLUMNS},
                       "per_user": {"overall": {"hr@10": x * 100.0, "ndcg@10": x * 60.0}}}
-    board = R.leaderboard([e("two-tower, text tags, --epochs 2", hit), e("EASE_1 & 50%", ~hit)], "leave-one-out", 10,
+    board = E.leaderboard([e("two-tower, text tags, --epochs 2", hit), e("EASE_1 & 50%", ~hit)], "leave-one-out", 10,
                           n_boot=100)
-    table = "\n".join(R.board_latex(board, "hetrec, leave-one-out: ×100, mean ± std, Δ", "t"))
+    table = "\n".join(E.board_latex(board, "hetrec, leave-one-out: ×100, mean ± std, Δ", "t"))
     packages = re.match(r"% needs \\usepackage\{(.*)\}", table).group(1)
     (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage[utf8]{inputenc}\\usepackage{" + packages
                                     + "}\\begin{document}\n" + table + "\n\\end{document}\n")
