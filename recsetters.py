@@ -1,18 +1,20 @@
 """
 RecSetters: a two-tower music recommender with honest evaluation.
 
+One run end to end; experiments.py compares runs (compare, leaderboards, paired tests, the report) and runs grids.
 Read top to bottom:
   1. errors and small utilities
   2. settings: Config, the one place for a setting (default, help, valid range), and presets
   3. datasets: loading, validation, the synthetic `demo` dataset, filtering (dedup, timestamps, k-core)
-  4. the interaction graph and the split of each protocol (leave-one-out: last, random, global; cold-items)
+  4. protocols (PROTOCOLS): each one's split (leave-one-out: last, random, global; cold-items; new-users), what a
+     user is scored from (their profile), the training catalog, leak-free item text, targets, metrics, selection
   5. features (categorical vocabularies, cached sentence-transformer text embeddings)
-  6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers
+  6. the model: user tower, item tower, DotCompress (five-number identity) and dot scorers, ensembles
   7. training: the runtime (device, threads), vectorized negative sampling, margin / softmax / full losses
-  8. evaluation: the protocols (PROTOCOLS) and one chunked full-ranking engine for all of them
-  9. baselines: one registry (BASELINES), each entry scoring the protocols it can; one tuning loop
+  8. evaluation: one chunked full-ranking engine for every protocol
+  9. baselines: one registry (BASELINES), each entry saying what it can score; one tuning loop
  10. runs: run folders that are never lost, results.json with provenance, checkpoints, tables
-     10b. comparing runs: one leaderboard (mean ± std over seeds, paired tests), Markdown and LaTeX
+     10b. recommendations for anyone: a dataset user, a loved-tracks file, a Last.fm user, with reasons
      10c. looking at a run (browse: one offline HTML page) and taking it away (export: vectors, ids, scorer)
  11. fairness and exposure: per-country accuracy, exposure parity, artist exposure vs popularity
  12. command line
@@ -2088,9 +2090,9 @@ def train_ensemble(cfg, split, feats, rt, run_dir=None, quiet=False):
 
 # ----------------------------------------------------------------------------------------------
 # 8. evaluation: one ranking engine for every protocol. Each evaluated user has one or more target items (the
-# protocol's `targets`) ranked by full ranking over the items that are not excluded (the user's train items and,
-# at test time, their validation items), in each of the protocol's views (all those items, or only its candidate
-# items). A target's rank is the number of items scored above it, ties broken by item index. Metrics are x100.
+# protocol's `targets`) ranked by full ranking over the items that are not excluded (the protocol's `exclude`: the
+# user's profile and, at test time, their validation items), in each of the protocol's views (all those items, or
+# only its candidate items). A target's rank is the number of items scored above it, ties broken by item index.
 
 def tower_vectors(model, device, split=None):
     """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes). Users that
@@ -3046,6 +3048,10 @@ def restore(run, runs_dir="runs", device_name="auto", free_cores=True):
         watch()
     return cfg, ds, split, model.to(device), device, run_dir
 
+
+# ----------------------------------------------------------------------------------------------
+# 10b. recommendations for anyone (`recommend`): a dataset user, a loved-tracks file or a Last.fm user, encoded from
+# what they loved, ranked by the ranking engine, each item with its reason (occlusion)
 
 def item_names(items):
     """What to call each item: "artist — track", or the artist alone where the item is an artist (its track empty
