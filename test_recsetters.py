@@ -595,6 +595,24 @@ def test_experiments_reuse_a_run_only_under_the_same_resolved_config(tmp_path):
     older = {k: v for k, v in want.items() if k != "ensemble"}      # made before the option existed
     (run / "results.json").write_text(json.dumps({"config": older}))
     assert not E.ran_with(run, want)
+    # a retired setting (R.RETIRED): stored at the value kept, the run is today's; at another, it is not
+    for value, same in ((0.0, True), (0.3, False)):
+        (run / "results.json").write_text(json.dumps({"config": {**want, "history_dropout": value}}))
+        assert E.ran_with(run, want) == same
+
+
+def test_tuning_rows_parse_or_say_at_which_commit_their_retired_setting_is(tmp_path, capsys):
+    """Every TUNING row is a valid `train` command line today, unless it sets a retired setting: then `tune` runs
+    nothing for it and says in one line at which commit it can be rerun."""
+    import experiments as E
+    retired = [(label, flags) for label, flags in E.TUNING if E.retired_flag(flags)]
+    assert retired and len({label for label, _ in E.TUNING}) == len(E.TUNING)
+    for label, flags in E.TUNING:
+        if not E.retired_flag(flags):
+            E.train_config("hetrec", 0, "data", [*E.TUNE_FIXED, *flags])
+    assert E.tune(tmp_path, "data", [0], rows=retired[:1]) is None and not (tmp_path / "tuning.md").exists()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and R.RETIRED_AT in out[0] and retired[0][0] in out[0], out
 
 
 # ---------------------------------------------------------------------------------------------- configuration
