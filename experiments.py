@@ -360,7 +360,7 @@ def ran_with(run_dir, want):
         return False
     have = json.loads((run_dir / "results.json").read_text())["config"]
     have.setdefault("k", 10)                  # cells made before K was stored were evaluated at 10
-    return {k: have.get(k) for k in want} == want
+    return {k: have.get(k) for k in want} == want and all(have.get(k, v) == v for k, v in R.RETIRED.items())
 
 
 def data_settings(config):
@@ -761,6 +761,7 @@ def report(out, data_dir, notes=(), do_fairness=True):
 # 8. the tuning log: what was tried for the default `train` configuration, one change at a time, on hetrec.
 # Each row is `recsetters.py train --text none` plus its flags (against the current defaults, so every row says
 # exactly what it ran); the choice between rows is made on validation NDCG@K alone, test is shown for the record.
+# A row with a retired setting (R.RETIRED) is rerun at commit R.RETIRED_AT, where the setting still is (retired_flag).
 
 TUNING = [
     ("previous default: towers with hidden layers 128,64, dim 96", ["--hidden", "128,64", "--dim", "96"]),
@@ -869,6 +870,12 @@ TUNING = [
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
 
+def retired_flag(flags):
+    """The first flag of a tuning row that sets a retired setting (R.RETIRED), or None."""
+    gone = {R.flag(n) for n in R.RETIRED} | {"--no-" + R.flag(n)[2:] for n, v in R.RETIRED.items() if v is False}
+    return next((f for f in flags if f in gone), None)
+
+
 def tune_cell(label, flags, dataset, seed, data_dir, out, threads):
     """Runs one tuning row unless a finished run with the identical resolved configuration is there."""
     name = re.sub("[^a-z0-9]+", "-", label.lower()).strip("-")[:60] + f"-s{seed}"
@@ -883,8 +890,15 @@ def tune_cell(label, flags, dataset, seed, data_dir, out, threads):
 
 
 def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=None):
-    """Every (row, seed) of the tuning log, `jobs` at a time; writes out/tuning.md and returns its path."""
-    work = [(label, flags, s) for label, flags in rows for s in seeds]
+    """Every (row, seed) of the tuning log, `jobs` at a time; writes out/tuning.md and returns its path. A row with
+    a retired setting is not run: one line says at which commit it is (only such rows: nothing is written, None)."""
+    for label, flags in rows:
+        if retired_flag(flags):
+            print(f"tune {label}: {retired_flag(flags)} is retired; rerun at commit {R.RETIRED_AT} "
+                  f"(git checkout {R.RETIRED_AT} && python experiments.py tune --only {shlex.quote(label)})", flush=True)
+    work = [(label, flags, s) for label, flags in rows if not retired_flag(flags) for s in seeds]
+    if rows and not work:
+        return None
     threads = threads if threads is not None else 1 if jobs > 1 else 0
     with ThreadPoolExecutor(jobs) as ex:
         results = list(ex.map(lambda w: tune_cell(w[0], w[1], dataset, w[2], data_dir, out, threads), work))
@@ -903,6 +917,9 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
         L += [f"{protocol}:", "", f"| configuration | flags | best epoch | validation {both} | test {both} | train s |",
               "|---|---|---|---|---|---|"]
         for label, flags in mine:
+            if retired_flag(flags):
+                L.append(f"| {label} | `{shlex.join(flags)}` | rerun at {R.RETIRED_AT} | | | |")
+                continue
             rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
             if not rs:
                 L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | |")
@@ -980,7 +997,10 @@ def main(argv=None):
     elif args.cmd == "tune":
         ensure_dataset(args.dataset, args.data_dir, None)
         rows = [r for r in TUNING if any(o in r[0] for o in args.only)]
-        print(f"wrote {tune(out, args.data_dir, args.seeds, args.jobs, args.dataset, rows, args.threads)}")
+        path = tune(out, args.data_dir, args.seeds, args.jobs, args.dataset, rows, args.threads)
+        if path is None:
+            return
+        print(f"wrote {path}")
         if not (out / "runs").exists():
             return
     if args.cmd != "ablation" and (out / "notes.json").exists():

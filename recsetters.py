@@ -187,23 +187,13 @@ class Config:
                              "--history)")
     id_only: bool = setting(False, "towers see only the user and item ids (with --scorer dot: matrix "
                             "factorization)")
-    item_bias: bool = setting(False, "add a learned per-item score offset (an extra coordinate, so still a dot "
-                              "product; --scorer dot)")
     normalize: bool = setting(True, "L2-normalize tower outputs (dot = cosine / --temperature)")
     temperature: float = setting(0.1, "softmax temperature of normalized scores", POSITIVE)
     dropout: float = setting(0.3, "dropout on the towers' concatenated inputs", PROBABILITY)
-    id_dropout: float = setting(0.0, "share of training rows whose item-id embedding is zeroed", PROBABILITY)
-    user_id_dropout: float = setting(0.0, "with --user-ids: share of training rows whose user-id embedding is zeroed, "
-                                     "so the user tower also learns to work from country and history (new users)",
-                                     PROBABILITY)
-    history_dropout: float = setting(0.0, "each item of a user's pooled history is left out with this chance in "
-                                     "training", PROBABILITY)
     fold_in_steps: int = setting(0, "users the model never trained (new users, a loved-tracks list): after encoding "
                                  "their history, this many Adam steps on their vector (lr 0.003) over the likelihood "
                                  "of their items plus its squared distance to the encoded vector (the two-tower's "
                                  "fold-in; --scorer dot)", COUNT0)
-    pool: str = setting("mean", "pooling of the --history items: mean, or attention (softmax weights q . e_i of a learned "
-                        "query q)", choices=("mean", "attention"))
     text_bag: bool = setting(False, "item tower also gets the mean of learned embeddings of the text's tokens (tags: "
                              "the comma-separated tags; other texts: lowercase words); tokens that no train item "
                              "has are left out; nothing with --text none")
@@ -212,13 +202,6 @@ class Config:
                                choices=("mean", "idf"))
     tag_feature: bool = setting(True, "embed the item's top tag (the tag column) as a categorical feature "
                                 "(--no-tag-feature: an item's content is its --text alone)")
-    history_text: bool = setting(False, "user tower also pools the text vectors of the user's train items (with "
-                                 "--history)")
-    unseen_ids: str = setting("zero", "embedding of an item id, artist or tag without train interactions: zero, a "
-                              "learned 'unknown' vector, or random (left as initialized: noise)",
-                              choices=("zero", "learned", "random"))
-    cold_dropout: float = setting(0.0, "share of training rows whose item looks new (id and artist unknown), "
-                                  "DropoutNet-style", PROBABILITY)
     # training
     loss: str = setting("full", "margin: margin ranking vs sampled negatives (the study's); softmax: sampled "
                         "softmax with log-Q correction; full: softmax over the whole catalog (--scorer dot)",
@@ -235,11 +218,6 @@ class Config:
     batch_size: int = setting(512, "train positives per batch", COUNT)
     lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
-    ema: float = setting(0.0, "validate and keep an exponential moving average of the weights, updated after every "
-                         "step with this decay (0: the weights themselves; 0.995: about the last 200 steps)",
-                         Range(lambda v: 0 <= v < 1, "a number in [0, 1)"))
-    schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over --epochs",
-                            choices=("constant", "cosine"))
     ensemble: int = setting(1, "train this many two-towers apart, each from its own initialization, negatives and "
                             "batch order (member m: seed --seed + 1000 m; member 0 is the single model), each at its "
                             "best validation epoch, and rank by the mean of their scores (a deep ensemble: this many "
@@ -283,8 +261,6 @@ class Config:
                                 f"{flag(f.name)} {value}: {check.says}")
         if self.loss == "full" and self.scorer != "dot":
             raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
-        if self.item_bias and self.scorer != "dot":
-            raise UserError("--item-bias needs --scorer dot")
         if self.squared_loss and (self.loss != "full" or not self.normalize):
             raise UserError("--squared-loss needs --loss full and --normalize")
         if self.fold_in_steps and self.scorer != "dot":
@@ -303,6 +279,24 @@ def flag(name):
     return "-k" if name == "k" else "--" + name.replace("_", "-")
 
 
+# Settings that validation never chose, removed with the code of their other values: each with the value whose
+# behaviour stayed (without a flag). A stored configuration (an old run) at these values loads as before; any other
+# value needs recsetters.py at RETIRED_AT, where the settings still are (RESULTS.md keeps their rows).
+RETIRED = dict(item_bias=False, id_dropout=0.0, user_id_dropout=0.0, history_dropout=0.0, pool="mean",
+               history_text=False, unseen_ids="zero", cold_dropout=0.0, ema=0.0, schedule="constant")
+RETIRED_AT = "b25c7b3"
+
+
+def without_retired(config, where):
+    """A stored configuration (a dict) without the RETIRED settings; a UserError, `where` in front, when one of them
+    has a value other than the one kept."""
+    used = [typed(k, v) for k, v in config.items() if k in RETIRED and v != RETIRED[k]]
+    if used:
+        raise UserError(f"{where}{', '.join(used)}: retired (never chosen on validation); this run needs "
+                        f"recsetters.py at commit {RETIRED_AT} (git checkout {RETIRED_AT})")
+    return {k: v for k, v in config.items() if k not in RETIRED}
+
+
 # --preset NAME: an overlay of Config (another set of train defaults; flags given explicitly still win).
 PRESETS = {
     # the study's exact model and optimizer: DotCompress with the GELU on the score, margin loss against
@@ -310,8 +304,7 @@ PRESETS = {
     # its dimensions, Adam at lr 2e-4, batch 512
     "original": dict(scorer="dotcompress", loss="margin", negatives=20, margin=1.0, final_gelu=True,
                      tower_act=True, lr=2e-4, batch_size=512, weight_decay=0.0, dim=96, out_dim=192,
-                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_dropout=0.0, id_only=False,
-                     history_dropout=0.0, schedule="constant", item_bias=False, pool="mean",
+                     history=False, normalize=False, temperature=1.0, dropout=0.0, id_only=False,
                      user_ids=True, hidden="128,64"),
 }
 
@@ -1238,16 +1231,12 @@ class Dropout(nn.Module):
 
 class Tower(nn.Module):
     """Embeddings of categorical features (+ a projected dense vector, + `n_extra` vectors of size `dim` that
-    the caller computes, e.g. a user's pooled history) -> MLP. `id_dropout` zeroes the first categorical
-    embedding (the id) of a random share of rows in training, so the other features must carry the signal
-    too: that is what a cold item, whose id embedding saw few updates, has to rely on."""
+    the caller computes, e.g. a user's pooled history) -> MLP. A categorical value marked unknown (without
+    train interactions, see TwoTower.items) gets a zero vector."""
 
-    def __init__(self, cardinalities, dim, out_dim, hidden, out_act, dropout, dense_dim=0, n_extra=0, id_dropout=0.0,
-                 learned_unknown=False):
+    def __init__(self, cardinalities, dim, out_dim, hidden, out_act, dropout, dense_dim=0, n_extra=0):
         super().__init__()
         self.embs = nn.ModuleList(nn.Embedding(c, dim) for c in cardinalities)
-        # the vector a categorical value without train interactions gets (see TwoTower.items): zero, or learned
-        self.unknown = nn.Parameter(torch.zeros(len(cardinalities), dim)) if learned_unknown else None
         self.dense = nn.Linear(dense_dim, dim) if dense_dim else None
         d_in = dim * (len(cardinalities) + (1 if dense_dim else 0) + n_extra)
         dims = [d_in, *hidden]
@@ -1256,15 +1245,11 @@ class Tower(nn.Module):
             layers += [nn.Linear(a, b), nn.LayerNorm(b, elementwise_affine=False), nn.GELU()]
         self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
         self.out_act = out_act
-        self.id_dropout = id_dropout
 
     def forward(self, cats, dense=None, extra=(), unknown=None):
         x = [emb(c) for emb, c in zip(self.embs, cats)]
-        if self.training and self.id_dropout:
-            x[0] = x[0] * (torch.rand(len(x[0]), 1, device=x[0].device) >= self.id_dropout)
         for j, m in enumerate(() if unknown is None else unknown):    # m: (B,) bool, True = unknown value
-            fill = torch.zeros_like(x[j][0]) if self.unknown is None else self.unknown[j]
-            x[j] = torch.where(m[:, None], fill, x[j])
+            x[j] = torch.where(m[:, None], torch.zeros_like(x[j][0]), x[j])
         if self.dense is not None:
             x.append(F.gelu(self.dense(dense)))
         h = self.mlp(torch.cat(x + list(extra), -1))
@@ -1381,19 +1366,22 @@ class TwoTower(nn.Module):
     history: the users x items CSR of train interactions; with cfg.history the user tower also gets the mean of
     learned embeddings of the user's train items (in training without the target item, so it cannot copy).
     cfg.normalize: L2-normalized tower outputs scaled so that a dot product is cosine / temperature.
-    Items without train interactions get their id/artist/tag embeddings per cfg.unseen_ids (under --split
-    cold-items they are not in the training catalog either: see NegativeSampler)."""
+    Items without train interactions get zero for their id/artist/tag embeddings, which were never trained (under
+    --split cold-items they are not in the training catalog either: see NegativeSampler)."""
 
     def __init__(self, feats, cfg, history):
+        """feats: the dataset's Features (section 5); history: the users x items CSR of train interactions.
+        User tower: embeddings of the country (cfg.user_ids: also the user id and username; cfg.id_only: the id
+        alone) and, with cfg.history, the mean of learned embeddings of the user's train items.
+        Item tower: embeddings of the item id and artist (cfg.tag_feature: also its top tag; cfg.id_only: the id
+        alone), its projected text vector (feats.text; none with cfg.id_only) and, with cfg.text_bag, the
+        cfg.bag_weights mean of learned embeddings of its text's tokens.
+        Both: cfg.dim embeddings, cfg.dropout on the inputs, cfg.hidden_sizes() layers to cfg.out_dim outputs (GELU
+        with cfg.tower_act), L2-normalized with cfg.normalize and scaled by cfg.temperature. The score: cfg.scorer's
+        (SCORERS); users never trained are refined by cfg.fold_in_steps (encode)."""
         super().__init__()
         unseen = np.bincount(history.indices, minlength=feats.sizes["items"]) == 0   # items without train interactions
         history = history if cfg.history else None
-        self.history_dropout = cfg.history_dropout
-        # item_bias: a learned per-item score offset (popularity, which cosine scores cannot express), carried as
-        # one more coordinate (item: its bias, user: 1), so the score stays a plain dot product
-        self.bias = nn.Embedding(feats.sizes["items"], 1) if cfg.item_bias else None
-        if cfg.item_bias:
-            nn.init.zeros_(self.bias.weight)
         s = feats.sizes
         text_dim = 0 if feats.text is None or cfg.id_only else feats.text.shape[1]
         # id_only: user id and item id embeddings alone (with a dot scorer: matrix factorization, BPR-MF-like);
@@ -1402,12 +1390,8 @@ class TwoTower(nn.Module):
         self.u_rows = [0] if cfg.id_only else [0, 1, 2] if cfg.user_ids else [1]
         user_cards = [s["users"], s["countries"], s["names"]]
         hidden = cfg.hidden_sizes()
-        # history_text: the user tower also gets the mean text vector of the user's train items (projected), so a
-        # new item's text meets the user's in one learned bilinear form (what content-KNN does with a fixed one)
-        self.hist_text = nn.Linear(text_dim, cfg.dim) if history is not None and cfg.history_text and text_dim else None
         self.user_tower = Tower([user_cards[r] for r in self.u_rows], cfg.dim, cfg.out_dim, hidden, cfg.tower_act,
-                                cfg.dropout, n_extra=(history is not None) + (self.hist_text is not None),
-                                id_dropout=cfg.user_id_dropout if cfg.user_ids else 0.0)
+                                cfg.dropout, n_extra=history is not None)
         # text_bag: the item tower also gets the mean of learned embeddings of the text's tokens (tags, words);
         # a token no train item has was never trained, so it is left out (weight 0) wherever it appears
         self.bag = None
@@ -1426,16 +1410,12 @@ class TwoTower(nn.Module):
             self.register_buffer("bag_w", torch.as_tensor(w / np.where(total > 0, total, 1)[row], dtype=torch.float32),
                                  persistent=False)
         self.item_tower = Tower([s["items"], s["artists"], s["tags"]][:self.n_cats], cfg.dim, cfg.out_dim, hidden,
-                                cfg.tower_act, cfg.dropout, dense_dim=text_dim, id_dropout=cfg.id_dropout,
-                                learned_unknown=cfg.unseen_ids == "learned", n_extra=self.bag is not None)
+                                cfg.tower_act, cfg.dropout, dense_dim=text_dim, n_extra=self.bag is not None)
         self.scorer = SCORERS[cfg.scorer].from_config(cfg)
         self.scale = cfg.temperature ** -0.5 if cfg.normalize else None
         self.hist_emb = None
         if history is not None:
             self.hist_emb = nn.EmbeddingBag(s["items"], cfg.dim, mode="sum")
-            # pool "attention": history items weighted by softmax(q . e_i) with a learned query q (zero at
-            # the start: the plain mean), so the user vector can lean on the items that say most about taste
-            self.query = nn.Parameter(torch.zeros(cfg.dim)) if cfg.pool == "attention" else None
             self.register_buffer("h_ptr", torch.as_tensor(history.indptr, dtype=torch.long), persistent=False)
             self.register_buffer("h_idx", torch.as_tensor(history.indices, dtype=torch.long), persistent=False)
         long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
@@ -1445,69 +1425,37 @@ class TwoTower(nn.Module):
                                                      long(feats.item_tag)]), persistent=False)
         self.register_buffer("i_text", None if not text_dim else torch.as_tensor(feats.text),
                              persistent=False)
-        self.cold_dropout = cfg.cold_dropout
         self.fold_in_steps = cfg.fold_in_steps
-        unknown = unknown_values(unseen, feats, cfg.unseen_ids)[:self.n_cats]
-        self.register_buffer("i_unknown", torch.as_tensor(unknown) if unknown.any() or cfg.cold_dropout else None,
+        unknown = unknown_values(unseen, feats)[:self.n_cats]
+        self.register_buffer("i_unknown", torch.as_tensor(unknown) if unknown.any() else None,
                              persistent=False)          # None: every value has train interactions, nothing to replace
 
-    def history(self, idx, drop=None, bag=None):
+    def history(self, idx, drop=None, rows=None):
         """Mean history embedding per user (EmbeddingBag over CSR rows); `drop`: one item per user left out."""
-        items, offsets, keep, n, which = self.history_bag(idx, drop) if bag is None else bag
-        if self.query is not None:
-            return self.attention_pool(items, which, len(idx), keep)
+        items, offsets, keep, n = self.history_bag(idx, drop, rows)
         return self.hist_emb(items, offsets, per_sample_weights=keep) / n.clamp(min=1)[:, None]
 
-    def history_text_vector(self, bag):
-        """--history-text: the projected mean text vector of the users' train items (the same bag as history)."""
-        items, offsets, keep, n, _ = bag
-        t = F.embedding_bag(items, self.i_text, offsets, mode="sum", per_sample_weights=keep)
-        return F.gelu(self.hist_text(t / n.clamp(min=1)[:, None]))
-
     def history_bag(self, idx, drop=None, rows=None):
-        """(items, offsets, 0/1 weights or None, kept count, user row of each item) of the users' train items;
-        `drop`: one item per user left out; `rows`: (row pointers, items) of other histories, one row per user of
-        idx (encode). In training each history item is also left out with probability `history_dropout`
-        (denoising, as in Mult-DAE), so the user vector cannot lean on any single item."""
+        """(items, offsets, 0/1 weights or None, kept count) of the users' train items; `drop`: one item per user
+        left out; `rows`: (row pointers, items) of other histories, one row per user of idx (encode)."""
         ptr, h_idx = (self.h_ptr, self.h_idx) if rows is None else rows
         idx = idx if rows is None else torch.arange(len(idx), device=idx.device)
         counts = ptr[idx + 1] - ptr[idx]
         offsets = torch.cumsum(counts, 0) - counts
         which, items = csr_take(ptr, h_idx, idx)
         keep, n = None, counts.float()
-        if drop is not None or (self.training and self.history_dropout):      # weights 0/1 per history item
-            keep = torch.ones(len(items), device=idx.device)
-            if drop is not None:
-                keep = keep * (items != drop[which])
-            if self.training and self.history_dropout:
-                keep = keep * (torch.rand(len(items), device=idx.device) >= self.history_dropout)
+        if drop is not None:                        # weights 0/1 per history item
+            keep = (items != drop[which]).float()
             n = torch.zeros(len(idx), device=idx.device).index_add_(0, which, keep)
-        return items, offsets, keep, n, which
-
-    def attention_pool(self, items, user, n_users, keep=None):
-        """sum_i a_i e_i over each user's history (flat `items`, `user`: the row of each), a = softmax(q . e) over
-        the items kept (keep > 0); a user with none kept gets zeros, as the mean does."""
-        e = self.hist_emb.weight[items]
-        logit = e @ self.query
-        if keep is not None:
-            logit = logit.masked_fill(keep == 0, float("-inf"))
-        top = torch.full((n_users,), float("-inf"), device=items.device).scatter_reduce(0, user, logit, "amax")
-        w = torch.exp(logit - top.detach().clamp(min=-1e30)[user])             # 0 for left-out items
-        z = torch.zeros(n_users, device=items.device).index_add_(0, user, w)
-        return torch.zeros(n_users, e.shape[1], device=items.device).index_add_(
-            0, user, e * (w / z.clamp(min=1e-30)[user])[:, None])
+        return items, offsets, keep, n
 
     def users(self, idx, drop=None, feats=None, rows=None, unknown=None):
         """User vectors of the users idx, from their features and train history. encode() passes other users'
         feature codes (`feats`, 3 x B), histories (`rows`) and which features are unknown."""
-        extra = ()
-        if self.hist_emb is not None:
-            bag = self.history_bag(idx, drop, rows)
-            extra = (self.history(idx, bag=bag),) + (() if self.hist_text is None else (self.history_text_vector(bag),))
+        extra = () if self.hist_emb is None else (self.history(idx, drop, rows),)
         feats = self.u_feats if feats is None else feats
-        u = self._out(self.user_tower(list(feats[self.u_rows][:, idx]), extra=extra,
-                                      unknown=None if unknown is None else list(unknown[self.u_rows][:, idx])))
-        return u if self.bias is None else torch.cat([u, torch.ones_like(u[:, :1])], -1)
+        return self._out(self.user_tower(list(feats[self.u_rows][:, idx]), extra=extra,
+                                         unknown=None if unknown is None else list(unknown[self.u_rows][:, idx])))
 
     def encode(self, country, history, known=None):
         """Vectors of users given by their country codes (B,; -1: unknown, zero) and histories (a B-row CSR of item indices): users
@@ -1533,10 +1481,8 @@ class TwoTower(nn.Module):
         """--fold-in-steps: the vectors U0 of users never trained, moved by fold_in_steps Adam steps on each user's
         multinomial likelihood of their `history` items (a CSR, a row per row of U0) over every item, plus `anchor`
         times the squared distance to U0 (what iALS's fold-in solves exactly; here the encoder's vector is the
-        start and the anchor). Normalized towers move in direction only; an --item-bias coordinate stays 1.
-        Deterministic: no sampling."""
+        start and the anchor). Normalized towers move in direction only. Deterministic: no sampling."""
         dev, n_items = U0.device, int(self.i_feats.shape[1])
-        d = U0.shape[1] - (self.bias is not None)
         vector = (lambda w: w) if self.scale is None else (lambda w: F.normalize(w, dim=-1) * self.scale)
         out = U0.clone()
         with torch.no_grad():
@@ -1546,30 +1492,25 @@ class TwoTower(nn.Module):
             for a in range(0, len(U0), chunk):
                 u0 = U0[a:a + chunk]
                 X = torch.as_tensor(history[a:a + chunk].toarray(), dtype=torch.float32, device=dev)
-                w = u0[:, :d].clone().requires_grad_(True)
+                w = u0.clone().requires_grad_(True)
                 opt = torch.optim.Adam([w], lr=lr)
                 for _ in range(self.fold_in_steps):
-                    u = torch.cat([vector(w), u0[:, d:]], 1)
+                    u = vector(w)
                     loss = (-(X * F.log_softmax(u @ V.T, 1)).sum(1) + anchor * ((u - u0) ** 2).sum(1)).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                 with torch.no_grad():
-                    out[a:a + chunk, :d] = vector(w)
+                    out[a:a + chunk] = vector(w)
         return out
 
     def items(self, idx):
         unknown = None
         if self.i_unknown is not None:
-            unknown = self.i_unknown[:, idx]
-            if self.training and self.cold_dropout:       # a share of train rows looks like a new item
-                drop = torch.rand(len(idx), device=idx.device) < self.cold_dropout
-                unknown = unknown | torch.stack([drop, drop, torch.zeros_like(drop)])[:self.n_cats]
-            unknown = list(unknown)
-        v = self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
-                                      None if self.i_text is None else self.i_text[idx], unknown=unknown,
-                                      extra=() if self.bag is None else (self.token_bag(idx),)))
-        return v if self.bias is None else torch.cat([v, self.bias(idx)], -1)
+            unknown = list(self.i_unknown[:, idx])
+        return self._out(self.item_tower(list(self.i_feats[:self.n_cats, idx]),
+                                         None if self.i_text is None else self.i_text[idx], unknown=unknown,
+                                         extra=() if self.bag is None else (self.token_bag(idx),)))
 
     def token_bag(self, idx):
         """--text-bag: per item of `idx`, the weighted mean of its known tokens' embeddings."""
@@ -1614,12 +1555,9 @@ def make_model(feats, cfg, history):
     return TwoTower(feats, cfg, history)
 
 
-def unknown_values(unseen, feats, mode="zero"):
+def unknown_values(unseen, feats):
     """(3, items) bool: which of an item's id, artist and tag have no train interactions (`unseen`: items without
-    any). Those embeddings were never trained: at inference they are replaced by zero (mode zero) or a learned
-    "unknown" vector (learned), or kept as initialized (random: noise, for comparison)."""
-    if mode == "random":
-        return np.zeros((3, len(unseen)), bool)
+    any). Those embeddings were never trained: they are replaced by zero (Tower.forward)."""
     seen = ~np.asarray(unseen, bool)
     known = lambda codes: np.isin(codes, codes[seen])
     return np.stack([~seen, ~known(feats.item_artist), ~known(feats.item_tag)])
@@ -1910,30 +1848,8 @@ class LossStep(nn.Module):
         return batch_loss(self.model, *args)
 
 
-class WeightAverage:
-    """--ema D: an exponential moving average of a model's parameters (avg <- D avg + (1 - D) p after every
-    optimizer step); `swap()` exchanges it with the weights, so validation and checkpointing see the average, and
-    a second `swap()` restores the weights training goes on from."""
-
-    def __init__(self, model, decay):
-        self.params = list(model.parameters())
-        self.avg = [p.detach().clone() for p in self.params]
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self):
-        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1 - self.decay)
-
-    @torch.no_grad()
-    def swap(self):
-        for p, a in zip(self.params, self.avg):
-            t = p.detach().clone()
-            p.copy_(a)
-            a.copy_(t)
-
-
 def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=False, rank=0, world=1, phases=None,
-                free_cores=None, ema=None):
+                free_cores=None):
     """One pass over the train edges in seeded random order. Returns (summed loss, positives, sampling seconds).
     The order is one host permutation per epoch, moved to the device once; batches are slices of it, their
     negatives and masks are made on the device, and the loss is summed there: no step waits for the device.
@@ -1972,8 +1888,6 @@ def train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, desc="", quiet=Fa
         (loss * share if world > 1 else loss).backward()
         phases("backward")
         opt.step()
-        if ema is not None:
-            ema.update()
         total += loss.detach().to(total.dtype) * (size * share / world)
         n += round(size * share / world)
         phases("optimizer")
@@ -2006,17 +1920,13 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False, member=0):
     logq = np.log(np.maximum(split.degree, 1) / len(split.train_u))
     rng = np.random.default_rng(seed)
     free_cores = rt.free_cores(world)
-    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     history, best, bad_epochs, best_state = [], -1.0, 0, None
     t_train = t_prep = 0.0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        if cfg.schedule == "cosine":             # per epoch, from lr at epoch 1 towards 0 after --epochs
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
         t0 = time.perf_counter()
         total, n, prep = train_epoch(step, opt, cfg, split, sampler, logq, rng, rt, f"epoch {epoch}",
-                                     quiet, rank, world, free_cores=free_cores, ema=ema)
+                                     quiet, rank, world, free_cores=free_cores)
         if world > 1:
             tn = torch.tensor([total, n], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(tn)
@@ -2025,8 +1935,6 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False, member=0):
         t_train += time.perf_counter() - t0
         stop = False
         if rank == 0:
-            if ema is not None:       # validate (and keep) the averaged weights; the training goes on from its own
-                ema.swap()
             val = evaluate(model_scores(model, device, split), split, "validation", cfg.k, device, cfg.eval_memory_mb)
             ndcg = selection_score(val, split, cfg.k)
             history.append({"epoch": epoch, "loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"],
@@ -2043,8 +1951,6 @@ def train_model(cfg, split, feats, rt, run_dir=None, quiet=False, member=0):
             else:
                 bad_epochs += 1
                 stop = bad_epochs >= cfg.patience
-            if ema is not None:
-                ema.swap()
         else:
             history.append({"epoch": epoch, "loss": total / max(n, 1), "validation": None})
         if world > 1:                     # rank 0's early-stopping decision, to everyone
@@ -2460,7 +2366,7 @@ BASELINES = {
                              [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
                              "tags", new_items=True, new_users=False, made_for="items"),
     # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map; the
-    # two-tower's own is --cold-dropout); grid (share randomized, similarity weight, ridge) around what hetrec seed-0
+    # two-tower's own was --cold-dropout); grid (share randomized, similarity weight, ridge) around what hetrec seed-0
     # validation-cold favoured
     "Heater": Baseline(lambda split, tags, p: heater_scores(split, tags, *p),
                        [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], "tags", new_items=True,
@@ -3015,12 +2921,13 @@ def restore(run, runs_dir="runs", device_name="auto", free_cores=True):
     run_dir, info, state = load_run(run, runs_dir)
     info_path = run_dir / "run.json"
     names = {f.name for f in fields(Config)}
-    unknown = sorted(set(info["config"]) - names)
+    config = without_retired(info["config"], f"{info_path}: ")
+    unknown = sorted(set(config) - names)
     if unknown:
         raise UserError(f"{info_path}: unknown setting(s) {', '.join(unknown)} (saved by another version of "
                         f"recsetters.py); retrain the run with this version")
     try:
-        cfg = Config(**info["config"]).validate()
+        cfg = Config(**config).validate()
     except (UserError, TypeError) as e:
         raise UserError(f"{info_path}: {e}; retrain the run with this version")
     device = pick_device(device_name)

@@ -370,22 +370,6 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
     assert torch.allclose(model.history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
     drop = torch.as_tensor([r[0] for r in rows])
     assert torch.allclose(model.history(users, drop), torch.stack([E[r[1:]].mean(0) for r in rows]), atol=1e-5)
-    # history dropout: only in training; leaving out everything leaves an empty mean (zeros)
-    model.history_dropout = 1.0
-    assert torch.allclose(model.eval().history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
-    assert model.train().history(users).abs().max() == 0
-    with pytest.raises(R.UserError, match="between 0 and 1"):
-        R.train_model(R.Config(history_dropout=1.5), split, R.build_features(ds, "none"), R.Runtime(torch.device("cpu")))
-    # item bias: one more coordinate (item: its bias, user: 1), so the dot product is cosine / T + bias
-    cfg.item_bias = True
-    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
-    with torch.no_grad():
-        model.bias.weight.normal_()
-    items = torch.arange(5)
-    U, V = model.users(users), model.items(items)
-    assert U.shape[1] == V.shape[1] == cfg.out_dim + 1 and bool((U[:, -1] == 1).all())
-    assert torch.allclose(model.scorer.all_pairs(U, V), U[:, :-1] @ V[:, :-1].T + model.bias.weight[:5, 0],
-                          atol=1e-5)
     c = R.config_from(R.parser("original").parse_args(["train", "--preset", "original"]))
     assert (c.scorer, c.loss, c.negatives, c.tower_act, c.final_gelu, c.lr, c.batch_size, c.dim, c.out_dim,
             c.history, c.normalize, c.user_ids, c.dropout) == ("dotcompress", "margin", 20, True, True, 2e-4, 512,
@@ -394,25 +378,6 @@ def test_history_pooling_leaves_the_target_out_and_preset_original_is_the_study(
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-
-def test_attention_pooling_is_a_softmax_over_the_history_and_starts_as_the_mean(small_demo):
-    cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", history=True, pool="attention")
-    ds, split = R.prepare(cfg, quiet=True)
-    model = R.TwoTower(R.build_features(ds, "none"), cfg, split.train).eval()
-    users = torch.arange(6)
-    rows = [split.train[u].indices for u in range(6)]
-    E = model.hist_emb.weight.detach()
-    assert torch.allclose(model.history(users), torch.stack([E[r].mean(0) for r in rows]), atol=1e-5)
-    with torch.no_grad():
-        model.query.normal_()
-    q = model.query.detach()
-    naive = lambda r: (torch.softmax(E[r] @ q, 0)[:, None] * E[r]).sum(0)
-    assert torch.allclose(model.history(users), torch.stack([naive(r) for r in rows]), atol=1e-5)
-    drop = torch.as_tensor([r[0] for r in rows])          # the target is left out, as in training
-    assert torch.allclose(model.history(users, drop), torch.stack([naive(r[1:]) for r in rows]), atol=1e-5)
-    model.history_dropout = 1.0                            # everything left out: zeros, as the mean gives
-    assert model.train().history(users).abs().max() == 0
-
 
 def test_short_training_run_beats_popularity_on_validation(small_demo):
     cfg = R.Config(dataset="small", data_dir=str(small_demo), text="none", scorer="dot", epochs=5, seed=0,
@@ -431,10 +396,6 @@ def test_short_training_run_beats_popularity_on_validation(small_demo):
     model2, history2, _ = R.train_model(cfg, split, feats, R.Runtime(torch.device("cpu")), quiet=True)
     assert [h["loss"] for h in history2] == pytest.approx([h["loss"] for h in history[:2]])
     assert [h["lr"] for h in history2] == [cfg.lr, cfg.lr]
-    # the cosine schedule: lr at epoch 1, then half-way to 0 at the middle of --epochs
-    cfg.schedule = "cosine"
-    _, history3, _ = R.train_model(cfg, split, feats, R.Runtime(torch.device("cpu")), quiet=True)
-    assert [h["lr"] for h in history3] == pytest.approx([cfg.lr, cfg.lr / 2])
 
 
 @pytest.mark.slow
@@ -631,9 +592,27 @@ def test_experiments_reuse_a_run_only_under_the_same_resolved_config(tmp_path):
     assert E.ran_with(run, want)
     assert not E.ran_with(run, E.train_config("hetrec", 0, "data", ["--text", "none", "--dim", "96"]))
     assert not E.ran_with(run, E.train_config("hetrec", 1, "data", ["--text", "none"]))
-    older = {k: v for k, v in want.items() if k != "history_dropout"}      # made before the option existed
+    older = {k: v for k, v in want.items() if k != "ensemble"}      # made before the option existed
     (run / "results.json").write_text(json.dumps({"config": older}))
     assert not E.ran_with(run, want)
+    # a retired setting (R.RETIRED): stored at the value kept, the run is today's; at another, it is not
+    for value, same in ((0.0, True), (0.3, False)):
+        (run / "results.json").write_text(json.dumps({"config": {**want, "history_dropout": value}}))
+        assert E.ran_with(run, want) == same
+
+
+def test_tuning_rows_parse_or_say_at_which_commit_their_retired_setting_is(tmp_path, capsys):
+    """Every TUNING row is a valid `train` command line today, unless it sets a retired setting: then `tune` runs
+    nothing for it and says in one line at which commit it can be rerun."""
+    import experiments as E
+    retired = [(label, flags) for label, flags in E.TUNING if E.retired_flag(flags)]
+    assert retired and len({label for label, _ in E.TUNING}) == len(E.TUNING)
+    for label, flags in E.TUNING:
+        if not E.retired_flag(flags):
+            E.train_config("hetrec", 0, "data", [*E.TUNE_FIXED, *flags])
+    assert E.tune(tmp_path, "data", [0], rows=retired[:1]) is None and not (tmp_path / "tuning.md").exists()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and R.RETIRED_AT in out[0] and retired[0][0] in out[0], out
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -651,8 +630,6 @@ BAD_SETTINGS = [            # (command line, what the one error line must say)
     (["train", "--warm-fraction", "2"], "--warm-fraction 2.0: a fraction, between 0 and 1"),
     (["train", "--min-interactions", "0"], "--min-interactions 0: an integer >= 1"),
     (["train", "--dropout", "1.5"], "--dropout 1.5: a probability, between 0 and 1"),
-    (["train", "--id-dropout", "nan"], "--id-dropout nan: a probability, between 0 and 1"),
-    (["train", "--history-dropout", "-0.1"], "--history-dropout -0.1: a probability, between 0 and 1"),
     (["train", "--temperature", "0"], "--temperature 0.0: a positive finite number"),
     (["train", "--margin", "nan"], "--margin nan: a finite number >= 0"),
     (["train", "--weight-decay", "-1"], "--weight-decay -1.0: a finite number >= 0"),
@@ -665,7 +642,6 @@ BAD_SETTINGS = [            # (command line, what the one error line must say)
     (["train", "--scorer", "dotcompress"], "--loss full needs --scorer dot"),
     (["train", "--scorer", "dotcompress", "--loss", "margin", "--out-dim", "191"], "needs an even size"),
     (["train", "--loss", "margin", "--negatives", "0"], "needs at least one negative"),
-    (["train", "--scorer", "dotcompress", "--loss", "margin", "--item-bias"], "--item-bias needs --scorer dot"),
     (["baselines", "-k", "0"], "-k 0: an integer >= 1"),
     (["stats", "--warm-fraction", "nan"], "--warm-fraction nan: a fraction, between 0 and 1"),
     (["recommend", "somerun", "--user", "u", "-k", "0"], "-k 0: an integer >= 1"),
@@ -937,6 +913,23 @@ def test_a_damaged_foreign_or_old_run_is_one_line_naming_the_file(tiny_run, tmp_
     assert not marker.exists()                  # the pickle's code never ran
 
 
+def test_an_old_run_with_a_retired_setting_loads_at_the_value_kept_else_names_the_commit(tiny_run, tmp_path,
+                                                                                          capsys):
+    """run.json of a run made before the RETIRED settings went: at the values kept it loads as before; with
+    another value one line says it needs the commit where the setting still is."""
+    import json
+    _, run = tiny_run
+    info = json.loads((run / "run.json").read_text())
+    old = damaged_copy(run, tmp_path, "old", lambda d: (d / "run.json").write_text(json.dumps(
+        {**info, "config": {**info["config"], **R.RETIRED}})))
+    cfg = R.restore(str(old), device_name="cpu", free_cores=False)[0]
+    assert not set(R.RETIRED) & set(R.asdict(cfg))
+    ema = damaged_copy(run, tmp_path, "ema", lambda d: (d / "run.json").write_text(json.dumps(
+        {**info, "config": {**info["config"], **R.RETIRED, "ema": 0.995, "item_bias": True}})))
+    line = one_error_line(capsys, ["evaluate", str(ema), "--device", "cpu"])
+    assert str(ema) in line and "--item-bias, --ema 0.995: retired" in line and "commit b25c7b3" in line, line
+
+
 def test_a_run_refuses_a_dataset_changed_after_training(tiny_run, tmp_path, capsys):
     import shutil
     data, run = tiny_run
@@ -1067,16 +1060,12 @@ def test_unseen_items_are_scored_from_content_alone(small_demo):
     ds, s = cold_split(small_demo)
     feats = R.build_features(ds, "none")
     cold = s.parts["test_items"][:5]
-    outs = {}
-    for mode in ("zero", "random", "learned"):
-        cfg = R.Config(dataset="small", split="cold-items", text="none", unseen_ids=mode, dropout=0.0)
-        torch.manual_seed(0)
-        m = R.TwoTower(feats, cfg, s.train).eval()
-        before = m.items(torch.as_tensor(cold))
-        with torch.no_grad():
-            m.item_tower.embs[0].weight[cold] += 1.0          # the never-trained id rows change...
-        outs[mode] = torch.allclose(before, m.items(torch.as_tensor(cold)))
-    assert outs == {"zero": True, "random": False, "learned": True}   # ...and only `random` notices
+    cfg = R.Config(dataset="small", split="cold-items", text="none", dropout=0.0)
+    m = R.TwoTower(feats, cfg, s.train).eval()
+    before = m.items(torch.as_tensor(cold))
+    with torch.no_grad():
+        m.item_tower.embs[0].weight[cold] += 1.0          # the never-trained id rows change: replaced by zero
+    assert torch.allclose(before, m.items(torch.as_tensor(cold)))
     # artist/tag known only through train items
     unk = R.unknown_values(s.degree == 0, feats)
     assert (unk[0] == (s.degree == 0)).all()
@@ -1394,31 +1383,6 @@ def test_ensemble_scores_by_the_mean_of_members_trained_apart_and_its_first_memb
     back = R.make_model(feats, cfg, split.train)
     back.load_state_dict(ens.state_dict())
     assert torch.allclose(R.model_scores(back, "cpu")(users), mean, atol=1e-4)
-
-
-def test_ema_averages_the_weights_and_swaps_them_in_and_back():
-    """--ema D: after every step avg <- D avg + (1 - D) p; swap() exchanges the average and the weights (twice:
-    as before), so validation and the checkpoint see the average and training goes on from its own weights."""
-    net = torch.nn.Linear(3, 2)
-    w0 = [p.detach().clone() for p in net.parameters()]
-    ema = R.WeightAverage(net, 0.9)
-    steps = []
-    for t in range(3):
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(t + 1.0)
-        ema.update()
-        steps.append([p.detach().clone() for p in net.parameters()])
-    want = w0
-    for ps in steps:
-        want = [0.9 * a + 0.1 * b for a, b in zip(want, ps)]
-    now = steps[-1]
-    ema.swap()
-    assert all(torch.allclose(p, w, atol=1e-6) for p, w in zip(net.parameters(), want))
-    ema.swap()
-    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), now))
-    with pytest.raises(R.UserError, match="--ema 1"):
-        R.Config(ema=1.0).validate()
 
 
 def test_squared_loss_adds_ials_objective_on_the_cosines():
