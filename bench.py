@@ -19,6 +19,7 @@ Datasets: `demo` (SYNTHETIC, the study's scale), `hetrec` (data/hetrec/, made by
 Writes runs/bench/bench.json (atomically) and prints a table.
 """
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -173,8 +174,7 @@ def time_eval(evals, split, device, memory_mb, max_pairs, reps):
     users = np.arange(len(split.test_u))
     if len(users) * split.n_items > max_pairs:
         users = np.linspace(0, len(users) - 1, max(1, int(max_pairs // split.n_items))).astype(np.int64)
-    sub = R.Split(split.n_users, split.n_items, split.train_u, split.train_i, split.val_u, split.val_i,
-                  split.test_u[users], split.test_i[users], split.train, split.degree, split.warm, kind=split.kind)
+    sub = dataclasses.replace(split, test_u=split.test_u[users], test_i=split.test_i[users])
     seconds, ndcg = {name: [] for name, _, _ in evals}, {}
     for _ in range(reps):
         for name, M, model in evals:

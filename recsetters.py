@@ -2365,8 +2365,8 @@ BASELINES = {
                                                                  p[1]),
                              [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
                              "tags", new_items=True, new_users=False, made_for="items"),
-    # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map; the
-    # two-tower's own was --cold-dropout); grid (share randomized, similarity weight, ridge) around what hetrec seed-0
+    # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map);
+    # grid (share randomized, similarity weight, ridge) around what hetrec seed-0
     # validation-cold favoured
     "Heater": Baseline(lambda split, tags, p: heater_scores(split, tags, *p),
                        [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], "tags", new_items=True,
