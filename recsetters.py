@@ -34,7 +34,6 @@ import pickle
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -58,41 +57,9 @@ SYNTHETIC_MARK = "SYNTHETIC.txt"
 # ----------------------------------------------------------------------------------------------
 # 1. errors and small utilities
 
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def atomic_write_bytes(path, data: bytes):
-    """Replace path with data all at once (as enrich.py and collect.py do): temp file in the same folder, fsync,
-    the old file's mode kept (a new file gets the umask's mode, not mkstemp's 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path, text: str):
-    atomic_write_bytes(path, text.encode("utf-8"))
+# UserError (a mistake in the user's input: one `error:` line, exit code 2, no traceback), log (print on stderr) and
+# the atomic write (temp file beside, fsync, the old file's mode kept) are collect.py's, one copy for all three scripts
+from collect import UserError, _umask, atomic_write, atomic_write_text, log
 
 
 def file_digest(paths):
@@ -1184,7 +1151,7 @@ def embed_texts(texts, cache_dir, device="cpu"):
         if cache:
             buf = io.BytesIO()
             np.savez(buf, keys=known_k, vectors=known_v)
-            atomic_write_bytes(cache, buf.getvalue())
+            atomic_write(cache, buf.getvalue())
     return known_v[[lookup[k] for k in keys]]
 
 
@@ -2772,7 +2739,7 @@ def plot_curves(history, best_epoch, split, cfg, path, title, ensemble_val=None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def positives_matrix(split):
@@ -2794,7 +2761,7 @@ def save_checkpoint(run_dir, model, epoch):
     else a run needs is JSON beside it (run.json)."""
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "epoch": epoch}, buf)
-    atomic_write_bytes(Path(run_dir) / "best.pt", buf.getvalue())
+    atomic_write(Path(run_dir) / "best.pt", buf.getvalue())
 
 
 def save_run_info(run_dir, cfg, ds, feats):
@@ -2823,7 +2790,7 @@ def save_ranks(path, ranks):
                 arrays[f"{ranks_key(name)}__{view}"] = v
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def train_and_report(cfg, rt, rank=0, world=1):

@@ -745,7 +745,7 @@ def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
     assert collect.read_dotenv(env) == enrich.read_dotenv(env) == {"LASTFM_API_KEY": "a", "GROQ_API_KEY": "b"}
     assert collect.DOTENV == enrich.DOTENV == HERE / ".env"
     import recsetters
-    for m, write in ((collect, collect.atomic_write), (enrich, enrich.atomic_write), (recsetters, recsetters.atomic_write_bytes)):
+    for m, write in ((collect, collect.atomic_write), (enrich, enrich.atomic_write), (recsetters, recsetters.atomic_write)):
         f = tmp_path / f"{m.__name__}.csv"
         f.write_text("old")
         f.chmod(0o640)
