@@ -616,39 +616,6 @@ class Split:
         return np.flatnonzero((np.diff(self.train.indptr) == 0) & (np.diff(self.profile.indptr) > 0))
 
 
-def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2,
-                       new_user_fraction=0.2):
-    """Map to indices and split with the protocol of `kind` (its make_split). The split function returns (train,
-    validation, test frames of u, i; extras; report lines); extras may give `given` (a frame of u, i: interactions
-    that scoring knows beyond train, e.g. a new user's fold-in), `held_items` (items that do not exist at training
-    time) and `parts` (the protocol's own pieces)."""
-    uidx = pd.Index(ds.users.user)
-    iidx = pd.Index(ds.items.item)
-    u = uidx.get_indexer(ds.inter.user)
-    i = iidx.get_indexer(ds.inter.item)
-    t = ds.inter.timestamp.to_numpy(float)
-    if kind == "auto":
-        kind = "last" if np.isfinite(t).any() else "random"
-    rng = np.random.default_rng(seed)
-    noise = rng.random(len(u))              # drawn for every kind: a seed gives the same draws whatever follows
-    n_users, n_items = len(uidx), len(iidx)
-    train, val, test, extra, rep = PROTOCOLS[protocol_name(kind)].make_split(
-        pd.DataFrame({"u": u, "i": i, "t": t, "noise": noise}), rng, n_users, n_items, kind,
-        dict(global_quantiles=global_quantiles, cold_fraction=cold_fraction, new_user_fraction=new_user_fraction,
-             dataset=ds.name))
-    arr = lambda df, c: df[c].to_numpy(np.int64)
-    s = Split(n_users, n_items, arr(train, "u"), arr(train, "i"), arr(val, "u"), arr(val, "i"), arr(test, "u"),
-              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}))
-    given = extra.get("given")
-    if given is not None:
-        s.profile = (s.train + sp.csr_matrix((np.ones(len(given), np.float32), (arr(given, "u"), arr(given, "i"))),
-                                             shape=(n_users, n_items))).tocsr()
-    s.catalog[np.asarray(extra.get("held_items", []), np.int64)] = False
-    s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
-    s.warm = warm_items(s.degree, warm_fraction)
-    return s
-
-
 def leave_one_out_parts(df, rng, n_users, n_items, kind, opts):
     """Leave-one-out: per user one validation and one test interaction. last: the latest two by time (ties by item
     id; interactions without a time are never held out); random: seeded; global: the first interaction of each user
@@ -746,73 +713,12 @@ def new_users_parts(df, rng, n_users, n_items, kind, opts):
     return d[p == 0], d[target & (p == 1)], d[target & (p == 2)], dict(given=d[fold]), rep
 
 
-def warm_items(degree, warm_fraction):
-    """The study's cold/warm: items ranked by train degree, the top `warm_fraction` are warm.
-    Ties are broken by item index (lower index first), so the partition is deterministic."""
-    n_warm = int(warm_fraction * len(degree))
-    order = np.lexsort((np.arange(len(degree)), -degree))
-    warm = np.zeros(len(degree), bool)
-    warm[order[:n_warm]] = True
-    return warm
-
-
-def split_stats(s):
-    deg_u = np.bincount(s.train_u, minlength=s.n_users)
-    cold = ~s.warm
-    st = {
-        "split": s.kind, "protocol": s.protocol, "users": s.n_users, "items": s.n_items,
-        "train_interactions": int(len(s.train_u)), "validation_users": int(len(np.unique(s.val_u))),
-        "test_users": int(len(np.unique(s.test_u))),
-        "items_in_train": int((s.degree > 0).sum()), "items_in_validation": int(len(np.unique(s.val_i))),
-        "items_in_test": int(len(np.unique(s.test_i))),
-        "items_val_and_train": int(len(np.intersect1d(s.val_i, np.flatnonzero(s.degree)))),
-        "items_test_and_train": int(len(np.intersect1d(s.test_i, np.flatnonzero(s.degree)))),
-        "warm_items": int(s.warm.sum()), "cold_items": int(cold.sum()),
-        "unseen_items": int((s.degree == 0).sum()),
-        "cold_validation_cases": int(cold[s.val_i].sum()), "cold_test_cases": int(cold[s.test_i].sum()),
-        "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
-        "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
-    }
-    if not s.catalog.all() or s.profile.nnz > s.train.nnz:        # items or users held out whole
-        st["parts"] = parts_stats(s)
-    return st
-
-
-def parts_stats(s):
-    """Users, items and interactions of each part of a split that holds out items or users (users: those with at
-    least one interaction in that part, i.e. the users evaluated on it)."""
-    part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
-                                  "interactions": int(len(uu))}
-    out = {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
-           "validation": part(s.val_u, s.val_i, np.unique(s.val_i)),
-           "test": part(s.test_u, s.test_i, np.unique(s.test_i)),
-           "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
-    if s.profile.nnz > s.train.nnz:
-        out["fold_in_interactions"] = int(s.profile.nnz - s.train.nnz)      # given at scoring, never trained on
-    return out
-
-
 def top_tags(assignments, top=5):
     """Per item, its `top` most applied tags (0: all), ties by tag name (as collect.py's hetrec import builds `tags`).
     Only which tags an item has is kept, never how often each was applied (the counts leak: RESULTS.md)."""
     n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
     n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
     return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
-
-
-def leak_free_tags(ds, split, source="non-listeners", tag_count="imported"):
-    """The dataset with the item text its split's protocol allows (its `item_text`: the tags of held-out items or
-    users rebuilt without the held-out users' own tagging), and report lines. Tags (hetrec: user_taggedartists) are
-    applied by users, often by the very users whose interactions are held out: a held-out item's `tags` and `tag`
-    would carry its test users' own behaviour. source all keeps every tag (leaky: for comparison)."""
-    rebuild = PROTOCOLS[split.protocol].item_text
-    if rebuild is None or source == "all":
-        return ds, []
-    if ds.tag_assignments is None:
-        return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
-                    "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
-                    "may leak"]
-    return rebuild(ds, split, tag_count)
 
 
 def new_item_tags(ds, split, tag_count="imported"):
@@ -1070,6 +976,100 @@ def result_line(res, split, k):
 def label(view, metric):
     name, k = metric.split("@") if "@" in metric else (metric, "")
     return {"hr": "HR", "ndcg": "NDCG", "recall": "Recall", "mrr": "MRR", "warm": "Warm"}[name] + (f"@{k}" if k else "") + f" {view}"
+
+
+def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quantiles=(0.8, 0.9), cold_fraction=0.2,
+                       new_user_fraction=0.2):
+    """Map to indices and split with the protocol of `kind` (its make_split). The split function returns (train,
+    validation, test frames of u, i; extras; report lines); extras may give `given` (a frame of u, i: interactions
+    that scoring knows beyond train, e.g. a new user's fold-in), `held_items` (items that do not exist at training
+    time) and `parts` (the protocol's own pieces)."""
+    uidx = pd.Index(ds.users.user)
+    iidx = pd.Index(ds.items.item)
+    u = uidx.get_indexer(ds.inter.user)
+    i = iidx.get_indexer(ds.inter.item)
+    t = ds.inter.timestamp.to_numpy(float)
+    if kind == "auto":
+        kind = "last" if np.isfinite(t).any() else "random"
+    rng = np.random.default_rng(seed)
+    noise = rng.random(len(u))              # drawn for every kind: a seed gives the same draws whatever follows
+    n_users, n_items = len(uidx), len(iidx)
+    train, val, test, extra, rep = PROTOCOLS[protocol_name(kind)].make_split(
+        pd.DataFrame({"u": u, "i": i, "t": t, "noise": noise}), rng, n_users, n_items, kind,
+        dict(global_quantiles=global_quantiles, cold_fraction=cold_fraction, new_user_fraction=new_user_fraction,
+             dataset=ds.name))
+    arr = lambda df, c: df[c].to_numpy(np.int64)
+    s = Split(n_users, n_items, arr(train, "u"), arr(train, "i"), arr(val, "u"), arr(val, "i"), arr(test, "u"),
+              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}))
+    given = extra.get("given")
+    if given is not None:
+        s.profile = (s.train + sp.csr_matrix((np.ones(len(given), np.float32), (arr(given, "u"), arr(given, "i"))),
+                                             shape=(n_users, n_items))).tocsr()
+    s.catalog[np.asarray(extra.get("held_items", []), np.int64)] = False
+    s.degree = np.asarray(s.train.sum(0)).ravel().astype(np.int64)
+    s.warm = warm_items(s.degree, warm_fraction)
+    return s
+
+
+def warm_items(degree, warm_fraction):
+    """The study's cold/warm: items ranked by train degree, the top `warm_fraction` are warm.
+    Ties are broken by item index (lower index first), so the partition is deterministic."""
+    n_warm = int(warm_fraction * len(degree))
+    order = np.lexsort((np.arange(len(degree)), -degree))
+    warm = np.zeros(len(degree), bool)
+    warm[order[:n_warm]] = True
+    return warm
+
+
+def split_stats(s):
+    deg_u = np.bincount(s.train_u, minlength=s.n_users)
+    cold = ~s.warm
+    st = {
+        "split": s.kind, "protocol": s.protocol, "users": s.n_users, "items": s.n_items,
+        "train_interactions": int(len(s.train_u)), "validation_users": int(len(np.unique(s.val_u))),
+        "test_users": int(len(np.unique(s.test_u))),
+        "items_in_train": int((s.degree > 0).sum()), "items_in_validation": int(len(np.unique(s.val_i))),
+        "items_in_test": int(len(np.unique(s.test_i))),
+        "items_val_and_train": int(len(np.intersect1d(s.val_i, np.flatnonzero(s.degree)))),
+        "items_test_and_train": int(len(np.intersect1d(s.test_i, np.flatnonzero(s.degree)))),
+        "warm_items": int(s.warm.sum()), "cold_items": int(cold.sum()),
+        "unseen_items": int((s.degree == 0).sum()),
+        "cold_validation_cases": int(cold[s.val_i].sum()), "cold_test_cases": int(cold[s.test_i].sum()),
+        "unseen_test_cases": int((s.degree[s.test_i] == 0).sum()),
+        "avg_item_degree": float(s.degree.mean()), "avg_user_degree": float(deg_u.mean()),
+    }
+    if not s.catalog.all() or s.profile.nnz > s.train.nnz:        # items or users held out whole
+        st["parts"] = parts_stats(s)
+    return st
+
+
+def parts_stats(s):
+    """Users, items and interactions of each part of a split that holds out items or users (users: those with at
+    least one interaction in that part, i.e. the users evaluated on it)."""
+    part = lambda uu, ii, items: {"users": int(len(np.unique(uu))), "items": int(len(items)),
+                                  "interactions": int(len(uu))}
+    out = {"train": part(s.train_u, s.train_i, np.flatnonzero(s.degree)),
+           "validation": part(s.val_u, s.val_i, np.unique(s.val_i)),
+           "test": part(s.test_u, s.test_i, np.unique(s.test_i)),
+           "users_without_train": int((np.bincount(s.train_u, minlength=s.n_users) == 0).sum())}
+    if s.profile.nnz > s.train.nnz:
+        out["fold_in_interactions"] = int(s.profile.nnz - s.train.nnz)      # given at scoring, never trained on
+    return out
+
+
+def leak_free_tags(ds, split, source="non-listeners", tag_count="imported"):
+    """The dataset with the item text its split's protocol allows (its `item_text`: the tags of held-out items or
+    users rebuilt without the held-out users' own tagging), and report lines. Tags (hetrec: user_taggedartists) are
+    applied by users, often by the very users whose interactions are held out: a held-out item's `tags` and `tag`
+    would carry its test users' own behaviour. source all keeps every tag (leaky: for comparison)."""
+    rebuild = PROTOCOLS[split.protocol].item_text
+    if rebuild is None or source == "all":
+        return ds, []
+    if ds.tag_assignments is None:
+        return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
+                    "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
+                    "may leak"]
+    return rebuild(ds, split, tag_count)
 
 
 # ----------------------------------------------------------------------------------------------
