@@ -72,12 +72,14 @@ class UserError(Exception):
     """A problem the user can fix (bad path, unknown schema, no key): one line on stderr, exit code 2."""
 
 
-def log(msg):
+def log(*a):
+    """print(*a) on stderr, flushed, above a progress bar when one is showing."""
     from tqdm import tqdm
-    tqdm.write(str(msg), file=sys.stderr)
+    tqdm.write(" ".join(map(str, a)), file=sys.stderr)
+    sys.stderr.flush()
 
 # -----------------------------------------------------------------------------
-# small helpers, also used by enrich.py (atomic write, .env, text cleaning, names)
+# small helpers, also used by enrich.py and recsetters.py (UserError, log, atomic write, .env, text cleaning, names)
 
 DOTENV = Path(__file__).resolve().parent / ".env"   # the one .env: next to the scripts, git-ignored
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")                                # -> a space
@@ -99,7 +101,8 @@ def read_dotenv(path=DOTENV):
 
 
 def atomic_write(path, data: bytes):
-    """Replace path with data all at once: temp file in the same folder, fsync, the old file's mode kept."""
+    """Replace path with data all at once: temp file in the same folder, fsync, the old file's mode kept (a new file
+    gets the umask's mode, not mkstemp's 0600). Readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask()
@@ -114,6 +117,11 @@ def atomic_write(path, data: bytes):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path, text: str):
+    """atomic_write of text as UTF-8."""
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _umask():

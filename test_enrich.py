@@ -752,6 +752,19 @@ def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
         write(f, b"new")
         assert f.read_bytes() == b"new" and (f.stat().st_mode & 0o777) == 0o640
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    old = os.umask(0o027)
+    try:
+        collect.atomic_write_text(tmp_path / "new.txt", "Zoë\n")             # a new file: the umask's mode
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.txt").read_bytes() == "Zoë\n".encode() and (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_log_prints_like_print(capsys):
+    collect.log("a", 1, None)
+    collect.log()
+    collect.log("x\ny")
+    assert capsys.readouterr() == ("", "a 1 None\n\nx\ny\n")
 
 
 def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypatch):
