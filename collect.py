@@ -507,6 +507,7 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
 # bodies are decoded with their declared charset (a BOM dropped) and undecodable bytes are a temporary failure.
 
 MAX_WAIT = 300.0           # default --max-wait: the longest Retry-After honoured, in seconds
+MAX_BACKOFF = 60.0         # default --max-backoff: the longest delay between two attempts, in seconds
 VISIBLE_WAIT = 3.0         # a wait longer than this prints a line (a countdown on a terminal)
 MAX_BODY = 4 << 20         # bytes; a Last.fm page of 1,000 loved tracks is about 0.5 MB
 MAX_DEPTH = 64             # JSON nesting; real answers nest 5 levels
@@ -672,6 +673,36 @@ class RateLimiter:
         self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
                                                      if isinstance(t, (int, float)))))
         return now
+
+
+def add_retry_options(parser, retries, failed):
+    """The options of every client here that retries (collect.py, enrich.py): one definition, its own default number
+    of retries, `failed`: what --retry-failed asks again for."""
+    parser.add_argument("--retries", type=int, default=retries,
+                        help="retries of a request after a passing fault: 429, 5xx, a timeout, a body that cannot be "
+                             f"read or has the wrong shape (default {retries})")
+    parser.add_argument("--backoff", type=float, default=1.0,
+                        help="first retry delay in seconds, doubled each retry, jittered x0.5-1.5 (default 1)")
+    parser.add_argument("--max-backoff", type=float, default=MAX_BACKOFF,
+                        help=f"longest retry delay in seconds (default {MAX_BACKOFF:g})")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds for one request in all: connect, send and every read (default 30)")
+    parser.add_argument("--max-wait", type=float, default=MAX_WAIT,
+                        help=f"honour a server's Retry-After up to this many seconds (default {MAX_WAIT:g}); a longer "
+                             "one stops the run (exit 1) with the time to rerun")
+    parser.add_argument("--retry-failed", action="store_true", help=f"ask again for {failed}")
+
+
+RETRY_NUMBERS = ("retries", "backoff", "max_backoff", "timeout", "max_wait")
+
+
+def check_numbers(args, names, positive=()):
+    """UserError naming the flag unless each of args' `names` (those it has) is a finite number >= 0 (> 0 for
+    `positive`); NaN fails."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and not ((v > 0 if name in positive else v >= 0) and v < float("inf")):
+            raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number {'> 0' if name in positive else '>= 0'}")
 
 
 def check_base_url(url, name):
@@ -953,7 +984,7 @@ def cache_key(method, params):
 
 
 class Lastfm:
-    def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=60.0,
+    def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=MAX_BACKOFF,
                  timeout=30.0, retry_failed=False, max_pages=200, max_wait=MAX_WAIT):
         self.key = key
         self.base_url = check_base_url(base_url or os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
@@ -1306,16 +1337,7 @@ def main(argv=None):
     p.add_argument("--min-plays", type=int, default=3)
     api_opts = argparse.ArgumentParser(add_help=False)
     api_opts.add_argument("--rate", type=float, default=5.0, help="max requests per second (0: no limit)")
-    api_opts.add_argument("--retries", type=int, default=8)
-    api_opts.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
-    api_opts.add_argument("--max-backoff", type=float, default=60.0)
-    api_opts.add_argument("--timeout", type=float, default=30.0,
-                          help="seconds for one request in all: connect, send and every read (default 30)")
-    api_opts.add_argument("--max-wait", type=float, default=MAX_WAIT,
-                          help=f"honour a server's Retry-After up to this many seconds (default {MAX_WAIT:g}); "
-                               "a longer one stops the run (exit 1) with the time to rerun")
-    api_opts.add_argument("--retry-failed", action="store_true",
-                          help="ask again for what failed for good before (not found, private, wrong answers)")
+    add_retry_options(api_opts, 8, "what Last.fm answered was final before (not found, private, other 4xx)")
     api_opts.add_argument("--max-pages", type=int, default=200, help="at most this many pages of one list")
     crawl_opts = argparse.ArgumentParser(add_help=False)
     crawl_opts.add_argument("--seed-users", nargs="+", default=["RJ"])
@@ -1337,13 +1359,8 @@ def main(argv=None):
     cache = Path(args.cache_dir) if args.cache_dir else data / "cache"
     api = lock = None
     try:
-        positive = ("timeout", "max_pages", "max_users", "min_plays")
-        for name in ("rate", "retries", "backoff", "max_backoff", "timeout", "max_wait", "max_pages", "max_users",
-                     "min_loved", "min_plays"):
-            v = getattr(args, name, None)
-            if v is not None and (not 0 <= v < float("inf") or name in positive and v == 0):
-                raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number "
-                                f"{'> 0' if name in positive else '>= 0'}")
+        check_numbers(args, RETRY_NUMBERS + ("rate", "max_pages", "max_users", "min_loved", "min_plays"),
+                      positive=("timeout", "max_pages", "max_users", "min_plays"))
         for flag, folder in (("--data-dir", data), ("--cache-dir", cache)):
             check_folder(folder, flag)
         if args.cmd == "hetrec":

@@ -25,8 +25,8 @@ from a non-default GROQ_BASE_URL / LYRICS_BASE_URL (e.g. the test fakes) are kep
 URL becomes part of the model field of the key.
 429, 5xx, timeouts and bodies that cannot be read (not JSON, HTML, empty, truncated, undecodable
 bytes, over 4 MB or nested over 64 levels, lyrics that are not text, a Groq body that is not a
-completion) are passing faults: retried with exponential backoff and jitter (--attempts,
---backoff). A retry-after (seconds, HTTP date or retry-after-ms) holds every worker and every run
+completion) are passing faults: retried with exponential backoff and jitter (--retries,
+--backoff, --max-backoff: the retry options of collect.py). A retry-after (seconds, HTTP date or retry-after-ms) holds every worker and every run
 on the same --data-dir, up to --max-wait seconds (default 300); a longer or unreadable one stops
 the run at once (exit 1) with the time to rerun. Waits over 3 s print a line. Answers a rerun
 cannot change are cached with their reason and keep the title: other 4xx, 404/empty lyrics, a
@@ -72,9 +72,9 @@ from urllib.parse import quote
 import pandas as pd
 from tqdm import tqdm
 
-from collect import (DOTENV, _INVISIBLE, MAX_WAIT, RateLimiter, Response, RetryLater, Transient, UserError,
-                     atomic_write, check_base_url, clean_text, http_request, lock_folder, norm_name, parse_retry_after,
-                     pause, read_dotenv)
+from collect import (DOTENV, _INVISIBLE, MAX_BACKOFF, RETRY_NUMBERS, RateLimiter, Response, RetryLater, Transient,
+                     UserError, add_retry_options, atomic_write, check_base_url, check_numbers, clean_text, http_request,
+                     lock_folder, norm_name, parse_retry_after, pause, read_dotenv)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -88,7 +88,6 @@ MAX_WORDS = 25
 MAX_CHARS = 300         # ... and at most this many characters (a "word" can be 10,000 characters long)
 RATES = {"groq": 0.5, "lyrics": 2.0}   # default requests/second: Groq's free tier allows 30 requests/minute for
                         # llama-3.1-8b-instant; lyrics.ovh publishes no limit, 2/s is a conservative guess
-MAX_DELAY = 60.0        # never sleep longer than this between two attempts
 REQUIRED_COLUMNS = ("item", "artist", "track", "title")
 
 PROMPT = ('Describe the important meaning of the song "{track}" by {artist} in {n} words '
@@ -258,24 +257,24 @@ def cached(cache, stats, key, call):
 # -----------------------------------------------------------------------------
 # HTTP: retries, lyrics.ovh, Groq
 
-def with_retries(call, attempts, backoff, stats, sleep=None, rand=random.random, hold=None):
-    """call() until it does not raise Transient, at most `attempts` times: retry-after when the
+def with_retries(call, retries, backoff, stats, max_backoff=MAX_BACKOFF, sleep=None, rand=random.random, hold=None):
+    """call() until it does not raise Transient, at most retries + 1 times: retry-after when the
     server gives one (hold(seconds) makes every worker wait it out, and stops the run with
     WaitTooLong beyond --max-wait), else backoff * 2**k with jitter (x0.5..1). The last
     Transient propagates (not cached: a rerun asks again)."""
     sleep = sleep or (lambda s: pause(s, "backoff"))
-    for attempt in range(attempts):
+    for attempt in range(retries + 1):
         try:
             return call()
         except Transient as e:
             stats.add(f"transient {e.reason}")
-            if attempt == attempts - 1:
+            if attempt == retries:
                 raise
             delay = e.retry_after if e.retry_after is not None else backoff * 2 ** attempt * (0.5 + rand() / 2)
             if e.retry_after is not None and hold:
                 hold(e.retry_after)
                 delay = 0                          # the limiter holds every worker, this one included
-            sleep(min(delay, MAX_DELAY))
+            sleep(min(delay, max_backoff))
 
 
 def path_segment(text):
@@ -476,29 +475,17 @@ def parse_args(argv):
                    help="ask about artist and title (the study) or about the lyrics excerpt (default: title)")
     p.add_argument("--workers", type=int, default=4, help="requests in flight at once (default: 4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of items.csv")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds for one request in all: connect, send and every read (default: 30)")
-    p.add_argument("--attempts", type=int, default=6,
-                   help="tries per request on 429, 5xx, timeouts and bodies that cannot be read (default: 6)")
-    p.add_argument("--max-wait", type=float, default=MAX_WAIT,
-                   help=f"honour a server's retry-after up to this many seconds (default: {MAX_WAIT:g}); a longer "
-                        "one stops the run (exit 1) with the time to rerun")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="ask again for the answers cached as final: lyrics not found, other 4xx, empty model answers")
-    p.add_argument("--backoff", type=float, default=1.0, help="first backoff delay in seconds, doubled each retry (default: 1)")
+    add_retry_options(p, 5, "the answers cached as final: lyrics not found, other 4xx, empty model answers")
     for api, what in (("groq", "Groq (30 requests/minute on its free tier)"), ("lyrics", "lyrics.ovh (no published limit)")):
         p.add_argument(f"--{api}-rate", type=float, default=RATES[api], metavar="PER_SECOND",
                        help=f"requests per second to {what}, shared by all workers and by other runs on the same "
                             f"--data-dir; 0: no limit (default: {RATES[api]})")
-    args = p.parse_args(argv)
-    for name in ("workers", "attempts", "limit", "timeout", "backoff", "max_wait", "groq_rate", "lyrics_rate"):
-        v, positive = getattr(args, name), name in ("workers", "attempts", "limit", "timeout")
-        if v is not None and not ((v > 0 if positive else v >= 0) and v < float("inf")):   # nan fails both
-            p.error(f"--{name.replace('_', '-')} {v}: expected a finite number {'> 0' if positive else '>= 0'}")
-    return args
+    return p.parse_args(argv)
 
 
 def run(args):
+    check_numbers(args, RETRY_NUMBERS + ("workers", "limit", "groq_rate", "lyrics_rate"),
+                  positive=("workers", "limit", "timeout"))
     folder = Path(args.data_dir) / args.dataset
     df, path = load_items(folder)
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
@@ -526,7 +513,8 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
     cache, stats = Cache(path.parent / ".enrich-cache.sqlite"), Stats()
     if args.retry_failed:
         print(f"asking again for {cache.forget_failures()} answer(s) cached as final", file=sys.stderr)
-    retry = lambda api: lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters[api].hold,
+    retry = lambda api: lambda call: with_retries(call, args.retries, args.backoff, stats, args.max_backoff,
+                                                  hold=limiters[api].hold,
                                                   sleep=lambda s: pause(s, f"{limiters[api].api} backoff", stop))
     lyrics, summaries = {}, {}
     if want_lyrics or (want_summary and args.summary_from == "lyrics"):
@@ -555,7 +543,7 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
     lines.append(f"  transient errors retried: {retries or 'none'}")
     failed = sum(s == "failed" for r in (summaries, lyrics) for _, s in r.values())
     if failed:
-        lines.append(f"  {failed} request(s) still failing after {args.attempts} attempts kept the title; rerun to retry them")
+        lines.append(f"  {failed} request(s) still failing after {args.retries + 1} attempts kept the title; rerun to retry them")
     print("\n".join(lines))
     return 1 if failed else 0
 

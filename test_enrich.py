@@ -355,14 +355,14 @@ def test_retries_backoff_and_retry_after():
         if len(calls) < 4:
             raise enrich.Transient("5xx")
         return "ok"
-    assert enrich.with_retries(flaky, 5, 0.1, stats, sleep=sleeps.append, rand=lambda: 1.0) == "ok"
+    assert enrich.with_retries(flaky, 4, 0.1, stats, sleep=sleeps.append, rand=lambda: 1.0) == "ok"
     assert sleeps == [0.25, 0.2, 0.4]   # retry-after honoured, then 0.1 * 2**k (jitter factor 1.0)
     assert stats.counts == {"transient 429": 1, "transient 5xx": 2}
     with pytest.raises(enrich.Transient):   # bounded
-        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 3, 0.1, stats, sleep=sleeps.append)
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 2, 0.1, stats, sleep=sleeps.append)
     assert stats.counts["transient timeout"] == 3
     with pytest.raises(enrich.Permanent):   # other 4xx: not retried
-        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 3, 0.1, stats, sleep=sleeps.append)
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 2, 0.1, stats, sleep=sleeps.append)
     assert enrich.parse_retry_after({"retry-after": "2"}) == 2.0
     assert enrich.parse_retry_after({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
     assert enrich.parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0   # in the past
@@ -371,7 +371,7 @@ def test_retries_backoff_and_retry_after():
 
 def test_summary_retries_once_then_falls_back(tmp_path):
     cache, stats = enrich.Cache(tmp_path / "c.sqlite"), enrich.Stats()
-    retry = lambda call: enrich.with_retries(call, 2, 0, stats)
+    retry = lambda call: enrich.with_retries(call, 1, 0, stats)
     asked = []
 
     def model(answers):
@@ -453,7 +453,7 @@ def test_exhausted_retries_are_not_cached(tmp_path, monkeypatch, capsys):
     items = make_dataset(tmp_path)
     down = Fakes(fault_rate=1.0).start()   # everything fails
     try:
-        assert run_inprocess(monkeypatch, down, tmp_path, "--what", "lyrics", "--attempts", "2") == 1
+        assert run_inprocess(monkeypatch, down, tmp_path, "--what", "lyrics", "--retries", "1") == 1
     finally:
         down.stop()
     assert "still failing after 2 attempts" in capsys.readouterr().out
@@ -547,12 +547,25 @@ def test_user_errors(tmp_path, monkeypatch, capsys):
     assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics"]) == 2
     assert "has no rows" in capsys.readouterr().err
 
-    for flag, value in (("--workers", "0"), ("--attempts", "-1"), ("--limit", "0"), ("--timeout", "inf"),
-                        ("--max-wait", "nan"), ("--lyrics-rate", "-1"), ("--backoff", "inf")):
-        with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well, the flag named
-            enrich.main(["demo", flag, value])
+    for flag, value in (("--workers", "0"), ("--retries", "-1"), ("--limit", "0"), ("--timeout", "inf"),
+                        ("--max-wait", "nan"), ("--lyrics-rate", "-1"), ("--backoff", "inf"), ("--max-backoff", "-1")):
+        assert enrich.main(["demo", "--data-dir", str(tmp_path), flag, value]) == 2
         err = capsys.readouterr().err
-        assert e.value.code == 2 and f"error: {flag} " in err and "Traceback" not in err
+        assert err.startswith(f"error: {flag} {value}") and err.count("\n") == 1, err
+
+
+def test_one_definition_of_the_retry_options():
+    """collect.py and enrich.py take the same retry options from one place (collect.add_retry_options)."""
+    import argparse
+    assert enrich.add_retry_options is collect.add_retry_options and enrich.check_numbers is collect.check_numbers
+    flags = ["--retries", "3", "--backoff", "0.5", "--max-backoff", "7", "--timeout", "9", "--max-wait", "11",
+             "--retry-failed"]
+    e = enrich.parse_args(["demo", *flags])
+    p = argparse.ArgumentParser()
+    collect.add_retry_options(p, 8, "x")
+    c = p.parse_args(flags)
+    assert {k: getattr(e, k) for k in vars(c)} == vars(c) == {"retries": 3, "backoff": 0.5, "max_backoff": 7.0,
+                                                           "timeout": 9.0, "max_wait": 11.0, "retry_failed": True}
 
 
 def test_lyrics_only_needs_no_key_and_limit(tmp_path, fakes, monkeypatch, capsys):
@@ -840,11 +853,11 @@ def test_wire_faults_are_bounded_and_a_rerun_completes(name, wire_reference, tmp
     items = make_dataset(tmp_path, tracks=WIRE_TRACKS)
     try:
         t = time.monotonic()
-        assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == code
+        assert run_inprocess(monkeypatch, fakes, tmp_path, "--retries", "1") == code
         took, first = time.monotonic() - t, capsys.readouterr()
         if code:
             assert fakes.raw_left <= 0
-            assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == 0
+            assert run_inprocess(monkeypatch, fakes, tmp_path, "--retries", "1") == 0
     finally:
         fakes.stop()
         other.stop()
@@ -875,11 +888,11 @@ def test_garbled_answers_are_passing_faults_and_retry_failed(tmp_path, monkeypat
         assert run_inprocess(monkeypatch, fakes, tmp_path / "ref") == 0
         fakes.garbled = True
         items = make_dataset(tmp_path / "run", tracks=tracks)
-        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 1
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--retries", "1") == 1
         assert "5 request(s) still failing" in capsys.readouterr().out
         fakes.garbled = False
         tries = Counter(fakes.tries)
-        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 0
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--retries", "1") == 0
         assert items.read_bytes() == (tmp_path / "ref/demo/items.csv").read_bytes()
         asked = {k for k in fakes.tries if fakes.tries[k] > tries[k]}
         assert len(asked) >= len(GARBLED) and not [k for k in asked if NOT_FOUND in str(k) and k[0] == "lyrics"]
