@@ -19,9 +19,10 @@ Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts and answers 
 HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) are retried with backoff (--retries,
 --backoff); if they outlast every retry the run stops with exit 1 and a rerun of the same command resumes and asks
 again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
-skipped on reruns unless --retry-failed. A Retry-After (seconds, HTTP date or retry-after-ms) pauses every
-process sharing the cache, up to --max-wait seconds (default 300); a longer or unreadable one stops the run at
-once (exit 1) saying when to rerun. Waits over 3 s print a line. --timeout bounds a whole request (connect and
+skipped on reruns unless --retry-failed. Every retry backs off (--backoff doubled each time, jittered, at most
+--max-backoff). A Retry-After (seconds, HTTP date or retry-after-ms) also pauses every process sharing the cache, up
+to --max-wait seconds (default 300); a longer one stops the run at once (exit 1) saying when to rerun; one that is no
+wait (0 or less, NaN, empty, unreadable) is ignored: the usual backoff. Waits over 3 s print a line. --timeout bounds a whole request (connect and
 every read); redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
 """
 import argparse
@@ -501,8 +502,8 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
 # -----------------------------------------------------------------------------
 # rate limits, waits and HTTP shared by threads and processes (enrich.py uses all of it too)
 #
-# What a server can make us do is bounded: a Retry-After is honoured up to --max-wait seconds (a longer or unreadable
-# one stops the run with one line, exit 1); every request has a total deadline (connect and all reads), a body cap
+# What a server can make us do is bounded: every retry backs off; a Retry-After is honoured up to --max-wait seconds (a
+# longer one stops the run with one line, exit 1; one that is no wait, 0 or less or unreadable, changes nothing); every request has a total deadline (connect and all reads), a body cap
 # and a JSON nesting cap; redirects stay on the same host; the URL path goes on the wire exactly as we encoded it;
 # bodies are decoded with their declared charset (a BOM dropped) and undecodable bytes are a temporary failure.
 
@@ -519,14 +520,14 @@ class RetryLater(Exception):
 
 
 class WaitTooLong(RetryLater):
-    """A server asked for a longer wait than --max-wait (or gave one that cannot be read)."""
+    """A server asked for a longer wait than --max-wait."""
 
     def __init__(self, api, seconds, max_wait):
         if seconds == seconds and seconds < float("inf"):
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + min(seconds, 1e10)))
             why = f"asked to wait {seconds:,.0f} s (Retry-After), more than --max-wait {max_wait:g}: rerun after {when}"
         else:
-            why = "sent a Retry-After that cannot be read: rerun later"
+            why = f"asked for an endless wait (Retry-After), more than --max-wait {max_wait:g}: rerun later"
         super().__init__(f"{api} {why} (stopped; answers so far are cached)")
 
 
@@ -539,8 +540,9 @@ class Transient(Exception):
 
 
 def parse_retry_after(headers):
-    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date), None when there is none,
-    inf when there is one that cannot be read (nan, text, a date without a zone)."""
+    """A server's wait from retry-after-ms or Retry-After (seconds or an HTTP date): None when it sends none, the
+    seconds when they are a wait (finite, > 0), 0.0 when the header is no wait: 0 or less, NaN, infinite, empty, text,
+    a date without a zone or in the past (back_off then backs off as usual: never no wait, never a stop)."""
     from email.utils import parsedate_to_datetime
     ms, value = headers.get("retry-after-ms"), headers.get("retry-after")
     if ms is None and value is None:
@@ -549,10 +551,30 @@ def parse_retry_after(headers):
         seconds = float(ms) / 1000 if ms is not None else float(value)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, OverflowError):
-            return float("inf")
-    return max(0.0, seconds) if seconds == seconds else float("inf")
+            when = parsedate_to_datetime(value)
+            seconds = when.timestamp() - time.time() if when.tzinfo else 0.0
+        except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
+            return 0.0
+    return seconds if 0 < seconds < float("inf") else 0.0
+
+
+def back_off(attempt, retry_after, backoff, max_backoff, why, hold=None, sleep=None, rand=random.random):
+    """The wait after a passing fault, before retry number attempt + 1 (attempt counts from 0). It always backs off:
+    backoff * 2**attempt, jittered x0.5-1.5, at most max_backoff, whatever the server said. A Retry-After that is a
+    wait (parse_retry_after > 0) also holds every thread and process sharing the rate limit for that long (hold; one
+    beyond --max-wait stops the run: WaitTooLong), so this request waits the longer of the two (without hold: it
+    sleeps the longer one itself). One that is no wait (0.0: 0 or less, NaN, empty, unreadable) is named in the wait's
+    line (printed when over VISIBLE_WAIT) and changes nothing else. sleep(seconds, why): pause by default.
+    -> the seconds slept"""
+    delay = min(max_backoff, backoff * 2 ** attempt * (0.5 + rand()))
+    if retry_after and hold:
+        hold(retry_after)
+    elif retry_after:
+        delay = max(delay, retry_after)
+    elif retry_after is not None:
+        why += "; its Retry-After is no wait (0 or less, or unreadable): backing off as usual"
+    (sleep or pause)(delay, why)
+    return delay
 
 
 def pause(seconds, why, stop=None, quiet=False):
@@ -1087,11 +1109,8 @@ class Lastfm:
             self.stats["faults"] += 1
             if attempt == self.retries:
                 break
-            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
-            if retry_after is not None:
-                self.limiter.hold(retry_after)         # everybody waits, not only this request (or WaitTooLong)
-                delay = 0
-            pause(delay, f"{method}: {data}, retry {attempt + 1} of {self.retries}")
+            back_off(attempt, retry_after, self.backoff, self.max_backoff,
+                     f"{method}: {data}, retry {attempt + 1} of {self.retries}", self.limiter.hold, rand=self.jitter.random)
         raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {data}); "
                                      "rerun the same command to resume"))
 

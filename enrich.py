@@ -26,9 +26,10 @@ URL becomes part of the model field of the key.
 429, 5xx, timeouts and bodies that cannot be read (not JSON, HTML, empty, truncated, undecodable
 bytes, over 4 MB or nested over 64 levels, lyrics that are not text, a Groq body that is not a
 completion) are passing faults: retried with exponential backoff and jitter (--retries,
---backoff, --max-backoff: the retry options of collect.py). A retry-after (seconds, HTTP date or retry-after-ms) holds every worker and every run
-on the same --data-dir, up to --max-wait seconds (default 300); a longer or unreadable one stops
-the run at once (exit 1) with the time to rerun. Waits over 3 s print a line. Answers a rerun
+--backoff, --max-backoff: the retry options of collect.py); every retry backs off. A retry-after
+(seconds, HTTP date or retry-after-ms) also holds every worker and every run on the same
+--data-dir, up to --max-wait seconds (default 300); a longer one stops the run at once (exit 1)
+with the time to rerun; one that is no wait (0 or less, NaN, empty, unreadable) is ignored. Waits over 3 s print a line. Answers a rerun
 cannot change are cached with their reason and keep the title: other 4xx, 404/empty lyrics, a
 Groq completion without text, a summary that names the song twice (--retry-failed asks again).
 A request whose temporary failures outlast every attempt keeps the title, is NOT cached (a rerun
@@ -73,7 +74,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from collect import (DOTENV, _INVISIBLE, MAX_BACKOFF, RETRY_NUMBERS, RateLimiter, Response, RetryLater, Transient,
-                     UserError, add_retry_options, atomic_write, check_base_url, check_numbers, clean_text, http_request,
+                     UserError, add_retry_options, atomic_write, back_off, check_base_url, check_numbers, clean_text, http_request,
                      lock_folder, norm_name, parse_retry_after, pause, read_dotenv)
 
 # -----------------------------------------------------------------------------
@@ -258,11 +259,10 @@ def cached(cache, stats, key, call):
 # HTTP: retries, lyrics.ovh, Groq
 
 def with_retries(call, retries, backoff, stats, max_backoff=MAX_BACKOFF, sleep=None, rand=random.random, hold=None):
-    """call() until it does not raise Transient, at most retries + 1 times: retry-after when the
-    server gives one (hold(seconds) makes every worker wait it out, and stops the run with
-    WaitTooLong beyond --max-wait), else backoff * 2**k with jitter (x0.5..1). The last
-    Transient propagates (not cached: a rerun asks again)."""
-    sleep = sleep or (lambda s: pause(s, "backoff"))
+    """call() until it does not raise Transient, at most retries + 1 times, backing off between tries as collect.py
+    does (back_off: backoff * 2**k with jitter, at most max_backoff; a server's retry-after holds every worker through
+    hold(seconds), and stops the run with WaitTooLong beyond --max-wait). The last Transient propagates (not cached:
+    a rerun asks again)."""
     for attempt in range(retries + 1):
         try:
             return call()
@@ -270,11 +270,8 @@ def with_retries(call, retries, backoff, stats, max_backoff=MAX_BACKOFF, sleep=N
             stats.add(f"transient {e.reason}")
             if attempt == retries:
                 raise
-            delay = e.retry_after if e.retry_after is not None else backoff * 2 ** attempt * (0.5 + rand() / 2)
-            if e.retry_after is not None and hold:
-                hold(e.retry_after)
-                delay = 0                          # the limiter holds every worker, this one included
-            sleep(min(delay, max_backoff))
+            back_off(attempt, e.retry_after, backoff, max_backoff, f"{e.reason}, retry {attempt + 1} of {retries}",
+                     hold, sleep, rand)
 
 
 def path_segment(text):
@@ -515,7 +512,7 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
         print(f"asking again for {cache.forget_failures()} answer(s) cached as final", file=sys.stderr)
     retry = lambda api: lambda call: with_retries(call, args.retries, args.backoff, stats, args.max_backoff,
                                                   hold=limiters[api].hold,
-                                                  sleep=lambda s: pause(s, f"{limiters[api].api} backoff", stop))
+                                                  sleep=lambda s, why: pause(s, f"{limiters[api].api}: {why}", stop))
     lyrics, summaries = {}, {}
     if want_lyrics or (want_summary and args.summary_from == "lyrics"):
         fetch = lambda a, t: fetch_lyrics(lyrics_base, a, t, args.timeout, limiters["lyrics"])

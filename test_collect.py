@@ -904,7 +904,6 @@ WIRE_FAULTS = {   # name: (fault, how many requests get it, exit code of the fir
     "5 MB body": (lambda f, q, good: raw_answer(200, b'{"friends": "' + b"x" * (5 << 20) + b'"}'), 3, 1),
     "302 to another port": (lambda f, q, good: raw_answer(302, headers=[("Location", f"{f.other}/2.0/?x=1")]), 3, 1),
     "Retry-After 999999999": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", "999999999")]), 1, 1),
-    "Retry-After inf": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", "inf")]), 1, 1),
     "retry-after-ms 1e15": (lambda f, q, good: raw_answer(429, b"{}", [("retry-after-ms", "1e15")]), 1, 1),
     # passing faults a retry (or nothing) gets over in the same run
     "byte drip": (lambda f, q, good: drip(raw_answer(200, headers=[("Content-Length", len(good.encode()))]),
@@ -914,6 +913,9 @@ WIRE_FAULTS = {   # name: (fault, how many requests get it, exit code of the fir
                                  [("Content-Type", "application/json; charset=iso-8859-1")]), 1, 0),
     "302 to the same host": (lambda f, q, good: raw_answer(302, headers=[("Location", f"{f.url}?{urlencode(q)}")]), 1, 0),
     "Retry-After: HTTP date in 2 s": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", http_date(2))]), 1, 0),
+    # a Retry-After that is no wait: the usual backoff (test_a_retry_after_that_is_no_wait_backs_off_as_usual)
+    **{f"Retry-After {v!r}": (lambda f, q, good, v=v: raw_answer(429, b"{}", [("Retry-After", v)]), RETRIES, 0)
+       for v in ("-5", "0", "nan", "", "inf", "soon")},
 }
 SMALL = ["crawl", "--max-users", "4", "--rate", "0", "--backoff", "0.01", "--max-backoff", "0.05", "--timeout", "1",
          "--retries", str(RETRIES)]
@@ -1018,7 +1020,9 @@ def test_retry_after_forms_and_saved_holds(tmp_path, capsys):
     p = collect.parse_retry_after
     assert p({"retry-after": "2"}) == 2.0 and p({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
     assert 1.0 <= p({"retry-after": http_date(3)}) <= 3.0 and p({"retry-after": http_date(-60)}) == 0.0
-    assert p({}) is None and all(p({"retry-after": v}) == float("inf") for v in ("inf", "nan", "soon", "1e999"))
+    assert p({}) is None and p({"retry-after": "999999999"}) == 999999999.0 and p({"retry-after-ms": "1e15"}) == 1e12
+    no_wait = ("inf", "nan", "soon", "1e999", "-5", "0", "", " ", "Wed, 21 Oct 2015 07:28:00", "-inf")
+    assert all(p({"retry-after": v}) == 0.0 for v in no_wait) and p({"retry-after-ms": "-1"}) == 0.0
     state = tmp_path / "state"
     lim = collect.RateLimiter(state, 0, max_wait=10, api="X")
     for seconds in (11, float("inf"), float("nan")):
@@ -1037,6 +1041,25 @@ def test_retry_after_forms_and_saved_holds(tmp_path, capsys):
     t = time.monotonic()
     collect.RateLimiter(state, 0, max_wait=10).wait()      # another limiter on the same file: held too
     assert 0.4 < time.monotonic() - t < 1.5
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "", "soon", "inf", "Wed, 21 Oct 2015 07:28:00"])
+def test_a_retry_after_that_is_no_wait_backs_off_as_usual(value, tmp_path, monkeypatch):
+    """A server that answers every request 429 with a Retry-After that is no wait: each retry waits the usual
+    exponential backoff (1, 2, 4, 8 s jittered x0.5-1.5; the waits are recorded, not slept), the wait's line says
+    why, nothing is saved as a hold, and the run ends as for any passing fault (LastfmError: exit 1, rerun)."""
+    srv = RawServer(lambda h: raw_answer(429, b"{}", [("Retry-After", value)]))
+    waits = []
+    monkeypatch.setattr(collect, "pause", lambda seconds, why, *a, **k: waits.append((seconds, why)))
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url=srv.url + "/2.0/", rate=0, retries=4, backoff=1.0)
+    try:
+        with pytest.raises(collect.LastfmError, match="failed 5 times .*rerun"):
+            api.call("user.getInfo", collect.parse_country, user="RJ")
+    finally:
+        srv.stop()
+    assert len(srv.paths) == 5 and len(waits) == 4
+    assert all(0.5 * 2 ** k <= s <= 1.5 * 2 ** k and "Retry-After is no wait" in why for k, (s, why) in enumerate(waits))
+    assert "hold" not in json.loads((tmp_path / "c.sqlite.rate").read_text() or "{}")
 
 
 def test_long_waits_print_a_line(monkeypatch, capsys):

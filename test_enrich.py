@@ -355,14 +355,25 @@ def test_retries_backoff_and_retry_after():
         if len(calls) < 4:
             raise enrich.Transient("5xx")
         return "ok"
-    assert enrich.with_retries(flaky, 4, 0.1, stats, sleep=sleeps.append, rand=lambda: 1.0) == "ok"
-    assert sleeps == [0.25, 0.2, 0.4]   # retry-after honoured, then 0.1 * 2**k (jitter factor 1.0)
+    sleep = lambda seconds, why: sleeps.append(seconds)
+    assert enrich.with_retries(flaky, 4, 0.1, stats, sleep=sleep, rand=lambda: 0.5) == "ok"
+    assert sleeps == [0.25, 0.2, 0.4]   # retry-after honoured (longer than the backoff), then 0.1 * 2**k (jitter 1.0)
     assert stats.counts == {"transient 429": 1, "transient 5xx": 2}
     with pytest.raises(enrich.Transient):   # bounded
-        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 2, 0.1, stats, sleep=sleeps.append)
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 2, 0.1, stats, sleep=sleep)
     assert stats.counts["transient timeout"] == 3
     with pytest.raises(enrich.Permanent):   # other 4xx: not retried
-        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 2, 0.1, stats, sleep=sleeps.append)
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 2, 0.1, stats, sleep=sleep)
+    # a retry-after that is no wait (0.0: 0 or less, NaN, empty, unreadable) backs off as usual and says so; one that
+    # is a wait holds every worker (hold) and this request still backs off; max_backoff caps the backoff
+    for retry_after, held in ((0.0, []), (0.05, [0.05, 0.05, 0.05])):
+        waits, holds = [], []
+        with pytest.raises(enrich.Transient):
+            enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("429", retry_after)), 3, 0.1, stats,
+                                max_backoff=0.3, sleep=lambda s, why: waits.append((s, why)), rand=lambda: 0.5,
+                                hold=holds.append)
+        assert [s for s, _ in waits] == [0.1, 0.2, 0.3] and holds == held
+        assert all(("Retry-After is no wait" in why) == (retry_after == 0) for _, why in waits)
     assert enrich.parse_retry_after({"retry-after": "2"}) == 2.0
     assert enrich.parse_retry_after({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
     assert enrich.parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0   # in the past
