@@ -597,14 +597,18 @@ def pause(seconds, why, stop=None, quiet=False):
 
 
 class RateLimiter:
-    """At most `rate` request starts in any 1-second window for every thread and process that uses the same
-    state file (JSON under an exclusive flock), and a server's Retry-After (`hold`) holds all of them back.
-    Starts are recorded on the monotonic clock (one clock for every process of the machine) at the moment they
-    are allowed, under the lock, and moved to the moment the request has left (sent): each start is checked
-    against the real departures of all others, a hard bound, not a reservation that later starts could overtake.
+    """At most `rate` requests sent in any 1-second window by every thread and process that uses the same state file
+    (JSON under an exclusive flock), and a server's Retry-After (`hold`) holds all of them back.
+    A request counts from the moment it is allowed (wait) until it has left (sent): allowed but not yet sent, it is
+    "pending" and takes a place in every window from now on, whenever it goes out (a thread or process delayed between
+    the two cannot slip past a later check); sent, it is recorded at the moment it has left, on the monotonic clock
+    (one clock for every process of the machine). A request is allowed when the sends of the last WINDOW seconds and
+    the pending ones are fewer than `rate`, and 1/rate after the previous one: then no window holds more than `rate`
+    sends. Pending places of a process that died (kill -9 between the two) are dropped.
     A saved hold carries when it was set and the cap it obeyed; one beyond the cap, set in the future or in an
     older format is ignored with a note (it can never hold a later run for longer than --max-wait)."""
     WINDOW = 1.01          # the 1-second window, and 10 ms for the server to stamp one request later than another
+    POLL = 0.02            # seconds between two looks while every place is taken by a pending request
 
     def __init__(self, path, rate, stop=None, max_wait=MAX_WAIT, api="the server"):
         self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
@@ -657,9 +661,9 @@ class RateLimiter:
         return until - now
 
     def wait(self):
-        """Block until this thread may start one request; its start is recorded now (sent() moves it to when the
-        request has left). -> (seconds waited, the start as recorded)"""
-        n, began = max(1, int(self.rate)), time.monotonic()
+        """Block until this thread may send one request -> (seconds waited, its place: pass it to sent() once the
+        request has left or failed to; None when there is no limit)."""
+        n, began, me = max(1, int(self.rate)), time.monotonic(), os.getpid()
 
         def start(state):
             now, mono = time.time(), time.monotonic()
@@ -668,15 +672,21 @@ class RateLimiter:
                 return held, "hold"
             if self.rate <= 0:
                 return 0.0, None
-            times = [t for t in state.get("times", []) if isinstance(t, (int, float)) and t <= mono][-n:]
-            earliest = max(times[-1] + 1 / self.rate if times else 0.0, times[0] + self.WINDOW if len(times) >= n else 0.0)
-            if earliest > mono:
-                state["times"] = times
-                return earliest - mono, "rate"
-            state["times"] = (times + [mono])[-n:]
-            return 0.0, mono
+            sent = sorted(t for t in state.get("times", []) if _number(t) and mono - self.WINDOW < t <= mono)[-n:]
+            pending = [p for p in state.get("pending", []) if _alive(p, mono)]
+            state["times"], state["pending"] = sent, pending
+            last = max(sent + [t for _, t in pending], default=None)
+            delay = 0.0 if last is None else last + 1 / self.rate - mono
+            leave = len(sent) + len(pending) - n + 1           # sends that must leave the window first
+            if leave > 0:
+                delay = max(delay, sent[leave - 1] + self.WINDOW - mono if leave <= len(sent) else self.POLL)
+            if delay > 0:
+                return delay, "rate"
+            place = [me, mono]
+            pending.append(place)
+            return 0.0, place
         while True:
-            delay, what = self._update(start)          # what: "hold", "rate", or the start recorded
+            delay, what = self._update(start)          # what: "hold", "rate", or the place taken
             if delay <= 0:
                 return time.monotonic() - began, what
             held = what == "hold"
@@ -685,16 +695,44 @@ class RateLimiter:
                 self.shown = time.monotonic() + delay
             pause(delay, f"{self.api} asked for a pause (Retry-After)", self.stop, quiet=quiet)
 
-    def sent(self, start):
-        """The request recorded at `start` has left: record that moment instead, an upper bound of its departure
-        (the next starts are decided no earlier than now, so departures keep the window, not only decisions).
-        -> the new record"""
-        if not start:
+    def sent(self, place):
+        """The request that took `place` has left (or failed to): it is recorded as sent now, an upper bound of its
+        departure. -> that moment (None for no place, or one already given back)"""
+        if not place:
             return None
-        now = time.monotonic()
-        self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
-                                                     if isinstance(t, (int, float)))))
-        return now
+        n = max(1, int(self.rate))
+
+        def change(state):
+            pending = [p for p in state.get("pending", []) if isinstance(p, list)]
+            if list(place) not in pending:
+                return None
+            now = time.monotonic()
+            state["pending"] = [p for p in pending if p != list(place)]
+            state["times"] = sorted([t for t in state.get("times", []) if _number(t)] + [now])[-n:]
+            return now
+        return self._update(change)
+
+
+PENDING_MAX = 600.0        # seconds: a place allowed this long ago and never sent is dropped (a reused pid)
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _alive(place, mono):
+    """Whether a pending place [pid, monotonic time] still counts: its process lives and it is not too old."""
+    try:
+        pid, t = place
+        if not (isinstance(pid, int) and _number(t) and mono - PENDING_MAX < t <= mono):
+            return False
+        if pid != os.getpid():
+            os.kill(pid, 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except OSError:                                        # e.g. another user's process: alive
+        pass
+    return True
 
 
 def add_retry_options(parser, retries, failed):
@@ -782,8 +820,8 @@ _IDLE = threading.local()   # per thread: the one kept-alive connection, {(schem
 
 def http_request(method, url, timeout, headers=None, body=None, limiter=None, max_body=MAX_BODY):
     """One HTTP exchange -> Response, following redirects on the same scheme, host and port only. Each hop
-    connects (or reuses this thread's kept-alive connection), waits for the limiter (so that the start it records
-    is the moment the request goes out), and has `timeout` seconds in all for connect, send and every read; the
+    connects (or reuses this thread's kept-alive connection), then waits for the limiter, which counts the request
+    from then until it has left (or failed to), and has `timeout` seconds in all for connect, send and every read; the
     path is sent exactly as given ('%2E' stays). Transient for what a retry may fix (timeout, connection, a body
     over max_body, a redirect elsewhere); the messages never contain the URL or headers (they may hold a key)."""
     import http.client
@@ -815,15 +853,28 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
             sock.append(c.sock)
             return c, time.monotonic() - started
 
-        def send(c, slot):
-            c.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
-                      headers={"User-Agent": "RecSetters", **(headers or {})})
-            return limiter.sent(slot) if limiter else None
+        place = []                                      # the limiter's place of the request about to be sent
+
+        def take_place():
+            waited, slot = limiter.wait() if limiter else (0.0, None)
+            place.extend([slot] if slot else [])
+            return waited
+
+        def leave():                                    # the request has left, or never will: counted as sent now
+            if place:
+                limiter.sent(place.pop())
+
+        def send(c):
+            try:
+                c.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
+                          headers={"User-Agent": "RecSetters", **(headers or {})})
+            finally:
+                leave()
         try:
             reused, connecting = conn is not None, 0.0
             if not reused:
-                conn, connecting = connect()            # first: the start the limiter records is the send
-            waited, slot = limiter.wait() if limiter else (0.0, None)
+                conn, connecting = connect()            # first: the limiter's place covers the sending, not this
+            waited = take_place()
             if waited > 2:                              # a long wait: the server may have dropped us meanwhile
                 conn.close()
                 conn, connecting = connect()
@@ -833,14 +884,15 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
             timer.daemon = True
             timer.start()
             try:
-                slot = send(conn, slot)
+                send(conn)
                 r = conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 if not reused or expired.is_set():      # a kept-alive connection the server had closed: once more
                     raise
                 conn.close()
                 conn = connect()[0]
-                send(conn, slot)
+                take_place()                            # a second request: a place of its own
+                send(conn)
                 r = conn.getresponse()
             length = r.getheader("content-length", "")
             if length.isdigit() and int(length) > max_body:
@@ -856,6 +908,7 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise Transient("timeout" if expired.is_set() or isinstance(e, TimeoutError) else "connection") from None
         finally:
+            leave()
             if timer:
                 timer.cancel()
             if keep:

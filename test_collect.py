@@ -1062,6 +1062,46 @@ def test_a_retry_after_that_is_no_wait_backs_off_as_usual(value, tmp_path, monke
     assert "hold" not in json.loads((tmp_path / "c.sqlite.rate").read_text() or "{}")
 
 
+def max_per_window(times, window=1.0):
+    """The most events in any window [t, t + `window`) seconds."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u - t < window) for i, t in enumerate(times)), default=0)
+
+
+def test_a_delayed_send_cannot_slip_past_the_limit(tmp_path):
+    """A request sent 1.1 s after the limiter allowed it (a thread a loaded machine left waiting), and 6 others sent
+    at once at --rate 5: a request counts from when it is allowed until it has left, so no second holds more than 5
+    sends (counted when allowed, the late one and the others made 6 in a second: the 6th was allowed 1.01 s after the
+    late one's start, which was sent 0.1 s later)."""
+    lim, sends, allowed = collect.RateLimiter(tmp_path / "state", 5), [], threading.Event()
+
+    def late():
+        place = lim.wait()[1]
+        allowed.set()
+        time.sleep(1.1)
+        sends.append(lim.sent(place))
+    t = threading.Thread(target=late)
+    t.start()
+    allowed.wait()
+    for _ in range(6):
+        sends.append(lim.sent(lim.wait()[1]))
+    t.join()
+    assert len(sends) == 7 and max_per_window(sends) <= 5, sorted(sends)
+    assert json.loads((tmp_path / "state").read_text())["pending"] == []
+
+
+def test_a_place_of_a_dead_process_is_given_back(tmp_path):
+    """A process killed (-9) after the limiter allowed it and before it sent leaves a pending place: it is dropped
+    at the next look, it does not hold the limit forever."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "state").write_text(json.dumps({"times": [], "pending": [[dead.pid, time.monotonic() - 0.5]] * 3}))
+    lim = collect.RateLimiter(tmp_path / "state", 3)
+    place = lim.wait()[1]
+    assert json.loads((tmp_path / "state").read_text())["pending"] == [place] and place[0] == os.getpid()
+    assert lim.sent(place) and lim.sent(place) is None          # given back once
+
+
 def test_long_waits_print_a_line(monkeypatch, capsys):
     monkeypatch.setattr(collect, "VISIBLE_WAIT", 0.1)
     collect.pause(0.3, "Last.fm asked")

@@ -743,13 +743,13 @@ def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_rate_limiter_across_processes(tmp_path):
-    """Two processes x 3 threads on one state file: never more than --rate starts in a second. The starts are the
-    limiter's own records (monotonic clock, one for every process of the machine, taken under the lock): a clock
-    read after wait() returns also measures how long the thread waited for the CPU, which on a loaded machine
-    bunched readings into 9 a second while the limiter's starts kept 8."""
-    code = (f"import sys, threading, time; sys.path.insert(0, {str(HERE)!r}); import collect as m\n"
+    """Two processes x 3 threads on one state file, each request sent a random while (up to 0.3 s) after it was
+    allowed: never more than --rate sends in a second. The sends are the limiter's own records (sent(): monotonic
+    clock, one for every process of the machine, taken under the lock after the request has left)."""
+    code = (f"import random, sys, threading, time; sys.path.insert(0, {str(HERE)!r}); import collect as m\n"
             f"lim, out = m.RateLimiter({str(tmp_path / 'state')!r}, 8), []\n"
-            "def work():\n    for _ in range(5):\n        out.append(lim.wait()[1])\n"
+            "def work():\n    for _ in range(5):\n        place = lim.wait()[1]\n"
+            "        time.sleep(random.uniform(0, 0.3))\n        out.append(lim.sent(place))\n"
             "ts = [threading.Thread(target=work) for _ in range(3)]\n[t.start() for t in ts]; [t.join() for t in ts]\n"
             "print(' '.join(map(repr, out)))\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
