@@ -15,10 +15,10 @@ Dataset format (read by recsetters.py), one folder per dataset:
 The Last.fm key comes from LASTFM_API_KEY or a git-ignored .env; it never reaches logs, errors or files.
 Every API response is committed to a SQLite cache as it arrives, so a killed crawl resumes where it stopped.
 
-Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts and answers that cannot be read (not JSON,
-HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) are retried with backoff (--retries,
---backoff); if they outlast every retry the run stops with exit 1 and a rerun of the same command resumes and asks
-again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
+Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts, answers that cannot be read (not JSON,
+HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) and answers of the wrong shape (a list
+that is a string, a number or null) are retried with backoff (--retries, --backoff); if they outlast every retry the
+run stops with exit 1 and a rerun of the same command resumes and asks again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
 skipped on reruns unless --retry-failed. Every retry backs off (--backoff doubled each time, jittered, at most
 --max-backoff). A Retry-After (seconds, HTTP date or retry-after-ms) also pauses every process sharing the cache, up
 to --max-wait seconds (default 300); a longer one stops the run at once (exit 1) saying when to rerun; one that is no
@@ -951,15 +951,17 @@ def lock_folder(path, what):
 # Last.fm client: params=, shared rate limit, retries with backoff + jitter, SQLite cache of answers and failures
 #
 # Last.fm error codes: temporary ones are retried with backoff; 10 and 26 (bad or suspended key) stop the run;
-# every other code (6 not found, 7 invalid resource, 17 private, unknown codes), another 4xx, and a JSON object of
-# the wrong shape are a permanent failure of that one resource (user, page, track): recorded with its reason,
-# skipped on reruns unless --retry-failed. A body that cannot be read (not JSON, HTML, empty, truncated, undecodable
-# bytes, too large or too deep) is temporary like a 5xx: retried, and if it outlasts every retry the run stops
-# (exit 1) and a rerun asks again.
+# every other code (6 not found, 7 invalid resource, 17 private, unknown codes) and another 4xx are a permanent
+# failure of that one resource (user, page, track): what Last.fm said, recorded with its reason, skipped on reruns
+# unless --retry-failed. A body that cannot be read (not JSON, HTML, empty, truncated, undecodable bytes, too large
+# or too deep) and a JSON object of the wrong shape (an object that is not one, a list that is a string, a number or
+# null) are temporary like a 5xx: retried, and if they outlast every retry the run stops (exit 1) and a rerun asks
+# again. A wrong shape is never a fact: never cached as an answer ("no loved tracks") nor as a failure; one an older
+# version cached is asked again.
 
 TEMPORARY_CODES = {8, 11, 16, 29}  # operation failed, service offline, temporarily unavailable, rate limit
 FATAL_CODES = {10, 26}             # invalid API key, suspended API key
-OLD_MALFORMED = "unexpected response: not a JSON object"   # recorded as permanent before: asked again
+FACTS = ("Last.fm error ", "HTTP ")                # the recorded failures that are what Last.fm said
 
 
 def load_key(env_file=DOTENV):
@@ -998,15 +1000,28 @@ def as_text(x):
     return None
 
 
-def as_list(x):
-    """Last.fm sends a single object instead of a one-element list, and "" or nothing for none."""
-    return x if isinstance(x, list) else [] if x in (None, "", {}) else [x]
+def as_list(body, field, where):
+    """The list-valued field of a Last.fm object: a list; the one object Last.fm sends instead of a one-element list;
+    [] when the field is absent (an empty list is left out). Anything else (a string, a number, null, an empty
+    object) is a wrong shape: Malformed, a passing fault like an unreadable body, never "none"."""
+    if field not in body:
+        return []
+    x = body[field]
+    if isinstance(x, list):
+        return x
+    if isinstance(x, dict) and x:
+        return [x]
+    raise Malformed(f"{where}.{field} is {_shape(x)}, not a list")
+
+
+def _shape(x):
+    return "null" if x is None else "an empty object" if x == {} else f"a {type(x).__name__}"
 
 
 def parse_country(data):
     user = data.get("user")
     if not isinstance(user, dict):
-        raise Malformed("user.getInfo without a user object")
+        raise Malformed(f"user is {_shape(user)}, not an object")
     c = user.get("country")
     c = clean_text(c) if isinstance(c, str) else ""
     return "" if c in ("", "None") else c
@@ -1031,22 +1046,18 @@ def parse_friend(f):
 def parse_page(data, root, item, entry):
     """-> (parsed entries, number of raw entries, claimed total pages, claimed total items); numbers may be None."""
     body = data.get(root)
-    if isinstance(body, str) and not body.strip():
-        body = {}
     if not isinstance(body, dict):
-        raise Malformed(f"no {root} object")
-    raw = as_list(body.get(item))
+        raise Malformed(f"{root} is {_shape(body)}, not an object")
+    raw = as_list(body, item, root)
     attr = body.get("@attr") if isinstance(body.get("@attr"), dict) else {}
     return [e for e in map(entry, raw) if e], len(raw), as_int(attr.get("totalPages")), as_int(attr.get("total"))
 
 
 def parse_top_tag(data):
     body = data.get("toptags")
-    if isinstance(body, str) and not body.strip():
-        return ""
     if not isinstance(body, dict):
-        raise Malformed("no toptags object")
-    for t in as_list(body.get("tag")):
+        raise Malformed(f"toptags is {_shape(body)}, not an object")
+    for t in as_list(body, "tag", "toptags"):
         name = as_text(t.get("name")) if isinstance(t, dict) else as_text(t)
         if name:
             return name.lower().lstrip("=+-@ ")
@@ -1073,7 +1084,9 @@ class Lastfm:
         self.db = sqlite3.connect(cache_path)
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
-        self.db.execute("DELETE FROM failed WHERE substr(reason, 1, ?) = ?", (len(OLD_MALFORMED), OLD_MALFORMED))
+        # an older version recorded wrong shapes as failures ("unexpected response: ...", "no user object"): asked again
+        self.db.execute("DELETE FROM failed WHERE " + " AND ".join(["substr(reason, 1, ?) != ?"] * len(FACTS)),
+                        [x for f in FACTS for x in (len(f), f)])
         if retry_failed:       # also answers that hold U+FFFD: an older version stored undecodable bytes so
             self.stats["retried failures"] = (self.db.execute("DELETE FROM failed").rowcount
                                               + self.db.execute("DELETE FROM responses WHERE instr(body, ?)",
@@ -1125,8 +1138,9 @@ class Lastfm:
 
     def call(self, method, parse, **params):
         """Cached API call -> (parse(response), None), or (None, reason) for a permanent failure of this resource
-        (recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError when temporary
-        failures outlast every retry, UserError when Last.fm refuses the key."""
+        (what Last.fm said: recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError
+        when temporary failures (wrong shapes included: parse raises) outlast every retry, UserError when Last.fm
+        refuses the key."""
         params = {k: str(v) for k, v in params.items()}
         key = cache_key(method, params)
         row = self.db.execute("SELECT reason FROM failed WHERE key = ?", (key,)).fetchone()
@@ -1136,14 +1150,22 @@ class Lastfm:
             return None, row[0]
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
         if row:
-            self.stats["cached"] += 1
             try:
                 data = json.loads(row[0])
-                if isinstance(data, dict) and "error" in data:       # a cache from before failures were kept apart
-                    raise Malformed(f"Last.fm error {data.get('error')}: {data.get('message', '')}")
-                return parse(data), None
-            except PARSE_ERRORS as e:
-                return self._fail(key, self.scrub(clean_text(str(e)))[:200] or "unexpected response")
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and "error" in data:           # a cache from before failures were kept apart
+                self.stats["cached"] += 1
+                return self._fail(key, clean_text(self.scrub(f"Last.fm error {data.get('error')}: "
+                                                             f"{data.get('message', '')}"))[:200])
+            try:
+                value = parse(data)
+                self.stats["cached"] += 1
+                return value, None
+            except PARSE_ERRORS:                                     # a wrong shape an older version kept: ask again
+                self.db.execute("DELETE FROM responses WHERE key = ?", (key,))
+                self.db.commit()
+                self.stats["wrong shapes asked again"] += 1
         for attempt in range(self.retries + 1):
             kind, data, retry_after = self._get(method, params)
             if kind == "fatal":
@@ -1154,11 +1176,12 @@ class Lastfm:
                 body = self.scrub(json.dumps(data, ensure_ascii=False))
                 try:
                     value = parse(json.loads(body))                # what a rerun reads from the cache
-                except PARSE_ERRORS as e:
-                    return self._fail(key, f"unexpected response: {self.scrub(clean_text(str(e)))[:150]}")
-                self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
-                self.db.commit()                               # persisted before anything else happens
-                return value, None
+                except PARSE_ERRORS as e:                          # a wrong shape: a passing fault, never cached
+                    kind, data = "temporary", f"wrong shape: {self.scrub(clean_text(str(e)))[:150]}"
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
+                    self.db.commit()                               # persisted before anything else happens
+                    return value, None
             self.stats["faults"] += 1
             if attempt == self.retries:
                 break

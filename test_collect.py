@@ -695,7 +695,7 @@ def test_rate_limit_and_special_names(tmp_path):
 
 class HostileLastfm(FakeLastfm):
     """The fake Last.fm, with some users (and tracks) answering in every broken way seen in the wild."""
-    USERS = ["track_str", "date_str", "user_str", "country_num", "pages_many", "html404", "err7", "err6str",
+    USERS = ["track_str", "date_str", "country_num", "pages_many", "html404", "err7", "err6str",
              "empty_pages", "echo_key", "html200", "Hcase", "hcase", "err99", "single_friend", ".", "echo6"]
 
     def __init__(self, world, **kw):
@@ -709,11 +709,11 @@ class HostileLastfm(FakeLastfm):
         if m == "track.getTopTags" and status == 200 and "toptags" in body:
             h = int(hashlib.md5(q["track"].encode()).hexdigest(), 16) % 5
             body = [body, {"toptags": {"tag": {"name": "Solo", "count": 1}}}, {"toptags": {"tag": [{"name": 1980}]}},
-                    {"toptags": "oops"}, {"toptags": {"tag": "=HYPERLINK(x)"}}][h]
+                    {"toptags": {"@attr": {}}}, {"toptags": {"tag": {"name": "=HYPERLINK(x)"}}}][h]
         if user not in self.USERS or status != 200:
             return status, body
-        if user in ("user_str", "country_num", "html404", "err6str", "err99", "echo6") and m == "user.getInfo":
-            return {"user_str": (200, {"user": "oops"}), "country_num": (200, {"user": {"country": 42}}),
+        if user in ("country_num", "html404", "err6str", "err99", "echo6") and m == "user.getInfo":
+            return {"country_num": (200, {"user": {"country": 42}}),
                     "echo6": (200, {"error": 6, "message": f"User not found (api_key={KEY})"}),
                     "html404": (404, "<html><body>Not Found</body></html>"),
                     "err6str": (200, {"error": "6", "message": "User not found"}),
@@ -779,7 +779,7 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
     db = sqlite3.connect(tmp_path / "data" / "cache" / "lastfm.sqlite")
     failed = dict(db.execute("SELECT key, reason FROM failed").fetchall())
     by_user = {json.loads(k)[1][-1][1] if json.loads(k)[0].startswith("user.") else "": r for k, r in failed.items()}
-    assert by_user["user_str"].startswith("unexpected response") and by_user["html404"] == "HTTP 404"
+    assert by_user["html404"] == "HTTP 404" and all(r.startswith(collect.FACTS) for r in failed.values())
     assert by_user["err7"].startswith("Last.fm error 7") and by_user["err6str"].startswith("Last.fm error 6")
     assert by_user["err99"].startswith("Last.fm error 99") and "***" in by_user["echo_key"] and "***" in by_user["echo6"]
     assert "html200" not in by_user and by_user["private_one"].startswith("Last.fm error 17")
@@ -790,7 +790,7 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
     users = read(tmp_path / "data" / "lastfm", "users.csv")
     lv = read(tmp_path / "data" / "lastfm", "loved.csv")
     assert {"track_str", "date_str", "pages_many", "err7", "echo_key", "html200", "."} <= set(users.user)
-    assert not {"user_str", "country_num", "html404", "err6str", "err99"} & set(users.user)
+    assert not {"country_num", "html404", "err6str", "err99"} & set(users.user)
     assert (lv[lv.user == "date_str"].timestamp == "").all() and (lv[lv.user == "track_str"].track != "").all()
     tags = set(read(tmp_path / "data" / "x", "items.csv").tag)
     assert {"solo", "1980", "hyperlink(x)"} & tags and not any(t.startswith("=") for t in tags)
@@ -798,6 +798,104 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
         assert "Traceback" not in o.err and KEY not in o.out + o.err
         assert "permanent failures:" in o.out
     assert KEY.encode() not in (tmp_path / "data" / "cache" / "lastfm.sqlite").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# wrong shapes: every list-valued field the crawl reads (and the objects holding them) as a string, number or null
+
+
+class WrongShapes(FakeLastfm):
+    """The fake Last.fm; while `bad` is set, the answers of `method` for RJ (for every track: track.getTopTags) go out
+    as bad(good body)."""
+
+    def __init__(self, world, **kw):
+        super().__init__(world, **kw)
+        self.method = self.bad = None
+
+    def answer(self, q):
+        status, body = super().answer(q)
+        if self.bad and q["method"] == self.method and q.get("user", "RJ") == "RJ" and status == 200 and "error" not in body:
+            body = self.bad(body)
+        return status, body
+
+
+SHAPES = {   # field: (method, good body -> body with the field set to v)
+    "user": ("user.getInfo", lambda b, v: {**b, "user": v}),
+    "lovedtracks": ("user.getLovedTracks", lambda b, v: {**b, "lovedtracks": v}),
+    "lovedtracks.track": ("user.getLovedTracks", lambda b, v: {**b, "lovedtracks": {**b["lovedtracks"], "track": v}}),
+    "friends": ("user.getFriends", lambda b, v: {**b, "friends": v}),
+    "friends.user": ("user.getFriends", lambda b, v: {**b, "friends": {**b["friends"], "user": v}}),
+    "toptags": ("track.getTopTags", lambda b, v: {**b, "toptags": v}),
+    "toptags.tag": ("track.getTopTags", lambda b, v: {**b, "toptags": {**b["toptags"], "tag": v}}),
+}
+
+
+def shapes_args(d):
+    world = fake_world(n_users=8)
+    cat = Path(d).parent / "cat.csv"
+    if not cat.exists():                      # a few of RJ's loved tracks: a small catalog
+        loved = sorted({(a, t) for a, t, _ in world["RJ"]["loved"][:6]})
+        cat.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"a": [a for a, _ in loved], "t": [t for _, t in loved], "g": "Rock"}).to_csv(cat, index=False)
+    return world, ["--data-dir", d, "all", "--catalog", f"x={cat}", "--artist-col", "a", "--track-col", "t",
+                   "--genre-col", "g", "--max-users", "1", *API_OPTS[:-1], "2"]
+
+
+@pytest.fixture(scope="module")
+def shapes_reference(tmp_path_factory):
+    if not LFM1K.exists():
+        pytest.skip("../shared/data not available")
+    d = tmp_path_factory.mktemp("shapes") / "data"
+    world, args = shapes_args(d)
+    fake, mp = FakeLastfm(world), pytest.MonkeyPatch()
+    try:
+        run_inproc(mp, fake, args)
+    finally:
+        mp.undo()
+        fake.stop()
+    assert len(read(d / "x", "items.csv")) == 6 and any(m.startswith('[["artist"') for m in fake.served)
+    return tree_bytes(d)
+
+
+@needs(LFM1K)
+@pytest.mark.parametrize("field", list(SHAPES))
+def test_a_wrong_shape_is_a_passing_fault_and_a_rerun_converges(field, shapes_reference, tmp_path, monkeypatch, capsys):
+    """Each list-valued field the crawl reads (lovedtracks.track, friends.user, toptags.tag) and each object holding
+    one, sent as a string, a number or null: retried like a 5xx, never cached as "none" (no loved tracks, no friends,
+    no tag) nor as a failure; the run stops with exit 1 and one line; a plain rerun against the healthy server (no
+    --retry-failed) asks again and ends with the fault-free dataset."""
+    method, change = SHAPES[field]
+    for value in ("a string", 7, None):
+        d = tmp_path / repr(value) / "data"
+        world, args = shapes_args(d)
+        fake = WrongShapes(world, cache=d / "cache" / "lastfm.sqlite")
+        fake.method, fake.bad = method, lambda body: change(body, value)
+        try:
+            with pytest.raises(SystemExit) as e:
+                run_inproc(monkeypatch, fake, args)
+            first = capsys.readouterr()
+            db = sqlite3.connect(d / "cache" / "lastfm.sqlite")
+            failed = [r for (r,) in db.execute("SELECT reason FROM failed")]
+            db.close()
+            fake.bad, asked = None, sum(n for k, n in fake.served.items() if method in k)
+            run_inproc(monkeypatch, fake, args)                  # a plain rerun, the server healthy again
+            capsys.readouterr()
+        finally:
+            fake.stop()
+        errors = [line for line in first.err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 1 and len(errors) == 1 and "wrong shape" in errors[0] and "rerun" in errors[0], first.err
+        assert all(r.startswith(collect.FACTS) for r in failed), failed         # not recorded as a failure either
+        assert tree_bytes(d) == shapes_reference, (field, value)
+        assert sum(n for k, n in fake.served.items() if method in k) > asked and not fake.refetched
+
+
+def test_as_list_takes_lists_and_one_object_only():
+    assert collect.as_list({"t": [1, "x"]}, "t", "r") == [1, "x"] and collect.as_list({"t": {"a": 1}}, "t", "r") == [{"a": 1}]
+    assert collect.as_list({}, "t", "r") == [] and collect.as_list({"t": []}, "t", "r") == []
+    for wrong, shape in (("x", "a str"), ("", "a str"), (7, "a int"), (None, "null"), ({}, "an empty object"),
+                         (True, "a bool")):
+        with pytest.raises(collect.Malformed, match=f"r.t is {shape}, not a list"):
+            collect.as_list({"t": wrong}, "t", "r")
 
 
 @needs(LFM1K)
@@ -1192,15 +1290,27 @@ def test_older_caches_ask_again_for_what_was_a_passing_fault(tmp_path):
     db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
     db.execute("CREATE TABLE failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
     db.executemany("INSERT INTO failed VALUES (?, ?)", [("a", "unexpected response: not a JSON object (3 times)"),
-                                                        ("b", "Last.fm error 6: User not found")])
+                                                        ("b", "Last.fm error 6: User not found"),
+                                                        ("e", "user.getInfo without a user object"), ("f", "HTTP 404")])
     db.executemany("INSERT INTO responses VALUES (?, ?)", [("c", '{"user": {"country": "P\ufffdru"}}'), ("d", "{}")])
     db.commit()
     db.close()
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0)
-    assert [k for (k,) in api.db.execute("SELECT key FROM failed")] == ["b"]
+    assert sorted(k for (k,) in api.db.execute("SELECT key FROM failed")) == ["b", "f"]   # what Last.fm said stays
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retry_failed=True)
     assert api.db.execute("SELECT COUNT(*) FROM failed").fetchone()[0] == 0
     assert [k for (k,) in api.db.execute("SELECT key FROM responses")] == ["d"]
+    # an answer of the wrong shape an older version cached (as "no country", "no loved tracks"): asked again
+    key = collect.cache_key("user.getInfo", {"user": "RJ"})
+    api.db.execute("INSERT INTO responses VALUES (?, ?)", (key, '{"user": "oops"}'))
+    api.db.commit()
+    srv = RawServer(lambda h: raw_answer(200, b'{"user": {"name": "RJ", "country": "Peru"}}'))
+    try:
+        api.base_url = srv.url + "/2.0/"
+        assert api.call("user.getInfo", collect.parse_country, user="RJ") == ("Peru", None) and len(srv.paths) == 1
+        assert api.call("user.getInfo", collect.parse_country, user="RJ") == ("Peru", None) and len(srv.paths) == 1
+    finally:
+        srv.stop()
 
 
 def test_kept_alive_connection_is_reused_and_a_stale_one_replaced():
