@@ -27,6 +27,7 @@ every read); redirects to another host are not followed. Exit codes: 0 done, 1 r
 """
 import argparse
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -934,18 +935,105 @@ def check_folder(path, flag):
             return
 
 
-def lock_folder(path, what):
-    """Hold an exclusive lock on path for the life of the process, or stop with one line if another run has it."""
+def lock_folder(path, what, command=None):
+    """Hold an exclusive lock on the file at path until the returned file is closed, or stop with one line naming the
+    holder (its pid and command) if another process has it. The lock is the kernel's (flock): a holder that dies, even
+    by kill -9, lets go of it, and the next run takes it. The file says who holds it (command: the process's command
+    line by default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    if fcntl:
+    for _ in range(10):
+        f = open(path, "a+", encoding="utf-8")
+        if not fcntl:
+            return f
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.seek(0)
+            holder = clean_text(f.read())[:300] or "another process"
             f.close()
-            raise UserError(f"another run is using {what} ({path} is locked); wait for it to finish") from None
-    return f                                               # keep a reference: closing it releases the lock
+            raise UserError(f"another run is using {what}: {holder} holds {path}; rerun when it has finished") from None
+        try:
+            ours = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} ({command})")
+            f.flush()
+            return f                                       # keep a reference: closing it releases the lock
+        f.close()                                          # its holder removed the file as we locked it: again
+    raise UserError(f"could not lock {path}: it keeps disappearing")
+
+
+WRITER_LOCK = ".writer.lock"   # in a dataset folder while one process writes it
+DATASET_FILES = ("users.csv", "items.csv", "interactions.csv")
+
+
+@contextlib.contextmanager
+def dataset_lock(folder, command=None):
+    """The one writer of a dataset folder: every command that writes one (collect.py's crawl, match and importers,
+    enrich.py, recsetters.py's demo generator) holds this while it reads what it will change and writes; a second
+    one stops with one line naming the holder (UserError: exit 2) instead of waiting. A holder killed (-9) lets go
+    (lock_folder). The lock file is removed when the block ends, and the folders it made if they are still empty, so
+    a command that fails before writing leaves nothing behind."""
+    folder = Path(folder)
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
+    f = lock_folder(folder / WRITER_LOCK, f"dataset {folder}", command)
+    try:
+        yield
+    finally:
+        (folder / WRITER_LOCK).unlink(missing_ok=True)   # still ours: removed before we let go
+        f.close()
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def check_dataset_consistent(folder, users=None, items=None, inter=None):
+    """UserError (one line) unless the three files of a dataset agree: every interaction's user is in users.csv and
+    its item in items.csv. For readers (recsetters.py's load_dataset): frames not given are read from folder. Files
+    that disagree come from different writes (a writer without the lock, an older version, a hand edit, or a file
+    read while a writer replaced another); the line names a writer at work if there is one."""
+    folder = Path(folder)
+    given = {"users.csv": users, "items.csv": items, "interactions.csv": inter}
+    for name in DATASET_FILES:
+        if given[name] is None:
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name} does not exist")
+            given[name] = read_table(folder / name, name)
+    users, items, inter = (given[name] for name in DATASET_FILES)
+    problems = []
+    for col, df, name in (("user", users, "users.csv"), ("item", items, "items.csv")):
+        missing = ~inter[col].astype(str).isin(set(df[col].astype(str)))
+        if missing.any():
+            problems.append(f"{int(missing.sum()):,} of {len(inter):,} interactions name a {col} not in {name} "
+                            f"(e.g. {str(inter[col][missing].iloc[0])!r})")
+    if problems:
+        holder = lock_holder(folder / WRITER_LOCK)
+        why = (f"{holder} is writing it: rerun when it has finished" if holder else
+               "rerun the command that made it (collect.py; enrich.py changes only items.csv's texts)")
+        raise UserError(f"{folder}: the dataset's files disagree: {'; '.join(problems)}; {why}")
+
+
+def lock_holder(path):
+    """Who holds the lock file at path ("pid N (command)"), or None when nobody does."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError:
+        return None
+    with f:
+        if not fcntl:
+            return None
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)    # let go when f closes
+            return None
+        except BlockingIOError:
+            return clean_text(f.read())[:300] or "another process"
 
 # -----------------------------------------------------------------------------
 # Last.fm client: params=, shared rate limit, retries with backoff + jitter, SQLite cache of answers and failures
@@ -1452,44 +1540,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
     cache = Path(args.cache_dir) if args.cache_dir else data / "cache"
-    api = lock = None
     try:
-        check_numbers(args, RETRY_NUMBERS + ("rate", "max_pages", "max_users", "min_loved", "min_plays"),
-                      positive=("timeout", "max_pages", "max_users", "min_plays"))
-        for flag, folder in (("--data-dir", data), ("--cache-dir", cache)):
-            check_folder(folder, flag)
-        if args.cmd == "hetrec":
-            import_hetrec(args.src, data / "hetrec", cache)
-        elif args.cmd == "lastfm1k":
-            import_lastfm1k(args.src, data / "lastfm1k", cache, args.min_plays)
-        else:
-            catalogs = []
-            if args.cmd == "match":
-                catalogs = [(args.name, args.catalog)]
-            elif args.cmd == "all":
-                for c in args.catalog:
-                    name, _, path = c.partition("=")
-                    if not path:
-                        raise UserError(f"--catalog {c}: expected NAME=PATH")
-                    catalogs.append((name, path))
-            for name, path in catalogs:           # check catalogs before any network traffic
-                load_catalog(path, args.artist_col, args.track_col, args.genre_col)
-            if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():
-                raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
-            if args.cmd != "match" or not args.no_tags:
-                key = load_key()
-                check_base_url(os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
-                lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
-                api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
-                             backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
-                             retry_failed=args.retry_failed, max_pages=args.max_pages, max_wait=args.max_wait)
-            if args.cmd in ("crawl", "all"):
-                crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
-            for name, path in catalogs:
-                match(data / "lastfm", path, data / name, None if args.no_tags else api,
-                      args.artist_col, args.track_col, args.genre_col)
-            if api is not None:
-                print(failure_report(api))
+        with contextlib.ExitStack() as held:       # the locks, let go when the command ends in any way
+            command(args, data, cache, held)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1499,9 +1552,53 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    finally:
-        if lock:
-            lock.close()
+
+
+def command(args, data, cache, held):
+    """Run the parsed command: every dataset folder it writes (and the crawl it reads) locked for the whole run
+    (dataset_lock, taken after the input is checked and before any network traffic), and the Last.fm cache too."""
+    check_numbers(args, RETRY_NUMBERS + ("rate", "max_pages", "max_users", "min_loved", "min_plays"),
+                  positive=("timeout", "max_pages", "max_users", "min_plays"))
+    for flag, folder in (("--data-dir", data), ("--cache-dir", cache)):
+        check_folder(folder, flag)
+    if args.cmd in ("hetrec", "lastfm1k"):
+        held.enter_context(dataset_lock(data / args.cmd))
+        if args.cmd == "hetrec":
+            import_hetrec(args.src, data / "hetrec", cache)
+        else:
+            import_lastfm1k(args.src, data / "lastfm1k", cache, args.min_plays)
+        return
+    catalogs = []
+    if args.cmd == "match":
+        catalogs = [(args.name, args.catalog)]
+    elif args.cmd == "all":
+        for c in args.catalog:
+            name, _, path = c.partition("=")
+            if not path:
+                raise UserError(f"--catalog {c}: expected NAME=PATH")
+            catalogs.append((name, path))
+    for name, path in catalogs:           # check catalogs before any network traffic
+        load_catalog(path, args.artist_col, args.track_col, args.genre_col)
+    if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():
+        raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
+    api = None
+    if args.cmd != "match" or not args.no_tags:
+        key = load_key()
+        check_base_url(os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
+    for folder in [data / "lastfm"] + [data / name for name, _ in catalogs]:
+        held.enter_context(dataset_lock(folder))
+    if args.cmd != "match" or not args.no_tags:
+        held.enter_context(contextlib.closing(lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")))
+        api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
+                     backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
+                     retry_failed=args.retry_failed, max_pages=args.max_pages, max_wait=args.max_wait)
+    if args.cmd in ("crawl", "all"):
+        crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
+    for name, path in catalogs:
+        match(data / "lastfm", path, data / name, None if args.no_tags else api,
+              args.artist_col, args.track_col, args.genre_col)
+    if api is not None:
+        print(failure_report(api))
 
 
 if __name__ == "__main__":

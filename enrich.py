@@ -41,7 +41,9 @@ are not followed; bodies are decoded with their declared charset, a BOM dropped.
 Requests per second are limited per API (--groq-rate, default 0.5: Groq's free tier allows 30
 requests/minute for llama-3.1-8b-instant; --lyrics-rate, default 2: lyrics.ovh publishes no
 limit, so a conservative one), for all workers together and for every run on the same --data-dir
-(a locked state file data/.enrich-rate-<api>); a second run on the same dataset refuses.
+(a locked state file data/.enrich-rate-<api>). A run holds the dataset's writer lock (collect.dataset_lock):
+a second writer of it (enrich.py, collect.py) refuses with one line naming this one, and this one refuses
+while another writes it.
 
 Everything written to items.csv is cleaned: NFC, no control, zero-width or bidi-override
 characters, at most 25 words and 300 characters, never starting with = + - @ (spreadsheet
@@ -74,8 +76,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from collect import (DOTENV, _INVISIBLE, MAX_BACKOFF, RETRY_NUMBERS, RateLimiter, Response, RetryLater, Transient,
-                     UserError, add_retry_options, atomic_write, back_off, check_base_url, check_numbers, clean_text, http_request,
-                     lock_folder, norm_name, parse_retry_after, pause, read_dotenv)
+                     UserError, add_retry_options, atomic_write, back_off, check_base_url, check_numbers, clean_text,
+                     dataset_lock, http_request, norm_name, parse_retry_after, pause, read_dotenv)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -495,11 +497,8 @@ def run(args):
     if not rows:
         raise UserError(f"{path} has no rows: nothing to enrich.")
 
-    lock = lock_folder(folder / ".enrich.lock", f"dataset {folder}")   # a second run on this dataset refuses
-    try:
+    with dataset_lock(folder):        # the one writer of this dataset: a second enrich, a collect, refuses
         return enrich(args, df, path, rows, pairs, api_key, lyrics_base)
-    finally:
-        lock.close()
 
 
 def enrich(args, df, path, rows, pairs, api_key, lyrics_base):

@@ -925,6 +925,91 @@ def test_second_crawl_on_the_same_cache_refuses(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "another run is using the Last.fm cache" in err
 
 # -----------------------------------------------------------------------------
+# one writer per dataset: the lock, and what readers check
+
+
+CATALOG = [("Björk", "Jóga", "Electronic"), ("Radiohead", "Karma Police", "Alternative"), ("Adele", "Hello", "Pop"),
+           ("Daft Punk", "One More Time", "Dance"), ("Queen", "Bohemian Rhapsody", "Rock"), ("Sade", "Smooth Operator", "R&B")]
+
+
+def tiny_crawl(data, loved=CATALOG[:4], users=("ann", "bob")):
+    """data/lastfm/{users,loved}.csv as a crawl writes them (each user loves every track of `loved`), and an
+    Apple-shaped catalog of CATALOG -> its path."""
+    (Path(data) / "lastfm").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user": list(users), "country": "Chile"}).to_csv(Path(data) / "lastfm" / "users.csv", index=False)
+    rows = [(u, a, t, str(1_600_000_000 + k)) for u in users for k, (a, t, _) in enumerate(loved)]
+    pd.DataFrame(rows, columns=["user", "artist", "track", "timestamp"]).to_csv(Path(data) / "lastfm" / "loved.csv",
+                                                                               index=False)
+    cat = Path(data).parent / "catalog.csv"
+    pd.DataFrame(CATALOG, columns=["artistName", "trackName", "primaryGenreName"]).to_csv(cat, index=False)
+    return cat
+
+
+def test_a_second_writer_refuses_naming_the_holder(tmp_path, capsys):
+    """While one process writes a dataset (here: as if enrich.py were running on it), collect's match, crawl and
+    importers on it stop with one error: line naming the holder (pid, command), exit 2, and change nothing."""
+    data = tmp_path / "data"
+    cat = tiny_crawl(data)
+    assert collect.main(["--data-dir", str(data), "match", str(cat), "--name", "apple", "--no-tags"]) is None
+    capsys.readouterr()
+    runs = {data / "apple": ["match", str(cat), "--name", "apple", "--no-tags"],
+            data / "lastfm": ["match", str(cat), "--name", "apple", "--no-tags"],     # match reads the crawl
+            data / "hetrec": ["hetrec", str(tmp_path / "nothing-there")]}
+    for folder, args in runs.items():
+        before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+        with collect.dataset_lock(folder, "enrich.py apple --what summary"):
+            with pytest.raises(SystemExit) as e:
+                collect.main(["--data-dir", str(data), *args])
+            assert (folder / collect.WRITER_LOCK).is_file()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: another run is using dataset "
+                                                                           f"{folder}: pid {os.getpid()} (enrich.py apple --what summary) holds"), err
+        assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before     # lock file gone, nothing else
+    assert not (data / "hetrec").exists()
+
+
+def test_a_killed_writer_does_not_block_the_next(tmp_path):
+    """The lock is the kernel's: a holder killed with -9 lets go, and the next writer takes it (the file left behind
+    still names the dead holder until then)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import collect\n"
+            f"held = collect.dataset_lock({str(tmp_path / 'd')!r}, 'collect.py crawl')\nheld.__enter__()\n"
+            "print('locked', flush=True); time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(collect.UserError, match=f"pid {holder.pid} \\(collect.py crawl\\) holds"):
+            with collect.dataset_lock(tmp_path / "d"):
+                pass
+    finally:
+        holder.kill()                                   # SIGKILL: no cleanup of its own
+        holder.wait()
+    assert f"pid {holder.pid}" in (tmp_path / "d" / collect.WRITER_LOCK).read_text()
+    with collect.dataset_lock(tmp_path / "d", "enrich.py d"):
+        assert (tmp_path / "d" / collect.WRITER_LOCK).read_text() == f"pid {os.getpid()} (enrich.py d)"
+    assert not (tmp_path / "d" / collect.WRITER_LOCK).exists()
+
+
+def test_check_dataset_consistent(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "users.csv").write_text("user,country\nann,Chile\nbob,\n")
+    (d / "items.csv").write_text("item,artist,track,tag,title,summary,lyrics\n1,a,t,x,t,,\n2,b,u,y,u,,\n")
+    (d / "interactions.csv").write_text("user,item,timestamp\nann,1,\nbob,2,5\n")
+    assert collect.check_dataset_consistent(d) is None
+    (d / "interactions.csv").write_text("user,item,timestamp\nann,1,\nbob,2,5\ncy,9,\ncy,2,\nann,8,\n")
+    with pytest.raises(collect.UserError) as e:
+        collect.check_dataset_consistent(d)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{d}: the dataset's files disagree: ")
+    assert "2 of 5 interactions name a user not in users.csv (e.g. 'cy')" in msg
+    assert "2 of 5 interactions name a item not in items.csv (e.g. '9')" in msg and "rerun the command" in msg
+    with collect.dataset_lock(d, "collect.py match ds"):                  # a writer at work: named
+        with pytest.raises(collect.UserError, match=r"pid \d+ \(collect.py match ds\) is writing it"):
+            collect.check_dataset_consistent(d)
+    users, items, inter = (read(d, f) for f in ("users.csv", "items.csv", "interactions.csv"))
+    assert collect.check_dataset_consistent(d, users, items, inter[inter.user != "cy"].head(2)) is None   # frames given
+
+# -----------------------------------------------------------------------------
 # the wire: raw answers a server can send (bytes as they go out), against a client that must stay bounded
 
 

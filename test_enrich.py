@@ -695,12 +695,11 @@ def test_bad_base_url_and_second_run(tmp_path, fakes, monkeypatch, capsys):
     assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'http://127.0.0.1:notaport' has an invalid port"
     assert not (tmp_path / "demo" / ".enrich-cache.sqlite").exists()
-    lock = enrich.lock_folder(tmp_path / "demo" / ".enrich.lock", "x")   # as if another run held it
-    try:
+    with collect.dataset_lock(tmp_path / "demo", "collect.py match x"):   # as if another writer held it
         assert run_inprocess(monkeypatch, fakes, tmp_path) == 2
-    finally:
-        lock.close()
-    assert "another run is using dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"another run is using dataset {tmp_path / 'demo'}: pid {os.getpid()} " \
+        "(collect.py match x) holds" in err
 
 
 def max_per_window(times, window=1.0):
@@ -760,7 +759,7 @@ def test_rate_limiter_across_processes(tmp_path):
 def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
     import inspect
     import collect
-    for name in ("RateLimiter", "lock_folder", "read_dotenv", "atomic_write", "clean_text", "norm_name", "check_base_url"):
+    for name in ("RateLimiter", "dataset_lock", "read_dotenv", "atomic_write", "clean_text", "norm_name", "check_base_url"):
         assert inspect.getsource(getattr(collect, name)) == inspect.getsource(getattr(enrich, name)), name
     for s in ["AC/DC", "Beyoncé & Jay-Z", "Don\u2019t Stop", "P!nk", "  The  Beatles ", "Sigur Rós", "x\u202ey\x00z"]:
         assert collect.norm_name(s) == enrich.norm_name(s) and collect.clean_text(s) == enrich.clean_text(s)
