@@ -11,6 +11,9 @@ Dataset format (read by recsetters.py), one folder per dataset:
   users.csv         user, country
   items.csv         item, artist, track, tag, title, summary, lyrics [, extra text columns]
   interactions.csv  user, item, timestamp (Unix seconds, empty when unknown)
+A rerun keeps every column of items.csv it does not make (summary, lyrics: enrich.py's; columns a user added) for
+the items it keeps. One process writes a dataset at a time (a lock in the folder): a second one, collect.py or
+enrich.py, stops with one line naming the first (exit 2).
 
 The Last.fm key comes from LASTFM_API_KEY or a git-ignored .env; it never reaches logs, errors or files.
 Every API response is committed to a SQLite cache as it arrives, so a killed crawl resumes where it stopped.
@@ -65,6 +68,7 @@ KNOWN_MD5 = {
     EVENTS_TSV: "64747b21563e3d2aa95751e0ddc46b68",
 }
 ITEM_COLS = ["item", "artist", "track", "tag", "title", "summary", "lyrics"]
+MADE_COLS = ITEM_COLS[:5]   # what collect makes of an item; summary and lyrics are enrich.py's (write_dataset keeps them)
 NO_KEY_HELP = ("no Last.fm API key: set LASTFM_API_KEY (or put LASTFM_API_KEY=... in .env); get a free key at "
                "https://www.last.fm/api/account/create. Offline alternatives: "
                "make data SOURCE=hetrec FROM=PATH_OR_URL, or make data SOURCE=lastfm1k FROM=PATH_OR_URL")
@@ -155,15 +159,34 @@ def write_csv(df, path):
 
 
 def write_dataset(out_dir, users, items, inter):
-    """users/items/inter: DataFrames in the dataset format; every value written as text."""
+    """users/items/inter: DataFrames in the dataset format; every value written as text. `items` holds the columns
+    collect makes (item, artist, track, tag, title; extras such as hetrec's tags). Every other column of the items.csv
+    already there (summary and lyrics, which enrich.py writes, or a column a user added) is kept for the items kept,
+    empty for new ones: a rerun never blanks a text it does not make. Call it holding dataset_lock(out_dir)."""
+    items = keep_texts(items.astype(str), Path(out_dir) / "items.csv")
     users = users[["user", "country"]].astype(str).sort_values("user", kind="stable")
     extra = [c for c in items.columns if c not in ITEM_COLS]
-    items = items[ITEM_COLS + extra].astype(str).sort_values("item", kind="stable")
+    items = items[ITEM_COLS + extra].sort_values("item", kind="stable")
     inter = inter[["user", "item", "timestamp"]].astype(str).sort_values(["user", "item"], kind="stable")
     assert users.user.is_unique and items.item.is_unique and not inter.duplicated(["user", "item"]).any()
     for name, df in [("users.csv", users), ("items.csv", items), ("interactions.csv", inter)]:
         write_csv(df, Path(out_dir) / name)
     print(f"wrote {out_dir}: {len(users):,} users, {len(items):,} items, {len(inter):,} interactions")
+
+
+def keep_texts(items, path):
+    """items with the columns it lacks taken from the items.csv at path (by item; "" for new items and when there is
+    none), and ITEM_COLS it still lacks empty; a line says how many non-empty texts were kept."""
+    old = read_table(path, "items list already there (its texts are kept; move it away to start afresh)") \
+        if path.is_file() else None
+    kept = [c for c in old.columns if c not in items.columns] if old is not None else []
+    if kept:
+        if "item" not in old.columns:
+            raise UserError(f"{path}: no item column, so its texts cannot be kept; move it away to start afresh")
+        items = items.join(old.drop_duplicates("item").set_index("item")[kept], on="item").fillna("")
+        n = {c: int((items[c] != "").sum()) for c in kept}
+        print(f"kept from {path}: " + ", ".join(f"{c} of {v:,} items" for c, v in n.items()))
+    return items.assign(**{c: "" for c in ITEM_COLS if c not in items.columns})
 
 # -----------------------------------------------------------------------------
 # normalization: items are keyed by normalized (artist, title), never by title alone
@@ -376,8 +399,7 @@ def import_hetrec(src, out_dir, cache_dir, top_tags=5):
     counts = uta.groupby(["artistID", "tagValue"]).size().reset_index(name="n")
     counts = counts.sort_values(["artistID", "n", "tagValue"], ascending=[True, False, True], kind="stable")
     top = counts.groupby("artistID").head(top_tags).groupby("artistID", sort=False).tagValue.agg(list)
-    items = pd.DataFrame({"item": artists.id, "artist": artists.name, "track": artists.name,
-                          "title": artists.name, "summary": "", "lyrics": ""})
+    items = pd.DataFrame({"item": artists.id, "artist": artists.name, "track": artists.name, "title": artists.name})
     tl = items.item.map(top)
     items["tag"] = [t[0] if isinstance(t, list) else "" for t in tl]
     items["tags"] = [", ".join(t) if isinstance(t, list) else "" for t in tl]
@@ -496,7 +518,7 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
     inter["timestamp"] = inter.timestamp.map(_iso_to_unix)
     users = pd.DataFrame({"user": sorted(inter.user.unique())})
     users["country"] = users.user.map(profile).fillna("")
-    items = pd.DataFrame([(i, a, t, "", t, "", "") for i, (a, t) in names.items()], columns=ITEM_COLS)
+    items = pd.DataFrame([(i, a, t, "", t) for i, (a, t) in names.items()], columns=MADE_COLS)
     print(f"lastfm1k: {len(seen_users):,} users in events, {bad:,} malformed lines skipped, min plays {min_plays}")
     write_dataset(out_dir, users, items, inter)
 
@@ -1436,7 +1458,7 @@ def catalog_index(cat):
         nt, base = norm_track(track), title_base(track)
         iid = catalog_item(artist, track)
         if iid not in items:
-            items[iid] = (iid, artist, track, genre, track, "", "")
+            items[iid] = (iid, artist, track, genre, track)
         everyone = list(names) + list(title_parts(track)[3])
         keys = {norm_artist(n) for n in names} | {p for n in everyone for p in [norm_artist(n)] + artist_parts(n)}
         index["same names"].setdefault((norm_name(artist), nt), iid)
@@ -1445,7 +1467,7 @@ def catalog_index(cat):
         for k in sorted(keys):
             index["one of the artists"].setdefault((k, nt), iid)
             index["title without extra words"].setdefault((k, base), iid)
-    return pd.DataFrame(list(items.values()), columns=ITEM_COLS), index
+    return pd.DataFrame(list(items.values()), columns=MADE_COLS), index
 
 
 def match_loved(loved, index):

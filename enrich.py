@@ -48,8 +48,9 @@ while another writes it.
 Everything written to items.csv is cleaned: NFC, no control, zero-width or bidi-override
 characters, at most 25 words and 300 characters, never starting with = + - @ (spreadsheet
 formulas). Path segments of lyrics.ovh URLs are fully percent-encoded ('.' and '..' too); the
-key is scrubbed from model answers. items.csv is replaced atomically (fsync, mode kept); other
-columns and the row order are kept as they are. Ctrl-C stops at once (exit 130), answers so
+key is scrubbed from model answers. items.csv is read again before it is written and replaced
+atomically (fsync, mode kept); only the columns asked for (--what) change, other columns and the
+row order are kept as they are. Ctrl-C stops at once (exit 130), answers so
 far stay cached.
 
 Environment: GROQ_API_KEY (or a line GROQ_API_KEY=... in the git-ignored .env next to this
@@ -403,9 +404,6 @@ def load_items(folder):
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}).")
-    for column in ("summary", "lyrics"):
-        if column not in df.columns:
-            df[column] = ""
     return df, path
 
 
@@ -446,6 +444,8 @@ def request_pair(artist, track):
 def fill(df, rows, column, results):
     """Write texts into df[column] for rows (cleaned by cell_text); the title (else the track) where there is none."""
     statuses = Counter()
+    if column not in df.columns:
+        df[column] = ""
     for i in rows:
         text, status = results.get(request_pair(df.at[i, "artist"], df.at[i, "track"]), (None, "no artist/track"))
         df.at[i, column] = cell_text(text if text else (df.at[i, "title"] or df.at[i, "track"]))
@@ -498,10 +498,11 @@ def run(args):
         raise UserError(f"{path} has no rows: nothing to enrich.")
 
     with dataset_lock(folder):        # the one writer of this dataset: a second enrich, a collect, refuses
-        return enrich(args, df, path, rows, pairs, api_key, lyrics_base)
+        return enrich(args, path, set(df.loc[rows, "item"]), pairs, api_key, lyrics_base)
 
 
-def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
+def enrich(args, path, items, pairs, api_key, lyrics_base):
+    """Ask for the texts of `pairs`, then write them into the rows of `items` of items.csv as it is now."""
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
     stop = threading.Event()
     limiters = {api: RateLimiter(Path(args.data_dir) / f".enrich-rate-{api}", rate, stop, args.max_wait, name)
@@ -530,6 +531,9 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
         summaries = run_jobs("summaries", pairs, job, args.workers, stop)
     cache.close()
 
+    # items.csv read again: its rows and other columns as they are now, only the columns asked for written
+    df, path = load_items(path.parent)
+    rows = [i for i in df.index if df.at[i, "item"] in items]
     lines = [f"coverage of {len(rows)} rows in {path}:"]
     for column, results, wanted in (("summary", summaries, want_summary), ("lyrics", lyrics, want_lyrics)):
         if wanted:

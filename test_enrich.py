@@ -26,11 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
+import pandas as pd
 import pytest
 
 import collect
 import enrich
-from test_collect import RawServer, deadline, drip, http_date, raw_answer, send_raw  # deadline: autouse, 150 s a test
+from test_collect import (CATALOG, RawServer, deadline, drip, http_date, raw_answer, send_raw,
+                          tiny_crawl)  # deadline: autouse, 150 s a test
 
 HERE = Path(__file__).resolve().parent
 KEY = "gsk_FAKE_7f3c9e_never_leak_0451"
@@ -814,6 +816,61 @@ def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypa
     assert (ds2.items.summary != "").all() and (ds2.items.lyrics != "").all()
     assert ds2.items.drop(columns=["summary", "lyrics"]).equals(ds.items.drop(columns=["summary", "lyrics"]))
     assert ds2.inter.equals(ds.inter) and ds2.users.equals(ds.users)
+
+def test_enrich_collect_enrich_loses_no_text(tmp_path, fakes, monkeypatch, capsys):
+    """enrich, then a collect rerun whose crawl dropped one track and found two more, then enrich again: the texts of
+    every item kept survive the rerun (summary, lyrics, and a column a user added), the dropped item is gone, the new
+    ones are filled by the second enrich without asking again for the others, and the three files agree throughout
+    (at b25c7b3 the collect rerun wrote 0 summaries)."""
+    data = tmp_path / "data"
+    cat = tiny_crawl(data, loved=CATALOG[:4])
+    match = ["--data-dir", str(data), "match", str(cat), "--name", "apple", "--no-tags"]
+    collect.main(match)
+    for name, value in fakes.env().items():
+        monkeypatch.setenv(name, value)
+    items = data / "apple" / "items.csv"
+    assert enrich.main(["apple", "--data-dir", str(data), *FAST]) == 0
+    first = pd.read_csv(items, dtype=str, keep_default_na=False).assign(note=lambda d: "mine " + d.track)
+    first.to_csv(items, index=False)                                          # a column the user added
+    assert (first.summary != "").all() and (first.lyrics != "").all() and len(first) == 4
+    tiny_crawl(data, loved=CATALOG[1:])                                       # the crawl changed
+    collect.main(match)
+    second = pd.read_csv(items, dtype=str, keep_default_na=False).set_index("item")
+    collect.check_dataset_consistent(data / "apple")
+    kept = first.set_index("item").drop(index=first.item[first.artist == "Björk"])
+    assert len(second) == 5 and "Björk" not in set(second.artist)
+    assert second.loc[kept.index, ["summary", "lyrics", "note"]].equals(kept[["summary", "lyrics", "note"]])
+    new = second.index.difference(kept.index)
+    assert len(new) == 2 and (second.loc[new, ["summary", "lyrics", "note"]] == "").all().all()
+    assert enrich.main(["apple", "--data-dir", str(data), *FAST]) == 0
+    third = pd.read_csv(items, dtype=str, keep_default_na=False).set_index("item")
+    collect.check_dataset_consistent(data / "apple")
+    assert third.drop(index=new).equals(second.drop(index=new))               # kept texts untouched
+    assert (third.summary != "").all() and (third.lyrics != "").all() and max(fakes.successes.values()) == 1
+    assert "kept from" in capsys.readouterr().out
+
+
+def test_enrich_writes_into_items_csv_as_it_is_at_the_end(tmp_path, fakes, monkeypatch):
+    """enrich reads items.csv again before it writes: a change made while it asked (here a column added and a row's
+    tag edited by hand) stays, and only the columns asked for (--what lyrics: no summary column appears) change."""
+    items = make_dataset(tmp_path)
+    rows = read_rows(items)
+    items.write_text("item,artist,track,tag,title\n" + "".join(f"{r['item']},\"{r['artist']}\",\"{r['track']}\","
+                                                             f"{r['tag']},\"{r['title']}\"\n" for r in rows))
+    edited = []
+
+    def edit(key, fault=fakes.fault):
+        if not edited:
+            edited.append(key)
+            df = pd.read_csv(items, dtype=str, keep_default_na=False).assign(note="n")
+            df.loc[0, "tag"] = "edited"
+            collect.atomic_write_text(items, df.to_csv(index=False))
+        return fault(key)
+    fakes.fault = edit
+    assert run_inprocess(monkeypatch, fakes, tmp_path, "--what", "lyrics") == 0
+    after = read_rows(items)
+    assert edited and list(after[0]) == ["item", "artist", "track", "tag", "title", "note", "lyrics"]
+    assert after[0]["tag"] == "edited" and {r["note"] for r in after} == {"n"} and all(r["lyrics"] for r in after)
 
 # -----------------------------------------------------------------------------
 # the wire: raw answers (bytes as they go out) and what a server can make us do
