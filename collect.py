@@ -1125,7 +1125,9 @@ def as_list(body, field, where):
 
 
 def _shape(x):
-    return "null" if x is None else "an empty object" if x == {} else f"a {type(x).__name__}"
+    """What a JSON value is, in words: null, a string, a number, a boolean, a list, an empty object."""
+    names = {type(None): "null", str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list"}
+    return names.get(type(x), "an empty object" if x == {} else "an object")
 
 
 def parse_country(data):

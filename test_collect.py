@@ -892,8 +892,8 @@ def test_a_wrong_shape_is_a_passing_fault_and_a_rerun_converges(field, shapes_re
 def test_as_list_takes_lists_and_one_object_only():
     assert collect.as_list({"t": [1, "x"]}, "t", "r") == [1, "x"] and collect.as_list({"t": {"a": 1}}, "t", "r") == [{"a": 1}]
     assert collect.as_list({}, "t", "r") == [] and collect.as_list({"t": []}, "t", "r") == []
-    for wrong, shape in (("x", "a str"), ("", "a str"), (7, "a int"), (None, "null"), ({}, "an empty object"),
-                         (True, "a bool")):
+    for wrong, shape in (("x", "a string"), ("", "a string"), (7, "a number"), (1.5, "a number"), (None, "null"),
+                         ({}, "an empty object"), (True, "a boolean")):
         with pytest.raises(collect.Malformed, match=f"r.t is {shape}, not a list"):
             collect.as_list({"t": wrong}, "t", "r")
 
