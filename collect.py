@@ -18,15 +18,16 @@ enrich.py, stops with one line naming the first (exit 2).
 The Last.fm key comes from LASTFM_API_KEY or a git-ignored .env; it never reaches logs, errors or files.
 Every API response is committed to a SQLite cache as it arrives, so a killed crawl resumes where it stopped.
 
-Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts, answers that cannot be read (not JSON,
-HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) and answers of the wrong shape (a list
-that is a string, a number or null) are retried with backoff (--retries, --backoff); if they outlast every retry the
-run stops with exit 1 and a rerun of the same command resumes and asks again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
-skipped on reruns unless --retry-failed. Every retry backs off (--backoff doubled each time, jittered, at most
---max-backoff). A Retry-After (seconds, HTTP date or retry-after-ms) also pauses every process sharing the cache, up
-to --max-wait seconds (default 300); a longer one stops the run at once (exit 1) saying when to rerun; one that is no
-wait (0 or less, NaN, empty, unreadable) is ignored: the usual backoff. Waits over 3 s print a line. --timeout bounds a whole request (connect and
-every read); redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
+Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts, answers that cannot be read (not JSON, HTML,
+empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) and answers of the wrong shape (a list that
+is a string, a number or null) are retried with backoff (--retries, --backoff); if they outlast every retry the run
+stops with exit 1 and a rerun of the same command resumes and asks again. What Last.fm itself says is final for one
+resource (error 6 not found, 7, 17 private, other 4xx): cached, skipped on reruns unless --retry-failed. Every retry
+backs off (--backoff doubled each time, jittered, at most --max-backoff). A Retry-After (seconds, HTTP date or
+retry-after-ms) also pauses every process sharing the cache, up to --max-wait seconds (default 300); a longer one
+stops the run at once (exit 1) saying when to rerun; one that is no wait (0 or less, NaN, empty, unreadable) is
+ignored: the usual backoff. Waits over 3 s print a line. --timeout bounds a whole request (connect and every read);
+redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
 """
 import argparse
 import collections
@@ -68,7 +69,7 @@ KNOWN_MD5 = {
     EVENTS_TSV: "64747b21563e3d2aa95751e0ddc46b68",
 }
 ITEM_COLS = ["item", "artist", "track", "tag", "title", "summary", "lyrics"]
-MADE_COLS = ITEM_COLS[:5]   # what collect makes of an item; summary and lyrics are enrich.py's (write_dataset keeps them)
+MADE_COLS = ITEM_COLS[:5]   # what collect makes of an item; summary and lyrics are enrich.py's (kept on a rerun)
 NO_KEY_HELP = ("no Last.fm API key: set LASTFM_API_KEY (or put LASTFM_API_KEY=... in .env); get a free key at "
                "https://www.last.fm/api/account/create. Offline alternatives: "
                "make data SOURCE=hetrec FROM=PATH_OR_URL, or make data SOURCE=lastfm1k FROM=PATH_OR_URL")
@@ -525,10 +526,11 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
 # -----------------------------------------------------------------------------
 # rate limits, waits and HTTP shared by threads and processes (enrich.py uses all of it too)
 #
-# What a server can make us do is bounded: every retry backs off; a Retry-After is honoured up to --max-wait seconds (a
-# longer one stops the run with one line, exit 1; one that is no wait, 0 or less or unreadable, changes nothing); every request has a total deadline (connect and all reads), a body cap
-# and a JSON nesting cap; redirects stay on the same host; the URL path goes on the wire exactly as we encoded it;
-# bodies are decoded with their declared charset (a BOM dropped) and undecodable bytes are a temporary failure.
+# What a server can make us do is bounded: every retry backs off; a Retry-After is honoured up to --max-wait seconds
+# (a longer one stops the run with one line, exit 1; one that is no wait, 0 or less or unreadable, changes nothing);
+# every request has a total deadline (connect and all reads), a body cap and a JSON nesting cap; redirects stay on
+# the same host; the URL path goes on the wire exactly as we encoded it; bodies are decoded with their declared
+# charset (a BOM dropped) and undecodable bytes are a temporary failure.
 
 MAX_WAIT = 300.0           # default --max-wait: the longest Retry-After honoured, in seconds
 MAX_BACKOFF = 60.0         # default --max-backoff: the longest delay between two attempts, in seconds
@@ -785,7 +787,8 @@ def check_numbers(args, names, positive=()):
     for name in names:
         v = getattr(args, name, None)
         if v is not None and not ((v > 0 if name in positive else v >= 0) and v < float("inf")):
-            raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number {'> 0' if name in positive else '>= 0'}")
+            bound = "> 0" if name in positive else ">= 0"
+            raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number {bound}")
 
 
 def check_base_url(url, name):
@@ -1298,7 +1301,8 @@ class Lastfm:
             if attempt == self.retries:
                 break
             back_off(attempt, retry_after, self.backoff, self.max_backoff,
-                     f"{method}: {data}, retry {attempt + 1} of {self.retries}", self.limiter.hold, rand=self.jitter.random)
+                     f"{method}: {data}, retry {attempt + 1} of {self.retries}", self.limiter.hold,
+                     rand=self.jitter.random)
         raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {data}); "
                                      "rerun the same command to resume"))
 
@@ -1612,7 +1616,8 @@ def command(args, data, cache, held):
     for folder in [data / "lastfm"] + [data / name for name, _ in catalogs]:
         held.enter_context(dataset_lock(folder))
     if args.cmd != "match" or not args.no_tags:
-        held.enter_context(contextlib.closing(lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")))
+        cache_lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
+        held.enter_context(contextlib.closing(cache_lock))
         api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
                      backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
                      retry_failed=args.retry_failed, max_pages=args.max_pages, max_wait=args.max_wait)

@@ -25,15 +25,16 @@ from a non-default GROQ_BASE_URL / LYRICS_BASE_URL (e.g. the test fakes) are kep
 URL becomes part of the model field of the key.
 429, 5xx, timeouts and bodies that cannot be read (not JSON, HTML, empty, truncated, undecodable
 bytes, over 4 MB or nested over 64 levels, lyrics that are not text, a Groq body that is not a
-completion) are passing faults: retried with exponential backoff and jitter (--retries,
---backoff, --max-backoff: the retry options of collect.py); every retry backs off. A retry-after
-(seconds, HTTP date or retry-after-ms) also holds every worker and every run on the same
---data-dir, up to --max-wait seconds (default 300); a longer one stops the run at once (exit 1)
-with the time to rerun; one that is no wait (0 or less, NaN, empty, unreadable) is ignored. Waits over 3 s print a line. Answers a rerun
-cannot change are cached with their reason and keep the title: other 4xx, 404/empty lyrics, a
-Groq completion without text, a summary that names the song twice (--retry-failed asks again).
-A request whose temporary failures outlast every attempt keeps the title, is NOT cached (a rerun
-asks again) and makes the exit code 1; exit 0 means only permanent fallbacks remain.
+completion) are passing faults: retried with exponential backoff and jitter (--retries, --backoff,
+--max-backoff: the retry options of collect.py); every retry backs off. A retry-after (seconds,
+HTTP date or retry-after-ms) also holds every worker and every run on the same --data-dir, up to
+--max-wait seconds (default 300); a longer one stops the run at once (exit 1) with the time to
+rerun; one that is no wait (0 or less, NaN, empty, unreadable) is ignored. Waits over 3 s print a
+line. Answers a rerun cannot change are cached with their reason and keep the title: other 4xx,
+404/empty lyrics, a Groq completion without text, a summary that names the song twice
+(--retry-failed asks again). A request whose temporary failures outlast every attempt keeps the
+title, is NOT cached (a rerun asks again) and makes the exit code 1; exit 0 means only permanent
+fallbacks remain.
 Titles that clean to the same name ("Music", "Music (feat. X)") are asked once.
 Every request has --timeout seconds in all (connect and every read); redirects to another host
 are not followed; bodies are decoded with their declared charset, a BOM dropped.
@@ -41,17 +42,16 @@ are not followed; bodies are decoded with their declared charset, a BOM dropped.
 Requests per second are limited per API (--groq-rate, default 0.5: Groq's free tier allows 30
 requests/minute for llama-3.1-8b-instant; --lyrics-rate, default 2: lyrics.ovh publishes no
 limit, so a conservative one), for all workers together and for every run on the same --data-dir
-(a locked state file data/.enrich-rate-<api>). A run holds the dataset's writer lock (collect.dataset_lock):
-a second writer of it (enrich.py, collect.py) refuses with one line naming this one, and this one refuses
-while another writes it.
+(a locked state file data/.enrich-rate-<api>). A run holds the dataset's writer lock
+(collect.dataset_lock): a second writer of it (enrich.py, collect.py) refuses with one line naming
+this one, and this one refuses while another writes it.
 
 Everything written to items.csv is cleaned: NFC, no control, zero-width or bidi-override
 characters, at most 25 words and 300 characters, never starting with = + - @ (spreadsheet
 formulas). Path segments of lyrics.ovh URLs are fully percent-encoded ('.' and '..' too); the
 key is scrubbed from model answers. items.csv is read again before it is written and replaced
 atomically (fsync, mode kept); only the columns asked for (--what) change, other columns and the
-row order are kept as they are. Ctrl-C stops at once (exit 130), answers so
-far stay cached.
+row order are kept as they are. Ctrl-C stops at once (exit 130), answers so far stay cached.
 
 Environment: GROQ_API_KEY (or a line GROQ_API_KEY=... in the git-ignored .env next to this
 file), GROQ_BASE_URL, LYRICS_BASE_URL (default https://api.lyrics.ovh).

@@ -814,7 +814,8 @@ class WrongShapes(FakeLastfm):
 
     def answer(self, q):
         status, body = super().answer(q)
-        if self.bad and q["method"] == self.method and q.get("user", "RJ") == "RJ" and status == 200 and "error" not in body:
+        ours = q["method"] == self.method and q.get("user", "RJ") == "RJ"
+        if self.bad and ours and status == 200 and "error" not in body:
             body = self.bad(body)
         return status, body
 
@@ -962,8 +963,9 @@ def test_a_second_writer_refuses_naming_the_holder(tmp_path, capsys):
                 collect.main(["--data-dir", str(data), *args])
             assert (folder / collect.WRITER_LOCK).is_file()
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: another run is using dataset "
-                                                                           f"{folder}: pid {os.getpid()} (enrich.py apple --what summary) holds"), err
+        holder = f"pid {os.getpid()} (enrich.py apple --what summary) holds"
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: another run is using dataset {folder}: {holder}"), err
         assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before     # lock file gone, nothing else
     assert not (data / "hetrec").exists()
 
