@@ -1605,6 +1605,11 @@ def command(args, data, cache, held):
             if not path:
                 raise UserError(f"--catalog {c}: expected NAME=PATH")
             catalogs.append((name, path))
+    names = [name for name, _ in catalogs]
+    for name in names:
+        if name in ("", "lastfm", "cache") or names.count(name) > 1:
+            raise UserError(f"dataset name {name!r}: expected one name per catalog, not lastfm or cache (the crawl's "
+                            "and the cache's folders)")
     for name, path in catalogs:           # check catalogs before any network traffic
         load_catalog(path, args.artist_col, args.track_col, args.genre_col)
     if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():

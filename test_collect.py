@@ -1323,6 +1323,8 @@ BAD_INPUTS = {   # name: (arguments, extra environment, words of the one error l
     "0-byte catalog": (["all", "--catalog", "x={d}/empty.csv"], {}, "empty.csv: the catalog is empty"),
     "header-only catalog": (["all", "--catalog", "x={d}/header.csv"], {}, "header.csv: no songs in the catalog"),
     "match that matches nothing": (["match", "{d}/one.csv", "--name", "x", "--no-tags"], {}, "none of the 0 loved tracks"),
+    "catalog named lastfm": (["match", "{d}/one.csv", "--name", "lastfm", "--no-tags"], {}, "dataset name 'lastfm'"),
+    "two catalogs, one name": (["all", "--catalog", "x={d}/one.csv", "--catalog", "x={d}/one.csv"], {}, "name 'x'"),
     "--data-dir is a file": (["--data-dir", "{d}/afile", "crawl"], {}, "--data-dir"),
     "--cache-dir is a file": (["--cache-dir", "{d}/afile", "crawl"], {}, "--cache-dir"),
     "--cache-dir under a file": (["--cache-dir", "{d}/afile/sub", "crawl"], {}, "is a file, not a folder"),
