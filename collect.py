@@ -11,21 +11,27 @@ Dataset format (read by recsetters.py), one folder per dataset:
   users.csv         user, country
   items.csv         item, artist, track, tag, title, summary, lyrics [, extra text columns]
   interactions.csv  user, item, timestamp (Unix seconds, empty when unknown)
+A rerun keeps every column of items.csv it does not make (summary, lyrics: enrich.py's; columns a user added) for
+the items it keeps. One process writes a dataset at a time (a lock in the folder): a second one, collect.py or
+enrich.py, stops with one line naming the first (exit 2).
 
 The Last.fm key comes from LASTFM_API_KEY or a git-ignored .env; it never reaches logs, errors or files.
 Every API response is committed to a SQLite cache as it arrives, so a killed crawl resumes where it stopped.
 
-Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts and answers that cannot be read (not JSON,
-HTML, empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) are retried with backoff (--retries,
---backoff); if they outlast every retry the run stops with exit 1 and a rerun of the same command resumes and asks
-again. What Last.fm itself says is final for one resource (error 6 not found, 7, 17 private, other 4xx): cached,
-skipped on reruns unless --retry-failed. A Retry-After (seconds, HTTP date or retry-after-ms) pauses every
-process sharing the cache, up to --max-wait seconds (default 300); a longer or unreadable one stops the run at
-once (exit 1) saying when to rerun. Waits over 3 s print a line. --timeout bounds a whole request (connect and
-every read); redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
+Network faults: 429, 5xx, Last.fm's temporary error codes, timeouts, answers that cannot be read (not JSON, HTML,
+empty, truncated, undecodable bytes, over 4 MB, nested over 64 levels) and answers of the wrong shape (a list that
+is a string, a number or null) are retried with backoff (--retries, --backoff); if they outlast every retry the run
+stops with exit 1 and a rerun of the same command resumes and asks again. What Last.fm itself says is final for one
+resource (error 6 not found, 7, 17 private, other 4xx): cached, skipped on reruns unless --retry-failed. Every retry
+backs off (--backoff doubled each time, jittered, at most --max-backoff). A Retry-After (seconds, HTTP date or
+retry-after-ms) also pauses every process sharing the cache, up to --max-wait seconds (default 300); a longer one
+stops the run at once (exit 1) saying when to rerun; one that is no wait (0 or less, NaN, empty, unreadable) is
+ignored: the usual backoff. Waits over 3 s print a line. --timeout bounds a whole request (connect and every read);
+redirects to another host are not followed. Exit codes: 0 done, 1 rerun to resume, 2 usage error.
 """
 import argparse
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -63,6 +69,7 @@ KNOWN_MD5 = {
     EVENTS_TSV: "64747b21563e3d2aa95751e0ddc46b68",
 }
 ITEM_COLS = ["item", "artist", "track", "tag", "title", "summary", "lyrics"]
+MADE_COLS = ITEM_COLS[:5]   # what collect makes of an item; summary and lyrics are enrich.py's (kept on a rerun)
 NO_KEY_HELP = ("no Last.fm API key: set LASTFM_API_KEY (or put LASTFM_API_KEY=... in .env); get a free key at "
                "https://www.last.fm/api/account/create. Offline alternatives: "
                "make data SOURCE=hetrec FROM=PATH_OR_URL, or make data SOURCE=lastfm1k FROM=PATH_OR_URL")
@@ -153,15 +160,34 @@ def write_csv(df, path):
 
 
 def write_dataset(out_dir, users, items, inter):
-    """users/items/inter: DataFrames in the dataset format; every value written as text."""
+    """users/items/inter: DataFrames in the dataset format; every value written as text. `items` holds the columns
+    collect makes (item, artist, track, tag, title; extras such as hetrec's tags). Every other column of the items.csv
+    already there (summary and lyrics, which enrich.py writes, or a column a user added) is kept for the items kept,
+    empty for new ones: a rerun never blanks a text it does not make. Call it holding dataset_lock(out_dir)."""
+    items = keep_texts(items.astype(str), Path(out_dir) / "items.csv")
     users = users[["user", "country"]].astype(str).sort_values("user", kind="stable")
     extra = [c for c in items.columns if c not in ITEM_COLS]
-    items = items[ITEM_COLS + extra].astype(str).sort_values("item", kind="stable")
+    items = items[ITEM_COLS + extra].sort_values("item", kind="stable")
     inter = inter[["user", "item", "timestamp"]].astype(str).sort_values(["user", "item"], kind="stable")
     assert users.user.is_unique and items.item.is_unique and not inter.duplicated(["user", "item"]).any()
     for name, df in [("users.csv", users), ("items.csv", items), ("interactions.csv", inter)]:
         write_csv(df, Path(out_dir) / name)
     print(f"wrote {out_dir}: {len(users):,} users, {len(items):,} items, {len(inter):,} interactions")
+
+
+def keep_texts(items, path):
+    """items with the columns it lacks taken from the items.csv at path (by item; "" for new items and when there is
+    none), and ITEM_COLS it still lacks empty; a line says how many non-empty texts were kept."""
+    old = read_table(path, "items list already there (its texts are kept; move it away to start afresh)") \
+        if path.is_file() else None
+    kept = [c for c in old.columns if c not in items.columns] if old is not None else []
+    if kept:
+        if "item" not in old.columns:
+            raise UserError(f"{path}: no item column, so its texts cannot be kept; move it away to start afresh")
+        items = items.join(old.drop_duplicates("item").set_index("item")[kept], on="item").fillna("")
+        n = {c: int((items[c] != "").sum()) for c in kept}
+        print(f"kept from {path}: " + ", ".join(f"{c} of {v:,} items" for c, v in n.items()))
+    return items.assign(**{c: "" for c in ITEM_COLS if c not in items.columns})
 
 # -----------------------------------------------------------------------------
 # normalization: items are keyed by normalized (artist, title), never by title alone
@@ -374,8 +400,7 @@ def import_hetrec(src, out_dir, cache_dir, top_tags=5):
     counts = uta.groupby(["artistID", "tagValue"]).size().reset_index(name="n")
     counts = counts.sort_values(["artistID", "n", "tagValue"], ascending=[True, False, True], kind="stable")
     top = counts.groupby("artistID").head(top_tags).groupby("artistID", sort=False).tagValue.agg(list)
-    items = pd.DataFrame({"item": artists.id, "artist": artists.name, "track": artists.name,
-                          "title": artists.name, "summary": "", "lyrics": ""})
+    items = pd.DataFrame({"item": artists.id, "artist": artists.name, "track": artists.name, "title": artists.name})
     tl = items.item.map(top)
     items["tag"] = [t[0] if isinstance(t, list) else "" for t in tl]
     items["tags"] = [", ".join(t) if isinstance(t, list) else "" for t in tl]
@@ -494,19 +519,21 @@ def import_lastfm1k(src, out_dir, cache_dir, min_plays=3):
     inter["timestamp"] = inter.timestamp.map(_iso_to_unix)
     users = pd.DataFrame({"user": sorted(inter.user.unique())})
     users["country"] = users.user.map(profile).fillna("")
-    items = pd.DataFrame([(i, a, t, "", t, "", "") for i, (a, t) in names.items()], columns=ITEM_COLS)
+    items = pd.DataFrame([(i, a, t, "", t) for i, (a, t) in names.items()], columns=MADE_COLS)
     print(f"lastfm1k: {len(seen_users):,} users in events, {bad:,} malformed lines skipped, min plays {min_plays}")
     write_dataset(out_dir, users, items, inter)
 
 # -----------------------------------------------------------------------------
 # rate limits, waits and HTTP shared by threads and processes (enrich.py uses all of it too)
 #
-# What a server can make us do is bounded: a Retry-After is honoured up to --max-wait seconds (a longer or unreadable
-# one stops the run with one line, exit 1); every request has a total deadline (connect and all reads), a body cap
-# and a JSON nesting cap; redirects stay on the same host; the URL path goes on the wire exactly as we encoded it;
-# bodies are decoded with their declared charset (a BOM dropped) and undecodable bytes are a temporary failure.
+# What a server can make us do is bounded: every retry backs off; a Retry-After is honoured up to --max-wait seconds
+# (a longer one stops the run with one line, exit 1; one that is no wait, 0 or less or unreadable, changes nothing);
+# every request has a total deadline (connect and all reads), a body cap and a JSON nesting cap; redirects stay on
+# the same host; the URL path goes on the wire exactly as we encoded it; bodies are decoded with their declared
+# charset (a BOM dropped) and undecodable bytes are a temporary failure.
 
 MAX_WAIT = 300.0           # default --max-wait: the longest Retry-After honoured, in seconds
+MAX_BACKOFF = 60.0         # default --max-backoff: the longest delay between two attempts, in seconds
 VISIBLE_WAIT = 3.0         # a wait longer than this prints a line (a countdown on a terminal)
 MAX_BODY = 4 << 20         # bytes; a Last.fm page of 1,000 loved tracks is about 0.5 MB
 MAX_DEPTH = 64             # JSON nesting; real answers nest 5 levels
@@ -518,14 +545,14 @@ class RetryLater(Exception):
 
 
 class WaitTooLong(RetryLater):
-    """A server asked for a longer wait than --max-wait (or gave one that cannot be read)."""
+    """A server asked for a longer wait than --max-wait."""
 
     def __init__(self, api, seconds, max_wait):
         if seconds == seconds and seconds < float("inf"):
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + min(seconds, 1e10)))
             why = f"asked to wait {seconds:,.0f} s (Retry-After), more than --max-wait {max_wait:g}: rerun after {when}"
         else:
-            why = "sent a Retry-After that cannot be read: rerun later"
+            why = f"asked for an endless wait (Retry-After), more than --max-wait {max_wait:g}: rerun later"
         super().__init__(f"{api} {why} (stopped; answers so far are cached)")
 
 
@@ -538,8 +565,9 @@ class Transient(Exception):
 
 
 def parse_retry_after(headers):
-    """Seconds to wait from retry-after-ms or Retry-After (seconds or an HTTP date), None when there is none,
-    inf when there is one that cannot be read (nan, text, a date without a zone)."""
+    """A server's wait from retry-after-ms or Retry-After (seconds or an HTTP date): None when it sends none, the
+    seconds when they are a wait (finite, > 0), 0.0 when the header is no wait: 0 or less, NaN, infinite, empty, text,
+    a date without a zone or in the past (back_off then backs off as usual: never no wait, never a stop)."""
     from email.utils import parsedate_to_datetime
     ms, value = headers.get("retry-after-ms"), headers.get("retry-after")
     if ms is None and value is None:
@@ -548,10 +576,30 @@ def parse_retry_after(headers):
         seconds = float(ms) / 1000 if ms is not None else float(value)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, OverflowError):
-            return float("inf")
-    return max(0.0, seconds) if seconds == seconds else float("inf")
+            when = parsedate_to_datetime(value)
+            seconds = when.timestamp() - time.time() if when.tzinfo else 0.0
+        except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
+            return 0.0
+    return seconds if 0 < seconds < float("inf") else 0.0
+
+
+def back_off(attempt, retry_after, backoff, max_backoff, why, hold=None, sleep=None, rand=random.random):
+    """The wait after a passing fault, before retry number attempt + 1 (attempt counts from 0). It always backs off:
+    backoff * 2**attempt, jittered x0.5-1.5, at most max_backoff, whatever the server said. A Retry-After that is a
+    wait (parse_retry_after > 0) also holds every thread and process sharing the rate limit for that long (hold; one
+    beyond --max-wait stops the run: WaitTooLong), so this request waits the longer of the two (without hold: it
+    sleeps the longer one itself). One that is no wait (0.0: 0 or less, NaN, empty, unreadable) is named in the wait's
+    line (printed when over VISIBLE_WAIT) and changes nothing else. sleep(seconds, why): pause by default.
+    -> the seconds slept"""
+    delay = min(max_backoff, backoff * 2 ** attempt * (0.5 + rand()))
+    if retry_after and hold:
+        hold(retry_after)
+    elif retry_after:
+        delay = max(delay, retry_after)
+    elif retry_after is not None:
+        why += "; its Retry-After is no wait (0 or less, or unreadable): backing off as usual"
+    (sleep or pause)(delay, why)
+    return delay
 
 
 def pause(seconds, why, stop=None, quiet=False):
@@ -574,14 +622,18 @@ def pause(seconds, why, stop=None, quiet=False):
 
 
 class RateLimiter:
-    """At most `rate` request starts in any 1-second window for every thread and process that uses the same
-    state file (JSON under an exclusive flock), and a server's Retry-After (`hold`) holds all of them back.
-    Starts are recorded on the monotonic clock (one clock for every process of the machine) at the moment they
-    are allowed, under the lock, and moved to the moment the request has left (sent): each start is checked
-    against the real departures of all others, a hard bound, not a reservation that later starts could overtake.
+    """At most `rate` requests sent in any 1-second window by every thread and process that uses the same state file
+    (JSON under an exclusive flock), and a server's Retry-After (`hold`) holds all of them back.
+    A request counts from the moment it is allowed (wait) until it has left (sent): allowed but not yet sent, it is
+    "pending" and takes a place in every window from now on, whenever it goes out (a thread or process delayed between
+    the two cannot slip past a later check); sent, it is recorded at the moment it has left, on the monotonic clock
+    (one clock for every process of the machine). A request is allowed when the sends of the last WINDOW seconds and
+    the pending ones are fewer than `rate`, and 1/rate after the previous one: then no window holds more than `rate`
+    sends. Pending places of a process that died (kill -9 between the two) are dropped.
     A saved hold carries when it was set and the cap it obeyed; one beyond the cap, set in the future or in an
     older format is ignored with a note (it can never hold a later run for longer than --max-wait)."""
     WINDOW = 1.01          # the 1-second window, and 10 ms for the server to stamp one request later than another
+    POLL = 0.02            # seconds between two looks while every place is taken by a pending request
 
     def __init__(self, path, rate, stop=None, max_wait=MAX_WAIT, api="the server"):
         self.path, self.rate, self.stop = Path(path), float(rate), stop or threading.Event()
@@ -634,9 +686,9 @@ class RateLimiter:
         return until - now
 
     def wait(self):
-        """Block until this thread may start one request; its start is recorded now (sent() moves it to when the
-        request has left). -> (seconds waited, the start as recorded)"""
-        n, began = max(1, int(self.rate)), time.monotonic()
+        """Block until this thread may send one request -> (seconds waited, its place: pass it to sent() once the
+        request has left or failed to; None when there is no limit)."""
+        n, began, me = max(1, int(self.rate)), time.monotonic(), os.getpid()
 
         def start(state):
             now, mono = time.time(), time.monotonic()
@@ -645,15 +697,21 @@ class RateLimiter:
                 return held, "hold"
             if self.rate <= 0:
                 return 0.0, None
-            times = [t for t in state.get("times", []) if isinstance(t, (int, float)) and t <= mono][-n:]
-            earliest = max(times[-1] + 1 / self.rate if times else 0.0, times[0] + self.WINDOW if len(times) >= n else 0.0)
-            if earliest > mono:
-                state["times"] = times
-                return earliest - mono, "rate"
-            state["times"] = (times + [mono])[-n:]
-            return 0.0, mono
+            sent = sorted(t for t in state.get("times", []) if _number(t) and mono - self.WINDOW < t <= mono)[-n:]
+            pending = [p for p in state.get("pending", []) if _alive(p, mono)]
+            state["times"], state["pending"] = sent, pending
+            last = max(sent + [t for _, t in pending], default=None)
+            delay = 0.0 if last is None else last + 1 / self.rate - mono
+            leave = len(sent) + len(pending) - n + 1           # sends that must leave the window first
+            if leave > 0:
+                delay = max(delay, sent[leave - 1] + self.WINDOW - mono if leave <= len(sent) else self.POLL)
+            if delay > 0:
+                return delay, "rate"
+            place = [me, mono]
+            pending.append(place)
+            return 0.0, place
         while True:
-            delay, what = self._update(start)          # what: "hold", "rate", or the start recorded
+            delay, what = self._update(start)          # what: "hold", "rate", or the place taken
             if delay <= 0:
                 return time.monotonic() - began, what
             held = what == "hold"
@@ -662,16 +720,75 @@ class RateLimiter:
                 self.shown = time.monotonic() + delay
             pause(delay, f"{self.api} asked for a pause (Retry-After)", self.stop, quiet=quiet)
 
-    def sent(self, start):
-        """The request recorded at `start` has left: record that moment instead, an upper bound of its departure
-        (the next starts are decided no earlier than now, so departures keep the window, not only decisions).
-        -> the new record"""
-        if not start:
+    def sent(self, place):
+        """The request that took `place` has left (or failed to): it is recorded as sent now, an upper bound of its
+        departure. -> that moment (None for no place, or one already given back)"""
+        if not place:
             return None
-        now = time.monotonic()
-        self._update(lambda s: s.update(times=sorted(now if t == start else t for t in s.get("times", [])
-                                                     if isinstance(t, (int, float)))))
-        return now
+        n = max(1, int(self.rate))
+
+        def change(state):
+            pending = [p for p in state.get("pending", []) if isinstance(p, list)]
+            if list(place) not in pending:
+                return None
+            now = time.monotonic()
+            state["pending"] = [p for p in pending if p != list(place)]
+            state["times"] = sorted([t for t in state.get("times", []) if _number(t)] + [now])[-n:]
+            return now
+        return self._update(change)
+
+
+PENDING_MAX = 600.0        # seconds: a place allowed this long ago and never sent is dropped (a reused pid)
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _alive(place, mono):
+    """Whether a pending place [pid, monotonic time] still counts: its process lives and it is not too old."""
+    try:
+        pid, t = place
+        if not (isinstance(pid, int) and _number(t) and mono - PENDING_MAX < t <= mono):
+            return False
+        if pid != os.getpid():
+            os.kill(pid, 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except OSError:                                        # e.g. another user's process: alive
+        pass
+    return True
+
+
+def add_retry_options(parser, retries, failed):
+    """The options of every client here that retries (collect.py, enrich.py): one definition, its own default number
+    of retries, `failed`: what --retry-failed asks again for."""
+    parser.add_argument("--retries", type=int, default=retries,
+                        help="retries of a request after a passing fault: 429, 5xx, a timeout, a body that cannot be "
+                             f"read or has the wrong shape (default {retries})")
+    parser.add_argument("--backoff", type=float, default=1.0,
+                        help="first retry delay in seconds, doubled each retry, jittered x0.5-1.5 (default 1)")
+    parser.add_argument("--max-backoff", type=float, default=MAX_BACKOFF,
+                        help=f"longest retry delay in seconds (default {MAX_BACKOFF:g})")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds for one request in all: connect, send and every read (default 30)")
+    parser.add_argument("--max-wait", type=float, default=MAX_WAIT,
+                        help=f"honour a server's Retry-After up to this many seconds (default {MAX_WAIT:g}); a longer "
+                             "one stops the run (exit 1) with the time to rerun")
+    parser.add_argument("--retry-failed", action="store_true", help=f"ask again for {failed}")
+
+
+RETRY_NUMBERS = ("retries", "backoff", "max_backoff", "timeout", "max_wait")
+
+
+def check_numbers(args, names, positive=()):
+    """UserError naming the flag unless each of args' `names` (those it has) is a finite number >= 0 (> 0 for
+    `positive`); NaN fails."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and not ((v > 0 if name in positive else v >= 0) and v < float("inf")):
+            bound = "> 0" if name in positive else ">= 0"
+            raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number {bound}")
 
 
 def check_base_url(url, name):
@@ -729,8 +846,8 @@ _IDLE = threading.local()   # per thread: the one kept-alive connection, {(schem
 
 def http_request(method, url, timeout, headers=None, body=None, limiter=None, max_body=MAX_BODY):
     """One HTTP exchange -> Response, following redirects on the same scheme, host and port only. Each hop
-    connects (or reuses this thread's kept-alive connection), waits for the limiter (so that the start it records
-    is the moment the request goes out), and has `timeout` seconds in all for connect, send and every read; the
+    connects (or reuses this thread's kept-alive connection), then waits for the limiter, which counts the request
+    from then until it has left (or failed to), and has `timeout` seconds in all for connect, send and every read; the
     path is sent exactly as given ('%2E' stays). Transient for what a retry may fix (timeout, connection, a body
     over max_body, a redirect elsewhere); the messages never contain the URL or headers (they may hold a key)."""
     import http.client
@@ -762,15 +879,28 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
             sock.append(c.sock)
             return c, time.monotonic() - started
 
-        def send(c, slot):
-            c.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
-                      headers={"User-Agent": "RecSetters", **(headers or {})})
-            return limiter.sent(slot) if limiter else None
+        place = []                                      # the limiter's place of the request about to be sent
+
+        def take_place():
+            waited, slot = limiter.wait() if limiter else (0.0, None)
+            place.extend([slot] if slot else [])
+            return waited
+
+        def leave():                                    # the request has left, or never will: counted as sent now
+            if place:
+                limiter.sent(place.pop())
+
+        def send(c):
+            try:
+                c.request(method, (p.path or "/") + (f"?{p.query}" if p.query else ""), body=body,
+                          headers={"User-Agent": "RecSetters", **(headers or {})})
+            finally:
+                leave()
         try:
             reused, connecting = conn is not None, 0.0
             if not reused:
-                conn, connecting = connect()            # first: the start the limiter records is the send
-            waited, slot = limiter.wait() if limiter else (0.0, None)
+                conn, connecting = connect()            # first: the limiter's place covers the sending, not this
+            waited = take_place()
             if waited > 2:                              # a long wait: the server may have dropped us meanwhile
                 conn.close()
                 conn, connecting = connect()
@@ -780,14 +910,15 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
             timer.daemon = True
             timer.start()
             try:
-                slot = send(conn, slot)
+                send(conn)
                 r = conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 if not reused or expired.is_set():      # a kept-alive connection the server had closed: once more
                     raise
                 conn.close()
                 conn = connect()[0]
-                send(conn, slot)
+                take_place()                            # a second request: a place of its own
+                send(conn)
                 r = conn.getresponse()
             length = r.getheader("content-length", "")
             if length.isdigit() and int(length) > max_body:
@@ -803,6 +934,7 @@ def http_request(method, url, timeout, headers=None, body=None, limiter=None, ma
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise Transient("timeout" if expired.is_set() or isinstance(e, TimeoutError) else "connection") from None
         finally:
+            leave()
             if timer:
                 timer.cancel()
             if keep:
@@ -828,32 +960,121 @@ def check_folder(path, flag):
             return
 
 
-def lock_folder(path, what):
-    """Hold an exclusive lock on path for the life of the process, or stop with one line if another run has it."""
+def lock_folder(path, what, command=None):
+    """Hold an exclusive lock on the file at path until the returned file is closed, or stop with one line naming the
+    holder (its pid and command) if another process has it. The lock is the kernel's (flock): a holder that dies, even
+    by kill -9, lets go of it, and the next run takes it. The file says who holds it (command: the process's command
+    line by default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    if fcntl:
+    for _ in range(10):
+        f = open(path, "a+", encoding="utf-8")
+        if not fcntl:
+            return f
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.seek(0)
+            holder = clean_text(f.read())[:300] or "another process"
             f.close()
-            raise UserError(f"another run is using {what} ({path} is locked); wait for it to finish") from None
-    return f                                               # keep a reference: closing it releases the lock
+            raise UserError(f"another run is using {what}: {holder} holds {path}; rerun when it has finished") from None
+        try:
+            ours = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} ({command})")
+            f.flush()
+            return f                                       # keep a reference: closing it releases the lock
+        f.close()                                          # its holder removed the file as we locked it: again
+    raise UserError(f"could not lock {path}: it keeps disappearing")
+
+
+WRITER_LOCK = ".writer.lock"   # in a dataset folder while one process writes it
+DATASET_FILES = ("users.csv", "items.csv", "interactions.csv")
+
+
+@contextlib.contextmanager
+def dataset_lock(folder, command=None):
+    """The one writer of a dataset folder: every command that writes one (collect.py's crawl, match and importers,
+    enrich.py, recsetters.py's demo generator) holds this while it reads what it will change and writes; a second
+    one stops with one line naming the holder (UserError: exit 2) instead of waiting. A holder killed (-9) lets go
+    (lock_folder). The lock file is removed when the block ends, and the folders it made if they are still empty, so
+    a command that fails before writing leaves nothing behind."""
+    folder = Path(folder)
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
+    f = lock_folder(folder / WRITER_LOCK, f"dataset {folder}", command)
+    try:
+        yield
+    finally:
+        (folder / WRITER_LOCK).unlink(missing_ok=True)   # still ours: removed before we let go
+        f.close()
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def check_dataset_consistent(folder, users=None, items=None, inter=None):
+    """UserError (one line) unless the three files of a dataset agree: every interaction's user is in users.csv and
+    its item in items.csv. For readers (recsetters.py's load_dataset): frames not given are read from folder. Files
+    that disagree come from different writes (a writer without the lock, an older version, a hand edit, or a file
+    read while a writer replaced another); the line names a writer at work if there is one."""
+    folder = Path(folder)
+    given = {"users.csv": users, "items.csv": items, "interactions.csv": inter}
+    for name in DATASET_FILES:
+        if given[name] is None:
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name} does not exist")
+            given[name] = read_table(folder / name, name)
+    users, items, inter = (given[name] for name in DATASET_FILES)
+    problems = []
+    for col, df, name in (("user", users, "users.csv"), ("item", items, "items.csv")):
+        missing = ~inter[col].astype(str).isin(set(df[col].astype(str)))
+        if missing.any():
+            problems.append(f"{int(missing.sum()):,} of {len(inter):,} interactions name a {col} not in {name} "
+                            f"(e.g. {str(inter[col][missing].iloc[0])!r})")
+    if problems:
+        holder = lock_holder(folder / WRITER_LOCK)
+        why = (f"{holder} is writing it: rerun when it has finished" if holder else
+               "rerun the command that made it (collect.py; enrich.py changes only items.csv's texts)")
+        raise UserError(f"{folder}: the dataset's files disagree: {'; '.join(problems)}; {why}")
+
+
+def lock_holder(path):
+    """Who holds the lock file at path ("pid N (command)"), or None when nobody does."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError:
+        return None
+    with f:
+        if not fcntl:
+            return None
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)    # let go when f closes
+            return None
+        except BlockingIOError:
+            return clean_text(f.read())[:300] or "another process"
 
 # -----------------------------------------------------------------------------
 # Last.fm client: params=, shared rate limit, retries with backoff + jitter, SQLite cache of answers and failures
 #
 # Last.fm error codes: temporary ones are retried with backoff; 10 and 26 (bad or suspended key) stop the run;
-# every other code (6 not found, 7 invalid resource, 17 private, unknown codes), another 4xx, and a JSON object of
-# the wrong shape are a permanent failure of that one resource (user, page, track): recorded with its reason,
-# skipped on reruns unless --retry-failed. A body that cannot be read (not JSON, HTML, empty, truncated, undecodable
-# bytes, too large or too deep) is temporary like a 5xx: retried, and if it outlasts every retry the run stops
-# (exit 1) and a rerun asks again.
+# every other code (6 not found, 7 invalid resource, 17 private, unknown codes) and another 4xx are a permanent
+# failure of that one resource (user, page, track): what Last.fm said, recorded with its reason, skipped on reruns
+# unless --retry-failed. A body that cannot be read (not JSON, HTML, empty, truncated, undecodable bytes, too large
+# or too deep) and a JSON object of the wrong shape (an object that is not one, a list that is a string, a number or
+# null) are temporary like a 5xx: retried, and if they outlast every retry the run stops (exit 1) and a rerun asks
+# again. A wrong shape is never a fact: never cached as an answer ("no loved tracks") nor as a failure; one an older
+# version cached is asked again.
 
 TEMPORARY_CODES = {8, 11, 16, 29}  # operation failed, service offline, temporarily unavailable, rate limit
 FATAL_CODES = {10, 26}             # invalid API key, suspended API key
-OLD_MALFORMED = "unexpected response: not a JSON object"   # recorded as permanent before: asked again
+FACTS = ("Last.fm error ", "HTTP ")                # the recorded failures that are what Last.fm said
 
 
 def load_key(env_file=DOTENV):
@@ -892,15 +1113,30 @@ def as_text(x):
     return None
 
 
-def as_list(x):
-    """Last.fm sends a single object instead of a one-element list, and "" or nothing for none."""
-    return x if isinstance(x, list) else [] if x in (None, "", {}) else [x]
+def as_list(body, field, where):
+    """The list-valued field of a Last.fm object: a list; the one object Last.fm sends instead of a one-element list;
+    [] when the field is absent (an empty list is left out). Anything else (a string, a number, null, an empty
+    object) is a wrong shape: Malformed, a passing fault like an unreadable body, never "none"."""
+    if field not in body:
+        return []
+    x = body[field]
+    if isinstance(x, list):
+        return x
+    if isinstance(x, dict) and x:
+        return [x]
+    raise Malformed(f"{where}.{field} is {_shape(x)}, not a list")
+
+
+def _shape(x):
+    """What a JSON value is, in words: null, a string, a number, a boolean, a list, an empty object."""
+    names = {type(None): "null", str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list"}
+    return names.get(type(x), "an empty object" if x == {} else "an object")
 
 
 def parse_country(data):
     user = data.get("user")
     if not isinstance(user, dict):
-        raise Malformed("user.getInfo without a user object")
+        raise Malformed(f"user is {_shape(user)}, not an object")
     c = user.get("country")
     c = clean_text(c) if isinstance(c, str) else ""
     return "" if c in ("", "None") else c
@@ -925,22 +1161,18 @@ def parse_friend(f):
 def parse_page(data, root, item, entry):
     """-> (parsed entries, number of raw entries, claimed total pages, claimed total items); numbers may be None."""
     body = data.get(root)
-    if isinstance(body, str) and not body.strip():
-        body = {}
     if not isinstance(body, dict):
-        raise Malformed(f"no {root} object")
-    raw = as_list(body.get(item))
+        raise Malformed(f"{root} is {_shape(body)}, not an object")
+    raw = as_list(body, item, root)
     attr = body.get("@attr") if isinstance(body.get("@attr"), dict) else {}
     return [e for e in map(entry, raw) if e], len(raw), as_int(attr.get("totalPages")), as_int(attr.get("total"))
 
 
 def parse_top_tag(data):
     body = data.get("toptags")
-    if isinstance(body, str) and not body.strip():
-        return ""
     if not isinstance(body, dict):
-        raise Malformed("no toptags object")
-    for t in as_list(body.get("tag")):
+        raise Malformed(f"toptags is {_shape(body)}, not an object")
+    for t in as_list(body, "tag", "toptags"):
         name = as_text(t.get("name")) if isinstance(t, dict) else as_text(t)
         if name:
             return name.lower().lstrip("=+-@ ")
@@ -953,7 +1185,7 @@ def cache_key(method, params):
 
 
 class Lastfm:
-    def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=60.0,
+    def __init__(self, key, cache_path, base_url=None, rate=5.0, retries=8, backoff=1.0, max_backoff=MAX_BACKOFF,
                  timeout=30.0, retry_failed=False, max_pages=200, max_wait=MAX_WAIT):
         self.key = key
         self.base_url = check_base_url(base_url or os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
@@ -967,7 +1199,9 @@ class Lastfm:
         self.db = sqlite3.connect(cache_path)
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
-        self.db.execute("DELETE FROM failed WHERE substr(reason, 1, ?) = ?", (len(OLD_MALFORMED), OLD_MALFORMED))
+        # an older version recorded wrong shapes as failures ("unexpected response: ...", "no user object"): asked again
+        self.db.execute("DELETE FROM failed WHERE " + " AND ".join(["substr(reason, 1, ?) != ?"] * len(FACTS)),
+                        [x for f in FACTS for x in (len(f), f)])
         if retry_failed:       # also answers that hold U+FFFD: an older version stored undecodable bytes so
             self.stats["retried failures"] = (self.db.execute("DELETE FROM failed").rowcount
                                               + self.db.execute("DELETE FROM responses WHERE instr(body, ?)",
@@ -1019,8 +1253,9 @@ class Lastfm:
 
     def call(self, method, parse, **params):
         """Cached API call -> (parse(response), None), or (None, reason) for a permanent failure of this resource
-        (recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError when temporary
-        failures outlast every retry, UserError when Last.fm refuses the key."""
+        (what Last.fm said: recorded, and answered from the cache on reruns unless retry_failed). Raises LastfmError
+        when temporary failures (wrong shapes included: parse raises) outlast every retry, UserError when Last.fm
+        refuses the key."""
         params = {k: str(v) for k, v in params.items()}
         key = cache_key(method, params)
         row = self.db.execute("SELECT reason FROM failed WHERE key = ?", (key,)).fetchone()
@@ -1030,14 +1265,22 @@ class Lastfm:
             return None, row[0]
         row = self.db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
         if row:
-            self.stats["cached"] += 1
             try:
                 data = json.loads(row[0])
-                if isinstance(data, dict) and "error" in data:       # a cache from before failures were kept apart
-                    raise Malformed(f"Last.fm error {data.get('error')}: {data.get('message', '')}")
-                return parse(data), None
-            except PARSE_ERRORS as e:
-                return self._fail(key, self.scrub(clean_text(str(e)))[:200] or "unexpected response")
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and "error" in data:           # a cache from before failures were kept apart
+                self.stats["cached"] += 1
+                return self._fail(key, clean_text(self.scrub(f"Last.fm error {data.get('error')}: "
+                                                             f"{data.get('message', '')}"))[:200])
+            try:
+                value = parse(data)
+                self.stats["cached"] += 1
+                return value, None
+            except PARSE_ERRORS:                                     # a wrong shape an older version kept: ask again
+                self.db.execute("DELETE FROM responses WHERE key = ?", (key,))
+                self.db.commit()
+                self.stats["wrong shapes asked again"] += 1
         for attempt in range(self.retries + 1):
             kind, data, retry_after = self._get(method, params)
             if kind == "fatal":
@@ -1048,19 +1291,18 @@ class Lastfm:
                 body = self.scrub(json.dumps(data, ensure_ascii=False))
                 try:
                     value = parse(json.loads(body))                # what a rerun reads from the cache
-                except PARSE_ERRORS as e:
-                    return self._fail(key, f"unexpected response: {self.scrub(clean_text(str(e)))[:150]}")
-                self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
-                self.db.commit()                               # persisted before anything else happens
-                return value, None
+                except PARSE_ERRORS as e:                          # a wrong shape: a passing fault, never cached
+                    kind, data = "temporary", f"wrong shape: {self.scrub(clean_text(str(e)))[:150]}"
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, body))
+                    self.db.commit()                               # persisted before anything else happens
+                    return value, None
             self.stats["faults"] += 1
             if attempt == self.retries:
                 break
-            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + self.jitter.random())
-            if retry_after is not None:
-                self.limiter.hold(retry_after)         # everybody waits, not only this request (or WaitTooLong)
-                delay = 0
-            pause(delay, f"{method}: {data}, retry {attempt + 1} of {self.retries}")
+            back_off(attempt, retry_after, self.backoff, self.max_backoff,
+                     f"{method}: {data}, retry {attempt + 1} of {self.retries}", self.limiter.hold,
+                     rand=self.jitter.random)
         raise LastfmError(self.scrub(f"{method} failed {self.retries + 1} times (last: {data}); "
                                      "rerun the same command to resume"))
 
@@ -1222,7 +1464,7 @@ def catalog_index(cat):
         nt, base = norm_track(track), title_base(track)
         iid = catalog_item(artist, track)
         if iid not in items:
-            items[iid] = (iid, artist, track, genre, track, "", "")
+            items[iid] = (iid, artist, track, genre, track)
         everyone = list(names) + list(title_parts(track)[3])
         keys = {norm_artist(n) for n in names} | {p for n in everyone for p in [norm_artist(n)] + artist_parts(n)}
         index["same names"].setdefault((norm_name(artist), nt), iid)
@@ -1231,7 +1473,7 @@ def catalog_index(cat):
         for k in sorted(keys):
             index["one of the artists"].setdefault((k, nt), iid)
             index["title without extra words"].setdefault((k, base), iid)
-    return pd.DataFrame(list(items.values()), columns=ITEM_COLS), index
+    return pd.DataFrame(list(items.values()), columns=MADE_COLS), index
 
 
 def match_loved(loved, index):
@@ -1306,16 +1548,7 @@ def main(argv=None):
     p.add_argument("--min-plays", type=int, default=3)
     api_opts = argparse.ArgumentParser(add_help=False)
     api_opts.add_argument("--rate", type=float, default=5.0, help="max requests per second (0: no limit)")
-    api_opts.add_argument("--retries", type=int, default=8)
-    api_opts.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
-    api_opts.add_argument("--max-backoff", type=float, default=60.0)
-    api_opts.add_argument("--timeout", type=float, default=30.0,
-                          help="seconds for one request in all: connect, send and every read (default 30)")
-    api_opts.add_argument("--max-wait", type=float, default=MAX_WAIT,
-                          help=f"honour a server's Retry-After up to this many seconds (default {MAX_WAIT:g}); "
-                               "a longer one stops the run (exit 1) with the time to rerun")
-    api_opts.add_argument("--retry-failed", action="store_true",
-                          help="ask again for what failed for good before (not found, private, wrong answers)")
+    add_retry_options(api_opts, 8, "what Last.fm answered was final before (not found, private, other 4xx)")
     api_opts.add_argument("--max-pages", type=int, default=200, help="at most this many pages of one list")
     crawl_opts = argparse.ArgumentParser(add_help=False)
     crawl_opts.add_argument("--seed-users", nargs="+", default=["RJ"])
@@ -1335,49 +1568,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
     cache = Path(args.cache_dir) if args.cache_dir else data / "cache"
-    api = lock = None
     try:
-        positive = ("timeout", "max_pages", "max_users", "min_plays")
-        for name in ("rate", "retries", "backoff", "max_backoff", "timeout", "max_wait", "max_pages", "max_users",
-                     "min_loved", "min_plays"):
-            v = getattr(args, name, None)
-            if v is not None and (not 0 <= v < float("inf") or name in positive and v == 0):
-                raise UserError(f"--{name.replace('_', '-')} {v}: expected a finite number "
-                                f"{'> 0' if name in positive else '>= 0'}")
-        for flag, folder in (("--data-dir", data), ("--cache-dir", cache)):
-            check_folder(folder, flag)
-        if args.cmd == "hetrec":
-            import_hetrec(args.src, data / "hetrec", cache)
-        elif args.cmd == "lastfm1k":
-            import_lastfm1k(args.src, data / "lastfm1k", cache, args.min_plays)
-        else:
-            catalogs = []
-            if args.cmd == "match":
-                catalogs = [(args.name, args.catalog)]
-            elif args.cmd == "all":
-                for c in args.catalog:
-                    name, _, path = c.partition("=")
-                    if not path:
-                        raise UserError(f"--catalog {c}: expected NAME=PATH")
-                    catalogs.append((name, path))
-            for name, path in catalogs:           # check catalogs before any network traffic
-                load_catalog(path, args.artist_col, args.track_col, args.genre_col)
-            if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():
-                raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
-            if args.cmd != "match" or not args.no_tags:
-                key = load_key()
-                check_base_url(os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
-                lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
-                api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
-                             backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
-                             retry_failed=args.retry_failed, max_pages=args.max_pages, max_wait=args.max_wait)
-            if args.cmd in ("crawl", "all"):
-                crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
-            for name, path in catalogs:
-                match(data / "lastfm", path, data / name, None if args.no_tags else api,
-                      args.artist_col, args.track_col, args.genre_col)
-            if api is not None:
-                print(failure_report(api))
+        with contextlib.ExitStack() as held:       # the locks, let go when the command ends in any way
+            command(args, data, cache, held)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1387,9 +1580,59 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    finally:
-        if lock:
-            lock.close()
+
+
+def command(args, data, cache, held):
+    """Run the parsed command: every dataset folder it writes (and the crawl it reads) locked for the whole run
+    (dataset_lock, taken after the input is checked and before any network traffic), and the Last.fm cache too."""
+    check_numbers(args, RETRY_NUMBERS + ("rate", "max_pages", "max_users", "min_loved", "min_plays"),
+                  positive=("timeout", "max_pages", "max_users", "min_plays"))
+    for flag, folder in (("--data-dir", data), ("--cache-dir", cache)):
+        check_folder(folder, flag)
+    if args.cmd in ("hetrec", "lastfm1k"):
+        held.enter_context(dataset_lock(data / args.cmd))
+        if args.cmd == "hetrec":
+            import_hetrec(args.src, data / "hetrec", cache)
+        else:
+            import_lastfm1k(args.src, data / "lastfm1k", cache, args.min_plays)
+        return
+    catalogs = []
+    if args.cmd == "match":
+        catalogs = [(args.name, args.catalog)]
+    elif args.cmd == "all":
+        for c in args.catalog:
+            name, _, path = c.partition("=")
+            if not path:
+                raise UserError(f"--catalog {c}: expected NAME=PATH")
+            catalogs.append((name, path))
+    names = [name for name, _ in catalogs]
+    for name in names:
+        if name in ("", "lastfm", "cache") or names.count(name) > 1:
+            raise UserError(f"dataset name {name!r}: expected one name per catalog, not lastfm or cache (the crawl's "
+                            "and the cache's folders)")
+    for name, path in catalogs:           # check catalogs before any network traffic
+        load_catalog(path, args.artist_col, args.track_col, args.genre_col)
+    if args.cmd == "match" and not (data / "lastfm" / "loved.csv").is_file():
+        raise UserError(f"{data / 'lastfm' / 'loved.csv'} not found: run `python collect.py crawl` first")
+    api = None
+    if args.cmd != "match" or not args.no_tags:
+        key = load_key()
+        check_base_url(os.environ.get("LASTFM_BASE_URL") or API_URL, "LASTFM_BASE_URL")
+    for folder in [data / "lastfm"] + [data / name for name, _ in catalogs]:
+        held.enter_context(dataset_lock(folder))
+    if args.cmd != "match" or not args.no_tags:
+        cache_lock = lock_folder(cache / "lastfm.sqlite.lock", f"the Last.fm cache in {cache}")
+        held.enter_context(contextlib.closing(cache_lock))
+        api = Lastfm(key, cache / "lastfm.sqlite", rate=args.rate, retries=args.retries,
+                     backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout,
+                     retry_failed=args.retry_failed, max_pages=args.max_pages, max_wait=args.max_wait)
+    if args.cmd in ("crawl", "all"):
+        crawl(api, data / "lastfm", args.seed_users, args.max_users, args.min_loved)
+    for name, path in catalogs:
+        match(data / "lastfm", path, data / name, None if args.no_tags else api,
+              args.artist_col, args.track_col, args.genre_col)
+    if api is not None:
+        print(failure_report(api))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ from a non-default GROQ_BASE_URL / LYRICS_BASE_URL (e.g. the test fakes) are kep
 URL becomes part of the model field of the key.
 429, 5xx, timeouts and bodies that cannot be read (not JSON, HTML, empty, truncated, undecodable
 bytes, over 4 MB or nested over 64 levels, lyrics that are not text, a Groq body that is not a
-completion) are passing faults: retried with exponential backoff and jitter (--attempts,
---backoff). A retry-after (seconds, HTTP date or retry-after-ms) holds every worker and every run
-on the same --data-dir, up to --max-wait seconds (default 300); a longer or unreadable one stops
-the run at once (exit 1) with the time to rerun. Waits over 3 s print a line. Answers a rerun
-cannot change are cached with their reason and keep the title: other 4xx, 404/empty lyrics, a
-Groq completion without text, a summary that names the song twice (--retry-failed asks again).
-A request whose temporary failures outlast every attempt keeps the title, is NOT cached (a rerun
-asks again) and makes the exit code 1; exit 0 means only permanent fallbacks remain.
+completion) are passing faults: retried with exponential backoff and jitter (--retries, --backoff,
+--max-backoff: the retry options of collect.py); every retry backs off. A retry-after (seconds,
+HTTP date or retry-after-ms) also holds every worker and every run on the same --data-dir, up to
+--max-wait seconds (default 300); a longer one stops the run at once (exit 1) with the time to
+rerun; one that is no wait (0 or less, NaN, empty, unreadable) is ignored. Waits over 3 s print a
+line. Answers a rerun cannot change are cached with their reason and keep the title: other 4xx,
+404/empty lyrics, a Groq completion without text, a summary that names the song twice
+(--retry-failed asks again). A request whose temporary failures outlast every attempt keeps the
+title, is NOT cached (a rerun asks again) and makes the exit code 1; exit 0 means only permanent
+fallbacks remain.
 Titles that clean to the same name ("Music", "Music (feat. X)") are asked once.
 Every request has --timeout seconds in all (connect and every read); redirects to another host
 are not followed; bodies are decoded with their declared charset, a BOM dropped.
@@ -40,14 +42,16 @@ are not followed; bodies are decoded with their declared charset, a BOM dropped.
 Requests per second are limited per API (--groq-rate, default 0.5: Groq's free tier allows 30
 requests/minute for llama-3.1-8b-instant; --lyrics-rate, default 2: lyrics.ovh publishes no
 limit, so a conservative one), for all workers together and for every run on the same --data-dir
-(a locked state file data/.enrich-rate-<api>); a second run on the same dataset refuses.
+(a locked state file data/.enrich-rate-<api>). A run holds the dataset's writer lock
+(collect.dataset_lock): a second writer of it (enrich.py, collect.py) refuses with one line naming
+this one, and this one refuses while another writes it.
 
 Everything written to items.csv is cleaned: NFC, no control, zero-width or bidi-override
 characters, at most 25 words and 300 characters, never starting with = + - @ (spreadsheet
 formulas). Path segments of lyrics.ovh URLs are fully percent-encoded ('.' and '..' too); the
-key is scrubbed from model answers. items.csv is replaced atomically (fsync, mode kept); other
-columns and the row order are kept as they are. Ctrl-C stops at once (exit 130), answers so
-far stay cached.
+key is scrubbed from model answers. items.csv is read again before it is written and replaced
+atomically (fsync, mode kept); only the columns asked for (--what) change, other columns and the
+row order are kept as they are. Ctrl-C stops at once (exit 130), answers so far stay cached.
 
 Environment: GROQ_API_KEY (or a line GROQ_API_KEY=... in the git-ignored .env next to this
 file), GROQ_BASE_URL, LYRICS_BASE_URL (default https://api.lyrics.ovh).
@@ -72,9 +76,9 @@ from urllib.parse import quote
 import pandas as pd
 from tqdm import tqdm
 
-from collect import (DOTENV, _INVISIBLE, MAX_WAIT, RateLimiter, Response, RetryLater, Transient, UserError,
-                     atomic_write, check_base_url, clean_text, http_request, lock_folder, norm_name, parse_retry_after,
-                     pause, read_dotenv)
+from collect import (DOTENV, _INVISIBLE, MAX_BACKOFF, RETRY_NUMBERS, RateLimiter, Response, RetryLater, Transient,
+                     UserError, add_retry_options, atomic_write, back_off, check_base_url, check_numbers, clean_text,
+                     dataset_lock, http_request, norm_name, parse_retry_after, pause, read_dotenv)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -88,7 +92,6 @@ MAX_WORDS = 25
 MAX_CHARS = 300         # ... and at most this many characters (a "word" can be 10,000 characters long)
 RATES = {"groq": 0.5, "lyrics": 2.0}   # default requests/second: Groq's free tier allows 30 requests/minute for
                         # llama-3.1-8b-instant; lyrics.ovh publishes no limit, 2/s is a conservative guess
-MAX_DELAY = 60.0        # never sleep longer than this between two attempts
 REQUIRED_COLUMNS = ("item", "artist", "track", "title")
 
 PROMPT = ('Describe the important meaning of the song "{track}" by {artist} in {n} words '
@@ -258,24 +261,20 @@ def cached(cache, stats, key, call):
 # -----------------------------------------------------------------------------
 # HTTP: retries, lyrics.ovh, Groq
 
-def with_retries(call, attempts, backoff, stats, sleep=None, rand=random.random, hold=None):
-    """call() until it does not raise Transient, at most `attempts` times: retry-after when the
-    server gives one (hold(seconds) makes every worker wait it out, and stops the run with
-    WaitTooLong beyond --max-wait), else backoff * 2**k with jitter (x0.5..1). The last
-    Transient propagates (not cached: a rerun asks again)."""
-    sleep = sleep or (lambda s: pause(s, "backoff"))
-    for attempt in range(attempts):
+def with_retries(call, retries, backoff, stats, max_backoff=MAX_BACKOFF, sleep=None, rand=random.random, hold=None):
+    """call() until it does not raise Transient, at most retries + 1 times, backing off between tries as collect.py
+    does (back_off: backoff * 2**k with jitter, at most max_backoff; a server's retry-after holds every worker through
+    hold(seconds), and stops the run with WaitTooLong beyond --max-wait). The last Transient propagates (not cached:
+    a rerun asks again)."""
+    for attempt in range(retries + 1):
         try:
             return call()
         except Transient as e:
             stats.add(f"transient {e.reason}")
-            if attempt == attempts - 1:
+            if attempt == retries:
                 raise
-            delay = e.retry_after if e.retry_after is not None else backoff * 2 ** attempt * (0.5 + rand() / 2)
-            if e.retry_after is not None and hold:
-                hold(e.retry_after)
-                delay = 0                          # the limiter holds every worker, this one included
-            sleep(min(delay, MAX_DELAY))
+            back_off(attempt, e.retry_after, backoff, max_backoff, f"{e.reason}, retry {attempt + 1} of {retries}",
+                     hold, sleep, rand)
 
 
 def path_segment(text):
@@ -405,9 +404,6 @@ def load_items(folder):
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)}).")
-    for column in ("summary", "lyrics"):
-        if column not in df.columns:
-            df[column] = ""
     return df, path
 
 
@@ -448,6 +444,8 @@ def request_pair(artist, track):
 def fill(df, rows, column, results):
     """Write texts into df[column] for rows (cleaned by cell_text); the title (else the track) where there is none."""
     statuses = Counter()
+    if column not in df.columns:
+        df[column] = ""
     for i in rows:
         text, status = results.get(request_pair(df.at[i, "artist"], df.at[i, "track"]), (None, "no artist/track"))
         df.at[i, column] = cell_text(text if text else (df.at[i, "title"] or df.at[i, "track"]))
@@ -476,29 +474,17 @@ def parse_args(argv):
                    help="ask about artist and title (the study) or about the lyrics excerpt (default: title)")
     p.add_argument("--workers", type=int, default=4, help="requests in flight at once (default: 4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of items.csv")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds for one request in all: connect, send and every read (default: 30)")
-    p.add_argument("--attempts", type=int, default=6,
-                   help="tries per request on 429, 5xx, timeouts and bodies that cannot be read (default: 6)")
-    p.add_argument("--max-wait", type=float, default=MAX_WAIT,
-                   help=f"honour a server's retry-after up to this many seconds (default: {MAX_WAIT:g}); a longer "
-                        "one stops the run (exit 1) with the time to rerun")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="ask again for the answers cached as final: lyrics not found, other 4xx, empty model answers")
-    p.add_argument("--backoff", type=float, default=1.0, help="first backoff delay in seconds, doubled each retry (default: 1)")
+    add_retry_options(p, 5, "the answers cached as final: lyrics not found, other 4xx, empty model answers")
     for api, what in (("groq", "Groq (30 requests/minute on its free tier)"), ("lyrics", "lyrics.ovh (no published limit)")):
         p.add_argument(f"--{api}-rate", type=float, default=RATES[api], metavar="PER_SECOND",
                        help=f"requests per second to {what}, shared by all workers and by other runs on the same "
                             f"--data-dir; 0: no limit (default: {RATES[api]})")
-    args = p.parse_args(argv)
-    for name in ("workers", "attempts", "limit", "timeout", "backoff", "max_wait", "groq_rate", "lyrics_rate"):
-        v, positive = getattr(args, name), name in ("workers", "attempts", "limit", "timeout")
-        if v is not None and not ((v > 0 if positive else v >= 0) and v < float("inf")):   # nan fails both
-            p.error(f"--{name.replace('_', '-')} {v}: expected a finite number {'> 0' if positive else '>= 0'}")
-    return args
+    return p.parse_args(argv)
 
 
 def run(args):
+    check_numbers(args, RETRY_NUMBERS + ("workers", "limit", "groq_rate", "lyrics_rate"),
+                  positive=("workers", "limit", "timeout"))
     folder = Path(args.data_dir) / args.dataset
     df, path = load_items(folder)
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
@@ -511,14 +497,12 @@ def run(args):
     if not rows:
         raise UserError(f"{path} has no rows: nothing to enrich.")
 
-    lock = lock_folder(folder / ".enrich.lock", f"dataset {folder}")   # a second run on this dataset refuses
-    try:
-        return enrich(args, df, path, rows, pairs, api_key, lyrics_base)
-    finally:
-        lock.close()
+    with dataset_lock(folder):        # the one writer of this dataset: a second enrich, a collect, refuses
+        return enrich(args, path, set(df.loc[rows, "item"]), pairs, api_key, lyrics_base)
 
 
-def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
+def enrich(args, path, items, pairs, api_key, lyrics_base):
+    """Ask for the texts of `pairs`, then write them into the rows of `items` of items.csv as it is now."""
     want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
     stop = threading.Event()
     limiters = {api: RateLimiter(Path(args.data_dir) / f".enrich-rate-{api}", rate, stop, args.max_wait, name)
@@ -526,8 +510,9 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
     cache, stats = Cache(path.parent / ".enrich-cache.sqlite"), Stats()
     if args.retry_failed:
         print(f"asking again for {cache.forget_failures()} answer(s) cached as final", file=sys.stderr)
-    retry = lambda api: lambda call: with_retries(call, args.attempts, args.backoff, stats, hold=limiters[api].hold,
-                                                  sleep=lambda s: pause(s, f"{limiters[api].api} backoff", stop))
+    retry = lambda api: lambda call: with_retries(call, args.retries, args.backoff, stats, args.max_backoff,
+                                                  hold=limiters[api].hold,
+                                                  sleep=lambda s, why: pause(s, f"{limiters[api].api}: {why}", stop))
     lyrics, summaries = {}, {}
     if want_lyrics or (want_summary and args.summary_from == "lyrics"):
         fetch = lambda a, t: fetch_lyrics(lyrics_base, a, t, args.timeout, limiters["lyrics"])
@@ -546,6 +531,9 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
         summaries = run_jobs("summaries", pairs, job, args.workers, stop)
     cache.close()
 
+    # items.csv read again: its rows and other columns as they are now, only the columns asked for written
+    df, path = load_items(path.parent)
+    rows = [i for i in df.index if df.at[i, "item"] in items]
     lines = [f"coverage of {len(rows)} rows in {path}:"]
     for column, results, wanted in (("summary", summaries, want_summary), ("lyrics", lyrics, want_lyrics)):
         if wanted:
@@ -555,7 +543,7 @@ def enrich(args, df, path, rows, pairs, api_key, lyrics_base):
     lines.append(f"  transient errors retried: {retries or 'none'}")
     failed = sum(s == "failed" for r in (summaries, lyrics) for _, s in r.values())
     if failed:
-        lines.append(f"  {failed} request(s) still failing after {args.attempts} attempts kept the title; rerun to retry them")
+        lines.append(f"  {failed} request(s) still failing after {args.retries + 1} attempts kept the title; rerun to retry them")
     print("\n".join(lines))
     return 1 if failed else 0
 

@@ -695,7 +695,7 @@ def test_rate_limit_and_special_names(tmp_path):
 
 class HostileLastfm(FakeLastfm):
     """The fake Last.fm, with some users (and tracks) answering in every broken way seen in the wild."""
-    USERS = ["track_str", "date_str", "user_str", "country_num", "pages_many", "html404", "err7", "err6str",
+    USERS = ["track_str", "date_str", "country_num", "pages_many", "html404", "err7", "err6str",
              "empty_pages", "echo_key", "html200", "Hcase", "hcase", "err99", "single_friend", ".", "echo6"]
 
     def __init__(self, world, **kw):
@@ -709,11 +709,11 @@ class HostileLastfm(FakeLastfm):
         if m == "track.getTopTags" and status == 200 and "toptags" in body:
             h = int(hashlib.md5(q["track"].encode()).hexdigest(), 16) % 5
             body = [body, {"toptags": {"tag": {"name": "Solo", "count": 1}}}, {"toptags": {"tag": [{"name": 1980}]}},
-                    {"toptags": "oops"}, {"toptags": {"tag": "=HYPERLINK(x)"}}][h]
+                    {"toptags": {"@attr": {}}}, {"toptags": {"tag": {"name": "=HYPERLINK(x)"}}}][h]
         if user not in self.USERS or status != 200:
             return status, body
-        if user in ("user_str", "country_num", "html404", "err6str", "err99", "echo6") and m == "user.getInfo":
-            return {"user_str": (200, {"user": "oops"}), "country_num": (200, {"user": {"country": 42}}),
+        if user in ("country_num", "html404", "err6str", "err99", "echo6") and m == "user.getInfo":
+            return {"country_num": (200, {"user": {"country": 42}}),
                     "echo6": (200, {"error": 6, "message": f"User not found (api_key={KEY})"}),
                     "html404": (404, "<html><body>Not Found</body></html>"),
                     "err6str": (200, {"error": "6", "message": "User not found"}),
@@ -779,7 +779,7 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
     db = sqlite3.connect(tmp_path / "data" / "cache" / "lastfm.sqlite")
     failed = dict(db.execute("SELECT key, reason FROM failed").fetchall())
     by_user = {json.loads(k)[1][-1][1] if json.loads(k)[0].startswith("user.") else "": r for k, r in failed.items()}
-    assert by_user["user_str"].startswith("unexpected response") and by_user["html404"] == "HTTP 404"
+    assert by_user["html404"] == "HTTP 404" and all(r.startswith(collect.FACTS) for r in failed.values())
     assert by_user["err7"].startswith("Last.fm error 7") and by_user["err6str"].startswith("Last.fm error 6")
     assert by_user["err99"].startswith("Last.fm error 99") and "***" in by_user["echo_key"] and "***" in by_user["echo6"]
     assert "html200" not in by_user and by_user["private_one"].startswith("Last.fm error 17")
@@ -790,7 +790,7 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
     users = read(tmp_path / "data" / "lastfm", "users.csv")
     lv = read(tmp_path / "data" / "lastfm", "loved.csv")
     assert {"track_str", "date_str", "pages_many", "err7", "echo_key", "html200", "."} <= set(users.user)
-    assert not {"user_str", "country_num", "html404", "err6str", "err99"} & set(users.user)
+    assert not {"country_num", "html404", "err6str", "err99"} & set(users.user)
     assert (lv[lv.user == "date_str"].timestamp == "").all() and (lv[lv.user == "track_str"].track != "").all()
     tags = set(read(tmp_path / "data" / "x", "items.csv").tag)
     assert {"solo", "1980", "hyperlink(x)"} & tags and not any(t.startswith("=") for t in tags)
@@ -798,6 +798,105 @@ def test_hostile_answers_fail_per_resource_and_rerun_identically(tmp_path, monke
         assert "Traceback" not in o.err and KEY not in o.out + o.err
         assert "permanent failures:" in o.out
     assert KEY.encode() not in (tmp_path / "data" / "cache" / "lastfm.sqlite").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# wrong shapes: every list-valued field the crawl reads (and the objects holding them) as a string, number or null
+
+
+class WrongShapes(FakeLastfm):
+    """The fake Last.fm; while `bad` is set, the answers of `method` for RJ (for every track: track.getTopTags) go out
+    as bad(good body)."""
+
+    def __init__(self, world, **kw):
+        super().__init__(world, **kw)
+        self.method = self.bad = None
+
+    def answer(self, q):
+        status, body = super().answer(q)
+        ours = q["method"] == self.method and q.get("user", "RJ") == "RJ"
+        if self.bad and ours and status == 200 and "error" not in body:
+            body = self.bad(body)
+        return status, body
+
+
+SHAPES = {   # field: (method, good body -> body with the field set to v)
+    "user": ("user.getInfo", lambda b, v: {**b, "user": v}),
+    "lovedtracks": ("user.getLovedTracks", lambda b, v: {**b, "lovedtracks": v}),
+    "lovedtracks.track": ("user.getLovedTracks", lambda b, v: {**b, "lovedtracks": {**b["lovedtracks"], "track": v}}),
+    "friends": ("user.getFriends", lambda b, v: {**b, "friends": v}),
+    "friends.user": ("user.getFriends", lambda b, v: {**b, "friends": {**b["friends"], "user": v}}),
+    "toptags": ("track.getTopTags", lambda b, v: {**b, "toptags": v}),
+    "toptags.tag": ("track.getTopTags", lambda b, v: {**b, "toptags": {**b["toptags"], "tag": v}}),
+}
+
+
+def shapes_args(d):
+    world = fake_world(n_users=8)
+    cat = Path(d).parent / "cat.csv"
+    if not cat.exists():                      # a few of RJ's loved tracks: a small catalog
+        loved = sorted({(a, t) for a, t, _ in world["RJ"]["loved"][:6]})
+        cat.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"a": [a for a, _ in loved], "t": [t for _, t in loved], "g": "Rock"}).to_csv(cat, index=False)
+    return world, ["--data-dir", d, "all", "--catalog", f"x={cat}", "--artist-col", "a", "--track-col", "t",
+                   "--genre-col", "g", "--max-users", "1", *API_OPTS[:-1], "2"]
+
+
+@pytest.fixture(scope="module")
+def shapes_reference(tmp_path_factory):
+    if not LFM1K.exists():
+        pytest.skip("../shared/data not available")
+    d = tmp_path_factory.mktemp("shapes") / "data"
+    world, args = shapes_args(d)
+    fake, mp = FakeLastfm(world), pytest.MonkeyPatch()
+    try:
+        run_inproc(mp, fake, args)
+    finally:
+        mp.undo()
+        fake.stop()
+    assert len(read(d / "x", "items.csv")) == 6 and any(m.startswith('[["artist"') for m in fake.served)
+    return tree_bytes(d)
+
+
+@needs(LFM1K)
+@pytest.mark.parametrize("field", list(SHAPES))
+def test_a_wrong_shape_is_a_passing_fault_and_a_rerun_converges(field, shapes_reference, tmp_path, monkeypatch, capsys):
+    """Each list-valued field the crawl reads (lovedtracks.track, friends.user, toptags.tag) and each object holding
+    one, sent as a string, a number or null: retried like a 5xx, never cached as "none" (no loved tracks, no friends,
+    no tag) nor as a failure; the run stops with exit 1 and one line; a plain rerun against the healthy server (no
+    --retry-failed) asks again and ends with the fault-free dataset."""
+    method, change = SHAPES[field]
+    for value in ("a string", 7, None):
+        d = tmp_path / repr(value) / "data"
+        world, args = shapes_args(d)
+        fake = WrongShapes(world, cache=d / "cache" / "lastfm.sqlite")
+        fake.method, fake.bad = method, lambda body: change(body, value)
+        try:
+            with pytest.raises(SystemExit) as e:
+                run_inproc(monkeypatch, fake, args)
+            first = capsys.readouterr()
+            db = sqlite3.connect(d / "cache" / "lastfm.sqlite")
+            failed = [r for (r,) in db.execute("SELECT reason FROM failed")]
+            db.close()
+            fake.bad, asked = None, sum(n for k, n in fake.served.items() if method in k)
+            run_inproc(monkeypatch, fake, args)                  # a plain rerun, the server healthy again
+            capsys.readouterr()
+        finally:
+            fake.stop()
+        errors = [line for line in first.err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 1 and len(errors) == 1 and "wrong shape" in errors[0] and "rerun" in errors[0], first.err
+        assert all(r.startswith(collect.FACTS) for r in failed), failed         # not recorded as a failure either
+        assert tree_bytes(d) == shapes_reference, (field, value)
+        assert sum(n for k, n in fake.served.items() if method in k) > asked and not fake.refetched
+
+
+def test_as_list_takes_lists_and_one_object_only():
+    assert collect.as_list({"t": [1, "x"]}, "t", "r") == [1, "x"] and collect.as_list({"t": {"a": 1}}, "t", "r") == [{"a": 1}]
+    assert collect.as_list({}, "t", "r") == [] and collect.as_list({"t": []}, "t", "r") == []
+    for wrong, shape in (("x", "a string"), ("", "a string"), (7, "a number"), (1.5, "a number"), (None, "null"),
+                         ({}, "an empty object"), (True, "a boolean")):
+        with pytest.raises(collect.Malformed, match=f"r.t is {shape}, not a list"):
+            collect.as_list({"t": wrong}, "t", "r")
 
 
 @needs(LFM1K)
@@ -825,6 +924,92 @@ def test_second_crawl_on_the_same_cache_refuses(tmp_path, monkeypatch, capsys):
         lock.close()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "another run is using the Last.fm cache" in err
+
+# -----------------------------------------------------------------------------
+# one writer per dataset: the lock, and what readers check
+
+
+CATALOG = [("Björk", "Jóga", "Electronic"), ("Radiohead", "Karma Police", "Alternative"), ("Adele", "Hello", "Pop"),
+           ("Daft Punk", "One More Time", "Dance"), ("Queen", "Bohemian Rhapsody", "Rock"), ("Sade", "Smooth Operator", "R&B")]
+
+
+def tiny_crawl(data, loved=CATALOG[:4], users=("ann", "bob")):
+    """data/lastfm/{users,loved}.csv as a crawl writes them (each user loves every track of `loved`), and an
+    Apple-shaped catalog of CATALOG -> its path."""
+    (Path(data) / "lastfm").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user": list(users), "country": "Chile"}).to_csv(Path(data) / "lastfm" / "users.csv", index=False)
+    rows = [(u, a, t, str(1_600_000_000 + k)) for u in users for k, (a, t, _) in enumerate(loved)]
+    pd.DataFrame(rows, columns=["user", "artist", "track", "timestamp"]).to_csv(Path(data) / "lastfm" / "loved.csv",
+                                                                               index=False)
+    cat = Path(data).parent / "catalog.csv"
+    pd.DataFrame(CATALOG, columns=["artistName", "trackName", "primaryGenreName"]).to_csv(cat, index=False)
+    return cat
+
+
+def test_a_second_writer_refuses_naming_the_holder(tmp_path, capsys):
+    """While one process writes a dataset (here: as if enrich.py were running on it), collect's match, crawl and
+    importers on it stop with one error: line naming the holder (pid, command), exit 2, and change nothing."""
+    data = tmp_path / "data"
+    cat = tiny_crawl(data)
+    assert collect.main(["--data-dir", str(data), "match", str(cat), "--name", "apple", "--no-tags"]) is None
+    capsys.readouterr()
+    runs = {data / "apple": ["match", str(cat), "--name", "apple", "--no-tags"],
+            data / "lastfm": ["match", str(cat), "--name", "apple", "--no-tags"],     # match reads the crawl
+            data / "hetrec": ["hetrec", str(tmp_path / "nothing-there")]}
+    for folder, args in runs.items():
+        before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+        with collect.dataset_lock(folder, "enrich.py apple --what summary"):
+            with pytest.raises(SystemExit) as e:
+                collect.main(["--data-dir", str(data), *args])
+            assert (folder / collect.WRITER_LOCK).is_file()
+        err = capsys.readouterr().err
+        holder = f"pid {os.getpid()} (enrich.py apple --what summary) holds"
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: another run is using dataset {folder}: {holder}"), err
+        assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before     # lock file gone, nothing else
+    assert not (data / "hetrec").exists()
+
+
+def test_a_killed_writer_does_not_block_the_next(tmp_path):
+    """The lock is the kernel's: a holder killed with -9 lets go, and the next writer takes it (the file left behind
+    still names the dead holder until then)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import collect\n"
+            f"held = collect.dataset_lock({str(tmp_path / 'd')!r}, 'collect.py crawl')\nheld.__enter__()\n"
+            "print('locked', flush=True); time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(collect.UserError, match=f"pid {holder.pid} \\(collect.py crawl\\) holds"):
+            with collect.dataset_lock(tmp_path / "d"):
+                pass
+    finally:
+        holder.kill()                                   # SIGKILL: no cleanup of its own
+        holder.wait()
+    assert f"pid {holder.pid}" in (tmp_path / "d" / collect.WRITER_LOCK).read_text()
+    with collect.dataset_lock(tmp_path / "d", "enrich.py d"):
+        assert (tmp_path / "d" / collect.WRITER_LOCK).read_text() == f"pid {os.getpid()} (enrich.py d)"
+    assert not (tmp_path / "d" / collect.WRITER_LOCK).exists()
+
+
+def test_check_dataset_consistent(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "users.csv").write_text("user,country\nann,Chile\nbob,\n")
+    (d / "items.csv").write_text("item,artist,track,tag,title,summary,lyrics\n1,a,t,x,t,,\n2,b,u,y,u,,\n")
+    (d / "interactions.csv").write_text("user,item,timestamp\nann,1,\nbob,2,5\n")
+    assert collect.check_dataset_consistent(d) is None
+    (d / "interactions.csv").write_text("user,item,timestamp\nann,1,\nbob,2,5\ncy,9,\ncy,2,\nann,8,\n")
+    with pytest.raises(collect.UserError) as e:
+        collect.check_dataset_consistent(d)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{d}: the dataset's files disagree: ")
+    assert "2 of 5 interactions name a user not in users.csv (e.g. 'cy')" in msg
+    assert "2 of 5 interactions name a item not in items.csv (e.g. '9')" in msg and "rerun the command" in msg
+    with collect.dataset_lock(d, "collect.py match ds"):                  # a writer at work: named
+        with pytest.raises(collect.UserError, match=r"pid \d+ \(collect.py match ds\) is writing it"):
+            collect.check_dataset_consistent(d)
+    users, items, inter = (read(d, f) for f in ("users.csv", "items.csv", "interactions.csv"))
+    assert collect.check_dataset_consistent(d, users, items, inter[inter.user != "cy"].head(2)) is None   # frames given
 
 # -----------------------------------------------------------------------------
 # the wire: raw answers a server can send (bytes as they go out), against a client that must stay bounded
@@ -904,7 +1089,6 @@ WIRE_FAULTS = {   # name: (fault, how many requests get it, exit code of the fir
     "5 MB body": (lambda f, q, good: raw_answer(200, b'{"friends": "' + b"x" * (5 << 20) + b'"}'), 3, 1),
     "302 to another port": (lambda f, q, good: raw_answer(302, headers=[("Location", f"{f.other}/2.0/?x=1")]), 3, 1),
     "Retry-After 999999999": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", "999999999")]), 1, 1),
-    "Retry-After inf": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", "inf")]), 1, 1),
     "retry-after-ms 1e15": (lambda f, q, good: raw_answer(429, b"{}", [("retry-after-ms", "1e15")]), 1, 1),
     # passing faults a retry (or nothing) gets over in the same run
     "byte drip": (lambda f, q, good: drip(raw_answer(200, headers=[("Content-Length", len(good.encode()))]),
@@ -914,6 +1098,9 @@ WIRE_FAULTS = {   # name: (fault, how many requests get it, exit code of the fir
                                  [("Content-Type", "application/json; charset=iso-8859-1")]), 1, 0),
     "302 to the same host": (lambda f, q, good: raw_answer(302, headers=[("Location", f"{f.url}?{urlencode(q)}")]), 1, 0),
     "Retry-After: HTTP date in 2 s": (lambda f, q, good: raw_answer(429, b"{}", [("Retry-After", http_date(2))]), 1, 0),
+    # a Retry-After that is no wait: the usual backoff (test_a_retry_after_that_is_no_wait_backs_off_as_usual)
+    **{f"Retry-After {v!r}": (lambda f, q, good, v=v: raw_answer(429, b"{}", [("Retry-After", v)]), RETRIES, 0)
+       for v in ("-5", "0", "nan", "", "inf", "soon")},
 }
 SMALL = ["crawl", "--max-users", "4", "--rate", "0", "--backoff", "0.01", "--max-backoff", "0.05", "--timeout", "1",
          "--retries", str(RETRIES)]
@@ -1018,7 +1205,9 @@ def test_retry_after_forms_and_saved_holds(tmp_path, capsys):
     p = collect.parse_retry_after
     assert p({"retry-after": "2"}) == 2.0 and p({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
     assert 1.0 <= p({"retry-after": http_date(3)}) <= 3.0 and p({"retry-after": http_date(-60)}) == 0.0
-    assert p({}) is None and all(p({"retry-after": v}) == float("inf") for v in ("inf", "nan", "soon", "1e999"))
+    assert p({}) is None and p({"retry-after": "999999999"}) == 999999999.0 and p({"retry-after-ms": "1e15"}) == 1e12
+    no_wait = ("inf", "nan", "soon", "1e999", "-5", "0", "", " ", "Wed, 21 Oct 2015 07:28:00", "-inf")
+    assert all(p({"retry-after": v}) == 0.0 for v in no_wait) and p({"retry-after-ms": "-1"}) == 0.0
     state = tmp_path / "state"
     lim = collect.RateLimiter(state, 0, max_wait=10, api="X")
     for seconds in (11, float("inf"), float("nan")):
@@ -1037,6 +1226,65 @@ def test_retry_after_forms_and_saved_holds(tmp_path, capsys):
     t = time.monotonic()
     collect.RateLimiter(state, 0, max_wait=10).wait()      # another limiter on the same file: held too
     assert 0.4 < time.monotonic() - t < 1.5
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "", "soon", "inf", "Wed, 21 Oct 2015 07:28:00"])
+def test_a_retry_after_that_is_no_wait_backs_off_as_usual(value, tmp_path, monkeypatch):
+    """A server that answers every request 429 with a Retry-After that is no wait: each retry waits the usual
+    exponential backoff (1, 2, 4, 8 s jittered x0.5-1.5; the waits are recorded, not slept), the wait's line says
+    why, nothing is saved as a hold, and the run ends as for any passing fault (LastfmError: exit 1, rerun)."""
+    srv = RawServer(lambda h: raw_answer(429, b"{}", [("Retry-After", value)]))
+    waits = []
+    monkeypatch.setattr(collect, "pause", lambda seconds, why, *a, **k: waits.append((seconds, why)))
+    api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url=srv.url + "/2.0/", rate=0, retries=4, backoff=1.0)
+    try:
+        with pytest.raises(collect.LastfmError, match="failed 5 times .*rerun"):
+            api.call("user.getInfo", collect.parse_country, user="RJ")
+    finally:
+        srv.stop()
+    assert len(srv.paths) == 5 and len(waits) == 4
+    assert all(0.5 * 2 ** k <= s <= 1.5 * 2 ** k and "Retry-After is no wait" in why for k, (s, why) in enumerate(waits))
+    assert "hold" not in json.loads((tmp_path / "c.sqlite.rate").read_text() or "{}")
+
+
+def max_per_window(times, window=1.0):
+    """The most events in any window [t, t + `window`) seconds."""
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u - t < window) for i, t in enumerate(times)), default=0)
+
+
+def test_a_delayed_send_cannot_slip_past_the_limit(tmp_path):
+    """A request sent 1.1 s after the limiter allowed it (a thread a loaded machine left waiting), and 6 others sent
+    at once at --rate 5: a request counts from when it is allowed until it has left, so no second holds more than 5
+    sends (counted when allowed, the late one and the others made 6 in a second: the 6th was allowed 1.01 s after the
+    late one's start, which was sent 0.1 s later)."""
+    lim, sends, allowed = collect.RateLimiter(tmp_path / "state", 5), [], threading.Event()
+
+    def late():
+        place = lim.wait()[1]
+        allowed.set()
+        time.sleep(1.1)
+        sends.append(lim.sent(place))
+    t = threading.Thread(target=late)
+    t.start()
+    allowed.wait()
+    for _ in range(6):
+        sends.append(lim.sent(lim.wait()[1]))
+    t.join()
+    assert len(sends) == 7 and max_per_window(sends) <= 5, sorted(sends)
+    assert json.loads((tmp_path / "state").read_text())["pending"] == []
+
+
+def test_a_place_of_a_dead_process_is_given_back(tmp_path):
+    """A process killed (-9) after the limiter allowed it and before it sent leaves a pending place: it is dropped
+    at the next look, it does not hold the limit forever."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "state").write_text(json.dumps({"times": [], "pending": [[dead.pid, time.monotonic() - 0.5]] * 3}))
+    lim = collect.RateLimiter(tmp_path / "state", 3)
+    place = lim.wait()[1]
+    assert json.loads((tmp_path / "state").read_text())["pending"] == [place] and place[0] == os.getpid()
+    assert lim.sent(place) and lim.sent(place) is None          # given back once
 
 
 def test_long_waits_print_a_line(monkeypatch, capsys):
@@ -1075,6 +1323,8 @@ BAD_INPUTS = {   # name: (arguments, extra environment, words of the one error l
     "0-byte catalog": (["all", "--catalog", "x={d}/empty.csv"], {}, "empty.csv: the catalog is empty"),
     "header-only catalog": (["all", "--catalog", "x={d}/header.csv"], {}, "header.csv: no songs in the catalog"),
     "match that matches nothing": (["match", "{d}/one.csv", "--name", "x", "--no-tags"], {}, "none of the 0 loved tracks"),
+    "catalog named lastfm": (["match", "{d}/one.csv", "--name", "lastfm", "--no-tags"], {}, "dataset name 'lastfm'"),
+    "two catalogs, one name": (["all", "--catalog", "x={d}/one.csv", "--catalog", "x={d}/one.csv"], {}, "name 'x'"),
     "--data-dir is a file": (["--data-dir", "{d}/afile", "crawl"], {}, "--data-dir"),
     "--cache-dir is a file": (["--cache-dir", "{d}/afile", "crawl"], {}, "--cache-dir"),
     "--cache-dir under a file": (["--cache-dir", "{d}/afile/sub", "crawl"], {}, "is a file, not a folder"),
@@ -1129,15 +1379,27 @@ def test_older_caches_ask_again_for_what_was_a_passing_fault(tmp_path):
     db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, body TEXT NOT NULL)")
     db.execute("CREATE TABLE failed (key TEXT PRIMARY KEY, reason TEXT NOT NULL)")
     db.executemany("INSERT INTO failed VALUES (?, ?)", [("a", "unexpected response: not a JSON object (3 times)"),
-                                                        ("b", "Last.fm error 6: User not found")])
+                                                        ("b", "Last.fm error 6: User not found"),
+                                                        ("e", "user.getInfo without a user object"), ("f", "HTTP 404")])
     db.executemany("INSERT INTO responses VALUES (?, ?)", [("c", '{"user": {"country": "P\ufffdru"}}'), ("d", "{}")])
     db.commit()
     db.close()
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0)
-    assert [k for (k,) in api.db.execute("SELECT key FROM failed")] == ["b"]
+    assert sorted(k for (k,) in api.db.execute("SELECT key FROM failed")) == ["b", "f"]   # what Last.fm said stays
     api = collect.Lastfm(KEY, tmp_path / "c.sqlite", base_url="http://127.0.0.1:9/2.0/", rate=0, retry_failed=True)
     assert api.db.execute("SELECT COUNT(*) FROM failed").fetchone()[0] == 0
     assert [k for (k,) in api.db.execute("SELECT key FROM responses")] == ["d"]
+    # an answer of the wrong shape an older version cached (as "no country", "no loved tracks"): asked again
+    key = collect.cache_key("user.getInfo", {"user": "RJ"})
+    api.db.execute("INSERT INTO responses VALUES (?, ?)", (key, '{"user": "oops"}'))
+    api.db.commit()
+    srv = RawServer(lambda h: raw_answer(200, b'{"user": {"name": "RJ", "country": "Peru"}}'))
+    try:
+        api.base_url = srv.url + "/2.0/"
+        assert api.call("user.getInfo", collect.parse_country, user="RJ") == ("Peru", None) and len(srv.paths) == 1
+        assert api.call("user.getInfo", collect.parse_country, user="RJ") == ("Peru", None) and len(srv.paths) == 1
+    finally:
+        srv.stop()
 
 
 def test_kept_alive_connection_is_reused_and_a_stale_one_replaced():

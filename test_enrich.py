@@ -26,11 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
+import pandas as pd
 import pytest
 
 import collect
 import enrich
-from test_collect import RawServer, deadline, drip, http_date, raw_answer, send_raw  # deadline: autouse, 150 s a test
+from test_collect import (CATALOG, RawServer, deadline, drip, http_date, raw_answer, send_raw,
+                          tiny_crawl)  # deadline: autouse, 150 s a test
 
 HERE = Path(__file__).resolve().parent
 KEY = "gsk_FAKE_7f3c9e_never_leak_0451"
@@ -355,14 +357,25 @@ def test_retries_backoff_and_retry_after():
         if len(calls) < 4:
             raise enrich.Transient("5xx")
         return "ok"
-    assert enrich.with_retries(flaky, 5, 0.1, stats, sleep=sleeps.append, rand=lambda: 1.0) == "ok"
-    assert sleeps == [0.25, 0.2, 0.4]   # retry-after honoured, then 0.1 * 2**k (jitter factor 1.0)
+    sleep = lambda seconds, why: sleeps.append(seconds)
+    assert enrich.with_retries(flaky, 4, 0.1, stats, sleep=sleep, rand=lambda: 0.5) == "ok"
+    assert sleeps == [0.25, 0.2, 0.4]   # retry-after honoured (longer than the backoff), then 0.1 * 2**k (jitter 1.0)
     assert stats.counts == {"transient 429": 1, "transient 5xx": 2}
     with pytest.raises(enrich.Transient):   # bounded
-        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 3, 0.1, stats, sleep=sleeps.append)
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("timeout")), 2, 0.1, stats, sleep=sleep)
     assert stats.counts["transient timeout"] == 3
     with pytest.raises(enrich.Permanent):   # other 4xx: not retried
-        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 3, 0.1, stats, sleep=sleeps.append)
+        enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Permanent(400)), 2, 0.1, stats, sleep=sleep)
+    # a retry-after that is no wait (0.0: 0 or less, NaN, empty, unreadable) backs off as usual and says so; one that
+    # is a wait holds every worker (hold) and this request still backs off; max_backoff caps the backoff
+    for retry_after, held in ((0.0, []), (0.05, [0.05, 0.05, 0.05])):
+        waits, holds = [], []
+        with pytest.raises(enrich.Transient):
+            enrich.with_retries(lambda: (_ for _ in ()).throw(enrich.Transient("429", retry_after)), 3, 0.1, stats,
+                                max_backoff=0.3, sleep=lambda s, why: waits.append((s, why)), rand=lambda: 0.5,
+                                hold=holds.append)
+        assert [s for s, _ in waits] == [0.1, 0.2, 0.3] and holds == held
+        assert all(("Retry-After is no wait" in why) == (retry_after == 0) for _, why in waits)
     assert enrich.parse_retry_after({"retry-after": "2"}) == 2.0
     assert enrich.parse_retry_after({"retry-after-ms": "150", "retry-after": "9"}) == 0.15
     assert enrich.parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0   # in the past
@@ -371,7 +384,7 @@ def test_retries_backoff_and_retry_after():
 
 def test_summary_retries_once_then_falls_back(tmp_path):
     cache, stats = enrich.Cache(tmp_path / "c.sqlite"), enrich.Stats()
-    retry = lambda call: enrich.with_retries(call, 2, 0, stats)
+    retry = lambda call: enrich.with_retries(call, 1, 0, stats)
     asked = []
 
     def model(answers):
@@ -453,7 +466,7 @@ def test_exhausted_retries_are_not_cached(tmp_path, monkeypatch, capsys):
     items = make_dataset(tmp_path)
     down = Fakes(fault_rate=1.0).start()   # everything fails
     try:
-        assert run_inprocess(monkeypatch, down, tmp_path, "--what", "lyrics", "--attempts", "2") == 1
+        assert run_inprocess(monkeypatch, down, tmp_path, "--what", "lyrics", "--retries", "1") == 1
     finally:
         down.stop()
     assert "still failing after 2 attempts" in capsys.readouterr().out
@@ -547,12 +560,25 @@ def test_user_errors(tmp_path, monkeypatch, capsys):
     assert enrich.main(["demo", "--data-dir", str(tmp_path), "--what", "lyrics"]) == 2
     assert "has no rows" in capsys.readouterr().err
 
-    for flag, value in (("--workers", "0"), ("--attempts", "-1"), ("--limit", "0"), ("--timeout", "inf"),
-                        ("--max-wait", "nan"), ("--lyrics-rate", "-1"), ("--backoff", "inf")):
-        with pytest.raises(SystemExit) as e:   # argparse: exit code 2 as well, the flag named
-            enrich.main(["demo", flag, value])
+    for flag, value in (("--workers", "0"), ("--retries", "-1"), ("--limit", "0"), ("--timeout", "inf"),
+                        ("--max-wait", "nan"), ("--lyrics-rate", "-1"), ("--backoff", "inf"), ("--max-backoff", "-1")):
+        assert enrich.main(["demo", "--data-dir", str(tmp_path), flag, value]) == 2
         err = capsys.readouterr().err
-        assert e.value.code == 2 and f"error: {flag} " in err and "Traceback" not in err
+        assert err.startswith(f"error: {flag} {value}") and err.count("\n") == 1, err
+
+
+def test_one_definition_of_the_retry_options():
+    """collect.py and enrich.py take the same retry options from one place (collect.add_retry_options)."""
+    import argparse
+    assert enrich.add_retry_options is collect.add_retry_options and enrich.check_numbers is collect.check_numbers
+    flags = ["--retries", "3", "--backoff", "0.5", "--max-backoff", "7", "--timeout", "9", "--max-wait", "11",
+             "--retry-failed"]
+    e = enrich.parse_args(["demo", *flags])
+    p = argparse.ArgumentParser()
+    collect.add_retry_options(p, 8, "x")
+    c = p.parse_args(flags)
+    assert {k: getattr(e, k) for k in vars(c)} == vars(c) == {"retries": 3, "backoff": 0.5, "max_backoff": 7.0,
+                                                           "timeout": 9.0, "max_wait": 11.0, "retry_failed": True}
 
 
 def test_lyrics_only_needs_no_key_and_limit(tmp_path, fakes, monkeypatch, capsys):
@@ -671,12 +697,11 @@ def test_bad_base_url_and_second_run(tmp_path, fakes, monkeypatch, capsys):
     assert enrich.main(["demo", "--data-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: GROQ_BASE_URL 'http://127.0.0.1:notaport' has an invalid port"
     assert not (tmp_path / "demo" / ".enrich-cache.sqlite").exists()
-    lock = enrich.lock_folder(tmp_path / "demo" / ".enrich.lock", "x")   # as if another run held it
-    try:
+    with collect.dataset_lock(tmp_path / "demo", "collect.py match x"):   # as if another writer held it
         assert run_inprocess(monkeypatch, fakes, tmp_path) == 2
-    finally:
-        lock.close()
-    assert "another run is using dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"another run is using dataset {tmp_path / 'demo'}: pid {os.getpid()} " \
+        "(collect.py match x) holds" in err
 
 
 def max_per_window(times, window=1.0):
@@ -719,13 +744,13 @@ def test_rate_limit_shared_by_workers_with_retry_after(tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_rate_limiter_across_processes(tmp_path):
-    """Two processes x 3 threads on one state file: never more than --rate starts in a second. The starts are the
-    limiter's own records (monotonic clock, one for every process of the machine, taken under the lock): a clock
-    read after wait() returns also measures how long the thread waited for the CPU, which on a loaded machine
-    bunched readings into 9 a second while the limiter's starts kept 8."""
-    code = (f"import sys, threading, time; sys.path.insert(0, {str(HERE)!r}); import collect as m\n"
+    """Two processes x 3 threads on one state file, each request sent a random while (up to 0.3 s) after it was
+    allowed: never more than --rate sends in a second. The sends are the limiter's own records (sent(): monotonic
+    clock, one for every process of the machine, taken under the lock after the request has left)."""
+    code = (f"import random, sys, threading, time; sys.path.insert(0, {str(HERE)!r}); import collect as m\n"
             f"lim, out = m.RateLimiter({str(tmp_path / 'state')!r}, 8), []\n"
-            "def work():\n    for _ in range(5):\n        out.append(lim.wait()[1])\n"
+            "def work():\n    for _ in range(5):\n        place = lim.wait()[1]\n"
+            "        time.sleep(random.uniform(0, 0.3))\n        out.append(lim.sent(place))\n"
             "ts = [threading.Thread(target=work) for _ in range(3)]\n[t.start() for t in ts]; [t.join() for t in ts]\n"
             "print(' '.join(map(repr, out)))\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -736,7 +761,7 @@ def test_rate_limiter_across_processes(tmp_path):
 def test_helpers_behave_alike_in_collect_and_enrich(tmp_path):
     import inspect
     import collect
-    for name in ("RateLimiter", "lock_folder", "read_dotenv", "atomic_write", "clean_text", "norm_name", "check_base_url"):
+    for name in ("RateLimiter", "dataset_lock", "read_dotenv", "atomic_write", "clean_text", "norm_name", "check_base_url"):
         assert inspect.getsource(getattr(collect, name)) == inspect.getsource(getattr(enrich, name)), name
     for s in ["AC/DC", "Beyoncé & Jay-Z", "Don\u2019t Stop", "P!nk", "  The  Beatles ", "Sigur Rós", "x\u202ey\x00z"]:
         assert collect.norm_name(s) == enrich.norm_name(s) and collect.clean_text(s) == enrich.clean_text(s)
@@ -792,6 +817,61 @@ def test_collect_and_enrich_output_loads_in_recsetters(tmp_path, fakes, monkeypa
     assert ds2.items.drop(columns=["summary", "lyrics"]).equals(ds.items.drop(columns=["summary", "lyrics"]))
     assert ds2.inter.equals(ds.inter) and ds2.users.equals(ds.users)
 
+def test_enrich_collect_enrich_loses_no_text(tmp_path, fakes, monkeypatch, capsys):
+    """enrich, then a collect rerun whose crawl dropped one track and found two more, then enrich again: the texts of
+    every item kept survive the rerun (summary, lyrics, and a column a user added), the dropped item is gone, the new
+    ones are filled by the second enrich without asking again for the others, and the three files agree throughout
+    (at b25c7b3 the collect rerun wrote 0 summaries)."""
+    data = tmp_path / "data"
+    cat = tiny_crawl(data, loved=CATALOG[:4])
+    match = ["--data-dir", str(data), "match", str(cat), "--name", "apple", "--no-tags"]
+    collect.main(match)
+    for name, value in fakes.env().items():
+        monkeypatch.setenv(name, value)
+    items = data / "apple" / "items.csv"
+    assert enrich.main(["apple", "--data-dir", str(data), *FAST]) == 0
+    first = pd.read_csv(items, dtype=str, keep_default_na=False).assign(note=lambda d: "mine " + d.track)
+    first.to_csv(items, index=False)                                          # a column the user added
+    assert (first.summary != "").all() and (first.lyrics != "").all() and len(first) == 4
+    tiny_crawl(data, loved=CATALOG[1:])                                       # the crawl changed
+    collect.main(match)
+    second = pd.read_csv(items, dtype=str, keep_default_na=False).set_index("item")
+    collect.check_dataset_consistent(data / "apple")
+    kept = first.set_index("item").drop(index=first.item[first.artist == "Björk"])
+    assert len(second) == 5 and "Björk" not in set(second.artist)
+    assert second.loc[kept.index, ["summary", "lyrics", "note"]].equals(kept[["summary", "lyrics", "note"]])
+    new = second.index.difference(kept.index)
+    assert len(new) == 2 and (second.loc[new, ["summary", "lyrics", "note"]] == "").all().all()
+    assert enrich.main(["apple", "--data-dir", str(data), *FAST]) == 0
+    third = pd.read_csv(items, dtype=str, keep_default_na=False).set_index("item")
+    collect.check_dataset_consistent(data / "apple")
+    assert third.drop(index=new).equals(second.drop(index=new))               # kept texts untouched
+    assert (third.summary != "").all() and (third.lyrics != "").all() and max(fakes.successes.values()) == 1
+    assert "kept from" in capsys.readouterr().out
+
+
+def test_enrich_writes_into_items_csv_as_it_is_at_the_end(tmp_path, fakes, monkeypatch):
+    """enrich reads items.csv again before it writes: a change made while it asked (here a column added and a row's
+    tag edited by hand) stays, and only the columns asked for (--what lyrics: no summary column appears) change."""
+    items = make_dataset(tmp_path)
+    rows = read_rows(items)
+    items.write_text("item,artist,track,tag,title\n" + "".join(f"{r['item']},\"{r['artist']}\",\"{r['track']}\","
+                                                             f"{r['tag']},\"{r['title']}\"\n" for r in rows))
+    edited = []
+
+    def edit(key, fault=fakes.fault):
+        if not edited:
+            edited.append(key)
+            df = pd.read_csv(items, dtype=str, keep_default_na=False).assign(note="n")
+            df.loc[0, "tag"] = "edited"
+            collect.atomic_write_text(items, df.to_csv(index=False))
+        return fault(key)
+    fakes.fault = edit
+    assert run_inprocess(monkeypatch, fakes, tmp_path, "--what", "lyrics") == 0
+    after = read_rows(items)
+    assert edited and list(after[0]) == ["item", "artist", "track", "tag", "title", "note", "lyrics"]
+    assert after[0]["tag"] == "edited" and {r["note"] for r in after} == {"n"} and all(r["lyrics"] for r in after)
+
 # -----------------------------------------------------------------------------
 # the wire: raw answers (bytes as they go out) and what a server can make us do
 
@@ -840,11 +920,11 @@ def test_wire_faults_are_bounded_and_a_rerun_completes(name, wire_reference, tmp
     items = make_dataset(tmp_path, tracks=WIRE_TRACKS)
     try:
         t = time.monotonic()
-        assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == code
+        assert run_inprocess(monkeypatch, fakes, tmp_path, "--retries", "1") == code
         took, first = time.monotonic() - t, capsys.readouterr()
         if code:
             assert fakes.raw_left <= 0
-            assert run_inprocess(monkeypatch, fakes, tmp_path, "--attempts", "2") == 0
+            assert run_inprocess(monkeypatch, fakes, tmp_path, "--retries", "1") == 0
     finally:
         fakes.stop()
         other.stop()
@@ -875,11 +955,11 @@ def test_garbled_answers_are_passing_faults_and_retry_failed(tmp_path, monkeypat
         assert run_inprocess(monkeypatch, fakes, tmp_path / "ref") == 0
         fakes.garbled = True
         items = make_dataset(tmp_path / "run", tracks=tracks)
-        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 1
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--retries", "1") == 1
         assert "5 request(s) still failing" in capsys.readouterr().out
         fakes.garbled = False
         tries = Counter(fakes.tries)
-        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--attempts", "2") == 0
+        assert run_inprocess(monkeypatch, fakes, tmp_path / "run", "--retries", "1") == 0
         assert items.read_bytes() == (tmp_path / "ref/demo/items.csv").read_bytes()
         asked = {k for k in fakes.tries if fakes.tries[k] > tries[k]}
         assert len(asked) >= len(GARBLED) and not [k for k in asked if NOT_FOUND in str(k) and k[0] == "lyrics"]
