@@ -1036,8 +1036,9 @@ def check_dataset_consistent(folder, users=None, items=None, inter=None):
     for col, df, name in (("user", users, "users.csv"), ("item", items, "items.csv")):
         missing = ~inter[col].astype(str).isin(set(df[col].astype(str)))
         if missing.any():
-            problems.append(f"{int(missing.sum()):,} of {len(inter):,} interactions name a {col} not in {name} "
-                            f"(e.g. {str(inter[col][missing].iloc[0])!r})")
+            article = "an" if col == "item" else "a"
+            problems.append(f"{int(missing.sum()):,} of {len(inter):,} interactions name {article} {col} not in "
+                            f"{name} (e.g. {str(inter[col][missing].iloc[0])!r})")
     if problems:
         holder = lock_holder(folder / WRITER_LOCK)
         why = (f"{holder} is writing it: rerun when it has finished" if holder else

@@ -1004,7 +1004,7 @@ def test_check_dataset_consistent(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{d}: the dataset's files disagree: ")
     assert "2 of 5 interactions name a user not in users.csv (e.g. 'cy')" in msg
-    assert "2 of 5 interactions name a item not in items.csv (e.g. '9')" in msg and "rerun the command" in msg
+    assert "2 of 5 interactions name an item not in items.csv (e.g. '9')" in msg and "rerun the command" in msg
     with collect.dataset_lock(d, "collect.py match ds"):                  # a writer at work: named
         with pytest.raises(collect.UserError, match=r"pid \d+ \(collect.py match ds\) is writing it"):
             collect.check_dataset_consistent(d)

@@ -67,6 +67,34 @@ def test_kcore_reaches_fixed_point():
     assert r2 == 1 and len(again) == len(out)
 
 
+
+@pytest.mark.slow
+def test_a_dataset_is_read_whole_and_the_demo_written_by_its_one_writer(tmp_path, capsys):
+    """Files that disagree (an interaction naming a user or item the other files lack: a torn or foreign write) stop
+    train before anything runs, with one line; the demo generator is a dataset writer like collect.py and enrich.py
+    (collect.dataset_lock): while another process holds the lock it refuses with one line naming it, after it
+    writes."""
+    import collect
+    users, items, inter = random_interactions()
+    write_dataset(tmp_path / "x", users, items, inter.assign(item=inter.item.where(inter.index != 3, "ghost")))
+    line = one_error_line(capsys, ["stats", "--dataset", "x", "--data-dir", str(tmp_path)])
+    assert "files disagree" in line and "1 of 700 interactions name an item not in items.csv" in line
+    holder = subprocess.Popen([sys.executable, "-c", "import collect, sys, time\n"
+                               f"with collect.dataset_lock({str(tmp_path / 'data' / 'demo')!r}, 'enrich.py demo'):\n"
+                               "    print('held', flush=True); time.sleep(60)"], cwd=Path(R.__file__).parent,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error_line(capsys, ["stats", "--dataset", "demo", "--data-dir", str(tmp_path / "data")])
+        assert "enrich.py demo" in line and f"pid {holder.pid}" in line
+        assert not (tmp_path / "data" / "demo" / "users.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    R.ensure_demo(tmp_path / "data" / "demo")            # the holder killed: its lock is free
+    assert (tmp_path / "data" / "demo" / R.SYNTHETIC_MARK).exists()
+    assert not (tmp_path / "data" / "demo" / collect.WRITER_LOCK).exists()
+
 def test_duplicates_keep_latest_and_impossible_timestamps_are_unknown_with_counts():
     inter = pd.DataFrame({"user": ["a", "a", "a", "b", "b", "b", "b", "c"], "item": ["x", "x", "y", "y", "x", "z", "w", "x"],
                           "timestamp": [10.0, 30.0, 0.0, np.nan, -5.0, np.inf, 1e26, -np.inf]})
