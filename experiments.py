@@ -164,7 +164,7 @@ def board_markdown(board, title=""):
                             lambda s: f"**{s}**")
         L.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     if board["na"]:
-        L += ["", f"n/a under {board['protocol']} (BASELINES says which protocols each scores): "
+        L += ["", f"n/a under {board['protocol']} (BASELINES says what each can score): "
                   f"{', '.join(board['na'])}"]
     return L
 
