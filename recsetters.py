@@ -2322,6 +2322,9 @@ BASELINES = {
                            ["plain", "centered"], "text", new_items=True, made_for="items"),
     "TagTFIDF": Baseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")), ["idf", "binary"],
                          "tags", new_items=True, made_for="items"),
+    # a content-free control: what an item's number of tags alone buys (tags accumulate with listeners)
+    "TagCount": Baseline(lambda split, tags, p: tag_count_scores(tags), [None], "tags", new_items=True,
+                         made_for="items"),
     # CB2CF and Heater score a user by their collaborative factors from train: none for a user training never saw
     "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
                       [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
@@ -2421,6 +2424,14 @@ def profile_scores(split, V):
     if sp.issparse(V):
         return lambda users: torch.as_tensor((P[users] @ V.T).toarray(), dtype=torch.float32)
     return lambda users: torch.as_tensor(P[users] @ V.T, dtype=torch.float32)
+
+
+def tag_count_scores(tags):
+    """An item's score is its number of distinct tags, the same for every user (ties by item index): a control for
+    the content models, since an item's tags grow with its listeners (the leak-free tags too)."""
+    n = torch.tensor([len({t.strip().lower() for t in str(s).split(",") if t.strip()}) for s in tags.fillna("")],
+                     dtype=torch.float32)
+    return lambda users: n.repeat(len(users), 1)
 
 
 def tag_tfidf(tags, idf=True):

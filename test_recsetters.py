@@ -1165,6 +1165,15 @@ def test_content_baselines_find_taste_in_content():
         assert R.evaluate(fn, s, "test", 10, "cpu")["cold"]["ndcg@10"] > 2 * rnd
 
 
+def test_tag_count_scores_every_item_by_its_number_of_distinct_tags_for_everyone():
+    """TagCount, the content-free control of the new-items protocol: duplicates and case count once, an item without
+    tags scores 0, every user gets the same scores; it runs where items are unseen and nowhere else."""
+    tags = pd.Series(["rock, Rock, indie", "", "jazz", None, "a, b, c, d"])
+    S = R.tag_count_scores(tags)([0, 5, 9])
+    assert S.tolist() == [[2.0, 0.0, 1.0, 0.0, 4.0]] * 3
+    assert {p for p in R.PROTOCOLS if not R.why_not(R.BASELINES["TagCount"], p)} == \
+        {p for p, x in R.PROTOCOLS.items() if x.unseen == "items"}
+
 def test_heater_scores_new_items_by_their_content_map_and_is_seeded():
     """Heater: the same scores under the same seed; two items with the same tags, both without train interactions,
     score the same for every user (the map of their content), while a train item keeps its own factors."""
