@@ -287,15 +287,17 @@ def cmd_compare(args):
     if not args.runs and not args.of_dataset:
         raise R.UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
     runs = compared_runs(args.runs, args.runs_dir, args.of_dataset, args.protocol)
-    board, title = compare_runs(runs)
     res = runs[0][1]
-    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-{board['protocol']}")
+    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-"
+               f"{res.get('protocol', 'leave-one-out')}")
+    for f in (f"{out}.md", f"{out}.tex"):            # before any work: nothing that exists is replaced unasked
+        R.check_output(f, args.overwrite, own=not args.out)
+    board, title = compare_runs(runs)
     seeds = sorted({s for r in board["rows"] for s in r["seeds"]})
     n = f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
     caption = f"{title}: {n}, seeds {', '.join(map(str, seeds))}. " + board_note(board, "Leaderboard")
     md = board_markdown(board, f"**{title}** ({n}: {', '.join(d.name for d, _ in runs)})")
     print("\n".join(md) + "\n\n" + board_note(board, "Leaderboard"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(Path(f"{out}.md"), "\n".join([f"## {title}", "", *md[2:], "", board_note(board, "Table")]) + "\n")
     tag = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
     R.atomic_write_text(Path(f"{out}.tex"), "\n".join(board_latex(board, caption, tag)) + "\n")
@@ -714,7 +716,8 @@ def fairness_lines(fair):
 def report(out, data_dir, notes=(), do_fairness=True):
     df, per_user, extras = collect(out)
     if df.empty:
-        raise SystemExit(f"no finished cells under {out / 'runs'}")
+        print(f"error: no finished cells under {out / 'runs'}: run experiments.py ablation first", file=sys.stderr)
+        sys.exit(2)
     df.to_csv(out / "results.csv", index=False)
     s = summary(df)
     sig = significance(df, per_user)
@@ -936,8 +939,21 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
 # ----------------------------------------------------------------------------------------------
 # 9. command line
 
+GRID_FILES = ("runs", "logs", "tune", "report.md", "tuning.md", "notes.json", "results.csv")
+
+
+def grid_folder(out):
+    """--out of ablation, tune and report: the grid's own folder, resumed when it exists; never a file, a run folder,
+    someone else's non-empty folder (one without the grid's files) or a place that cannot be written."""
+    out = R.check_output(out, folder=True, own=True)
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in GRID_FILES):
+        raise R.UserError(f"--out {out}: a folder that is not an experiments folder (none of {', '.join(GRID_FILES)} "
+                          f"in it); name a new folder")
+    return out
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="experiments.py", description="RecSetters ablation grid and report")
+    ap = R.Parser(prog="experiments.py", description="RecSetters ablation grid and report")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ablation", help="run every missing cell of the grid, then write the report")
     a.add_argument("--datasets", nargs="+", default=["demo", "hetrec"])
@@ -969,7 +985,7 @@ def main(argv=None):
     c.add_argument("--protocol", default=None, type=lambda p: ALIASES.get(p, p), choices=list(R.PROTOCOLS),
                    help="only the runs of this protocol")
     c.add_argument("--out", default="", help="where the tables go: OUT.md and OUT.tex (default: "
-                   "RUNS_DIR/compare/DATASET-PROTOCOL)")
+                   "RUNS_DIR/compare/DATASET-PROTOCOL); existing files only with --overwrite")
     R.add_settings(c, "compare", R.Config())
     args = ap.parse_args(argv)
     if args.cmd == "compare":
@@ -978,7 +994,11 @@ def main(argv=None):
         except R.UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    out = Path(args.out)
+    try:
+        out = grid_folder(args.out)
+    except R.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     notes = []
     if args.cmd == "ablation":
         (out / "logs").mkdir(parents=True, exist_ok=True)

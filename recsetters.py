@@ -235,8 +235,9 @@ class Config:
     runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED + ("compare",))
     run_name: str = setting("", "run folder name ('': DATASET-SPLIT-TEXT-sSEED, and a digest of the settings that "
                             "differ from the protocol's defaults)")
-    overwrite: bool = setting(False, "replace an existing run folder of the same name (without it, an existing run is "
-                              "never replaced)")
+    overwrite: bool = setting(False, "train: replace an existing run folder of the same name; browse, export, "
+                              "compare: write onto an existing --out, replacing only the files the command writes (without "
+                              "it, nothing that exists is replaced)", cmds=TRAIN + ("browse", "export", "compare"))
     baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
                              "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
     # fairness
@@ -2693,7 +2694,7 @@ def run_folder(run, runs_dir="runs"):
 
 def new_run_folder(cfg, split_kind):
     """The folder a new run writes; an existing run there is kept unless --overwrite (one error line, not lost)."""
-    run_dir = Path(cfg.runs_dir) / run_name(cfg, split_kind)
+    run_dir = writable(Path(cfg.runs_dir) / run_name(cfg, split_kind), "--runs-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise UserError(f"run folder {run_dir} exists: choose another --run-name, or add --overwrite to replace it")
@@ -3337,8 +3338,54 @@ def faiss_recall(folder, k=10):
     return hits / (len(U) * k)
 
 
+OWNED = ("best.pt", "run.json", "results.json")          # a folder holding one of these is a run: never an --out
+
+
+def check_output(out, overwrite=False, folder=False, own=False, what="--out"):
+    """Where a command is about to write (a file, or a folder with folder=True), checked before any work: a UserError
+    (one line) for a folder where a file goes or the reverse, a run folder (its files are never an output's victims),
+    an existing file or non-empty folder without --overwrite (own: the command's default place in the run folder, which
+    only it writes), or a place it cannot write (read-only, /proc, a file on the way): probed by making the temporary
+    sibling it will write into. Returns out as a Path."""
+    out = Path(out).expanduser()
+    if out.exists() or out.is_symlink():
+        if folder and not out.is_dir():
+            raise UserError(f"{what} {out}: an existing file, not a folder; name a new folder")
+        if not folder and out.name in RUN_FILES and (out.parent / "best.pt").exists() and not own:
+            raise UserError(f"{what} {out}: a file of run {out.parent.name}; name another file")
+        if not folder and out.is_dir():
+            raise UserError(f"{what} {out}: an existing folder; name a file (e.g. {out / 'out.html'})"
+                            if not (out / "best.pt").exists() else f"{what} {out}: a run folder; name a file")
+        if folder and any((out / f).exists() for f in OWNED):
+            raise UserError(f"{what} {out}: a run folder (its own files are never replaced by an output); name a "
+                            f"new folder, e.g. {out / 'export'}")
+        if not own and not overwrite and (not folder or any(out.iterdir())):
+            raise UserError(f"{what} {out}: exists; add --overwrite to replace the files this command writes there "
+                            f"(nothing else is touched), or name a new {'folder' if folder else 'file'}")
+    return writable(out, what)
+
+
+def writable(out, what="--out"):
+    """out (a Path), after probing that the nearest existing folder above it takes the temporary sibling a write
+    makes; a UserError for a read-only folder (its mode, even for root), /proc, or a file on the way."""
+    out = Path(out)
+    base = out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{what} {out}: {base} is a file, not a folder")
+    try:
+        if not os.access(base, os.W_OK) or not stat.S_IMODE(base.stat().st_mode) & 0o222:
+            raise PermissionError(13, "read-only")           # respected even by root, for whom access() says yes
+        Path(tempfile.mkdtemp(prefix=".recsetters-probe-", dir=base)).rmdir()
+    except OSError as e:
+        raise UserError(f"{what} {out}: cannot write in {base} ({e.strerror or e})")
+    return out
+
+
 def write_folder(out, files):
-    """The files into folder `out`, whole or not at all: written into a fresh folder beside it, then swapped in."""
+    """The files into folder `out`, whole or not at all: written into a fresh folder beside it, then each renamed into
+    place. Only these files are replaced: whatever else the folder holds stays (check_output first)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -3346,13 +3393,12 @@ def write_folder(out, files):
         tmp.chmod(0o777 & ~_umask())
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
+        if not out.exists():
             tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+            return
+        for name in files:
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -3486,10 +3532,18 @@ def add_settings(p, cmd, d):
                            help="no baselines (--baselines none)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake (an unknown flag, a value of the wrong type) as one line `error: ...` and exit 2,
+    like every other bad input."""
+    def error(self, message):
+        print(f"error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(preset="", split="auto"):
     """The command line; defaults are Config's under the preset and the protocol of --split (defaults_for)."""
     d = defaults_for(preset, split)
-    ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
+    ap = Parser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
                                  "with honest full-ranking evaluation.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     commands = [("train", "train a two-tower model, evaluate it and the baselines under the split's protocol"),
@@ -3518,9 +3572,9 @@ def parser(preset="", split="auto"):
         if name == "browse":
             p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
                            "test users), or all (default: a sample of 300 test users)")
-            p.add_argument("--out", default="", help="the page (default: RUN/browse.html)")
+            p.add_argument("--out", default="", help="the page (default: RUN/browse.html); an existing file only with --overwrite")
         if name == "export":
-            p.add_argument("--out", default="", help="the folder written (default: RUN/export)")
+            p.add_argument("--out", default="", help="the folder written (default: RUN/export); an existing one only with --overwrite, which replaces only export's files")
         add_settings(p, name, d)
     return ap
 
@@ -3528,7 +3582,7 @@ def parser(preset="", split="auto"):
 def parse_args(argv=None, known=False):
     """The command line, parsed with the defaults of its --preset and of its --split's protocol (known: flags the
     command does not have are left out, not an error)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(prog="recsetters.py", add_help=False)
     pre.add_argument("--preset", default="", choices=["", *PRESETS])
     pre.add_argument("--split", default="auto")
     pre_args = pre.parse_known_args(argv)[0]
@@ -3625,6 +3679,7 @@ def cmd_stats(cfg):
 
 
 def cmd_fairness(args):
+    check_output(run_folder(args.run, args.runs_dir) / "fairness.json", own=True, what="fairness writes")
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
     f = fairness_of(model_scores(model, device, split), split, ds, args.k, args.min_users, args.bootstrap, cfg.seed,
                     device, cfg.eval_memory_mb)
@@ -3650,16 +3705,17 @@ def cmd_fairness(args):
 
 
 def cmd_browse(args):
+    out = check_output(args.out or run_folder(args.run, args.runs_dir) / "browse.html", args.overwrite, own=not args.out)
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
     users = browse_users(args.users, ds, protocol_of(split).targets(split, "test")[0], cfg.seed)
-    out = Path(args.out or run_dir / "browse.html")
     atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k)))
     print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
 
 
 def cmd_export(args):
+    out = check_output(args.out or run_folder(args.run, args.runs_dir) / "export", args.overwrite, folder=True,
+                       own=not args.out)
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    out = Path(args.out or run_dir / "export")
     write_folder(out, export_files(cfg, ds, split, model, device))
     info = json.loads((out / "export.json").read_text())
     print(f"wrote {out}: {info['users']:,} user and {info['items']:,} item vectors of size {info['out_dim']}, ids "

@@ -1817,8 +1817,60 @@ def test_export_folder_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError):
         R.write_folder(out, {"a.npy": b"new", "missing/b.csv": b"x"})       # fails half-way
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"] and (out / "a.npy").read_bytes() == b"1"
-    R.write_folder(out, {"c.csv": b"3"})
-    assert sorted(p.name for p in out.iterdir()) == ["c.csv"]
+    (out / "mine.txt").write_text("a stranger's file")
+    R.write_folder(out, {"a.npy": b"new", "c.csv": b"3"})       # replaces only what it writes
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.csv", "c.csv", "mine.txt"]
+    assert (out / "a.npy").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["ex"]
+
+
+def tree(folder):
+    """Every file under folder with its bytes (what must survive a refused write)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+WRITERS = {   # a writer's command line with its output path OUT (and, where it has one, the run RUN)
+    "export": lambda run, out: ["export", str(run), "--out", str(out)],
+    "browse": lambda run, out: ["browse", str(run), "--out", str(out)],
+    "compare": lambda run, out: ["compare", str(run), "--out", str(out)],
+    "report": lambda run, out: ["report", "--out", str(out)],
+    "train": lambda run, out: ["train", "--dataset", "x", "--data-dir", str(run.parent.parent / "data"),
+                               "--runs-dir", str(out), *TINY],
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@pytest.mark.parametrize("target", ["run folder", "a stranger's folder", "an existing file", "read-only folder",
+                                    "under /proc"])
+def test_no_output_path_destroys_what_the_command_did_not_write(tiny_run, tmp_path, capsys, writer, target):
+    """Every writer pointed at a run folder, a folder holding someone else's file, an existing file, a read-only
+    folder or a path under /proc: one error line, exit 2, and every file that was there is there, unchanged."""
+    _, run = tiny_run
+    victim = tmp_path / "victim"
+    shutil.copytree(run, victim)
+    stranger = tmp_path / "theirs"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("years of work")
+    (tmp_path / "notes.txt").write_text("mine")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = {"run folder": victim, "a stranger's folder": stranger, "an existing file": tmp_path / "notes.txt",
+           "read-only folder": ro / "out", "under /proc": Path("/proc/recsetters-out")}[target]
+    if writer == "train" and target in ("a stranger's folder", "run folder"):
+        pytest.skip("--runs-dir is a folder of runs: train writes a new run folder inside it, never onto it")
+    if writer == "compare" and target != "read-only folder" and target != "under /proc":
+        out = out / "board" if out.is_dir() else out.with_suffix("")            # OUT.md and OUT.tex
+        if out.parent.is_dir():
+            for suffix in (".md", ".tex"):
+                out.with_name(out.name + suffix).write_text("someone's table")
+    ro.chmod(0o555)
+    before = tree(tmp_path)
+    main = E.main if writer in ("compare", "report") else R.main
+    try:
+        line = one_error_line(capsys, WRITERS[writer](victim, out), main)
+    finally:
+        ro.chmod(0o755)
+    assert tree(tmp_path) == before, line
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*")), "a temporary file was left behind"
 
 
 @pytest.mark.slow
