@@ -121,12 +121,14 @@ NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0
 PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
 FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
 SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
+FINITE = Range(lambda v: math.isfinite(v), "a finite number")
+NAME = Range(lambda v: v.strip() != "", "a name, not empty")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
 TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.isdigit() and int(v) >= 1, "imported, all, or a number >= 1")
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
-                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
+                      "all, none, or comma-separated names of the baselines in BASELINES (train --help lists them)")
 
 TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness", "browse",
                                                                    "export")
@@ -141,9 +143,9 @@ def setting(default, help, check=None, choices=None, cmds=TRAIN):
 @dataclass
 class Config:
     # data, split and evaluation (also the options of `baselines` and `stats`)
-    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)",
+    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)", NAME,
                            cmds=DATA)
-    data_dir: str = setting("data", "folder of the datasets", cmds=DATA)
+    data_dir: str = setting("data", "folder of the datasets", NAME, cmds=DATA)
     min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
                                     "dropped", COUNT, cmds=DATA)
     split: str = setting("auto", "the protocol and its split (PROTOCOLS). Leave-one-out: auto (leave-last-out by time "
@@ -169,12 +171,12 @@ class Config:
                      cmds=DATA + ("recommend", "fairness", "browse"))
     new_item_offset: float = setting(0.0, "evaluate: a constant added to the score of every item without train "
                                      "interactions (new items): trades warm for new items in the cold-items all view "
-                                     "(its Warm@K says how many); rankings among new items, the cold view, do not change",
-                                     cmds=("evaluate",))
+                                     "(its Warm@K says how many); rankings among new items, the cold view, do not change; "
+                                     "only under a protocol with new items", FINITE, cmds=("evaluate",))
     eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
     # the model; defaults: the best configuration on hetrec validation (README, Experiments)
     text: str = setting("auto", "items.csv text column for the item tower (title, summary, lyrics, tags, ...), none, "
-                        "or auto: the first of lyrics, summary, tags, title that most items have")
+                        "or auto: the first of lyrics, summary, tags, title that most items have", NAME)
     scorer: str = setting("dot", "dot: dot product of the tower outputs; dotcompress: the study's scoring head",
                           choices=lambda: tuple(SCORERS))
     dim: int = setting(192, "embedding size of every categorical feature (the study's: 96)", COUNT)
@@ -232,14 +234,15 @@ class Config:
                            cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
-    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED + ("compare",))
+    runs_dir: str = setting("runs", "folder of the run folders", NAME, cmds=TRAIN + SAVED + ("compare",))
     run_name: str = setting("", "run folder name ('': DATASET-SPLIT-TEXT-sSEED, and a digest of the settings that "
                             "differ from the protocol's defaults)")
     overwrite: bool = setting(False, "train: replace an existing run folder of the same name; browse, export, "
-                              "compare: write onto an existing --out, replacing only the files the command writes (without "
-                              "it, nothing that exists is replaced)", cmds=TRAIN + ("browse", "export", "compare"))
+                              "compare, recommend: write onto an existing --out, replacing only the files the command writes "
+                              "(without it, nothing that exists is replaced)",
+                              cmds=TRAIN + ("browse", "export", "compare", "recommend"))
     baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
-                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
+                             "separated subset of BASELINES", BASELINE_LIST, cmds=("train", "baselines"))
     # fairness
     min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
     bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
@@ -1027,6 +1030,7 @@ class Protocol(NamedTuple):
                              #   (which baselines can run follows from it: why_not, section 9)
     item_text: object = None  # (ds, split, tag_count) -> (ds with leak-free tags, report lines), or None
     exclude: object = exclusion   # (split, "validation" | "test") -> users x items CSR each ranking leaves out
+    options: tuple = ()      # the Config settings only this protocol reads (elsewhere: a warning that they do nothing)
 
 
 LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
@@ -1044,7 +1048,8 @@ PROTOCOLS = {
     "cold-items": Protocol(("cold-items",), cold_items_parts, cold_targets, multi_target_results,
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"),
-                           crowding=20, audit=lambda *a: tag_leak_audit(*a), unseen="items", item_text=new_item_tags),
+                           crowding=20, audit=lambda *a: tag_leak_audit(*a), unseen="items", item_text=new_item_tags,
+                           options=("cold_fraction", "tag_source", "tag_count")),
     # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
     # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384; an
     # ensemble of 3 two-towers trained apart
@@ -1053,8 +1058,19 @@ PROTOCOLS = {
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
                           dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384, ensemble=3),
-                          unseen="users", item_text=new_user_tags),
+                          unseen="users", item_text=new_user_tags, options=("new_user_fraction", "tag_count")),
 }
+
+
+def idle_options(cfg):
+    """Warning lines for settings given away from their default that the --split's protocol never reads (each
+    protocol's `options`): they would change nothing, silently."""
+    mine = set(PROTOCOLS[protocol_name(cfg.split)].options)
+    d = Config()
+    idle = sorted({o for p in PROTOCOLS.values() for o in p.options} - mine)
+    return [f"warning: {typed(o, getattr(cfg, o))} does nothing under {protocol_name(cfg.split)} (read by "
+            f"{', '.join(n for n, p in PROTOCOLS.items() if o in p.options)})" for o in idle
+            if getattr(cfg, o) != getattr(d, o)]
 
 
 def protocol_name(split_kind):
@@ -2983,35 +2999,75 @@ def find_user(ds, name):
 
 
 def match_items(items, loved):
-    """Indices of the run's items that a loved-tracks table names (unique, in its order), and how many of its rows
-    matched: by `item` id, or by `artist` and `track` through collect.py's catalog matcher (artist-level datasets:
-    by the artist alone)."""
+    """Which of the run's items each row of a loved-tracks table names: (item index per row, -1 where none; why each
+    unmatched row did not match), by `item` id, or by `artist` and `track` through collect.py's catalog matcher
+    (artist-level datasets: by the artist alone)."""
     import collect
+    artists = {collect.norm_artist(a) for a in items.artist}
     if "item" in loved.columns:
         idx = pd.Index(items.item.astype(str)).get_indexer(loved.item.astype(str).str.strip())
-    elif (items.track == items.artist).all():
-        first = {}
-        for j, a in enumerate(items.artist):
-            first.setdefault(collect.norm_artist(a), j)          # spellings that normalize alike: the first
-        idx = [first.get(collect.norm_artist(a), -1) for a in loved.artist.astype(str)]
+        miss = lambda r: "empty item id" if not str(loved.item.iloc[r]).strip() else "no such item id in the run"
     else:
-        cat = pd.DataFrame({"artist": items.artist, "track": items.track, "genre": items.tag,
-                            "artists": [[a] for a in items.artist]})
-        _, index = collect.catalog_index(cat)
-        rows, ids, _ = collect.match_loved(loved.astype(str), index)
-        row_of = {collect.catalog_item(a, t): j for j, (a, t) in enumerate(zip(items.artist, items.track))}
-        idx = np.full(len(loved), -1)
-        idx[rows] = [row_of.get(i, -1) for i in ids]
-    idx = np.asarray(idx)
-    return np.array(list(dict.fromkeys(idx[idx >= 0].tolist())), np.int64), int((idx >= 0).sum())
+        if (items.track == items.artist).all():
+            first = {}
+            for j, a in enumerate(items.artist):
+                first.setdefault(collect.norm_artist(a), j)          # spellings that normalize alike: the first
+            idx = np.array([first.get(collect.norm_artist(a), -1) for a in loved.artist.astype(str)])
+        else:
+            cat = pd.DataFrame({"artist": items.artist, "track": items.track, "genre": items.tag,
+                                "artists": [[a] for a in items.artist]})
+            _, index = collect.catalog_index(cat)
+            rows, ids, _ = collect.match_loved(loved.astype(str), index)
+            row_of = {collect.catalog_item(a, t): j for j, (a, t) in enumerate(zip(items.artist, items.track))}
+            idx = np.full(len(loved), -1)
+            idx[rows] = [row_of.get(i, -1) for i in ids]
+        miss = lambda r: ("empty artist" if not str(loved.artist.iloc[r]).strip() else
+                          "artist not in the run's catalog" if collect.norm_artist(str(loved.artist.iloc[r])) not in
+                          artists else "artist known, not this track")
+    idx = np.asarray(idx, np.int64)
+    return idx, {r: miss(r) for r in np.flatnonzero(idx < 0)}
+
+
+def loved_history(idx):
+    """The matched items of match_items, once each, in the file's order."""
+    return np.array(list(dict.fromkeys(idx[idx >= 0].tolist())), np.int64)
+
+
+def match_report(loved, idx, why, names, every=False):
+    """Lines saying what each row of a loved-tracks file matched (line numbers as in the file, its header line 1),
+    or why not; the unmatched rows only unless `every` (--show-matches)."""
+    said = lambda r: (str(loved.item.iloc[r]) if "item" in loved.columns else
+                      f"{loved.artist.iloc[r]} — {loved.track.iloc[r]}")
+    seen, out = {}, []
+    for r, i in enumerate(idx):
+        if i >= 0 and i in seen:
+            note = f"{names[i]} (again: line {seen[i]})"
+        elif i >= 0:
+            note, seen[i] = names[i], r + 2
+        else:
+            note = f"no match: {why[r]}"
+        if every or i < 0:
+            out.append(f"  line {r + 2}: {said(r)} -> {note}")
+    return out
+
+
+LOVED_MAX_BYTES = 5_000_000         # --loved: a larger file is refused before any work (about 100,000 tracks)
 
 
 def read_loved(path):
-    """A loved-tracks CSV: columns `item`, or `artist` and `track` (others ignored)."""
+    """A loved-tracks CSV: columns `item`, or `artist` and `track` (others ignored); a file, at most LOVED_MAX_BYTES."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--loved {path}: a folder; name a CSV file")
+    if p.exists() and p.stat().st_size > LOVED_MAX_BYTES:
+        raise UserError(f"--loved {path}: {p.stat().st_size / 1e6:.1f} MB, over the cap of {LOVED_MAX_BYTES / 1e6:.0f} "
+                        f"MB (about 100,000 loved tracks); give a shorter list")
     try:
-        loved = read_csv_checked(Path(path), [])
+        loved = read_csv_checked(p, [])
     except UserError as e:
         raise UserError(f"--loved: {e}")
+    except OSError as e:
+        raise UserError(f"--loved {path}: cannot read it ({e.strerror or e})")
     if "item" not in loved.columns and not {"artist", "track"} <= set(loved.columns):
         raise UserError(f"--loved {path}: needs a column `item`, or columns `artist` and `track` (found: "
                         f"{', '.join(loved.columns) or 'none'})")
@@ -3038,10 +3094,12 @@ def lastfm_loved(name, data_dir):
     return pd.DataFrame([(a, t) for a, t, _ in tracks], columns=["artist", "track"])
 
 
-def recommend_items(model, history, k, country=-1, known=-1, exclude=None, device="cpu"):
+def recommend_items(model, history, k, country=-1, known=-1, exclude=None, device="cpu", artist=None, per_artist=0):
     """One user's top K (item indices, scores, reason items, their contributions): the user encoded from a history
     of item indices and a country code (a dataset user: `known`, their index), scored against every item by the
-    ranking engine, `exclude` (item indices; default: the history) left out, each with its reason (reasons)."""
+    ranking engine, `exclude` (item indices; default: the history) never among them at any K (fewer come back when
+    fewer remain), each with its reason (reasons). per_artist > 0: at most that many items of one artist (`artist`:
+    each item's artist code), the best-scored first."""
     n_items = int(model.i_feats.shape[1])
     history = np.asarray(history, np.int64)
     model.eval()
@@ -3052,8 +3110,15 @@ def recommend_items(model, history, k, country=-1, known=-1, exclude=None, devic
     ex = np.asarray(history if exclude is None else exclude, np.int64)
     ex = sp.csr_matrix((np.ones(len(ex)), ex, [0, len(ex)]), shape=(1, n_items))
     fn = lambda users: model.scorer.all_pairs(u.expand(len(users), -1), V)
-    top = top_k_lists(fn, np.array([0]), ex, k, device)[0]
-    scores = fn([0])[0, torch.as_tensor(top, device=u.device)].cpu().numpy()
+    wide = n_items if per_artist else min(k, n_items)
+    top, scores = (x[0] for x in top_k_lists(fn, np.array([0]), ex, wide, device, return_scores=True))
+    keep = np.isfinite(scores)                     # the excluded items are masked (-inf): never recommended back
+    if per_artist:                                 # each artist's best-scored per_artist items, in score order
+        a, count = np.asarray(artist)[top], {}
+        for r in np.flatnonzero(keep):
+            count[a[r]] = count.get(a[r], 0) + 1
+            keep[r] = count[a[r]] <= per_artist
+    top, scores = top[keep][:k], scores[keep][:k]
     why, weight = reasons(model, country, history, top, known, U=U)
     return top, scores, why, weight
 
@@ -3516,6 +3581,8 @@ def add_settings(p, cmd, d):
             continue
         text, choices, default = m["help"], m["choices"], getattr(d, f.name)
         choices = choices() if callable(choices) else choices
+        if f.name == "baselines":
+            text = text.replace("BASELINES", ", ".join(BASELINES))
         if f.name == "preset":
             choices = ("", *PRESETS)
             text += "".join(f"; {name} sets " + " ".join(typed(k, v) for k, v in PRESETS[name].items())
@@ -3569,6 +3636,12 @@ def parser(preset="", split="auto"):
                              "LASTFM_API_KEY through collect.py's client and matched to the run's catalog")
             p.add_argument("--popular", action="store_true", help="when no loved track matches, list the most "
                            "popular items instead (labelled as such)")
+            p.add_argument("--show-matches", action="store_true", help="--loved, --lastfm-user: say for every line "
+                           "which item it matched (default: only the lines that matched none, and why)")
+            p.add_argument("--per-artist", type=int, default=None, metavar="N", help="at most N items of one artist "
+                           f"(0: no cap; default: {PER_ARTIST} on track-level data, no cap where items are artists)")
+            p.add_argument("--out", default="", help="also write the list (rank, item, name, score, reason) to "
+                           "FILE.csv or FILE.json; an existing file only with --overwrite")
         if name == "browse":
             p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
                            "test users), or all (default: a sample of 300 test users)")
@@ -3615,6 +3688,9 @@ def cmd_train(cfg):
 
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    if args.new_item_offset and protocol_of(split).unseen != "items":
+        raise UserError(f"--new-item-offset {args.new_item_offset:g}: run {run_dir.name} is {split.protocol}, which "
+                        f"holds out no new items (nothing to offset); it applies to a run with new items (cold-items)")
     fn = offset_new_items(model_scores(model, device, split), split, args.new_item_offset, device)
     offset = f", new items' scores + {args.new_item_offset:g}" if args.new_item_offset else ""
     print(fmt_table([(part, evaluate(fn, split, part, cfg.k, device, cfg.eval_memory_mb))
@@ -3623,6 +3699,12 @@ def cmd_evaluate(args):
 
 
 def cmd_recommend(args):
+    out = args.out and check_output(args.out, args.overwrite)
+    if out and out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--out {args.out}: a .csv or .json file")
+    if args.per_artist is not None and args.per_artist < 0:
+        raise UserError(f"--per-artist {args.per_artist}: an integer >= 0 (0: no cap)")
+    loved = read_loved(args.loved) if args.loved else None            # before any work: a bad file is one line
     cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
     names, country, known = item_names(ds.items), -1, -1
     kind = "artists" if (ds.items.track == ds.items.artist).all() else "tracks"
@@ -3632,31 +3714,63 @@ def cmd_recommend(args):
         history, exclude = split.profile[known].indices, positives_matrix(split)[known].indices
         intro = f"{len(exclude)} loved {kind} left out"
     else:
-        loved = read_loved(args.loved) if args.loved else lastfm_loved(args.lastfm_user, cfg.data_dir)
+        loved = loved if loved is not None else lastfm_loved(args.lastfm_user, cfg.data_dir)
         who = args.loved or f"Last.fm user {args.lastfm_user}"
-        history, matched = match_items(ds.items, loved)
-        intro = f"{matched} of {len(loved)} loved tracks matched to {len(history)} of the run's {len(names):,} {kind}"
-        exclude = history
+        idx, why = match_items(ds.items, loved)
+        history = exclude = loved_history(idx)
+        intro = f"{int((idx >= 0).sum())} of {len(loved)} loved tracks matched to {len(history)} of the run's " \
+                f"{len(names):,} {kind}"
+        if not len(history) and not args.popular:
+            whys = pd.Series(list(why.values())).value_counts()
+            raise UserError(f"none of the {len(loved)} loved tracks of {who} is in the catalog of {ds.name} "
+                            f"({len(names):,} {kind}: " + ", ".join(f"{n} {w}" for w, n in whys.items())
+                            + f"); --popular lists the most popular {kind} instead")
+        lines = match_report(loved, idx, why, names, args.show_matches)
+        log(f"{who}: {intro}" + ("; each line (--show-matches):" if args.show_matches else
+                                 f"; not matched ({len(lines)}):" if lines else "") + "".join("\n" + x for x in lines))
         if not len(history):
-            if not args.popular:
-                raise UserError(f"none of the {len(loved)} loved tracks of {who} is in the catalog of {ds.name} "
-                                f"({len(names):,} {kind}); --popular lists the most popular {kind} instead")
             top = np.argsort(-split.degree, kind="stable")[:args.k]
             print(f"no loved track of {who} matched: the {args.k} most popular {kind} of {ds.label} "
                   f"(train interactions), not personal recommendations:")
             for r, i in enumerate(top, 1):
                 print(f"{r:3d}. {names[i]}   (loved by {split.degree[i]:,} users in train)")
+            write_recommendations(out, who, ds, names, top, split.degree[top], np.full(len(top), -1), "popularity")
             return
     # a dataset user held out as new (new-users) was never trained: encoded from their fold-in, as in evaluation
     known = known if known < 0 or split.train[known].nnz else -1
-    top, scores, why, _ = recommend_items(model, history, args.k, country, known, exclude, device)
-    print(f"top {args.k} for {who} ({ds.label}; {intro}); score: the model's, reason: the loved item whose "
-          f"removal lowers the score most")
+    cap = args.per_artist if args.per_artist is not None else 0 if kind == "artists" else PER_ARTIST
+    top, scores, why, _ = recommend_items(model, history, args.k, country, known, exclude, device,
+                                          codes(ds.items.artist), cap)
+    short = f" (all {len(top):,} left)" if len(top) < args.k else ""
+    print(f"top {len(top)}{short} for {who} ({ds.label}; {intro}"
+          + (f"; at most {cap} per artist" if cap else "") + "); score: the model's, reason: the loved item whose "
+          "removal lowers the score most")
     for r, (i, sc, w) in enumerate(zip(top, scores, why), 1):
         print(f"{r:3d}. {names[i]}   score {sc:.3f}" + (f"   because you loved {names[w]}" if w >= 0 else ""))
+    write_recommendations(out, who, ds, names, top, scores, why, "model")
+
+
+PER_ARTIST = 2        # recommend's default cap of items by one artist on track-level data (--per-artist)
+
+
+def write_recommendations(out, who, ds, names, top, scores, why, score_of):
+    """recommend --out: the list as CSV (rank, item, name, score, because) or JSON, written whole (atomic)."""
+    if not out:
+        return
+    rows = [dict(rank=r, item=str(ds.items.item.iloc[i]), name=names[i], score=round(float(sc), 4),
+                 because=names[w] if w >= 0 else "") for r, (i, sc, w) in enumerate(zip(top, scores, why), 1)]
+    if out.suffix.lower() == ".json":
+        text = json.dumps({"for": str(who), "dataset": ds.label, "score": score_of, "recommendations": rows},
+                          indent=1, ensure_ascii=False)
+    else:
+        text = pd.DataFrame(rows, columns=["rank", "item", "name", "score", "because"]).to_csv(index=False)
+    atomic_write_text(out, text)
+    log(f"wrote {out} ({len(rows)} recommendations)")
 
 
 def cmd_baselines(cfg):
+    if not baseline_names(cfg.baselines):
+        raise UserError(f"--baselines {cfg.baselines}: no baseline to run; name some (--baselines iALS,EASE) or all")
     rt = make_runtime("cpu", cfg.threads)
     free_cores = rt.free_cores(first=0.0)
     ds, split = prepare(cfg)
@@ -3678,9 +3792,17 @@ def cmd_stats(cfg):
               else f"{k:<28} {v}")
 
 
+def within_catalog(k, split):
+    """-k of a saved run's lists, refused (one line) when it is not below the number of items."""
+    if k >= split.n_items:
+        raise UserError(f"-k {k}: the run ranks {split.n_items:,} items; a top K of at most {split.n_items - 1:,}")
+    return k
+
+
 def cmd_fairness(args):
     check_output(run_folder(args.run, args.runs_dir) / "fairness.json", own=True, what="fairness writes")
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    within_catalog(args.k, split)
     f = fairness_of(model_scores(model, device, split), split, ds, args.k, args.min_users, args.bootstrap, cfg.seed,
                     device, cfg.eval_memory_mb)
     e = f["exposure"]
@@ -3707,6 +3829,7 @@ def cmd_fairness(args):
 def cmd_browse(args):
     out = check_output(args.out or run_folder(args.run, args.runs_dir) / "browse.html", args.overwrite, own=not args.out)
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    within_catalog(args.k, split)
     users = browse_users(args.users, ds, protocol_of(split).targets(split, "test")[0], cfg.seed)
     atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k)))
     print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
@@ -3732,10 +3855,15 @@ def cmd_export(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        for name in ("run", "user", "lastfm_user", "loved"):
+            if isinstance(getattr(args, name, None), str) and not getattr(args, name).strip():
+                raise UserError(f"{'the run' if name == 'run' else flag(name)}: empty; give a name")
         cfg = config_from(args).validate()        # before anything is read or written
         on_config = {"train": cmd_train, "baselines": cmd_baselines, "stats": cmd_stats}
         on_runs = {"evaluate": cmd_evaluate, "recommend": cmd_recommend, "fairness": cmd_fairness, "browse": cmd_browse,
                    "export": cmd_export}
+        for line in idle_options(cfg) if args.cmd in on_config else []:
+            log(line)
         on_config[args.cmd](cfg) if args.cmd in on_config else on_runs[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1526,6 +1526,45 @@ def test_recommend_finds_users_in_any_case_and_answers_for_a_loved_tracks_file(t
     assert "most popular" in capsys.readouterr().out
 
 
+def test_recommend_never_gives_back_what_you_loved_reports_each_match_caps_artists_and_saves_the_list(
+        tiny_run, tmp_path, capsys):
+    """At any -k (up to past the catalog) the loved items never come back and the list stays in score order; every
+    line of the file is reported (matched item, or why not); --per-artist caps one artist's items; --out writes the
+    list as CSV or JSON."""
+    data, run = tiny_run
+    items = pd.read_csv(data / "x" / "items.csv")
+    loved = tmp_path / "loved.csv"
+    pd.DataFrame({"artist": [items.artist[0], items.artist[1], "Nobody", items.artist[0]],
+                  "track": [items.track[0], items.track[1], "Nothing", "No such track"]}).to_csv(loved, index=False)
+    loved_names = {f"{items.artist[j]} — {items.track[j]}" for j in (0, 1)}
+    cfg, ds, split, model, device, _ = R.restore(str(run), device_name="cpu")
+    for k in (10, split.n_items - 3, split.n_items, 10 * split.n_items):
+        R.main(["recommend", str(run), "--loved", str(loved), "-k", str(k), "--device", "cpu", "--show-matches"])
+        cap = capsys.readouterr()
+        out = cap.out.splitlines()
+        picks = [line.split(". ", 1)[1].split("   ")[0] for line in out[1:]]
+        scores = [float(line.split("score ")[1].split()[0]) for line in out[1:]]
+        assert len(picks) == min(k, split.n_items - 2) and not set(picks) & loved_names
+        assert scores == sorted(scores, reverse=True)
+    err = cap.err
+    assert f"line 2: {items.artist[0]} — {items.track[0]} -> {items.artist[0]} — {items.track[0]}" in err
+    assert "line 4: Nobody — Nothing -> no match: artist not in the run's catalog" in err
+    assert "line 5:" in err and "no match: artist known, not this track" in err
+    artist = np.arange(split.n_items) % 3                                         # three artists
+    top, *_ = R.recommend_items(model, [0, 1], 8, exclude=[0, 1], artist=artist, per_artist=2)
+    assert len(top) == 6 and np.bincount(artist[top]).tolist() == [2, 2, 2]
+    for suffix in ("csv", "json"):
+        R.main(["recommend", str(run), "--loved", str(loved), "-k", "3", "--device", "cpu", "--out",
+                str(tmp_path / f"recs.{suffix}")])
+        shown = [line.split(". ", 1)[1].split("   ")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+        saved = pd.read_csv(tmp_path / "recs.csv") if suffix == "csv" else \
+            pd.DataFrame(json.loads((tmp_path / "recs.json").read_text())["recommendations"])
+        assert saved.name.tolist() == shown and saved["rank"].tolist() == [1, 2, 3]
+        assert set(saved.because) <= loved_names
+    line = one_error_line(capsys, ["recommend", str(run), "--loved", str(loved), "--out", str(tmp_path / "recs.csv")])
+    assert "--overwrite" in line
+
+
 def test_recommend_for_a_lastfm_user_through_the_collect_client(tiny_run, tmp_path, monkeypatch, capsys):
     """--lastfm-user fetches user.getLovedTracks from a fake Last.fm on 127.0.0.1 (the real wire format), caches the
     answer (a second call asks nothing) and matches it to the run's catalog; an unknown user is one error line."""
