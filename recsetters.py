@@ -216,7 +216,8 @@ class Config:
     negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
     margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
     epochs: int = setting(40, "most training epochs", COUNT)
-    patience: int = setting(5, "stop after this many epochs without a better validation NDCG@K", COUNT)
+    patience: int = setting(5, "stop after this many epochs without a better validation selection metric (SELECTS)",
+                            COUNT)
     batch_size: int = setting(512, "train positives per batch", COUNT)
     lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
@@ -1504,8 +1505,11 @@ class TwoTower(nn.Module):
         out = U0.clone()
         with torch.no_grad():
             V = self.items(torch.arange(n_items, device=dev))
+        from tqdm import tqdm
         with torch.enable_grad():
             chunk = max(1, memory_mb * 2**20 // (n_items * 4 * 6))
+            bar = tqdm(total=self.fold_in_steps * math.ceil(len(U0) / chunk), desc=f"fold-in of {len(U0):,} users",
+                       leave=False, disable=None, unit="step")              # quiet when stderr is not a terminal
             for a in range(0, len(U0), chunk):
                 u0 = U0[a:a + chunk]
                 X = torch.as_tensor(history[a:a + chunk].toarray(), dtype=torch.float32, device=dev)
@@ -1517,8 +1521,10 @@ class TwoTower(nn.Module):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    bar.update()
                 with torch.no_grad():
                     out[a:a + chunk] = vector(w)
+            bar.close()
         return out
 
     def items(self, idx):
@@ -2404,8 +2410,9 @@ def baseline_names(spec):
 def tune(name, make, grid, split, k=10, memory_mb=512, quiet=False):
     """The one tuning loop: the grid point with the best validation score of the split's protocol (its `select`),
     then test evaluated once. Returns (result, test ranks)."""
+    from tqdm import tqdm
     t0, best = time.perf_counter(), None
-    for p in grid:
+    for p in tqdm(grid, desc=f"baseline {name}: grid search", leave=False, disable=True if quiet else None):
         t1 = time.perf_counter()
         fn = make(p)
         fit = time.perf_counter() - t1
@@ -2849,6 +2856,8 @@ def train_and_report(cfg, rt, rank=0, world=1):
     run_dir = new_run_folder(cfg, split.kind)          # before anything is written: an existing run is kept
     if rank == 0:
         describe(ds, split)
+        for line in run_cost(cfg, split):
+            log(line)
         log(f"device: {rt.describe()}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.perf_counter()
     if rank > 0:
@@ -3168,10 +3177,22 @@ def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=
     fn = only(model_scores(model, device, split), candidates, split.n_items, device)
     top, scores = top_k_lists(fn, np.asarray(users), exclude, k, device, memory_mb, return_scores=True)
     why, drop = np.full(top.shape, -1), np.zeros(top.shape)
+    country = lambda u: int(model.u_feats[1, u])
+    known = lambda u: u if split.train[u].nnz else -1
+    # every user's occluded histories encoded in one batch (one fold-in for all of them, not one per user)
+    parts = [occlusions(split.profile[u].indices, split.n_items, country(u), known(u), model.hist_emb is not None)
+             for u in users]
+    U = None
+    if model.hist_emb is not None and len(parts):
+        model.eval()
+        with torch.no_grad():
+            U = model.encode(np.concatenate([p[0] for p in parts]), sp.vstack([p[1] for p in parts]).tocsr(),
+                             np.concatenate([p[2] for p in parts]))
+    at = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts])])
     for r, u in enumerate(users):
         ok = np.isfinite(scores[r])                  # fewer than k candidates: the rest are masked
-        why[r, ok], drop[r, ok] = reasons(model, int(model.u_feats[1, u]), split.profile[u].indices, top[r, ok],
-                                          u if split.train[u].nnz else -1)
+        why[r, ok], drop[r, ok] = reasons(model, country(u), split.profile[u].indices, top[r, ok], known(u),
+                                          U=None if U is None else U[at[r]:at[r + 1]])
         top[r, ~ok] = -1
     return top, scores, why, drop
 
@@ -3583,17 +3604,21 @@ def add_settings(p, cmd, d):
         choices = choices() if callable(choices) else choices
         if f.name == "baselines":
             text = text.replace("BASELINES", ", ".join(BASELINES))
+        text = text.replace("SELECTS", "; ".join(f"{n}: {label(*column(q.select, 'K'))}" for n, q in PROTOCOLS.items()))
         if f.name == "preset":
             choices = ("", *PRESETS)
             text += "".join(f"; {name} sets " + " ".join(typed(k, v) for k, v in PRESETS[name].items())
                             for name in PRESETS)
+        by = "".join(f"; --split {n}: " + (typed(f.name, q.defaults[f.name]) if f.type is bool else
+                                             repr(q.defaults[f.name]))
+                     for n, q in PROTOCOLS.items() if f.name in q.defaults)      # what each protocol's defaults set
         if f.type is bool:               # --x / --no-x
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{text} (default: {typed(f.name, default)})")
+                           help=f"{text} (default: {typed(f.name, default)}{by})")
         else:
             p.add_argument(flag(f.name), type=f.type, default=default, choices=choices,
-                           help=f"{text} (default: {default!r})" if isinstance(default, str) else
-                           f"{text} (default: {default})")
+                           help=f"{text} (default: {default!r}{by})" if isinstance(default, str) else
+                           f"{text} (default: {default}{by})")
         if f.name == "baselines":
             p.add_argument("--no-baselines", dest="baselines", action="store_const", const="none", default=default,
                            help="no baselines (--baselines none)")
@@ -3624,7 +3649,7 @@ def parser(preset="", split="auto"):
                 ("export", "a run's user and item vectors with their ids and names, and its scorer (.npy, CSV); with "
                            "faiss installed also an approximate index and its recall")]
     for name, hlp in commands:
-        p = sub.add_parser(name, help=hlp)
+        p = sub.add_parser(name, help=hlp, epilog=protocol_defaults_note() if name == "train" else None)
         if name in SAVED:
             p.add_argument("run", help="run folder or its name under --runs-dir")
         if name == "recommend":
@@ -3650,6 +3675,30 @@ def parser(preset="", split="auto"):
             p.add_argument("--out", default="", help="the folder written (default: RUN/export); an existing one only with --overwrite, which replaces only export's files")
         add_settings(p, name, d)
     return ap
+
+
+def protocol_defaults_note():
+    """train --help's epilog: what each protocol's defaults (PROTOCOLS, chosen on its validation) change, and what
+    that costs."""
+    lines = [f"--split {' | '.join(q.splits)} sets " + " ".join(typed(k, v) for k, v in q.defaults.items())
+             + (f" (an ensemble: {q.defaults['ensemble']} two-towers trained one after another, "
+                f"{q.defaults['ensemble']} times the training)" if q.defaults.get("ensemble", 1) > 1 else "")
+             for n, q in PROTOCOLS.items() if q.defaults]
+    return "Each protocol's defaults (chosen on its validation; flags given explicitly win): " + "; ".join(lines) + "."
+
+
+def run_cost(cfg, split):
+    """The lines a run starts with: what its protocol's defaults changed, and how many times it trains."""
+    q = protocol_of(split)
+    out = []
+    if q.defaults:
+        given = [typed(k, getattr(cfg, k)) for k, v in q.defaults.items() if getattr(cfg, k) != v]
+        out.append(f"{split.protocol} defaults: " + " ".join(typed(k, v) for k, v in q.defaults.items())
+                   + (f" (given instead: {' '.join(given)})" if given else ""))
+    if cfg.ensemble > 1:
+        out.append(f"--ensemble {cfg.ensemble}: {cfg.ensemble} two-towers trained one after another, each up to "
+                   f"--epochs {cfg.epochs} ({cfg.ensemble} times a single model's training)")
+    return out
 
 
 def parse_args(argv=None, known=False):

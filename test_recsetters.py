@@ -703,7 +703,9 @@ def test_the_parser_is_generated_from_config(monkeypatch, capsys):
             assert len(start) == 1, (cmd, f.name)
             end = next((n for n in range(start[0] + 1, len(lines)) if lines[n].lstrip().startswith("-")), len(lines))
             entry = " ".join(lines[start[0]:end])        # the option and its help (on the next line when long)
-            assert f"(default: {shown})" in entry and f.metadata["help"][:20] in entry, (cmd, f.name, entry)
+            by = "".join(f"; --split {n}: {R.typed(f.name, p.defaults[f.name]) if isinstance(value, bool) else repr(p.defaults[f.name])}"
+                         for n, p in R.PROTOCOLS.items() if f.name in p.defaults)     # and each protocol's, visible
+            assert f"(default: {shown}{by})" in entry and f.metadata["help"][:20] in entry, (cmd, f.name, entry)
     assert seen == {f.name for f in R.fields(R.Config)}
     original = R.config_from(R.parser("original").parse_args(["train", "--preset", "original"]))
     assert original == R.Config(**R.PRESETS["original"], preset="original")
@@ -711,6 +713,23 @@ def test_the_parser_is_generated_from_config(monkeypatch, capsys):
         R.parser().parse_args(["train", "--help"])
     help_text = capsys.readouterr().out
     assert "original sets --scorer dotcompress --loss margin" in help_text and "--hidden 128,64" in help_text
+    assert "--split new-users sets --fold-in-steps 300 --squared-loss 5.0 --dim 384 --out-dim 384 --ensemble 3 (an " \
+           "ensemble: 3 two-towers trained one after another, 3 times the training)" in " ".join(help_text.split())
+
+
+def test_a_run_starts_by_saying_what_its_protocol_changed_and_how_many_times_it_trains():
+    from types import SimpleNamespace
+    split = SimpleNamespace(protocol="new-users")
+    lines = R.run_cost(R.defaults_for("", "new-users"), split)
+    assert lines == ["new-users defaults: --fold-in-steps 300 --squared-loss 5.0 --dim 384 --out-dim 384 --ensemble 3",
+                     "--ensemble 3: 3 two-towers trained one after another, each up to --epochs 40 (3 times a single "
+                     "model's training)"]
+    cfg = R.Config(**{**R.PROTOCOLS["new-users"].defaults, "ensemble": 1, "fold_in_steps": 20})
+    assert R.run_cost(cfg, split) == ["new-users defaults: --fold-in-steps 300 --squared-loss 5.0 --dim 384 --out-dim "
+                                      "384 --ensemble 3 (given instead: --fold-in-steps 20 --ensemble 1)"]
+    assert R.run_cost(R.Config(), SimpleNamespace(protocol="leave-one-out")) == []
+    warn = R.idle_options(R.Config(split="last", cold_fraction=0.3))
+    assert warn == ["warning: --cold-fraction 0.3 does nothing under leave-one-out (read by cold-items)"]
 
 
 def test_model_is_built_from_config_alone(small_demo):
@@ -765,6 +784,172 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
     assert "Noise" in set(sig.vs) and "Noise" not in set(sig.model)
     lines = E.chosen_lines(E.summary(df), 5, "leave-one-out")
     assert "HR@5" in lines[1]
+
+
+# The run commands given what a new user might type, against a trained run: each is one `error:` line and exit 2, or
+# (expected "ok") a correct answer with exit 0. Placeholders: RUN a leave-one-out run, RUNS its --runs-dir, DATA and
+# DS its dataset, USER one of its users, LOVED a loved-tracks file that matches, NONE one that matches nothing, FILE a
+# stranger's file, BOARD a path whose .md exists, DIR a stranger's folder, RO a read-only folder, BIG a 6 MB file, BIN random bytes, EMPTY a 0-byte
+# file, HEAD a header-only file, COLS a file with other columns, DAMAGED a run with a truncated best.pt.
+BAD_INPUTS = [
+    ("train --dataset '' --data-dir DATA --runs-dir RUNS", "--dataset '': a name, not empty"),
+    ("train --dataset DS --data-dir '' --runs-dir RUNS", "--data-dir '': a name, not empty"),
+    ("train --dataset DS --data-dir DATA --text ''", "--text '': a name, not empty"),
+    ("train --dataset DS --data-dir DATA --runs-dir ''", "--runs-dir '': a name, not empty"),
+    ("train --dataset DS --data-dir DATA --runs-dir /proc/recsetters", "cannot write in /proc"),
+    ("train --dataset DS --data-dir DATA --runs-dir FILE", "is a file, not a folder"),
+    ("train --dataset DS --data-dir DATA --runs-dir RO/runs", "cannot write in"),
+    ("train --dataset DS --data-dir DATA --epochs x", "invalid int value"),
+    ("train --dataset DS --data-dir DATA --no-such-flag", "unrecognized arguments"),
+    ("train --dataset DS --data-dir DATA --split nope", "invalid choice"),
+    ("train --dataset DS --data-dir DATA --baselines Nope", "--baselines 'Nope'"),
+    ("train --dataset DS --data-dir DATA --squared-loss nan", "--squared-loss nan"),
+    ("train --dataset DS --data-dir DATA --squared-alpha inf", "--squared-alpha inf"),
+    ("train --dataset DS --data-dir DATA --cold-fraction nan", "--cold-fraction nan"),
+    ("train --dataset DS --data-dir DATA --new-user-fraction inf", "--new-user-fraction inf"),
+    ("train --dataset DS --data-dir DATA --temperature inf", "--temperature inf"),
+    ("train --dataset DS --data-dir DATA --dropout nan", "--dropout nan"),
+    ("train --dataset DS --data-dir DATA --preset nope", "invalid choice"),
+    ("baselines --dataset DS --data-dir DATA --no-baselines", "no baseline to run"),
+    ("baselines --dataset DS --data-dir DATA --baselines none", "no baseline to run"),
+    ("baselines --dataset DS --data-dir DATA --baselines iALS,Nope", "--baselines 'iALS,Nope'"),
+    ("baselines --dataset nosuch --data-dir DATA", "no dataset folder"),
+    ("stats --dataset DS --data-dir DATA --baselines all", "unrecognized arguments: --baselines"),
+    ("stats --dataset '' --data-dir DATA", "--dataset '': a name, not empty"),
+    ("stats --dataset DS --data-dir DATA --min-interactions -3", "--min-interactions -3"),
+    ("evaluate '' --runs-dir RUNS", "the run: empty"),
+    ("evaluate nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("evaluate FILE --runs-dir RUNS", "no run"),
+    ("evaluate DAMAGED --runs-dir RUNS", "not a readable RecSetters checkpoint"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset nan", "--new-item-offset nan: a finite number"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset inf", "--new-item-offset inf: a finite number"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset=-inf", "--new-item-offset -inf: a finite number"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset 0.5", "holds out no new items"),
+    ("evaluate RUN --runs-dir RUNS --device nope", "invalid choice"),
+    ("recommend RUN --runs-dir RUNS", "one of the arguments --user --loved --lastfm-user is required"),
+    ("recommend RUN --runs-dir RUNS --user ''", "--user: empty"),
+    ("recommend RUN --runs-dir RUNS --lastfm-user ''", "--lastfm-user: empty"),
+    ("recommend RUN --runs-dir RUNS --loved ''", "--loved: empty"),
+    ("recommend RUN --runs-dir RUNS --loved DIR", "a folder; name a CSV file"),
+    ("recommend RUN --runs-dir RUNS --loved /nonexistent/loved.csv", "missing file"),
+    ("recommend RUN --runs-dir RUNS --loved BIG", "over the cap of 5 MB"),
+    ("recommend RUN --runs-dir RUNS --loved BIN", "--loved"),
+    ("recommend RUN --runs-dir RUNS --loved EMPTY", "--loved"),
+    ("recommend RUN --runs-dir RUNS --loved HEAD", "no rows"),
+    ("recommend RUN --runs-dir RUNS --loved COLS", "needs a column `item`"),
+    ("recommend RUN --runs-dir RUNS --loved NONE", "none of the 1 loved tracks"),
+    ("recommend RUN --runs-dir RUNS --user nosuchuser", "not in dataset"),
+    ("recommend RUN --runs-dir RUNS --user USER -k 0", "-k 0: an integer >= 1"),
+    ("recommend RUN --runs-dir RUNS --user USER -k -5", "-k -5: an integer >= 1"),
+    ("recommend RUN --runs-dir RUNS --user USER -k many", "invalid int value"),
+    ("recommend RUN --runs-dir RUNS --user USER --loved LOVED", "not allowed with argument"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out /proc/recs.csv", "cannot write in /proc"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out FILE", "exists; add --overwrite"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out DIR", "an existing folder"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out RO/recs.csv", "cannot write in"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out DIR/recs.txt", "a .csv or .json file"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --per-artist -1", "--per-artist -1"),
+    ("recommend RUN --runs-dir RUNS --user USER -k 100000", "ok"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED -k 100000", "ok"),
+    ("recommend RUN --runs-dir RUNS --user USER -k NEAR", "ok"),
+    ("fairness RUN --runs-dir RUNS -k 100000", "-k 100000: the run ranks"),
+    ("fairness RUN --runs-dir RUNS -k nan", "invalid int value"),
+    ("fairness nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("fairness '' --runs-dir RUNS", "the run: empty"),
+    ("fairness ROUN --runs-dir RUNS", "cannot write in"),
+    ("browse RUN --runs-dir RUNS -k 100000", "-k 100000: the run ranks"),
+    ("browse RUN --runs-dir RUNS --users nosuchuser", "no user 'nosuchuser'"),
+    ("browse RUN --runs-dir RUNS --users 0", "--users 0"),
+    ("browse RUN --runs-dir RUNS --out FILE", "exists; add --overwrite"),
+    ("browse RUN --runs-dir RUNS --out DIR", "an existing folder"),
+    ("browse RUN --runs-dir RUNS --out /proc/b.html", "cannot write in /proc"),
+    ("browse RUN --runs-dir RUNS --out RO/b.html", "cannot write in"),
+    ("browse RUN --runs-dir RUNS --out RUN/best.pt --overwrite", "a file of run"),
+    ("browse '' --runs-dir RUNS", "the run: empty"),
+    ("export RUN --runs-dir RUNS --out RUN", "a run folder"),
+    ("export RUN --runs-dir RUNS --out DAMAGED --overwrite", "a run folder"),
+    ("export RUN --runs-dir RUNS --out DIR", "exists; add --overwrite"),
+    ("export RUN --runs-dir RUNS --out FILE", "an existing file, not a folder"),
+    ("export RUN --runs-dir RUNS --out /proc/export", "cannot write in /proc"),
+    ("export RUN --runs-dir RUNS --out RO/export", "cannot write in"),
+    ("export RUN --runs-dir RUNS --out FILE/export", "is a file, not a folder"),
+    ("export nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("compare --runs-dir RUNS", "name the runs to compare"),
+    ("compare --runs-dir RUNS --dataset nosuch", "no finished run of dataset 'nosuch'"),
+    ("compare RUN --runs-dir RUNS --protocol nope", "invalid choice"),
+    ("compare RUN --runs-dir RUNS --out BOARD", "exists; add --overwrite"),
+    ("compare RUN --runs-dir RUNS --out /proc/board", "cannot write in /proc"),
+    ("compare RUN --runs-dir RUNS --out RO/board", "cannot write in"),
+    ("compare nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("report --out FILE", "an existing file, not a folder"),
+    ("report --out DIR", "not an experiments folder"),
+    ("report --out /proc/ablation", "cannot write in /proc"),
+    ("report --out RUN", "a run folder"),
+]
+
+
+def bad_input_places(tmp_path, data, run):
+    """The placeholders of BAD_INPUTS for a run (its folder) trained on data/DATASET."""
+    import scipy
+    cfg = json.loads((run / "run.json").read_text())
+    (tmp_path / "FILE").write_text("someone's file")
+    (tmp_path / "board.md").write_text("someone's table")
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "DIR" / "theirs.txt").write_text("someone's file")
+    (tmp_path / "RO").mkdir()
+    items = pd.read_csv(Path(cfg["dataset"]["folder"]) / "items.csv")
+    pd.DataFrame({"artist": items.artist[:3], "track": items.track[:3]}).to_csv(tmp_path / "loved.csv", index=False)
+    pd.DataFrame({"artist": ["Nobody"], "track": ["Nothing"]}).to_csv(tmp_path / "none.csv", index=False)
+    (tmp_path / "big.csv").write_text("artist,track\n" + "A,B\n" * 1_600_000)
+    (tmp_path / "bin.csv").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "head.csv").write_text("artist,track\n")
+    (tmp_path / "cols.csv").write_text("song,singer\nx,y\n")
+    damaged = tmp_path / "runs" / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "best.pt").write_bytes((damaged / "best.pt").read_bytes()[:100])
+    roun = tmp_path / "runs" / "readonly"
+    shutil.copytree(run, roun)
+    return {"RUNS": str(run.parent), "RUN": str(run), "DATA": str(data), "DS": Path(cfg["dataset"]["folder"]).name,
+            "USER": cfg["users"][3], "NEAR": str(len(cfg["items"]) - 3), "LOVED": str(tmp_path / "loved.csv"),
+            "NONE": str(tmp_path / "none.csv"), "FILE": str(tmp_path / "FILE"), "BOARD": str(tmp_path / "board"), "DIR": str(tmp_path / "DIR"),
+            "RO": str(tmp_path / "RO"), "BIG": str(tmp_path / "big.csv"), "BIN": str(tmp_path / "bin.csv"),
+            "EMPTY": str(tmp_path / "empty.csv"), "HEAD": str(tmp_path / "head.csv"), "COLS": str(tmp_path / "cols.csv"),
+            "DAMAGED": str(damaged), "ROUN": str(roun)}
+
+
+def bad_input_argv(line, places):
+    import shlex
+    return [re.sub(r"\b(" + "|".join(sorted(places, key=len, reverse=True)) + r")\b", lambda m: places[m.group(1)], w)
+            for w in shlex.split(line)]
+
+
+@pytest.fixture(scope="module")
+def bad_input_world(tiny_run, tmp_path_factory):
+    data, run = tiny_run
+    root = tmp_path_factory.mktemp("bad")
+    places = bad_input_places(root, data, run)
+    for p in ("RO", "ROUN"):
+        Path(places[p]).chmod(0o555)
+    yield places
+    for p in ("RO", "ROUN"):
+        Path(places[p]).chmod(0o755)
+
+
+@pytest.mark.parametrize("line, says", BAD_INPUTS, ids=[c for c, _ in BAD_INPUTS])
+def test_every_bad_input_to_the_run_commands_is_one_error_line(bad_input_world, line, says, capsys):
+    """No traceback, no wrong exit 0: each bad input is one `error:` line and exit 2, before anything is written;
+    the "ok" cases (a -k past the catalog) answer with what is left, never a loved item."""
+    argv = bad_input_argv(line, bad_input_world)
+    main = E.main if argv[0] in ("compare", "report") else R.main
+    argv = [*argv, "--device", "cpu"] if argv[0] in R.SAVED else argv
+    if says == "ok":
+        main(argv)
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("top ") and len(out) > 1
+        assert not any(l.split(". ", 1)[1].split("   ")[0] == l.split("because you loved ")[-1] for l in out[1:])
+        return
+    assert says in one_error_line(capsys, argv, main)
 
 
 # ---------------------------------------------------------------------------------------------- paths, run folders
