@@ -1032,6 +1032,7 @@ class Protocol(NamedTuple):
     item_text: object = None  # (ds, split, tag_count) -> (ds with leak-free tags, report lines), or None
     exclude: object = exclusion   # (split, "validation" | "test") -> users x items CSR each ranking leaves out
     options: tuple = ()      # the Config settings only this protocol reads (elsewhere: a warning that they do nothing)
+    views: dict = {}         # view -> what it means, said under every table (one word, "cold", means different things)
 
 
 LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
@@ -1042,7 +1043,9 @@ MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "re
 PROTOCOLS = {
     "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
                               lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
-                              ("overall", "ndcg@{k}"), LOO_COLUMNS),
+                              ("overall", "ndcg@{k}"), LOO_COLUMNS,
+                              views=dict(cold="the target is a rarely-seen item (seen in training, but outside the "
+                                              "--warm-fraction most interacted)", warm="the target is among them")),
     # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
     # weighted by the tags' idf, over every leak-free tag it has (section 3: 5, 10, 20 or all tags, the same for
     # every model)
@@ -1050,7 +1053,9 @@ PROTOCOLS = {
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"),
                            crowding=20, audit=lambda *a: tag_leak_audit(*a), unseen="items", item_text=new_item_tags,
-                           options=("cold_fraction", "tag_source", "tag_count")),
+                           options=("cold_fraction", "tag_source", "tag_count"),
+                           views=dict(cold="never-seen (new) items only, ranked among the held-out new items",
+                                      all="never-seen items ranked among the whole catalog")),
     # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
     # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384; an
     # ensemble of 3 two-towers trained apart
@@ -2757,6 +2762,9 @@ def fmt_table(rows, split, k, title):
     na = [n for n, res in rows if "na" in res]
     if na:
         lines.append(f"n/a under {split.protocol} (BASELINES says what each can score): {', '.join(na)}")
+    about = protocol_of(split).views
+    if about:
+        lines.append("views: " + "; ".join(f"{v}: {about[v]}" for v in dict.fromkeys(v for v, _ in cols) if v in about))
     return "\n".join(lines)
 
 
@@ -3220,30 +3228,68 @@ def browse_users(spec, ds, test_users, seed=0):
     return np.array(sorted({index[n] for n in names}))
 
 
-def browse_data(run_name, cfg, ds, split, model, device, users, k=10):
-    """What the browse page shows, as one JSON-able dict: per user the train history, the validation items, the
-    test targets (held out) with their rank in each of the protocol's views, and per view the top K with scores and
-    reasons. Items are referenced by index into "items" (only those shown)."""
+def natural(name):
+    """A sort key that orders numeric parts as numbers: user 105 before 1003 (hetrec's ids), u2 before u10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.casefold()) for t in re.findall(r"\d+|\D+", str(name))]
+
+
+def against_scores(spec, run_dir, ds, split, cfg, device, runs_dir="runs"):
+    """browse --against: (label, score function) of a baseline of the run (its name in results.json, with the
+    hyperparameters chosen there) or of a second run on the same dataset and split; a UserError otherwise."""
+    res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    chosen = {n: r for n, r in res.get("baselines", {}).items() if "params" in r}
+    base = spec.split(" ")[0]
+    if spec in chosen and base in BASELINES:
+        b = BASELINES[base]
+        C = {"": None, "tags": ds.items.get("tags"),
+             "text": build_features(ds, spec[len(base) + 1:] or "none", Path(cfg.data_dir) / ".cache").text
+             if b.content == "text" else None}[b.content]
+        return f"{spec} ({chosen[spec]['params']})", b.make(split, C, chosen[spec]["params"])
+    if base in BASELINES or len(Path(spec).parts) == 1 and not (Path(runs_dir) / spec).is_dir():
+        raise UserError(f"--against {spec}: not a baseline of run {run_dir.name} (its results.json has "
+                        f"{', '.join(chosen) or 'none'}) nor a run under {runs_dir}/")
+    cfg2, ds2, split2, model2, _, run2 = restore(spec, runs_dir, str(device), free_cores=False)
+    if ds2.digest != ds.digest or split2.kind != split.kind or (split2.profile != split.profile).nnz \
+            or (split2.train != split.train).nnz:
+        raise UserError(f"--against {spec}: run {run2.name} is not on the same dataset and split as {run_dir.name} "
+                        f"({ds2.label}, {protocol_title(split2)}, seed {cfg2.seed}): its lists would not be comparable")
+    return f"run {run2.name} (two-tower, {cfg2.scorer}, text {cfg2.text})", model_scores(model2.to(device), device, split)
+
+
+def browse_data(run_name, cfg, ds, split, model, device, users, k=10, against=None):
+    """What the browse page shows, as one JSON-able dict: per user the profile (train history, or a new user's
+    fold-in), the validation items, the test targets (held out) with their rank in each of the protocol's views, and
+    per view the top K with scores and reasons (and, with `against` = (label, score function), that model's top K).
+    Items are referenced by index into "items" (only those shown); users in natural order of their names."""
     p = protocol_of(split)
+    users = np.array(sorted(users, key=lambda u: natural(ds.users.user.iloc[u])), np.int64)
     t_users, T, views = p.targets(split, "test")
     excl = p.exclude(split, "test")
     row_of = {int(u): r for r, u in enumerate(t_users)}
     tested_users = np.array([u for u in users if int(u) in row_of], np.int64)
     Tc = T[[row_of[int(u)] for u in tested_users]]
+    tested_at = {int(u): j for j, u in enumerate(tested_users)}
     ranks = target_ranks(model_scores(model, device, split), tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
         if len(tested_users) else {v: np.zeros(0, np.int64) for v in views}
     tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand)
             for v, cand in views.items()}
+    vs = {v: top_k_lists(only(against[1], cand, split.n_items, device), users, excl, k, device, cfg.eval_memory_mb,
+                         return_scores=True) for v, cand in views.items()} if against else {}
+    folded = set(split.folded_users().tolist())
     val = sp.csr_matrix((np.ones(len(split.val_u)), (split.val_u, split.val_i)), shape=split.train.shape)
     used, out_users = {}, []
     ref = lambda i: used.setdefault(int(i), len(used))
     for r, u in enumerate(users):
         e = {"n": str(ds.users.user.iloc[u]), "c": str(ds.users.country.iloc[u] or ""),
              "h": [ref(i) for i in split.profile[u].indices], "v": [ref(i) for i in val[u].indices], "t": [],
+             "f": int(u) in folded,              # a user training never saw: the history is the fold-in
              "top": {v: [[ref(i), round(float(s), 4), ref(h) if h >= 0 else -1, round(float(d), 4)]
                          for i, s, h, d in zip(*(x[r] for x in tops[v])) if i >= 0] for v in views}}
+        if against:
+            e["vs"] = {v: [[ref(i), round(float(s), 4)] for i, s in zip(*(x[r] for x in vs[v])) if np.isfinite(s)]
+                       for v in views}
         if int(u) in row_of:
-            j = int(np.searchsorted(tested_users, u))
+            j = tested_at[int(u)]
             lo, hi = Tc.indptr[j], Tc.indptr[j + 1]
             e["t"] = [[ref(Tc.indices[x]), {v: int(ranks[v][x]) for v in views}] for x in range(lo, hi)]
         out_users.append(e)
@@ -3254,7 +3300,7 @@ def browse_data(run_name, cfg, ds, split, model, device, users, k=10):
              f"only the {len(cand):,} items the protocol holds out as {v} (new) items" for v, cand in views.items()}
     return {"run": run_name, "dataset": ds.label, "protocol": protocol_title(split), "k": k, "views": list(views),
             "about": about, "test_users": int(len(t_users)), "items": names, "users": out_users,
-            "model": f"two-tower ({cfg.scorer}, {cfg.loss}, text {cfg.text})"}
+            "model": f"two-tower ({cfg.scorer}, {cfg.loss}, text {cfg.text})", "against": against[0] if against else ""}
 
 
 BROWSE_PAGE = """<!doctype html>
@@ -3277,7 +3323,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}tr.hit{background:#e8f
 .hint{color:#666}
 </style></head><body>
 <header><h1 id="title"></h1><p id="about"></p></header>
-<main><nav><input id="q" type="search" placeholder="search users (name or country)" autocomplete="off">
+<main><nav><input id="q" type="search" placeholder="search: user, country, or an artist or track they loved" autocomplete="off">
 <div id="count"></div><ul id="users"></ul></nav>
 <section id="user"><p class="hint">Select a user on the left.</p></section></main>
 <script type="application/json" id="data">__DATA__</script>
@@ -3295,7 +3341,8 @@ const rows = D.users.map((u, i) => { const li = el("li", "", u.n); li.dataset.i 
   if (u.c) li.appendChild(el("span", "c", u.c)); li.onclick = () => select(i); list.appendChild(li); return li; });
 function filter() {
   const s = q.value.trim().toLowerCase(); let n = 0;
-  D.users.forEach((u, i) => { const ok = !s || u.n.toLowerCase().includes(s) || u.c.toLowerCase().includes(s);
+  D.users.forEach((u, i) => { const ok = !s || u.n.toLowerCase().includes(s) || u.c.toLowerCase().includes(s) ||
+    u.h.some(it => item(it).toLowerCase().includes(s));          // who loved X: an artist or track in their history
     rows[i].style.display = ok ? "" : "none"; n += ok; });
   document.getElementById("count").textContent = `${n.toLocaleString()} of ${D.users.length.toLocaleString()} users`;
 }
@@ -3306,7 +3353,8 @@ function select(i) {
   pane.replaceChildren();
   pane.appendChild(el("h2", "", u.n + (u.c ? ` (${u.c})` : "")));
   const held = new Set(u.t.map(t => t[0]));
-  pane.appendChild(el("p", "", `${u.h.length} items in training, ${u.v.length} validation, ` +
+  pane.appendChild(el("p", "", (u.f ? `${u.h.length} fold-in items (given at scoring: training never saw this ` +
+    `user), ` : `${u.h.length} items in training, `) + `${u.v.length} validation, ` +
     (u.t.length ? `${u.t.length} held out for test.` : "not a test user (nothing held out for test).")));
   for (const v of D.views) {
     pane.appendChild(el("h3", "", `Top ${D.k}, view "${v}": ${D.about[v]}`));
@@ -3320,6 +3368,18 @@ function select(i) {
       tr.appendChild(el("td", "why", why >= 0 ? `because you loved ${item(why)}` : ""));
       tr.appendChild(el("td", "mark", held.has(it) ? "held-out test item, found" : "")); tb.appendChild(tr); });
     pane.appendChild(tb);
+    if (D.against) {
+      pane.appendChild(el("h3", "", `Beside it, top ${D.k} of ${D.against} (same view)`));
+      const ta = el("table"); ta.id = "vs-" + v; const mine = new Set(u.top[v].map(t => t[0]));
+      const ha = el("tr"); ["#", "item", "score", ""].forEach(h => ha.appendChild(el("th", "", h))); ta.appendChild(ha);
+      u.vs[v].forEach(([it, s], r) => { const tr = el("tr", held.has(it) ? "hit" : "");
+        tr.appendChild(el("td", "num", r + 1)); tr.appendChild(el("td", "", item(it)));
+        tr.appendChild(el("td", "num", s.toFixed(3)));
+        tr.appendChild(el("td", "mark", [held.has(it) ? "held-out test item, found" : "",
+          mine.has(it) ? "also in the model's top " + D.k : ""].filter(Boolean).join("; ")));
+        ta.appendChild(tr); });
+      pane.appendChild(ta);
+    }
   }
   pane.appendChild(el("h3", "", "Held-out test items and their rank (1 = first)"));
   const ul = el("ul"); ul.id = "held";
@@ -3327,7 +3387,8 @@ function select(i) {
   u.t.forEach(([it, ranks]) => ul.appendChild(el("li", "", `${item(it)}: ` + D.views.map(v => `view ${v} rank ` +
     `${ranks[v] + 1}` + (ranks[v] < D.k ? ` (in the top ${D.k})` : ` (not in the top ${D.k})`)).join("; "))));
   pane.appendChild(ul);
-  pane.appendChild(el("h3", "", `History: ${u.h.length} training items`));
+  pane.appendChild(el("h3", "", u.f ? `Fold-in: the ${u.h.length} items the model was given for this user (never ` +
+    `trained on them)` : `History: ${u.h.length} training items`));
   const ch = el("div", "chips"); u.h.forEach(it => ch.appendChild(el("span", "", item(it)))); pane.appendChild(ch);
   if (u.v.length) { pane.appendChild(el("h3", "", "Validation items (left out of the ranking at test time)"));
     const cv = el("div", "chips"); u.v.forEach(it => cv.appendChild(el("span", "", item(it)))); pane.appendChild(cv); }
@@ -3671,6 +3732,9 @@ def parser(preset="", split="auto"):
             p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
                            "test users), or all (default: a sample of 300 test users)")
             p.add_argument("--out", default="", help="the page (default: RUN/browse.html); an existing file only with --overwrite")
+            p.add_argument("--against", default="", metavar="NAME|RUN", help="also show, beside the model's, the top K "
+                           "of a baseline of the run (as named in its table, e.g. EASE, with the hyperparameters chosen "
+                           "there) or of a second run on the same dataset and split")
         if name == "export":
             p.add_argument("--out", default="", help="the folder written (default: RUN/export); an existing one only with --overwrite, which replaces only export's files")
         add_settings(p, name, d)
@@ -3880,7 +3944,9 @@ def cmd_browse(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
     within_catalog(args.k, split)
     users = browse_users(args.users, ds, protocol_of(split).targets(split, "test")[0], cfg.seed)
-    atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k)))
+    against = args.against and against_scores(args.against, run_dir, ds, split, cfg, device, args.runs_dir)
+    atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k,
+                                                   against)))
     print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
 
 

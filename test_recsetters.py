@@ -1929,13 +1929,17 @@ def test_browse_page_holds_the_runs_lists_reasons_and_held_out_ranks(tiny_run, c
     data = browse_blob(page)
     cfg, ds, split, model, device, _ = R.restore(str(run), device_name="cpu")
     users, T, _ = R.loo_targets(split, "test")
-    assert [u["n"] for u in data["users"]] == ds.users.user.iloc[users].tolist() and data["views"] == ["overall"]
+    names = ds.users.user.iloc[users].tolist()
+    assert [u["n"] for u in data["users"]] == sorted(names, key=R.natural) and data["views"] == ["overall"]
+    assert R.natural("105") < R.natural("1003") and R.natural("u2") < R.natural("u10")      # numbers as numbers
     ex = R.exclusion(split, "test")
     fn = R.model_scores(model, "cpu")
     top = R.top_k_lists(fn, users, ex, 5)
     ranks = R.evaluate(fn, split, "test", 5, "cpu", return_ranks=True)[1]["overall"]
     name = lambda i: R.item_names(ds.items)[i]
-    for r, (u, e) in enumerate(zip(users, data["users"])):
+    for e in data["users"]:
+        r = names.index(e["n"])
+        u = users[r]
         shown = e["top"]["overall"]
         assert [data["items"][x[0]][0] for x in shown] == [name(i) for i in top[r]]
         S = fn(np.array([u]))[0]
@@ -1950,6 +1954,23 @@ def test_browse_page_holds_the_runs_lists_reasons_and_held_out_ranks(tiny_run, c
     assert len(browse_blob((run / "two.html").read_text())["users"]) == 2
     line = one_error_line(capsys, ["browse", str(run), "--users", "nobody,u1", "--out", str(run / "no.html")])
     assert "no user 'nobody'" in line and not (run / "no.html").exists()
+
+
+def test_browse_shows_a_second_run_or_a_baseline_beside_the_model_and_says_fold_in_for_new_users(tiny_run, tmp_path,
+                                                                                                   capsys):
+    """--against RUN: that run's top K per user beside the model's (here the same run: the same lists); --against a
+    baseline the run did not fit is one line naming what it has; a user training never saw is marked as folded in."""
+    _, run = tiny_run
+    out = tmp_path / "b.html"
+    R.main(["browse", str(run), "--users", "all", "-k", "5", "--against", str(run), "--out", str(out), "--device", "cpu"])
+    data = browse_blob(out.read_text())
+    assert data["against"].startswith(f"run {run.name} (two-tower")
+    for e in data["users"]:
+        assert [x[0] for x in e["vs"]["overall"]] == [x[0] for x in e["top"]["overall"]] and e["f"] is False
+    line = one_error_line(capsys, ["browse", str(run), "--against", "EASE", "--out", str(tmp_path / "c.html")])
+    assert "not a baseline of run r" in line and not (tmp_path / "c.html").exists()
+    page = out.read_text()
+    assert "fold-in items (given at scoring" in page and "an artist or track they loved" in page
 
 
 @pytest.mark.slow
