@@ -1897,6 +1897,29 @@ def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_bes
     assert not (root / "tables" / "cold-items.md").exists()
 
 
+def test_compare_of_a_dataset_is_a_leaderboard_per_protocol_skipping_damaged_runs_with_mrr_and_seed_rows(
+        seed_runs, tmp_path, capsys):
+    """--dataset without --protocol: one table per protocol found; a damaged run is skipped with a warning line; the
+    leave-one-out table has MRR; --per-seed adds a row per model and seed; the same model and seed twice is said."""
+    root, runs = seed_runs
+    mine = tmp_path / "runs"
+    shutil.copytree(runs, mine, ignore=shutil.ignore_patterns("cold", "compare"))
+    first = sorted(mine.glob("x-*"))[0]
+    shutil.copytree(first, mine / "x-again")                                 # the same model and seed, twice
+    shutil.copytree(first, mine / "x-damaged")
+    (mine / "x-damaged" / "results.json").write_text("{not json")
+    R.main(["train", "--dataset", "x", "--split", "cold-items", "--data-dir", str(root / "data"), "--runs-dir",
+            str(mine), *TINY])
+    capsys.readouterr()
+    E.main(["compare", "--dataset", "x", "--runs-dir", str(mine), "--out", str(tmp_path / "board"), "--per-seed"])
+    cap = capsys.readouterr()
+    assert f"warning: skipped {mine / 'x-damaged'}" in cap.err
+    assert "warning: two-tower, text none, --epochs 2 at seed 0 is in runs" in cap.err and "x-again" in cap.err
+    loo, cold = (tmp_path / "board-leave-one-out.md").read_text(), (tmp_path / "board-cold-items.md").read_text()
+    assert "MRR overall" in loo and "MRR" not in cold and "cold-items" in cold
+    assert "Per seed:" in loo and loo.count("| EASE | ") == 1 + 2                  # its row, and one per seed
+
+
 def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
     """p < 0.001 is written so, never 0.000; one seed has no ± (no error bar from one value); LaTeX is escaped."""
     rng = np.random.default_rng(0)
