@@ -2028,16 +2028,17 @@ def train_ensemble(cfg, split, feats, rt, run_dir=None, quiet=False):
 # user's profile and, at test time, their validation items), in each of the protocol's views (all those items, or
 # only its candidate items). A target's rank is the number of items scored above it, ties broken by item index.
 
-def tower_vectors(model, device, split=None):
+def tower_vectors(model, device, split=None, only=None):
     """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes). Users that
     training never saw (split.folded_users: new users) are encoded from their profile rows alone (TwoTower.encode:
-    no id, never trained)."""
+    no id, never trained); `only` (user indices): fold in just these (browse: the users on the page)."""
     model.eval()
     with torch.no_grad():
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
         U = torch.cat([model.users(torch.arange(a, min(a + 65536, n_users), device=device))
                        for a in range(0, n_users, 65536)])
         rows = np.zeros(0, np.int64) if split is None else split.folded_users()
+        rows = rows if only is None else np.intersect1d(rows, only)
         if len(rows):
             U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.profile[rows])
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
@@ -2056,9 +2057,10 @@ def offset_new_items(score_fn, split, offset, device="cpu"):
     return fn
 
 
-def model_scores(model, device, split=None):
-    """A score function users -> (len(users), n_items) for a trained two-tower model (tower_vectors)."""
-    U, V = tower_vectors(model, device, split)
+def model_scores(model, device, split=None, only=None):
+    """A score function users -> (len(users), n_items) for a trained two-tower model (tower_vectors; `only`: the users
+    it will be asked about, when not every user)."""
+    U, V = tower_vectors(model, device, split, only)
     bytes_per_pair = 16     # DotCompress.all_pairs works in small tiles without grad: only the scores add up
 
     def score(users):
@@ -3178,11 +3180,11 @@ def reasons(model, country, history, items, known=-1, U=None):
         return H[best.cpu().numpy()], S[best, torch.arange(len(items), device=S.device)].cpu().numpy()
 
 
-def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=512, candidates=None):
+def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=512, candidates=None, score_fn=None):
     """Each user's top K with its scores and reasons (`recommend` and `browse`): (items, scores, reason items, score
     drops), each (len(users), k); reason -1 where a user has no history. candidates: rank only these items (a
     protocol's view), else every item `exclude` does not mask."""
-    fn = only(model_scores(model, device, split), candidates, split.n_items, device)
+    fn = only(score_fn or model_scores(model, device, split, users), candidates, split.n_items, device)
     top, scores = top_k_lists(fn, np.asarray(users), exclude, k, device, memory_mb, return_scores=True)
     why, drop = np.full(top.shape, -1), np.zeros(top.shape)
     country = lambda u: int(model.u_feats[1, u])
@@ -3269,9 +3271,10 @@ def browse_data(run_name, cfg, ds, split, model, device, users, k=10, against=No
     tested_users = np.array([u for u in users if int(u) in row_of], np.int64)
     Tc = T[[row_of[int(u)] for u in tested_users]]
     tested_at = {int(u): j for j, u in enumerate(tested_users)}
-    ranks = target_ranks(model_scores(model, device, split), tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
+    fn = model_scores(model, device, split, users)         # the users on the page folded in once, no others
+    ranks = target_ranks(fn, tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
         if len(tested_users) else {v: np.zeros(0, np.int64) for v in views}
-    tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand)
+    tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand, fn)
             for v, cand in views.items()}
     vs = {v: top_k_lists(only(against[1], cand, split.n_items, device), users, excl, k, device, cfg.eval_memory_mb,
                          return_scores=True) for v, cand in views.items()} if against else {}
