@@ -3299,7 +3299,8 @@ def browse_data(run_name, cfg, ds, split, model, device, users, k=10, against=No
     names, every = [None] * len(used), item_names(ds.items)
     for i, j in used.items():
         names[j] = [every[i], str(ds.items.tag.iloc[i] or "")]
-    about = {v: "every item except the user's training and validation items" if cand is None else
+    about = {v: "every item except the user's history (training items, or a new user's fold-in) and validation items"
+             if cand is None else
              f"only the {len(cand):,} items the protocol holds out as {v} (new) items" for v, cand in views.items()}
     return {"run": run_name, "dataset": ds.label, "protocol": protocol_title(split), "k": k, "views": list(views),
             "about": about, "test_users": int(len(t_users)), "items": names, "users": out_users,
@@ -3818,6 +3819,8 @@ def cmd_recommend(args):
     out = args.out and check_output(args.out, args.overwrite)
     if out and out.suffix.lower() not in (".csv", ".json"):
         raise UserError(f"--out {args.out}: a .csv or .json file")
+    if args.user and args.show_matches:
+        raise UserError("--show-matches: only with --loved or --lastfm-user (a dataset user's items need no matching)")
     if args.per_artist is not None and args.per_artist < 0:
         raise UserError(f"--per-artist {args.per_artist}: an integer >= 0 (0: no cap)")
     loved = read_loved(args.loved) if args.loved else None            # before any work: a bad file is one line

@@ -849,6 +849,7 @@ BAD_INPUTS = [
     ("recommend RUN --runs-dir RUNS --loved LOVED --out RO/recs.csv", "cannot write in"),
     ("recommend RUN --runs-dir RUNS --loved LOVED --out DIR/recs.txt", "a .csv or .json file"),
     ("recommend RUN --runs-dir RUNS --loved LOVED --per-artist -1", "--per-artist -1"),
+    ("recommend RUN --runs-dir RUNS --user USER --show-matches", "--show-matches: only with --loved"),
     ("recommend RUN --runs-dir RUNS --user USER -k 100000", "ok"),
     ("recommend RUN --runs-dir RUNS --loved LOVED -k 100000", "ok"),
     ("recommend RUN --runs-dir RUNS --user USER -k NEAR", "ok"),
@@ -2029,6 +2030,11 @@ def test_browse_page_in_headless_chromium_searches_selects_and_renders_a_user(ti
     (item, ranks), = first["t"]
     assert f"{data['items'][item][0]}: view overall rank {ranks['overall'] + 1}" in dom
     assert ("held-out test item, found" in table) == (ranks["overall"] < 5)
+    track = data["items"][who["h"][0]][0].split(" — ")[-1]          # who loved this track: a search by what they loved
+    lovers = [u for u in data["users"] if track.lower() in u["n"].lower() or track.lower() in u["c"].lower()
+              or any(track.lower() in data["items"][h][0].lower() for h in u["h"])]
+    p = subprocess.run([*base, "--dump-dom", f"{page.as_uri()}#q={track}"], capture_output=True, text=True, timeout=120)
+    assert who in lovers and f"{len(lovers)} of {len(data['users'])} users" in p.stdout
     shot = tmp_path / "browse.png"
     p = subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10000
