@@ -222,10 +222,11 @@ def time_recommend(run, loved_csv, reps=5, device="cpu", threads="auto"):
     loved, times = R.read_loved(loved_csv), []
     for _ in range(reps):
         t0 = time.perf_counter()
-        history, matched = R.match_items(ds.items, loved)
+        idx = R.match_items(ds.items, loved)[0]
+        history = R.loved_history(idx)
         R.recommend_items(model, history, 10, device=device)
         times.append(time.perf_counter() - t0)
-    print(f"recommend --loved {loved_csv} ({len(loved)} rows, {matched} matched) on {run} ({ds.label}, "
+    print(f"recommend --loved {loved_csv} ({len(loved)} rows, {int((idx >= 0).sum())} matched) on {run} ({ds.label}, "
           f"{split.n_items:,} items, --fold-in-steps {cfg.fold_in_steps}), {device}, {torch.get_num_threads()} "
           f"thread(s): median {np.median(times):.3f} s over {reps} rounds "
           f"(min {min(times):.3f}, max {max(times):.3f}), after loading")

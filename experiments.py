@@ -100,10 +100,13 @@ def leaderboard(entries, protocol, k, n_boot=2000):
     "tested", "best", "rows", "na": models that cannot score the protocol}."""
     p = R.PROTOCOLS[protocol]
     cols, sel = [R.column(c, k) for c in p.columns], R.column(p.select, k)
-    by_model = {}
-    for e in entries:
-        if e["kind"] != "n/a":
-            by_model.setdefault(e["model"], {}).setdefault(e["seed"], e)       # a model's seed once
+    scored = [e for e in entries if e["kind"] != "n/a"]
+    cols += [(sel[0], "mrr")] if scored and all((sel[0], "mrr") in e["test"] for e in scored) else []
+    by_model, duplicates = {}, []
+    for e in scored:
+        first = by_model.setdefault(e["model"], {}).setdefault(e["seed"], e)       # a model's seed once
+        if first is not e:               # the same model and seed twice: counted once, and said
+            duplicates.append((e["model"], e["seed"], first.get("run"), e.get("run")))
     na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
     stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
     rows = []
@@ -119,7 +122,7 @@ def leaderboard(entries, protocol, k, n_boot=2000):
                                                                              n_boot=n_boot)
                         for c in R.tested(protocol, k)}
     return {"protocol": protocol, "k": k, "columns": cols, "select": sel, "tested": R.tested(protocol, k), "best": best,
-            "rows": rows, "na": na}
+            "rows": rows, "na": na, "duplicates": duplicates, "by_model": by_model}
 
 
 def board_cells(board, r, num, sign, p_of, bold):
@@ -209,6 +212,7 @@ def run_entries(res, ranks, model=None):
     models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
     models += [(b, "n/a" if "na" in r else "baseline", r) for b, r in res.get("baselines", {}).items()]
     cols, sel = [R.column(c, k) for c in p.columns], R.column(p.select, k)
+    cols += [(sel[0], "mrr")] if "mrr" in res.get("test", {}).get(sel[0], {}) else []      # where the protocol has it
     out = []
     for name, kind, r in models:
         e = {"model": name, "kind": kind, "seed": seed}
@@ -241,15 +245,29 @@ def compared_runs(runs, runs_dir="runs", dataset=None, protocol=None):
             continue
         try:
             res = json.loads((d / "results.json").read_text(encoding="utf-8"))
-            assert isinstance(res.get("config"), dict)
-        except (ValueError, AssertionError, UnicodeDecodeError):
-            raise R.UserError(f"{d / 'results.json'}: not a RecSetters results file (damaged or from another program)")
-        if (dataset is None or res["dataset"]["name"] == dataset) and \
+            assert isinstance(res.get("config"), dict) and isinstance(res.get("dataset"), dict)
+            with np.load(d / "ranks.npz") as z:
+                assert "users" in z.files
+        except Exception:                # damaged, truncated, another program's: named, and refused or skipped
+            if runs:
+                raise R.UserError(f"run {d}: results.json or ranks.npz is not a RecSetters file (damaged or from "
+                                  f"another program); retrain it")
+            R.log(f"warning: skipped {d}: results.json or ranks.npz is damaged (retrain it, or remove it)")
+            continue
+        if (dataset is None or res["dataset"].get("name") == dataset) and \
                 (protocol is None or res.get("protocol", "leave-one-out") == protocol):
             out.append((d, res))
     if not out:
         raise R.UserError(f"no finished run of dataset {dataset!r}" + (f" under {protocol}" if protocol else "")
                         + f" in {runs_dir}/" if dataset else "name the runs to compare, or --dataset NAME")
+    if protocol is None and not runs:        # --dataset D: one leaderboard per protocol found (same_data on each)
+        return out
+    return same_data(out)
+
+
+def same_data(out):
+    """out ([(run folder, results.json)]) if its runs are on the same data, protocol and split; else a UserError
+    that says which differ."""
     defaults = R.Config()
     facts = [("dataset", lambda r: f"{r['dataset']['name']} (digest {r['dataset'].get('digest', 'unknown')})"),
              ("protocol", lambda r: r.get("protocol", "leave-one-out")),
@@ -272,7 +290,7 @@ def compare_runs(folders_results, n_boot=2000):
     entries = []
     for d, res in folders_results:
         with np.load(d / "ranks.npz") as z:
-            entries += run_entries(res, z)
+            entries += [{**e, "run": d.name} for e in run_entries(res, z)]
     res = folders_results[0][1]
     protocol, k = res.get("protocol", "leave-one-out"), res["config"].get("k", 10)
     split = res["config"].get("split", "auto")
@@ -287,19 +305,52 @@ def cmd_compare(args):
     if not args.runs and not args.of_dataset:
         raise R.UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")
     runs = compared_runs(args.runs, args.runs_dir, args.of_dataset, args.protocol)
+    groups = {}
+    for d, res in runs:                      # --dataset without --protocol: a leaderboard per protocol found
+        groups.setdefault(res.get("protocol", "leave-one-out"), []).append((d, res))
+    outs = {}
+    for protocol, group in groups.items():
+        same_data(group)
+        name = f"{group[0][1]['dataset']['name']}-{protocol}"
+        out = Path(args.out + (f"-{protocol}" if len(groups) > 1 else "") if args.out else
+                   Path(args.runs_dir) / "compare" / name)
+        for f in (f"{out}.md", f"{out}.tex"):            # before any work: nothing that exists is replaced unasked
+            R.check_output(f, args.overwrite, own=not args.out)
+        outs[protocol] = out
+    for protocol, group in groups.items():
+        compare_one(group, outs[protocol], args.per_seed)
+
+
+def compare_one(runs, out, per_seed=False):
+    """One protocol's leaderboard: printed, and written to OUT.md and OUT.tex."""
     board, title = compare_runs(runs)
-    res = runs[0][1]
-    out = Path(args.out or Path(args.runs_dir) / "compare" / f"{res['dataset']['name']}-{board['protocol']}")
     seeds = sorted({s for r in board["rows"] for s in r["seeds"]})
     n = f"{len(runs)} run{'s' if len(runs) > 1 else ''}"
     caption = f"{title}: {n}, seeds {', '.join(map(str, seeds))}. " + board_note(board, "Leaderboard")
     md = board_markdown(board, f"**{title}** ({n}: {', '.join(d.name for d, _ in runs)})")
+    for model, seed, kept, other in board["duplicates"]:
+        R.log(f"warning: {model} at seed {seed} is in runs {kept} and {other}: counted once (from {kept}); name the "
+              f"runs to compare them apart")
     print("\n".join(md) + "\n\n" + board_note(board, "Leaderboard"))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if per_seed:
+        seed_rows = seed_table(board)
+        print("\n" + "\n".join(seed_rows))
+        md += ["", *seed_rows]
     R.atomic_write_text(Path(f"{out}.md"), "\n".join([f"## {title}", "", *md[2:], "", board_note(board, "Table")]) + "\n")
     tag = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
     R.atomic_write_text(Path(f"{out}.tex"), "\n".join(board_latex(board, caption, tag)) + "\n")
     print(f"\nwrote {out}.md and {out}.tex")
+
+
+def seed_table(board):
+    """--per-seed: one Markdown row per (model, seed) with its run, validation and test columns, best model first."""
+    heads = ["model", "seed", "run", f"val {R.label(*board['select'])}"] + [R.label(*c) for c in board["columns"]]
+    L = ["Per seed:", "", "| " + " | ".join(heads) + " |", "|---|---:|---|" + "---:|" * (len(heads) - 3)]
+    for r in board["rows"]:
+        for seed, e in sorted(board["by_model"][r["model"]].items()):
+            L.append(f"| {r['model']} | {seed} | {e.get('run', '')} | {e['val']:.2f} | "
+                     + " | ".join(f"{e['test'].get(c, float('nan')):.2f}" for c in board["columns"]) + " |")
+    return L
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,7 +765,8 @@ def fairness_lines(fair):
 def report(out, data_dir, notes=(), do_fairness=True):
     df, per_user, extras = collect(out)
     if df.empty:
-        raise SystemExit(f"no finished cells under {out / 'runs'}")
+        print(f"error: no finished cells under {out / 'runs'}: run experiments.py ablation first", file=sys.stderr)
+        sys.exit(2)
     df.to_csv(out / "results.csv", index=False)
     s = summary(df)
     sig = significance(df, per_user)
@@ -936,8 +988,21 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
 # ----------------------------------------------------------------------------------------------
 # 9. command line
 
+GRID_FILES = ("runs", "logs", "tune", "report.md", "tuning.md", "notes.json", "results.csv")
+
+
+def grid_folder(out):
+    """--out of ablation, tune and report: the grid's own folder, resumed when it exists; never a file, a run folder,
+    someone else's non-empty folder (one without the grid's files) or a place that cannot be written."""
+    out = R.check_output(out, folder=True, own=True)
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in GRID_FILES):
+        raise R.UserError(f"--out {out}: a folder that is not an experiments folder (none of {', '.join(GRID_FILES)} "
+                          f"in it); name a new folder")
+    return out
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="experiments.py", description="RecSetters ablation grid and report")
+    ap = R.Parser(prog="experiments.py", description="RecSetters ablation grid and report")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ablation", help="run every missing cell of the grid, then write the report")
     a.add_argument("--datasets", nargs="+", default=["demo", "hetrec"])
@@ -967,9 +1032,12 @@ def main(argv=None):
                    "--dataset there)")
     c.add_argument("--dataset", dest="of_dataset", default=None, help="compare every run of this dataset")
     c.add_argument("--protocol", default=None, type=lambda p: ALIASES.get(p, p), choices=list(R.PROTOCOLS),
-                   help="only the runs of this protocol")
+                   help="only the runs of this protocol (default: with --dataset, a leaderboard per protocol found)")
     c.add_argument("--out", default="", help="where the tables go: OUT.md and OUT.tex (default: "
-                   "RUNS_DIR/compare/DATASET-PROTOCOL)")
+                   "RUNS_DIR/compare/DATASET-PROTOCOL; OUT-PROTOCOL for each protocol when --dataset finds several); "
+                   "existing files only with --overwrite")
+    c.add_argument("--per-seed", action="store_true", help="also a row per model and seed (its run, validation and "
+                   "test)")
     R.add_settings(c, "compare", R.Config())
     args = ap.parse_args(argv)
     if args.cmd == "compare":
@@ -978,7 +1046,11 @@ def main(argv=None):
         except R.UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    out = Path(args.out)
+    try:
+        out = grid_folder(args.out)
+    except R.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     notes = []
     if args.cmd == "ablation":
         (out / "logs").mkdir(parents=True, exist_ok=True)

@@ -88,12 +88,14 @@ NONNEGATIVE = Range(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0
 PROBABILITY = Range(lambda v: 0 <= v <= 1, "a probability, between 0 and 1")
 FRACTION = Range(lambda v: 0 <= v <= 1, "a fraction, between 0 and 1")
 SHARE = Range(lambda v: 0 < v < 1, "a fraction, strictly between 0 and 1")
+FINITE = Range(lambda v: math.isfinite(v), "a finite number")
+NAME = Range(lambda v: v.strip() != "", "a name, not empty")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
 TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.isdigit() and int(v) >= 1, "imported, all, or a number >= 1")
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
-                      "all, none, or comma-separated names of Popularity, ItemKNN, EASE, RP3beta, iALS")
+                      "all, none, or comma-separated names of the baselines in BASELINES (train --help lists them)")
 
 TRAIN, DATA, SAVED = ("train",), ("train", "baselines", "stats"), ("evaluate", "recommend", "fairness", "browse",
                                                                    "export")
@@ -108,9 +110,9 @@ def setting(default, help, check=None, choices=None, cmds=TRAIN):
 @dataclass
 class Config:
     # data, split and evaluation (also the options of `baselines` and `stats`)
-    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)",
+    dataset: str = setting("demo", "folder name under --data-dir (demo: SYNTHETIC, generated on first use)", NAME,
                            cmds=DATA)
-    data_dir: str = setting("data", "folder of the datasets", cmds=DATA)
+    data_dir: str = setting("data", "folder of the datasets", NAME, cmds=DATA)
     min_interactions: int = setting(5, "k of the iterative k-core: users and items with fewer interactions are "
                                     "dropped", COUNT, cmds=DATA)
     split: str = setting("auto", "the protocol and its split (PROTOCOLS). Leave-one-out: auto (leave-last-out by time "
@@ -136,12 +138,12 @@ class Config:
                      cmds=DATA + ("recommend", "fairness", "browse"))
     new_item_offset: float = setting(0.0, "evaluate: a constant added to the score of every item without train "
                                      "interactions (new items): trades warm for new items in the cold-items all view "
-                                     "(its Warm@K says how many); rankings among new items, the cold view, do not change",
-                                     cmds=("evaluate",))
+                                     "(its Warm@K says how many); rankings among new items, the cold view, do not change; "
+                                     "only under a protocol with new items", FINITE, cmds=("evaluate",))
     eval_memory_mb: int = setting(512, "memory budget of one evaluation chunk (MB)", COUNT, cmds=DATA)
     # the model; defaults: the best configuration on hetrec validation (README, Experiments)
     text: str = setting("auto", "items.csv text column for the item tower (title, summary, lyrics, tags, ...), none, "
-                        "or auto: the first of lyrics, summary, tags, title that most items have")
+                        "or auto: the first of lyrics, summary, tags, title that most items have", NAME)
     scorer: str = setting("dot", "dot: dot product of the tower outputs; dotcompress: the study's scoring head",
                           choices=lambda: tuple(SCORERS))
     dim: int = setting(192, "embedding size of every categorical feature (the study's: 96)", COUNT)
@@ -181,7 +183,8 @@ class Config:
     negatives: int = setting(20, "uniform negatives per positive (margin, softmax)", COUNT0)
     margin: float = setting(1.0, "margin of the margin loss", NONNEGATIVE)
     epochs: int = setting(40, "most training epochs", COUNT)
-    patience: int = setting(5, "stop after this many epochs without a better validation NDCG@K", COUNT)
+    patience: int = setting(5, "stop after this many epochs without a better validation selection metric (SELECTS)",
+                            COUNT)
     batch_size: int = setting(512, "train positives per batch", COUNT)
     lr: float = setting(3e-3, "learning rate (AdamW)", POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay", NONNEGATIVE)
@@ -199,13 +202,15 @@ class Config:
                            cmds=TRAIN + ("baselines",))
     amp: bool = setting(False, "bf16 autocast in training (GPU; see README, Speed and scale)")
     compile: bool = setting(False, "torch.compile the towers and the scorer")
-    runs_dir: str = setting("runs", "folder of the run folders", cmds=TRAIN + SAVED + ("compare",))
+    runs_dir: str = setting("runs", "folder of the run folders", NAME, cmds=TRAIN + SAVED + ("compare",))
     run_name: str = setting("", "run folder name ('': DATASET-SPLIT-TEXT-sSEED, and a digest of the settings that "
                             "differ from the protocol's defaults)")
-    overwrite: bool = setting(False, "replace an existing run folder of the same name (without it, an existing run is "
-                              "never replaced)")
+    overwrite: bool = setting(False, "train: replace an existing run folder of the same name; browse, export, "
+                              "compare, recommend: write onto an existing --out, replacing only the files the command writes "
+                              "(without it, nothing that exists is replaced)",
+                              cmds=TRAIN + ("browse", "export", "compare", "recommend"))
     baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
-                             "separated subset of Popularity, ItemKNN, EASE, RP3beta, iALS", BASELINE_LIST, cmds=DATA)
+                             "separated subset of BASELINES", BASELINE_LIST, cmds=("train", "baselines"))
     # fairness
     min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
     bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
@@ -898,6 +903,8 @@ class Protocol(NamedTuple):
                              #   (which baselines can run follows from it: why_not, section 9)
     item_text: object = None  # (ds, split, tag_count) -> (ds with leak-free tags, report lines), or None
     exclude: object = exclusion   # (split, "validation" | "test") -> users x items CSR each ranking leaves out
+    options: tuple = ()      # the Config settings only this protocol reads (elsewhere: a warning that they do nothing)
+    views: dict = {}         # view -> what it means, said under every table (one word, "cold", means different things)
 
 
 LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
@@ -908,14 +915,19 @@ MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "re
 PROTOCOLS = {
     "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
                               lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
-                              ("overall", "ndcg@{k}"), LOO_COLUMNS),
+                              ("overall", "ndcg@{k}"), LOO_COLUMNS,
+                              views=dict(cold="the target is a rarely-seen item (seen in training, but outside the "
+                                              "--warm-fraction most interacted)", warm="the target is among them")),
     # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
     # weighted by the tags' idf, over every leak-free tag it has (section 3: 5, 10, 20 or all tags, the same for
     # every model)
     "cold-items": Protocol(("cold-items",), cold_items_parts, cold_targets, multi_target_results,
                            lambda r, counts, k: multi_target_metrics(r, counts), ("cold", "ndcg@20"), MULTI_COLUMNS,
                            dict(text_bag=True, tag_feature=False, tag_count="all", bag_weights="idf"),
-                           crowding=20, audit=lambda *a: tag_leak_audit(*a), unseen="items", item_text=new_item_tags),
+                           crowding=20, audit=lambda *a: tag_leak_audit(*a), unseen="items", item_text=new_item_tags,
+                           options=("cold_fraction", "tag_source", "tag_count"),
+                           views=dict(cold="never-seen (new) items only, ranked among the held-out new items",
+                                      all="never-seen items ranked among the whole catalog")),
     # chosen on validation (RESULTS.md, new users): a new user's encoded vector refined by 300 fold-in steps; the
     # softmax trained together with iALS's squared loss on the cosines (weight 5); embeddings and towers of 384; an
     # ensemble of 3 two-towers trained apart
@@ -924,8 +936,19 @@ PROTOCOLS = {
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
                           dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384, ensemble=3),
-                          unseen="users", item_text=new_user_tags),
+                          unseen="users", item_text=new_user_tags, options=("new_user_fraction", "tag_count")),
 }
+
+
+def idle_options(cfg):
+    """Warning lines for settings given away from their default that the --split's protocol never reads (each
+    protocol's `options`): they would change nothing, silently."""
+    mine = set(PROTOCOLS[protocol_name(cfg.split)].options)
+    d = Config()
+    idle = sorted({o for p in PROTOCOLS.values() for o in p.options} - mine)
+    return [f"warning: {typed(o, getattr(cfg, o))} does nothing under {protocol_name(cfg.split)} (read by "
+            f"{', '.join(n for n, p in PROTOCOLS.items() if o in p.options)})" for o in idle
+            if getattr(cfg, o) != getattr(d, o)]
 
 
 def protocol_name(split_kind):
@@ -1453,8 +1476,11 @@ class TwoTower(nn.Module):
         out = U0.clone()
         with torch.no_grad():
             V = self.items(torch.arange(n_items, device=dev))
+        from tqdm import tqdm
         with torch.enable_grad():
             chunk = max(1, memory_mb * 2**20 // (n_items * 4 * 6))
+            bar = tqdm(total=self.fold_in_steps * math.ceil(len(U0) / chunk), desc=f"fold-in of {len(U0):,} users",
+                       leave=False, disable=None, unit="step")              # quiet when stderr is not a terminal
             for a in range(0, len(U0), chunk):
                 u0 = U0[a:a + chunk]
                 X = torch.as_tensor(history[a:a + chunk].toarray(), dtype=torch.float32, device=dev)
@@ -1466,8 +1492,10 @@ class TwoTower(nn.Module):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    bar.update()
                 with torch.no_grad():
                     out[a:a + chunk] = vector(w)
+            bar.close()
         return out
 
     def items(self, idx):
@@ -1966,16 +1994,17 @@ def train_ensemble(cfg, split, feats, rt, run_dir=None, quiet=False):
 # user's profile and, at test time, their validation items), in each of the protocol's views (all those items, or
 # only its candidate items). A target's rank is the number of items scored above it, ties broken by item index.
 
-def tower_vectors(model, device, split=None):
+def tower_vectors(model, device, split=None, only=None):
     """(U, V): every user's and every item's tower output, what the scorer ranks (and `export` writes). Users that
     training never saw (split.folded_users: new users) are encoded from their profile rows alone (TwoTower.encode:
-    no id, never trained)."""
+    no id, never trained); `only` (user indices): fold in just these (browse: the users on the page)."""
     model.eval()
     with torch.no_grad():
         n_users, n_items = model.u_feats.shape[1], model.i_feats.shape[1]
         U = torch.cat([model.users(torch.arange(a, min(a + 65536, n_users), device=device))
                        for a in range(0, n_users, 65536)])
         rows = np.zeros(0, np.int64) if split is None else split.folded_users()
+        rows = rows if only is None else np.intersect1d(rows, only)
         if len(rows):
             U[torch.as_tensor(rows, device=device)] = model.encode(model.u_feats[1, rows].cpu().numpy(), split.profile[rows])
         V = torch.cat([model.items(torch.arange(a, min(a + 65536, n_items), device=device))
@@ -1994,9 +2023,10 @@ def offset_new_items(score_fn, split, offset, device="cpu"):
     return fn
 
 
-def model_scores(model, device, split=None):
-    """A score function users -> (len(users), n_items) for a trained two-tower model (tower_vectors)."""
-    U, V = tower_vectors(model, device, split)
+def model_scores(model, device, split=None, only=None):
+    """A score function users -> (len(users), n_items) for a trained two-tower model (tower_vectors; `only`: the users
+    it will be asked about, when not every user)."""
+    U, V = tower_vectors(model, device, split, only)
     bytes_per_pair = 16     # DotCompress.all_pairs works in small tiles without grad: only the scores add up
 
     def score(users):
@@ -2356,8 +2386,9 @@ def baseline_names(spec):
 def tune(name, make, grid, split, k=10, memory_mb=512, quiet=False):
     """The one tuning loop: the grid point with the best validation score of the split's protocol (its `select`),
     then test evaluated once. Returns (result, test ranks)."""
+    from tqdm import tqdm
     t0, best = time.perf_counter(), None
-    for p in grid:
+    for p in tqdm(grid, desc=f"baseline {name}: grid search", leave=False, disable=True if quiet else None):
         t1 = time.perf_counter()
         fn = make(p)
         fit = time.perf_counter() - t1
@@ -2670,7 +2701,7 @@ def run_folder(run, runs_dir="runs"):
 
 def new_run_folder(cfg, split_kind):
     """The folder a new run writes; an existing run there is kept unless --overwrite (one error line, not lost)."""
-    run_dir = Path(cfg.runs_dir) / run_name(cfg, split_kind)
+    run_dir = writable(Path(cfg.runs_dir) / run_name(cfg, split_kind), "--runs-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise UserError(f"run folder {run_dir} exists: choose another --run-name, or add --overwrite to replace it")
@@ -2710,6 +2741,9 @@ def fmt_table(rows, split, k, title):
     na = [n for n, res in rows if "na" in res]
     if na:
         lines.append(f"n/a under {split.protocol} (BASELINES says what each can score): {', '.join(na)}")
+    about = protocol_of(split).views
+    if about:
+        lines.append("views: " + "; ".join(f"{v}: {about[v]}" for v in dict.fromkeys(v for v, _ in cols) if v in about))
     return "\n".join(lines)
 
 
@@ -2809,6 +2843,8 @@ def train_and_report(cfg, rt, rank=0, world=1):
     run_dir = new_run_folder(cfg, split.kind)          # before anything is written: an existing run is kept
     if rank == 0:
         describe(ds, split)
+        for line in run_cost(cfg, split):
+            log(line)
         log(f"device: {rt.describe()}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.perf_counter()
     if rank > 0:
@@ -2959,35 +2995,75 @@ def find_user(ds, name):
 
 
 def match_items(items, loved):
-    """Indices of the run's items that a loved-tracks table names (unique, in its order), and how many of its rows
-    matched: by `item` id, or by `artist` and `track` through collect.py's catalog matcher (artist-level datasets:
-    by the artist alone)."""
+    """Which of the run's items each row of a loved-tracks table names: (item index per row, -1 where none; why each
+    unmatched row did not match), by `item` id, or by `artist` and `track` through collect.py's catalog matcher
+    (artist-level datasets: by the artist alone)."""
     import collect
+    artists = {collect.norm_artist(a) for a in items.artist}
     if "item" in loved.columns:
         idx = pd.Index(items.item.astype(str)).get_indexer(loved.item.astype(str).str.strip())
-    elif (items.track == items.artist).all():
-        first = {}
-        for j, a in enumerate(items.artist):
-            first.setdefault(collect.norm_artist(a), j)          # spellings that normalize alike: the first
-        idx = [first.get(collect.norm_artist(a), -1) for a in loved.artist.astype(str)]
+        miss = lambda r: "empty item id" if not str(loved.item.iloc[r]).strip() else "no such item id in the run"
     else:
-        cat = pd.DataFrame({"artist": items.artist, "track": items.track, "genre": items.tag,
-                            "artists": [[a] for a in items.artist]})
-        _, index = collect.catalog_index(cat)
-        rows, ids, _ = collect.match_loved(loved.astype(str), index)
-        row_of = {collect.catalog_item(a, t): j for j, (a, t) in enumerate(zip(items.artist, items.track))}
-        idx = np.full(len(loved), -1)
-        idx[rows] = [row_of.get(i, -1) for i in ids]
-    idx = np.asarray(idx)
-    return np.array(list(dict.fromkeys(idx[idx >= 0].tolist())), np.int64), int((idx >= 0).sum())
+        if (items.track == items.artist).all():
+            first = {}
+            for j, a in enumerate(items.artist):
+                first.setdefault(collect.norm_artist(a), j)          # spellings that normalize alike: the first
+            idx = np.array([first.get(collect.norm_artist(a), -1) for a in loved.artist.astype(str)])
+        else:
+            cat = pd.DataFrame({"artist": items.artist, "track": items.track, "genre": items.tag,
+                                "artists": [[a] for a in items.artist]})
+            _, index = collect.catalog_index(cat)
+            rows, ids, _ = collect.match_loved(loved.astype(str), index)
+            row_of = {collect.catalog_item(a, t): j for j, (a, t) in enumerate(zip(items.artist, items.track))}
+            idx = np.full(len(loved), -1)
+            idx[rows] = [row_of.get(i, -1) for i in ids]
+        miss = lambda r: ("empty artist" if not str(loved.artist.iloc[r]).strip() else
+                          "artist not in the run's catalog" if collect.norm_artist(str(loved.artist.iloc[r])) not in
+                          artists else "artist known, not this track")
+    idx = np.asarray(idx, np.int64)
+    return idx, {r: miss(r) for r in np.flatnonzero(idx < 0)}
+
+
+def loved_history(idx):
+    """The matched items of match_items, once each, in the file's order."""
+    return np.array(list(dict.fromkeys(idx[idx >= 0].tolist())), np.int64)
+
+
+def match_report(loved, idx, why, names, every=False):
+    """Lines saying what each row of a loved-tracks file matched (line numbers as in the file, its header line 1),
+    or why not; the unmatched rows only unless `every` (--show-matches)."""
+    said = lambda r: (str(loved.item.iloc[r]) if "item" in loved.columns else
+                      f"{loved.artist.iloc[r]} — {loved.track.iloc[r]}")
+    seen, out = {}, []
+    for r, i in enumerate(idx):
+        if i >= 0 and i in seen:
+            note = f"{names[i]} (again: line {seen[i]})"
+        elif i >= 0:
+            note, seen[i] = names[i], r + 2
+        else:
+            note = f"no match: {why[r]}"
+        if every or i < 0:
+            out.append(f"  line {r + 2}: {said(r)} -> {note}")
+    return out
+
+
+LOVED_MAX_BYTES = 5_000_000         # --loved: a larger file is refused before any work (about 100,000 tracks)
 
 
 def read_loved(path):
-    """A loved-tracks CSV: columns `item`, or `artist` and `track` (others ignored)."""
+    """A loved-tracks CSV: columns `item`, or `artist` and `track` (others ignored); a file, at most LOVED_MAX_BYTES."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--loved {path}: a folder; name a CSV file")
+    if p.exists() and p.stat().st_size > LOVED_MAX_BYTES:
+        raise UserError(f"--loved {path}: {p.stat().st_size / 1e6:.1f} MB, over the cap of {LOVED_MAX_BYTES / 1e6:.0f} "
+                        f"MB (about 100,000 loved tracks); give a shorter list")
     try:
-        loved = read_csv_checked(Path(path), [])
+        loved = read_csv_checked(p, [])
     except UserError as e:
         raise UserError(f"--loved: {e}")
+    except OSError as e:
+        raise UserError(f"--loved {path}: cannot read it ({e.strerror or e})")
     if "item" not in loved.columns and not {"artist", "track"} <= set(loved.columns):
         raise UserError(f"--loved {path}: needs a column `item`, or columns `artist` and `track` (found: "
                         f"{', '.join(loved.columns) or 'none'})")
@@ -3014,10 +3090,12 @@ def lastfm_loved(name, data_dir):
     return pd.DataFrame([(a, t) for a, t, _ in tracks], columns=["artist", "track"])
 
 
-def recommend_items(model, history, k, country=-1, known=-1, exclude=None, device="cpu"):
+def recommend_items(model, history, k, country=-1, known=-1, exclude=None, device="cpu", artist=None, per_artist=0):
     """One user's top K (item indices, scores, reason items, their contributions): the user encoded from a history
     of item indices and a country code (a dataset user: `known`, their index), scored against every item by the
-    ranking engine, `exclude` (item indices; default: the history) left out, each with its reason (reasons)."""
+    ranking engine, `exclude` (item indices; default: the history) never among them at any K (fewer come back when
+    fewer remain), each with its reason (reasons). per_artist > 0: at most that many items of one artist (`artist`:
+    each item's artist code), the best-scored first."""
     n_items = int(model.i_feats.shape[1])
     history = np.asarray(history, np.int64)
     model.eval()
@@ -3028,8 +3106,15 @@ def recommend_items(model, history, k, country=-1, known=-1, exclude=None, devic
     ex = np.asarray(history if exclude is None else exclude, np.int64)
     ex = sp.csr_matrix((np.ones(len(ex)), ex, [0, len(ex)]), shape=(1, n_items))
     fn = lambda users: model.scorer.all_pairs(u.expand(len(users), -1), V)
-    top = top_k_lists(fn, np.array([0]), ex, k, device)[0]
-    scores = fn([0])[0, torch.as_tensor(top, device=u.device)].cpu().numpy()
+    wide = n_items if per_artist else min(k, n_items)
+    top, scores = (x[0] for x in top_k_lists(fn, np.array([0]), ex, wide, device, return_scores=True))
+    keep = np.isfinite(scores)                     # the excluded items are masked (-inf): never recommended back
+    if per_artist:                                 # each artist's best-scored per_artist items, in score order
+        a, count = np.asarray(artist)[top], {}
+        for r in np.flatnonzero(keep):
+            count[a[r]] = count.get(a[r], 0) + 1
+            keep[r] = count[a[r]] <= per_artist
+    top, scores = top[keep][:k], scores[keep][:k]
     why, weight = reasons(model, country, history, top, known, U=U)
     return top, scores, why, weight
 
@@ -3072,17 +3157,29 @@ def reasons(model, country, history, items, known=-1, U=None):
         return H[best.cpu().numpy()], S[best, torch.arange(len(items), device=S.device)].cpu().numpy()
 
 
-def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=512, candidates=None):
+def recommendations(model, split, users, exclude, k=10, device="cpu", memory_mb=512, candidates=None, score_fn=None):
     """Each user's top K with its scores and reasons (`recommend` and `browse`): (items, scores, reason items, score
     drops), each (len(users), k); reason -1 where a user has no history. candidates: rank only these items (a
     protocol's view), else every item `exclude` does not mask."""
-    fn = only(model_scores(model, device, split), candidates, split.n_items, device)
+    fn = only(score_fn or model_scores(model, device, split, users), candidates, split.n_items, device)
     top, scores = top_k_lists(fn, np.asarray(users), exclude, k, device, memory_mb, return_scores=True)
     why, drop = np.full(top.shape, -1), np.zeros(top.shape)
+    country = lambda u: int(model.u_feats[1, u])
+    known = lambda u: u if split.train[u].nnz else -1
+    # every user's occluded histories encoded in one batch (one fold-in for all of them, not one per user)
+    parts = [occlusions(split.profile[u].indices, split.n_items, country(u), known(u), model.hist_emb is not None)
+             for u in users]
+    U = None
+    if model.hist_emb is not None and len(parts):
+        model.eval()
+        with torch.no_grad():
+            U = model.encode(np.concatenate([p[0] for p in parts]), sp.vstack([p[1] for p in parts]).tocsr(),
+                             np.concatenate([p[2] for p in parts]))
+    at = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts])])
     for r, u in enumerate(users):
         ok = np.isfinite(scores[r])                  # fewer than k candidates: the rest are masked
-        why[r, ok], drop[r, ok] = reasons(model, int(model.u_feats[1, u]), split.profile[u].indices, top[r, ok],
-                                          u if split.train[u].nnz else -1)
+        why[r, ok], drop[r, ok] = reasons(model, country(u), split.profile[u].indices, top[r, ok], known(u),
+                                          U=None if U is None else U[at[r]:at[r + 1]])
         top[r, ~ok] = -1
     return top, scores, why, drop
 
@@ -3110,41 +3207,81 @@ def browse_users(spec, ds, test_users, seed=0):
     return np.array(sorted({index[n] for n in names}))
 
 
-def browse_data(run_name, cfg, ds, split, model, device, users, k=10):
-    """What the browse page shows, as one JSON-able dict: per user the train history, the validation items, the
-    test targets (held out) with their rank in each of the protocol's views, and per view the top K with scores and
-    reasons. Items are referenced by index into "items" (only those shown)."""
+def natural(name):
+    """A sort key that orders numeric parts as numbers: user 105 before 1003 (hetrec's ids), u2 before u10."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.casefold()) for t in re.findall(r"\d+|\D+", str(name))]
+
+
+def against_scores(spec, run_dir, ds, split, cfg, device, runs_dir="runs"):
+    """browse --against: (label, score function) of a baseline of the run (its name in results.json, with the
+    hyperparameters chosen there) or of a second run on the same dataset and split; a UserError otherwise."""
+    res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    chosen = {n: r for n, r in res.get("baselines", {}).items() if "params" in r}
+    base = spec.split(" ")[0]
+    if spec in chosen and base in BASELINES:
+        b = BASELINES[base]
+        C = {"": None, "tags": ds.items.get("tags"),
+             "text": build_features(ds, spec[len(base) + 1:] or "none", Path(cfg.data_dir) / ".cache").text
+             if b.content == "text" else None}[b.content]
+        return f"{spec} ({chosen[spec]['params']})", b.make(split, C, chosen[spec]["params"])
+    if base in BASELINES or len(Path(spec).parts) == 1 and not (Path(runs_dir) / spec).is_dir():
+        raise UserError(f"--against {spec}: not a baseline of run {run_dir.name} (its results.json has "
+                        f"{', '.join(chosen) or 'none'}) nor a run under {runs_dir}/")
+    cfg2, ds2, split2, model2, _, run2 = restore(spec, runs_dir, str(device), free_cores=False)
+    if ds2.digest != ds.digest or split2.kind != split.kind or (split2.profile != split.profile).nnz \
+            or (split2.train != split.train).nnz:
+        raise UserError(f"--against {spec}: run {run2.name} is not on the same dataset and split as {run_dir.name} "
+                        f"({ds2.label}, {protocol_title(split2)}, seed {cfg2.seed}): its lists would not be comparable")
+    return f"run {run2.name} (two-tower, {cfg2.scorer}, text {cfg2.text})", model_scores(model2.to(device), device, split)
+
+
+def browse_data(run_name, cfg, ds, split, model, device, users, k=10, against=None):
+    """What the browse page shows, as one JSON-able dict: per user the profile (train history, or a new user's
+    fold-in), the validation items, the test targets (held out) with their rank in each of the protocol's views, and
+    per view the top K with scores and reasons (and, with `against` = (label, score function), that model's top K).
+    Items are referenced by index into "items" (only those shown); users in natural order of their names."""
     p = protocol_of(split)
+    users = np.array(sorted(users, key=lambda u: natural(ds.users.user.iloc[u])), np.int64)
     t_users, T, views = p.targets(split, "test")
     excl = p.exclude(split, "test")
     row_of = {int(u): r for r, u in enumerate(t_users)}
     tested_users = np.array([u for u in users if int(u) in row_of], np.int64)
     Tc = T[[row_of[int(u)] for u in tested_users]]
-    ranks = target_ranks(model_scores(model, device, split), tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
+    tested_at = {int(u): j for j, u in enumerate(tested_users)}
+    fn = model_scores(model, device, split, users)         # the users on the page folded in once, no others
+    ranks = target_ranks(fn, tested_users, Tc, views, excl, device, cfg.eval_memory_mb) \
         if len(tested_users) else {v: np.zeros(0, np.int64) for v in views}
-    tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand)
+    tops = {v: recommendations(model, split, users, excl, k, device, cfg.eval_memory_mb, cand, fn)
             for v, cand in views.items()}
+    vs = {v: top_k_lists(only(against[1], cand, split.n_items, device), users, excl, k, device, cfg.eval_memory_mb,
+                         return_scores=True) for v, cand in views.items()} if against else {}
+    folded = set(split.folded_users().tolist())
     val = sp.csr_matrix((np.ones(len(split.val_u)), (split.val_u, split.val_i)), shape=split.train.shape)
     used, out_users = {}, []
     ref = lambda i: used.setdefault(int(i), len(used))
     for r, u in enumerate(users):
         e = {"n": str(ds.users.user.iloc[u]), "c": str(ds.users.country.iloc[u] or ""),
              "h": [ref(i) for i in split.profile[u].indices], "v": [ref(i) for i in val[u].indices], "t": [],
+             "f": int(u) in folded,              # a user training never saw: the history is the fold-in
              "top": {v: [[ref(i), round(float(s), 4), ref(h) if h >= 0 else -1, round(float(d), 4)]
                          for i, s, h, d in zip(*(x[r] for x in tops[v])) if i >= 0] for v in views}}
+        if against:
+            e["vs"] = {v: [[ref(i), round(float(s), 4)] for i, s in zip(*(x[r] for x in vs[v])) if np.isfinite(s)]
+                       for v in views}
         if int(u) in row_of:
-            j = int(np.searchsorted(tested_users, u))
+            j = tested_at[int(u)]
             lo, hi = Tc.indptr[j], Tc.indptr[j + 1]
             e["t"] = [[ref(Tc.indices[x]), {v: int(ranks[v][x]) for v in views}] for x in range(lo, hi)]
         out_users.append(e)
     names, every = [None] * len(used), item_names(ds.items)
     for i, j in used.items():
         names[j] = [every[i], str(ds.items.tag.iloc[i] or "")]
-    about = {v: "every item except the user's training and validation items" if cand is None else
+    about = {v: "every item except the user's history (training items, or a new user's fold-in) and validation items"
+             if cand is None else
              f"only the {len(cand):,} items the protocol holds out as {v} (new) items" for v, cand in views.items()}
     return {"run": run_name, "dataset": ds.label, "protocol": protocol_title(split), "k": k, "views": list(views),
             "about": about, "test_users": int(len(t_users)), "items": names, "users": out_users,
-            "model": f"two-tower ({cfg.scorer}, {cfg.loss}, text {cfg.text})"}
+            "model": f"two-tower ({cfg.scorer}, {cfg.loss}, text {cfg.text})", "against": against[0] if against else ""}
 
 
 BROWSE_PAGE = """<!doctype html>
@@ -3167,7 +3304,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}tr.hit{background:#e8f
 .hint{color:#666}
 </style></head><body>
 <header><h1 id="title"></h1><p id="about"></p></header>
-<main><nav><input id="q" type="search" placeholder="search users (name or country)" autocomplete="off">
+<main><nav><input id="q" type="search" placeholder="search: user, country, or an artist or track they loved" autocomplete="off">
 <div id="count"></div><ul id="users"></ul></nav>
 <section id="user"><p class="hint">Select a user on the left.</p></section></main>
 <script type="application/json" id="data">__DATA__</script>
@@ -3185,7 +3322,8 @@ const rows = D.users.map((u, i) => { const li = el("li", "", u.n); li.dataset.i 
   if (u.c) li.appendChild(el("span", "c", u.c)); li.onclick = () => select(i); list.appendChild(li); return li; });
 function filter() {
   const s = q.value.trim().toLowerCase(); let n = 0;
-  D.users.forEach((u, i) => { const ok = !s || u.n.toLowerCase().includes(s) || u.c.toLowerCase().includes(s);
+  D.users.forEach((u, i) => { const ok = !s || u.n.toLowerCase().includes(s) || u.c.toLowerCase().includes(s) ||
+    u.h.some(it => item(it).toLowerCase().includes(s));          // who loved X: an artist or track in their history
     rows[i].style.display = ok ? "" : "none"; n += ok; });
   document.getElementById("count").textContent = `${n.toLocaleString()} of ${D.users.length.toLocaleString()} users`;
 }
@@ -3196,7 +3334,8 @@ function select(i) {
   pane.replaceChildren();
   pane.appendChild(el("h2", "", u.n + (u.c ? ` (${u.c})` : "")));
   const held = new Set(u.t.map(t => t[0]));
-  pane.appendChild(el("p", "", `${u.h.length} items in training, ${u.v.length} validation, ` +
+  pane.appendChild(el("p", "", (u.f ? `${u.h.length} fold-in items (given at scoring: training never saw this ` +
+    `user), ` : `${u.h.length} items in training, `) + `${u.v.length} validation, ` +
     (u.t.length ? `${u.t.length} held out for test.` : "not a test user (nothing held out for test).")));
   for (const v of D.views) {
     pane.appendChild(el("h3", "", `Top ${D.k}, view "${v}": ${D.about[v]}`));
@@ -3210,6 +3349,18 @@ function select(i) {
       tr.appendChild(el("td", "why", why >= 0 ? `because you loved ${item(why)}` : ""));
       tr.appendChild(el("td", "mark", held.has(it) ? "held-out test item, found" : "")); tb.appendChild(tr); });
     pane.appendChild(tb);
+    if (D.against) {
+      pane.appendChild(el("h3", "", `Beside it, top ${D.k} of ${D.against} (same view)`));
+      const ta = el("table"); ta.id = "vs-" + v; const mine = new Set(u.top[v].map(t => t[0]));
+      const ha = el("tr"); ["#", "item", "score", ""].forEach(h => ha.appendChild(el("th", "", h))); ta.appendChild(ha);
+      u.vs[v].forEach(([it, s], r) => { const tr = el("tr", held.has(it) ? "hit" : "");
+        tr.appendChild(el("td", "num", r + 1)); tr.appendChild(el("td", "", item(it)));
+        tr.appendChild(el("td", "num", s.toFixed(3)));
+        tr.appendChild(el("td", "mark", [held.has(it) ? "held-out test item, found" : "",
+          mine.has(it) ? "also in the model's top " + D.k : ""].filter(Boolean).join("; ")));
+        ta.appendChild(tr); });
+      pane.appendChild(ta);
+    }
   }
   pane.appendChild(el("h3", "", "Held-out test items and their rank (1 = first)"));
   const ul = el("ul"); ul.id = "held";
@@ -3217,7 +3368,8 @@ function select(i) {
   u.t.forEach(([it, ranks]) => ul.appendChild(el("li", "", `${item(it)}: ` + D.views.map(v => `view ${v} rank ` +
     `${ranks[v] + 1}` + (ranks[v] < D.k ? ` (in the top ${D.k})` : ` (not in the top ${D.k})`)).join("; "))));
   pane.appendChild(ul);
-  pane.appendChild(el("h3", "", `History: ${u.h.length} training items`));
+  pane.appendChild(el("h3", "", u.f ? `Fold-in: the ${u.h.length} items the model was given for this user (never ` +
+    `trained on them)` : `History: ${u.h.length} training items`));
   const ch = el("div", "chips"); u.h.forEach(it => ch.appendChild(el("span", "", item(it)))); pane.appendChild(ch);
   if (u.v.length) { pane.appendChild(el("h3", "", "Validation items (left out of the ranking at test time)"));
     const cv = el("div", "chips"); u.v.forEach(it => cv.appendChild(el("span", "", item(it)))); pane.appendChild(cv); }
@@ -3314,8 +3466,54 @@ def faiss_recall(folder, k=10):
     return hits / (len(U) * k)
 
 
+OWNED = ("best.pt", "run.json", "results.json")          # a folder holding one of these is a run: never an --out
+
+
+def check_output(out, overwrite=False, folder=False, own=False, what="--out"):
+    """Where a command is about to write (a file, or a folder with folder=True), checked before any work: a UserError
+    (one line) for a folder where a file goes or the reverse, a run folder (its files are never an output's victims),
+    an existing file or non-empty folder without --overwrite (own: the command's default place in the run folder, which
+    only it writes), or a place it cannot write (read-only, /proc, a file on the way): probed by making the temporary
+    sibling it will write into. Returns out as a Path."""
+    out = Path(out).expanduser()
+    if out.exists() or out.is_symlink():
+        if folder and not out.is_dir():
+            raise UserError(f"{what} {out}: an existing file, not a folder; name a new folder")
+        if not folder and out.name in RUN_FILES and (out.parent / "best.pt").exists() and not own:
+            raise UserError(f"{what} {out}: a file of run {out.parent.name}; name another file")
+        if not folder and out.is_dir():
+            raise UserError(f"{what} {out}: an existing folder; name a file (e.g. {out / 'out.html'})"
+                            if not (out / "best.pt").exists() else f"{what} {out}: a run folder; name a file")
+        if folder and any((out / f).exists() for f in OWNED):
+            raise UserError(f"{what} {out}: a run folder (its own files are never replaced by an output); name a "
+                            f"new folder, e.g. {out / 'export'}")
+        if not own and not overwrite and (not folder or any(out.iterdir())):
+            raise UserError(f"{what} {out}: exists; add --overwrite to replace the files this command writes there "
+                            f"(nothing else is touched), or name a new {'folder' if folder else 'file'}")
+    return writable(out, what)
+
+
+def writable(out, what="--out"):
+    """out (a Path), after probing that the nearest existing folder above it takes the temporary sibling a write
+    makes; a UserError for a read-only folder (its mode, even for root), /proc, or a file on the way."""
+    out = Path(out)
+    base = out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{what} {out}: {base} is a file, not a folder")
+    try:
+        if not os.access(base, os.W_OK) or not stat.S_IMODE(base.stat().st_mode) & 0o222:
+            raise PermissionError(13, "read-only")           # respected even by root, for whom access() says yes
+        Path(tempfile.mkdtemp(prefix=".recsetters-probe-", dir=base)).rmdir()
+    except OSError as e:
+        raise UserError(f"{what} {out}: cannot write in {base} ({e.strerror or e})")
+    return out
+
+
 def write_folder(out, files):
-    """The files into folder `out`, whole or not at all: written into a fresh folder beside it, then swapped in."""
+    """The files into folder `out`, whole or not at all: written into a fresh folder beside it, then each renamed into
+    place. Only these files are replaced: whatever else the folder holds stays (check_output first)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -3323,13 +3521,12 @@ def write_folder(out, files):
         tmp.chmod(0o777 & ~_umask())
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
+        if not out.exists():
             tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+            return
+        for name in files:
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -3447,26 +3644,40 @@ def add_settings(p, cmd, d):
             continue
         text, choices, default = m["help"], m["choices"], getattr(d, f.name)
         choices = choices() if callable(choices) else choices
+        if f.name == "baselines":
+            text = text.replace("BASELINES", ", ".join(BASELINES))
+        text = text.replace("SELECTS", "; ".join(f"{n}: {label(*column(q.select, 'K'))}" for n, q in PROTOCOLS.items()))
         if f.name == "preset":
             choices = ("", *PRESETS)
             text += "".join(f"; {name} sets " + " ".join(typed(k, v) for k, v in PRESETS[name].items())
                             for name in PRESETS)
+        by = "".join(f"; --split {n}: " + (typed(f.name, q.defaults[f.name]) if f.type is bool else
+                                             repr(q.defaults[f.name]))
+                     for n, q in PROTOCOLS.items() if f.name in q.defaults)      # what each protocol's defaults set
         if f.type is bool:               # --x / --no-x
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{text} (default: {typed(f.name, default)})")
+                           help=f"{text} (default: {typed(f.name, default)}{by})")
         else:
             p.add_argument(flag(f.name), type=f.type, default=default, choices=choices,
-                           help=f"{text} (default: {default!r})" if isinstance(default, str) else
-                           f"{text} (default: {default})")
+                           help=f"{text} (default: {default!r}{by})" if isinstance(default, str) else
+                           f"{text} (default: {default}{by})")
         if f.name == "baselines":
             p.add_argument("--no-baselines", dest="baselines", action="store_const", const="none", default=default,
                            help="no baselines (--baselines none)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake (an unknown flag, a value of the wrong type) as one line `error: ...` and exit 2,
+    like every other bad input."""
+    def error(self, message):
+        print(f"error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(preset="", split="auto"):
     """The command line; defaults are Config's under the preset and the protocol of --split (defaults_for)."""
     d = defaults_for(preset, split)
-    ap = argparse.ArgumentParser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
+    ap = Parser(prog="recsetters.py", description="RecSetters: two-tower music recommendation "
                                  "with honest full-ranking evaluation.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     commands = [("train", "train a two-tower model, evaluate it and the baselines under the split's protocol"),
@@ -3480,7 +3691,7 @@ def parser(preset="", split="auto"):
                 ("export", "a run's user and item vectors with their ids and names, and its scorer (.npy, CSV); with "
                            "faiss installed also an approximate index and its recall")]
     for name, hlp in commands:
-        p = sub.add_parser(name, help=hlp)
+        p = sub.add_parser(name, help=hlp, epilog=protocol_defaults_note() if name == "train" else None)
         if name in SAVED:
             p.add_argument("run", help="run folder or its name under --runs-dir")
         if name == "recommend":
@@ -3492,20 +3703,53 @@ def parser(preset="", split="auto"):
                              "LASTFM_API_KEY through collect.py's client and matched to the run's catalog")
             p.add_argument("--popular", action="store_true", help="when no loved track matches, list the most "
                            "popular items instead (labelled as such)")
+            p.add_argument("--show-matches", action="store_true", help="--loved, --lastfm-user: say for every line "
+                           "which item it matched (default: only the lines that matched none, and why)")
+            p.add_argument("--per-artist", type=int, default=None, metavar="N", help="at most N items of one artist "
+                           f"(0: no cap; default: {PER_ARTIST} on track-level data, no cap where items are artists)")
+            p.add_argument("--out", default="", help="also write the list (rank, item, name, score, reason) to "
+                           "FILE.csv or FILE.json; an existing file only with --overwrite")
         if name == "browse":
             p.add_argument("--users", default="", help="comma-separated user names, a number N (a seeded sample of N "
                            "test users), or all (default: a sample of 300 test users)")
-            p.add_argument("--out", default="", help="the page (default: RUN/browse.html)")
+            p.add_argument("--out", default="", help="the page (default: RUN/browse.html); an existing file only with --overwrite")
+            p.add_argument("--against", default="", metavar="NAME|RUN", help="also show, beside the model's, the top K "
+                           "of a baseline of the run (as named in its table, e.g. EASE, with the hyperparameters chosen "
+                           "there) or of a second run on the same dataset and split")
         if name == "export":
-            p.add_argument("--out", default="", help="the folder written (default: RUN/export)")
+            p.add_argument("--out", default="", help="the folder written (default: RUN/export); an existing one only with --overwrite, which replaces only export's files")
         add_settings(p, name, d)
     return ap
+
+
+def protocol_defaults_note():
+    """train --help's epilog: what each protocol's defaults (PROTOCOLS, chosen on its validation) change, and what
+    that costs."""
+    lines = [f"--split {' | '.join(q.splits)} sets " + " ".join(typed(k, v) for k, v in q.defaults.items())
+             + (f" (an ensemble: {q.defaults['ensemble']} two-towers trained one after another, "
+                f"{q.defaults['ensemble']} times the training)" if q.defaults.get("ensemble", 1) > 1 else "")
+             for n, q in PROTOCOLS.items() if q.defaults]
+    return "Each protocol's defaults (chosen on its validation; flags given explicitly win): " + "; ".join(lines) + "."
+
+
+def run_cost(cfg, split):
+    """The lines a run starts with: what its protocol's defaults changed, and how many times it trains."""
+    q = protocol_of(split)
+    out = []
+    if q.defaults:
+        given = [typed(k, getattr(cfg, k)) for k, v in q.defaults.items() if getattr(cfg, k) != v]
+        out.append(f"{split.protocol} defaults: " + " ".join(typed(k, v) for k, v in q.defaults.items())
+                   + (f" (given instead: {' '.join(given)})" if given else ""))
+    if cfg.ensemble > 1:
+        out.append(f"--ensemble {cfg.ensemble}: {cfg.ensemble} two-towers trained one after another, each up to "
+                   f"--epochs {cfg.epochs} ({cfg.ensemble} times a single model's training)")
+    return out
 
 
 def parse_args(argv=None, known=False):
     """The command line, parsed with the defaults of its --preset and of its --split's protocol (known: flags the
     command does not have are left out, not an error)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(prog="recsetters.py", add_help=False)
     pre.add_argument("--preset", default="", choices=["", *PRESETS])
     pre.add_argument("--split", default="auto")
     pre_args = pre.parse_known_args(argv)[0]
@@ -3538,6 +3782,9 @@ def cmd_train(cfg):
 
 def cmd_evaluate(args):
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    if args.new_item_offset and protocol_of(split).unseen != "items":
+        raise UserError(f"--new-item-offset {args.new_item_offset:g}: run {run_dir.name} is {split.protocol}, which "
+                        f"holds out no new items (nothing to offset); it applies to a run with new items (cold-items)")
     fn = offset_new_items(model_scores(model, device, split), split, args.new_item_offset, device)
     offset = f", new items' scores + {args.new_item_offset:g}" if args.new_item_offset else ""
     print(fmt_table([(part, evaluate(fn, split, part, cfg.k, device, cfg.eval_memory_mb))
@@ -3546,6 +3793,14 @@ def cmd_evaluate(args):
 
 
 def cmd_recommend(args):
+    out = args.out and check_output(args.out, args.overwrite)
+    if out and out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--out {args.out}: a .csv or .json file")
+    if args.user and args.show_matches:
+        raise UserError("--show-matches: only with --loved or --lastfm-user (a dataset user's items need no matching)")
+    if args.per_artist is not None and args.per_artist < 0:
+        raise UserError(f"--per-artist {args.per_artist}: an integer >= 0 (0: no cap)")
+    loved = read_loved(args.loved) if args.loved else None            # before any work: a bad file is one line
     cfg, ds, split, model, device, _ = restore(args.run, args.runs_dir, args.device)
     names, country, known = item_names(ds.items), -1, -1
     kind = "artists" if (ds.items.track == ds.items.artist).all() else "tracks"
@@ -3555,31 +3810,63 @@ def cmd_recommend(args):
         history, exclude = split.profile[known].indices, positives_matrix(split)[known].indices
         intro = f"{len(exclude)} loved {kind} left out"
     else:
-        loved = read_loved(args.loved) if args.loved else lastfm_loved(args.lastfm_user, cfg.data_dir)
+        loved = loved if loved is not None else lastfm_loved(args.lastfm_user, cfg.data_dir)
         who = args.loved or f"Last.fm user {args.lastfm_user}"
-        history, matched = match_items(ds.items, loved)
-        intro = f"{matched} of {len(loved)} loved tracks matched to {len(history)} of the run's {len(names):,} {kind}"
-        exclude = history
+        idx, why = match_items(ds.items, loved)
+        history = exclude = loved_history(idx)
+        intro = f"{int((idx >= 0).sum())} of {len(loved)} loved tracks matched to {len(history)} of the run's " \
+                f"{len(names):,} {kind}"
+        if not len(history) and not args.popular:
+            whys = pd.Series(list(why.values())).value_counts()
+            raise UserError(f"none of the {len(loved)} loved tracks of {who} is in the catalog of {ds.name} "
+                            f"({len(names):,} {kind}: " + ", ".join(f"{n} {w}" for w, n in whys.items())
+                            + f"); --popular lists the most popular {kind} instead")
+        lines = match_report(loved, idx, why, names, args.show_matches)
+        log(f"{who}: {intro}" + ("; each line (--show-matches):" if args.show_matches else
+                                 f"; not matched ({len(lines)}):" if lines else "") + "".join("\n" + x for x in lines))
         if not len(history):
-            if not args.popular:
-                raise UserError(f"none of the {len(loved)} loved tracks of {who} is in the catalog of {ds.name} "
-                                f"({len(names):,} {kind}); --popular lists the most popular {kind} instead")
             top = np.argsort(-split.degree, kind="stable")[:args.k]
             print(f"no loved track of {who} matched: the {args.k} most popular {kind} of {ds.label} "
                   f"(train interactions), not personal recommendations:")
             for r, i in enumerate(top, 1):
                 print(f"{r:3d}. {names[i]}   (loved by {split.degree[i]:,} users in train)")
+            write_recommendations(out, who, ds, names, top, split.degree[top], np.full(len(top), -1), "popularity")
             return
     # a dataset user held out as new (new-users) was never trained: encoded from their fold-in, as in evaluation
     known = known if known < 0 or split.train[known].nnz else -1
-    top, scores, why, _ = recommend_items(model, history, args.k, country, known, exclude, device)
-    print(f"top {args.k} for {who} ({ds.label}; {intro}); score: the model's, reason: the loved item whose "
-          f"removal lowers the score most")
+    cap = args.per_artist if args.per_artist is not None else 0 if kind == "artists" else PER_ARTIST
+    top, scores, why, _ = recommend_items(model, history, args.k, country, known, exclude, device,
+                                          codes(ds.items.artist), cap)
+    short = f" (all {len(top):,} left)" if len(top) < args.k else ""
+    print(f"top {len(top)}{short} for {who} ({ds.label}; {intro}"
+          + (f"; at most {cap} per artist" if cap else "") + "); score: the model's, reason: the loved item whose "
+          "removal lowers the score most")
     for r, (i, sc, w) in enumerate(zip(top, scores, why), 1):
         print(f"{r:3d}. {names[i]}   score {sc:.3f}" + (f"   because you loved {names[w]}" if w >= 0 else ""))
+    write_recommendations(out, who, ds, names, top, scores, why, "model")
+
+
+PER_ARTIST = 2        # recommend's default cap of items by one artist on track-level data (--per-artist)
+
+
+def write_recommendations(out, who, ds, names, top, scores, why, score_of):
+    """recommend --out: the list as CSV (rank, item, name, score, because) or JSON, written whole (atomic)."""
+    if not out:
+        return
+    rows = [dict(rank=r, item=str(ds.items.item.iloc[i]), name=names[i], score=round(float(sc), 4),
+                 because=names[w] if w >= 0 else "") for r, (i, sc, w) in enumerate(zip(top, scores, why), 1)]
+    if out.suffix.lower() == ".json":
+        text = json.dumps({"for": str(who), "dataset": ds.label, "score": score_of, "recommendations": rows},
+                          indent=1, ensure_ascii=False)
+    else:
+        text = pd.DataFrame(rows, columns=["rank", "item", "name", "score", "because"]).to_csv(index=False)
+    atomic_write_text(out, text)
+    log(f"wrote {out} ({len(rows)} recommendations)")
 
 
 def cmd_baselines(cfg):
+    if not baseline_names(cfg.baselines):
+        raise UserError(f"--baselines {cfg.baselines}: no baseline to run; name some (--baselines iALS,EASE) or all")
     rt = make_runtime("cpu", cfg.threads)
     free_cores = rt.free_cores(first=0.0)
     ds, split = prepare(cfg)
@@ -3601,8 +3888,17 @@ def cmd_stats(cfg):
               else f"{k:<28} {v}")
 
 
+def within_catalog(k, split):
+    """-k of a saved run's lists, refused (one line) when it is not below the number of items."""
+    if k >= split.n_items:
+        raise UserError(f"-k {k}: the run ranks {split.n_items:,} items; a top K of at most {split.n_items - 1:,}")
+    return k
+
+
 def cmd_fairness(args):
+    check_output(run_folder(args.run, args.runs_dir) / "fairness.json", own=True, what="fairness writes")
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    within_catalog(args.k, split)
     f = fairness_of(model_scores(model, device, split), split, ds, args.k, args.min_users, args.bootstrap, cfg.seed,
                     device, cfg.eval_memory_mb)
     e = f["exposure"]
@@ -3627,16 +3923,20 @@ def cmd_fairness(args):
 
 
 def cmd_browse(args):
+    out = check_output(args.out or run_folder(args.run, args.runs_dir) / "browse.html", args.overwrite, own=not args.out)
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
+    within_catalog(args.k, split)
     users = browse_users(args.users, ds, protocol_of(split).targets(split, "test")[0], cfg.seed)
-    out = Path(args.out or run_dir / "browse.html")
-    atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k)))
+    against = args.against and against_scores(args.against, run_dir, ds, split, cfg, device, args.runs_dir)
+    atomic_write_text(out, browse_page(browse_data(run_dir.name, cfg, ds, split, model, device, users, args.k,
+                                                   against)))
     print(f"wrote {out} ({len(users):,} users, top {args.k}): open it in a browser, no server needed")
 
 
 def cmd_export(args):
+    out = check_output(args.out or run_folder(args.run, args.runs_dir) / "export", args.overwrite, folder=True,
+                       own=not args.out)
     cfg, ds, split, model, device, run_dir = restore(args.run, args.runs_dir, args.device)
-    out = Path(args.out or run_dir / "export")
     write_folder(out, export_files(cfg, ds, split, model, device))
     info = json.loads((out / "export.json").read_text())
     print(f"wrote {out}: {info['users']:,} user and {info['items']:,} item vectors of size {info['out_dim']}, ids "
@@ -3653,10 +3953,15 @@ def cmd_export(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        for name in ("run", "user", "lastfm_user", "loved"):
+            if isinstance(getattr(args, name, None), str) and not getattr(args, name).strip():
+                raise UserError(f"{'the run' if name == 'run' else flag(name)}: empty; give a name")
         cfg = config_from(args).validate()        # before anything is read or written
         on_config = {"train": cmd_train, "baselines": cmd_baselines, "stats": cmd_stats}
         on_runs = {"evaluate": cmd_evaluate, "recommend": cmd_recommend, "fairness": cmd_fairness, "browse": cmd_browse,
                    "export": cmd_export}
+        for line in idle_options(cfg) if args.cmd in on_config else []:
+            log(line)
         on_config[args.cmd](cfg) if args.cmd in on_config else on_runs[args.cmd](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -731,7 +731,9 @@ def test_the_parser_is_generated_from_config(monkeypatch, capsys):
             assert len(start) == 1, (cmd, f.name)
             end = next((n for n in range(start[0] + 1, len(lines)) if lines[n].lstrip().startswith("-")), len(lines))
             entry = " ".join(lines[start[0]:end])        # the option and its help (on the next line when long)
-            assert f"(default: {shown})" in entry and f.metadata["help"][:20] in entry, (cmd, f.name, entry)
+            by = "".join(f"; --split {n}: {R.typed(f.name, p.defaults[f.name]) if isinstance(value, bool) else repr(p.defaults[f.name])}"
+                         for n, p in R.PROTOCOLS.items() if f.name in p.defaults)     # and each protocol's, visible
+            assert f"(default: {shown}{by})" in entry and f.metadata["help"][:20] in entry, (cmd, f.name, entry)
     assert seen == {f.name for f in R.fields(R.Config)}
     original = R.config_from(R.parser("original").parse_args(["train", "--preset", "original"]))
     assert original == R.Config(**R.PRESETS["original"], preset="original")
@@ -739,6 +741,23 @@ def test_the_parser_is_generated_from_config(monkeypatch, capsys):
         R.parser().parse_args(["train", "--help"])
     help_text = capsys.readouterr().out
     assert "original sets --scorer dotcompress --loss margin" in help_text and "--hidden 128,64" in help_text
+    assert "--split new-users sets --fold-in-steps 300 --squared-loss 5.0 --dim 384 --out-dim 384 --ensemble 3 (an " \
+           "ensemble: 3 two-towers trained one after another, 3 times the training)" in " ".join(help_text.split())
+
+
+def test_a_run_starts_by_saying_what_its_protocol_changed_and_how_many_times_it_trains():
+    from types import SimpleNamespace
+    split = SimpleNamespace(protocol="new-users")
+    lines = R.run_cost(R.defaults_for("", "new-users"), split)
+    assert lines == ["new-users defaults: --fold-in-steps 300 --squared-loss 5.0 --dim 384 --out-dim 384 --ensemble 3",
+                     "--ensemble 3: 3 two-towers trained one after another, each up to --epochs 40 (3 times a single "
+                     "model's training)"]
+    cfg = R.Config(**{**R.PROTOCOLS["new-users"].defaults, "ensemble": 1, "fold_in_steps": 20})
+    assert R.run_cost(cfg, split) == ["new-users defaults: --fold-in-steps 300 --squared-loss 5.0 --dim 384 --out-dim "
+                                      "384 --ensemble 3 (given instead: --fold-in-steps 20 --ensemble 1)"]
+    assert R.run_cost(R.Config(), SimpleNamespace(protocol="leave-one-out")) == []
+    warn = R.idle_options(R.Config(split="last", cold_fraction=0.3))
+    assert warn == ["warning: --cold-fraction 0.3 does nothing under leave-one-out (read by cold-items)"]
 
 
 def test_model_is_built_from_config_alone(small_demo):
@@ -793,6 +812,173 @@ def test_a_baseline_added_to_the_registry_is_run_and_reported_as_a_baseline(smal
     assert "Noise" in set(sig.vs) and "Noise" not in set(sig.model)
     lines = E.chosen_lines(E.summary(df), 5, "leave-one-out")
     assert "HR@5" in lines[1]
+
+
+# The run commands given what a new user might type, against a trained run: each is one `error:` line and exit 2, or
+# (expected "ok") a correct answer with exit 0. Placeholders: RUN a leave-one-out run, RUNS its --runs-dir, DATA and
+# DS its dataset, USER one of its users, LOVED a loved-tracks file that matches, NONE one that matches nothing, FILE a
+# stranger's file, BOARD a path whose .md exists, DIR a stranger's folder, RO a read-only folder, BIG a 6 MB file, BIN random bytes, EMPTY a 0-byte
+# file, HEAD a header-only file, COLS a file with other columns, DAMAGED a run with a truncated best.pt.
+BAD_INPUTS = [
+    ("train --dataset '' --data-dir DATA --runs-dir RUNS", "--dataset '': a name, not empty"),
+    ("train --dataset DS --data-dir '' --runs-dir RUNS", "--data-dir '': a name, not empty"),
+    ("train --dataset DS --data-dir DATA --text ''", "--text '': a name, not empty"),
+    ("train --dataset DS --data-dir DATA --runs-dir ''", "--runs-dir '': a name, not empty"),
+    ("train --dataset DS --data-dir DATA --runs-dir /proc/recsetters", "cannot write in /proc"),
+    ("train --dataset DS --data-dir DATA --runs-dir FILE", "is a file, not a folder"),
+    ("train --dataset DS --data-dir DATA --runs-dir RO/runs", "cannot write in"),
+    ("train --dataset DS --data-dir DATA --epochs x", "invalid int value"),
+    ("train --dataset DS --data-dir DATA --no-such-flag", "unrecognized arguments"),
+    ("train --dataset DS --data-dir DATA --split nope", "invalid choice"),
+    ("train --dataset DS --data-dir DATA --baselines Nope", "--baselines 'Nope'"),
+    ("train --dataset DS --data-dir DATA --squared-loss nan", "--squared-loss nan"),
+    ("train --dataset DS --data-dir DATA --squared-alpha inf", "--squared-alpha inf"),
+    ("train --dataset DS --data-dir DATA --cold-fraction nan", "--cold-fraction nan"),
+    ("train --dataset DS --data-dir DATA --new-user-fraction inf", "--new-user-fraction inf"),
+    ("train --dataset DS --data-dir DATA --temperature inf", "--temperature inf"),
+    ("train --dataset DS --data-dir DATA --dropout nan", "--dropout nan"),
+    ("train --dataset DS --data-dir DATA --preset nope", "invalid choice"),
+    ("baselines --dataset DS --data-dir DATA --no-baselines", "no baseline to run"),
+    ("baselines --dataset DS --data-dir DATA --baselines none", "no baseline to run"),
+    ("baselines --dataset DS --data-dir DATA --baselines iALS,Nope", "--baselines 'iALS,Nope'"),
+    ("baselines --dataset nosuch --data-dir DATA", "no dataset folder"),
+    ("stats --dataset DS --data-dir DATA --baselines all", "unrecognized arguments: --baselines"),
+    ("stats --dataset '' --data-dir DATA", "--dataset '': a name, not empty"),
+    ("stats --dataset DS --data-dir DATA --min-interactions -3", "--min-interactions -3"),
+    ("evaluate '' --runs-dir RUNS", "the run: empty"),
+    ("evaluate nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("evaluate FILE --runs-dir RUNS", "no run"),
+    ("evaluate DAMAGED --runs-dir RUNS", "not a readable RecSetters checkpoint"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset nan", "--new-item-offset nan: a finite number"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset inf", "--new-item-offset inf: a finite number"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset=-inf", "--new-item-offset -inf: a finite number"),
+    ("evaluate RUN --runs-dir RUNS --new-item-offset 0.5", "holds out no new items"),
+    ("evaluate RUN --runs-dir RUNS --device nope", "invalid choice"),
+    ("recommend RUN --runs-dir RUNS", "one of the arguments --user --loved --lastfm-user is required"),
+    ("recommend RUN --runs-dir RUNS --user ''", "--user: empty"),
+    ("recommend RUN --runs-dir RUNS --lastfm-user ''", "--lastfm-user: empty"),
+    ("recommend RUN --runs-dir RUNS --loved ''", "--loved: empty"),
+    ("recommend RUN --runs-dir RUNS --loved DIR", "a folder; name a CSV file"),
+    ("recommend RUN --runs-dir RUNS --loved /nonexistent/loved.csv", "missing file"),
+    ("recommend RUN --runs-dir RUNS --loved BIG", "over the cap of 5 MB"),
+    ("recommend RUN --runs-dir RUNS --loved BIN", "--loved"),
+    ("recommend RUN --runs-dir RUNS --loved EMPTY", "--loved"),
+    ("recommend RUN --runs-dir RUNS --loved HEAD", "no rows"),
+    ("recommend RUN --runs-dir RUNS --loved COLS", "needs a column `item`"),
+    ("recommend RUN --runs-dir RUNS --loved NONE", "none of the 1 loved tracks"),
+    ("recommend RUN --runs-dir RUNS --user nosuchuser", "not in dataset"),
+    ("recommend RUN --runs-dir RUNS --user USER -k 0", "-k 0: an integer >= 1"),
+    ("recommend RUN --runs-dir RUNS --user USER -k -5", "-k -5: an integer >= 1"),
+    ("recommend RUN --runs-dir RUNS --user USER -k many", "invalid int value"),
+    ("recommend RUN --runs-dir RUNS --user USER --loved LOVED", "not allowed with argument"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out /proc/recs.csv", "cannot write in /proc"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out FILE", "exists; add --overwrite"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out DIR", "an existing folder"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out RO/recs.csv", "cannot write in"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --out DIR/recs.txt", "a .csv or .json file"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED --per-artist -1", "--per-artist -1"),
+    ("recommend RUN --runs-dir RUNS --user USER --show-matches", "--show-matches: only with --loved"),
+    ("recommend RUN --runs-dir RUNS --user USER -k 100000", "ok"),
+    ("recommend RUN --runs-dir RUNS --loved LOVED -k 100000", "ok"),
+    ("recommend RUN --runs-dir RUNS --user USER -k NEAR", "ok"),
+    ("fairness RUN --runs-dir RUNS -k 100000", "-k 100000: the run ranks"),
+    ("fairness RUN --runs-dir RUNS -k nan", "invalid int value"),
+    ("fairness nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("fairness '' --runs-dir RUNS", "the run: empty"),
+    ("fairness ROUN --runs-dir RUNS", "cannot write in"),
+    ("browse RUN --runs-dir RUNS -k 100000", "-k 100000: the run ranks"),
+    ("browse RUN --runs-dir RUNS --users nosuchuser", "no user 'nosuchuser'"),
+    ("browse RUN --runs-dir RUNS --users 0", "--users 0"),
+    ("browse RUN --runs-dir RUNS --out FILE", "exists; add --overwrite"),
+    ("browse RUN --runs-dir RUNS --out DIR", "an existing folder"),
+    ("browse RUN --runs-dir RUNS --out /proc/b.html", "cannot write in /proc"),
+    ("browse RUN --runs-dir RUNS --out RO/b.html", "cannot write in"),
+    ("browse RUN --runs-dir RUNS --out RUN/best.pt --overwrite", "a file of run"),
+    ("browse '' --runs-dir RUNS", "the run: empty"),
+    ("export RUN --runs-dir RUNS --out RUN", "a run folder"),
+    ("export RUN --runs-dir RUNS --out DAMAGED --overwrite", "a run folder"),
+    ("export RUN --runs-dir RUNS --out DIR", "exists; add --overwrite"),
+    ("export RUN --runs-dir RUNS --out FILE", "an existing file, not a folder"),
+    ("export RUN --runs-dir RUNS --out /proc/export", "cannot write in /proc"),
+    ("export RUN --runs-dir RUNS --out RO/export", "cannot write in"),
+    ("export RUN --runs-dir RUNS --out FILE/export", "is a file, not a folder"),
+    ("export nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("compare --runs-dir RUNS", "name the runs to compare"),
+    ("compare --runs-dir RUNS --dataset nosuch", "no finished run of dataset 'nosuch'"),
+    ("compare RUN --runs-dir RUNS --protocol nope", "invalid choice"),
+    ("compare RUN --runs-dir RUNS --out BOARD", "exists; add --overwrite"),
+    ("compare RUN --runs-dir RUNS --out /proc/board", "cannot write in /proc"),
+    ("compare RUN --runs-dir RUNS --out RO/board", "cannot write in"),
+    ("compare nosuch --runs-dir RUNS", "no run 'nosuch'"),
+    ("report --out FILE", "an existing file, not a folder"),
+    ("report --out DIR", "not an experiments folder"),
+    ("report --out /proc/ablation", "cannot write in /proc"),
+    ("report --out RUN", "a run folder"),
+]
+
+
+def bad_input_places(tmp_path, data, run):
+    """The placeholders of BAD_INPUTS for a run (its folder) trained on data/DATASET."""
+    import scipy
+    cfg = json.loads((run / "run.json").read_text())
+    (tmp_path / "FILE").write_text("someone's file")
+    (tmp_path / "board.md").write_text("someone's table")
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "DIR" / "theirs.txt").write_text("someone's file")
+    (tmp_path / "RO").mkdir()
+    items = pd.read_csv(Path(cfg["dataset"]["folder"]) / "items.csv")
+    pd.DataFrame({"artist": items.artist[:3], "track": items.track[:3]}).to_csv(tmp_path / "loved.csv", index=False)
+    pd.DataFrame({"artist": ["Nobody"], "track": ["Nothing"]}).to_csv(tmp_path / "none.csv", index=False)
+    (tmp_path / "big.csv").write_text("artist,track\n" + "A,B\n" * 1_600_000)
+    (tmp_path / "bin.csv").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "head.csv").write_text("artist,track\n")
+    (tmp_path / "cols.csv").write_text("song,singer\nx,y\n")
+    damaged = tmp_path / "runs" / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "best.pt").write_bytes((damaged / "best.pt").read_bytes()[:100])
+    roun = tmp_path / "runs" / "readonly"
+    shutil.copytree(run, roun)
+    return {"RUNS": str(run.parent), "RUN": str(run), "DATA": str(data), "DS": Path(cfg["dataset"]["folder"]).name,
+            "USER": cfg["users"][3], "NEAR": str(len(cfg["items"]) - 3), "LOVED": str(tmp_path / "loved.csv"),
+            "NONE": str(tmp_path / "none.csv"), "FILE": str(tmp_path / "FILE"), "BOARD": str(tmp_path / "board"), "DIR": str(tmp_path / "DIR"),
+            "RO": str(tmp_path / "RO"), "BIG": str(tmp_path / "big.csv"), "BIN": str(tmp_path / "bin.csv"),
+            "EMPTY": str(tmp_path / "empty.csv"), "HEAD": str(tmp_path / "head.csv"), "COLS": str(tmp_path / "cols.csv"),
+            "DAMAGED": str(damaged), "ROUN": str(roun)}
+
+
+def bad_input_argv(line, places):
+    import shlex
+    return [re.sub(r"\b(" + "|".join(sorted(places, key=len, reverse=True)) + r")\b", lambda m: places[m.group(1)], w)
+            for w in shlex.split(line)]
+
+
+@pytest.fixture(scope="module")
+def bad_input_world(tiny_run, tmp_path_factory):
+    data, run = tiny_run
+    root = tmp_path_factory.mktemp("bad")
+    places = bad_input_places(root, data, run)
+    for p in ("RO", "ROUN"):
+        Path(places[p]).chmod(0o555)
+    yield places
+    for p in ("RO", "ROUN"):
+        Path(places[p]).chmod(0o755)
+
+
+@pytest.mark.parametrize("line, says", BAD_INPUTS, ids=[c for c, _ in BAD_INPUTS])
+def test_every_bad_input_to_the_run_commands_is_one_error_line(bad_input_world, line, says, capsys):
+    """No traceback, no wrong exit 0: each bad input is one `error:` line and exit 2, before anything is written;
+    the "ok" cases (a -k past the catalog) answer with what is left, never a loved item."""
+    argv = bad_input_argv(line, bad_input_world)
+    main = E.main if argv[0] in ("compare", "report") else R.main
+    argv = [*argv, "--device", "cpu"] if argv[0] in R.SAVED else argv
+    if says == "ok":
+        main(argv)
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("top ") and len(out) > 1
+        assert not any(l.split(". ", 1)[1].split("   ")[0] == l.split("because you loved ")[-1] for l in out[1:])
+        return
+    assert says in one_error_line(capsys, argv, main)
 
 
 # ---------------------------------------------------------------------------------------------- paths, run folders
@@ -1563,6 +1749,45 @@ def test_recommend_finds_users_in_any_case_and_answers_for_a_loved_tracks_file(t
     assert "most popular" in capsys.readouterr().out
 
 
+def test_recommend_never_gives_back_what_you_loved_reports_each_match_caps_artists_and_saves_the_list(
+        tiny_run, tmp_path, capsys):
+    """At any -k (up to past the catalog) the loved items never come back and the list stays in score order; every
+    line of the file is reported (matched item, or why not); --per-artist caps one artist's items; --out writes the
+    list as CSV or JSON."""
+    data, run = tiny_run
+    items = pd.read_csv(data / "x" / "items.csv")
+    loved = tmp_path / "loved.csv"
+    pd.DataFrame({"artist": [items.artist[0], items.artist[1], "Nobody", items.artist[0]],
+                  "track": [items.track[0], items.track[1], "Nothing", "No such track"]}).to_csv(loved, index=False)
+    loved_names = {f"{items.artist[j]} — {items.track[j]}" for j in (0, 1)}
+    cfg, ds, split, model, device, _ = R.restore(str(run), device_name="cpu")
+    for k in (10, split.n_items - 3, split.n_items, 10 * split.n_items):
+        R.main(["recommend", str(run), "--loved", str(loved), "-k", str(k), "--device", "cpu", "--show-matches"])
+        cap = capsys.readouterr()
+        out = cap.out.splitlines()
+        picks = [line.split(". ", 1)[1].split("   ")[0] for line in out[1:]]
+        scores = [float(line.split("score ")[1].split()[0]) for line in out[1:]]
+        assert len(picks) == min(k, split.n_items - 2) and not set(picks) & loved_names
+        assert scores == sorted(scores, reverse=True)
+    err = cap.err
+    assert f"line 2: {items.artist[0]} — {items.track[0]} -> {items.artist[0]} — {items.track[0]}" in err
+    assert "line 4: Nobody — Nothing -> no match: artist not in the run's catalog" in err
+    assert "line 5:" in err and "no match: artist known, not this track" in err
+    artist = np.arange(split.n_items) % 3                                         # three artists
+    top, *_ = R.recommend_items(model, [0, 1], 8, exclude=[0, 1], artist=artist, per_artist=2)
+    assert len(top) == 6 and np.bincount(artist[top]).tolist() == [2, 2, 2]
+    for suffix in ("csv", "json"):
+        R.main(["recommend", str(run), "--loved", str(loved), "-k", "3", "--device", "cpu", "--out",
+                str(tmp_path / f"recs.{suffix}")])
+        shown = [line.split(". ", 1)[1].split("   ")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+        saved = pd.read_csv(tmp_path / "recs.csv") if suffix == "csv" else \
+            pd.DataFrame(json.loads((tmp_path / "recs.json").read_text())["recommendations"])
+        assert saved.name.tolist() == shown and saved["rank"].tolist() == [1, 2, 3]
+        assert set(saved.because) <= loved_names
+    line = one_error_line(capsys, ["recommend", str(run), "--loved", str(loved), "--out", str(tmp_path / "recs.csv")])
+    assert "--overwrite" in line
+
+
 def test_recommend_for_a_lastfm_user_through_the_collect_client(tiny_run, tmp_path, monkeypatch, capsys):
     """--lastfm-user fetches user.getLovedTracks from a fake Last.fm on 127.0.0.1 (the real wire format), caches the
     answer (a second call asks nothing) and matches it to the run's catalog; an unknown user is one error line."""
@@ -1710,6 +1935,29 @@ def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_bes
     assert not (root / "tables" / "cold-items.md").exists()
 
 
+def test_compare_of_a_dataset_is_a_leaderboard_per_protocol_skipping_damaged_runs_with_mrr_and_seed_rows(
+        seed_runs, tmp_path, capsys):
+    """--dataset without --protocol: one table per protocol found; a damaged run is skipped with a warning line; the
+    leave-one-out table has MRR; --per-seed adds a row per model and seed; the same model and seed twice is said."""
+    root, runs = seed_runs
+    mine = tmp_path / "runs"
+    shutil.copytree(runs, mine, ignore=shutil.ignore_patterns("cold", "compare"))
+    first = sorted(mine.glob("x-*"))[0]
+    shutil.copytree(first, mine / "x-again")                                 # the same model and seed, twice
+    shutil.copytree(first, mine / "x-damaged")
+    (mine / "x-damaged" / "results.json").write_text("{not json")
+    R.main(["train", "--dataset", "x", "--split", "cold-items", "--data-dir", str(root / "data"), "--runs-dir",
+            str(mine), *TINY])
+    capsys.readouterr()
+    E.main(["compare", "--dataset", "x", "--runs-dir", str(mine), "--out", str(tmp_path / "board"), "--per-seed"])
+    cap = capsys.readouterr()
+    assert f"warning: skipped {mine / 'x-damaged'}" in cap.err
+    assert "warning: two-tower, text none, --epochs 2 at seed 0 is in runs" in cap.err and "x-again" in cap.err
+    loo, cold = (tmp_path / "board-leave-one-out.md").read_text(), (tmp_path / "board-cold-items.md").read_text()
+    assert "MRR overall" in loo and "MRR" not in cold and "cold-items" in cold
+    assert "Per seed:" in loo and loo.count("| EASE | ") == 1 + 2                  # its row, and one per seed
+
+
 def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
     """p < 0.001 is written so, never 0.000; one seed has no ± (no error bar from one value); LaTeX is escaped."""
     rng = np.random.default_rng(0)
@@ -1742,13 +1990,17 @@ def test_browse_page_holds_the_runs_lists_reasons_and_held_out_ranks(tiny_run, c
     data = browse_blob(page)
     cfg, ds, split, model, device, _ = R.restore(str(run), device_name="cpu")
     users, T, _ = R.loo_targets(split, "test")
-    assert [u["n"] for u in data["users"]] == ds.users.user.iloc[users].tolist() and data["views"] == ["overall"]
+    names = ds.users.user.iloc[users].tolist()
+    assert [u["n"] for u in data["users"]] == sorted(names, key=R.natural) and data["views"] == ["overall"]
+    assert R.natural("105") < R.natural("1003") and R.natural("u2") < R.natural("u10")      # numbers as numbers
     ex = R.exclusion(split, "test")
     fn = R.model_scores(model, "cpu")
     top = R.top_k_lists(fn, users, ex, 5)
     ranks = R.evaluate(fn, split, "test", 5, "cpu", return_ranks=True)[1]["overall"]
     name = lambda i: R.item_names(ds.items)[i]
-    for r, (u, e) in enumerate(zip(users, data["users"])):
+    for e in data["users"]:
+        r = names.index(e["n"])
+        u = users[r]
         shown = e["top"]["overall"]
         assert [data["items"][x[0]][0] for x in shown] == [name(i) for i in top[r]]
         S = fn(np.array([u]))[0]
@@ -1763,6 +2015,23 @@ def test_browse_page_holds_the_runs_lists_reasons_and_held_out_ranks(tiny_run, c
     assert len(browse_blob((run / "two.html").read_text())["users"]) == 2
     line = one_error_line(capsys, ["browse", str(run), "--users", "nobody,u1", "--out", str(run / "no.html")])
     assert "no user 'nobody'" in line and not (run / "no.html").exists()
+
+
+def test_browse_shows_a_second_run_or_a_baseline_beside_the_model_and_says_fold_in_for_new_users(tiny_run, tmp_path,
+                                                                                                   capsys):
+    """--against RUN: that run's top K per user beside the model's (here the same run: the same lists); --against a
+    baseline the run did not fit is one line naming what it has; a user training never saw is marked as folded in."""
+    _, run = tiny_run
+    out = tmp_path / "b.html"
+    R.main(["browse", str(run), "--users", "all", "-k", "5", "--against", str(run), "--out", str(out), "--device", "cpu"])
+    data = browse_blob(out.read_text())
+    assert data["against"].startswith(f"run {run.name} (two-tower")
+    for e in data["users"]:
+        assert [x[0] for x in e["vs"]["overall"]] == [x[0] for x in e["top"]["overall"]] and e["f"] is False
+    line = one_error_line(capsys, ["browse", str(run), "--against", "EASE", "--out", str(tmp_path / "c.html")])
+    assert "not a baseline of run r" in line and not (tmp_path / "c.html").exists()
+    page = out.read_text()
+    assert "fold-in items (given at scoring" in page and "an artist or track they loved" in page
 
 
 @pytest.mark.slow
@@ -1798,6 +2067,11 @@ def test_browse_page_in_headless_chromium_searches_selects_and_renders_a_user(ti
     (item, ranks), = first["t"]
     assert f"{data['items'][item][0]}: view overall rank {ranks['overall'] + 1}" in dom
     assert ("held-out test item, found" in table) == (ranks["overall"] < 5)
+    track = data["items"][who["h"][0]][0].split(" — ")[-1]          # who loved this track: a search by what they loved
+    lovers = [u for u in data["users"] if track.lower() in u["n"].lower() or track.lower() in u["c"].lower()
+              or any(track.lower() in data["items"][h][0].lower() for h in u["h"])]
+    p = subprocess.run([*base, "--dump-dom", f"{page.as_uri()}#q={track}"], capture_output=True, text=True, timeout=120)
+    assert who in lovers and f"{len(lovers)} of {len(data['users'])} users" in p.stdout
     shot = tmp_path / "browse.png"
     p = subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10000
@@ -1854,8 +2128,60 @@ def test_export_folder_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError):
         R.write_folder(out, {"a.npy": b"new", "missing/b.csv": b"x"})       # fails half-way
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"] and (out / "a.npy").read_bytes() == b"1"
-    R.write_folder(out, {"c.csv": b"3"})
-    assert sorted(p.name for p in out.iterdir()) == ["c.csv"]
+    (out / "mine.txt").write_text("a stranger's file")
+    R.write_folder(out, {"a.npy": b"new", "c.csv": b"3"})       # replaces only what it writes
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.csv", "c.csv", "mine.txt"]
+    assert (out / "a.npy").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["ex"]
+
+
+def tree(folder):
+    """Every file under folder with its bytes (what must survive a refused write)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+WRITERS = {   # a writer's command line with its output path OUT (and, where it has one, the run RUN)
+    "export": lambda run, out: ["export", str(run), "--out", str(out)],
+    "browse": lambda run, out: ["browse", str(run), "--out", str(out)],
+    "compare": lambda run, out: ["compare", str(run), "--out", str(out)],
+    "report": lambda run, out: ["report", "--out", str(out)],
+    "train": lambda run, out: ["train", "--dataset", "x", "--data-dir", str(run.parent.parent / "data"),
+                               "--runs-dir", str(out), *TINY],
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@pytest.mark.parametrize("target", ["run folder", "a stranger's folder", "an existing file", "read-only folder",
+                                    "under /proc"])
+def test_no_output_path_destroys_what_the_command_did_not_write(tiny_run, tmp_path, capsys, writer, target):
+    """Every writer pointed at a run folder, a folder holding someone else's file, an existing file, a read-only
+    folder or a path under /proc: one error line, exit 2, and every file that was there is there, unchanged."""
+    _, run = tiny_run
+    victim = tmp_path / "victim"
+    shutil.copytree(run, victim)
+    stranger = tmp_path / "theirs"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("years of work")
+    (tmp_path / "notes.txt").write_text("mine")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = {"run folder": victim, "a stranger's folder": stranger, "an existing file": tmp_path / "notes.txt",
+           "read-only folder": ro / "out", "under /proc": Path("/proc/recsetters-out")}[target]
+    if writer == "train" and target in ("a stranger's folder", "run folder"):
+        pytest.skip("--runs-dir is a folder of runs: train writes a new run folder inside it, never onto it")
+    if writer == "compare" and target != "read-only folder" and target != "under /proc":
+        out = out / "board" if out.is_dir() else out.with_suffix("")            # OUT.md and OUT.tex
+        if out.parent.is_dir():
+            for suffix in (".md", ".tex"):
+                out.with_name(out.name + suffix).write_text("someone's table")
+    ro.chmod(0o555)
+    before = tree(tmp_path)
+    main = E.main if writer in ("compare", "report") else R.main
+    try:
+        line = one_error_line(capsys, WRITERS[writer](victim, out), main)
+    finally:
+        ro.chmod(0o755)
+    assert tree(tmp_path) == before, line
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*")), "a temporary file was left behind"
 
 
 @pytest.mark.slow
