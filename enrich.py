@@ -66,7 +66,6 @@ import re
 import sqlite3
 import sys
 import threading
-import time
 import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -487,7 +486,7 @@ def run(args):
                   positive=("workers", "limit", "timeout"))
     folder = Path(args.data_dir) / args.dataset
     df, path = load_items(folder)
-    want_summary, want_lyrics = args.what in ("both", "summary"), args.what in ("both", "lyrics")
+    want_summary = args.what in ("both", "summary")
     api_key = find_api_key() if want_summary else None
     lyrics_base = check_base_url(os.environ.get("LYRICS_BASE_URL") or DEFAULT_LYRICS_BASE_URL, "LYRICS_BASE_URL")
     check_base_url(os.environ.get("GROQ_BASE_URL") or DEFAULT_GROQ_BASE_URL, "GROQ_BASE_URL")

@@ -27,7 +27,6 @@ Read top to bottom:
   8. the tuning log: how the default `train` configuration was found (validation only)
   9. command line
 """
-import argparse
 import json
 import math
 import os

@@ -34,6 +34,7 @@ import pickle
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -308,6 +309,8 @@ class Dataset:
 def read_csv_checked(path, required):
     if not path.exists():
         raise UserError(f"missing file: {path}")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file (a CSV file is needed)")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -3798,6 +3801,9 @@ def cmd_recommend(args):
         raise UserError(f"--out {args.out}: a .csv or .json file")
     if args.user and args.show_matches:
         raise UserError("--show-matches: only with --loved or --lastfm-user (a dataset user's items need no matching)")
+    if args.user and args.popular:
+        raise UserError("--popular: only with --loved or --lastfm-user (for when none of the loved tracks matches; a "
+                        "dataset user has their own items)")
     if args.per_artist is not None and args.per_artist < 0:
         raise UserError(f"--per-artist {args.per_artist}: an integer >= 0 (0: no cap)")
     loved = read_loved(args.loved) if args.loved else None            # before any work: a bad file is one line

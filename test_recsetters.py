@@ -79,6 +79,10 @@ def test_a_dataset_is_read_whole_and_the_demo_written_by_its_one_writer(tmp_path
     write_dataset(tmp_path / "x", users, items, inter.assign(item=inter.item.where(inter.index != 3, "ghost")))
     line = one_error_line(capsys, ["stats", "--dataset", "x", "--data-dir", str(tmp_path)])
     assert "files disagree" in line and "1 of 700 interactions name an item not in items.csv" in line
+    write_dataset(tmp_path / "y", users, items, inter)
+    (tmp_path / "y" / "items.csv").unlink()
+    (tmp_path / "y" / "items.csv").mkdir()
+    assert "items.csv: not a file" in one_error_line(capsys, ["stats", "--dataset", "y", "--data-dir", str(tmp_path)])
     holder = subprocess.Popen([sys.executable, "-c", "import collect, sys, time\n"
                                f"with collect.dataset_lock({str(tmp_path / 'data' / 'demo')!r}, 'enrich.py demo'):\n"
                                "    print('held', flush=True); time.sleep(60)"], cwd=Path(R.__file__).parent,
@@ -878,6 +882,7 @@ BAD_INPUTS = [
     ("recommend RUN --runs-dir RUNS --loved LOVED --out DIR/recs.txt", "a .csv or .json file"),
     ("recommend RUN --runs-dir RUNS --loved LOVED --per-artist -1", "--per-artist -1"),
     ("recommend RUN --runs-dir RUNS --user USER --show-matches", "--show-matches: only with --loved"),
+    ("recommend RUN --runs-dir RUNS --user USER --popular", "--popular: only with --loved"),
     ("recommend RUN --runs-dir RUNS --user USER -k 100000", "ok"),
     ("recommend RUN --runs-dir RUNS --loved LOVED -k 100000", "ok"),
     ("recommend RUN --runs-dir RUNS --user USER -k NEAR", "ok"),
