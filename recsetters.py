@@ -2048,11 +2048,13 @@ def count_true(mask):
 def score_chunks(score_fn, users, exclude, device, memory_mb=512, bytes_per_pair=16):
     """The ranking engine: yields (start, S) for consecutive chunks of `users`, S the float32 scores of
     users[start:start + len(S)] on the device with -inf where `exclude` (users x items CSR) masks. A chunk holds
-    about memory_mb at `bytes_per_pair` (the score function's own need, if it says more)."""
+    about memory_mb at `bytes_per_pair` (the score function's own need, if it says more). A progress bar over the
+    users (evaluation, browse, fairness), quiet when stderr is not a terminal."""
+    from tqdm import tqdm
     n_items = exclude.shape[1]
     bpp = max(bytes_per_pair, getattr(score_fn, "bytes_per_pair", 16))
     chunk = max(1, int(memory_mb * 2**20 // (n_items * bpp)))
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=len(users), desc="ranking", unit="user", leave=False, disable=None) as bar:
         for a in range(0, len(users), chunk):
             u = users[a:a + chunk]
             S = torch.as_tensor(score_fn(u), device=device, dtype=torch.float32)
@@ -2060,6 +2062,7 @@ def score_chunks(score_fn, users, exclude, device, memory_mb=512, bytes_per_pair
             S[torch.as_tensor(ex.row, device=device, dtype=torch.long),
               torch.as_tensor(ex.col, device=device, dtype=torch.long)] = float("-inf")
             yield a, S
+            bar.update(len(u))
 
 
 def ranks_in(S, cols):
