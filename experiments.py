@@ -299,7 +299,6 @@ def compare_runs(folders_results, n_boot=2000):
     return leaderboard(entries, protocol, k, n_boot), title
 
 
-
 def cmd_compare(args):
     if not args.runs and not args.of_dataset:
         raise R.UserError("name the runs to compare, or --dataset NAME for every run of a dataset under --runs-dir")

@@ -946,10 +946,9 @@ PROTOCOLS = {
 def idle_options(cfg):
     """Warning lines for settings given away from their default that the --split's protocol never reads (each
     protocol's `options`): they would change nothing, silently."""
-    mine = set(PROTOCOLS[protocol_name(cfg.split)].options)
-    d = Config()
-    idle = sorted({o for p in PROTOCOLS.values() for o in p.options} - mine)
-    return [f"warning: {typed(o, getattr(cfg, o))} does nothing under {protocol_name(cfg.split)} (read by "
+    protocol, d = protocol_name(cfg.split), Config()
+    idle = sorted({o for p in PROTOCOLS.values() for o in p.options} - set(PROTOCOLS[protocol].options))
+    return [f"warning: {typed(o, getattr(cfg, o))} does nothing under {protocol} (read by "
             f"{', '.join(n for n, p in PROTOCOLS.items() if o in p.options)})" for o in idle
             if getattr(cfg, o) != getattr(d, o)]
 
@@ -2424,19 +2423,31 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
     texts = {}
     for name in names:
         b = BASELINES[name]
-        if why_not(b, split.protocol):
-            na[name] = {"na": why_not(b, split.protocol)}
+        if why := why_not(b, split.protocol):
+            na[name] = {"na": why}
             continue
         if name in too_big:
             continue
-        if b.content == "text" and not texts:
-            texts = {c: build_features(ds, c, cache_dir).text for c in text_columns(ds.items)}
-        runs = {"": [(name, None)], "tags": [(name, ds.items.tags)] if "tags" in ds.items.columns else [],
-                "text": [(f"{name} {c}", V) for c, V in texts.items()]}[b.content]
-        for lbl, C in runs:
+        for lbl, C in baseline_inputs(ds, name, cache_dir, texts):
             out[lbl], ranks[lbl] = tune(lbl, lambda p, C=C, b=b: b.make(split, C, p),
                                         [seed] if b.grid == ["seed"] else b.grid, split, k, memory_mb, quiet)
     return {**out, **na}, ranks
+
+
+def baseline_inputs(ds, name, cache_dir=None, texts=None):
+    """[(label, content)] of each run of baseline `name`: one on no content or on the tags column; with content
+    "text", one per text column of the dataset, "NAME column", on its MiniLM vectors (`texts`: a dict that keeps
+    them for the next text baseline)."""
+    content = BASELINES[name].content
+    if content == "tags":
+        return [(name, ds.items.tags)] if "tags" in ds.items.columns else []
+    if content == "text":
+        texts = {} if texts is None else texts
+        if not texts:
+            texts.update({c: build_features(ds, c, cache_dir).text for c in text_columns(ds.items)})
+        return [(f"{name} {c}", V) for c, V in texts.items()]
+    return [(name, None)]
+
 
 def random_scores(n_items, seed=0):
     """Uniform random scores, the same for a user however the users are chunked."""
@@ -3224,12 +3235,9 @@ def against_scores(spec, run_dir, ds, split, cfg, device, runs_dir="runs"):
     res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     chosen = {n: r for n, r in res.get("baselines", {}).items() if "params" in r}
     base = spec.split(" ")[0]
-    if spec in chosen and base in BASELINES:
-        b = BASELINES[base]
-        C = {"": None, "tags": ds.items.get("tags"),
-             "text": build_features(ds, spec[len(base) + 1:] or "none", Path(cfg.data_dir) / ".cache").text
-             if b.content == "text" else None}[b.content]
-        return f"{spec} ({chosen[spec]['params']})", b.make(split, C, chosen[spec]["params"])
+    inputs = dict(baseline_inputs(ds, base, Path(cfg.data_dir) / ".cache")) if base in BASELINES else {}
+    if spec in chosen and spec in inputs:
+        return f"{spec} ({chosen[spec]['params']})", BASELINES[base].make(split, inputs[spec], chosen[spec]["params"])
     if base in BASELINES or len(Path(spec).parts) == 1 and not (Path(runs_dir) / spec).is_dir():
         raise UserError(f"--against {spec}: not a baseline of run {run_dir.name} (its results.json has "
                         f"{', '.join(chosen) or 'none'}) nor a run under {runs_dir}/")
