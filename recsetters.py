@@ -2434,17 +2434,17 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
     return {**out, **na}, ranks
 
 
-def baseline_inputs(ds, name, cache_dir=None, texts=None):
+def baseline_inputs(ds, name, cache_dir=None, texts=None, columns=None):
     """[(label, content)] of each run of baseline `name`: one on no content or on the tags column; with content
-    "text", one per text column of the dataset, "NAME column", on its MiniLM vectors (`texts`: a dict that keeps
-    them for the next text baseline)."""
+    "text", one per text column of the dataset (or of `columns`), "NAME column", on its MiniLM vectors (`texts`: a
+    dict that keeps them for the next text baseline)."""
     content = BASELINES[name].content
     if content == "tags":
         return [(name, ds.items.tags)] if "tags" in ds.items.columns else []
     if content == "text":
         texts = {} if texts is None else texts
         if not texts:
-            texts.update({c: build_features(ds, c, cache_dir).text for c in text_columns(ds.items)})
+            texts.update({c: build_features(ds, c, cache_dir).text for c in columns or text_columns(ds.items)})
         return [(f"{name} {c}", V) for c, V in texts.items()]
     return [(name, None)]
 
@@ -3235,8 +3235,9 @@ def against_scores(spec, run_dir, ds, split, cfg, device, runs_dir="runs"):
     res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     chosen = {n: r for n, r in res.get("baselines", {}).items() if "params" in r}
     base = spec.split(" ")[0]
-    inputs = dict(baseline_inputs(ds, base, Path(cfg.data_dir) / ".cache")) if base in BASELINES else {}
-    if spec in chosen and spec in inputs:
+    inputs = dict(baseline_inputs(ds, base, Path(cfg.data_dir) / ".cache", columns=[spec[len(base) + 1:]])) \
+        if spec in chosen and base in BASELINES else {}
+    if spec in inputs:
         return f"{spec} ({chosen[spec]['params']})", BASELINES[base].make(split, inputs[spec], chosen[spec]["params"])
     if base in BASELINES or len(Path(spec).parts) == 1 and not (Path(runs_dir) / spec).is_dir():
         raise UserError(f"--against {spec}: not a baseline of run {run_dir.name} (its results.json has "
