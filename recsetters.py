@@ -25,6 +25,7 @@ Dataset format (data/<name>/):
   interactions.csv  user, item, timestamp (Unix seconds; may be empty)
 """
 import argparse
+import copy
 import hashlib
 import io
 import json
@@ -95,6 +96,7 @@ LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.spli
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
 TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.isdigit() and int(v) >= 1, "imported, all, or a number >= 1")
+TRIALS = Range(lambda v: v == "auto" or v.isdigit(), "auto or an integer >= 0")
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
                       "all, none, or comma-separated names of the baselines in BASELINES (train --help lists them)")
 
@@ -212,6 +214,13 @@ class Config:
                               cmds=TRAIN + ("browse", "export", "compare", "recommend"))
     baselines: str = setting("all", "baselines fitted and evaluated on the same split: all, none, or a comma-"
                              "separated subset of BASELINES", BASELINE_LIST, cmds=("train", "baselines"))
+    trials: str = setting("0", "how the baselines are tuned on validation: 0, each on its fixed grid (quick); N, N "
+                          "trials of each one's search space (Optuna's seeded TPE; an iterative model stopped early "
+                          "in each trial; a model reading tags also picks its tag count); auto, the protocol's count "
+                          "(at least the two-tower's tuning effort: 50, new-users 90)", TRIALS, cmds=("train", "baselines"))
+    study: str = setting("", "where the search's trials are kept: an SQLite file (created if missing) or a database "
+                         "URL; an interrupted search resumes there, and processes given the same one share it ('': "
+                         "in memory)", cmds=("train", "baselines"))
     # fairness
     min_users: int = setting(20, "countries with fewer test users are left out", COUNT, cmds=("fairness",))
     bootstrap: int = setting(1000, "bootstrap resamples of the gap confidence intervals", COUNT,
@@ -234,6 +243,10 @@ class Config:
                                 f"{flag(f.name)} {value}: {check.says}")
         if self.loss == "full" and self.scorer != "dot":
             raise UserError("--loss full needs --scorer dot (DotCompress over the whole catalog is too costly)")
+        study = Path(self.study).expanduser() if self.study and "://" not in self.study else None
+        if study and (study.is_dir() or not study.parent.is_dir()):
+            raise UserError(f"--study {self.study}: " + ("a folder; name an SQLite file (created if missing)"
+                            if study.is_dir() else f"folder {study.parent} does not exist"))
         if self.squared_loss and (self.loss != "full" or not self.normalize):
             raise UserError("--squared-loss needs --loss full and --normalize")
         if self.fold_in_steps and self.scorer != "dot":
@@ -908,6 +921,9 @@ class Protocol(NamedTuple):
     exclude: object = exclusion   # (split, "validation" | "test") -> users x items CSR each ranking leaves out
     options: tuple = ()      # the Config settings only this protocol reads (elsewhere: a warning that they do nothing)
     views: dict = {}         # view -> what it means, said under every table (one word, "cold", means different things)
+    trials: int = 50         # a baseline's search (--trials auto): at least 50 validation-scored trials, and at least as
+                             #   many as the two-tower's setting was chosen from under the protocol (RESULTS.md: about
+                             #   27 under leave-one-out, a handful under cold-items, about 90 under new-users)
 
 
 LOO_COLUMNS = tuple((g, m) for g in ("overall", "cold", "warm") for m in ("hr@{k}", "ndcg@{k}"))
@@ -939,7 +955,8 @@ PROTOCOLS = {
                           lambda r, counts, k: multi_target_metrics(r, counts, capped=True), ("all", "ndcg@20"),
                           tuple(("all", m) for m in ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20")),
                           dict(fold_in_steps=300, squared_loss=5.0, dim=384, out_dim=384, ensemble=3),
-                          unseen="users", item_text=new_user_tags, options=("new_user_fraction", "tag_count")),
+                          unseen="users", item_text=new_user_tags, options=("new_user_fraction", "tag_count"),
+                          trials=90),
 }
 
 
@@ -2153,11 +2170,21 @@ def popularity_scores(split):
     return lambda users: pop.repeat(len(users), 1)
 
 
-def itemknn_scores(split, neighbours=None):
-    """Cosine item-item similarity; each item keeps its `neighbours` most similar items (None = all)."""
-    X = split.train.astype(np.float32)
-    norms = np.sqrt(np.asarray(X.multiply(X).sum(0)).ravel()) + 1e-9
-    S = (X.T @ X).toarray() / norms[:, None] / norms[None, :]
+def itemknn_scores(split, neighbours=None, shrink=0.0, similarity="cosine", asymmetry=0.5):
+    """Item-item similarity of the binary train matrix; each item keeps its `neighbours` most similar items (None =
+    all). With c_ij the users of both and d_i an item's degree: cosine c_ij / (sqrt(d_i d_j) + shrink), asymmetric
+    cosine c_ij / (d_i^asymmetry d_j^(1 - asymmetry) + shrink) (0.5: cosine), jaccard c_ij / (d_i + d_j - c_ij +
+    shrink) (Dacrema et al. 2019's ItemKNN variants)."""
+    X = (split.train > 0).astype(np.float32)
+    C = (X.T @ X).toarray()
+    d = np.asarray(X.sum(0)).ravel().astype(np.float32)
+    if similarity == "cosine":
+        n = np.sqrt(d) + 1e-9
+        S = C / n[:, None] / n[None, :] if not shrink else C / (n[:, None] * n[None, :] + shrink)
+    elif similarity == "jaccard":
+        S = C / (d[:, None] + d[None, :] - C + shrink + 1e-9)
+    else:
+        S = C / (d[:, None] ** asymmetry * d[None, :] ** (1 - asymmetry) + shrink + 1e-9)
     np.fill_diagonal(S, 0)
     if neighbours and neighbours < S.shape[0]:
         weakest = np.argpartition(-S, neighbours, axis=0)[neighbours:]
@@ -2241,38 +2268,62 @@ def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
     return X
 
 
-def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
+def ials_sweeps(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
     """Implicit ALS (Hu, Koren and Volinsky 2008) on R (users x items CSR, r > 0 for an interaction), from
-    small seeded random factors. Returns (user factors, item factors)."""
+    small seeded random factors: yields (sweeps done, user factors, item factors) after each sweep."""
     g = torch.Generator().manual_seed(seed)
     U = torch.randn(R.shape[0], factors, generator=g) * 0.01
     V = torch.randn(R.shape[1], factors, generator=g) * 0.01
     R = R.astype(np.float32).tocsr()
     Rt = R.T.tocsr()
-    for _ in range(iterations):
+    for n in range(1, iterations + 1):
         U = ials_half_step(R, V, U, reg, alpha, cg_steps)
         V = ials_half_step(Rt, U, V, reg, alpha, cg_steps)
+        yield n, U, V
+
+
+def ials_fit(R, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, cg_steps=3):
+    """iALS's (user factors, item factors) after `iterations` sweeps (ials_sweeps)."""
+    for _, U, V in ials_sweeps(R, factors, reg, alpha, iterations, seed, cg_steps):
+        pass
     return U, V
 
 
-def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0):
+def checkpoints(steps, every):
+    """An iterative model's fit, `steps`: a generator of (steps done, score function), every `every` steps and at
+    the last. every > 0: that generator (the tuning loop stops it early on validation); 0: the last score function."""
+    if every:
+        return steps
+    for _, fn in steps:
+        pass
+    return fn
+
+
+def ials_scores(split, factors=128, reg=1.0, alpha=10.0, iterations=15, seed=0, every=0):
     """iALS on train; users that training never saw (split.folded_users: new users) get their factor solved from
     their profile rows with the item factors fixed (the standard fold-in: one least-squares half-step, here `factors`
-    conjugate-gradient steps from zero, which solve each row's normal equations exactly up to rounding)."""
-    U, V = ials_fit(split.train, factors, reg, alpha, iterations, seed)
+    conjugate-gradient steps from zero, which solve each row's normal equations exactly up to rounding). every:
+    see `checkpoints` (sweeps)."""
     rows = split.folded_users()
-    if len(rows):
-        U[rows] = ials_half_step(split.profile[rows].astype(np.float32), V, torch.zeros(len(rows), factors), reg, alpha,
-                                 cg_steps=factors)
-    return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
+
+    def scorer(U, V):
+        if len(rows):
+            U = U.clone()
+            U[rows] = ials_half_step(split.profile[rows].astype(np.float32), V, torch.zeros(len(rows), factors), reg,
+                                     alpha, cg_steps=factors)
+        return lambda users: U[torch.as_tensor(np.array(users))] @ V.T
+    return checkpoints(((n, scorer(U, V)) for n, U, V in ials_sweeps(split.train, factors, reg, alpha, iterations, seed)
+                        if every and n % every == 0 or n == iterations), every)
 
 
-def multvae_scores(split, beta=0.2, epochs=100, hidden=600, latent=200, dropout=0.5, lr=1e-3, batch=500, seed=0):
+def multvae_scores(split, beta=0.2, epochs=100, hidden=600, latent=200, dropout=0.5, lr=1e-3, batch=500, seed=0,
+                   anneal=None, every=0):
     """Mult-VAE (Liang et al., WWW 2018), the reference model of strong generalization: an encoder from a user's
     L2-normalized item vector (with input dropout in training) through `hidden` tanh units to a Gaussian of
     `latent` dimensions, a decoder back to a multinomial over the items; trained on the train users with the
-    multinomial likelihood plus a KL term whose weight rises linearly to `beta` over the first 80% of the steps.
-    A user is scored from split.profile (new users: their fold-in) by the decoder of the encoder's mean."""
+    multinomial likelihood plus a KL term whose weight rises linearly to `beta` over the first `anneal` epochs (None:
+    80% of them). A user is scored from split.profile (new users: their fold-in) by the decoder of the encoder's
+    mean. every: see `checkpoints` (epochs)."""
     X, n = split.train, split.n_items
     rows = np.flatnonzero(np.diff(X.indptr))
     g = torch.Generator().manual_seed(seed)
@@ -2281,36 +2332,54 @@ def multvae_scores(split, beta=0.2, epochs=100, hidden=600, latent=200, dropout=
         enc = nn.Sequential(nn.Linear(n, hidden), nn.Tanh(), nn.Linear(hidden, 2 * latent))
         dec = nn.Sequential(nn.Linear(latent, hidden), nn.Tanh(), nn.Linear(hidden, n))
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
-    total = epochs * math.ceil(len(rows) / batch)
-    for step in range(total):
-        a = step % math.ceil(len(rows) / batch) * batch
-        if a == 0:
-            perm = rows[torch.randperm(len(rows), generator=g).numpy()]
-        x = torch.as_tensor(X[perm[a:a + batch]].toarray())
-        keep = (torch.rand(x.shape, generator=g) >= dropout).float() / (1 - dropout)
-        mu, logvar = enc(F.normalize(x, dim=1) * keep).chunk(2, 1)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
-        nll = -(F.log_softmax(dec(z), 1) * x).sum(1).mean()
-        kl = 0.5 * (logvar.exp() + mu ** 2 - 1 - logvar).sum(1).mean()
-        loss = nll + beta * min(1.0, step / (0.8 * total)) * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    per_epoch = math.ceil(len(rows) / batch)
+    warm = (0.8 * epochs if anneal is None else anneal) * per_epoch
     P = split.profile
 
-    def score(users):
-        with torch.no_grad():
-            return dec(enc(F.normalize(torch.as_tensor(P[np.asarray(users)].toarray()), dim=1)).chunk(2, 1)[0])
-    return score
+    def scorer(enc, dec):
+        def score(users):
+            with torch.no_grad():
+                return dec(enc(F.normalize(torch.as_tensor(P[np.asarray(users)].toarray()), dim=1)).chunk(2, 1)[0])
+        return score
+
+    def fit():
+        for step in range(epochs * per_epoch):
+            a = step % per_epoch * batch
+            if a == 0:
+                perm = rows[torch.randperm(len(rows), generator=g).numpy()]
+            x = torch.as_tensor(X[perm[a:a + batch]].toarray())
+            keep = (torch.rand(x.shape, generator=g) >= dropout).float() / (1 - dropout)
+            mu, logvar = enc(F.normalize(x, dim=1) * keep).chunk(2, 1)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
+            nll = -(F.log_softmax(dec(z), 1) * x).sum(1).mean()
+            kl = 0.5 * (logvar.exp() + mu ** 2 - 1 - logvar).sum(1).mean()
+            loss = nll + beta * min(1.0, step / warm) * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n = (step + 1) // per_epoch
+            if (step + 1) % per_epoch == 0 and (every and n % every == 0 or n == epochs):
+                yield n, scorer(copy.deepcopy(enc), copy.deepcopy(dec)) if every else scorer(enc, dec)
+    return checkpoints(fit(), every)
+
+
+class Dim(NamedTuple):
+    """One dimension of a search space: a number in [low, high] (an integer when both bounds are; log: searched on
+    a log scale) or one of `choices`; when=(name, values): searched only where dimension `name` took one of them."""
+    low: float = None
+    high: float = None
+    log: bool = False
+    choices: tuple = ()
+    when: tuple = ()
 
 
 class Baseline(NamedTuple):
     """A baseline and what it can do; which protocols it runs under follows from that and the protocol's `unseen`
     (why_not)."""
-    make: object             # (split, content, hyperparameter) -> score function users -> (len(users), n_items);
-                             #   a user is scored from split.profile, a folded user (no train row) included
-    grid: list               # hyperparameter values tried, the best on the protocol's validation metric kept;
-                             # ["seed"]: the run's seed
+    make: object             # (split, content, hyperparameters) -> score function users -> (len(users), n_items); a
+                             #   user is scored from split.profile, a folded user (no train row) included
+    grid: list               # the fixed grid of a quick run (--trials 0, train's default): values tried in order, the
+                             #   best on the protocol's validation metric kept; ["seed"]: the run's seed
     content: str = ""        # reads content. "text": run once per text column on its MiniLM vectors, named "NAME
                              #   column"; "tags": on the tags column; "": interactions only (collaborative)
     new_items: bool = False  # can score an item without train interactions (from its content)
@@ -2318,6 +2387,11 @@ class Baseline(NamedTuple):
     made_for: str = ""       # the unseen thing it exists for ("items": content models, "users": Mult-VAE); it runs
                              #   only where that is unseen. "": a general recommender, run wherever it can score
     dense: bool = False      # needs dense item x item matrices: skipped above DENSE_MAX_ITEMS items
+    space: dict = None       # {name: Dim}: what the contest's search (--trials N) explores, as keyword arguments of
+                             #   make; a model reading tags also searches the tag count (TAG_COUNTS) unless its space
+                             #   names "tag_count". None: the grid (nothing to search)
+    steps: tuple = ()        # an iterative model: (its steps' name, the most, every): in a search each trial is stopped
+                             #   early on validation, checked every `every` steps; the chosen count is recorded
 
 
 def why_not(b, protocol):
@@ -2331,50 +2405,86 @@ def why_not(b, protocol):
     return None if b.made_for in ("", unseen) else f"made for unseen {b.made_for}"
 
 
+def as_kwargs(p, name):
+    """A grid value (one bare hyperparameter) or a searched point (a dict) as keyword arguments."""
+    return p if isinstance(p, dict) else {name: p}
+
+
+def cb2cf_target(p):
+    """CB2CF's collaborative target from a grid value ((kind, size), lam) or a searched point."""
+    if isinstance(p, dict):
+        return (p["target"], p[{"svd": "svd_dim", "ease": "ease_lam", "ials": "ials_dim"}[p["target"]]]), p["lam"]
+    return p
+
+
+TAG_COUNTS = ("5", "10", "20", "all")     # a content model's own tag count, searched where the protocol rebuilds tags
+CB2CF_SPACE = dict(target=Dim(choices=("svd", "ease", "ials")), svd_dim=Dim(16, 1024, True, when=("target", ("svd",))),
+                   ease_lam=Dim(1.0, 1e5, True, when=("target", ("ease",))),
+                   ials_dim=Dim(16, 1024, True, when=("target", ("ials",))), lam=Dim(1e-3, 1e4, True))
+
 # name -> Baseline: the one list of baselines (`baselines`, `train`, experiments.py and its report read it). The
 # collaborative ones cannot score items without train interactions; the content ones are made for new items.
 BASELINES = {
     "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None]),
-    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, p), [10, 20, 50, 100, 200, None], dense=True),
-    "EASE": Baseline(lambda split, _, p: ease_scores(split, p), [1, 10, 50, 100, 200, 500, 1000, 2000, 5000],
-                     dense=True),
+    "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, **as_kwargs(p, "neighbours")),
+                        [10, 20, 50, 100, 200, None], dense=True,
+                        space=dict(similarity=Dim(choices=("cosine", "asymmetric", "jaccard")),
+                                   asymmetry=Dim(0.0, 1.0, when=("similarity", ("asymmetric",))),
+                                   shrink=Dim(0.0, 1000.0), neighbours=Dim(5, 4000, True))),
+    "EASE": Baseline(lambda split, _, p: ease_scores(split, **as_kwargs(p, "lam")),
+                     [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True, space=dict(lam=Dim(0.1, 1e6, True))),
     # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
     # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured (iALS:
     # up to 512 factors, since new-users picked 256, the largest of an older grid, on every seed)
     "RP3beta": Baseline(lambda split, _, p: rp3beta_scores(split, **p), [
         dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
-        dense=True),
+        dense=True, space=dict(alpha=Dim(0.05, 3.0), beta=Dim(0.0, 1.5), neighbours=Dim(5, 4000, True))),
     "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
-        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))]),
+        dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
+        space=dict(factors=Dim(8, 2048, True), reg=Dim(1e-3, 1e4, True), alpha=Dim(1e-2, 1e3, True)),
+        steps=("iterations", 40, 2)),
     # the reference model of the new-users protocol in the literature (strong generalization); not run under
     # leave-one-out, where iALS and EASE are the baselines to beat. Grid (KL weight, epochs): on hetrec seed-0
-    # validation 150 epochs beat 50 and 300
-    "Mult-VAE": Baseline(lambda split, _, p: multvae_scores(split, *p), [(0.2, 100), (0.2, 150), (0.5, 150)],
-                         made_for="users"),
+    # validation 150 epochs beat 50 and 300. Searched: the KL weight annealed over 100 epochs, stopped early
+    "Mult-VAE": Baseline(lambda split, _, p: multvae_scores(split, **p) if isinstance(p, dict) else
+                         multvae_scores(split, *p), [(0.2, 100), (0.2, 150), (0.5, 150)], made_for="users",
+                         space=dict(hidden=Dim(50, 2000, True), latent=Dim(16, 800, True), dropout=Dim(0.0, 0.9),
+                                    beta=Dim(1e-3, 2.0, True), lr=Dim(1e-4, 3e-2, True), anneal=Dim(choices=(100,))),
+                         steps=("epochs", 400, 10)),
     "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], new_items=True,
                        made_for="items"),
-    "ContentKNN": Baseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if p == "centered" else V),
-                           ["plain", "centered"], "text", new_items=True, made_for="items"),
-    "TagTFIDF": Baseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, p == "idf")), ["idf", "binary"],
-                         "tags", new_items=True, made_for="items"),
-    # a content-free control: what an item's number of tags alone buys (tags accumulate with listeners)
+    "ContentKNN": Baseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if as_kwargs(p, "center")["center"] ==
+                                                             "centered" else V), ["plain", "centered"], "text",
+                           new_items=True, made_for="items", space=dict(center=Dim(choices=("plain", "centered")))),
+    "TagTFIDF": Baseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, as_kwargs(p, "weights")["weights"]
+                                                                                == "idf")),
+                         ["idf", "binary"], "tags", new_items=True, made_for="items",
+                         space=dict(weights=Dim(choices=("idf", "binary")))),
+    # a content-free control: what an item's number of tags alone buys (tags accumulate with listeners); at every
+    # leak-free tag, the text setting it controls for
     "TagCount": Baseline(lambda split, tags, p: tag_count_scores(tags), [None], "tags", new_items=True,
-                         made_for="items"),
+                         made_for="items", space=dict(tag_count=Dim(choices=("all",)))),
     # CB2CF and Heater score a user by their collaborative factors from train: none for a user training never saw
-    "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, p[0]), p[1]),
+    "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, cb2cf_target(p)[0]),
+                                                       cb2cf_target(p)[1]),
                       [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
-                      "text", new_items=True, new_users=False, made_for="items"),
+                      "text", new_items=True, new_users=False, made_for="items", space=CB2CF_SPACE),
     # the content -> collaborative map of the literature: a sparse TF-IDF of the item's tag set (presence only)
-    "CB2CF TF-IDF": Baseline(lambda split, tags, p: cb2cf_scores(split, tag_tfidf(tags), cached_factors(split, p[0]),
-                                                                 p[1]),
+    "CB2CF TF-IDF": Baseline(lambda split, tags, p: cb2cf_scores(split, tag_tfidf(tags),
+                                                                 cached_factors(split, cb2cf_target(p)[0]),
+                                                                 cb2cf_target(p)[1]),
                              [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
-                             "tags", new_items=True, new_users=False, made_for="items"),
+                             "tags", new_items=True, new_users=False, made_for="items", space=CB2CF_SPACE),
     # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map);
     # grid (share randomized, similarity weight, ridge) around what hetrec seed-0
     # validation-cold favoured
-    "Heater": Baseline(lambda split, tags, p: heater_scores(split, tags, *p),
+    "Heater": Baseline(lambda split, tags, p: heater_scores(split, tags, **p) if isinstance(p, dict) else
+                       heater_scores(split, tags, *p),
                        [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], "tags", new_items=True,
-                       new_users=False, made_for="items"),
+                       new_users=False, made_for="items",
+                       space=dict(p_random=Dim(0.0, 1.0), lam=Dim(1e-3, 100.0, True), reg=Dim(1e-5, 10.0, True),
+                                  experts=Dim(1, 8), factors=Dim(16, 512, True), lr=Dim(1e-4, 1e-1, True)),
+                       steps=("steps", 1500, 50)),
 }
 DENSE_MAX_ITEMS = 20000
 
@@ -2388,39 +2498,202 @@ def baseline_names(spec):
     return [known[n] for n in names] if all(n in known for n in names) else None
 
 
-def tune(name, make, grid, split, k=10, memory_mb=512, quiet=False):
-    """The one tuning loop: the grid point with the best validation score of the split's protocol (its `select`),
-    then test evaluated once. Returns (result, test ranks)."""
+class Search(NamedTuple):
+    """How run_baselines tunes: trials 0, the fixed grids; N > 0, N trials of each model's space (Optuna's seeded
+    TPE); storage: where the trials are kept (an SQLite file or a database URL; None: in memory), under `prefix` (the
+    data, split and seed they were scored on); frozen: {model: chosen point} fitted once each (a confirmation);
+    tag_counts: a content model's own tag counts, where the protocol rebuilds tags."""
+    trials: int = 0
+    storage: str = None
+    prefix: str = ""
+    frozen: dict = None
+    tag_counts: tuple = TAG_COUNTS
+
+
+def baseline_search(cfg, ds, split):
+    """--trials and --study as run_baselines' Search. A study's trials are kept under a name that says what they
+    were scored on (dataset and its digest, protocol, split settings, seed), so a changed split never reuses them."""
+    trials = PROTOCOLS[split.protocol].trials if cfg.trials == "auto" else int(cfg.trials)
+    storage = cfg.study or None
+    if storage and "://" not in storage:
+        storage = f"sqlite:///{Path(storage).expanduser().resolve()}"
+    settings = {n: getattr(cfg, n) for n in ("min_interactions", "split", "k", "warm_fraction", *PROTOCOLS[
+        split.protocol].options)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return Search(trials, storage, f"{ds.name}-{ds.digest[:8]}/{split.protocol}-{digest}/seed{cfg.seed}",
+                  tag_counts=() if cfg.tag_source == "all" else TAG_COUNTS)
+
+
+def space_of(b, column, search, split, ds):
+    """The space searched for baseline b read on `column`: its own, plus the tag count where it reads tags and the
+    split's protocol rebuilds them (so that each model picks its own)."""
+    space = dict(b.space or {})
+    if column == "tags" and search.tag_counts and "tag_count" not in space and PROTOCOLS[split.protocol].item_text \
+            and ds.tag_assignments is not None:
+        space["tag_count"] = Dim(choices=tuple(search.tag_counts))
+    return space
+
+
+def suggest(trial, space):
+    """A point of `space` drawn by an Optuna trial (the conditional dimensions only where their condition holds)."""
+    p = {}
+    for name, d in space.items():
+        if d.when and p.get(d.when[0]) not in d.when[1]:
+            continue
+        if d.choices:
+            p[name] = trial.suggest_categorical(name, list(d.choices))
+        elif isinstance(d.low, int) and isinstance(d.high, int):
+            p[name] = trial.suggest_int(name, d.low, d.high, log=d.log)
+        else:
+            p[name] = trial.suggest_float(name, d.low, d.high, log=d.log)
+    return p
+
+
+def space_record(space):
+    """A space as results.json keeps it."""
+    return {n: {"choices": list(d.choices)} if d.choices else {"low": d.low, "high": d.high, "log": d.log}
+            | ({"when": [d.when[0], list(d.when[1])]} if d.when else {}) for n, d in space.items()}
+
+
+def on_edge(space, p, margin=0.02):
+    """The numeric dimensions whose chosen value lies within `margin` of an end of its range (on its scale): 'name
+    low' or 'name high' (a space too narrow there)."""
+    out = []
+    for n, d in space.items():
+        if d.choices or n not in p or d.high == d.low:
+            continue
+        f = (lambda x: math.log(x)) if d.log else float
+        at = (f(p[n]) - f(d.low)) / (f(d.high) - f(d.low))
+        out += [f"{n} low"] if at <= margin else [f"{n} high"] if at >= 1 - margin else []
+    return out
+
+
+def fit_scored(make, p, split, k, memory_mb, steps=(), patience=3):
+    """Fit at point p, scored on the protocol's validation. An iterative model (steps: (name, most, every)) is checked
+    every `every` steps up to `most`, stopped when `patience` checks in a row bring nothing better, and its best
+    check kept. Returns (point with the chosen steps, validation result, score function, fit seconds)."""
+    t0 = time.perf_counter()
+    if not steps:
+        fn = make(p)
+        fit = time.perf_counter() - t0
+        return p, evaluate(fn, split, "validation", k, "cpu", memory_mb), fn, fit
+    name, most, every = steps
+    best, worse = None, 0
+    for n, fn in make({**p, name: most, "every": every}):
+        val = evaluate(fn, split, "validation", k, "cpu", memory_mb)
+        if best is None or selection_score(val, split, k) > selection_score(best[1], split, k):
+            best, worse = ({**p, name: n}, val, fn), 0
+        elif (worse := worse + 1) >= patience:
+            break
+    return (*best, time.perf_counter() - t0)
+
+
+def point_text(p):
+    """A chosen point in a table: numbers to 3 significant digits."""
+    if not isinstance(p, dict):
+        return str(p)
+    return ", ".join(f"{n} {v:.3g}" if isinstance(v, float) else f"{n} {v}" for n, v in p.items())
+
+
+def jsonable(p):
+    """A point as JSON keeps it (tuples as lists), to compare a stored point with a new one."""
+    return json.loads(json.dumps(p))
+
+
+def open_storage(url, tries=5):
+    """Optuna's storage at a database URL. Processes starting together race to create its tables: retried; an
+    SQLite file busy with another process's write is waited for (up to a minute)."""
+    import optuna
+    import sqlalchemy
+    for n in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                              if url.startswith("sqlite") else {})
+        except sqlalchemy.exc.SQLAlchemyError:
+            if n == tries - 1:
+                raise
+            time.sleep(0.5 + n)
+
+
+def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, storage=None, study=None, seed=0,
+         steps=()):
+    """The one tuning loop. space: a list of points, each tried in order (a fixed grid, or one frozen point), or
+    {name: Dim} searched for `trials` trials by Optuna's TPE seeded with `seed` (a space of choices only with no
+    more points than that: each point once). Trials are kept in `storage` (an SQLite file or database URL: an
+    interrupted search resumes, processes sharing it share the search) as study `study`, or in memory. An iterative
+    model stops early inside each trial (steps, fit_scored). The point best on the protocol's validation (its
+    `select`; ties: the earliest trial) is kept and test evaluated once. Returns (result, test ranks)."""
+    import optuna
     from tqdm import tqdm
-    t0, best = time.perf_counter(), None
-    for p in tqdm(grid, desc=f"baseline {name}: grid search", leave=False, disable=True if quiet else None):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
+    grid = isinstance(space, list)
+    sizes = [len(d.choices) if d.choices and not d.when else 0 for d in ([] if grid else space.values())]
+    if grid:
+        sampler, n, how = optuna.samplers.RandomSampler(seed=0), len(space), "grid"      # its points enqueued
+    elif all(sizes) and math.prod(sizes) <= max(trials, 1):
+        sampler, n, how = optuna.samplers.GridSampler({d: list(c.choices) for d, c in space.items()}, seed=seed), \
+            math.prod(sizes), "every point"
+    else:
+        sampler, n, how = optuna.samplers.TPESampler(seed=seed), trials, "TPE"
+    st = optuna.create_study(storage=storage and open_storage(storage), study_name=study, sampler=sampler,
+                             direction="maximize", load_if_exists=True)
+    if grid and not st.trials:
+        for i in range(len(space)):
+            st.enqueue_trial({"point": i})
+    kept = {}                                 # the best trial of this process, fitted: no refit when it wins
+
+    def objective(trial):
+        p = space[trial.suggest_categorical("point", list(range(len(space))))] if grid else suggest(trial, space)
+        p, val, fn, fit = fit_scored(make, p, split, k, memory_mb, steps)
+        score = selection_score(val, split, k)
+        trial.set_user_attr("point", jsonable(p))
+        if not kept or score > kept["score"]:
+            kept.update(number=trial.number, score=score, p=p, val=val, fn=fn, fit=fit)
+        bar.update()
+        return score
+
+    done = lambda: sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
+    with tqdm(total=n, initial=done(), desc=f"baseline {name}: {how}", leave=False,
+              disable=True if quiet else None) as bar:
+        if n > done():
+            st.optimize(objective, n_trials=n - done(), callbacks=[optuna.study.MaxTrialsCallback(
+                n, states=(optuna.trial.TrialState.COMPLETE,))])
+    complete = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    if kept.get("number") == best.number:
+        p, val, fn, fit = kept["p"], kept["val"], kept["fn"], kept["fit"]
+    else:                                     # another process's (or session's) trial: fitted again at its point
+        p = space[best.params["point"]] if grid else best.user_attrs["point"]
         t1 = time.perf_counter()
         fn = make(p)
         fit = time.perf_counter() - t1
         val = evaluate(fn, split, "validation", k, "cpu", memory_mb)
-        if best is None or selection_score(val, split, k) > selection_score(best[1], split, k):
-            best = (p, val, fn, fit)
-    p, val, fn, fit = best
     test, ranks = evaluate(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
     res = {"params": p, "validation": val, "test": test, "fit_seconds": fit, "seconds": time.perf_counter() - t0,
-           "grid_size": len(grid)}
+           "grid_size": len(complete), "trials": len(complete), "search": how,
+           "search_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in complete)}
+    if not grid:
+        res.update(space=space_record(space), edges=on_edge(space, p))
     if not quiet:
-        log(f"baseline {name:<18} chosen {p!s:>14} of {len(grid):>2} on validation  "
+        log(f"baseline {name:<18} chosen {point_text(p):>14} of {len(complete):>2} on validation  "
             f"{label(*column(protocol_of(split).select, k))} {selection_score(val, split, k):6.2f}  "
-            f"fit {fit:.1f}s, search {res['seconds']:.1f}s")
+            f"fit {fit:.1f}s, search {res['seconds']:.1f}s" + (f"  on an edge: {', '.join(res['edges'])}"
+                                                               if res.get("edges") else ""))
     return res, ranks
 
 
-def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, seed=0, quiet=False):
+def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, seed=0, quiet=False, search=Search()):
     """The baselines of BASELINES named in `names` (None: all) that can score the split's protocol, each tuned on
-    validation (`tune`); the others are n/a. Returns ({name: result}, {name: test ranks}); a baseline with content
-    "text" is run once per text column of the dataset, named "NAME column"."""
+    validation (`tune`: the fixed grid, a search of its space or its frozen point, as `search` says); the others are
+    n/a. Returns ({name: result}, {name: test ranks}); a baseline with content "text" is run once per text column of
+    the dataset, named "NAME column"."""
     out, ranks, na = {}, {}, {}
     names = list(BASELINES) if names is None else names
     too_big = [n for n in names if BASELINES[n].dense and split.n_items > DENSE_MAX_ITEMS]
     if too_big and not quiet:
         log(f"{' and '.join(too_big)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
-    texts = {}
+    memo = {}
     for name in names:
         b = BASELINES[name]
         if why := why_not(b, split.protocol):
@@ -2428,25 +2701,42 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
             continue
         if name in too_big:
             continue
-        for lbl, C in baseline_inputs(ds, name, cache_dir, texts):
-            out[lbl], ranks[lbl] = tune(lbl, lambda p, C=C, b=b: b.make(split, C, p),
-                                        [seed] if b.grid == ["seed"] else b.grid, split, k, memory_mb, quiet)
+        for lbl, col in baseline_inputs(ds, name):
+            make = lambda p, b=b, col=col: baseline_scorer(ds, split, b, col, p, cache_dir, memo)
+            space, steps, trials = [seed] if b.grid == ["seed"] else b.grid, (), 0
+            if search.frozen is not None and lbl in search.frozen:
+                space, steps = [search.frozen[lbl]], b.steps
+            elif search.trials and b.space is not None:
+                space, steps = space_of(b, col, search, split, ds), b.steps
+                trials = search.trials
+            out[lbl], ranks[lbl] = tune(lbl, make, space, split, k, memory_mb, quiet, trials, search.storage,
+                                        f"{search.prefix}/{lbl}" if search.storage else None, seed, steps)
     return {**out, **na}, ranks
 
 
-def baseline_inputs(ds, name, cache_dir=None, texts=None, columns=None):
-    """[(label, content)] of each run of baseline `name`: one on no content or on the tags column; with content
-    "text", one per text column of the dataset (or of `columns`), "NAME column", on its MiniLM vectors (`texts`: a
-    dict that keeps them for the next text baseline)."""
+def baseline_inputs(ds, name, columns=None):
+    """[(label, column)] of each run of baseline `name`: one on no content (column None) or on the tags column; with
+    content "text", one per text column of the dataset (or of `columns`), "NAME column"."""
     content = BASELINES[name].content
     if content == "tags":
-        return [(name, ds.items.tags)] if "tags" in ds.items.columns else []
+        return [(name, "tags")] if "tags" in ds.items.columns else []
     if content == "text":
-        texts = {} if texts is None else texts
-        if not texts:
-            texts.update({c: build_features(ds, c, cache_dir).text for c in columns or text_columns(ds.items)})
-        return [(f"{name} {c}", V) for c, V in texts.items()]
+        return [(f"{name} {c}", c) for c in columns or text_columns(ds.items)]
     return [(name, None)]
+
+
+def baseline_scorer(ds, split, b, column, p, cache_dir=None, memo=None):
+    """Baseline b's score function at point p, read on `column` (the tags as text for content "tags", its MiniLM
+    vectors for content "text"); a point's tag_count rebuilds the tags its protocol allows with that many per item
+    (memo: a dict that keeps what was built for the next call)."""
+    memo = {} if memo is None else memo
+    tag_count = p.get("tag_count") if isinstance(p, dict) else None
+    p = {n: v for n, v in p.items() if n != "tag_count"} if isinstance(p, dict) else p
+    key = (b.content, column, tag_count)
+    if column and key not in memo:
+        d = leak_free_tags(ds, split, tag_count=tag_count)[0] if tag_count else ds
+        memo[key] = d.items.tags if b.content == "tags" else build_features(d, column, cache_dir).text
+    return b.make(split, memo.get(key), p)
 
 
 def random_scores(n_items, seed=0):
@@ -2542,7 +2832,8 @@ def cached_factors(split, kind):
     return memo[kind]
 
 
-def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, factors=128, steps=300, lr=1e-2, seed=0):
+def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, factors=128, steps=300, lr=1e-2, seed=0,
+                  every=0):
     """Heater-style dropout model for new items (after Zhu et al., SIGIR 2020): collaborative factors (iALS, from
     collaborative_factors) for the users and the train items, and a map from an item's content (the unit TF-IDF of
     its tag set, presence only) into the same space, a mixture of `experts` linear experts mixed by a softmax gate.
@@ -2551,7 +2842,7 @@ def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, facto
     multinomial likelihood of their train items among all train items; users: their factors through a learned
     d x d transform) plus lam times the mean squared distance between each train item's map and its factors
     (Heater's similarity constraint) plus reg times the squared norm of the experts' weights (ridge: many tags, few
-    train items). Items without train interactions are scored by their map."""
+    train items). Items without train interactions are scored by their map. every: see `checkpoints` (steps)."""
     seen = np.flatnonzero(split.degree > 0)
     P, Q = cached_factors(split, ("ials", factors))
     g = torch.Generator().manual_seed(seed)
@@ -2576,21 +2867,28 @@ def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, facto
         return torch.einsum("ie,eid->id", gate, torch.stack([torch.sparse.mm(Cx, w) for w in experts_w]))
 
     opt = torch.optim.Adam([experts_w, gate_w, user_t, scale], lr=lr)
-    for _ in range(steps):
-        M = mapped(Cs)
-        use_map = (torch.rand(len(seen), generator=g) < p_random)[:, None]
-        V = torch.where(use_map, M, Q)
-        logits = scale * (Pu @ user_t) @ V.T
-        loss = -(X * torch.log_softmax(logits, 1)).sum(1).mean() + lam * ((M - Q) ** 2).sum(1).mean() + \
-            reg * (experts_w ** 2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        V = mapped(C)
-        V[torch.as_tensor(seen)] = Q
-        U = P @ user_t
-    return lambda u: U[torch.as_tensor(np.asarray(u))] @ V.T
+
+    def scorer():
+        with torch.no_grad():
+            V = mapped(C)
+            V[torch.as_tensor(seen)] = Q
+            U = P @ user_t
+        return lambda u: U[torch.as_tensor(np.asarray(u))] @ V.T
+
+    def fit():
+        for n in range(1, steps + 1):
+            M = mapped(Cs)
+            use_map = (torch.rand(len(seen), generator=g) < p_random)[:, None]
+            V = torch.where(use_map, M, Q)
+            logits = scale * (Pu @ user_t) @ V.T
+            loss = -(X * torch.log_softmax(logits, 1)).sum(1).mean() + lam * ((M - Q) ** 2).sum(1).mean() + \
+                reg * (experts_w ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if every and n % every == 0 or n == steps:
+                yield n, scorer()
+    return checkpoints(fit(), every)
 
 
 def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_count="imported"):
@@ -2746,7 +3044,8 @@ def fmt_table(rows, split, k, title):
     n/a; columns from the protocol's `columns`."""
     cols = [column(c, k) for c in protocol_of(split).columns]
     heads = [label(v, m) for v, m in cols]
-    names = [f"{n} ({r['params']})" if isinstance(r, dict) and r.get("params") is not None else n for n, r in rows]
+    names = [f"{n} ({point_text(r['params'])})" if isinstance(r, dict) and r.get("params") is not None else n
+             for n, r in rows]
     w = max([40] + [len(n) + 2 for n in names])
     head = f"{'model':<{w}}" + "".join(f"{h:>{max(len(h) + 2, 9)}}" for h in heads)
     lines = [title, head, "-" * len(head)]
@@ -2886,7 +3185,7 @@ def train_and_report(cfg, rt, rank=0, world=1):
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
     cache = Path(cfg.data_dir) / ".cache"
     baselines, base_ranks = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
-                                          cache, cfg.seed)
+                                          cache, cfg.seed, search=baseline_search(cfg, ds, split))
     audit = p.audit(ds, split, baselines, cache, cfg.eval_memory_mb, cfg.tag_count) \
         if p.audit and baselines and ds.tag_assignments is not None else None
     results = {"dataset": {"name": ds.name, "synthetic": ds.synthetic, "digest": ds.digest,
@@ -3235,10 +3534,11 @@ def against_scores(spec, run_dir, ds, split, cfg, device, runs_dir="runs"):
     res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     chosen = {n: r for n, r in res.get("baselines", {}).items() if "params" in r}
     base = spec.split(" ")[0]
-    inputs = dict(baseline_inputs(ds, base, Path(cfg.data_dir) / ".cache", columns=[spec[len(base) + 1:]])) \
-        if spec in chosen and base in BASELINES else {}
+    inputs = dict(baseline_inputs(ds, base, columns=[spec[len(base) + 1:]])) if spec in chosen and base in BASELINES \
+        else {}
     if spec in inputs:
-        return f"{spec} ({chosen[spec]['params']})", BASELINES[base].make(split, inputs[spec], chosen[spec]["params"])
+        return f"{spec} ({chosen[spec]['params']})", baseline_scorer(ds, split, BASELINES[base], inputs[spec],
+                                                                    chosen[spec]["params"], Path(cfg.data_dir) / ".cache")
     if base in BASELINES or len(Path(spec).parts) == 1 and not (Path(runs_dir) / spec).is_dir():
         raise UserError(f"--against {spec}: not a baseline of run {run_dir.name} (its results.json has "
                         f"{', '.join(chosen) or 'none'}) nor a run under {runs_dir}/")
@@ -3891,11 +4191,12 @@ def cmd_baselines(cfg):
     if free_cores:
         free_cores()             # once: the cores left free while the data loaded
     res, _ = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
-                           Path(cfg.data_dir) / ".cache", cfg.seed)
-    print(f"\n{'baseline':<22}{'chosen on validation':<44}{'grid':>6}{'fit s':>9}{'search s':>10}")
+                           Path(cfg.data_dir) / ".cache", cfg.seed, search=baseline_search(cfg, ds, split))
+    print(f"\n{'baseline':<22}{'chosen on validation':<44}{'trials':>7}{'fit s':>9}{'search s':>10}  on an edge")
     for n, r in res.items():
         if "na" not in r:
-            print(f"{n:<22}{r['params']!s:<44}{r['grid_size']:>6}{r['fit_seconds']:>9.2f}{r['seconds']:>10.2f}")
+            print(f"{n:<22}{point_text(r['params']):<44}{r['grid_size']:>7}{r['fit_seconds']:>9.2f}"
+                  f"{r.get('search_seconds', r['seconds']):>10.2f}  {', '.join(r.get('edges', [])) or '-'}")
     print(fmt_table(list(res.items()), split, cfg.k, f"\nTest, {ds.label}, {protocol_title(split)}: baselines, full ranking over {split.n_items:,} items"))
 
 

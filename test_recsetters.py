@@ -835,6 +835,9 @@ BAD_INPUTS = [
     ("train --dataset DS --data-dir DATA --no-such-flag", "unrecognized arguments"),
     ("train --dataset DS --data-dir DATA --split nope", "invalid choice"),
     ("train --dataset DS --data-dir DATA --baselines Nope", "--baselines 'Nope'"),
+    ("baselines --dataset DS --data-dir DATA --trials many", "--trials 'many': auto or an integer >= 0"),
+    ("baselines --dataset DS --data-dir DATA --trials 5 --study /nonexistent/folder/s.db", "folder /nonexistent/folder does not exist"),
+    ("baselines --dataset DS --data-dir DATA --trials 5 --study DATA", "a folder; name an SQLite file"),
     ("train --dataset DS --data-dir DATA --squared-loss nan", "--squared-loss nan"),
     ("train --dataset DS --data-dir DATA --squared-alpha inf", "--squared-alpha inf"),
     ("train --dataset DS --data-dir DATA --cold-fraction nan", "--cold-fraction nan"),
@@ -1528,6 +1531,74 @@ def test_every_model_keeps_the_contract_under_every_protocol_it_claims(small_dem
         top = R.top_k_lists(fn, users, excl, 10)
         assert not excl[users][np.arange(len(users))[:, None], top].toarray().any(), name
         assert R.selection_score(res["test"], split, 10) > rnd, (name, R.selection_score(res["test"], split, 10), rnd)
+
+
+@pytest.mark.parametrize("split_kind", [p.splits[0] for p in R.PROTOCOLS.values()])
+def test_every_search_space_is_searched_and_its_chosen_point_fits_again_to_the_same_validation(small_demo, split_kind):
+    """Each baseline's search space under each protocol it runs in (a few TPE trials on the small demo): every point
+    drawn is a valid input of its make, the chosen point lies in the space (an iterative model's step count within
+    its most), and fitting once more at the chosen point (as a resumed search does) gives the same validation."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), seed=0, split=split_kind, text="none")
+    ds, split = R.prepare(cfg, quiet=True)
+    content = {"": None, "tags": ds.items.tag, "text": np.eye(R.codes(ds.items.artist).max() + 1,
+                                                                 dtype=np.float32)[R.codes(ds.items.artist)]}
+    searched = 0
+    for name, b in R.BASELINES.items():
+        if R.why_not(b, split.protocol) or b.space is None:
+            continue
+        make = lambda p, b=b: b.make(split, content[b.content], {n: v for n, v in p.items() if n != "tag_count"})
+        small = b.space
+        steps = (b.steps[0], 4, 2) if b.steps else ()       # at most 4 steps, checked every 2: fast
+        res, _ = R.tune(name, make, small, split, 10, quiet=True, trials=3, seed=1, steps=steps)
+        searched += 1
+        p = res["params"]
+        assert res["trials"] == min(3, np.prod([len(d.choices) for d in small.values()])) if all(
+            d.choices for d in small.values()) else res["trials"] == 3, name
+        assert set(res["space"]) == set(small) and res["search"] in ("TPE", "every point"), name
+        for n, d in small.items():
+            if n in p:
+                assert p[n] in d.choices if d.choices else d.low <= p[n] <= d.high, (name, n, p[n])
+        if steps:
+            assert p[steps[0]] in (2, 4), name
+        again = R.evaluate(make(p), split, "validation", 10, "cpu")
+        assert R.selection_score(again, split, 10) == pytest.approx(R.selection_score(res["validation"], split, 10),
+                                                                    abs=1e-9), name
+    assert searched >= 3
+
+
+def test_two_processes_share_one_study_and_a_finished_search_resumes_without_new_trials(small_demo, tmp_path):
+    """Two `baselines --trials 8 --study FILE` processes at once fill one study (8 trials between them, not 16; one
+    more where both were running a trial when the 8th ended); a third run finds the search done, adds no trial,
+    and fits the study's best point again."""
+    import optuna
+    args = ["baselines", "--dataset", "small", "--data-dir", str(small_demo), "--baselines", "EASE,ItemKNN",
+            "--trials", "8", "--study", str(tmp_path / "study.db"), "--seed", "0"]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "recsetters.py"), *args], cwd=HERE, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    studies = lambda: {s.study_name: optuna.load_study(study_name=s.study_name, storage=url)
+                       for s in optuna.get_all_study_summaries(url)}
+    complete = lambda st: st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    counts = {n: len(complete(st)) for n, st in studies().items()}
+    assert sorted(n.rsplit("/", 1)[1] for n in counts) == ["EASE", "ItemKNN"]
+    assert all(8 <= n <= 9 for n in counts.values()), counts
+    third = run_cli(*args)
+    assert third.returncode == 0, third.stderr
+    assert {n: len(complete(st)) for n, st in studies().items()} == counts
+    for name, st in studies().items():
+        best = max(complete(st), key=lambda t: (t.value, -t.number))
+        row = f"{name.rsplit('/', 1)[1]} ({R.point_text(best.user_attrs['point'])})"
+        assert any(ln.startswith(row) for ln in third.stdout.splitlines()), (row, third.stdout)
+
+
+def test_on_edge_names_the_dimensions_chosen_at_an_end_of_their_range():
+    space = {"lam": R.Dim(1.0, 1e4, True), "beta": R.Dim(0.0, 1.0), "n": R.Dim(5, 100), "kind": R.Dim(choices=("a", "b"))}
+    assert R.on_edge(space, {"lam": 1.1, "beta": 0.5, "n": 100, "kind": "a"}) == ["lam low", "n high"]
+    assert R.on_edge(space, {"lam": 100.0, "beta": 0.995}) == ["beta high"]
+    assert R.on_edge(space, {"lam": 5000.0, "beta": 0.3, "n": 50}) == []          # 5000: 92% of the way, on a log scale
+    assert R.on_edge(space, {"lam": 9000.0}) == ["lam high"]                        # 99%
 
 
 def test_encode_reproduces_known_users_and_reasons_name_the_item_that_contributes_most(small_demo):
