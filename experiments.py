@@ -27,6 +27,7 @@ Read top to bottom:
   8. the tuning log: how the default `train` configuration was found (validation only)
   9. command line
 """
+import argparse
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -389,7 +391,7 @@ def cell_done(run_dir):
 
 
 def cell_flags(protocol, kind, text):
-    extra = dict(EXTRA_MODELS.get(protocol, []))
+    extra = dict(EXTRA_MODELS.get(protocol, []), single=["--text", str(text), "--ensemble", "1"])
     return ["--split", R.PROTOCOLS[protocol].splits[0], *(extra[kind] if kind in extra else ["--text", str(text)])]
 
 
@@ -420,16 +422,18 @@ def data_settings(config):
     return {key: config.get(key) for key in keys}
 
 
-def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k, extra=()):
+def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k, extra=(), contest=None):
     """Every baseline of R.BASELINES on the (dataset, protocol, seed) split (n/a where it cannot score it), with the
     protocol's audit where it has one. The protocol's chosen setting applies, and the split's settings among `extra`
-    (the two-tower cells' flags), so that every model sees the same data."""
+    (the two-tower cells' flags), so that every model sees the same data. contest: (cfg, ds, split) -> R.Search
+    (a search, or frozen points); None: the fixed grids."""
     cfg = R.config_from(R.parse_args(["baselines", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed),
                                       "-k", str(k), "--split", R.PROTOCOLS[protocol].splits[0], *extra], known=True))
     cfg.validate()
     ds, split = R.prepare(cfg, quiet=True)
     cache = Path(data_dir) / ".cache"
-    res, ranks = R.run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, None, cache, seed, quiet=True)
+    res, ranks = R.run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, None, cache, seed, quiet=True,
+                                 search=contest(cfg, ds, split) if contest else R.Search())
     audit = R.protocol_of(split).audit
     audit = audit(ds, split, res, cache, cfg.eval_memory_mb, cfg.tag_count) if audit and ds.tag_assignments is not None \
         else None
@@ -443,7 +447,7 @@ def run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, k, extra=()):
     R.save_ranks(run_dir / "ranks.npz", ranks)
 
 
-def run_cell(cell, out, data_dir, extra):
+def run_cell(cell, out, data_dir, extra, contest=None):
     dataset, protocol, kind, text, seed = cell
     name = cell_name(*cell)
     run_dir = out / "runs" / name
@@ -453,7 +457,7 @@ def run_cell(cell, out, data_dir, extra):
         return "skipped (done)"
     t0 = time.time()
     if kind == "baselines":
-        run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, want["k"], extra)
+        run_baselines_cell(dataset, protocol, seed, data_dir, run_dir, want["k"], extra, contest)
     else:
         failed = train_run(dataset, seed, data_dir, run_dir, [*flags, "--no-baselines"], out / "logs" / f"{name}.log")
         if failed:
@@ -471,6 +475,93 @@ def train_run(dataset, seed, data_dir, run_dir, flags, log_path):
         p = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     return f"FAILED (exit {p.returncode}, see {log_path})" if p.returncode else None
+
+
+# ----------------------------------------------------------------------------------------------
+# 2b. the contest: every baseline's space searched on the development seeds' validation (`search`, resumable: the
+# trials are kept in OUT/study.db), each model's chosen point frozen (OUT/frozen.json), then every model run once at
+# its frozen point on seeds that no choice has seen (`confirm`), with the leaderboards of what they show
+
+DEV_SEEDS = [0]                      # where the two-tower's own setting was chosen (RESULTS.md: seed 0; 1, 2 to check)
+CONFIRM_SEEDS = [10, 11, 12, 13, 14]     # seeds no choice has seen
+
+
+def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="auto", jobs=1):
+    """Search every baseline of each protocol on the validation of the development seeds (R.Search: Optuna's TPE,
+    --trials auto = each protocol's count), then freeze: OUT/frozen.json {protocol: {model: its point on the first
+    seed}} and OUT/search.md (validation only). Finished cells are kept; an interrupted search resumes from the
+    trials in OUT/study.db (processes or machines given the same study share it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    study = str((out / "study.db").resolve())
+    contest = lambda cfg, ds, split: R.baseline_search(replace(cfg, trials=trials, study=study, ensemble=1), ds, split)
+    cells_ = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
+    run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'search', data_dir, [], contest)}"
+    with ThreadPoolExecutor(jobs) as ex:
+        for i, line in enumerate(ex.map(run, cells_), 1):
+            print(f"[{i}/{len(cells_)}] search {line}", flush=True)
+    frozen = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").exists() else {}
+    for p in protocols:
+        res = json.loads((out / "search" / "runs" / cell_name(dataset, p, "baselines", None, seeds[0]) /
+                          "results.json").read_text())
+        frozen[p] = {m: r["params"] for m, r in res["baselines"].items() if "params" in r}
+    R.atomic_write_text(out / "frozen.json", json.dumps(frozen, indent=1))
+    R.atomic_write_text(out / "search.md", "\n".join(search_table(out, dataset, protocols, seeds)) + "\n")
+    return out / "frozen.json"
+
+
+def search_table(out, dataset, protocols, seeds):
+    """search.md: per protocol and development seed, each model's trials, chosen point, the dimensions it lies on an
+    edge of, its validation score and the search's time (no test column: test guided nothing here, and is not shown)."""
+    L = ["# The contest's search (validation only)", ""]
+    for p in protocols:
+        sel = R.label(*R.column(R.PROTOCOLS[p].select, 10))
+        for s in seeds:
+            f = out / "search" / "runs" / cell_name(dataset, p, "baselines", None, s) / "results.json"
+            if not f.exists():
+                continue
+            res = json.loads(f.read_text())
+            sel = R.label(*R.column(R.PROTOCOLS[p].select, res["config"].get("k", 10)))
+            L += [f"## {dataset}, {p}, seed {s}", "", f"| model | trials | search | chosen point | on an edge | "
+                  f"val {sel} | search s |", "|---|---:|---|---|---|---:|---:|"]
+            col = R.column(R.PROTOCOLS[p].select, res["config"].get("k", 10))
+            for m, r in res["baselines"].items():
+                if "params" in r:
+                    L.append(f"| {m} | {r.get('trials', r.get('grid_size'))} | {r.get('search', 'grid')} | "
+                             f"{R.point_text(r['params'])} | {', '.join(r.get('edges', [])) or '–'} | "
+                             f"{r['validation'][col[0]][col[1]]:.2f} | {r.get('search_seconds', r['seconds']):.0f} |")
+            L.append("")
+    return L
+
+
+def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", texts=("tags", "none"), jobs=1):
+    """Every model once at its frozen point (OUT/frozen.json, from `search`) on each protocol's fresh seeds: the
+    baselines (their ensembles of the two-tower's M and the blend), the two-tower with each text (its chosen setting;
+    epochs by early stopping on each seed's validation) and, where it is an ensemble, the single two-tower. Finished
+    cells are kept (resumable). Writes OUT/confirm-PROTOCOL.md and .tex."""
+    if not (out / "frozen.json").exists():
+        raise R.UserError(f"{out}/frozen.json is missing: run `experiments.py search --out {out}` first")
+    frozen = json.loads((out / "frozen.json").read_text())
+    if missing := [p for p in protocols if p not in frozen]:
+        raise R.UserError(f"no frozen points for {', '.join(missing)} in {out}/frozen.json: search it first")
+    m_of = lambda p: R.PROTOCOLS[p].defaults.get("ensemble", 1)
+    contest = lambda cfg, ds, split: R.Search(frozen=frozen[split.protocol], ensemble=m_of(split.protocol),
+                                              tag_counts=())
+    order = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
+    order += [(dataset, p, "two-tower", t, s) for p in protocols for t in texts for s in seeds]
+    order += [(dataset, p, "single", texts[0], s) for p in protocols if m_of(p) > 1 for s in seeds]
+    extra = ["--threads", "1"] if jobs > 1 else []
+    run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'confirm', data_dir, extra, contest)}"
+    with ThreadPoolExecutor(jobs) as ex:
+        for i, line in enumerate(ex.map(run, order), 1):
+            print(f"[{i}/{len(order)}] confirm {line}", flush=True)
+    written = []
+    for p in protocols:
+        runs = [(d, json.loads((d / "results.json").read_text())) for d in
+                (out / "confirm" / "runs" / cell_name(*c) for c in order if c[1] == p) if cell_done(d)]
+        if runs:
+            compare_one(same_data(runs), out / f"confirm-{p}")
+            written.append(out / f"confirm-{p}.md")
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -986,7 +1077,8 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
 # ----------------------------------------------------------------------------------------------
 # 9. command line
 
-GRID_FILES = ("runs", "logs", "tune", "report.md", "tuning.md", "notes.json", "results.csv")
+GRID_FILES = ("runs", "logs", "tune", "report.md", "tuning.md", "notes.json", "results.csv", "study.db", "frozen.json",
+              "search", "confirm")
 
 
 def grid_folder(out):
@@ -997,6 +1089,12 @@ def grid_folder(out):
         raise R.UserError(f"--out {out}: a folder that is not an experiments folder (none of {', '.join(GRID_FILES)} "
                           f"in it); name a new folder")
     return out
+
+
+def trials_arg(v):
+    if v == "auto" or v.isdigit():
+        return v
+    raise argparse.ArgumentTypeError(f"{v!r}: auto or an integer >= 0")
 
 
 def main(argv=None):
@@ -1020,6 +1118,19 @@ def main(argv=None):
     t.add_argument("--only", nargs="+", default=[""], help="run only the rows whose label contains one of these "
                    "(e.g. r3 c1)")
     t.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 with --jobs > 1)")
+    s = sub.add_parser("search", help="the contest's search: every baseline's space on each protocol's validation "
+                       "of the development seeds (resumable), then each chosen point frozen (OUT/frozen.json)")
+    f = sub.add_parser("confirm", help="the contest's confirmation: every model once at its frozen point on fresh "
+                       "seeds, and the leaderboards (OUT/confirm-PROTOCOL.md, .tex)")
+    for p, seeds in ((s, DEV_SEEDS), (f, CONFIRM_SEEDS)):
+        p.add_argument("--seeds", nargs="+", type=int, default=seeds)
+        p.add_argument("--protocols", nargs="+", default=list(R.PROTOCOLS), type=lambda p: ALIASES.get(p, p),
+                       choices=list(R.PROTOCOLS), help="protocols of R.PROTOCOLS (loo: leave-one-out)")
+        p.add_argument("--dataset", default="hetrec")
+        p.add_argument("--jobs", type=int, default=1, help="cells at a time (each with --threads 1 when > 1)")
+        p.add_argument("--out", default="runs/contest")
+        p.add_argument("--data-dir", default="data")
+    s.add_argument("--trials", default="auto", type=trials_arg, help="trials per model (auto: each protocol's count, at least the two-tower's tuning effort)")
     for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
         p.add_argument("--data-dir", default="data")
@@ -1050,6 +1161,19 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     notes = []
+    if args.cmd in ("search", "confirm"):
+        ensure_dataset(args.dataset, args.data_dir, None)
+        try:
+            if args.cmd == "search":
+                print(f"wrote {search(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.trials, args.jobs)}"
+                      f" and {out / 'search.md'}")
+            else:
+                for path in confirm(out, args.data_dir, args.protocols, args.seeds, args.dataset, jobs=args.jobs):
+                    print(f"wrote {path} and .tex")
+        except R.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     if args.cmd == "ablation":
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for d in args.datasets:

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -2392,6 +2392,8 @@ class Baseline(NamedTuple):
                              #   names "tag_count". None: the grid (nothing to search)
     steps: tuple = ()        # an iterative model: (its steps' name, the most, every): in a search each trial is stopped
                              #   early on validation, checked every `every` steps; the chosen count is recorded
+    seeded: bool = False     # its fit depends on a seed (make reads "seed"): where the two-tower is an ensemble of M,
+                             #   the contest also reports it as an ensemble of M (compute-matched)
 
 
 def why_not(b, protocol):
@@ -2442,7 +2444,7 @@ BASELINES = {
     "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
         dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
         space=dict(factors=Dim(8, 2048, True), reg=Dim(1e-3, 1e4, True), alpha=Dim(1e-2, 1e3, True)),
-        steps=("iterations", 40, 2)),
+        steps=("iterations", 40, 2), seeded=True),
     # the reference model of the new-users protocol in the literature (strong generalization); not run under
     # leave-one-out, where iALS and EASE are the baselines to beat. Grid (KL weight, epochs): on hetrec seed-0
     # validation 150 epochs beat 50 and 300. Searched: the KL weight annealed over 100 epochs, stopped early
@@ -2450,7 +2452,7 @@ BASELINES = {
                          multvae_scores(split, *p), [(0.2, 100), (0.2, 150), (0.5, 150)], made_for="users",
                          space=dict(hidden=Dim(50, 2000, True), latent=Dim(16, 800, True), dropout=Dim(0.0, 0.9),
                                     beta=Dim(1e-3, 2.0, True), lr=Dim(1e-4, 3e-2, True), anneal=Dim(choices=(100,))),
-                         steps=("epochs", 400, 10)),
+                         steps=("epochs", 400, 10), seeded=True),
     "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], new_items=True,
                        made_for="items"),
     "ContentKNN": Baseline(lambda split, V, p: profile_scores(split, V - V.mean(0) if as_kwargs(p, "center")["center"] ==
@@ -2484,7 +2486,7 @@ BASELINES = {
                        new_users=False, made_for="items",
                        space=dict(p_random=Dim(0.0, 1.0), lam=Dim(1e-3, 100.0, True), reg=Dim(1e-5, 10.0, True),
                                   experts=Dim(1, 8), factors=Dim(16, 512, True), lr=Dim(1e-4, 1e-1, True)),
-                       steps=("steps", 1500, 50)),
+                       steps=("steps", 1500, 50), seeded=True),
 }
 DENSE_MAX_ITEMS = 20000
 
@@ -2502,12 +2504,33 @@ class Search(NamedTuple):
     """How run_baselines tunes: trials 0, the fixed grids; N > 0, N trials of each model's space (Optuna's seeded
     TPE); storage: where the trials are kept (an SQLite file or a database URL; None: in memory), under `prefix` (the
     data, split and seed they were scored on); frozen: {model: chosen point} fitted once each (a confirmation);
-    tag_counts: a content model's own tag counts, where the protocol rebuilds tags."""
+    tag_counts: a content model's own tag counts, where the protocol rebuilds tags. A contest (trials or frozen) also
+    reports each seeded baseline as an ensemble of `ensemble` (the two-tower's M) and the blend of BLEND."""
     trials: int = 0
     storage: str = None
     prefix: str = ""
     frozen: dict = None
     tag_counts: tuple = TAG_COUNTS
+    ensemble: int = 1
+
+
+BLEND = ("EASE", "iALS", "RP3beta")     # the classic models whose validation-weighted blend the contest reports
+
+
+def blend_scores(fns, weights):
+    """The weighted sum of score functions, each user's scores standardized first (mean 0, std 1 over the items)."""
+    def score(users):
+        total = 0
+        for fn, w in zip(fns, weights):
+            s = torch.as_tensor(fn(users), dtype=torch.float32)
+            total = total + w * (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp(min=1e-12)
+        return total
+    return score
+
+
+def ensemble_scores(fns):
+    """The mean of the members' scores (as the two-tower's Ensemble ranks)."""
+    return lambda users: sum(torch.as_tensor(fn(users), dtype=torch.float32) for fn in fns) / len(fns)
 
 
 def baseline_search(cfg, ds, split):
@@ -2521,7 +2544,7 @@ def baseline_search(cfg, ds, split):
         split.protocol].options)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return Search(trials, storage, f"{ds.name}-{ds.digest[:8]}/{split.protocol}-{digest}/seed{cfg.seed}",
-                  tag_counts=() if cfg.tag_source == "all" else TAG_COUNTS)
+                  tag_counts=() if cfg.tag_source == "all" else TAG_COUNTS, ensemble=cfg.ensemble)
 
 
 def space_of(b, column, search, split, ds):
@@ -2711,6 +2734,22 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
                 trials = search.trials
             out[lbl], ranks[lbl] = tune(lbl, make, space, split, k, memory_mb, quiet, trials, search.storage,
                                         f"{search.prefix}/{lbl}" if search.storage else None, seed, steps)
+            contest = search.trials or search.frozen is not None
+            if contest and b.seeded and search.ensemble > 1:
+                m = search.ensemble
+                members = lambda _, make=make, p=out[lbl]["params"]: ensemble_scores([make({**p, "seed": s})
+                                                                                       for s in range(m)])
+                out[f"{lbl} ×{m}"], ranks[f"{lbl} ×{m}"] = tune(f"{lbl} ×{m}", members, [{**out[lbl]["params"],
+                                                                                           "members": m}],
+                                                                split, k, memory_mb, quiet)
+    if (search.trials or search.frozen is not None) and all(n in out for n in BLEND):
+        fns = [baseline_scorer(ds, split, BASELINES[n], None, out[n]["params"]) for n in BLEND]
+        name = "Blend " + "+".join(BLEND)
+        space = [search.frozen[name]] if search.frozen and name in search.frozen else \
+            {f"w_{n}": Dim(0.0, 1.0) for n in BLEND}
+        out[name], ranks[name] = tune(name, lambda p: blend_scores(fns, [p[f"w_{n}"] for n in BLEND]), space, split, k,
+                                      memory_mb, quiet, search.trials or PROTOCOLS[split.protocol].trials,
+                                      search.storage, f"{search.prefix}/{name}" if search.storage else None, seed)
     return {**out, **na}, ranks
 
 
@@ -4190,8 +4229,10 @@ def cmd_baselines(cfg):
     ds, split = prepare(cfg)
     if free_cores:
         free_cores()             # once: the cores left free while the data loaded
+    m = PROTOCOLS[split.protocol].defaults.get("ensemble", 1)       # the two-tower's M under the protocol (matched)
     res, _ = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
-                           Path(cfg.data_dir) / ".cache", cfg.seed, search=baseline_search(cfg, ds, split))
+                           Path(cfg.data_dir) / ".cache", cfg.seed, search=baseline_search(replace(cfg, ensemble=m), ds,
+                                                                                           split))
     print(f"\n{'baseline':<22}{'chosen on validation':<44}{'trials':>7}{'fit s':>9}{'search s':>10}  on an edge")
     for n, r in res.items():
         if "na" not in r:
