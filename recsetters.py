@@ -2772,16 +2772,21 @@ def tag_count_scores(tags):
     return lambda users: n.repeat(len(users), 1)
 
 
-def tag_tfidf(tags, idf=True):
-    """items x tags sparse TF-IDF of comma-separated tag lists, binary term frequency (a tag is there or not)."""
-    lists = [[t.strip().lower() for t in s.split(",") if t.strip()] for s in tags]
-    vocab = {t: n for n, t in enumerate(sorted({t for l in lists for t in l}))}
-    rows = np.repeat(np.arange(len(lists)), [len(set(l)) for l in lists])
-    cols = np.array([vocab[t] for l in lists for t in sorted(set(l))], dtype=np.int64)
+def tag_tfidf(tags, idf=True, fit=None):
+    """items x tags sparse TF-IDF of comma-separated tag lists, binary term frequency (a tag is there or not).
+    fit: the items (a mask or indices; None: all) whose tags make the vocabulary and the document frequencies, e.g.
+    split.catalog, the items that exist at training time; other items' tags outside that vocabulary are dropped."""
+    lists = [sorted({t.strip().lower() for t in s.split(",") if t.strip()}) for s in tags]
+    fitted = np.zeros(len(lists), bool)
+    fitted[slice(None) if fit is None else np.asarray(fit)] = True
+    vocab = {t: n for n, t in enumerate(sorted({t for l, f in zip(lists, fitted) if f for t in l}))}
+    lists = [[t for t in l if t in vocab] for l in lists]
+    rows = np.repeat(np.arange(len(lists)), [len(l) for l in lists])
+    cols = np.array([vocab[t] for l in lists for t in l], dtype=np.int64)
     X = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(lists), max(len(vocab), 1)))
     if idf:
-        df = np.asarray((X > 0).sum(0)).ravel()
-        X = X @ sp.diags(np.log(len(lists) / np.maximum(df, 1)))
+        df = np.asarray(X[fitted].sum(0)).ravel()
+        X = X @ sp.diags(np.log(fitted.sum() / np.maximum(df, 1)))
     return X.tocsr()
 
 

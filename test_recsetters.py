@@ -1359,6 +1359,19 @@ def test_content_baselines_find_taste_in_content():
         assert R.evaluate(fn, s, "test", 10, "cpu")["cold"]["ndcg@10"] > 2 * rnd
 
 
+def test_tag_tfidf_fit_takes_vocabulary_and_idf_from_the_fit_items_only():
+    """tag_tfidf(fit=): a tag seen only on other items is dropped, document frequencies count only the fit items;
+    fit=None (all items) as before."""
+    tags = pd.Series(["a, b", "b", "c, A", "d, a"])
+    X = R.tag_tfidf(tags, fit=np.array([True, True, True, False])).toarray()
+    assert X.shape == (4, 3)                                            # a, b, c: d is only on the non-fit item
+    assert np.allclose(X, [[np.log(3 / 2), np.log(3 / 2), 0], [0, np.log(3 / 2), 0], [np.log(3 / 2), 0, np.log(3)],
+                           [np.log(3 / 2), 0, 0]])
+    assert np.allclose(R.tag_tfidf(tags, fit=[0, 1, 2]).toarray(), X)
+    assert np.allclose(R.tag_tfidf(tags, False, fit=[0, 1, 2]).toarray(), X > 0)
+    assert R.tag_tfidf(tags).shape == (4, 4) and np.isclose(R.tag_tfidf(tags)[0, 0], np.log(4 / 3))
+
+
 def test_tag_count_scores_every_item_by_its_number_of_distinct_tags_for_everyone():
     """TagCount, the content-free control of the new-items protocol: duplicates and case count once, an item without
     tags scores 0, every user gets the same scores; it runs where items are unseen and nowhere else."""
