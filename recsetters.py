@@ -131,9 +131,10 @@ class Config:
                              "tags its `tags` text keeps: imported (as collect.py wrote them, hetrec: 5; items not held "
                              "out keep theirs), a number N, or all (every item rebuilt); which tags only, never how "
                              "often", TAG_COUNT, cmds=DATA)
-    tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
-                              "users who did not interact with it (leak-free), or from everyone (all: leaks the "
-                              "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
+    tag_source: str = setting("non-listeners", "leak-free item tags (cold-items: a cold item's from users who did not "
+                              "interact with it; leave-one-out: without each held-out pair's own tagging), or from "
+                              "every assignment (all: leaks the held-out users' tagging, for comparison)",
+                              choices=("non-listeners", "all"), cmds=DATA)
     warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
                                    FRACTION, cmds=DATA)
     seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
@@ -744,20 +745,15 @@ def top_tags(assignments, top=5):
 def new_item_tags(ds, split, tag_count="imported"):
     """Cold-items' leak-free tags: every held-out (new) item's `tags` and `tag` (the top one) rebuilt from the tag
     assignments of users who have no interaction with it (every listener of a new item is evaluated on it, so this
-    removes each evaluated user's own tagging). tag_count: "imported" keeps the import's count (5) and the other
-    items' tags as they are; N or "all" rebuilds every item's with its N (all) most applied, the other items' from
-    everyone's (train information)."""
+    removes each evaluated user's own tagging). tag_count (rebuilt_tags): "imported" keeps the other items' tags as
+    they are; any other rebuilds every item's, the other items' from everyone's (train information)."""
     cold, ta, own = cold_tag_assignments(ds, split)
-    items = ds.items
-    if tag_count != "imported":
-        rest = np.setdiff1d(np.arange(len(ds.items)), cold)
-        items = with_tags(ds.items, rest, ds.tag_assignments, tags_kept(tag_count))
-    items = with_tags(items, cold, ta[~own], tags_kept(tag_count))
+    out, _ = rebuilt_tags(ds, split, ds.tag_assignments.index.isin(ta.index[own]), tag_count, cold)
     had = int(ds.items.tag.iloc[cold].ne("").sum())
     rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
            f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
-           f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
-    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+           f"with tags {had:,} -> {int(out.items.tag.iloc[cold].ne('').sum()):,}"]
+    return out, rep
 
 
 def tags_kept(tag_count):
@@ -769,14 +765,35 @@ def new_user_tags(ds, split, tag_count="imported"):
     """New-users' leak-free tags: users held out as new did not exist at training time, so every tag they applied
     is left out; the `tags` and `tag` of each item they tagged are rebuilt from everyone else's."""
     held = ds.users.user.to_numpy()[np.union1d(split.val_u, split.test_u)]
+    drop = ds.tag_assignments.user.isin(held).to_numpy()
+    out, rows = rebuilt_tags(ds, split, drop, tag_count)
+    return out, [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(drop.sum()):,} of "
+                 f"{len(drop):,} tag assignments"]
+
+
+def held_pair_tags(ds, split, tag_count="imported"):
+    """Leave-one-out's leak-free tags: the tag assignments of each validation and test user on their own held-out
+    item are left out; the `tags` and `tag` of each item that had one are rebuilt from the others."""
+    ids_u, ids_i = ds.users.user.to_numpy(), ds.items.item.to_numpy()
+    held = pd.MultiIndex.from_arrays([ids_u[np.concatenate([split.val_u, split.test_u])],
+                                      ids_i[np.concatenate([split.val_i, split.test_i])]])
+    drop = np.asarray(pd.MultiIndex.from_frame(ds.tag_assignments[["user", "item"]]).isin(held))
+    out, rows = rebuilt_tags(ds, split, drop, tag_count)
+    return out, [f"tags of {len(rows):,} items rebuilt without the {int(drop.sum()):,} of {len(drop):,} tag "
+                 f"assignments that validation and test users applied to their own held-out item"]
+
+
+def rebuilt_tags(ds, split, drop, tag_count="imported", rows=None):
+    """(ds with the `tags` and `tag` of some items rebuilt from the tag assignments that `drop`, a mask over them,
+    leaves; the rows rebuilt). Rebuilt: `rows` (None: the items that lose an assignment), or every item under any
+    tag_count but imported (its N or all most applied tags)."""
     ta = ds.tag_assignments
-    own = ta.user.isin(held).to_numpy()
-    rows = np.flatnonzero(ds.items.item.isin(ta.item[own]).to_numpy())
-    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()],
-                      tags_kept(tag_count))
-    rep = [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(own.sum()):,} of {len(ta):,} tag "
-           f"assignments"]
-    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+    if tag_count != "imported":
+        rows = np.arange(len(ds.items))
+    elif rows is None:
+        rows = np.flatnonzero(ds.items.item.isin(ta.item[drop]).to_numpy())
+    items = with_tags(ds.items, rows, ta[~np.asarray(drop)], tags_kept(tag_count))
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ta), rows
 
 
 def cold_tag_assignments(ds, split):
@@ -934,7 +951,8 @@ MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "re
 PROTOCOLS = {
     "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
                               lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
-                              ("overall", "ndcg@{k}"), LOO_COLUMNS,
+                              ("overall", "ndcg@{k}"), LOO_COLUMNS, item_text=held_pair_tags,
+                              options=("tag_source", "tag_count"),
                               views=dict(cold="the target is a rarely-seen item (seen in training, but outside the "
                                               "--warm-fraction most interacted)", warm="the target is among them")),
     # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
@@ -1102,14 +1120,18 @@ def leak_free_tags(ds, split, source="non-listeners", tag_count="imported"):
     """The dataset with the item text its split's protocol allows (its `item_text`: the tags of held-out items or
     users rebuilt without the held-out users' own tagging), and report lines. Tags (hetrec: user_taggedartists) are
     applied by users, often by the very users whose interactions are held out: a held-out item's `tags` and `tag`
-    would carry its test users' own behaviour. source all keeps every tag (leaky: for comparison)."""
+    would carry its test users' own behaviour. source all keeps every user's tags (leaky: for comparison), at the
+    same tag_count."""
     rebuild = PROTOCOLS[split.protocol].item_text
-    if rebuild is None or source == "all":
+    if rebuild is None or source == "all" and tag_count == "imported":
         return ds, []
     if ds.tag_assignments is None:
         return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
                     "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
                     "may leak"]
+    if source == "all":
+        return rebuilt_tags(ds, split, np.zeros(len(ds.tag_assignments), bool), tag_count)[0], \
+            ["--tag-source all: every item's tags rebuilt from every user's tag assignments (leaky)"]
     return rebuild(ds, split, tag_count)
 
 

@@ -1325,6 +1325,37 @@ def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
     assert top["a"] == ["z", "b"]
 
 
+def tagged_loo():
+    """Three users, four items, a hand-made leave-one-out split (u0's test item a, u1's validation item b) and tag
+    assignments: (Dataset, Split)."""
+    users = pd.DataFrame({"user": ["u0", "u1", "u2"], "country": ""})
+    items = pd.DataFrame({"item": list("abcd"), "artist": list("abcd"), "tag": "imp", "tags": "imp"})
+    inter = pd.DataFrame({"user": ["u0", "u0", "u1", "u1", "u2", "u2"], "item": list("acbdcd"), "timestamp": np.nan})
+    ta = pd.DataFrame({"user": ["u0", "u0", "u1", "u1", "u0", "u2", "u0"],
+                       "item": ["a", "a", "a", "b", "b", "c", "d"],
+                       "tag": ["own", "x", "x", "own2", "keep", "c1", "d1"]})
+    ds = R.Dataset("t", users, items, inter, tag_assignments=ta)
+    s = R.Split(3, 4, np.array([0, 1, 2, 2]), np.array([2, 3, 2, 3]), np.array([1]), np.array([1]), np.array([0]),
+                np.array([0]), kind="random")
+    return ds, s
+
+
+def test_leave_one_out_tags_drop_each_held_out_pairs_own_tagging():
+    """Leave-one-out's item text: exactly the held-out (user, item) pairs' own assignments are removed (u0's on a,
+    u1's on b; another user's tag on a, and u0's on b, stay); only the items that lost one are rebuilt, unless the
+    tag count rebuilds all; --tag-source all keeps the leaky text."""
+    ds, s = tagged_loo()
+    assert R.PROTOCOLS["leave-one-out"].item_text is R.held_pair_tags
+    clean, rep = R.leak_free_tags(ds, s)
+    assert clean.items.tags.tolist() == ["x", "keep", "imp", "imp"] and clean.items.tag.tolist() == ["x", "keep",
+                                                                                                      "imp", "imp"]
+    assert "tags of 2 items rebuilt without the 3 of 7 tag assignments" in rep[0]
+    every = R.leak_free_tags(ds, s, tag_count="all")[0].items.tags.tolist()
+    assert every == ["x", "keep", "c1", "d1"]
+    assert R.leak_free_tags(ds, s, "all")[0] is ds
+    assert R.leak_free_tags(ds, s, "all", "all")[0].items.tags.tolist() == ["x, own", "keep, own2", "c1", "d1"]
+
+
 def genre_split(seed=0):
     """A cold-items split where content says taste: items carry a genre (dense C, and tags "gG, xN"), users like
     two genres. Returns (split, C, tags)."""
