@@ -95,7 +95,9 @@ NAME = Range(lambda v: v.strip() != "", "a name, not empty")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
-TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.isdigit() and int(v) >= 1, "imported, all, or a number >= 1")
+TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.removeprefix("random").isdigit() and
+                  int(v.removeprefix("random")) >= 1,
+                  "imported, all, a number N >= 1, or randomN with N >= 1 (e.g. random5)")
 TRIALS = Range(lambda v: v == "auto" or v.isdigit(), "auto or an integer >= 0")
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
                       "all, none, or comma-separated names of the baselines in BASELINES (train --help lists them)")
@@ -127,10 +129,11 @@ class Config:
                                    "half for test", SHARE, cmds=DATA)
     new_user_fraction: float = setting(0.2, "share of the users that split new-users holds out with all their "
                                        "interactions, half for validation, half for test", SHARE, cmds=DATA)
-    tag_count: str = setting("imported", "new items and new users: how many of an item's most applied leak-free "
-                             "tags its `tags` text keeps: imported (as collect.py wrote them, hetrec: 5; items not held "
-                             "out keep theirs), a number N, or all (every item rebuilt); which tags only, never how "
-                             "often", TAG_COUNT, cmds=DATA)
+    tag_count: str = setting("imported", "how many of an item's leak-free tags its `tags` text keeps: imported (as "
+                             "collect.py wrote them, hetrec: the top 5; items whose tags are not rebuilt keep "
+                             "theirs), a number N or all (the N or all most applied, every item rebuilt), or randomN "
+                             "(N drawn at random under --seed, the same count for every item: no popularity in how "
+                             "many); which tags only, never how often", TAG_COUNT, cmds=DATA)
     tag_source: str = setting("non-listeners", "leak-free item tags (cold-items: a cold item's from users who did not "
                               "interact with it; leave-one-out: without each held-out pair's own tagging), or from "
                               "every assignment (all: leaks the held-out users' tagging, for comparison)",
@@ -619,6 +622,7 @@ class Split:
     catalog: np.ndarray = None     # bool per item: the items that exist at training time (the others are held out
                                    # as new: no user knows them, none is a negative)
     parts: dict = field(default_factory=dict)   # the protocol's own pieces, read only by its own functions
+    seed: int = 0                  # the seed it was drawn with (--tag-count randomN draws tags with it too)
 
     def __post_init__(self):      # what a split made by hand (tests, bench.py) leaves out: train and nothing held
         if self.train is None and self.train_u is not None:
@@ -734,10 +738,15 @@ def new_users_parts(df, rng, n_users, n_items, kind, opts):
     return d[p == 0], d[target & (p == 1)], d[target & (p == 2)], dict(given=d[fold]), rep
 
 
-def top_tags(assignments, top=5):
+def top_tags(assignments, top=5, seed=None):
     """Per item, its `top` most applied tags (0: all), ties by tag name (as collect.py's hetrec import builds `tags`).
-    Only which tags an item has is kept, never how often each was applied (the counts leak: RESULTS.md)."""
+    seed: `top` of its tags drawn at random instead (by a hash of seed, item and tag: an item's draw does not depend
+    on the other items), most applied first. Only which tags an item has is kept, never how often each was applied
+    (the counts leak: RESULTS.md)."""
     n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
+    if seed is not None and top:
+        key = pd.util.hash_pandas_object(n[["item", "tag"]].astype(str), index=False, hash_key=f"{seed:016d}")
+        n = n.assign(key=key.to_numpy()).sort_values(["item", "key"], kind="stable").groupby("item").head(top)
     n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
     return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
 
@@ -757,8 +766,9 @@ def new_item_tags(ds, split, tag_count="imported"):
 
 
 def tags_kept(tag_count):
-    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N -> N."""
-    return {"imported": 5, "all": 0}.get(tag_count) if not str(tag_count).isdigit() else int(tag_count)
+    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N or randomN -> N."""
+    n = str(tag_count).removeprefix("random")
+    return int(n) if n.isdigit() else {"imported": 5, "all": 0}[n]
 
 
 def new_user_tags(ds, split, tag_count="imported"):
@@ -786,13 +796,14 @@ def held_pair_tags(ds, split, tag_count="imported"):
 def rebuilt_tags(ds, split, drop, tag_count="imported", rows=None):
     """(ds with the `tags` and `tag` of some items rebuilt from the tag assignments that `drop`, a mask over them,
     leaves; the rows rebuilt). Rebuilt: `rows` (None: the items that lose an assignment), or every item under any
-    tag_count but imported (its N or all most applied tags)."""
+    tag_count but imported: N or all most applied tags, randomN: N drawn at random under the split's seed."""
     ta = ds.tag_assignments
     if tag_count != "imported":
         rows = np.arange(len(ds.items))
     elif rows is None:
         rows = np.flatnonzero(ds.items.item.isin(ta.item[drop]).to_numpy())
-    items = with_tags(ds.items, rows, ta[~np.asarray(drop)], tags_kept(tag_count))
+    seed = split.seed if str(tag_count).startswith("random") else None
+    items = with_tags(ds.items, rows, ta[~np.asarray(drop)], tags_kept(tag_count), seed)
     return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ta), rows
 
 
@@ -804,10 +815,10 @@ def cold_tag_assignments(ds, split):
     return cold, ta, np.asarray(own)
 
 
-def with_tags(items, rows, assignments, top=5):
-    """items with `tag` and `tags` (the `top` most applied, 0: all) of the given rows rebuilt from these tag
-    assignments."""
-    top = items.item.iloc[rows].map(top_tags(assignments, top)).to_numpy()
+def with_tags(items, rows, assignments, top=5, seed=None):
+    """items with `tag` and `tags` (top_tags: the `top` most applied, 0: all; seed: drawn at random) of the given
+    rows rebuilt from these tag assignments."""
+    top = items.item.iloc[rows].map(top_tags(assignments, top, seed)).to_numpy()
     items = items.copy()
     items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
     if "tags" in items.columns:
@@ -1059,7 +1070,7 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
              dataset=ds.name))
     arr = lambda df, c: df[c].to_numpy(np.int64)
     s = Split(n_users, n_items, arr(train, "u"), arr(train, "i"), arr(val, "u"), arr(val, "i"), arr(test, "u"),
-              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}))
+              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}), seed=seed)
     given = extra.get("given")
     if given is not None:
         s.profile = (s.train + sp.csr_matrix((np.ones(len(given), np.float32), (arr(given, "u"), arr(given, "i"))),

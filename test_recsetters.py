@@ -1356,6 +1356,39 @@ def test_leave_one_out_tags_drop_each_held_out_pairs_own_tagging():
     assert R.leak_free_tags(ds, s, "all", "all")[0].items.tags.tolist() == ["x, own", "keep, own2", "c1", "d1"]
 
 
+def test_random_tag_count_draws_the_same_number_of_tags_per_item_under_the_seed():
+    """--tag-count randomN: N of an item's tags drawn at random (not its N most applied; fewer: all kept), the same
+    under the same seed whatever else is rebuilt, most applied first; validated like any setting."""
+    rng = np.random.default_rng(0)
+    ta = pd.DataFrame({"item": np.repeat([f"i{n}" for n in range(20)], 55), "user": "u",
+                       "tag": [f"t{k}" for _ in range(20) for k in range(10) for _ in range(10 - k)]})
+    ta = pd.concat([ta, pd.DataFrame({"item": "few", "user": "u", "tag": ["a", "b", "b"]})]).sample(frac=1,
+                                                                                                    random_state=1)
+    top5 = R.top_tags(ta, 5)
+    drawn = R.top_tags(ta, 5, seed=0)
+    assert drawn.equals(R.top_tags(ta, 5, seed=0)) and drawn.equals(R.top_tags(ta.iloc[::-1], 5, seed=0))
+    assert drawn["few"] == ["b", "a"] and all(len(t) == 5 for i, t in drawn.items() if i != "few")
+    assert all(t == sorted(t, key=lambda x: int(x[1:])) for i, t in drawn.items() if i != "few")    # most applied first
+    assert any(drawn[i] != top5[i] for i in top5.index) and not drawn.equals(R.top_tags(ta, 5, seed=1))
+    alone = R.top_tags(ta[ta.item == "i3"], 5, seed=0)                       # an item's draw ignores the others
+    assert alone["i3"] == drawn["i3"]
+    # under a protocol: every item rebuilt, N tags at most, drawn with the split's seed
+    ds, s = tagged_loo()
+    ds = R.Dataset(ds.name, ds.users, ds.items, ds.inter, tag_assignments=ta.assign(item=ta.item.map(
+        dict(i0="a", i1="b", i2="c", few="d"))).dropna())
+    s.seed = 7
+    tags = R.leak_free_tags(ds, s, tag_count="random5")[0].items.tags
+    assert tags.str.split(", ").map(len).tolist() == [5, 5, 5, 2]
+    assert tags.tolist() == R.leak_free_tags(ds, s, tag_count="random5")[0].items.tags.tolist()
+    s.seed = 8
+    assert tags.tolist() != R.leak_free_tags(ds, s, tag_count="random5")[0].items.tags.tolist()
+    assert R.split_interactions(ds, "random", seed=8).seed == 8
+    assert R.tags_kept("random5") == 5 and R.Config(tag_count="random5").validate()
+    for bad in ("random", "random0", "randomx", "5random"):
+        with pytest.raises(R.UserError, match=f"--tag-count '{bad}': imported, all, a number N >= 1, or randomN"):
+            R.Config(tag_count=bad).validate()
+
+
 def genre_split(seed=0):
     """A cold-items split where content says taste: items carry a genre (dense C, and tags "gG, xN"), users like
     two genres. Returns (split, C, tags)."""
