@@ -95,7 +95,9 @@ NAME = Range(lambda v: v.strip() != "", "a name, not empty")
 LAYERS = Range(lambda v: all(h.strip().isdigit() and int(h) >= 1 for h in v.split(",")) if v.strip() else True,
                "comma-separated layer sizes >= 1 (e.g. 128,64), or '' for linear towers")
 
-TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.isdigit() and int(v) >= 1, "imported, all, or a number >= 1")
+TAG_COUNT = Range(lambda v: v in ("imported", "all") or v.removeprefix("random").isdigit() and
+                  int(v.removeprefix("random")) >= 1,
+                  "imported, all, a number N >= 1, or randomN with N >= 1 (e.g. random5)")
 TRIALS = Range(lambda v: v == "auto" or v.isdigit(), "auto or an integer >= 0")
 BASELINE_LIST = Range(lambda v: baseline_names(v) is not None,
                       "all, none, or comma-separated names of the baselines in BASELINES (train --help lists them)")
@@ -127,13 +129,15 @@ class Config:
                                    "half for test", SHARE, cmds=DATA)
     new_user_fraction: float = setting(0.2, "share of the users that split new-users holds out with all their "
                                        "interactions, half for validation, half for test", SHARE, cmds=DATA)
-    tag_count: str = setting("imported", "new items and new users: how many of an item's most applied leak-free "
-                             "tags its `tags` text keeps: imported (as collect.py wrote them, hetrec: 5; items not held "
-                             "out keep theirs), a number N, or all (every item rebuilt); which tags only, never how "
-                             "often", TAG_COUNT, cmds=DATA)
-    tag_source: str = setting("non-listeners", "split cold-items: a cold item's tags from the tag assignments of "
-                              "users who did not interact with it (leak-free), or from everyone (all: leaks the "
-                              "held-out listeners)", choices=("non-listeners", "all"), cmds=DATA)
+    tag_count: str = setting("imported", "how many of an item's leak-free tags its `tags` text keeps: imported (as "
+                             "collect.py wrote them, hetrec: the top 5; items whose tags are not rebuilt keep "
+                             "theirs), a number N or all (the N or all most applied, every item rebuilt), or randomN "
+                             "(N drawn at random under --seed, the same count for every item: no popularity in how "
+                             "many); which tags only, never how often", TAG_COUNT, cmds=DATA)
+    tag_source: str = setting("non-listeners", "leak-free item tags (cold-items: a cold item's from users who did not "
+                              "interact with it; leave-one-out: without each held-out pair's own tagging), or from "
+                              "every assignment (all: leaks the held-out users' tagging, for comparison)",
+                              choices=("non-listeners", "all"), cmds=DATA)
     warm_fraction: float = setting(0.2, "share of items, by train degree, that count as warm (the rest: cold)",
                                    FRACTION, cmds=DATA)
     seed: int = setting(0, "seed of the split, the initialization and the training order", SEED, cmds=DATA)
@@ -618,6 +622,7 @@ class Split:
     catalog: np.ndarray = None     # bool per item: the items that exist at training time (the others are held out
                                    # as new: no user knows them, none is a negative)
     parts: dict = field(default_factory=dict)   # the protocol's own pieces, read only by its own functions
+    seed: int = 0                  # the seed it was drawn with (--tag-count randomN draws tags with it too)
 
     def __post_init__(self):      # what a split made by hand (tests, bench.py) leaves out: train and nothing held
         if self.train is None and self.train_u is not None:
@@ -733,10 +738,15 @@ def new_users_parts(df, rng, n_users, n_items, kind, opts):
     return d[p == 0], d[target & (p == 1)], d[target & (p == 2)], dict(given=d[fold]), rep
 
 
-def top_tags(assignments, top=5):
+def top_tags(assignments, top=5, seed=None):
     """Per item, its `top` most applied tags (0: all), ties by tag name (as collect.py's hetrec import builds `tags`).
-    Only which tags an item has is kept, never how often each was applied (the counts leak: RESULTS.md)."""
+    seed: `top` of its tags drawn at random instead (by a hash of seed, item and tag: an item's draw does not depend
+    on the other items), most applied first. Only which tags an item has is kept, never how often each was applied
+    (the counts leak: RESULTS.md)."""
     n = assignments.groupby(["item", "tag"]).size().reset_index(name="n")
+    if seed is not None and top:
+        key = pd.util.hash_pandas_object(n[["item", "tag"]].astype(str), index=False, hash_key=f"{seed:016d}")
+        n = n.assign(key=key.to_numpy()).sort_values(["item", "key"], kind="stable").groupby("item").head(top)
     n = n.sort_values(["item", "n", "tag"], ascending=[True, False, True], kind="stable")
     return (n.groupby("item").head(top) if top else n).groupby("item", sort=False).tag.agg(list)
 
@@ -744,39 +754,57 @@ def top_tags(assignments, top=5):
 def new_item_tags(ds, split, tag_count="imported"):
     """Cold-items' leak-free tags: every held-out (new) item's `tags` and `tag` (the top one) rebuilt from the tag
     assignments of users who have no interaction with it (every listener of a new item is evaluated on it, so this
-    removes each evaluated user's own tagging). tag_count: "imported" keeps the import's count (5) and the other
-    items' tags as they are; N or "all" rebuilds every item's with its N (all) most applied, the other items' from
-    everyone's (train information)."""
+    removes each evaluated user's own tagging). tag_count (rebuilt_tags): "imported" keeps the other items' tags as
+    they are; any other rebuilds every item's, the other items' from everyone's (train information)."""
     cold, ta, own = cold_tag_assignments(ds, split)
-    items = ds.items
-    if tag_count != "imported":
-        rest = np.setdiff1d(np.arange(len(ds.items)), cold)
-        items = with_tags(ds.items, rest, ds.tag_assignments, tags_kept(tag_count))
-    items = with_tags(items, cold, ta[~own], tags_kept(tag_count))
+    out, _ = rebuilt_tags(ds, split, ds.tag_assignments.index.isin(ta.index[own]), tag_count, cold)
     had = int(ds.items.tag.iloc[cold].ne("").sum())
     rep = [f"tags of the {len(cold):,} cold items rebuilt from non-listeners' tag assignments: {int(own.sum()):,} of "
            f"{len(ta):,} assignments ({own.mean() * 100 if len(ta) else 0:.1f}%) were their own listeners'; cold items "
-           f"with tags {had:,} -> {int(items.tag.iloc[cold].ne('').sum()):,}"]
-    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+           f"with tags {had:,} -> {int(out.items.tag.iloc[cold].ne('').sum()):,}"]
+    return out, rep
 
 
 def tags_kept(tag_count):
-    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N -> N."""
-    return {"imported": 5, "all": 0}.get(tag_count) if not str(tag_count).isdigit() else int(tag_count)
+    """--tag-count as top_tags' `top`: imported -> 5 (collect.py's import), all -> 0 (every tag), N or randomN -> N."""
+    n = str(tag_count).removeprefix("random")
+    return int(n) if n.isdigit() else {"imported": 5, "all": 0}[n]
 
 
 def new_user_tags(ds, split, tag_count="imported"):
     """New-users' leak-free tags: users held out as new did not exist at training time, so every tag they applied
     is left out; the `tags` and `tag` of each item they tagged are rebuilt from everyone else's."""
     held = ds.users.user.to_numpy()[np.union1d(split.val_u, split.test_u)]
+    drop = ds.tag_assignments.user.isin(held).to_numpy()
+    out, rows = rebuilt_tags(ds, split, drop, tag_count)
+    return out, [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(drop.sum()):,} of "
+                 f"{len(drop):,} tag assignments"]
+
+
+def held_pair_tags(ds, split, tag_count="imported"):
+    """Leave-one-out's leak-free tags: the tag assignments of each validation and test user on their own held-out
+    item are left out; the `tags` and `tag` of each item that had one are rebuilt from the others."""
+    ids_u, ids_i = ds.users.user.to_numpy(), ds.items.item.to_numpy()
+    held = pd.MultiIndex.from_arrays([ids_u[np.concatenate([split.val_u, split.test_u])],
+                                      ids_i[np.concatenate([split.val_i, split.test_i])]])
+    drop = np.asarray(pd.MultiIndex.from_frame(ds.tag_assignments[["user", "item"]]).isin(held))
+    out, rows = rebuilt_tags(ds, split, drop, tag_count)
+    return out, [f"tags of {len(rows):,} items rebuilt without the {int(drop.sum()):,} of {len(drop):,} tag "
+                 f"assignments that validation and test users applied to their own held-out item"]
+
+
+def rebuilt_tags(ds, split, drop, tag_count="imported", rows=None):
+    """(ds with the `tags` and `tag` of some items rebuilt from the tag assignments that `drop`, a mask over them,
+    leaves; the rows rebuilt). Rebuilt: `rows` (None: the items that lose an assignment), or every item under any
+    tag_count but imported: N or all most applied tags, randomN: N drawn at random under the split's seed."""
     ta = ds.tag_assignments
-    own = ta.user.isin(held).to_numpy()
-    rows = np.flatnonzero(ds.items.item.isin(ta.item[own]).to_numpy())
-    items = with_tags(ds.items, rows, ta[~own & ta.item.isin(ds.items.item.to_numpy()[rows]).to_numpy()],
-                      tags_kept(tag_count))
-    rep = [f"tags of {len(rows):,} items rebuilt without the held-out users' {int(own.sum()):,} of {len(ta):,} tag "
-           f"assignments"]
-    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ds.tag_assignments), rep
+    if tag_count != "imported":
+        rows = np.arange(len(ds.items))
+    elif rows is None:
+        rows = np.flatnonzero(ds.items.item.isin(ta.item[drop]).to_numpy())
+    seed = split.seed if str(tag_count).startswith("random") else None
+    items = with_tags(ds.items, rows, ta[~np.asarray(drop)], tags_kept(tag_count), seed)
+    return Dataset(ds.name, ds.users, items, ds.inter, ds.synthetic, ds.digest, ds.report, ta), rows
 
 
 def cold_tag_assignments(ds, split):
@@ -787,10 +815,10 @@ def cold_tag_assignments(ds, split):
     return cold, ta, np.asarray(own)
 
 
-def with_tags(items, rows, assignments, top=5):
-    """items with `tag` and `tags` (the `top` most applied, 0: all) of the given rows rebuilt from these tag
-    assignments."""
-    top = items.item.iloc[rows].map(top_tags(assignments, top)).to_numpy()
+def with_tags(items, rows, assignments, top=5, seed=None):
+    """items with `tag` and `tags` (top_tags: the `top` most applied, 0: all; seed: drawn at random) of the given
+    rows rebuilt from these tag assignments."""
+    top = items.item.iloc[rows].map(top_tags(assignments, top, seed)).to_numpy()
     items = items.copy()
     items.loc[rows, "tag"] = [t[0] if isinstance(t, list) else "" for t in top]
     if "tags" in items.columns:
@@ -934,7 +962,8 @@ MULTI_COLUMNS = tuple(("cold", m) for m in ("recall@10", "ndcg@10", "hr@10", "re
 PROTOCOLS = {
     "leave-one-out": Protocol(("auto", "last", "random", "global"), leave_one_out_parts, loo_targets, loo_results,
                               lambda r, counts, k: {m: v * 100 for m, v in per_user_metrics(r, k).items()},
-                              ("overall", "ndcg@{k}"), LOO_COLUMNS,
+                              ("overall", "ndcg@{k}"), LOO_COLUMNS, item_text=held_pair_tags,
+                              options=("tag_source", "tag_count"),
                               views=dict(cold="the target is a rarely-seen item (seen in training, but outside the "
                                               "--warm-fraction most interacted)", warm="the target is among them")),
     # chosen on validation-cold (RESULTS.md, new items): an item's content is its text alone, as a learned tag bag
@@ -1041,7 +1070,7 @@ def split_interactions(ds, kind="auto", seed=0, warm_fraction=0.2, global_quanti
              dataset=ds.name))
     arr = lambda df, c: df[c].to_numpy(np.int64)
     s = Split(n_users, n_items, arr(train, "u"), arr(train, "i"), arr(val, "u"), arr(val, "i"), arr(test, "u"),
-              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}))
+              arr(test, "i"), kind=kind, report=rep, parts=extra.get("parts", {}), seed=seed)
     given = extra.get("given")
     if given is not None:
         s.profile = (s.train + sp.csr_matrix((np.ones(len(given), np.float32), (arr(given, "u"), arr(given, "i"))),
@@ -1102,14 +1131,18 @@ def leak_free_tags(ds, split, source="non-listeners", tag_count="imported"):
     """The dataset with the item text its split's protocol allows (its `item_text`: the tags of held-out items or
     users rebuilt without the held-out users' own tagging), and report lines. Tags (hetrec: user_taggedartists) are
     applied by users, often by the very users whose interactions are held out: a held-out item's `tags` and `tag`
-    would carry its test users' own behaviour. source all keeps every tag (leaky: for comparison)."""
+    would carry its test users' own behaviour. source all keeps every user's tags (leaky: for comparison), at the
+    same tag_count."""
     rebuild = PROTOCOLS[split.protocol].item_text
-    if rebuild is None or source == "all":
+    if rebuild is None or source == "all" and tag_count == "imported":
         return ds, []
     if ds.tag_assignments is None:
         return ds, ["no tag_assignments.csv: the tags of held-out items cannot be rebuilt without the held-out "
                     "users' own tagging (re-import hetrec with collect.py); text columns built from user tags "
                     "may leak"]
+    if source == "all":
+        return rebuilt_tags(ds, split, np.zeros(len(ds.tag_assignments), bool), tag_count)[0], \
+            ["--tag-source all: every item's tags rebuilt from every user's tag assignments (leaky)"]
     return rebuild(ds, split, tag_count)
 
 
@@ -2811,16 +2844,21 @@ def tag_count_scores(tags):
     return lambda users: n.repeat(len(users), 1)
 
 
-def tag_tfidf(tags, idf=True):
-    """items x tags sparse TF-IDF of comma-separated tag lists, binary term frequency (a tag is there or not)."""
-    lists = [[t.strip().lower() for t in s.split(",") if t.strip()] for s in tags]
-    vocab = {t: n for n, t in enumerate(sorted({t for l in lists for t in l}))}
-    rows = np.repeat(np.arange(len(lists)), [len(set(l)) for l in lists])
-    cols = np.array([vocab[t] for l in lists for t in sorted(set(l))], dtype=np.int64)
+def tag_tfidf(tags, idf=True, fit=None):
+    """items x tags sparse TF-IDF of comma-separated tag lists, binary term frequency (a tag is there or not).
+    fit: the items (a mask or indices; None: all) whose tags make the vocabulary and the document frequencies, e.g.
+    split.catalog, the items that exist at training time; other items' tags outside that vocabulary are dropped."""
+    lists = [sorted({t.strip().lower() for t in s.split(",") if t.strip()}) for s in tags]
+    fitted = np.zeros(len(lists), bool)
+    fitted[slice(None) if fit is None else np.asarray(fit)] = True
+    vocab = {t: n for n, t in enumerate(sorted({t for l, f in zip(lists, fitted) if f for t in l}))}
+    lists = [[t for t in l if t in vocab] for l in lists]
+    rows = np.repeat(np.arange(len(lists)), [len(l) for l in lists])
+    cols = np.array([vocab[t] for l in lists for t in l], dtype=np.int64)
     X = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(lists), max(len(vocab), 1)))
     if idf:
-        df = np.asarray((X > 0).sum(0)).ravel()
-        X = X @ sp.diags(np.log(len(lists) / np.maximum(df, 1)))
+        df = np.asarray(X[fitted].sum(0)).ravel()
+        X = X @ sp.diags(np.log(fitted.sum() / np.maximum(df, 1)))
     return X.tocsr()
 
 

@@ -1325,6 +1325,70 @@ def test_cold_item_tags_drop_the_listeners_own_tagging(small_demo):
     assert top["a"] == ["z", "b"]
 
 
+def tagged_loo():
+    """Three users, four items, a hand-made leave-one-out split (u0's test item a, u1's validation item b) and tag
+    assignments: (Dataset, Split)."""
+    users = pd.DataFrame({"user": ["u0", "u1", "u2"], "country": ""})
+    items = pd.DataFrame({"item": list("abcd"), "artist": list("abcd"), "tag": "imp", "tags": "imp"})
+    inter = pd.DataFrame({"user": ["u0", "u0", "u1", "u1", "u2", "u2"], "item": list("acbdcd"), "timestamp": np.nan})
+    ta = pd.DataFrame({"user": ["u0", "u0", "u1", "u1", "u0", "u2", "u0"],
+                       "item": ["a", "a", "a", "b", "b", "c", "d"],
+                       "tag": ["own", "x", "x", "own2", "keep", "c1", "d1"]})
+    ds = R.Dataset("t", users, items, inter, tag_assignments=ta)
+    s = R.Split(3, 4, np.array([0, 1, 2, 2]), np.array([2, 3, 2, 3]), np.array([1]), np.array([1]), np.array([0]),
+                np.array([0]), kind="random")
+    return ds, s
+
+
+def test_leave_one_out_tags_drop_each_held_out_pairs_own_tagging():
+    """Leave-one-out's item text: exactly the held-out (user, item) pairs' own assignments are removed (u0's on a,
+    u1's on b; another user's tag on a, and u0's on b, stay); only the items that lost one are rebuilt, unless the
+    tag count rebuilds all; --tag-source all keeps the leaky text."""
+    ds, s = tagged_loo()
+    assert R.PROTOCOLS["leave-one-out"].item_text is R.held_pair_tags
+    clean, rep = R.leak_free_tags(ds, s)
+    assert clean.items.tags.tolist() == ["x", "keep", "imp", "imp"] and clean.items.tag.tolist() == ["x", "keep",
+                                                                                                      "imp", "imp"]
+    assert "tags of 2 items rebuilt without the 3 of 7 tag assignments" in rep[0]
+    every = R.leak_free_tags(ds, s, tag_count="all")[0].items.tags.tolist()
+    assert every == ["x", "keep", "c1", "d1"]
+    assert R.leak_free_tags(ds, s, "all")[0] is ds
+    assert R.leak_free_tags(ds, s, "all", "all")[0].items.tags.tolist() == ["x, own", "keep, own2", "c1", "d1"]
+
+
+def test_random_tag_count_draws_the_same_number_of_tags_per_item_under_the_seed():
+    """--tag-count randomN: N of an item's tags drawn at random (not its N most applied; fewer: all kept), the same
+    under the same seed whatever else is rebuilt, most applied first; validated like any setting."""
+    rng = np.random.default_rng(0)
+    ta = pd.DataFrame({"item": np.repeat([f"i{n}" for n in range(20)], 55), "user": "u",
+                       "tag": [f"t{k}" for _ in range(20) for k in range(10) for _ in range(10 - k)]})
+    ta = pd.concat([ta, pd.DataFrame({"item": "few", "user": "u", "tag": ["a", "b", "b"]})]).sample(frac=1,
+                                                                                                    random_state=1)
+    top5 = R.top_tags(ta, 5)
+    drawn = R.top_tags(ta, 5, seed=0)
+    assert drawn.equals(R.top_tags(ta, 5, seed=0)) and drawn.equals(R.top_tags(ta.iloc[::-1], 5, seed=0))
+    assert drawn["few"] == ["b", "a"] and all(len(t) == 5 for i, t in drawn.items() if i != "few")
+    assert all(t == sorted(t, key=lambda x: int(x[1:])) for i, t in drawn.items() if i != "few")    # most applied first
+    assert any(drawn[i] != top5[i] for i in top5.index) and not drawn.equals(R.top_tags(ta, 5, seed=1))
+    alone = R.top_tags(ta[ta.item == "i3"], 5, seed=0)                       # an item's draw ignores the others
+    assert alone["i3"] == drawn["i3"]
+    # under a protocol: every item rebuilt, N tags at most, drawn with the split's seed
+    ds, s = tagged_loo()
+    ds = R.Dataset(ds.name, ds.users, ds.items, ds.inter, tag_assignments=ta.assign(item=ta.item.map(
+        dict(i0="a", i1="b", i2="c", few="d"))).dropna())
+    s.seed = 7
+    tags = R.leak_free_tags(ds, s, tag_count="random5")[0].items.tags
+    assert tags.str.split(", ").map(len).tolist() == [5, 5, 5, 2]
+    assert tags.tolist() == R.leak_free_tags(ds, s, tag_count="random5")[0].items.tags.tolist()
+    s.seed = 8
+    assert tags.tolist() != R.leak_free_tags(ds, s, tag_count="random5")[0].items.tags.tolist()
+    assert R.split_interactions(ds, "random", seed=8).seed == 8
+    assert R.tags_kept("random5") == 5 and R.Config(tag_count="random5").validate()
+    for bad in ("random", "random0", "randomx", "5random"):
+        with pytest.raises(R.UserError, match=f"--tag-count '{bad}': imported, all, a number N >= 1, or randomN"):
+            R.Config(tag_count=bad).validate()
+
+
 def genre_split(seed=0):
     """A cold-items split where content says taste: items carry a genre (dense C, and tags "gG, xN"), users like
     two genres. Returns (split, C, tags)."""
@@ -1357,6 +1421,19 @@ def test_content_baselines_find_taste_in_content():
                R.cb2cf_scores(s, C, R.collaborative_factors(s, ("ease", 10.0)), 1.0),
                R.BASELINES["Heater"].make(s, tags, (0.5, 1.0, 0.1))]:
         assert R.evaluate(fn, s, "test", 10, "cpu")["cold"]["ndcg@10"] > 2 * rnd
+
+
+def test_tag_tfidf_fit_takes_vocabulary_and_idf_from_the_fit_items_only():
+    """tag_tfidf(fit=): a tag seen only on other items is dropped, document frequencies count only the fit items;
+    fit=None (all items) as before."""
+    tags = pd.Series(["a, b", "b", "c, A", "d, a"])
+    X = R.tag_tfidf(tags, fit=np.array([True, True, True, False])).toarray()
+    assert X.shape == (4, 3)                                            # a, b, c: d is only on the non-fit item
+    assert np.allclose(X, [[np.log(3 / 2), np.log(3 / 2), 0], [0, np.log(3 / 2), 0], [np.log(3 / 2), 0, np.log(3)],
+                           [np.log(3 / 2), 0, 0]])
+    assert np.allclose(R.tag_tfidf(tags, fit=[0, 1, 2]).toarray(), X)
+    assert np.allclose(R.tag_tfidf(tags, False, fit=[0, 1, 2]).toarray(), X > 0)
+    assert R.tag_tfidf(tags).shape == (4, 4) and np.isclose(R.tag_tfidf(tags)[0, 0], np.log(4 / 3))
 
 
 def test_tag_count_scores_every_item_by_its_number_of_distinct_tags_for_everyone():
