@@ -64,6 +64,12 @@ EXTRA_MODELS = {"leave-one-out": [("mf", MF_FLAGS)]}    # per protocol: (kind, f
 MIN_SEEDS = 3        # the seed-level test needs this many shared seeds (with 2, one degree of freedom says little)
 
 
+def draws(rng, n, n_boot):
+    """n_boot bootstrap resamples of n clusters: how many times each is drawn, (n_boot, n)."""
+    hits = rng.integers(0, n, (n_boot, n)) + n * np.arange(n_boot)[:, None]
+    return np.bincount(hits.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)
+
+
 def cluster_bootstrap(d, w, users, items=None, n_boot=2000, seed=0):
     """Paired difference sum(d) / sum(w) of observations d (weights w: 1 per observation, or 1 / the user's targets)
     and its cluster bootstrap: users (ids, a user's every observation together) resampled with replacement, and where
@@ -74,13 +80,13 @@ def cluster_bootstrap(d, w, users, items=None, n_boot=2000, seed=0):
     d, w = np.asarray(d, float), np.asarray(w, float)
     rng = np.random.default_rng(seed)
     uid, u = np.unique(users, return_inverse=True)
-    W = rng.multinomial(len(uid), np.full(len(uid), 1 / len(uid)), size=n_boot).astype(float)   # boot x users
+    W = draws(rng, len(uid), n_boot)                                   # resamples x users
     if items is None:
         num, den = W @ np.bincount(u, d, len(uid)), W @ np.bincount(u, w, len(uid))
         n_items = 0
     else:
         iid, i = np.unique(items, return_inverse=True)
-        V = rng.multinomial(len(iid), np.full(len(iid), 1 / len(iid)), size=n_boot).astype(float)
+        V = draws(rng, len(iid), n_boot)
         cells = lambda x: sp.csr_matrix((x, (i, u)), shape=(len(iid), len(uid)))      # items x users, summed
         num, den = ((cells(d) @ W.T) * V.T).sum(0), ((cells(w) @ W.T) * V.T).sum(0)
         n_items = len(iid)
