@@ -804,12 +804,13 @@ def paired_lines(t, labels, intro):
     metrics = list(dict.fromkeys(t.metric))
     L = ["", f"{intro} (difference in points, 95% cluster-bootstrap CI as in the leaderboard; p two-sided, Holm-"
              f"adjusted over this table's {len(t)} tests; seeds: the paired t-test of the per-seed means):", "",
-         f"| model | vs | Δ{labels[0]} [CI] | p (seeds) | Δ{labels[1]} [CI] | p (seeds) |", "|---|---|---|---|---|---|"]
+         f"| model | vs | Δ{labels[0]} [CI] | p (seeds) | Δ{labels[1]} [CI] | p (seeds) |",
+         "|---|---|---|---|---|---|"]
     for (model, ref), g in t.groupby(["model", "vs"], sort=False):
         cells = [g[g.metric == m].iloc[0] for m in metrics]
         L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
-                                                    f"{pvalue(c['p_holm'])} ({pvalue(c['seed_p_holm'])})" for c in cells)
-                 + " |")
+                                                    f"{pvalue(c['p_holm'])} ({pvalue(c['seed_p_holm'])})"
+                                                    for c in cells) + " |")
     return L
 
 
