@@ -198,13 +198,13 @@ def leaderboard(entries, protocol, k, n_boot=2000):
         if first is not e:               # the same model and seed twice: counted once, and said
             duplicates.append((e["model"], e["seed"], first.get("run"), e.get("run")))
     na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
-    stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+    mean_std = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
     rows = []
     for model, per_seed in by_model.items():
         es = list(per_seed.values())
         rows.append({"model": model, "kind": es[0]["kind"], "seeds": sorted(per_seed),
-                     "val": stats([e["val"] for e in es]),
-                     "test": {c: stats([e["test"][c] for e in es]) for c in cols}})
+                     "val": mean_std([e["val"] for e in es]),
+                     "test": {c: mean_std([e["test"][c] for e in es]) for c in cols}})
     rows.sort(key=lambda r: -r["val"][0])
     best = rows[0]["model"] if rows else None
     by_item = p.unseen == "items"        # the protocol holds out a sample of items: they are clusters too
