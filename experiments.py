@@ -20,7 +20,7 @@ Read top to bottom:
      Markdown and LaTeX (`compare`)
   2. the grid: cells and how each one is run
   3. collecting results: results.csv, mean and std over seeds
-  4. paired significance tests on per-user test metrics
+  4. paired significance tests on per-user test metrics (clustered, seed-level, Holm: section 1)
   5. fairness and exposure (the metric functions live in recsetters.py, section 11)
   6. plots
   7. report.md
@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from scipy import stats
 
 import recsetters as R
 
@@ -55,35 +57,122 @@ EXTRA_MODELS = {"leave-one-out": [("mf", MF_FLAGS)]}    # per protocol: (kind, f
 
 # ----------------------------------------------------------------------------------------------
 # 1. comparing runs: one leaderboard per dataset and protocol (`compare`; the report below uses the same code), the
-# mean and std over seeds, paired tests against the model best on validation, as text, Markdown and LaTeX
+# mean and std over seeds, paired tests against the model best on validation, as text, Markdown and LaTeX.
+# The paired tests follow the design: the unit resampled is what repeats. A user tested at several seeds is one
+# cluster (leave-one-out tests the same users at every seed); where the protocol holds out a sample of items
+# (R.PROTOCOLS' unseen == "items") the target items are a second, crossed cluster (two-way bootstrap). Beside it, a
+# paired t-test of the per-seed means carries training randomness. Holm corrects each table's comparisons.
 
-def paired_test(a, b, n_boot=2000, seed=0):
-    """a, b: per-(seed, user) values of two models on the same users. Mean difference a - b, its 95% bootstrap CI,
-    and a two-sided sign-flip p-value."""
-    d = np.asarray(a, float) - np.asarray(b, float)
+MIN_SEEDS = 3        # the seed-level test needs this many shared seeds (with 2, one degree of freedom says little)
+
+
+def draws(rng, n, n_boot):
+    """n_boot bootstrap resamples of n clusters: how many times each is drawn, (n_boot, n)."""
+    hits = rng.integers(0, n, (n_boot, n)) + n * np.arange(n_boot)[:, None]
+    return np.bincount(hits.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)
+
+
+def cluster_bootstrap(d, w, users, items=None, n_boot=2000, seed=0):
+    """Paired difference sum(d) / sum(w) of observations d (weights w: 1 per observation, or 1 / the user's targets)
+    and its cluster bootstrap: users (ids, a user's every observation together) resampled with replacement, and where
+    `items` are given, target items too, crossed with the users (a two-way, "pigeonhole" bootstrap). Returns the
+    difference, its 95% percentile CI, the two-sided p-value of a zero difference from the bootstrap's standard error
+    (normal; no resolution floor for Holm to multiply), and the number of user and item clusters. The two-way
+    bootstrap is conservative where users and items explain little (up to sqrt(3) wider on pure noise: Owen 2007)."""
+    d, w = np.asarray(d, float), np.asarray(w, float)
     rng = np.random.default_rng(seed)
-    boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(n_boot)])
-    flips = np.array([(d * rng.choice([-1.0, 1.0], len(d))).mean() for _ in range(n_boot)])
-    p = (1 + (np.abs(flips) >= abs(d.mean())).sum()) / (n_boot + 1)
-    return {"diff": float(d.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
-            "p": float(p)}
+    uid, u = np.unique(users, return_inverse=True)
+    W = draws(rng, len(uid), n_boot)                                   # resamples x users
+    if items is None:
+        num, den = W @ np.bincount(u, d, len(uid)), W @ np.bincount(u, w, len(uid))
+        n_items = 0
+    else:
+        iid, i = np.unique(items, return_inverse=True)
+        V = draws(rng, len(iid), n_boot)
+        cells = lambda x: sp.csr_matrix((x, (i, u)), shape=(len(iid), len(uid)))      # items x users, summed
+        num, den = ((cells(d) @ W.T) * V.T).sum(0), ((cells(w) @ W.T) * V.T).sum(0)
+        n_items = len(iid)
+    boot = num[den > 0] / den[den > 0]
+    diff, se = d.sum() / w.sum(), boot.std(ddof=1)
+    p = 2 * stats.norm.sf(abs(diff) / se) if se > 0 else float(diff == 0)
+    return {"diff": float(diff), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
+            "p": float(p), "users": len(uid), "items": n_items}
 
 
-def paired_over_seeds(a, b, view, metric, n_boot=2000):
-    """paired_test of two models' entries (see leaderboard) on one metric, per user, pooled over the seeds both
-    have; None when they share no seed."""
+def seed_test(x, y):
+    """Paired t-test over seeds of two models' per-seed means (scipy.stats.ttest_rel): its two-sided p, None with
+    fewer than MIN_SEEDS seeds; identical means are p 1."""
+    if len(x) < MIN_SEEDS:
+        return None
+    return 1.0 if np.array_equal(x, y) else float(stats.ttest_rel(x, y).pvalue)
+
+
+def holm(ps):
+    """Holm's step-down adjustment of a family of p-values (None: no test, left None): the j-th smallest times
+    (m - j + 1), kept monotone, at most 1."""
+    order = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out, top = list(ps), 0.0
+    for j, i in enumerate(order):
+        top = max(top, min(1.0, (len(order) - j) * ps[i]))
+        out[i] = top
+    return out
+
+
+def add_holm(tests):
+    """Holm over one table's tests (paired_over_seeds' dicts): adds "p_holm" and "seed_p_holm" beside the raw p's."""
+    for key in ("p", "seed_p"):
+        for t, q in zip(tests, holm([t[key] for t in tests])):
+            t[key + "_holm"] = q
+    return tests
+
+
+def target_values(per_user, ranks, counts, k):
+    """{metric: per-target values} of a run's ranks: each target's share of its user's value (per_user: the
+    protocol's), so that a user's shares sum to its value. Where the metric is a sum over targets (Recall, NDCG:
+    hit / targets, gain / ideal DCG) the share is exactly that target's term; otherwise (HR) the value is split in
+    proportion to the targets' own values."""
+    counts = np.asarray(counts)
+    row = np.repeat(np.arange(len(counts)), counts)
+    whole, alone = per_user(ranks, counts, k), per_user(ranks, np.ones(len(row), int), k)
+    out = {}
+    for m, v in whole.items():
+        s = np.bincount(row, alone[m], len(counts))[row]
+        out[m] = np.where(s > 0, v[row] * (alone[m] / np.where(s > 0, s, 1)), v[row] / counts[row])
+    return out
+
+
+def observations(e, view, metric, per_target):
+    """One entry's observations of a metric for cluster_bootstrap: (user of each, its target item or None, value,
+    weight); per target (weight 1 / its user's targets) or per user (weight 1)."""
+    if per_target:
+        row = np.repeat(np.arange(len(e["counts"])), e["counts"])
+        return e["users"][row], e["targets"], e["per_target"][view][metric], 1 / e["counts"][row]
+    v = e["per_user"][view][metric]
+    return e["users"], None, v, np.ones(len(v))
+
+
+def paired_over_seeds(a, b, view, metric, by_item=False, n_boot=2000):
+    """Paired tests of two models' entries (see leaderboard) on one metric over the seeds both have: the cluster
+    bootstrap of the per-user (per-target where both stored their targets) differences, users clustered across seeds,
+    items too when by_item; and the seed-level t-test of the per-seed means. None when they share no seed."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
     for s in seeds:
-        if not np.array_equal(a[s]["users"], b[s]["users"]):
-            raise R.UserError(f"{a[s]['model']} and {b[s]['model']} were tested on different users at seed {s}")
-    x, y = (np.concatenate([e[s]["per_user"][view][metric] for s in seeds]) for e in (a, b))
-    return {**paired_test(x, y, n_boot), "seeds": len(seeds)}
+        if not np.array_equal(a[s]["users"], b[s]["users"]) or \
+                not np.array_equal(a[s].get("targets", []), b[s].get("targets", [])):
+            raise R.UserError(f"{a[s]['model']} and {b[s]['model']} were tested on different users or targets at "
+                              f"seed {s}")
+    per_target = all("per_target" in e[s] for e in (a, b) for s in seeds)
+    cat = lambda e, j: np.concatenate([observations(e[s], view, metric, per_target)[j] for s in seeds])
+    items = cat(a, 1) if by_item and per_target else None
+    t = cluster_bootstrap(cat(a, 2) - cat(b, 2), cat(a, 3), cat(a, 0), items, n_boot)
+    means = [[float(np.mean(e[s]["per_user"][view][metric])) for s in seeds] for e in (a, b)]
+    return {**t, "seeds": len(seeds), "pairs": int(sum(len(a[s]["users"]) for s in seeds)), "seed_p": seed_test(*means)}
 
 
 def pvalue(p):
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return "–" if p is None or math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def pm(mean, std, seeds):
@@ -95,10 +184,12 @@ def pm(mean, std, seeds):
 def leaderboard(entries, protocol, k, n_boot=2000):
     """One leaderboard of models on the same dataset and protocol. entries: one per (model, seed): {"model", "kind"
     ("two-tower", "baseline", "n/a", ...), "seed", and unless n/a: "val" (validation selection metric), "test"
-    {(view, metric): mean}, "users" (test users), "per_user" {view: {metric: per-user values}}}. Rows best on
-    validation first: mean and std over seeds of validation and of every column of the protocol's table, and a paired
-    test of the protocol's two tested metrics against the best on validation. Returns {"protocol", "k", "columns",
-    "tested", "best", "rows", "na": models that cannot score the protocol}."""
+    {(view, metric): mean}, "users" (test users), "per_user" {view: {metric: per-user values}}, and where the run
+    stored its targets "targets" (item of each), "counts" (targets per user), "per_target" (as per_user)}. Rows best on
+    validation first: mean and std over seeds of validation and of every column of the protocol's table, and the
+    paired tests (paired_over_seeds, Holm over the table) of the protocol's two tested metrics against the best on
+    validation. Returns {"protocol", "k", "columns", "tested", "best", "rows", "na": models that cannot score the
+    protocol}."""
     p = R.PROTOCOLS[protocol]
     cols, sel = [R.column(c, k) for c in p.columns], R.column(p.select, k)
     scored = [e for e in entries if e["kind"] != "n/a"]
@@ -109,26 +200,29 @@ def leaderboard(entries, protocol, k, n_boot=2000):
         if first is not e:               # the same model and seed twice: counted once, and said
             duplicates.append((e["model"], e["seed"], first.get("run"), e.get("run")))
     na = list(dict.fromkeys(e["model"] for e in entries if e["kind"] == "n/a" and e["model"] not in by_model))
-    stats = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+    mean_std = lambda x: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
     rows = []
     for model, per_seed in by_model.items():
         es = list(per_seed.values())
         rows.append({"model": model, "kind": es[0]["kind"], "seeds": sorted(per_seed),
-                     "val": stats([e["val"] for e in es]),
-                     "test": {c: stats([e["test"][c] for e in es]) for c in cols}})
+                     "val": mean_std([e["val"] for e in es]),
+                     "test": {c: mean_std([e["test"][c] for e in es]) for c in cols}})
     rows.sort(key=lambda r: -r["val"][0])
     best = rows[0]["model"] if rows else None
+    by_item = p.unseen == "items"        # the protocol holds out a sample of items: they are clusters too
     for r in rows:
         r["vs_best"] = {c: None if r["model"] == best else paired_over_seeds(by_model[r["model"]], by_model[best], *c,
-                                                                             n_boot=n_boot)
+                                                                             by_item, n_boot)
                         for c in R.tested(protocol, k)}
+    add_holm([t for r in rows for t in r["vs_best"].values() if t])
     return {"protocol": protocol, "k": k, "columns": cols, "select": sel, "tested": R.tested(protocol, k), "best": best,
             "rows": rows, "na": na, "duplicates": duplicates, "by_model": by_model}
 
 
 def board_cells(board, r, num, sign, p_of, bold):
-    """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p), bold(text): shared by the
-    Markdown and the LaTeX table so that both say the same."""
+    """One row's cells, formatted by num(mean, std, seeds), sign(diff, lo, hi), p_of(p or None), bold(text): shared
+    by the Markdown and the LaTeX table so that both say the same. The p cell: the clustered test's Holm-adjusted p,
+    and in brackets the seed-level test's."""
     n = len(r["seeds"])
     top = {c: np.nanmax([x["test"][c][0] for x in board["rows"]]) if not c[1].startswith("warm") else None
            for c in board["columns"]}        # the best of each column in bold (a warm share has no best)
@@ -138,25 +232,40 @@ def board_cells(board, r, num, sign, p_of, bold):
     for c in board["tested"]:
         t = r["vs_best"][c]
         cells += ["best on validation", ""] if r["model"] == board["best"] else ["n/a", ""] if t is None else \
-            [sign(t["diff"], t["lo"], t["hi"]), p_of(t["p"])]
+            [sign(t["diff"], t["lo"], t["hi"]), f"{p_of(t['p_holm'])} (seeds {p_of(t['seed_p_holm'])})"]
     return cells
 
 
 def board_heads(board):
     sel = R.label(*board["select"])
     return (["model", "seeds", f"val {sel}"] + [R.label(*c) for c in board["columns"]]
-            + [h for c in board["tested"] for h in (f"Δ{R.label(*c)} [95% CI]", "p")])
+            + [h for c in board["tested"] for h in (f"Δ{R.label(*c)} [95% CI]", "p Holm (seeds)")])
 
 
 def board_note(board, what):
-    best = board["best"]
     return (f"{what}: test metrics ×100, mean ± std over seeds (std only with several seeds), full ranking; every "
             f"model selected on validation {R.label(*board['select'])} and its test split evaluated once; the best test mean "
-            f"of each column in bold. Δ: the paired difference to {best} (the best on validation), per test user, "
-            f"pooled over the seeds both have, with its 95% bootstrap CI and two-sided sign-flip p-value."
+            f"of each column in bold. " + design_note(board)
             + "".join(f" {R.label(*c)}: the mean share of items with train interactions in each user's top "
                       f"{c[1].split('@')[1]} of the {c[0]} view (never bold: neither more nor less is better)."
                       for c in board["columns"] if c[1].startswith("warm")))
+
+
+def design_note(board):
+    """What the paired tests of a board did: the clusters, from the comparison over the most seeds, and Holm's N."""
+    tests = [t for r in board["rows"] for t in r["vs_best"].values() if t]
+    if not tests:
+        return ""
+    t = max(tests, key=lambda t: t["seeds"])
+    n, n_seed = len(tests), sum(t["seed_p"] is not None for t in tests)
+    return (f"Δ: the paired difference to {board['best']} (the best on validation) on the test users of the seeds "
+            f"both have, with its 95% cluster-bootstrap CI: users resampled as clusters, a user's every seed and "
+            f"target together ({t['users']:,} users in {t['pairs']:,} user-seed pairs)"
+            + (f", and crossed with them the target items ({t['items']:,} items; a two-way bootstrap, if anything "
+               f"conservative)" if t["items"] else "")
+            + f"; p: two-sided, from that bootstrap's standard error. seeds: a paired t-test of the per-seed means "
+            f"over the seeds both have (– under {MIN_SEEDS} seeds). Both p-values are Holm-adjusted over the table's "
+            f"{n} comparisons" + (f" ({n_seed} with a seed-level test)." if n_seed != n else "."))
 
 
 def board_markdown(board, title=""):
@@ -185,7 +294,7 @@ def board_latex(board, caption, tag):
     heads = [tex(h) for h in board_heads(board)]
     num = lambda m, s, n: f"${m:.2f} \\pm {s:.2f}$" if n > 1 else f"${m:.2f}$"
     sign = lambda d, lo, hi: f"${d:+.2f}$ [${lo:+.2f}$, ${hi:+.2f}$]"
-    p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
+    p_of = lambda p: "--" if p is None else "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
     L = ["% needs \\usepackage{booktabs, graphicx}", "\\begin{table}[t]", "\\centering",
          "\\setlength{\\tabcolsep}{3pt}", "\\resizebox{\\linewidth}{!}{%",
          "\\begin{tabular}{l" + "r" * (len(heads) - 1) + "}", "\\toprule", " & ".join(heads) + " \\\\", "\\midrule"]
@@ -207,7 +316,8 @@ def two_tower_label(config, protocol):
 
 def run_entries(res, ranks, model=None):
     """leaderboard entries of one run's models (results.json, ranks.npz): the two-tower (named `model`, else by
-    two_tower_label) and every baseline in it."""
+    two_tower_label) and every baseline in it, with their per-user and (where ranks.npz has the target items)
+    per-target test values."""
     protocol = res.get("protocol", "leave-one-out")
     p, k, seed = R.PROTOCOLS[protocol], res["config"].get("k", 10), res["config"]["seed"]
     models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
@@ -222,6 +332,10 @@ def run_entries(res, ranks, model=None):
             e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]].get(c[1], float("nan")) for c in cols},
                      users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
                                                      for f in ranks.files if f.startswith(key + "__")})
+            if "items" in ranks.files:
+                e.update(targets=ranks["items"], counts=ranks["counts"],
+                         per_target={f[len(key) + 2:]: target_values(p.per_user, ranks[f], ranks["counts"], k)
+                                     for f in ranks.files if f.startswith(key + "__")})
         out.append(e)
     return out
 
@@ -622,13 +736,14 @@ def summary(df):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. paired significance tests: per-user differences on the same test users, pooled over seeds (paired_over_seeds;
+# 4. paired significance tests: per-user differences on the same test users, clustered (paired_over_seeds;
 # the leaderboard of each (dataset, protocol) is `leaderboard`, the one `compare` prints)
 
 def significance(df, per_user):
     """Per (dataset, protocol): each two-tower variant (and MF) against `two-tower, text none` and against the best
     baseline (by validation); the variant chosen on validation also against every other baseline. On the
-    protocol's two tested metrics, per user, pooled over the seeds both models have."""
+    protocol's two tested metrics, over the seeds both models have (paired_over_seeds: clustered as the protocol's
+    leaderboard is), Holm-adjusted over each (dataset, protocol)'s tests."""
     rows = []
     s = summary(df)
     for (dataset, protocol), o in s.groupby(["dataset", "protocol"], sort=False):
@@ -636,16 +751,18 @@ def significance(df, per_user):
         base = o[o.kind == "baseline"].sort_values("val_mean", ascending=False)
         models = o[o.kind != "baseline"]
         chosen = models[models.kind == "two-tower"].sort_values("val_mean", ascending=False).model.head(1).tolist()
+        table = []
         for model in models.model:
             refs = ["two-tower, text none", *base.model.head(1)] + (list(base.model) if model in chosen else [])
             for ref in dict.fromkeys(refs):
                 a, b = ({sd: e for (d_, p_, m_, sd), e in per_user.items() if (d_, p_, m_) == (dataset, protocol, m)}
                         for m in (model, ref))
                 for view, metric in R.tested(protocol, k) if ref != model else []:
-                    t = paired_over_seeds(a, b, view, metric)
+                    t = paired_over_seeds(a, b, view, metric, R.PROTOCOLS[protocol].unseen == "items")
                     if t:
-                        rows.append({"dataset": dataset, "protocol": protocol, "model": model, "vs": ref,
-                                     "metric": metric, **t})
+                        table.append({"dataset": dataset, "protocol": protocol, "model": model, "vs": ref,
+                                      "metric": metric, **t})
+        rows += add_holm(table)
     return pd.DataFrame(rows)
 
 
@@ -771,16 +888,19 @@ def save(fig, path):
 # 7. report.md
 
 def paired_lines(t, labels, intro):
-    """The markdown table of paired tests `t` (rows: model, vs, metric, diff, lo, hi, p) for two metrics."""
+    """The markdown table of paired tests `t` (significance's rows) for two metrics."""
     if not len(t):
         return []
     metrics = list(dict.fromkeys(t.metric))
-    L = ["", f"{intro} (difference in points, 95% bootstrap CI, two-sided sign-flip p-value):", "",
-         f"| model | vs | Δ{labels[0]} [CI] | p | Δ{labels[1]} [CI] | p |", "|---|---|---|---|---|---|"]
+    L = ["", f"{intro} (difference in points, 95% cluster-bootstrap CI as in the leaderboard; p two-sided, Holm-"
+             f"adjusted over this table's {len(t)} tests; seeds: the paired t-test of the per-seed means):", "",
+         f"| model | vs | Δ{labels[0]} [CI] | p (seeds) | Δ{labels[1]} [CI] | p (seeds) |",
+         "|---|---|---|---|---|---|"]
     for (model, ref), g in t.groupby(["model", "vs"], sort=False):
         cells = [g[g.metric == m].iloc[0] for m in metrics]
         L.append(f"| {model} | {ref} | " + " | ".join(f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
-                                                    f"{pvalue(c['p'])}" for c in cells) + " |")
+                                                    f"{pvalue(c['p_holm'])} ({pvalue(c['seed_p_holm'])})"
+                                                    for c in cells) + " |")
     return L
 
 
@@ -886,7 +1006,7 @@ def report(out, data_dir, notes=(), do_fairness=True):
         L += chosen_lines(o, k, protocol)
         L += paired_lines(sig[(sig.dataset == dataset) & (sig.protocol == protocol)] if len(sig) else sig,
                           [R.label(v, m) for v, m in R.tested(protocol, k)],
-                          "Paired tests on per-user test metrics, same users, pooled over seeds")
+                          "Paired tests on per-user test metrics, same users, over the seeds both models have")
         L += audit_lines([(sd, x["audit"]) for (ds_, pr, sd), x in sorted(extras.items())
                           if (ds_, pr) == (dataset, protocol) and x["audit"]])
         L.append("")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from scipy import stats
 import torch
 
 import experiments as E
@@ -2062,14 +2063,24 @@ def test_compare_is_one_leaderboard_over_seeds_with_paired_tests_against_the_bes
         x = [t["overall"]["hr@10"] for t in tests]
         assert rows[m][1] == "2" and rows[m][3].strip("*") == f"{np.mean(x):.2f} ± {np.std(x, ddof=1):.2f}"
         assert f"| {m} |" in printed
-    # the paired test of one model against the best, by hand from ranks.npz: per user, pooled over seeds
-    other = next(m for m in models if m != best)
+    # the paired tests against the best, by hand from ranks.npz: per user over both seeds, a user's seeds one cluster
+    # (the same users recur), Holm over the table's 4 tests; 2 seeds are too few for the seed-level test
+    zs = [np.load(d / "ranks.npz") for d in sorted(runs.glob("x-*"))]
+    users = np.concatenate([z["users"] for z in zs])
+    assert len(np.unique(users)) < len(users)
     key = lambda m: "two_tower" if m.startswith("two-tower") else m.lower()
-    per = lambda m: np.concatenate([R.per_user_metrics(np.load(d / "ranks.npz")[f"{key(m)}__overall"])["ndcg@10"] * 100
-                                    for d in sorted(runs.glob("x-*"))])
-    t = E.paired_test(per(other), per(best))
-    assert f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] | {E.pvalue(t['p'])}" in rows[other][-2] + " | " + \
-        rows[other][-1].strip(" |")
+    per = lambda m, metric: np.concatenate([R.per_user_metrics(z[f"{key(m)}__overall"])[metric] * 100 for z in zs])
+    others = [m for m in models if m != best]
+    tests = [E.cluster_bootstrap(per(m, metric) - per(best, metric), np.ones(len(users)), users)
+             for m in others for metric in ("hr@10", "ndcg@10")]
+    assert all(t["users"] == len(np.unique(users)) and t["items"] == 0 for t in tests)
+    for t, p in zip(tests, E.holm([t["p"] for t in tests])):
+        t["p_holm"] = p
+    for j, m in enumerate(others):
+        for t, cells in zip(tests[2 * j:2 * j + 2], (rows[m][-4:-2], rows[m][-2:])):
+            assert [c.strip(" |") for c in cells] == [f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}]",
+                                                      f"{E.pvalue(t['p_holm'])} (seeds –)"]
+    assert "Holm-adjusted over the table's 4 comparisons" in md and "user-seed pairs" in md
     assert rows[best][-2] == "best on validation"
     tex = (root / "tables" / "x.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "leave-one-out" in tex
@@ -2127,6 +2138,136 @@ def test_leaderboard_tables_format_p_values_and_error_bars_for_a_paper():
     tex = "\n".join(E.board_latex(board, "cap 95% x", "t"))
     assert "A\\_1 \\& co" in tex and "$< 0.001$" in tex and "95\\% x" in tex and "\\begin{tabular}{l" in tex
     assert E.pm(1.234, 0.5, 1) == "1.23" and E.pm(1.234, 0.5, 3) == "1.23 ± 0.50"
+
+
+def test_holm_adjusts_a_family_of_p_values_as_by_hand():
+    """Holm: the j-th smallest of m p-values times (m - j + 1), kept monotone, at most 1; no test (None) is left out
+    of the family. add_holm adjusts both the clustered and the seed-level p of a table's tests, keeping the raw."""
+    # m = 4: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> 0.06 (monotone)
+    assert E.holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
+    assert E.holm([0.5, 0.6]) == [1.0, 1.0] and E.holm([0.2]) == [0.2] and E.holm([None]) == [None]
+    tests = E.add_holm([{"p": 0.01, "seed_p": 0.2}, {"p": 0.04, "seed_p": None}, {"p": 0.02, "seed_p": 0.01}])
+    assert [t["p_holm"] for t in tests] == pytest.approx([0.03, 0.04, 0.04]) and tests[0]["p"] == 0.01
+    assert [t["seed_p_holm"] for t in tests] == pytest.approx([0.2, None, 0.02])
+
+
+def test_user_clusters_widen_the_ci_where_the_same_users_recur_with_correlated_differences():
+    """Leave-one-out tests the same users at every seed: a user's differences are alike over seeds, so resampling
+    (seed, user) pairs as independent understates the uncertainty; the user-clustered bootstrap does not. Where
+    differences are independent the two agree."""
+    rng = np.random.default_rng(0)
+    n, seeds = 300, 5
+    users, ones = np.tile(np.arange(n), seeds), np.ones(n * seeds)
+    width = lambda t: t["hi"] - t["lo"]
+    alike = np.tile(rng.normal(0, 5, n), seeds) + rng.normal(0, 1, n * seeds)      # a user effect, seed after seed
+    clustered, naive = E.cluster_bootstrap(alike, ones, users), E.cluster_bootstrap(alike, ones, np.arange(n * seeds))
+    assert clustered["diff"] == naive["diff"] == pytest.approx(alike.mean())
+    assert clustered["users"] == n and naive["users"] == n * seeds
+    assert width(clustered) > 1.8 * width(naive) and clustered["p"] > naive["p"]
+    assert width(clustered) == pytest.approx(2 * 1.96 * alike.reshape(seeds, n).mean(0).std() / np.sqrt(n), rel=0.15)
+    apart = rng.normal(0, 5, n * seeds)
+    assert 0.8 < width(E.cluster_bootstrap(apart, ones, users)) / width(E.cluster_bootstrap(apart, ones, np.arange(
+        n * seeds))) < 1.25
+
+
+def test_item_clusters_widen_the_ci_when_one_item_dominates():
+    """Cold-items holds a sample of items fixed: when one target item carries many users' targets and most of the
+    difference, resampling users alone misses how much rides on that item; the two-way (users and items) bootstrap
+    does not. With neither a user nor an item effect (pure noise) the two-way bootstrap is conservative by about
+    sqrt(3) in width (Owen 2007: it counts the noise three times), the price of never understating."""
+    rng = np.random.default_rng(1)
+    n_targets = 3000
+    users = rng.integers(0, 1000, n_targets)
+    items = np.where(rng.random(n_targets) < 0.4, 0, rng.integers(1, 60, n_targets))       # item 0: 40% of targets
+    d = np.where(items == 0, 10.0, 0.0) + rng.normal(0, 1, n_targets)
+    w = np.ones(n_targets)
+    two_way, by_user = E.cluster_bootstrap(d, w, users, items), E.cluster_bootstrap(d, w, users)
+    assert two_way["diff"] == by_user["diff"] == pytest.approx(d.mean()) and two_way["items"] == 60
+    assert two_way["hi"] - two_way["lo"] > 3 * (by_user["hi"] - by_user["lo"]) and two_way["p"] > by_user["p"]
+    plain, spread = rng.normal(0, 1, n_targets), rng.integers(0, 60, n_targets)
+    ratio = lambda a, b: (a["hi"] - a["lo"]) / (b["hi"] - b["lo"])
+    assert 1.5 < ratio(E.cluster_bootstrap(plain, w, users, spread), E.cluster_bootstrap(plain, w, users)) < 1.95
+
+
+def test_seed_level_test_is_scipys_paired_t_test_of_the_per_seed_means():
+    x, y = [30.1, 31.0, 29.5, 30.7], [29.0, 30.2, 29.6, 29.9]
+    assert E.seed_test(x, y) == pytest.approx(stats.ttest_rel(x, y).pvalue) and 0 < E.seed_test(x, y) < 1
+    assert E.seed_test(x[:2], y[:2]) is None and E.seed_test(x, x) == 1.0       # too few seeds; identical models
+    # through paired_over_seeds: each seed's mean of the per-user values, over the seeds both models have
+    rng = np.random.default_rng(0)
+    users = np.arange(50)
+    entry = lambda m, s, v: {"model": m, "seed": s, "users": users, "per_user": {"overall": {"ndcg@10": v}}}
+    a = {s: entry("A", s, rng.random(50) * 100) for s in range(4)}
+    b = {s: entry("B", s, rng.random(50) * 100) for s in range(5)}
+    t = E.paired_over_seeds(a, b, "overall", "ndcg@10", n_boot=200)
+    means = [[e[s]["per_user"]["overall"]["ndcg@10"].mean() for s in range(4)] for e in (a, b)]
+    assert t["seeds"] == 4 and t["seed_p"] == pytest.approx(stats.ttest_rel(*means).pvalue)
+
+
+class RanksNpz(dict):
+    """A dict that reads like np.load's ranks.npz."""
+    files = property(lambda self: list(self))
+
+
+def made_up_cold_items_run(seed, ranks_of, users, items, counts):
+    """(results.json, ranks.npz) of a made-up cold-items run: the two-tower ("two_tower") and baselines with the given
+    rank of each target, in both views."""
+    p = R.PROTOCOLS["cold-items"]
+    z = RanksNpz(users=users, items=items, counts=counts)
+    res = {"protocol": "cold-items", "config": {"k": 10, "seed": seed}, "baselines": {}}
+    for name, ranks in ranks_of.items():
+        z.update({f"{R.ranks_key(name)}__{v}": ranks for v in ("cold", "all")})
+        means = {m: float(x.mean()) for m, x in p.per_user(ranks, counts, 10).items()} | {"warm@20": 50.0}
+        r = {"test": {"cold": means, "all": means}, "validation": {"cold": means}}
+        res.update(r) if name == "two_tower" else res["baselines"].update({name: r})
+    return res, z
+
+
+def test_cold_items_board_is_two_way_clustered_over_per_target_terms_with_seed_tests_and_holm():
+    """Under cold-items (unseen items) the leaderboard's paired test resamples users and target items crossed, over
+    each target's own term of the metric (NDCG@20: its gain / its user's ideal DCG; the terms of a user sum to its
+    NDCG); the seed-level test and Holm over the table's 4 comparisons are in both tables, and the note says so."""
+    rng = np.random.default_rng(0)
+    n = 120
+    users, counts = np.arange(n), rng.integers(1, 6, n)
+    entries = []
+    for seed in range(3):
+        items = rng.choice(40, counts.sum()) + 100 * seed            # each seed its own sample of held-out items
+        good, bad = rng.integers(0, 30, counts.sum()), rng.integers(0, 60, counts.sum())
+        ranks = {"two_tower": good, "EASE": bad, "Popularity": bad + 5}
+        res, z = made_up_cold_items_run(seed, ranks, users, items, counts)
+        entries += E.run_entries(res, z, "two-tower")
+    tt = entries[-3]                                  # the two-tower at seed 2: its per-target terms by hand
+    assert (tt["model"], tt["seed"]) == ("two-tower", 2)
+    row = np.repeat(users, counts)
+    ideal = np.array([sum(1 / np.log2(j + 2) for j in range(min(c, 20))) for c in counts])
+    gain = np.where(good < 20, 100 / np.log2(good + 2), 0)
+    assert np.allclose(tt["per_target"]["cold"]["ndcg@20"], gain / ideal[row])
+    for m in ("ndcg@20", "recall@20", "hr@10"):                      # a user's terms sum to its value
+        assert np.allclose(np.bincount(row, tt["per_target"]["cold"][m]), tt["per_user"]["cold"][m])
+    board = E.leaderboard(entries, "cold-items", 10, n_boot=500)
+    assert [r["model"] for r in board["rows"]] == ["two-tower", "EASE", "Popularity"]
+    t = board["rows"][1]["vs_best"][("cold", "ndcg@20")]
+    cat = lambda m, f: np.concatenate([f(x) for x in entries if x["model"] == m])
+    terms = lambda m: cat(m, lambda x: x["per_target"]["cold"]["ndcg@20"])
+    by_hand = E.cluster_bootstrap(terms("EASE") - terms("two-tower"), cat("EASE", lambda x: 1 / x["counts"][row]),
+                                  cat("EASE", lambda x: x["users"][row]), cat("EASE", lambda x: x["targets"]), 500)
+    assert {k: t[k] for k in by_hand} == pytest.approx(by_hand) and t["users"] == n and t["items"] > 100
+    per_seed = lambda m: [x["per_user"]["cold"]["ndcg@20"].mean() for x in entries if x["model"] == m]
+    assert t["diff"] == pytest.approx(np.mean(per_seed("EASE")) - np.mean(per_seed("two-tower")))
+    assert t["seed_p"] == pytest.approx(stats.ttest_rel(per_seed("EASE"), per_seed("two-tower")).pvalue)
+    tests = [r["vs_best"][c] for r in board["rows"][1:] for c in board["tested"]]
+    assert [x["p_holm"] for x in tests] == pytest.approx(E.holm([x["p"] for x in tests]))
+    assert [x["seed_p_holm"] for x in tests] == pytest.approx(E.holm([x["seed_p"] for x in tests]))
+    md = "\n".join(E.board_markdown(board) + ["", E.board_note(board, "Table")])
+    line = next(x for x in md.splitlines() if x.startswith("| EASE |"))
+    assert f"{t['diff']:+.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}] | {E.pvalue(t['p_holm'])} " \
+           f"(seeds {E.pvalue(t['seed_p_holm'])}) |" in line
+    assert "p Holm (seeds)" in md and "two-way" in md and f"{n} users in {3 * n} user-seed pairs" in md
+    assert "Holm-adjusted over the table's 4 comparisons." in md
+    tex = "\n".join(E.board_latex(board, "c", "t"))
+    p_of = lambda p: "$< 0.001$" if p < 0.001 else f"${p:.3f}$"
+    assert f"& {p_of(t['p_holm'])} (seeds {p_of(t['seed_p_holm'])}) \\\\" in tex
 
 
 def browse_blob(page):
