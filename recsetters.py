@@ -1441,9 +1441,10 @@ class TwoTower(nn.Module):
             row = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
             known = np.bincount(tok[~unseen[row]], minlength=s["tokens"]) > 0
             w = known[tok].astype(float)
-            if cfg.bag_weights == "idf":        # from the texts alone (which item has which token), no interaction
-                df = np.bincount(np.unique(np.stack([row, tok]), axis=1)[1], minlength=s["tokens"])
-                w = w * np.log((len(ptr) - 1) / np.maximum(df, 1))[tok]
+            if cfg.bag_weights == "idf":        # from the texts of the items training has (which has which token)
+                seen = ~unseen[row]
+                df = np.bincount(np.unique(np.stack([row[seen], tok[seen]]), axis=1)[1], minlength=s["tokens"])
+                w = w * np.log(max(int((~unseen).sum()), 1) / np.maximum(df, 1))[tok]
             total = np.bincount(row, weights=w, minlength=len(ptr) - 1)
             self.bag = nn.Embedding(s["tokens"], cfg.dim)
             for name, a in (("bag_ptr", ptr), ("bag_tok", tok)):
@@ -2425,6 +2426,8 @@ class Baseline(NamedTuple):
                              #   names "tag_count". None: the grid (nothing to search)
     steps: tuple = ()        # an iterative model: (its steps' name, the most, every): in a search each trial is stopped
                              #   early on validation, checked every `every` steps; the chosen count is recorded
+    from_grid: object = None  # grid value -> the same point of `space`: a search's first trials are the grid's points
+                             #   (so it never ends below the grid on validation), TPE's draws follow
     seeded: bool = False     # its fit depends on a seed (make reads "seed"): where the two-tower is an ensemble of M,
                              #   the contest also reports it as an ensemble of M (compute-matched)
 
@@ -2452,6 +2455,12 @@ def cb2cf_target(p):
     return p
 
 
+def cb2cf_point(target, lam):
+    """A CB2CF grid value ((kind, size), lam) as a point of CB2CF_SPACE."""
+    return {"target": target[0], {"svd": "svd_dim", "ease": "ease_lam", "ials": "ials_dim"}[target[0]]: target[1],
+            "lam": float(lam)}
+
+
 TAG_COUNTS = ("5", "10", "20", "all")     # a content model's own tag count, searched where the protocol rebuilds tags
 CB2CF_SPACE = dict(target=Dim(choices=("svd", "ease", "ials")), svd_dim=Dim(16, 1024, True, when=("target", ("svd",))),
                    ease_lam=Dim(1.0, 1e5, True, when=("target", ("ease",))),
@@ -2463,28 +2472,34 @@ BASELINES = {
     "Popularity": Baseline(lambda split, _, p: popularity_scores(split), [None]),
     "ItemKNN": Baseline(lambda split, _, p: itemknn_scores(split, **as_kwargs(p, "neighbours")),
                         [10, 20, 50, 100, 200, None], dense=True,
+                        from_grid=lambda n: dict(similarity="cosine", shrink=0.0, neighbours=n or 4000),
                         space=dict(similarity=Dim(choices=("cosine", "asymmetric", "jaccard")),
                                    asymmetry=Dim(0.0, 1.0, when=("similarity", ("asymmetric",))),
                                    shrink=Dim(0.0, 1000.0), neighbours=Dim(5, 4000, True))),
     "EASE": Baseline(lambda split, _, p: ease_scores(split, **as_kwargs(p, "lam")),
-                     [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True, space=dict(lam=Dim(0.1, 1e6, True))),
+                     [1, 10, 50, 100, 200, 500, 1000, 2000, 5000], dense=True, space=dict(lam=Dim(0.1, 1e6, True)),
+                     from_grid=lambda lam: dict(lam=float(lam))),
     # the grids of RP3beta (walk exponent, popularity penalty, neighbourhood) and iALS (factors, L2 penalty,
     # confidence slope; 15 sweeps of 3 conjugate-gradient steps) span what hetrec seed-0 validation favoured (iALS:
     # up to 512 factors, since new-users picked 256, the largest of an older grid, on every seed)
     "RP3beta": Baseline(lambda split, _, p: rp3beta_scores(split, **p), [
         dict(alpha=a, beta=b, neighbours=k) for a in (0.5, 0.75, 1.0) for b in (0.3, 0.5, 0.7) for k in (200, None)],
-        dense=True, space=dict(alpha=Dim(0.05, 3.0), beta=Dim(0.0, 1.5), neighbours=Dim(5, 4000, True))),
+        dense=True, space=dict(alpha=Dim(0.05, 3.0), beta=Dim(0.0, 1.5), neighbours=Dim(5, 4000, True)),
+        from_grid=lambda p: dict(alpha=float(p["alpha"]), beta=float(p["beta"]), neighbours=p["neighbours"] or 4000)),
     "iALS": Baseline(lambda split, _, p: ials_scores(split, **p), [
         dict(factors=f, reg=r, alpha=a) for f in (64, 128, 256, 512) for r, a in ((10, 1), (10, 5), (30, 10), (50, 20))],
         space=dict(factors=Dim(8, 2048, True), reg=Dim(1e-3, 1e4, True), alpha=Dim(1e-2, 1e3, True)),
+        from_grid=lambda p: dict(factors=p["factors"], reg=float(p["reg"]), alpha=float(p["alpha"])),
         steps=("iterations", 40, 2), seeded=True),
     # the reference model of the new-users protocol in the literature (strong generalization); not run under
     # leave-one-out, where iALS and EASE are the baselines to beat. Grid (KL weight, epochs): on hetrec seed-0
     # validation 150 epochs beat 50 and 300. Searched: the KL weight annealed over 100 epochs, stopped early
     "Mult-VAE": Baseline(lambda split, _, p: multvae_scores(split, **p) if isinstance(p, dict) else
                          multvae_scores(split, *p), [(0.2, 100), (0.2, 150), (0.5, 150)], made_for="users",
-                         space=dict(hidden=Dim(50, 2000, True), latent=Dim(16, 800, True), dropout=Dim(0.0, 0.9),
+                         space=dict(hidden=Dim(50, 1500, True), latent=Dim(16, 600, True), dropout=Dim(0.0, 0.9),
                                     beta=Dim(1e-3, 2.0, True), lr=Dim(1e-4, 3e-2, True), anneal=Dim(choices=(100,))),
+                         from_grid=lambda p: dict(hidden=600, latent=200, dropout=0.5, beta=float(p[0]), lr=1e-3,
+                                                  anneal=100),
                          steps=("epochs", 400, 10), seeded=True),
     "Random": Baseline(lambda split, _, seed: random_scores(split.n_items, seed), ["seed"], new_items=True,
                        made_for="items"),
@@ -2492,7 +2507,7 @@ BASELINES = {
                                                              "centered" else V), ["plain", "centered"], "text",
                            new_items=True, made_for="items", space=dict(center=Dim(choices=("plain", "centered")))),
     "TagTFIDF": Baseline(lambda split, tags, p: profile_scores(split, tag_tfidf(tags, as_kwargs(p, "weights")["weights"]
-                                                                                == "idf")),
+                                                                                == "idf", split.catalog)),
                          ["idf", "binary"], "tags", new_items=True, made_for="items",
                          space=dict(weights=Dim(choices=("idf", "binary")))),
     # a content-free control: what an item's number of tags alone buys (tags accumulate with listeners); at every
@@ -2503,13 +2518,15 @@ BASELINES = {
     "CB2CF": Baseline(lambda split, V, p: cb2cf_scores(split, V, cached_factors(split, cb2cf_target(p)[0]),
                                                        cb2cf_target(p)[1]),
                       [(t, lam) for t in [("svd", 64), ("svd", 256), ("ease", 200.0)] for lam in (1.0, 10.0, 100.0)],
-                      "text", new_items=True, new_users=False, made_for="items", space=CB2CF_SPACE),
+                      "text", new_items=True, new_users=False, made_for="items", space=CB2CF_SPACE,
+                      from_grid=lambda p: cb2cf_point(*p)),
     # the content -> collaborative map of the literature: a sparse TF-IDF of the item's tag set (presence only)
-    "CB2CF TF-IDF": Baseline(lambda split, tags, p: cb2cf_scores(split, tag_tfidf(tags),
+    "CB2CF TF-IDF": Baseline(lambda split, tags, p: cb2cf_scores(split, tag_tfidf(tags, fit=split.catalog),
                                                                  cached_factors(split, cb2cf_target(p)[0]),
                                                                  cb2cf_target(p)[1]),
                              [(t, lam) for t in [("ease", 200.0), ("svd", 256), ("ials", 128)] for lam in (0.1, 1.0, 10.0)],
-                             "tags", new_items=True, new_users=False, made_for="items", space=CB2CF_SPACE),
+                             "tags", new_items=True, new_users=False, made_for="items", space=CB2CF_SPACE,
+                             from_grid=lambda p: cb2cf_point(*p)),
     # a dropout-style model for new items (Heater-like: randomized training of a mixture-of-experts content map);
     # grid (share randomized, similarity weight, ridge) around what hetrec seed-0
     # validation-cold favoured
@@ -2519,6 +2536,8 @@ BASELINES = {
                        new_users=False, made_for="items",
                        space=dict(p_random=Dim(0.0, 1.0), lam=Dim(1e-3, 100.0, True), reg=Dim(1e-5, 10.0, True),
                                   experts=Dim(1, 8), factors=Dim(16, 512, True), lr=Dim(1e-4, 1e-1, True)),
+                       from_grid=lambda p: dict(p_random=float(p[0]), lam=float(p[1]), reg=float(p[2]), experts=3,
+                                                factors=128, lr=1e-2),
                        steps=("steps", 1500, 50), seeded=True),
 }
 DENSE_MAX_ITEMS = 20000
@@ -2672,13 +2691,14 @@ def open_storage(url, tries=5):
 
 
 def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, storage=None, study=None, seed=0,
-         steps=()):
+         steps=(), start=()):
     """The one tuning loop. space: a list of points, each tried in order (a fixed grid, or one frozen point), or
     {name: Dim} searched for `trials` trials by Optuna's TPE seeded with `seed` (a space of choices only with no
     more points than that: each point once). Trials are kept in `storage` (an SQLite file or database URL: an
     interrupted search resumes, processes sharing it share the search) as study `study`, or in memory. An iterative
-    model stops early inside each trial (steps, fit_scored). The point best on the protocol's validation (its
-    `select`; ties: the earliest trial) is kept and test evaluated once. Returns (result, test ranks)."""
+    model stops early inside each trial (steps, fit_scored). `start`: points of the space tried first (a search
+    that has none yet). The point best on the protocol's validation (its `select`; ties: the earliest trial) is kept
+    and test evaluated once. Returns (result, test ranks)."""
     import optuna
     from tqdm import tqdm
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -2694,9 +2714,9 @@ def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, s
         sampler, n, how = optuna.samplers.TPESampler(seed=seed), trials, "TPE"
     st = optuna.create_study(storage=storage and open_storage(storage), study_name=study, sampler=sampler,
                              direction="maximize", load_if_exists=True)
-    if grid and not st.trials:
-        for i in range(len(space)):
-            st.enqueue_trial({"point": i})
+    if not st.trials:
+        for point in [{"point": i} for i in range(len(space))] if grid else start[:n]:
+            st.enqueue_trial(point, skip_if_exists=True)
     kept = {}                                 # the best trial of this process, fitted: no refit when it wins
 
     def objective(trial):
@@ -2759,14 +2779,14 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
             continue
         for lbl, col in baseline_inputs(ds, name):
             make = lambda p, b=b, col=col: baseline_scorer(ds, split, b, col, p, cache_dir, memo)
-            space, steps, trials = [seed] if b.grid == ["seed"] else b.grid, (), 0
+            space, steps, trials, start = [seed] if b.grid == ["seed"] else b.grid, (), 0, []
             if search.frozen is not None and lbl in search.frozen:
                 space, steps = [search.frozen[lbl]], b.steps
             elif search.trials and b.space is not None:
                 space, steps = space_of(b, col, search, split, ds), b.steps
-                trials = search.trials
+                trials, start = search.trials, [b.from_grid(g) for g in b.grid] if b.from_grid else []
             out[lbl], ranks[lbl] = tune(lbl, make, space, split, k, memory_mb, quiet, trials, search.storage,
-                                        f"{search.prefix}/{lbl}" if search.storage else None, seed, steps)
+                                        f"{search.prefix}/{lbl}" if search.storage else None, seed, steps, start)
             contest = search.trials or search.frozen is not None
             if contest and b.seeded and search.ensemble > 1:
                 m = search.ensemble
@@ -2782,7 +2802,8 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
             {f"w_{n}": Dim(0.0, 1.0) for n in BLEND}
         out[name], ranks[name] = tune(name, lambda p: blend_scores(fns, [p[f"w_{n}"] for n in BLEND]), space, split, k,
                                       memory_mb, quiet, search.trials or PROTOCOLS[split.protocol].trials,
-                                      search.storage, f"{search.prefix}/{name}" if search.storage else None, seed)
+                                      search.storage, f"{search.prefix}/{name}" if search.storage else None, seed,
+                                      start=[{f"w_{n}": float(n == one) for n in BLEND} for one in BLEND])
     return {**out, **na}, ranks
 
 
@@ -2923,7 +2944,7 @@ def heater_scores(split, tags, p_random=0.5, lam=1.0, reg=1e-3, experts=3, facto
     seen = np.flatnonzero(split.degree > 0)
     P, Q = cached_factors(split, ("ials", factors))
     g = torch.Generator().manual_seed(seed)
-    C = unit_rows(tag_tfidf(tags)).tocoo()
+    C = unit_rows(tag_tfidf(tags, fit=split.catalog)).tocoo()
     C = torch.sparse_coo_tensor(np.stack([C.row, C.col]), C.data, C.shape, dtype=torch.float32).coalesce()
     P, Q = torch.as_tensor(P, dtype=torch.float32), torch.as_tensor(Q, dtype=torch.float32)
     Q = Q / Q.norm(dim=1).mean()                   # one scale for factors and maps, whatever the factorization's
@@ -2982,7 +3003,7 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_coun
            "cold_items_with_tags_leaky": int(pd.Series(ids_i[cold]).isin(ta.item).sum()),
            "cold_items_with_tags_leak_free": int(pd.Series(ids_i[cold]).isin(ta.item[~own]).sum()),
            "cold_items": int(len(cold)), "test": {}}
-    leaky = Dataset(ds.name, ds.users, with_tags(ds.items, cold, ta, tags_kept(tag_count)), ds.inter, ds.synthetic)
+    leaky = lambda count: rebuilt_tags(ds, split, np.zeros(len(ds.tag_assignments), bool), count, cold)[0]
     counts = lambda a: torch.tensor(pd.Series(ids_i).map(a.item.value_counts()).fillna(0).to_numpy(np.float32))
     scorers = {"tag count, all users (leaky)": counts(ds.tag_assignments),
                "tag count, non-listeners": counts(pd.concat([ds.tag_assignments[~ds.tag_assignments.item.isin(ta.item)],
@@ -2990,13 +3011,15 @@ def tag_leak_audit(ds, split, baselines, cache_dir=None, memory_mb=512, tag_coun
     for name, c in scorers.items():
         out["test"][name] = evaluate(lambda users, c=c: c.repeat(len(users), 1), split, "test", 0, "cpu", memory_mb)
     out["test"]["Random"] = baselines["Random"]["test"]
-    for name, make in [("ContentKNN tags", lambda d, p: profile_scores(
-                            split, (lambda V: V - V.mean(0) if p == "centered" else V)(build_features(d, "tags", cache_dir).text))),
-                       ("TagTFIDF", lambda d, p: profile_scores(split, tag_tfidf(d.items.tags, p == "idf")))]:
-        if name in baselines and "tags" in ds.items.columns:
-            p = baselines[name]["params"]
+    for name, column in (("ContentKNN tags", "tags"), ("TagTFIDF", "tags")):
+        if name in baselines and "tags" in ds.items.columns and "params" in baselines[name]:
+            p = baselines[name]["params"]           # its own tag count, where it chose one
+            count = p.get("tag_count", tag_count) if isinstance(p, dict) else tag_count
             out["test"][f"{name} (leak-free tags)"] = baselines[name]["test"]
-            out["test"][f"{name} (leaky tags)"] = evaluate(make(leaky, p), split, "test", 0, "cpu", memory_mb)
+            out["test"][f"{name} (leaky tags)"] = evaluate(
+                baseline_scorer(leaky(count), split, BASELINES[name.split(" ")[0]], column,
+                                {n: v for n, v in p.items() if n != "tag_count"} if isinstance(p, dict) else p,
+                                cache_dir), split, "test", 0, "cpu", memory_mb)
     return out
 
 

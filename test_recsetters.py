@@ -1992,19 +1992,19 @@ def test_recommend_for_a_lastfm_user_through_the_collect_client(tiny_run, tmp_pa
 
 def test_cb2cf_over_tag_tfidf_is_a_plain_kernel_ridge_onto_ease_columns(small_demo):
     """CB2CF with TF-IDF tag content equals a plain implementation written here (binary TF-IDF, unit rows, ridge from
-    content onto EASE's item columns learned on the train items), in the primal (few tags) and the dual (more tags
-    than train items) solve, to 1e-6."""
+    content onto EASE's item columns learned on the train items; tag vocabulary and IDF from the train catalog), in
+    the primal (few tags) and the dual (more tags than train items) solve, to 1e-6."""
     ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="cold-items", text="none"),
                           quiet=True)
     users = np.arange(0, split.n_users, 7)
 
-    def reference(tags, lam, ease_lam=200.0):
+    def reference(tags, lam, ease_lam=200.0):          # vocabulary and IDF from the train catalog's items only
         lists = [{t.strip().lower() for t in s.split(",") if t.strip()} for s in tags]
-        vocab = {t: j for j, t in enumerate(sorted(set().union(*lists)))}
+        vocab = {t: j for j, t in enumerate(sorted(set().union(*(l for l, c in zip(lists, split.catalog) if c))))}
         X = np.zeros((len(lists), len(vocab)))
         for r, l in enumerate(lists):
-            X[r, [vocab[t] for t in l]] = 1
-        X *= np.log(len(lists) / np.maximum(X.sum(0), 1))
+            X[r, [vocab[t] for t in l if t in vocab]] = 1
+        X *= np.log(split.catalog.sum() / np.maximum(X[split.catalog].sum(0), 1))
         X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
         seen = split.degree > 0
         Rm = split.train[:, seen].toarray()
