@@ -647,35 +647,43 @@ def search_table(out, dataset, protocols, seeds):
     return L
 
 
-def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", texts=("tags", "none"), jobs=1):
+def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", jobs=1, train_args=()):
     """Every model once at its frozen point (OUT/frozen.json, from `search`) on each protocol's fresh seeds: the
-    baselines (their ensembles of the two-tower's M and the blend), the two-tower with each text (its chosen setting;
-    epochs by early stopping on each seed's validation) and, where it is an ensemble, the single two-tower. Finished
-    cells are kept (resumable). Writes OUT/confirm-PROTOCOL.md and .tex."""
+    baselines (their ensembles of the two-tower's M and the blend), the two-tower with the dataset's text (--text
+    auto) and without (its chosen setting; epochs by early stopping on each seed's validation) and, where it is an
+    ensemble, the single two-tower. Finished cells are kept (resumable). Writes OUT/confirm-PROTOCOL.md and .tex
+    (the leaderboard and its tests) and OUT/confirmation.md (every protocol's leaderboard and search)."""
     if not (out / "frozen.json").exists():
         raise R.UserError(f"{out}/frozen.json is missing: run `experiments.py search --out {out}` first")
     frozen = json.loads((out / "frozen.json").read_text())
     if missing := [p for p in protocols if p not in frozen]:
         raise R.UserError(f"no frozen points for {', '.join(missing)} in {out}/frozen.json: search it first")
     m_of = lambda p: R.PROTOCOLS[p].defaults.get("ensemble", 1)
+    texts = (R.auto_text(R.load_dataset(data_dir, dataset).items), "none")
     contest = lambda cfg, ds, split: R.Search(frozen=frozen[split.protocol], ensemble=m_of(split.protocol),
                                               tag_counts=())
     order = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
     order += [(dataset, p, "two-tower", t, s) for p in protocols for t in texts for s in seeds]
     order += [(dataset, p, "single", texts[0], s) for p in protocols if m_of(p) > 1 for s in seeds]
-    extra = ["--threads", "1"] if jobs > 1 else []
+    extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
     run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'confirm', data_dir, extra, contest)}"
     with ThreadPoolExecutor(jobs) as ex:
         for i, line in enumerate(ex.map(run, order), 1):
             print(f"[{i}/{len(order)}] confirm {line}", flush=True)
-    written = []
+    written, L = [], [f"# The contest's confirmation: {dataset}, seeds {', '.join(map(str, seeds))}", ""]
     for p in protocols:
         runs = [(d, json.loads((d / "results.json").read_text())) for d in
                 (out / "confirm" / "runs" / cell_name(*c) for c in order if c[1] == p) if cell_done(d)]
         if runs:
             compare_one(same_data(runs), out / f"confirm-{p}")
             written.append(out / f"confirm-{p}.md")
-    return written
+            L += (out / f"confirm-{p}.md").read_text().splitlines() + [""]
+            L += [f"Each baseline at its frozen point: chosen on {p}'s validation of seed {DEV_SEEDS[0]} "
+                  f"(search.md: trials, point, edges); the two-tower at the setting its own tuning chose on "
+                  f"validation (RESULTS.md, experiments.py TUNING), epochs by early stopping on each seed.", ""]
+            L += [ln.replace("## ", "### Search, ", 1) for ln in search_table(out, dataset, [p], DEV_SEEDS[:1])[2:]]
+    R.atomic_write_text(out / "confirmation.md", "\n".join(L) + "\n")
+    return written + [out / "confirmation.md"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1250,6 +1258,7 @@ def main(argv=None):
         p.add_argument("--jobs", type=int, default=1, help="cells at a time (each with --threads 1 when > 1)")
         p.add_argument("--out", default="runs/contest")
         p.add_argument("--data-dir", default="data")
+    f.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     s.add_argument("--trials", default="auto", type=trials_arg, help="trials per model (auto: each protocol's count, at least the two-tower's tuning effort)")
     for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
@@ -1288,8 +1297,9 @@ def main(argv=None):
                 print(f"wrote {search(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.trials, args.jobs)}"
                       f" and {out / 'search.md'}")
             else:
-                for path in confirm(out, args.data_dir, args.protocols, args.seeds, args.dataset, jobs=args.jobs):
-                    print(f"wrote {path} and .tex")
+                for path in confirm(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.jobs,
+                                    args.train_args.split()):
+                    print(f"wrote {path}")
         except R.UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -1671,6 +1671,37 @@ def test_two_processes_share_one_study_and_a_finished_search_resumes_without_new
         assert any(ln.startswith(row) for ln in third.stdout.splitlines()), (row, third.stdout)
 
 
+def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_demo, tmp_path, capsys):
+    """experiments.py search (a few trials) writes each model's chosen point to frozen.json and a search table
+    without test columns; confirm runs every model at its frozen point on a fresh seed (the baselines fitted once,
+    the two-tower with and without text), writes the leaderboard with the search beside it, and a second confirm
+    finds every cell done."""
+    out = tmp_path / "contest"
+    common = ["--dataset", "small", "--data-dir", str(small_demo), "--protocols", "loo", "--out", str(out)]
+    E.main(["search", *common, "--trials", "3", "--seeds", "0"])
+    frozen = json.loads((out / "frozen.json").read_text())["leave-one-out"]
+    searched = json.loads((out / "search" / "runs" / "small-leave-one-out-baselines-s0" / "results.json").read_text())
+    assert {"EASE", "iALS", "Blend EASE+iALS+RP3beta"} <= set(frozen)
+    assert frozen["EASE"] == searched["baselines"]["EASE"]["params"] and searched["baselines"]["EASE"]["trials"] == 3
+    table = (out / "search.md").read_text()
+    heads = [ln for ln in table.splitlines() if ln.startswith("| model")]
+    assert "| EASE | 3 | TPE |" in table and heads and not any("test" in h.lower() for h in heads)
+    E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
+    res = json.loads((out / "confirm" / "runs" / "small-leave-one-out-baselines-s10" / "results.json").read_text())
+    assert res["config"]["seed"] == 10
+    for model in ("EASE", "RP3beta", "Blend EASE+iALS+RP3beta"):        # at the frozen point, one fit each
+        assert res["baselines"][model]["params"] == frozen[model] and res["baselines"][model]["trials"] == 1
+    assert {n: v for n, v in res["baselines"]["iALS"]["params"].items() if n != "iterations"} == \
+        {n: v for n, v in frozen["iALS"].items() if n != "iterations"}      # sweeps: early stopping on seed 10
+    board = (out / "confirm-leave-one-out.md").read_text()
+    assert "two-tower, text lyrics" in board and "two-tower, text none" in board and "EASE" in board
+    summary = (out / "confirmation.md").read_text()
+    assert "### Search, small, leave-one-out, seed 0" in summary and board.splitlines()[0] in summary
+    capsys.readouterr()
+    E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
+    assert capsys.readouterr().out.count("skipped (done)") == 3
+
+
 def test_on_edge_names_the_dimensions_chosen_at_an_end_of_their_range():
     space = {"lam": R.Dim(1.0, 1e4, True), "beta": R.Dim(0.0, 1.0), "n": R.Dim(5, 100), "kind": R.Dim(choices=("a", "b"))}
     assert R.on_edge(space, {"lam": 1.1, "beta": 0.5, "n": 100, "kind": "a"}) == ["lam low", "n high"]
