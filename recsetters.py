@@ -2769,7 +2769,7 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
     too_big = [n for n in names if BASELINES[n].dense and split.n_items > DENSE_MAX_ITEMS]
     if too_big and not quiet:
         log(f"{' and '.join(too_big)} skipped: {split.n_items:,} items is too many for dense item-item matrices")
-    memo = {}
+    memo, contest = {}, bool(search.trials) or search.frozen is not None
     for name in names:
         b = BASELINES[name]
         if why := why_not(b, split.protocol):
@@ -2780,22 +2780,19 @@ def run_baselines(ds, split, k=10, memory_mb=512, names=None, cache_dir=None, se
         for lbl, col in baseline_inputs(ds, name):
             make = lambda p, b=b, col=col: baseline_scorer(ds, split, b, col, p, cache_dir, memo)
             space, steps, trials, start = [seed] if b.grid == ["seed"] else b.grid, (), 0, []
-            if search.frozen is not None and lbl in search.frozen:
+            if search.frozen is not None and lbl in search.frozen and b.grid != ["seed"]:     # the run's own seed
                 space, steps = [search.frozen[lbl]], b.steps
             elif search.trials and b.space is not None:
                 space, steps = space_of(b, col, search, split, ds), b.steps
                 trials, start = search.trials, [b.from_grid(g) for g in b.grid] if b.from_grid else []
             out[lbl], ranks[lbl] = tune(lbl, make, space, split, k, memory_mb, quiet, trials, search.storage,
                                         f"{search.prefix}/{lbl}" if search.storage else None, seed, steps, start)
-            contest = search.trials or search.frozen is not None
-            if contest and b.seeded and search.ensemble > 1:
-                m = search.ensemble
-                members = lambda _, make=make, p=out[lbl]["params"]: ensemble_scores([make({**p, "seed": s})
-                                                                                       for s in range(m)])
-                out[f"{lbl} ×{m}"], ranks[f"{lbl} ×{m}"] = tune(f"{lbl} ×{m}", members, [{**out[lbl]["params"],
-                                                                                           "members": m}],
-                                                                split, k, memory_mb, quiet)
-    if (search.trials or search.frozen is not None) and all(n in out for n in BLEND):
+            if contest and b.seeded and search.ensemble > 1:       # M fits at the chosen point, seeds 0 .. M-1
+                m, p = search.ensemble, out[lbl]["params"]
+                each = lambda _, make=make, p=p: ensemble_scores([make({**p, "seed": s}) for s in range(m)])
+                out[f"{lbl} ×{m}"], ranks[f"{lbl} ×{m}"] = tune(f"{lbl} ×{m}", each, [{**p, "members": m}], split, k,
+                                                                memory_mb, quiet)
+    if contest and all(n in out for n in BLEND):
         fns = [baseline_scorer(ds, split, BASELINES[n], None, out[n]["params"]) for n in BLEND]
         name = "Blend " + "+".join(BLEND)
         space = [search.frozen[name]] if search.frozen and name in search.frozen else \

@@ -1702,6 +1702,27 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     assert capsys.readouterr().out.count("skipped (done)") == 3
 
 
+def test_a_contest_matches_ensembles_and_blends_and_starts_from_the_grid(small_demo):
+    """In a contest (a search) under new-users with the two-tower an ensemble of 2: iALS is also reported as the
+    mean of 2 fits at its chosen point (seeds 0, 1); the blend of EASE, iALS and RP3beta starts from each model alone,
+    so its validation is at least the best of theirs; a search's first trials are the grid's points."""
+    cfg = R.Config(dataset="small", data_dir=str(small_demo), seed=0, split="new-users", text="none")
+    ds, split = R.prepare(cfg, quiet=True)
+    res, ranks = R.run_baselines(ds, split, 10, names=["EASE", "iALS", "RP3beta"], quiet=True,
+                                 search=R.Search(trials=3, ensemble=2))
+    sel = lambda r: R.selection_score(r["validation"], split, 10)
+    assert set(res) == {"EASE", "iALS", "RP3beta", "iALS ×2", "Blend EASE+iALS+RP3beta"} and set(ranks) == set(res)
+    assert res["EASE"]["params"]["lam"] in [float(v) for v in R.BASELINES["EASE"].grid[:3]]    # the grid's first 3
+    assert sel(res["Blend EASE+iALS+RP3beta"]) >= max(sel(res[n]) for n in R.BLEND) - 1e-9
+    p = res["iALS"]["params"]
+    users = np.arange(0, split.n_users, 5)
+    mean = (R.ials_scores(split, **{**p, "seed": 0})(users) + R.ials_scores(split, **{**p, "seed": 1})(users)) / 2
+    assert res["iALS ×2"]["params"] == {**p, "members": 2}
+    fn = R.ensemble_scores([R.ials_scores(split, **{**p, "seed": s}) for s in (0, 1)])
+    assert torch.allclose(fn(users), mean) and res["iALS ×2"]["validation"] == R.evaluate(fn, split, "validation", 10,
+                                                                                          "cpu")
+
+
 def test_on_edge_names_the_dimensions_chosen_at_an_end_of_their_range():
     space = {"lam": R.Dim(1.0, 1e4, True), "beta": R.Dim(0.0, 1.0), "n": R.Dim(5, 100), "kind": R.Dim(choices=("a", "b"))}
     assert R.on_edge(space, {"lam": 1.1, "beta": 0.5, "n": 100, "kind": "a"}) == ["lam low", "n high"]
