@@ -1175,7 +1175,8 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
     L = [f"## Tuning log ({dataset}, text none unless a row sets --text; chosen on validation only)", "",
          "One change at a time, each row `recsetters.py train --text none` plus its flags against the current "
          f"defaults; mean over seeds {', '.join(map(str, seeds))}; ×100; each protocol's rows are chosen on its "
-         "validation metric.", ""]
+         "validation metric. No test column: a tuning table is where choices are made, and test guides none of "
+         "them (the contest's confirmation, on fresh seeds, is where test is read).", ""]
     split_of = lambda flags: flags[flags.index("--split") + 1] if "--split" in flags else "auto"
     for protocol in R.PROTOCOLS:
         mine = [(label, flags) for label, flags in rows if R.protocol_name(split_of(flags)) == protocol]
@@ -1183,19 +1184,19 @@ def tune(out, data_dir, seeds, jobs=1, dataset="hetrec", rows=TUNING, threads=No
             continue
         metrics = R.tested(protocol, k)
         both = " / ".join(R.label(v, m) for v, m in metrics)
-        L += [f"{protocol}:", "", f"| configuration | flags | best epoch | validation {both} | test {both} | train s |",
-              "|---|---|---|---|---|---|"]
+        L += [f"{protocol}:", "", f"| configuration | flags | best epoch | validation {both} | train s |",
+              "|---|---|---|---|---|"]
         for label, flags in mine:
             if retired_flag(flags):
-                L.append(f"| {label} | `{shlex.join(flags)}` | rerun at {R.RETIRED_AT} | | | |")
+                L.append(f"| {label} | `{shlex.join(flags)}` | rerun at {R.RETIRED_AT} | | |")
                 continue
             rs = [r for (l, _, _), r in zip(work, results) if l == label and r is not None]
             if not rs:
-                L.append(f"| {label} | `{shlex.join(flags)}` | failed | | | |")
+                L.append(f"| {label} | `{shlex.join(flags)}` | failed | | |")
                 continue
             pair = lambda part: " / ".join(f"{np.mean([r[part][v][m] for r in rs]):.2f}" for v, m in metrics)
             L.append(f"| {label} | `{shlex.join(flags) or '(defaults)'}` | {np.mean([r['best_epoch'] for r in rs]):.0f} | "
-                     f"{pair('validation')} | {pair('test')} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
+                     f"{pair('validation')} | {np.mean([r['timings']['train_seconds'] for r in rs]):.0f} |")
         L.append("")
     out.mkdir(parents=True, exist_ok=True)
     R.atomic_write_text(out / "tuning.md", "\n".join(L) + "\n")
