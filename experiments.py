@@ -52,6 +52,11 @@ HERE = Path(__file__).resolve().parent
 ALIASES = {"loo": "leave-one-out"}
 MF_FLAGS = ["--text", "none", "--id-only", "--no-history", "--scorer", "dot"]   # the ID-only two-tower
 EXTRA_MODELS = {"leave-one-out": [("mf", MF_FLAGS)]}    # per protocol: (kind, flags) beside the text variants
+# the contest's controls of the two-tower's text, per protocol: (kind, flags added to its text): leave-one-out's
+# text with the held-out pairs' own tagging left in (leaky), new items' tags cut to 5 drawn at random (the same
+# number for every item: what is left when tag counts no longer follow listeners)
+CONTROLS = {"leave-one-out": [("leaky-tags", ["--tag-source", "all"])],
+            "cold-items": [("random5", ["--tag-count", "random5"])]}
 # The baselines are R.BASELINES, the metrics each protocol's per_user, and the cut-off K is each run's own (its config).
 
 
@@ -505,7 +510,8 @@ def cell_done(run_dir):
 
 
 def cell_flags(protocol, kind, text):
-    extra = dict(EXTRA_MODELS.get(protocol, []), single=["--text", str(text), "--ensemble", "1"])
+    extra = dict(EXTRA_MODELS.get(protocol, []), single=["--text", str(text), "--ensemble", "1"],
+                 **{c: ["--text", str(text), *flags] for c, flags in CONTROLS.get(protocol, [])})
     return ["--split", R.PROTOCOLS[protocol].splits[0], *(extra[kind] if kind in extra else ["--text", str(text)])]
 
 
@@ -650,8 +656,8 @@ def search_table(out, dataset, protocols, seeds):
 def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", jobs=1, train_args=()):
     """Every model once at its frozen point (OUT/frozen.json, from `search`) on each protocol's fresh seeds: the
     baselines (their ensembles of the two-tower's M and the blend), the two-tower with the dataset's text (--text
-    auto) and without (its chosen setting; epochs by early stopping on each seed's validation) and, where it is an
-    ensemble, the single two-tower. Finished cells are kept (resumable). Writes OUT/confirm-PROTOCOL.md and .tex
+    auto) and without (its chosen setting; epochs by early stopping on each seed's validation), where it is an
+    ensemble the single two-tower, and where its text is tags the protocol's CONTROLS. Finished cells are kept (resumable). Writes OUT/confirm-PROTOCOL.md and .tex
     (the leaderboard and its tests) and OUT/confirmation.md (every protocol's leaderboard and search)."""
     if not (out / "frozen.json").exists():
         raise R.UserError(f"{out}/frozen.json is missing: run `experiments.py search --out {out}` first")
@@ -665,6 +671,8 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
     order = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
     order += [(dataset, p, "two-tower", t, s) for p in protocols for t in texts for s in seeds]
     order += [(dataset, p, "single", texts[0], s) for p in protocols if m_of(p) > 1 for s in seeds]
+    order += [(dataset, p, kind, texts[0], s) for p in protocols for kind, _ in CONTROLS.get(p, []) for s in seeds
+              if texts[0] == "tags"]
     extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
     run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'confirm', data_dir, extra, contest)}"
     with ThreadPoolExecutor(jobs) as ex:
