@@ -1143,6 +1143,12 @@ TUNING = [
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),
+    # the contest (issue 35): the two-tower's own text and tag count, each chosen on its own validation like every
+    # content baseline's (5, 10, 20 or all leak-free tags; leave-one-out's text now without the held-out pairs' tags)
+    *((f"t1 {p}, text {t}" + (f", {n} tags" if n else ""), ["--split", R.PROTOCOLS[p].splits[0], "--text", t,
+                                                        *(["--tag-count", n] if n else [])])
+      for p in ("leave-one-out", "cold-items", "new-users") for t, n in
+      [("tags", "5"), ("tags", "10"), ("tags", "20"), ("tags", "all"), ("title", None)]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
