@@ -519,7 +519,7 @@ def train_config(dataset, seed, data_dir, flags):
     """The configuration `recsetters.py train` resolves these flags to, today's defaults and the protocol's chosen
     setting included (without the settings that do not change a run's results, and those of other commands)."""
     args = R.parse_args(["train", "--dataset", dataset, "--data-dir", data_dir, "--seed", str(seed), *flags])
-    skip = set(R.PLACE) - {"dataset", "split", "text", "seed"} | {"baselines"} | {
+    skip = set(R.PLACE) - {"dataset", "split", "text", "seed"} | {"baselines", "trials", "study"} | {
         f.name for f in R.fields(R.Config) if "train" not in f.metadata["cmds"]}
     return {k: v for k, v in R.asdict(R.config_from(args)).items() if k not in skip}
 

@@ -3076,7 +3076,7 @@ def describe(ds, split):
 
 # Settings that say where or how fast a run goes, not what it computes: they never make a run's name differ.
 PLACE = ("dataset", "data_dir", "split", "text", "seed", "runs_dir", "run_name", "overwrite", "device", "threads",
-         "eval_memory_mb", "compile", "preset")
+         "eval_memory_mb", "compile", "preset", "study")
 
 
 def defaults_for(preset="", split="auto"):
