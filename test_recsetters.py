@@ -1564,14 +1564,15 @@ def test_text_tokens_and_the_bag_leave_out_tokens_no_train_item_has(small_demo):
     known = [t for t in tok[ptr[j]:ptr[j + 1]] if on_train[t]]
     want = m.bag.weight[torch.as_tensor(known)].mean(0) if known else torch.zeros(cfg.dim)
     assert torch.allclose(m.token_bag(torch.as_tensor([j]))[0], want, atol=1e-6)
-    # --bag-weights idf: known tokens weighted by log(items / items with the token), normalized per item; from the
-    # texts alone (the same weights whatever the split's interactions)
+    # --bag-weights idf: known tokens weighted by log(train items / train items with the token), normalized per item;
+    # from the texts of the items training has (a new item's text counts in no weight)
     torch.manual_seed(0)
     mi = R.TwoTower(feats, R.Config(**{**R.asdict(cfg), "bag_weights": "idf"}), s.train).eval()
-    df = np.array([len(set(item_of[tok == t])) for t in range(len(on_train))])
+    seen = s.degree[item_of] > 0                    # document frequencies over the train catalog's items only
+    df = np.array([len(set(item_of[(tok == t) & seen])) for t in range(len(on_train))])
     for j in map(int, cold[:20]):
         toks = tok[ptr[j]:ptr[j + 1]]
-        w = np.array([on_train[t] * np.log((len(ptr) - 1) / df[t]) for t in toks])
+        w = np.array([on_train[t] * np.log((s.degree > 0).sum() / max(df[t], 1)) for t in toks])
         if w.sum() > 0:
             want = (mi.bag.weight[torch.as_tensor(toks)] * torch.as_tensor(w / w.sum(), dtype=torch.float32)[:, None]).sum(0)
             assert torch.allclose(mi.token_bag(torch.as_tensor([j]))[0], want, atol=1e-5)
