@@ -2714,6 +2714,11 @@ def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, s
         sampler, n, how = optuna.samplers.TPESampler(seed=seed), trials, "TPE"
     st = optuna.create_study(storage=storage and open_storage(storage), study_name=study, sampler=sampler,
                              direction="maximize", load_if_exists=True)
+    searched = jsonable({"space": space if grid else space_record(space), "steps": steps})
+    if st.user_attrs.setdefault("searched", searched) != searched:
+        raise UserError(f"study {study!r} in {storage} holds trials of another search space for {name}: give this "
+                        f"search a new --study (or --out)")
+    st.set_user_attr("searched", searched)
     if not st.trials:
         for point in [{"point": i} for i in range(len(space))] if grid else start[:n]:
             st.enqueue_trial(point, skip_if_exists=True)

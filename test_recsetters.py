@@ -1724,6 +1724,19 @@ def test_a_contest_matches_ensembles_and_blends_and_starts_from_the_grid(small_d
                                                                                           "cpu")
 
 
+def test_a_study_refuses_to_resume_a_search_over_another_space(small_demo, tmp_path):
+    """Trials stored for one space are never mixed with another's: a changed space on the same study is one
+    UserError that says to give the search a new study; the same space resumes."""
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0), quiet=True)
+    make = lambda p: R.ease_scores(split, **p)
+    url, study = f"sqlite:///{tmp_path / 's.db'}", "small/EASE"
+    first, _ = R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4, True)}, split, quiet=True, trials=2, storage=url, study=study)
+    again, _ = R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4, True)}, split, quiet=True, trials=2, storage=url, study=study)
+    assert again["params"] == first["params"] and again["trials"] == 2
+    with pytest.raises(R.UserError, match="another search space"):
+        R.tune("EASE", make, {"lam": R.Dim(1.0, 1e5, True)}, split, quiet=True, trials=2, storage=url, study=study)
+
+
 def test_on_edge_names_the_dimensions_chosen_at_an_end_of_their_range():
     space = {"lam": R.Dim(1.0, 1e4, True), "beta": R.Dim(0.0, 1.0), "n": R.Dim(5, 100), "kind": R.Dim(choices=("a", "b"))}
     assert R.on_edge(space, {"lam": 1.1, "beta": 0.5, "n": 100, "kind": "a"}) == ["lam low", "n high"]
