@@ -2290,7 +2290,10 @@ def ials_half_step(R, Y, X, reg, alpha, cg_steps=3):
     X = X.clone()
     res = spmm(1 + alpha * r, Y) - A(X)
     P, rs = res.clone(), (res * res).sum(1)
-    for _ in range(cg_steps):
+    done = 1e-12 * rs                  # a row is solved once its squared residual fell by 12 orders of magnitude
+    for step in range(cg_steps):
+        if step >= 3 and bool((rs <= done).all()):     # the fold-in's many steps: stopped once every row is solved
+            break
         AP = A(P)
         pap = (P * AP).sum(1)
         step = torch.where(pap > 0, rs / pap.clamp(min=1e-30), torch.zeros_like(pap))
