@@ -1271,7 +1271,9 @@ def main(argv=None):
                        choices=list(R.PROTOCOLS), help="protocols of R.PROTOCOLS (loo: leave-one-out)")
         p.add_argument("--dataset", default="hetrec")
         p.add_argument("--jobs", type=int, default=1, help="cells at a time (each with --threads 1 when > 1)")
-        p.add_argument("--out", default="runs/contest")
+        p.add_argument("--out", default="contest", help="the contest's folder: study.db (the search's trials), "
+                       "frozen.json, search.md, confirmation.md and confirm-PROTOCOL.md/.tex are kept in git; its "
+                       "search/ and confirm/ run folders are not")
         p.add_argument("--data-dir", default="data")
     f.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     s.add_argument("--trials", default="auto", type=trials_arg, help="trials per model (auto: each protocol's count, at least the two-tower's tuning effort)")
