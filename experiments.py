@@ -625,7 +625,7 @@ def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="
                           "results.json").read_text())
         frozen[p] = {m: r["params"] for m, r in res["baselines"].items() if "params" in r}
     R.atomic_write_text(out / "frozen.json", json.dumps(frozen, indent=1))
-    R.atomic_write_text(out / "search.md", "\n".join(search_table(out, dataset, protocols, seeds)) + "\n")
+    R.atomic_write_text(out / "search.md", "\n".join(search_table(out, dataset, list(R.PROTOCOLS), seeds)) + "\n")
     return out / "frozen.json"
 
 
