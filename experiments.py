@@ -634,19 +634,17 @@ def search_table(out, dataset, protocols, seeds):
     edge of, its validation score and the search's time (no test column: test guided nothing here, and is not shown)."""
     L = ["# The contest's search (validation only)", ""]
     for p in protocols:
-        sel = R.label(*R.column(R.PROTOCOLS[p].select, 10))
         for s in seeds:
             f = out / "search" / "runs" / cell_name(dataset, p, "baselines", None, s) / "results.json"
             if not f.exists():
                 continue
             res = json.loads(f.read_text())
-            sel = R.label(*R.column(R.PROTOCOLS[p].select, res["config"].get("k", 10)))
-            L += [f"## {dataset}, {p}, seed {s}", "", f"| model | trials | search | chosen point | on an edge | "
-                  f"val {sel} | search s |", "|---|---:|---|---|---|---:|---:|"]
             col = R.column(R.PROTOCOLS[p].select, res["config"].get("k", 10))
+            L += [f"## {dataset}, {p}, seed {s}", "", f"| model | trials | search | chosen point | on an edge | "
+                  f"val {R.label(*col)} | search s |", "|---|---:|---|---|---|---:|---:|"]
             for m, r in res["baselines"].items():
                 if "params" in r:
-                    L.append(f"| {m} | {r.get('trials', r.get('grid_size'))} | {r.get('search', 'grid')} | "
+                    L.append(f"| {m} | {r['trials']} | {r.get('search', 'grid')} | "
                              f"{R.point_text(r['params'])} | {', '.join(r.get('edges', [])) or '–'} | "
                              f"{r['validation'][col[0]][col[1]]:.2f} | {r.get('search_seconds', r['seconds']):.0f} |")
             L.append("")

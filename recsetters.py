@@ -2451,17 +2451,17 @@ def as_kwargs(p, name):
     return p if isinstance(p, dict) else {name: p}
 
 
+CB2CF_SIZE = {"svd": "svd_dim", "ease": "ease_lam", "ials": "ials_dim"}   # a target kind -> its size's dimension
+
+
 def cb2cf_target(p):
     """CB2CF's collaborative target from a grid value ((kind, size), lam) or a searched point."""
-    if isinstance(p, dict):
-        return (p["target"], p[{"svd": "svd_dim", "ease": "ease_lam", "ials": "ials_dim"}[p["target"]]]), p["lam"]
-    return p
+    return ((p["target"], p[CB2CF_SIZE[p["target"]]]), p["lam"]) if isinstance(p, dict) else p
 
 
 def cb2cf_point(target, lam):
     """A CB2CF grid value ((kind, size), lam) as a point of CB2CF_SPACE."""
-    return {"target": target[0], {"svd": "svd_dim", "ease": "ease_lam", "ials": "ials_dim"}[target[0]]: target[1],
-            "lam": float(lam)}
+    return {"target": target[0], CB2CF_SIZE[target[0]]: target[1], "lam": float(lam)}
 
 
 TAG_COUNTS = ("5", "10", "20", "all")     # a content model's own tag count, searched where the protocol rebuilds tags
@@ -2755,7 +2755,7 @@ def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, s
         val = evaluate(fn, split, "validation", k, "cpu", memory_mb)
     test, ranks = evaluate(fn, split, "test", k, "cpu", memory_mb, return_ranks=True)
     res = {"params": p, "validation": val, "test": test, "fit_seconds": fit, "seconds": time.perf_counter() - t0,
-           "grid_size": len(complete), "trials": len(complete), "search": how,
+           "trials": len(complete), "search": how,
            "search_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in complete)}
     if not grid:
         res.update(space=space_record(space), edges=on_edge(space, p))
@@ -4302,7 +4302,7 @@ def cmd_baselines(cfg):
     print(f"\n{'baseline':<22}{'chosen on validation':<44}{'trials':>7}{'fit s':>9}{'search s':>10}  on an edge")
     for n, r in res.items():
         if "na" not in r:
-            print(f"{n:<22}{point_text(r['params']):<44}{r['grid_size']:>7}{r['fit_seconds']:>9.2f}"
+            print(f"{n:<22}{point_text(r['params']):<44}{r['trials']:>7}{r['fit_seconds']:>9.2f}"
                   f"{r.get('search_seconds', r['seconds']):>10.2f}  {', '.join(r.get('edges', [])) or '-'}")
     print(fmt_table(list(res.items()), split, cfg.k, f"\nTest, {ds.label}, {protocol_title(split)}: baselines, full ranking over {split.n_items:,} items"))
 
