@@ -326,6 +326,7 @@ def run_entries(res, ranks, model=None):
     protocol = res.get("protocol", "leave-one-out")
     p, k, seed = R.PROTOCOLS[protocol], res["config"].get("k", 10), res["config"]["seed"]
     models = [(model or two_tower_label(res["config"], protocol), "two-tower", res)] if "test" in res else []
+    models += [(f"{models[0][0]}, single", "two-tower", res["single"])] if "single" in res else []   # its member 1
     models += [(b, "n/a" if "na" in r else "baseline", r) for b, r in res.get("baselines", {}).items()]
     cols, sel = [R.column(c, k) for c in p.columns], R.column(p.select, k)
     cols += [(sel[0], "mrr")] if "mrr" in res.get("test", {}).get(sel[0], {}) else []      # where the protocol has it
@@ -333,7 +334,7 @@ def run_entries(res, ranks, model=None):
     for name, kind, r in models:
         e = {"model": name, "kind": kind, "seed": seed}
         if kind != "n/a":
-            key = R.ranks_key("two_tower" if r is res else name)
+            key = R.ranks_key("two_tower" if r is res else "two_tower_single" if r is res.get("single") else name)
             e.update(val=r["validation"][sel[0]][sel[1]], test={c: r["test"][c[0]].get(c[1], float("nan")) for c in cols},
                      users=ranks["users"], per_user={f[len(key) + 2:]: p.per_user(ranks[f], ranks["counts"], k)
                                                      for f in ranks.files if f.startswith(key + "__")})
@@ -501,8 +502,21 @@ def cells(datasets, protocols, texts, seeds, data_dir, mf=True):
     return base + runs, notes
 
 
+def text_flags(text):
+    """A two-tower cell's text: a column name (`--text NAME`), or a point of its text search ({"text": column, and
+    "tag_count" where it reads tags}: TEXT_POINTS)."""
+    if not isinstance(text, dict):
+        return ["--text", str(text)]
+    return ["--text", text["text"], *(["--tag-count", text["tag_count"]] if "tag_count" in text else [])]
+
+
+def text_name(text):
+    return "-".join(text.values()) if isinstance(text, dict) else str(text)
+
+
 def cell_name(dataset, protocol, kind, text, seed):
-    return f"{dataset}-{protocol}-{text if kind == 'two-tower' else kind}-s{seed}"
+    return f"{dataset}-{protocol}-" + {"two-tower": text_name(text), "single": f"{text_name(text)}-single"}.get(
+        kind, kind) + f"-s{seed}"
 
 
 def cell_done(run_dir):
@@ -510,9 +524,9 @@ def cell_done(run_dir):
 
 
 def cell_flags(protocol, kind, text):
-    extra = dict(EXTRA_MODELS.get(protocol, []), single=["--text", str(text), "--ensemble", "1"],
-                 **{c: ["--text", str(text), *flags] for c, flags in CONTROLS.get(protocol, [])})
-    return ["--split", R.PROTOCOLS[protocol].splits[0], *(extra[kind] if kind in extra else ["--text", str(text)])]
+    extra = dict(EXTRA_MODELS.get(protocol, []), single=[*text_flags(text), "--ensemble", "1"],
+                 **{c: [*text_flags(text), *flags] for c, flags in CONTROLS.get(protocol, [])})
+    return ["--split", R.PROTOCOLS[protocol].splits[0], *(extra[kind] if kind in extra else text_flags(text))]
 
 
 def train_config(dataset, seed, data_dir, flags):
@@ -582,6 +596,7 @@ def run_cell(cell, out, data_dir, extra, contest=None):
         failed = train_run(dataset, seed, data_dir, run_dir, [*flags, "--no-baselines"], out / "logs" / f"{name}.log")
         if failed:
             return failed
+    R.atomic_write_text(run_dir / "wall.json", json.dumps({"seconds": time.time() - t0}))
     return f"done in {time.time() - t0:.0f}s"
 
 
@@ -606,16 +621,29 @@ DEV_SEEDS = [0]                      # where the two-tower's own setting was cho
 CONFIRM_SEEDS = [10, 11, 12, 13, 14]     # seeds no choice has seen
 
 
-def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="auto", jobs=1):
-    """Search every baseline of each protocol on the validation of the development seeds (R.Search: Optuna's TPE,
-    --trials auto = each protocol's count), then freeze: OUT/frozen.json {protocol: {model: its point on the first
-    seed}} and OUT/search.md (validation only). Finished cells are kept; an interrupted search resumes from the
-    trials in OUT/study.db (processes or machines given the same study share it)."""
+def text_points(ds):
+    """The two-tower's own text search (issue 35, item 2), like a content model's: each text column of the dataset,
+    its tags at each of R.TAG_COUNTS where the dataset has the assignments to rebuild them from."""
+    return [{"text": t, "tag_count": n} for t in R.text_columns(ds.items) if t == "tags" and ds.tag_assignments is
+            not None for n in R.TAG_COUNTS] + [{"text": t} for t in R.text_columns(ds.items)
+                                               if t != "tags" or ds.tag_assignments is None]
+
+
+def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="auto", jobs=1, train_args=()):
+    """Search every model of each protocol on the validation of the development seeds, then freeze. The baselines:
+    R.Search (Optuna's TPE, --trials auto = each protocol's count; an interrupted search resumes from the trials in
+    OUT/study.db, and processes or machines given the same study share it). The two-tower: its own text, every point
+    of text_points as a single model (its other settings are those its tuning chose, RESULTS.md). Writes
+    OUT/frozen.json {protocol: {model: its point on the first seed}, "two-tower": its text point} and OUT/search.md
+    (validation only). Finished cells are kept."""
     out.mkdir(parents=True, exist_ok=True)
     study = str((out / "study.db").resolve())
     contest = lambda cfg, ds, split: R.baseline_search(replace(cfg, trials=trials, study=study, ensemble=1), ds, split)
+    points = text_points(R.load_dataset(data_dir, dataset))
     cells_ = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
-    run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'search', data_dir, [], contest)}"
+    cells_ += [(dataset, p, "single", t, s) for p in protocols for t in points for s in seeds]
+    extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
+    run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'search', data_dir, extra, contest)}"
     with ThreadPoolExecutor(jobs) as ex:
         for i, line in enumerate(ex.map(run, cells_), 1):
             print(f"[{i}/{len(cells_)}] search {line}", flush=True)
@@ -624,9 +652,20 @@ def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="
         res = json.loads((out / "search" / "runs" / cell_name(dataset, p, "baselines", None, seeds[0]) /
                           "results.json").read_text())
         frozen[p] = {m: r["params"] for m, r in res["baselines"].items() if "params" in r}
+        frozen[p]["two-tower"] = max(points, key=lambda t: text_validation(out, dataset, p, t, seeds[0]))
     R.atomic_write_text(out / "frozen.json", json.dumps(frozen, indent=1))
     R.atomic_write_text(out / "search.md", "\n".join(search_table(out, dataset, list(R.PROTOCOLS), seeds)) + "\n")
     return out / "frozen.json"
+
+
+def text_validation(out, dataset, protocol, text, seed):
+    """A two-tower text point's validation score in the search (the protocol's selection metric; -1: not run)."""
+    f = out / "search" / "runs" / cell_name(dataset, protocol, "single", text, seed) / "results.json"
+    if not f.exists():
+        return -1.0
+    res = json.loads(f.read_text())
+    col = R.column(R.PROTOCOLS[protocol].select, res["config"].get("k", 10))
+    return res["validation"][col[0]][col[1]]
 
 
 def search_table(out, dataset, protocols, seeds):
@@ -647,30 +686,45 @@ def search_table(out, dataset, protocols, seeds):
                     L.append(f"| {m} | {r['trials']} | {r.get('search', 'grid')} | "
                              f"{R.point_text(r['params'])} | {', '.join(r.get('edges', [])) or '–'} | "
                              f"{r['validation'][col[0]][col[1]]:.2f} | {r.get('search_seconds', r['seconds']):.0f} |")
+            runs = [json.loads((d / "results.json").read_text()) for d in
+                    sorted((out / "search" / "runs").glob(f"{dataset}-{p}-*-single-s{s}")) if cell_done(d)]
+            tried = sorted(((r["validation"][col[0]][col[1]], {"text": r["config"]["text"]} | (
+                {"tag_count": r["config"]["tag_count"]} if r["config"]["text"] == "tags" else {}),
+                r["timings"]["train_seconds"]) for r in runs), key=lambda x: -x[0])
+            if tried:
+                L.append(f"| two-tower (single) | {len(tried)} | every point | {R.point_text(tried[0][1])} | – | "
+                         f"{tried[0][0]:.2f} | {sum(t[2] for t in tried):.0f} |")
+                L += ["", "The two-tower's text points (validation " + R.label(*col) + "): " +
+                      "; ".join(f"{text_name(t)} {v:.2f}" for v, t, _ in tried) + "."]
             L.append("")
     return L
 
 
 def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", jobs=1, train_args=()):
     """Every model once at its frozen point (OUT/frozen.json, from `search`) on each protocol's fresh seeds: the
-    baselines (their ensembles of the two-tower's M and the blend), the two-tower with the dataset's text (--text
-    auto) and without (its chosen setting; epochs by early stopping on each seed's validation), where it is an
-    ensemble the single two-tower, and where its text is tags the protocol's CONTROLS. Finished cells are kept (resumable). Writes OUT/confirm-PROTOCOL.md and .tex
-    (the leaderboard and its tests) and OUT/confirmation.md (every protocol's leaderboard and search)."""
+    baselines (their ensembles of the two-tower's M and the blend), the two-tower with its own frozen text and
+    without (--text none; its other settings are its tuning's; epochs by early stopping on each seed's validation),
+    where it is an ensemble also its first member, the single model (the same training, tested apart; without text
+    then only the single model, to fit the budget), and where
+    its text is tags the protocol's CONTROLS. Finished cells are kept (resumable); each cell's wall time is kept
+    beside it. Writes OUT/confirm-PROTOCOL.md and .tex (the leaderboard and its tests) and OUT/confirmation.md
+    (every protocol's leaderboard, its search, and where the time went)."""
     if not (out / "frozen.json").exists():
         raise R.UserError(f"{out}/frozen.json is missing: run `experiments.py search --out {out}` first")
     frozen = json.loads((out / "frozen.json").read_text())
     if missing := [p for p in protocols if p not in frozen]:
         raise R.UserError(f"no frozen points for {', '.join(missing)} in {out}/frozen.json: search it first")
     m_of = lambda p: R.PROTOCOLS[p].defaults.get("ensemble", 1)
-    texts = (R.auto_text(R.load_dataset(data_dir, dataset).items), "none")
-    contest = lambda cfg, ds, split: R.Search(frozen=frozen[split.protocol], ensemble=m_of(split.protocol),
-                                              tag_counts=())
+    own = lambda p: frozen[p].get("two-tower") or R.auto_text(R.load_dataset(data_dir, dataset).items)
+    contest = lambda cfg, ds, split: R.Search(frozen={m: v for m, v in frozen[split.protocol].items()
+                                                      if m != "two-tower"}, ensemble=m_of(split.protocol), tag_counts=())
     order = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
-    order += [(dataset, p, "two-tower", t, s) for p in protocols for t in texts for s in seeds]
-    order += [(dataset, p, "single", texts[0], s) for p in protocols if m_of(p) > 1 for s in seeds]
-    order += [(dataset, p, kind, texts[0], s) for p in protocols for kind, _ in CONTROLS.get(p, []) for s in seeds
-              if texts[0] == "tags"]
+    order += [(dataset, p, "two-tower", own(p), s) for p in protocols for s in seeds]
+    # without text: the single model where the two-tower is an ensemble (the budget: answered single against single,
+    # the ensemble's first member, below its ensemble)
+    order += [(dataset, p, "single" if m_of(p) > 1 else "two-tower", "none", s) for p in protocols for s in seeds]
+    order += [(dataset, p, kind, own(p), s) for p in protocols for kind, _ in CONTROLS.get(p, []) for s in seeds
+              if text_flags(own(p))[1] == "tags"]
     extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
     run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'confirm', data_dir, extra, contest)}"
     with ThreadPoolExecutor(jobs) as ex:
@@ -684,12 +738,32 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
             compare_one(same_data(runs), out / f"confirm-{p}")
             written.append(out / f"confirm-{p}.md")
             L += (out / f"confirm-{p}.md").read_text().splitlines() + [""]
-            L += [f"Each baseline at its frozen point: chosen on {p}'s validation of seed {DEV_SEEDS[0]} "
-                  f"(search.md: trials, point, edges); the two-tower at the setting its own tuning chose on "
-                  f"validation (RESULTS.md, experiments.py TUNING), epochs by early stopping on each seed.", ""]
+            L += [f"Each model at its frozen point: chosen on {p}'s validation of seed {DEV_SEEDS[0]} (search.md: "
+                  f"trials, point, edges; the two-tower's text there too, its other settings from its own tuning, "
+                  f"RESULTS.md), epochs and sweeps by early stopping on each seed's validation.", ""]
             L += [ln.replace("## ", "### Search, ", 1) for ln in search_table(out, dataset, [p], DEV_SEEDS[:1])[2:]]
+    L += wall_lines(out / "confirm", order, jobs)
     R.atomic_write_text(out / "confirmation.md", "\n".join(L) + "\n")
     return written + [out / "confirmation.md"]
+
+
+def wall_lines(out, order, jobs):
+    """Where the confirmation's time went: wall seconds per protocol and kind of cell (each cell's wall.json), and
+    in all."""
+    rows = {}
+    for c in order:
+        f = out / "runs" / cell_name(*c) / "wall.json"
+        if f.exists():
+            r = rows.setdefault((c[1], c[2]), [0, 0.0])
+            r[0], r[1] = r[0] + 1, r[1] + json.loads(f.read_text())["seconds"]
+    if not rows:
+        return []
+    L = ["## Where the time went", "", f"Wall time of each cell as it ran ({jobs} at a time), summed:", "",
+         "| protocol | cells | runs | wall min |", "|---|---|---:|---:|"]
+    L += [f"| {p} | {kind} | {n} | {sec / 60:.0f} |" for (p, kind), (n, sec) in rows.items()]
+    total = sum(sec for _, sec in rows.values())
+    return L + [f"| all | | {sum(n for n, _ in rows.values())} | {total / 60:.0f} (÷ {jobs} jobs: about "
+                f"{total / 60 / jobs:.0f} wall) |", ""]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1141,12 +1215,6 @@ TUNING = [
     ("n1 leave-one-out, tags + user ids", ["--text", "tags", "--user-ids"]),
     ("n1 leave-one-out, tags + user ids, user-id dropout 0.5", ["--text", "tags", "--user-ids", "--user-id-dropout",
                                                                 "0.5"]),
-    # the contest (issue 35): the two-tower's own text and tag count, each chosen on its own validation like every
-    # content baseline's (5, 10, 20 or all leak-free tags; leave-one-out's text now without the held-out pairs' tags)
-    *((f"t1 {p}, text {t}" + (f", {n} tags" if n else ""), ["--split", R.PROTOCOLS[p].splits[0], "--text", t,
-                                                        *(["--tag-count", n] if n else [])])
-      for p in ("leave-one-out", "cold-items", "new-users") for t, n in
-      [("tags", "5"), ("tags", "10"), ("tags", "20"), ("tags", "all"), ("title", None)]),
 ]
 TUNE_FIXED = ["--text", "none", "--no-baselines"]
 
@@ -1269,11 +1337,12 @@ def main(argv=None):
                        choices=list(R.PROTOCOLS), help="protocols of R.PROTOCOLS (loo: leave-one-out)")
         p.add_argument("--dataset", default="hetrec")
         p.add_argument("--jobs", type=int, default=1, help="cells at a time (each with --threads 1 when > 1)")
-        p.add_argument("--out", default="contest", help="the contest's folder: study.db (the search's trials), "
-                       "frozen.json, search.md, confirmation.md and confirm-PROTOCOL.md/.tex are kept in git; its "
-                       "search/ and confirm/ run folders are not")
+        p.add_argument("--out", default="contest", help="the contest's folder, kept in git so that a search or a "
+                       "confirmation spans sessions: study.db (the search's trials), frozen.json, search.md, "
+                       "confirmation.md, confirm-PROTOCOL.md/.tex, and each cell's results.json, ranks.npz and "
+                       "wall.json (not its checkpoint, plots or logs)")
         p.add_argument("--data-dir", default="data")
-    f.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
+        p.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
     s.add_argument("--trials", default="auto", type=trials_arg, help="trials per model (auto: each protocol's count, at least the two-tower's tuning effort)")
     for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
@@ -1309,8 +1378,9 @@ def main(argv=None):
         ensure_dataset(args.dataset, args.data_dir, None)
         try:
             if args.cmd == "search":
-                print(f"wrote {search(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.trials, args.jobs)}"
-                      f" and {out / 'search.md'}")
+                frozen = search(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.trials, args.jobs,
+                                args.train_args.split())
+                print(f"wrote {frozen} and {out / 'search.md'}")
             else:
                 for path in confirm(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.jobs,
                                     args.train_args.split()):

@@ -2538,7 +2538,7 @@ BASELINES = {
                        [(0.5, lam, reg) for lam in (0.1, 1.0) for reg in (0.03, 0.1, 0.3)], "tags", new_items=True,
                        new_users=False, made_for="items",
                        space=dict(p_random=Dim(0.0, 1.0), lam=Dim(1e-3, 100.0, True), reg=Dim(1e-5, 10.0, True),
-                                  experts=Dim(1, 8), factors=Dim(16, 512, True), lr=Dim(1e-4, 1e-1, True)),
+                                  experts=Dim(1, 16), factors=Dim(16, 512, True), lr=Dim(1e-4, 1e-1, True)),
                        from_grid=lambda p: dict(p_random=float(p[0]), lam=float(p[1]), reg=float(p[2]), experts=3,
                                                 factors=128, lr=1e-2),
                        steps=("steps", 1500, 50), seeded=True),
@@ -2633,6 +2633,24 @@ def space_record(space):
             | ({"when": [d.when[0], list(d.when[1])]} if d.when else {}) for n, d in space.items()}
 
 
+def widens(old, new):
+    """True when searched space record `new` only widens `old` (space_record form, with its steps): the same
+    dimensions, choices and conditions, each numeric range containing the old one on the same scale. Every trial of
+    the old space is then a trial of the new one, and a study resumes over it."""
+    if old.get("steps") != new.get("steps") or not isinstance(old.get("space"), dict) or \
+            not isinstance(new.get("space"), dict) or old["space"].keys() != new["space"].keys():
+        return False
+    for n, o in old["space"].items():
+        w = new["space"][n]
+        if "choices" in o or "choices" in w:
+            if o != w:
+                return False
+        elif o.get("when") != w.get("when") or o["log"] != w["log"] or \
+                isinstance(o["low"], int) != isinstance(w["low"], int) or w["low"] > o["low"] or w["high"] < o["high"]:
+            return False
+    return True
+
+
 def on_edge(space, p, margin=0.02):
     """The numeric dimensions whose chosen value lies within `margin` of an end of its range (on its scale): 'name
     low' or 'name high' (a space too narrow there)."""
@@ -2718,9 +2736,14 @@ def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, s
     st = optuna.create_study(storage=storage and open_storage(storage), study_name=study, sampler=sampler,
                              direction="maximize", load_if_exists=True)
     searched = jsonable({"space": space if grid else space_record(space), "steps": steps})
-    if st.user_attrs.setdefault("searched", searched) != searched:
-        raise UserError(f"study {study!r} in {storage} holds trials of another search space for {name}: give this "
-                        f"search a new --study (or --out)")
+    stored = st.user_attrs.get("searched", searched)
+    if stored != searched:
+        if grid or not widens(stored, searched):
+            raise UserError(f"study {study!r} in {storage} holds trials of another search space for {name}: give "
+                            f"this search a new --study (or --out)")
+        st.set_user_attr("widened", st.user_attrs.get("widened", []) + [stored])     # its trials lie inside
+        if not quiet:
+            log(f"baseline {name}: the study's space widened; its trials so far are kept")
     st.set_user_attr("searched", searched)
     if not st.trials:
         for point in [{"point": i} for i in range(len(space))] if grid else start[:n]:
@@ -3288,6 +3311,12 @@ def train_and_report(cfg, rt, rank=0, world=1):
     test, ranks = evaluate(model_scores(model, rt.device, split), split, "test", cfg.k, rt.device, cfg.eval_memory_mb,
                            return_ranks=True)
     timings.update(features_seconds=t_feat, test_eval_seconds=time.perf_counter() - t0)
+    single = {}                               # an ensemble's first member is the single model (the same seed): its
+    if cfg.ensemble > 1:                      # test beside the ensemble's, for no training of its own
+        one = timings["members"][0]
+        test1, ranks1 = evaluate(model_scores(model.members[0], rt.device, split), split, "test", cfg.k, rt.device,
+                                 cfg.eval_memory_mb, return_ranks=True)
+        single = {"best_epoch": one["best_epoch"], "validation": one["validation"], "test": test1}
     cache = Path(cfg.data_dir) / ".cache"
     baselines, base_ranks = run_baselines(ds, split, cfg.k, cfg.eval_memory_mb, baseline_names(cfg.baselines),
                                           cache, cfg.seed, search=baseline_search(cfg, ds, split))
@@ -3298,17 +3327,19 @@ def train_and_report(cfg, rt, rank=0, world=1):
                "protocol": split.protocol, "provenance": provenance(rt.device),
                "config": asdict(cfg), "device": str(rt.device), "world_size": world, "split": split_stats(split),
                "history": history, "best_epoch": best_epoch, "validation": val, "test": test,
-               "baselines": baselines, "timings": timings}
+               "baselines": baselines, "timings": timings} | ({"single": single} if single else {})
     if audit:
         results["leak_audit"] = audit
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
-    save_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **base_ranks})
+    save_ranks(run_dir / "ranks.npz", {"two_tower": ranks, **({"two_tower_single": ranks1} if single else {}),
+                                       **base_ranks})
     name = f"two-tower ({cfg.scorer}, {cfg.loss}, {cfg.text}{f', ensemble of {cfg.ensemble}' if cfg.ensemble > 1 else ''})"
     plot_curves(history, best_epoch, split, cfg, run_dir / "curves.png", f"{run_dir.name}: {ds.label}, "
                 f"{protocol_title(split)}, {name}" + (", member 1" if cfg.ensemble > 1 else ""),
                 val if cfg.ensemble > 1 else None)
     users = test[column(p.select, cfg.k)[0]]["n"]
-    print(fmt_table([(name, test), *baselines.items()], split, cfg.k,
+    one = [(f"two-tower, single (member 1, best epoch {single['best_epoch']})", single["test"])] if single else []
+    print(fmt_table([(name, test), *one, *baselines.items()], split, cfg.k,
                     f"\nTest, {ds.label}, {protocol_title(split)}: {users:,} users, full ranking over "
                     f"{split.n_items:,} items; models selected on validation {label(*column(p.select, cfg.k))} "
                     f"(two-tower: best epoch {best_epoch})"))

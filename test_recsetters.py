@@ -1679,14 +1679,19 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     finds every cell done."""
     out = tmp_path / "contest"
     common = ["--dataset", "small", "--data-dir", str(small_demo), "--protocols", "loo", "--out", str(out)]
-    E.main(["search", *common, "--trials", "3", "--seeds", "0"])
+    E.main(["search", *common, "--trials", "3", "--seeds", "0", "--train-args", "--epochs 2"])
     frozen = json.loads((out / "frozen.json").read_text())["leave-one-out"]
+    texts = {t["text"]: E.text_validation(out, "small", "leave-one-out", t, 0) for t in E.text_points(
+        R.load_dataset(str(small_demo), "small"))}
+    assert set(texts) == {"title", "summary", "lyrics"} and min(texts.values()) > 0     # each text point trained
+    assert frozen["two-tower"] == {"text": max(texts, key=texts.get)}                   # its best on validation
     searched = json.loads((out / "search" / "runs" / "small-leave-one-out-baselines-s0" / "results.json").read_text())
     assert {"EASE", "iALS", "Blend EASE+iALS+RP3beta"} <= set(frozen)
     assert frozen["EASE"] == searched["baselines"]["EASE"]["params"] and searched["baselines"]["EASE"]["trials"] == 3
     table = (out / "search.md").read_text()
     heads = [ln for ln in table.splitlines() if ln.startswith("| model")]
     assert "| EASE | 3 | TPE |" in table and heads and not any("test" in h.lower() for h in heads)
+    assert f"| two-tower (single) | 3 | every point | text {frozen['two-tower']['text']} |" in table
     E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
     res = json.loads((out / "confirm" / "runs" / "small-leave-one-out-baselines-s10" / "results.json").read_text())
     assert res["config"]["seed"] == 10
@@ -1695,9 +1700,11 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     assert {n: v for n, v in res["baselines"]["iALS"]["params"].items() if n != "iterations"} == \
         {n: v for n, v in frozen["iALS"].items() if n != "iterations"}      # sweeps: early stopping on seed 10
     board = (out / "confirm-leave-one-out.md").read_text()
-    assert "two-tower, text lyrics" in board and "two-tower, text none" in board and "EASE" in board
+    assert f"two-tower, text {frozen['two-tower']['text']}" in board and "two-tower, text none" in board
+    assert "EASE" in board
     summary = (out / "confirmation.md").read_text()
     assert "### Search, small, leave-one-out, seed 0" in summary and board.splitlines()[0] in summary
+    assert "## Where the time went" in summary and "| leave-one-out | two-tower | 2 |" in summary
     capsys.readouterr()
     E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
     assert capsys.readouterr().out.count("skipped (done)") == 3
@@ -1724,17 +1731,40 @@ def test_a_contest_matches_ensembles_and_blends_and_starts_from_the_grid(small_d
                                                                                           "cpu")
 
 
-def test_a_study_refuses_to_resume_a_search_over_another_space(small_demo, tmp_path):
+def test_a_study_refuses_another_space_and_resumes_over_a_wider_one(small_demo, tmp_path):
     """Trials stored for one space are never mixed with another's: a changed space on the same study is one
-    UserError that says to give the search a new study; the same space resumes."""
+    UserError that says to give the search a new study; the same space resumes, and so does a wider one."""
     ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0), quiet=True)
     make = lambda p: R.ease_scores(split, **p)
     url, study = f"sqlite:///{tmp_path / 's.db'}", "small/EASE"
     first, _ = R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4, True)}, split, quiet=True, trials=2, storage=url, study=study)
     again, _ = R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4, True)}, split, quiet=True, trials=2, storage=url, study=study)
     assert again["params"] == first["params"] and again["trials"] == 2
-    with pytest.raises(R.UserError, match="another search space"):
-        R.tune("EASE", make, {"lam": R.Dim(1.0, 1e5, True)}, split, quiet=True, trials=2, storage=url, study=study)
+    with pytest.raises(R.UserError, match="another search space"):              # narrower: old trials lie outside
+        R.tune("EASE", make, {"lam": R.Dim(10.0, 1e4, True)}, split, quiet=True, trials=3, storage=url, study=study)
+    with pytest.raises(R.UserError, match="another search space"):              # another scale
+        R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4)}, split, quiet=True, trials=3, storage=url, study=study)
+    with pytest.raises(R.UserError, match="another search space"):              # another dimension
+        R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4, True), "x": R.Dim(0.0, 1.0)}, split, quiet=True, trials=3,
+               storage=url, study=study)
+    # a wider range keeps the study's trials (each lies inside it) and goes on to the new count
+    wider, _ = R.tune("EASE", make, {"lam": R.Dim(0.1, 1e5, True)}, split, quiet=True, trials=3, storage=url,
+                      study=study)
+    assert wider["trials"] == 3 and wider["space"]["lam"] == {"low": 0.1, "high": 1e5, "log": True}
+    import optuna
+    st = optuna.load_study(study_name=study, storage=url)
+    assert st.user_attrs["widened"][0]["space"]["lam"]["high"] == 1e4
+
+
+def test_widens_accepts_only_ranges_that_contain_the_old_ones():
+    rec = lambda **dims: R.jsonable({"space": R.space_record(dims), "steps": ("epochs", 10, 1)})
+    old = rec(n=R.Dim(1, 8), lam=R.Dim(1e-3, 1.0, True), kind=R.Dim(choices=("a", "b")))
+    assert R.widens(old, rec(n=R.Dim(1, 16), lam=R.Dim(1e-4, 1.0, True), kind=R.Dim(choices=("a", "b"))))
+    assert R.widens(old, old)
+    assert not R.widens(old, rec(n=R.Dim(2, 16), lam=R.Dim(1e-4, 1.0, True), kind=R.Dim(choices=("a", "b"))))
+    assert not R.widens(old, rec(n=R.Dim(1.0, 16.0), lam=R.Dim(1e-3, 1.0, True), kind=R.Dim(choices=("a", "b"))))
+    assert not R.widens(old, rec(n=R.Dim(1, 8), lam=R.Dim(1e-3, 1.0, True), kind=R.Dim(choices=("a", "b", "c"))))
+    assert not R.widens(old, {**old, "steps": ["epochs", 20, 1]})
 
 
 def test_on_edge_names_the_dimensions_chosen_at_an_end_of_their_range():
@@ -2620,3 +2650,22 @@ def test_a_new_protocol_is_one_registry_entry_and_its_functions(small_demo, tmp_
     R.main(["fairness", "toy", "--runs-dir", str(runs), "--device", "cpu", "--min-users", "5", "--bootstrap", "20"])
     fair = json.loads((runs / "toy" / "fairness.json").read_text())
     assert set(fair["accuracy"]) == {"Recall@20 all", "NDCG@20 all"}
+
+
+def test_an_ensemble_run_reports_its_first_member_as_the_single_model(small_demo, tmp_path, capsys):
+    """train --ensemble 2 tests its first member too (the single model: the same seed, the same training), beside the
+    ensemble: the same numbers as a run of --ensemble 1, and its own row in the leaderboard."""
+    common = ["--dataset", "small", "--data-dir", str(small_demo), "--runs-dir", str(tmp_path), "--text", "none",
+              "--epochs", "2", "--no-baselines", "--threads", "1", "--device", "cpu"]
+    R.main(["train", *common, "--ensemble", "2", "--run-name", "ens"])
+    R.main(["train", *common, "--ensemble", "1", "--run-name", "one"])
+    assert "two-tower, single (member 1" in capsys.readouterr().out
+    ens, one = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("ens", "one"))
+    assert "single" not in one and ens["single"]["best_epoch"] == one["best_epoch"]
+    assert ens["single"]["test"]["overall"] == pytest.approx(one["test"]["overall"], abs=1e-6)
+    assert ens["single"]["validation"]["overall"] == pytest.approx(one["validation"]["overall"])
+    with np.load(tmp_path / "ens" / "ranks.npz") as z, np.load(tmp_path / "one" / "ranks.npz") as o:
+        assert np.array_equal(z["two_tower_single__overall"], o["two_tower__overall"])
+    entries = E.run_entries(ens, np.load(tmp_path / "ens" / "ranks.npz"))
+    assert [e["model"] for e in entries] == ["two-tower, text none, --epochs 2 --ensemble 2",
+                                            "two-tower, text none, --epochs 2 --ensemble 2, single"]
