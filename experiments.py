@@ -640,8 +640,8 @@ def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="
     study = str((out / "study.db").resolve())
     contest = lambda cfg, ds, split: R.baseline_search(replace(cfg, trials=trials, study=study, ensemble=1), ds, split)
     points = text_points(R.load_dataset(data_dir, dataset))
-    cells_ = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
-    cells_ += [(dataset, p, "single", t, s) for p in protocols for t in points for s in seeds]
+    cells_ = [(dataset, p, "single", t, s) for p in protocols for t in points for s in seeds]
+    cells_ += [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
     extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
     run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'search', data_dir, extra, contest)}"
     with ThreadPoolExecutor(jobs) as ex:
