@@ -700,7 +700,7 @@ def search_table(out, dataset, protocols, seeds):
     return L
 
 
-def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", jobs=1, train_args=()):
+def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", jobs=1, train_args=(), plan=False):
     """Every model once at its frozen point (OUT/frozen.json, from `search`) on each protocol's fresh seeds: the
     baselines (their ensembles of the two-tower's M and the blend), the two-tower with its own frozen text and
     without (--text none; its other settings are its tuning's; epochs by early stopping on each seed's validation),
@@ -708,7 +708,8 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
     then only the single model, to fit the budget), and where
     its text is tags the protocol's CONTROLS. Finished cells are kept (resumable); each cell's wall time is kept
     beside it. Writes OUT/confirm-PROTOCOL.md and .tex (the leaderboard and its tests) and OUT/confirmation.md
-    (every protocol's leaderboard, its search, and where the time went)."""
+    (every protocol's leaderboard, its search, and where the time went). First it prints what is left and what that
+    should cost (plan_lines); plan=True: only that."""
     if not (out / "frozen.json").exists():
         raise R.UserError(f"{out}/frozen.json is missing: run `experiments.py search --out {out}` first")
     frozen = json.loads((out / "frozen.json").read_text())
@@ -726,6 +727,11 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
     order += [(dataset, p, kind, own(p), s) for p in protocols for kind, _ in CONTROLS.get(p, []) for s in seeds
               if text_flags(own(p))[1] == "tags"]
     extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
+    todo = [c for c in order if not cell_done(out / "confirm" / "runs" / cell_name(*c))]
+    for line in plan_lines(out, todo, m_of, jobs):
+        print(line, flush=True)
+    if plan:
+        return []
     run = lambda c: f"{cell_name(*c)}: {run_cell(c, out / 'confirm', data_dir, extra, contest)}"
     with ThreadPoolExecutor(jobs) as ex:
         for i, line in enumerate(ex.map(run, order), 1):
@@ -745,6 +751,44 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
     L += wall_lines(out / "confirm", order, jobs)
     R.atomic_write_text(out / "confirmation.md", "\n".join(L) + "\n")
     return written + [out / "confirmation.md"]
+
+
+def search_minutes(out, cell, m):
+    """What a confirmation cell should cost (minutes), from the search's runs on the development seed: a baselines
+    cell the fits at the chosen points (a seeded model's M times), a training its text point's single run (M of them
+    for an ensemble; without text, or a text point the search did not train: the mean of the protocol's). None: the
+    search has no such run."""
+    dataset, p, kind, text, _ = cell
+    runs = out / "search" / "runs"
+    if kind == "baselines":
+        f = runs / cell_name(dataset, p, "baselines", None, DEV_SEEDS[0]) / "results.json"
+        if not f.exists():
+            return None
+        of = lambda name: R.BASELINES.get(max((b for b in R.BASELINES if name.startswith(b)), key=len, default=""))
+        return sum(r.get("fit_seconds", 0) * (m if of(n) and of(n).seeded else 1)
+                   for n, r in json.loads(f.read_text())["baselines"].items()) / 60
+    took = lambda r: sum(h["seconds"] for h in r["history"]) + r["timings"].get("features_seconds", 0)
+    mine = [took(json.loads((d / "results.json").read_text())) for d in sorted(runs.glob(f"{dataset}-{p}-*-single-s"
+                                                                                         f"{DEV_SEEDS[0]}")) if cell_done(d)]
+    f = runs / cell_name(dataset, p, "single", text, DEV_SEEDS[0]) / "results.json"
+    one = took(json.loads(f.read_text())) if f.exists() else np.mean(mine) if mine else None
+    return None if one is None else one / 60 * (m if kind == "two-tower" else 1)
+
+
+def plan_lines(out, todo, m_of, jobs):
+    """What is left of a confirmation and what it should cost, by protocol and kind of cell (search_minutes)."""
+    if not todo:
+        return ["confirm: every cell is done"]
+    rows = {}
+    for c in todo:
+        r = rows.setdefault((c[1], c[2]), [0, 0.0, 0])
+        est = search_minutes(out, c, m_of(c[1]))
+        r[0], r[1], r[2] = r[0] + 1, r[1] + (est or 0), r[2] + (est is None)
+    L = [f"confirm: {len(todo)} cells left; what they should cost, from the search's times on seed {DEV_SEEDS[0]}:"]
+    L += [f"  {p:<14} {kind:<11} {n:>3} cells  ~{mins:5.0f} min" + (f" (+{u} not estimated)" if u else "")
+          for (p, kind), (n, mins, u) in rows.items()]
+    total = sum(r[1] for r in rows.values())
+    return L + [f"  in all ~{total / 60:.1f} h of runs: about {total / 60 / jobs:.1f} h of wall time at --jobs {jobs}"]
 
 
 def wall_lines(out, order, jobs):
@@ -1343,6 +1387,8 @@ def main(argv=None):
                        "wall.json (not its checkpoint, plots or logs)")
         p.add_argument("--data-dir", default="data")
         p.add_argument("--train-args", default="", help="extra flags for every recsetters.py train run")
+    f.add_argument("--plan", action="store_true", help="only print the cells left and what they should cost (from "
+                   "the search's measured times)")
     s.add_argument("--trials", default="auto", type=trials_arg, help="trials per model (auto: each protocol's count, at least the two-tower's tuning effort)")
     for p in (a, t, sub.add_parser("report", help="rebuild report.md, results.csv and plots")):
         p.add_argument("--out", default="runs/ablation")
@@ -1383,7 +1429,7 @@ def main(argv=None):
                 print(f"wrote {frozen} and {out / 'search.md'}")
             else:
                 for path in confirm(out, args.data_dir, args.protocols, args.seeds, args.dataset, args.jobs,
-                                    args.train_args.split()):
+                                    args.train_args.split(), args.plan):
                     print(f"wrote {path}")
         except R.UserError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -1692,6 +1692,11 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     heads = [ln for ln in table.splitlines() if ln.startswith("| model")]
     assert "| EASE | 3 | TPE |" in table and heads and not any("test" in h.lower() for h in heads)
     assert f"| two-tower (single) | 3 | every point | text {frozen['two-tower']['text']} |" in table
+    capsys.readouterr()
+    E.main(["confirm", *common, "--seeds", "10", "--plan"])                # what it would run and cost; runs nothing
+    plan = capsys.readouterr().out
+    assert "confirm: 3 cells left" in plan and "leave-one-out  two-tower     2 cells" in plan
+    assert "not estimated" not in plan and not (out / "confirm").exists()
     E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
     res = json.loads((out / "confirm" / "runs" / "small-leave-one-out-baselines-s10" / "results.json").read_text())
     assert res["config"]["seed"] == 10
@@ -1707,7 +1712,8 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     assert "## Where the time went" in summary and "| leave-one-out | two-tower | 2 |" in summary
     capsys.readouterr()
     E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
-    assert capsys.readouterr().out.count("skipped (done)") == 3
+    again = capsys.readouterr().out
+    assert again.count("skipped (done)") == 3 and "every cell is done" in again
 
 
 def test_a_contest_matches_ensembles_and_blends_and_starts_from_the_grid(small_demo):
