@@ -755,7 +755,7 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
 
 def search_minutes(out, cell, m):
     """What a confirmation cell should cost (minutes), from the search's runs on the development seed: a baselines
-    cell the fits at the chosen points (a seeded model's M times), a training its text point's single run (M of them
+    cell a mean trial (fit and validation) per model (a seeded model's M times), a training its text point's single run (M of them
     for an ensemble; without text, or a text point the search did not train: the mean of the protocol's). None: the
     search has no such run."""
     dataset, p, kind, text, _ = cell
@@ -765,7 +765,8 @@ def search_minutes(out, cell, m):
         if not f.exists():
             return None
         of = lambda name: R.BASELINES.get(max((b for b in R.BASELINES if name.startswith(b)), key=len, default=""))
-        return sum(r.get("fit_seconds", 0) * (m if of(n) and of(n).seeded else 1)
+        trial = lambda r: r.get("search_seconds", r.get("seconds", 0)) / max(r.get("trials", 1), 1)
+        return sum(trial(r) * (m if of(n) and of(n).seeded else 1)
                    for n, r in json.loads(f.read_text())["baselines"].items()) / 60
     took = lambda r: sum(h["seconds"] for h in r["history"]) + r["timings"].get("features_seconds", 0)
     mine = [took(json.loads((d / "results.json").read_text())) for d in sorted(runs.glob(f"{dataset}-{p}-*-single-s"
