@@ -313,10 +313,12 @@ def board_latex(board, caption, tag):
 def two_tower_label(config, protocol):
     """A two-tower run's name among models: its text and the settings it changed from the protocol's defaults."""
     d = R.defaults_for(config.get("preset", ""), R.PROTOCOLS[protocol].splits[0])
+    single = config.get("ensemble") == 1 and d.ensemble > 1          # an ensemble protocol's single model
     changed = [R.typed(f.name, config[f.name]) for f in R.fields(R.Config) if f.name not in R.PLACE + ("baselines",)
-               and "train" in f.metadata["cmds"] and f.name in config and config[f.name] != getattr(d, f.name)]
+               and "train" in f.metadata["cmds"] and f.name in config and config[f.name] != getattr(d, f.name)
+               and not (single and f.name == "ensemble")]
     return f"two-tower, text {config.get('text')}" + (f", preset {config['preset']}" if config.get("preset") else "") \
-        + (", " + " ".join(changed) if changed else "")
+        + (", " + " ".join(changed) if changed else "") + (", single" if single else "")
 
 
 def run_entries(res, ranks, model=None):

@@ -2675,3 +2675,6 @@ def test_an_ensemble_run_reports_its_first_member_as_the_single_model(small_demo
     entries = E.run_entries(ens, np.load(tmp_path / "ens" / "ranks.npz"))
     assert [e["model"] for e in entries] == ["two-tower, text none, --epochs 2 --ensemble 2",
                                             "two-tower, text none, --epochs 2 --ensemble 2, single"]
+    # under new-users (an ensemble of 3 by default) a run of --ensemble 1 is named as the single model it is
+    assert E.two_tower_label({"text": "none", "ensemble": 1, "split": "new-users"}, "new-users") == \
+        "two-tower, text none, single"
