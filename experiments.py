@@ -721,13 +721,15 @@ def confirm(out, data_dir, protocols, seeds=CONFIRM_SEEDS, dataset="hetrec", job
     own = lambda p: frozen[p].get("two-tower") or R.auto_text(R.load_dataset(data_dir, dataset).items)
     contest = lambda cfg, ds, split: R.Search(frozen={m: v for m, v in frozen[split.protocol].items()
                                                       if m != "two-tower"}, ensemble=m_of(split.protocol), tag_counts=())
-    order = [(dataset, p, "baselines", None, s) for p in protocols for s in seeds]
-    order += [(dataset, p, "two-tower", own(p), s) for p in protocols for s in seeds]
-    # without text: the single model where the two-tower is an ensemble (the budget: answered single against single,
-    # the ensemble's first member, below its ensemble)
-    order += [(dataset, p, "single" if m_of(p) > 1 else "two-tower", "none", s) for p in protocols for s in seeds]
-    order += [(dataset, p, kind, own(p), s) for p in protocols for kind, _ in CONTROLS.get(p, []) for s in seeds
-              if text_flags(own(p))[1] == "tags"]
+    order = []                                # protocol by protocol: each leaderboard complete as early as it can be
+    for p in protocols:
+        order += [(dataset, p, "baselines", None, s) for s in seeds]
+        order += [(dataset, p, "two-tower", own(p), s) for s in seeds]
+        # without text: the single model where the two-tower is an ensemble (the budget: answered single against
+        # single, the ensemble's first member, beside its ensemble)
+        order += [(dataset, p, "single" if m_of(p) > 1 else "two-tower", "none", s) for s in seeds]
+        order += [(dataset, p, kind, own(p), s) for kind, _ in CONTROLS.get(p, []) for s in seeds
+                  if text_flags(own(p))[1] == "tags"]
     extra = [*train_args, *(["--threads", "1"] if jobs > 1 else [])]
     todo = [c for c in order if not cell_done(out / "confirm" / "runs" / cell_name(*c))]
     for line in plan_lines(out, todo, m_of, jobs):
@@ -778,17 +780,22 @@ def search_minutes(out, cell, m):
     return None if one is None else one / 60 * (m if kind == "two-tower" else 1)
 
 
+def cell_kind(cell):
+    """A cell's kind as the plan and the time table name it: "two-tower", "two-tower, no text", "baselines", ..."""
+    return cell[2] + (", no text" if cell[3] == "none" else "")
+
+
 def plan_lines(out, todo, m_of, jobs):
     """What is left of a confirmation and what it should cost, by protocol and kind of cell (search_minutes)."""
     if not todo:
         return ["confirm: every cell is done"]
     rows = {}
     for c in todo:
-        r = rows.setdefault((c[1], c[2]), [0, 0.0, 0])
+        r = rows.setdefault((c[1], cell_kind(c)), [0, 0.0, 0])
         est = search_minutes(out, c, m_of(c[1]))
         r[0], r[1], r[2] = r[0] + 1, r[1] + (est or 0), r[2] + (est is None)
     L = [f"confirm: {len(todo)} cells left; what they should cost, from the search's times on seed {DEV_SEEDS[0]}:"]
-    L += [f"  {p:<14} {kind:<11} {n:>3} cells  ~{mins:5.0f} min" + (f" (+{u} not estimated)" if u else "")
+    L += [f"  {p:<14} {kind:<20} {n:>3} cells  ~{mins:5.0f} min" + (f" (+{u} not estimated)" if u else "")
           for (p, kind), (n, mins, u) in rows.items()]
     total = sum(r[1] for r in rows.values())
     return L + [f"  in all ~{total / 60:.1f} h of runs: about {total / 60 / jobs:.1f} h of wall time at --jobs {jobs}"]
@@ -801,7 +808,7 @@ def wall_lines(out, order, jobs):
     for c in order:
         f = out / "runs" / cell_name(*c) / "wall.json"
         if f.exists():
-            r = rows.setdefault((c[1], c[2]), [0, 0.0])
+            r = rows.setdefault((c[1], cell_kind(c)), [0, 0.0])
             r[0], r[1] = r[0] + 1, r[1] + json.loads(f.read_text())["seconds"]
     if not rows:
         return []

@@ -1695,7 +1695,7 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     capsys.readouterr()
     E.main(["confirm", *common, "--seeds", "10", "--plan"])                # what it would run and cost; runs nothing
     plan = capsys.readouterr().out
-    assert "confirm: 3 cells left" in plan and "leave-one-out  two-tower     2 cells" in plan
+    assert "confirm: 3 cells left" in plan and "leave-one-out  two-tower, no text     1 cells" in plan
     assert "not estimated" not in plan and not (out / "confirm").exists()
     E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
     res = json.loads((out / "confirm" / "runs" / "small-leave-one-out-baselines-s10" / "results.json").read_text())
@@ -1709,7 +1709,7 @@ def test_the_contest_searches_freezes_and_confirms_once_on_fresh_seeds(small_dem
     assert "EASE" in board
     summary = (out / "confirmation.md").read_text()
     assert "### Search, small, leave-one-out, seed 0" in summary and board.splitlines()[0] in summary
-    assert "## Where the time went" in summary and "| leave-one-out | two-tower | 2 |" in summary
+    assert "## Where the time went" in summary and "| leave-one-out | two-tower, no text | 1 |" in summary
     capsys.readouterr()
     E.main(["confirm", *common, "--seeds", "10", "--train-args", "--epochs 2"])
     again = capsys.readouterr().out
