@@ -654,7 +654,9 @@ def search(out, data_dir, protocols, seeds=DEV_SEEDS, dataset="hetrec", trials="
         res = json.loads((out / "search" / "runs" / cell_name(dataset, p, "baselines", None, seeds[0]) /
                           "results.json").read_text())
         frozen[p] = {m: r["params"] for m, r in res["baselines"].items() if "params" in r}
-        frozen[p]["two-tower"] = max(points, key=lambda t: text_validation(out, dataset, p, t, seeds[0]))
+        scored = [(text_validation(out, dataset, p, t, seeds[0]), -i, t) for i, t in enumerate(points)]
+        if scored and max(scored)[0] >= 0:        # the best text point trained (ties: the first); none: no choice
+            frozen[p]["two-tower"] = max(scored)[2]
     R.atomic_write_text(out / "frozen.json", json.dumps(frozen, indent=1))
     R.atomic_write_text(out / "search.md", "\n".join(search_table(out, dataset, list(R.PROTOCOLS), seeds)) + "\n")
     return out / "frozen.json"
