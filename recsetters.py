@@ -2763,9 +2763,13 @@ def tune(name, make, space, split, k=10, memory_mb=512, quiet=False, trials=0, s
     done = lambda: sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
     with tqdm(total=n, initial=done(), desc=f"baseline {name}: {how}", leave=False,
               disable=True if quiet else None) as bar:
-        if n > done():
-            st.optimize(objective, n_trials=n - done(), callbacks=[optuna.study.MaxTrialsCallback(
-                n, states=(optuna.trial.TrialState.COMPLETE,))])
+        while n > done():
+            try:
+                st.optimize(objective, n_trials=n - done(), callbacks=[optuna.study.MaxTrialsCallback(
+                    n, states=(optuna.trial.TrialState.COMPLETE,))])
+            except ValueError as e:   # two processes popped the same enqueued trial (SQLite locks no rows, optuna
+                if "Cannot tell a" not in str(e):      # issue 4621) and the other told it first: that trial is
+                    raise                              # done, the search goes on
     complete = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number))
     if kept.get("number") == best.number:

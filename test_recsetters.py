@@ -2678,3 +2678,25 @@ def test_an_ensemble_run_reports_its_first_member_as_the_single_model(small_demo
     # under new-users (an ensemble of 3 by default) a run of --ensemble 1 is named as the single model it is
     assert E.two_tower_label({"text": "none", "ensemble": 1, "split": "new-users"}, "new-users") == \
         "two-tower, text none, single"
+
+
+def test_a_search_goes_on_when_another_process_told_its_trial_first(small_demo, tmp_path):
+    """Two processes can pop the same enqueued trial from an SQLite study (it locks no rows); the one that tells it
+    second gets optuna's "Cannot tell a COMPLETE trial": the search goes on to its count instead of failing."""
+    import optuna
+    ds, split = R.prepare(R.Config(dataset="small", data_dir=str(small_demo), seed=0), quiet=True)
+    url, study, told = f"sqlite:///{tmp_path / 's.db'}", "small/EASE", []
+
+    def make(p):                              # the first fit: "another process" finishes this very trial meanwhile
+        if not told:
+            other = optuna.load_study(study_name=study, storage=url)
+            running = other.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
+            other.tell(running.number, 1.0)
+            told.append(running.number)
+        return R.ease_scores(split, **p)
+
+    res, _ = R.tune("EASE", make, {"lam": R.Dim(1.0, 1e4, True)}, split, quiet=True, trials=3, storage=url,
+                    study=study, start=[{"lam": 100.0}])
+    st = optuna.load_study(study_name=study, storage=url)
+    assert told == [0] and res["trials"] == 3
+    assert len(st.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
